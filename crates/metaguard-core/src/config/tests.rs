@@ -1,0 +1,213 @@
+use super::*;
+
+const CONTRACT_EXAMPLE: &str = r#"
+[endpoints]
+imds          = ["169.254.169.254", "fd00:ec2::254"]
+task_metadata = ["169.254.170.2", "169.254.170.23", "fd00:ec2::23"]
+
+[agent]
+credentials = "127.0.0.1:51679"
+
+[[workload]]
+name          = "ecs-agent"
+cgroups       = ["docker/ecs-agent"]
+imds          = "allow"
+
+[[workload]]
+name          = "bridge-containers"
+bridges       = ["docker0", "br-*", "ecs-bridge"]
+imds          = "deny"
+task_metadata = "allow"
+
+[[workload]]
+name          = "awsvpc-tasks"
+netns         = ["ecs-tasks"]
+imds          = "deny"
+
+[[workload]]
+name          = "host-network-containers"
+cgroups       = ["docker"]
+imds          = "deny"
+"#;
+
+fn err(text: &str) -> ConfigError {
+    match Config::parse(text, "test.toml") {
+        Ok(c) => panic!("expected an error, got {c:?}"),
+        Err(e) => e,
+    }
+}
+
+#[test]
+fn contract_example_parses() {
+    let c = Config::parse(CONTRACT_EXAMPLE, "x.toml").expect("valid");
+    assert_eq!(c.workloads.len(), 4);
+    assert_eq!(c.workloads[0].name, "ecs-agent");
+    assert_eq!(
+        c.workloads[0].selector,
+        Selector::Cgroups(vec!["docker/ecs-agent".into()])
+    );
+    assert_eq!(c.workloads[1].imds, Action::Deny);
+    assert_eq!(c.workloads[1].task_metadata, Action::Allow);
+    assert_eq!(
+        c.workloads[2].selector,
+        Selector::Netns(vec![NetnsSelector::EcsTasks])
+    );
+    // omitted action means untouched
+    assert_eq!(c.workloads[2].task_metadata, Action::Allow);
+    assert_eq!(c.endpoints.imds.len(), 2);
+    assert_eq!(c.endpoints.task_metadata.len(), 3);
+    assert_eq!(c.agent_credentials.to_string(), "127.0.0.1:51679");
+    assert_eq!(c.origin, Origin::File("x.toml".into()));
+}
+
+#[test]
+fn builtin_default_is_the_documented_one() {
+    let c = Config::builtin_default();
+    assert_eq!(c.origin, Origin::BuiltinDefault);
+    let names: Vec<_> = c.workloads.iter().map(|w| w.name.as_str()).collect();
+    assert_eq!(names, ["bridge-containers", "awsvpc-tasks"]);
+    assert_eq!(c.endpoints.imds, default_ips(&DEFAULT_IMDS));
+}
+
+#[test]
+fn empty_file_means_defaults_for_endpoints_and_no_workloads() {
+    let c = Config::parse("", "e.toml").expect("valid");
+    assert!(c.workloads.is_empty());
+    assert_eq!(
+        c.endpoints.task_metadata,
+        default_ips(&DEFAULT_TASK_METADATA)
+    );
+}
+
+#[test]
+fn mapped_ipv6_endpoint_folds_to_ipv4_and_duplicates_collapse() {
+    let c = Config::parse(
+        "[endpoints]\nimds = [\"::ffff:169.254.169.254\", \"169.254.169.254\"]\n",
+        "m.toml",
+    )
+    .expect("valid");
+    assert_eq!(
+        c.endpoints.imds,
+        vec!["169.254.169.254".parse::<IpAddr>().expect("ip")]
+    );
+}
+
+#[test]
+fn selectors_normalise() {
+    let c = Config::parse(
+        r#"
+[[workload]]
+name = "a"
+cgroups = ["/system.slice/docker-1.scope/"]
+[[workload]]
+name = "b"
+netns = ["task-*", "/var/run/docker/netns/*"]
+[[workload]]
+name = "c"
+containers = ["/ecs-agent", "label:com.amazonaws.ecs.task-arn=x"]
+credentials_ids = ["abc-123"]
+"#,
+        "s.toml",
+    )
+    .expect("valid");
+    assert_eq!(
+        c.workloads[0].selector,
+        Selector::Cgroups(vec!["system.slice/docker-1.scope".into()])
+    );
+    assert_eq!(
+        c.workloads[1].selector,
+        Selector::Netns(vec![
+            NetnsSelector::Path("/run/netns/task-*".into()),
+            NetnsSelector::Path("/var/run/docker/netns/*".into())
+        ])
+    );
+    assert_eq!(
+        c.workloads[2].selector,
+        Selector::Containers(vec![
+            ContainerRef::Name("ecs-agent".into()),
+            ContainerRef::Label {
+                key: "com.amazonaws.ecs.task-arn".into(),
+                value: "x".into()
+            }
+        ])
+    );
+}
+
+/// (name, text, line, column, message fragment)
+const BAD: &[(&str, &str, usize, usize, &str)] = &[
+    ("syntax", "[[workload]\nname = \"a\"\n", 1, 12, ""),
+    ("unterminated string", "[agent]\ncredentials = \"127.0.0.1:1\n", 2, 27, ""),
+    ("unknown top-level key", "[endpoint]\nimds = []\n", 1, 2, "unknown field `endpoint`"),
+    ("unknown workload key", "[[workload]]\nname = \"a\"\nbridge = [\"docker0\"]\n", 3, 1, "unknown field `bridge`"),
+    ("wrong type", "[[workload]]\nname = \"a\"\nbridges = \"docker0\"\n", 3, 11, "invalid type"),
+    ("bad ip", "[endpoints]\nimds = [\"169.254.169.254\", \"169.254.169.256\"]\n", 2, 28, "not an IP address"),
+    ("empty endpoint list", "[endpoints]\nimds = []\n", 2, 8, "is empty"),
+    ("overlapping endpoint classes", "[endpoints]\nimds = [\"169.254.170.2\"]\n", 1, 1, "both as an imds and a task_metadata"),
+    ("bad agent", "[agent]\ncredentials = \"localhost:51679\"\n", 2, 15, "not an IP:PORT"),
+    ("bad action", "[[workload]]\nname = \"a\"\nbridges = [\"docker0\"]\nimds = \"block\"\n", 4, 8, "unknown action \"block\""),
+    ("no selector", "[[workload]]\nname = \"a\"\nimds = \"deny\"\n", 1, 1, "has no selector"),
+    ("two selectors", "[[workload]]\nname = \"a\"\nbridges = [\"docker0\"]\ncgroups = [\"docker\"]\n", 4, 11, "more than one kind"),
+    ("no name", "[[workload]]\nbridges = [\"docker0\"]\n", 1, 1, "has no name"),
+    ("duplicate name", "[[workload]]\nname = \"a\"\nbridges = [\"x\"]\n[[workload]]\nname = \"a\"\nbridges = [\"y\"]\n", 4, 1, "used twice"),
+    ("empty selector", "[[workload]]\nname = \"a\"\nbridges = []\n", 3, 11, "selects nothing"),
+    ("inner glob", "[[workload]]\nname = \"a\"\nbridges = [\"br-*-x\"]\n", 3, 12, "not a usable interface glob"),
+    ("star alone", "[[workload]]\nname = \"a\"\nbridges = [\"*\"]\n", 3, 12, "not a usable interface glob"),
+    ("long ifname", "[[workload]]\nname = \"a\"\nbridges = [\"abcdefghijklmnop\"]\n", 3, 12, "not a usable interface glob"),
+    ("cgroup escape", "[[workload]]\nname = \"a\"\ncgroups = [\"docker/../x\"]\n", 3, 12, "not a usable cgroup"),
+    ("cgroup root", "[[workload]]\nname = \"a\"\ncgroups = [\"/\"]\n", 3, 12, "not a usable cgroup"),
+    ("netns escape", "[[workload]]\nname = \"a\"\nnetns = [\"../x\"]\n", 3, 10, "not a usable namespace"),
+    ("bad label", "[[workload]]\nname = \"a\"\ncontainers = [\"label:=x\"]\n", 3, 15, "not a label selector"),
+    ("bad container", "[[workload]]\nname = \"a\"\ncontainers = [\"a b\"]\n", 3, 15, "not a container name"),
+    ("bad credentials id", "[[workload]]\nname = \"a\"\nbridges = [\"x\"]\ncredentials_ids = [\"../x\"]\n", 4, 20, "not a valid id"),
+];
+
+#[test]
+fn every_kind_of_bad_file_names_line_and_column() {
+    for (what, text, line, column, fragment) in BAD {
+        let e = err(text);
+        assert_eq!((e.line, e.column), (*line, *column), "{what}: {e}");
+        assert!(
+            e.message.contains(fragment),
+            "{what}: {:?} lacks {fragment:?}",
+            e.message
+        );
+        assert_eq!(e.origin, "test.toml");
+        let shown = e.to_string();
+        assert!(
+            shown.starts_with(&format!("test.toml:{line}:{column}: ")),
+            "{what}: {shown}"
+        );
+    }
+}
+
+#[test]
+fn error_display_points_at_the_column() {
+    let e = err("[[workload]]\nname = \"a\"\nbridges = [\"docker0\"]\nimds = \"block\"\n");
+    let shown = e.to_string();
+    let lines: Vec<&str> = shown.lines().collect();
+    assert_eq!(lines[2], " 4 | imds = \"block\"");
+    // the caret sits under the opening quote (column 8)
+    assert_eq!(lines[3].find('^'), Some(" 4 | ".len() + 7));
+    assert!(shown.contains("help: use one of"));
+}
+
+proptest::proptest! {
+    /// Arbitrary input never panics the parser, and every error points
+    /// inside the text.
+    #[test]
+    fn arbitrary_text_never_panics(text in "\\PC{0,200}") {
+        if let Err(e) = Config::parse(&text, "p.toml") {
+            proptest::prop_assert!(e.line >= 1 && e.line <= text.lines().count().max(1) + 1);
+        }
+    }
+
+    /// Mutations of a valid file never panic either.
+    #[test]
+    fn mutated_contract_example_never_panics(pos in 0usize..CONTRACT_EXAMPLE.len(), byte in proptest::num::u8::ANY) {
+        let mut bytes = CONTRACT_EXAMPLE.as_bytes().to_vec();
+        bytes[pos] = byte;
+        if let Ok(text) = String::from_utf8(bytes) {
+            let _ = Config::parse(&text, "p.toml");
+        }
+    }
+}
