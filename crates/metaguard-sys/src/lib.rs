@@ -1,0 +1,13 @@
+//! The only metaguard crate that may use `unsafe` or talk to libc directly.
+//!
+//! Owns: entering network namespaces (per thread, and in a child between
+//! `fork` and `exec`), finding and using the cgroup v2 hierarchy, and
+//! process identity (pid + start time) for clean-up.
+//!
+//! Must not: decide policy. Functions here do one kernel operation each and
+//! report failures with the object they failed on (path, namespace, pid).
+//! Every `unsafe` block carries a `// SAFETY:` argument.
+
+pub mod cgroup;
+pub mod netns;
+pub mod process;
