@@ -10,5 +10,6 @@
 
 pub mod config;
 pub mod location;
+pub mod ruleset;
 
 pub use config::{Action, Config, ConfigError, Selector, Workload};

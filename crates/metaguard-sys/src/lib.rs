@@ -10,4 +10,5 @@
 
 pub mod cgroup;
 pub mod netns;
+pub mod nft;
 pub mod process;

@@ -42,7 +42,7 @@ pub enum NetnsError {
     Open { path: PathBuf, source: io::Error },
     #[error("cannot enter network namespace {path}: {source}")]
     Enter { path: PathBuf, source: io::Error },
-    #[error("cannot identify the root network namespace (/proc/1/ns/net): {0}")]
+    #[error("cannot identify the root network namespace: {0}")]
     Root(io::Error),
     #[error("{path} is the root network namespace; refusing to use it from the lab")]
     IsRoot { path: PathBuf },
@@ -52,9 +52,31 @@ pub enum NetnsError {
     Thread { path: PathBuf, source: io::Error },
 }
 
-/// The namespace of PID 1: the one no lab traffic may ever come from.
-pub fn root_id() -> Result<NsId, NetnsError> {
-    NsId::of(Path::new("/proc/1/ns/net")).map_err(NetnsError::Root)
+/// Inode of the kernel's initial network namespace (`init_net`): fixed by
+/// the kernel (`PROC_NET_INIT_INO` in include/linux/proc_ns.h).
+pub const INIT_NET_INO: u64 = 0xEFFF_FFF9;
+
+/// The namespaces no lab traffic may ever come from: the kernel's initial
+/// one, and PID 1's (they differ inside a container). `/proc/1/ns/net` can
+/// be unreadable (no ptrace access to PID 1); the initial namespace is
+/// then recognised by its fixed inode on the nsfs device.
+pub fn root_ids() -> Result<Vec<NsId>, NetnsError> {
+    let own = NsId::of(Path::new("/proc/self/ns/net")).map_err(NetnsError::Root)?;
+    let mut ids = vec![NsId {
+        dev: own.dev,
+        ino: INIT_NET_INO,
+    }];
+    match NsId::of(Path::new("/proc/1/ns/net")) {
+        Ok(pid1) => ids.push(pid1),
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {}
+        Err(e) => return Err(NetnsError::Root(e)),
+    }
+    Ok(ids)
+}
+
+/// Whether `id` is a root namespace (see [`root_ids`]).
+pub fn is_root(id: NsId) -> Result<bool, NetnsError> {
+    Ok(root_ids()?.contains(&id))
 }
 
 /// The namespace of the calling thread.
@@ -62,11 +84,11 @@ pub fn current_thread_id() -> io::Result<NsId> {
     NsId::of(Path::new("/proc/thread-self/ns/net"))
 }
 
-/// Fails when the calling thread is in the root network namespace. Every
+/// Fails when the calling thread is in a root network namespace. Every
 /// lab probe calls this before it sends anything.
 pub fn ensure_not_in_root() -> Result<(), NetnsError> {
     let here = current_thread_id().map_err(NetnsError::Root)?;
-    if here == root_id()? {
+    if is_root(here)? {
         return Err(NetnsError::InRoot);
     }
     Ok(())
@@ -108,10 +130,46 @@ impl Netns {
         Self::open(Path::new(NETNS_RUN_DIR).join(name))
     }
 
+    /// A new, empty network namespace held only by the returned handle: it
+    /// disappears when the handle (and anything running in it) is gone.
+    /// Used to ask the kernel what a ruleset becomes once loaded, without
+    /// touching any real namespace.
+    pub fn new_anonymous() -> Result<Netns, NetnsError> {
+        let path = PathBuf::from("<scratch namespace>");
+        let err = |source: io::Error| NetnsError::Thread {
+            path: PathBuf::from("<scratch namespace>"),
+            source,
+        };
+        let handle = std::thread::Builder::new()
+            .name("netns-scratch".into())
+            .spawn(|| -> io::Result<(OwnedFd, NsId)> {
+                // SAFETY: CLONE_NEWNET changes only this thread's network
+                // namespace; it does not unshare the file table, so file
+                // descriptors stay valid and shared with other threads (the
+                // hazard `unshare_unsafe` documents is CLONE_FILES).
+                unsafe { rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::NEWNET) }?;
+                let file = File::open("/proc/thread-self/ns/net")?;
+                let m = file.metadata()?;
+                Ok((
+                    file.into(),
+                    NsId {
+                        dev: m.dev(),
+                        ino: m.ino(),
+                    },
+                ))
+            })
+            .map_err(err)?;
+        let (fd, id) = handle
+            .join()
+            .map_err(|_| err(io::Error::other("scratch namespace thread panicked")))?
+            .map_err(err)?;
+        Ok(Netns { fd, path, id })
+    }
+
     /// Like [`Netns::open`], but refuses the root namespace.
     pub fn open_not_root(path: impl Into<PathBuf>) -> Result<Netns, NetnsError> {
         let ns = Self::open(path)?;
-        if ns.id == root_id()? {
+        if is_root(ns.id)? {
             return Err(NetnsError::IsRoot { path: ns.path });
         }
         Ok(ns)
@@ -214,6 +272,20 @@ mod tests {
         let a = current_thread_id().expect("own netns");
         let b = NsId::of(Path::new("/proc/self/ns/net")).expect("netns");
         assert_eq!(a, b);
+    }
+
+    #[test]
+    fn a_scratch_namespace_is_not_root_and_the_initial_one_is() {
+        if !crate::process::is_root() {
+            eprintln!("skipped: creating a network namespace needs root");
+            return;
+        }
+        let scratch = Netns::new_anonymous().expect("scratch netns");
+        assert!(!is_root(scratch.id()).expect("ids"));
+        let here = current_thread_id().expect("own netns");
+        if here.ino == INIT_NET_INO {
+            assert!(is_root(here).expect("ids"));
+        }
     }
 
     #[test]

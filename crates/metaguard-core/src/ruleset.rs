@@ -1,0 +1,505 @@
+//! The rule builder: a validated [`Config`] plus the facts discovered on a
+//! host → the nft scripts that make the kernel enforce it. Pure: the same
+//! inputs give byte-identical scripts (golden files pin them).
+//!
+//! Shape of what is built (one `inet` table per namespace, owned by
+//! metaguard alone, replaced as a whole in one transaction):
+//!
+//! * **host table** — endpoint sets (`imds4`/`imds6`/`tmd4`/`tmd6`, the
+//!   IPv6 sets also holding the IPv4-mapped form of every IPv4 endpoint); a
+//!   chain per workload with its decisions; a `prerouting` base chain at
+//!   priority raw (before conntrack and before ecs-init's DNAT, so it sees
+//!   the address the container asked for) that dispatches traffic entering
+//!   from bridges through interval verdict maps keyed by interface name;
+//!   an `output` base chain, also at raw (before the REDIRECT of
+//!   169.254.170.2), that dispatches host processes by `socket cgroupv2`.
+//! * **task table** — inside each awsvpc task namespace, an `output` chain
+//!   holding the decisions of the workload that selected the namespace.
+//!
+//! First matching workload wins. Selector entries that overlap (an
+//! interface glob `br-*` and a name `br-x`, a cgroup and its ancestor) are
+//! placed in successive lookup *groups*, so an earlier workload's entry is
+//! always consulted before a later overlapping one; an entry an earlier one
+//! already covers entirely can never match and is dropped with a warning.
+//! The per-packet cost is one map lookup per group — typically one —
+//! whatever the number of entries or endpoints.
+//!
+//! `deny` rejects instead of dropping, so clients fail in milliseconds
+//! (F14): TCP gets a reset, everything else ICMP administratively
+//! prohibited.
+
+use std::fmt::Write as _;
+use std::net::IpAddr;
+
+use crate::config::{Action, Config, NetnsSelector, Selector};
+
+/// The name of metaguard's table in every namespace.
+pub const TABLE: &str = "metaguard";
+/// The family of metaguard's tables.
+pub const FAMILY: &str = "inet";
+
+/// What the host looks like, as discovered by the caller (I/O happens
+/// outside core).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostFacts {
+    /// Network namespace files that exist, as absolute paths (e.g. every
+    /// entry of the directories the `netns` globs point into).
+    pub netns_paths: Vec<String>,
+    /// Namespace paths of awsvpc tasks (Docker API), for `"ecs-tasks"`.
+    /// `None` when no source of tasks is available.
+    pub ecs_task_netns: Option<Vec<String>>,
+}
+
+/// The scripts to load.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    /// The host namespace's table.
+    pub host: String,
+    /// One table per selected task namespace, in discovery order.
+    pub netns: Vec<NetnsPlan>,
+    /// Things the operator should know (shadowed entries, selectors that
+    /// matched nothing, selectors apply cannot resolve).
+    pub warnings: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetnsPlan {
+    /// The namespace file.
+    pub path: String,
+    /// The workload that selected it.
+    pub workload: String,
+    pub script: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlanError {
+    #[error("workload {workload:?} uses the proxy action for {class}, which is not built yet (tracked in the metadata-proxy issue); use \"deny\" or \"allow\"")]
+    ProxyNotBuilt {
+        workload: String,
+        class: &'static str,
+    },
+}
+
+/// The whole-table replacement prefix: `add` makes `delete` safe when the
+/// table does not exist yet (nft 1.0.6 has no `destroy`), all in the same
+/// transaction as the new contents.
+fn replace_prefix(out: &mut String) {
+    let _ = writeln!(out, "add table {FAMILY} {TABLE}");
+    let _ = writeln!(out, "delete table {FAMILY} {TABLE}");
+}
+
+/// Builds the plan. Pure.
+pub fn plan(config: &Config, facts: &HostFacts) -> Result<Plan, PlanError> {
+    for w in &config.workloads {
+        for (class, action) in [("imds", w.imds), ("task_metadata", w.task_metadata)] {
+            if action == Action::Proxy {
+                return Err(PlanError::ProxyNotBuilt {
+                    workload: w.name.clone(),
+                    class,
+                });
+            }
+        }
+    }
+    let mut warnings = Vec::new();
+
+    // Bridges: (glob, workload index), in config order.
+    let bridge_entries: Vec<(String, usize)> = config
+        .workloads
+        .iter()
+        .enumerate()
+        .filter_map(|(i, w)| match &w.selector {
+            Selector::Bridges(globs) => Some(globs.iter().map(move |g| (g.clone(), i))),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    let bridge_groups = group(
+        config,
+        &bridge_entries,
+        ifname_overlap,
+        ifname_covers,
+        &mut warnings,
+    );
+
+    let cgroup_entries: Vec<(String, usize)> = config
+        .workloads
+        .iter()
+        .enumerate()
+        .filter_map(|(i, w)| match &w.selector {
+            Selector::Cgroups(paths) => Some(paths.iter().map(move |p| (p.clone(), i))),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    let cgroup_groups = group(
+        config,
+        &cgroup_entries,
+        cgroup_overlap,
+        cgroup_covers,
+        &mut warnings,
+    );
+
+    for w in &config.workloads {
+        if let Selector::Containers(_) = w.selector {
+            warnings.push(format!(
+                "workload {:?}: containers selectors are resolved by `metaguard daemon` through the Docker API; `apply` leaves it out",
+                w.name
+            ));
+        }
+    }
+
+    // Workloads that get a chain in the host table.
+    let mut host_workloads: Vec<usize> = bridge_groups
+        .iter()
+        .chain(cgroup_groups.iter())
+        .flat_map(|g| g.iter().map(|(_, i)| *i))
+        .collect();
+    host_workloads.sort_unstable();
+    host_workloads.dedup();
+
+    let mut host = String::new();
+    replace_prefix(&mut host);
+    let _ = writeln!(host, "table {FAMILY} {TABLE} {{");
+    let _ = writeln!(
+        host,
+        "\tcomment \"managed by metaguard; changes are overwritten\""
+    );
+    write_sets(&mut host, config);
+    for &i in &host_workloads {
+        let w = &config.workloads[i];
+        let bridge = matches!(w.selector, Selector::Bridges(_));
+        let _ = writeln!(host, "\tchain wl{i} {{");
+        let _ = writeln!(
+            host,
+            "\t\tcomment {}",
+            quote(&format!("workload {}", w.name))
+        );
+        write_decisions(&mut host, "\t\t", w.imds, w.task_metadata, bridge);
+        let _ = writeln!(host, "\t}}");
+    }
+    for (g, entries) in bridge_groups.iter().enumerate() {
+        let _ = writeln!(host, "\tmap bridges{g} {{");
+        let _ = writeln!(host, "\t\ttype ifname : verdict");
+        let _ = writeln!(host, "\t\tflags interval");
+        let elems: Vec<String> = entries
+            .iter()
+            .map(|(glob, i)| format!("{} : goto wl{i}", quote(glob)))
+            .collect();
+        let _ = writeln!(host, "\t\telements = {{ {} }}", elems.join(", "));
+        let _ = writeln!(host, "\t}}");
+    }
+    // cgroup maps: one per (group, depth), since the depth is part of the
+    // match expression.
+    let mut cgroup_maps: Vec<CgroupMap<'_>> = Vec::new();
+    for (g, entries) in cgroup_groups.iter().enumerate() {
+        let mut depths: Vec<usize> = entries.iter().map(|(p, _)| depth(p)).collect();
+        depths.sort_unstable_by(|a, b| b.cmp(a));
+        depths.dedup();
+        for d in depths {
+            let name = format!("cgroups{g}_l{d}");
+            let members = entries.iter().filter(|(p, _)| depth(p) == d).collect();
+            cgroup_maps.push(CgroupMap {
+                name,
+                depth: d,
+                members,
+            });
+        }
+    }
+    for CgroupMap {
+        name,
+        depth: d,
+        members,
+    } in &cgroup_maps
+    {
+        let _ = writeln!(host, "\tmap {name} {{");
+        let _ = writeln!(host, "\t\ttypeof socket cgroupv2 level {d} : verdict");
+        let elems: Vec<String> = members
+            .iter()
+            .map(|(p, i)| format!("{} : goto wl{i}", quote(p)))
+            .collect();
+        let _ = writeln!(host, "\t\telements = {{ {} }}", elems.join(", "));
+        let _ = writeln!(host, "\t}}");
+    }
+    if !bridge_groups.is_empty() {
+        let _ = writeln!(host, "\tchain prerouting {{");
+        let _ = writeln!(
+            host,
+            "\t\ttype filter hook prerouting priority raw; policy accept;"
+        );
+        for g in 0..bridge_groups.len() {
+            let _ = writeln!(host, "\t\tiifname vmap @bridges{g}");
+        }
+        let _ = writeln!(host, "\t}}");
+    }
+    if !cgroup_maps.is_empty() {
+        let _ = writeln!(host, "\tchain output {{");
+        let _ = writeln!(
+            host,
+            "\t\ttype filter hook output priority raw; policy accept;"
+        );
+        for CgroupMap { name, depth: d, .. } in &cgroup_maps {
+            let _ = writeln!(host, "\t\tsocket cgroupv2 level {d} vmap @{name}");
+        }
+        let _ = writeln!(host, "\t}}");
+    }
+    let _ = writeln!(host, "}}");
+
+    let netns = plan_netns(config, facts, &mut warnings);
+    Ok(Plan {
+        host,
+        netns,
+        warnings,
+    })
+}
+
+fn plan_netns(config: &Config, facts: &HostFacts, warnings: &mut Vec<String>) -> Vec<NetnsPlan> {
+    let mut out: Vec<NetnsPlan> = Vec::new();
+    for (i, w) in config.workloads.iter().enumerate() {
+        let Selector::Netns(sels) = &w.selector else {
+            continue;
+        };
+        let mut matched = 0usize;
+        for sel in sels {
+            let candidates: Vec<&String> = match sel {
+                NetnsSelector::EcsTasks => match &facts.ecs_task_netns {
+                    Some(paths) => paths.iter().collect(),
+                    None => {
+                        warnings.push(format!(
+                            "workload {:?}: \"ecs-tasks\" needs the Docker API (unavailable here); no task namespaces found",
+                            w.name
+                        ));
+                        Vec::new()
+                    }
+                },
+                NetnsSelector::Path(glob) => match globset::Glob::new(glob) {
+                    Ok(g) => {
+                        let m = g.compile_matcher();
+                        facts
+                            .netns_paths
+                            .iter()
+                            .filter(|p| m.is_match(p.as_str()))
+                            .collect()
+                    }
+                    Err(_) => Vec::new(),
+                },
+            };
+            for path in candidates {
+                if out.iter().any(|p| &p.path == path) {
+                    continue; // an earlier workload (or entry) has it: first match wins
+                }
+                matched += 1;
+                out.push(NetnsPlan {
+                    path: path.clone(),
+                    workload: w.name.clone(),
+                    script: task_script(config, i),
+                });
+            }
+        }
+        if matched == 0
+            && !sels
+                .iter()
+                .all(|s| *s == NetnsSelector::EcsTasks && facts.ecs_task_netns.is_none())
+        {
+            warnings.push(format!(
+                "workload {:?}: no network namespace matches its netns selectors",
+                w.name
+            ));
+        }
+    }
+    out
+}
+
+/// One `socket cgroupv2 level N` verdict map: entries of one lookup group
+/// at one depth.
+struct CgroupMap<'a> {
+    name: String,
+    depth: usize,
+    members: Vec<&'a (String, usize)>,
+}
+
+fn task_script(config: &Config, i: usize) -> String {
+    let w = &config.workloads[i];
+    let mut s = String::new();
+    replace_prefix(&mut s);
+    let _ = writeln!(s, "table {FAMILY} {TABLE} {{");
+    let _ = writeln!(
+        s,
+        "\tcomment {}",
+        quote(&format!(
+            "managed by metaguard for workload {}; changes are overwritten",
+            w.name
+        ))
+    );
+    write_sets(&mut s, config);
+    let _ = writeln!(s, "\tchain output {{");
+    let _ = writeln!(
+        s,
+        "\t\ttype filter hook output priority raw; policy accept;"
+    );
+    write_decisions(&mut s, "\t\t", w.imds, w.task_metadata, false);
+    let _ = writeln!(s, "\t}}");
+    let _ = writeln!(s, "}}");
+    s
+}
+
+fn write_sets(out: &mut String, config: &Config) {
+    for (name, ips) in [
+        ("imds", &config.endpoints.imds),
+        ("tmd", &config.endpoints.task_metadata),
+    ] {
+        let v4: Vec<String> = ips
+            .iter()
+            .filter_map(|ip| match ip {
+                IpAddr::V4(v4) => Some(v4.to_string()),
+                IpAddr::V6(_) => None,
+            })
+            .collect();
+        let mut v6: Vec<String> = ips
+            .iter()
+            .map(|ip| match ip {
+                IpAddr::V4(v4) => v4.to_ipv6_mapped().to_string(),
+                IpAddr::V6(v6) => v6.to_string(),
+            })
+            .collect();
+        v6.sort();
+        v6.dedup();
+        for (suffix, ty, elems) in [("4", "ipv4_addr", v4), ("6", "ipv6_addr", v6)] {
+            let _ = writeln!(out, "\tset {name}{suffix} {{");
+            let _ = writeln!(out, "\t\ttype {ty}");
+            if !elems.is_empty() {
+                let _ = writeln!(out, "\t\telements = {{ {} }}", elems.join(", "));
+            }
+            let _ = writeln!(out, "\t}}");
+        }
+    }
+}
+
+/// The rules of one workload.
+fn write_decisions(out: &mut String, indent: &str, imds: Action, tmd: Action, bridge: bool) {
+    for (set, action) in [("imds", imds), ("tmd", tmd)] {
+        if action != Action::Deny {
+            continue;
+        }
+        for (fam, suffix) in [("ip", "4"), ("ip6", "6")] {
+            let _ = writeln!(
+                out,
+                "{indent}{fam} daddr @{set}{suffix} meta l4proto tcp reject with tcp reset"
+            );
+            let _ = writeln!(
+                out,
+                "{indent}{fam} daddr @{set}{suffix} reject with icmpx admin-prohibited"
+            );
+        }
+    }
+    if bridge && (imds != Action::Allow || tmd != Action::Allow) {
+        // F17: nothing entering from a container bridge is addressed to the
+        // host's loopback legitimately (DNATed credentials traffic still
+        // carries 169.254.170.2 here, before NAT). With route_localnet=1 it
+        // would otherwise reach the agent's port and local services directly.
+        let _ = writeln!(
+            out,
+            "{indent}ip daddr 127.0.0.0/8 reject with icmpx admin-prohibited"
+        );
+        let _ = writeln!(
+            out,
+            "{indent}ip6 daddr ::1 reject with icmpx admin-prohibited"
+        );
+    }
+}
+
+fn quote(s: &str) -> String {
+    // Config validation keeps quotes and backslashes out of names and
+    // paths; escape anyway so a script can never be broken out of.
+    format!("\"{}\"", s.replace(['"', '\\'], "_"))
+}
+
+fn depth(path: &str) -> usize {
+    path.split('/').filter(|s| !s.is_empty()).count()
+}
+
+/// Interface globs: an exact name, or a prefix with one trailing `*`.
+fn ifname_parts(g: &str) -> (&str, bool) {
+    match g.strip_suffix('*') {
+        Some(p) => (p, true),
+        None => (g, false),
+    }
+}
+
+fn ifname_overlap(a: &str, b: &str) -> bool {
+    let (pa, wa) = ifname_parts(a);
+    let (pb, wb) = ifname_parts(b);
+    match (wa, wb) {
+        (false, false) => pa == pb,
+        (true, false) => pb.starts_with(pa),
+        (false, true) => pa.starts_with(pb),
+        (true, true) => pa.starts_with(pb) || pb.starts_with(pa),
+    }
+}
+
+/// Whether every name `later` matches is matched by `earlier`.
+fn ifname_covers(earlier: &str, later: &str) -> bool {
+    let (pe, we) = ifname_parts(earlier);
+    let (pl, wl) = ifname_parts(later);
+    match (we, wl) {
+        (false, false) => pe == pl,
+        (true, _) => pl.starts_with(pe),
+        (false, true) => false,
+    }
+}
+
+fn cgroup_is_ancestor_or_self(a: &str, b: &str) -> bool {
+    b == a || b.starts_with(&format!("{a}/"))
+}
+
+fn cgroup_overlap(a: &str, b: &str) -> bool {
+    cgroup_is_ancestor_or_self(a, b) || cgroup_is_ancestor_or_self(b, a)
+}
+
+fn cgroup_covers(earlier: &str, later: &str) -> bool {
+    cgroup_is_ancestor_or_self(earlier, later)
+}
+
+/// Places entries (in config order) into lookup groups: each entry goes one
+/// group after the last group holding an earlier entry it overlaps; an
+/// entry covered by an earlier one is dropped (with a warning when the two
+/// belong to different workloads).
+fn group(
+    config: &Config,
+    entries: &[(String, usize)],
+    overlap: fn(&str, &str) -> bool,
+    covers: fn(&str, &str) -> bool,
+    warnings: &mut Vec<String>,
+) -> Vec<Vec<(String, usize)>> {
+    let mut placed: Vec<(String, usize, usize)> = Vec::new(); // (entry, workload, group)
+    for (entry, w) in entries {
+        if let Some((e, ew, _)) = placed.iter().find(|(e, _, _)| covers(e, entry)) {
+            if ew != w {
+                warnings.push(format!(
+                    "workload {:?}: {entry:?} can never match: workload {:?} lists {e:?} first (first match wins)",
+                    config.workloads[*w].name, config.workloads[*ew].name
+                ));
+            }
+            continue;
+        }
+        let g = placed
+            .iter()
+            .filter(|(e, _, _)| overlap(e, entry))
+            .map(|(_, _, g)| g + 1)
+            .max()
+            .unwrap_or(0);
+        placed.push((entry.clone(), *w, g));
+    }
+    let groups = placed.iter().map(|(_, _, g)| g + 1).max().unwrap_or(0);
+    (0..groups)
+        .map(|g| {
+            placed
+                .iter()
+                .filter(|(_, _, pg)| *pg == g)
+                .map(|(e, w, _)| (e.clone(), *w))
+                .collect()
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests;

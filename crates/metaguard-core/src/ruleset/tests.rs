@@ -1,0 +1,262 @@
+use super::*;
+use crate::config::Config;
+
+fn cfg(text: &str) -> Config {
+    Config::parse(text, "t.toml").expect("valid config")
+}
+
+const CONTRACT: &str = r#"
+[[workload]]
+name          = "ecs-agent"
+cgroups       = ["docker/ecs-agent"]
+imds          = "allow"
+
+[[workload]]
+name          = "bridge-containers"
+bridges       = ["docker0", "br-*", "ecs-bridge"]
+imds          = "deny"
+task_metadata = "allow"
+
+[[workload]]
+name          = "awsvpc-tasks"
+netns         = ["/run/netns/task-*"]
+imds          = "deny"
+
+[[workload]]
+name          = "host-network-containers"
+cgroups       = ["docker"]
+imds          = "deny"
+"#;
+
+#[test]
+fn default_policy_golden() {
+    let p = plan(&Config::builtin_default(), &HostFacts::default()).expect("plan");
+    insta::assert_snapshot!("default_host", p.host);
+    assert!(p.netns.is_empty());
+    assert_eq!(p.warnings.len(), 1, "{:?}", p.warnings);
+    assert!(p.warnings[0].contains("ecs-tasks"), "{:?}", p.warnings);
+}
+
+#[test]
+fn contract_example_golden() {
+    let facts = HostFacts {
+        netns_paths: vec![
+            "/run/netns/task-1".into(),
+            "/run/netns/other".into(),
+            "/run/netns/task-2".into(),
+        ],
+        ecs_task_netns: None,
+    };
+    let p = plan(&cfg(CONTRACT), &facts).expect("plan");
+    insta::assert_snapshot!("contract_host", p.host);
+    let paths: Vec<_> = p.netns.iter().map(|n| n.path.as_str()).collect();
+    assert_eq!(paths, ["/run/netns/task-1", "/run/netns/task-2"]);
+    insta::assert_snapshot!("contract_task", p.netns[0].script);
+    assert!(p.warnings.is_empty(), "{:?}", p.warnings);
+}
+
+#[test]
+fn plan_is_deterministic() {
+    let c = cfg(CONTRACT);
+    assert_eq!(
+        plan(&c, &HostFacts::default()),
+        plan(&c, &HostFacts::default())
+    );
+}
+
+#[test]
+fn proxy_is_refused_until_built() {
+    let c = cfg("[[workload]]\nname = \"a\"\nbridges = [\"docker0\"]\nimds = \"proxy\"\n");
+    let e = plan(&c, &HostFacts::default()).expect_err("proxy");
+    assert!(e.to_string().contains("not built yet"), "{e}");
+}
+
+#[test]
+fn shadowed_entries_are_dropped_with_a_warning() {
+    let c = cfg(r#"
+[[workload]]
+name = "all-docker"
+cgroups = ["docker"]
+imds = "deny"
+[[workload]]
+name = "agent"
+cgroups = ["docker/ecs-agent"]
+[[workload]]
+name = "bridges"
+bridges = ["br-*"]
+imds = "deny"
+[[workload]]
+name = "one-bridge"
+bridges = ["br-x", "docker0"]
+"#);
+    let p = plan(&c, &HostFacts::default()).expect("plan");
+    assert_eq!(p.warnings.len(), 2, "{:?}", p.warnings);
+    assert!(
+        p.warnings[0].contains("\"br-x\" can never match"),
+        "{:?}",
+        p.warnings
+    );
+    assert!(
+        p.warnings[1].contains("\"docker/ecs-agent\" can never match"),
+        "{:?}",
+        p.warnings
+    );
+    assert!(!p.host.contains("\"br-x\""));
+    assert!(p.host.contains("\"docker0\" : goto wl3"));
+}
+
+#[test]
+fn overlapping_specific_entries_go_into_an_earlier_group() {
+    let c = cfg(r#"
+[[workload]]
+name = "special"
+bridges = ["br-x"]
+[[workload]]
+name = "rest"
+bridges = ["br-*", "docker0"]
+imds = "deny"
+"#);
+    let p = plan(&c, &HostFacts::default()).expect("plan");
+    assert!(p.host.contains("map bridges0 {"), "{}", p.host);
+    assert!(
+        p.host
+            .contains("elements = { \"br-x\" : goto wl0, \"docker0\" : goto wl1 }"),
+        "{}",
+        p.host
+    );
+    assert!(
+        p.host.contains("elements = { \"br-*\" : goto wl1 }"),
+        "{}",
+        p.host
+    );
+    let pre = p.host.find("iifname vmap @bridges0").expect("group 0 rule");
+    let pre1 = p.host.find("iifname vmap @bridges1").expect("group 1 rule");
+    assert!(pre < pre1);
+}
+
+#[test]
+fn netns_first_match_wins_and_empty_matches_warn() {
+    let c = cfg(r#"
+[[workload]]
+name = "a"
+netns = ["/run/netns/t-1"]
+imds = "allow"
+[[workload]]
+name = "b"
+netns = ["/run/netns/t-*"]
+imds = "deny"
+[[workload]]
+name = "c"
+netns = ["/var/run/none/*"]
+imds = "deny"
+"#);
+    let facts = HostFacts {
+        netns_paths: vec!["/run/netns/t-1".into(), "/run/netns/t-2".into()],
+        ecs_task_netns: Some(vec![]),
+    };
+    let p = plan(&c, &facts).expect("plan");
+    let got: Vec<_> = p
+        .netns
+        .iter()
+        .map(|n| (n.path.as_str(), n.workload.as_str()))
+        .collect();
+    assert_eq!(got, [("/run/netns/t-1", "a"), ("/run/netns/t-2", "b")]);
+    assert!(
+        !p.netns[0].script.contains("reject"),
+        "allow workload must not reject"
+    );
+    assert!(p.netns[1]
+        .script
+        .contains("ip daddr @imds4 meta l4proto tcp reject with tcp reset"));
+    assert_eq!(
+        p.warnings,
+        vec!["workload \"c\": no network namespace matches its netns selectors".to_string()]
+    );
+}
+
+#[test]
+fn mapped_ipv6_forms_are_in_the_v6_sets() {
+    let p = plan(&Config::builtin_default(), &HostFacts::default()).expect("plan");
+    assert!(p.host.contains("::ffff:169.254.169.254"), "{}", p.host);
+    assert!(p.host.contains("::ffff:169.254.170.2"), "{}", p.host);
+}
+
+/// Interface-glob dispatch as nft performs it: groups in order, first map
+/// holding a matching element decides.
+fn simulated_ifname(groups: &[Vec<(String, usize)>], name: &str) -> Option<usize> {
+    groups.iter().find_map(|g| {
+        g.iter().find_map(|(glob, w)| {
+            let hit = match glob.strip_suffix('*') {
+                Some(p) => name.starts_with(p),
+                None => name == glob,
+            };
+            hit.then_some(*w)
+        })
+    })
+}
+
+fn first_match_ifname(entries: &[(String, usize)], name: &str) -> Option<usize> {
+    entries.iter().find_map(|(glob, w)| {
+        let hit = match glob.strip_suffix('*') {
+            Some(p) => name.starts_with(p),
+            None => name == glob,
+        };
+        hit.then_some(*w)
+    })
+}
+
+fn simulated_cgroup(groups: &[Vec<(String, usize)>], path: &str) -> Option<usize> {
+    groups.iter().find_map(|g| {
+        g.iter()
+            .find_map(|(p, w)| cgroup_is_ancestor_or_self(p, path).then_some(*w))
+    })
+}
+
+proptest::proptest! {
+    /// No two entries in one group overlap (nft would reject an interval
+    /// map with overlaps, and a lookup would be ambiguous), and dispatching
+    /// through the groups is exactly first-match-wins in config order.
+    #[test]
+    fn ifname_groups_are_first_match_wins(
+        globs in proptest::collection::vec(("[ab]{1,3}", proptest::bool::ANY, 0usize..4), 1..8),
+        names in proptest::collection::vec("[ab]{1,4}", 1..10),
+    ) {
+        let entries: Vec<(String, usize)> = globs.iter()
+            .map(|(p, star, w)| (if *star { format!("{p}*") } else { p.clone() }, *w))
+            .collect();
+        let config = Config { workloads: (0..4).map(|i| crate::config::Workload {
+            name: format!("w{i}"), selector: Selector::Bridges(vec!["x".into()]), imds: Action::Deny,
+            task_metadata: Action::Allow, credentials_ids: vec![] }).collect(), ..Config::builtin_default() };
+        let groups = group(&config, &entries, ifname_overlap, ifname_covers, &mut Vec::new());
+        for g in &groups {
+            for (i, (a, _)) in g.iter().enumerate() {
+                for (b, _) in &g[i + 1..] {
+                    proptest::prop_assert!(!ifname_overlap(a, b), "{a} and {b} overlap in one group");
+                }
+            }
+        }
+        for n in &names {
+            proptest::prop_assert_eq!(simulated_ifname(&groups, n), first_match_ifname(&entries, n), "name {}", n);
+        }
+    }
+
+    #[test]
+    fn cgroup_groups_are_first_match_wins(
+        paths in proptest::collection::vec(("[ab](/[ab]){0,2}", 0usize..4), 1..8),
+        probes in proptest::collection::vec("[ab](/[ab]){0,3}", 1..10),
+    ) {
+        let config = Config { workloads: (0..4).map(|i| crate::config::Workload {
+            name: format!("w{i}"), selector: Selector::Cgroups(vec!["x".into()]), imds: Action::Deny,
+            task_metadata: Action::Allow, credentials_ids: vec![] }).collect(), ..Config::builtin_default() };
+        let groups = group(&config, &paths, cgroup_overlap, cgroup_covers, &mut Vec::new());
+        for p in &probes {
+            let want = paths.iter().find_map(|(e, w)| cgroup_is_ancestor_or_self(e, p).then_some(*w));
+            // Within a group, at most one entry can be an ancestor of p.
+            for g in &groups {
+                let hits = g.iter().filter(|(e, _)| cgroup_is_ancestor_or_self(e, p)).count();
+                proptest::prop_assert!(hits <= 1);
+            }
+            proptest::prop_assert_eq!(simulated_cgroup(&groups, p), want, "path {}", p);
+        }
+    }
+}
