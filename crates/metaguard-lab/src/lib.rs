@@ -1,0 +1,28 @@
+//! The metaguard lab: an emulated ECS container instance built from network
+//! namespaces on a real kernel, with a faithful IMDS emulator and an ECS
+//! agent credentials emulator.
+//!
+//! Used by `metaguard demo`, the integration tests and the benchmarks;
+//! never linked into the daemon's hot paths.
+//!
+//! Invariant: **a lab is never linked to the root network namespace.**
+//! Every link is created with both ends inside lab namespaces, no lab
+//! command changes the root namespace's firewall, routes, addresses or
+//! sysctls, and the probe refuses to send from the root namespace.
+#![forbid(unsafe_code)]
+
+pub mod agent;
+pub mod http;
+pub mod imds;
+pub mod log;
+
+pub mod cmd;
+pub mod error;
+pub mod matrix;
+pub mod probe;
+pub mod registry;
+pub mod servers;
+pub mod topology;
+
+pub use error::LabError;
+pub use topology::{Lab, LabOptions, Workload};

@@ -1,0 +1,245 @@
+//! What every lab created, written down *before* it is created, so that
+//! nothing outlives the lab: torn down on drop, on Ctrl-C (through
+//! [`teardown_live`]), and — after a crash or SIGKILL — by the next lab,
+//! which finds the record of a dead owner and removes what it lists.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use metaguard_sys::cgroup::Cgroup2;
+use metaguard_sys::process::ProcessId;
+use serde::{Deserialize, Serialize};
+
+use crate::cmd;
+
+/// Where lab records live (tmpfs: gone after a reboot, like the
+/// namespaces they describe).
+pub const STATE_DIR: &str = "/run/metaguard-lab";
+/// Every lab namespace name starts with this.
+pub const NETNS_PREFIX: &str = "mglab-";
+
+/// One lab's objects.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LabRecord {
+    pub id: String,
+    pub owner_pid: u32,
+    pub owner_start_time: u64,
+    /// Named network namespaces (under /run/netns).
+    pub netns: Vec<String>,
+    /// The cgroup2 mount and the lab's subtree below it.
+    pub cgroup_mount: Option<PathBuf>,
+    pub cgroup_root: Option<String>,
+    /// `/etc/netns/<name>` directories (per-namespace /etc/hosts).
+    pub etc_netns: Vec<PathBuf>,
+}
+
+impl LabRecord {
+    fn path(&self, state_dir: &Path) -> PathBuf {
+        state_dir.join(format!("{}.json", self.id))
+    }
+
+    fn owner(&self) -> ProcessId {
+        ProcessId {
+            pid: self.owner_pid,
+            start_time: self.owner_start_time,
+        }
+    }
+}
+
+static LIVE: Mutex<Vec<(PathBuf, LabRecord)>> = Mutex::new(Vec::new());
+
+fn live() -> std::sync::MutexGuard<'static, Vec<(PathBuf, LabRecord)>> {
+    LIVE.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Writes the record (before anything it lists exists) and registers it
+/// for [`teardown_live`].
+pub fn record(state_dir: &Path, rec: &LabRecord) -> std::io::Result<()> {
+    std::fs::create_dir_all(state_dir)?;
+    let text = serde_json::to_string_pretty(rec).map_err(std::io::Error::other)?;
+    let path = rec.path(state_dir);
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, &path)?;
+    live().retain(|(_, r)| r.id != rec.id);
+    live().push((state_dir.to_path_buf(), rec.clone()));
+    Ok(())
+}
+
+/// Removes everything `rec` lists, then the record itself. Best effort:
+/// every step is tried; the failures are returned as text.
+pub fn teardown(state_dir: &Path, rec: &LabRecord) -> Vec<String> {
+    let mut problems = Vec::new();
+    // Processes left in the lab's cgroups are lab probes: ours to end.
+    if let (Some(mount), Some(root)) = (&rec.cgroup_mount, &rec.cgroup_root) {
+        let cg = Cgroup2::at(mount);
+        if let Err(e) = remove_cgroup_tree(&cg, root) {
+            problems.push(e);
+        }
+    }
+    for ns in &rec.netns {
+        if Path::new(metaguard_sys::netns::NETNS_RUN_DIR)
+            .join(ns)
+            .exists()
+        {
+            if let Err(e) = cmd::run(None, "ip", &["netns", "delete", ns], None) {
+                problems.push(e.to_string());
+            }
+        }
+    }
+    for dir in &rec.etc_netns {
+        if dir.exists() {
+            if let Err(e) = std::fs::remove_dir_all(dir) {
+                problems.push(format!("remove {}: {e}", dir.display()));
+            }
+        }
+    }
+    // Leave /etc/netns itself only when something else uses it.
+    let _ = std::fs::remove_dir(Path::new("/etc/netns"));
+    if problems.is_empty() {
+        let _ = std::fs::remove_file(rec.path(state_dir));
+        live().retain(|(_, r)| r.id != rec.id);
+    }
+    problems
+}
+
+/// Kills the processes in `root`'s subtree (by pid; they can only be lab
+/// probes), then removes the cgroups deepest first.
+fn remove_cgroup_tree(cg: &Cgroup2, root: &str) -> Result<(), String> {
+    let base = cg.path(root);
+    if !base.exists() {
+        return Ok(());
+    }
+    let mut dirs = Vec::new();
+    collect_dirs(&base, &mut dirs);
+    dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
+    for dir in &dirs {
+        if let Ok(text) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+            for pid in text.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                if let Some(pid) = rustix::process::Pid::from_raw(pid) {
+                    let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+                }
+            }
+        }
+    }
+    let mut failed = None;
+    for dir in &dirs {
+        // A killed process leaves its cgroup a moment after SIGKILL.
+        let mut result = std::fs::remove_dir(dir);
+        for _ in 0..50 {
+            match &result {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                    result = std::fs::remove_dir(dir);
+                }
+                _ => break,
+            }
+        }
+        if let Err(e) = result.or_else(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                Ok(())
+            } else {
+                Err(e)
+            }
+        }) {
+            failed = Some(format!("remove cgroup {}: {e}", dir.display()));
+        }
+    }
+    // Parents of the lab root that held only lab subtrees ("metaguard-lab").
+    if let Some(parent) = Path::new(root)
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+    {
+        let _ = std::fs::remove_dir(cg.path(&parent.to_string_lossy()));
+    }
+    failed.map_or(Ok(()), Err)
+}
+
+fn collect_dirs(dir: &Path, out: &mut Vec<PathBuf>) {
+    out.push(dir.to_path_buf());
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                collect_dirs(&e.path(), out);
+            }
+        }
+    }
+}
+
+/// Tears down every lab of this process (the Ctrl-C path).
+pub fn teardown_live() {
+    let labs: Vec<(PathBuf, LabRecord)> = live().clone();
+    for (dir, rec) in labs {
+        for p in teardown(&dir, &rec) {
+            eprintln!("metaguard lab: clean-up of {}: {p}", rec.id);
+        }
+    }
+}
+
+/// Finds labs whose owner process is gone (crash, SIGKILL) and removes
+/// them, and removes lab namespaces no record claims. Returns the ids of
+/// what was reaped.
+pub fn reap_leftovers(state_dir: &Path) -> Vec<String> {
+    let mut reaped = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(state_dir) {
+        for e in rd.flatten() {
+            let path = e.path();
+            if path.extension().is_none_or(|x| x != "json") {
+                continue;
+            }
+            let Ok(text) = std::fs::read_to_string(&path) else {
+                continue;
+            };
+            let Ok(rec) = serde_json::from_str::<LabRecord>(&text) else {
+                eprintln!(
+                    "metaguard lab: ignoring unreadable record {}",
+                    path.display()
+                );
+                continue;
+            };
+            if rec.owner().is_alive(Path::new("/proc")) {
+                continue;
+            }
+            let problems = teardown(state_dir, &rec);
+            for p in &problems {
+                eprintln!("metaguard lab: leftover {}: {p}", rec.id);
+            }
+            reaped.push(rec.id.clone());
+        }
+    }
+    // Lab namespaces without any record (a record removed by hand, or a
+    // lab killed between writing… no: records are written before anything
+    // is created, so a namespace whose id has no record file is orphaned).
+    if let Ok(rd) = std::fs::read_dir(metaguard_sys::netns::NETNS_RUN_DIR) {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(id) = lab_id_of(&name) else { continue };
+            if state_dir.join(format!("{id}.json")).exists() {
+                continue;
+            }
+            if cmd::run(None, "ip", &["netns", "delete", &name], None).is_ok() {
+                reaped.push(name);
+            }
+        }
+    }
+    reaped
+}
+
+/// The lab id in a lab namespace name (`mglab-<id>-<role>`).
+pub fn lab_id_of(netns_name: &str) -> Option<&str> {
+    let rest = netns_name.strip_prefix(NETNS_PREFIX)?;
+    rest.split_once('-').map(|(id, _)| id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lab_ids_come_from_names() {
+        assert_eq!(lab_id_of("mglab-1a2b3c-host"), Some("1a2b3c"));
+        assert_eq!(lab_id_of("mglab-x"), None);
+        assert_eq!(lab_id_of("other-1-host"), None);
+    }
+}

@@ -1,0 +1,771 @@
+//! The emulated ECS container instance.
+//!
+//! ```text
+//!            ┌──────────────────── vpc ────────────────────┐
+//!            │ vpcbr 10.0.0.1/24 fd00:10::1/64              │
+//!            │ lo 169.254.169.254/32 fd00:ec2::254/128      │
+//!            │ IMDS emulator :80 · echo :8080/tcp :5353/udp │
+//!            └──────┬───────────────────────────┬───────────┘
+//!              vpc-host                     vpc-task1            (veth, both ends in lab netns)
+//!                   │ eth0 10.0.0.10            │ eth0 10.0.0.20 (the task's ENI)
+//!   ┌───────────── host ──────────────┐   ┌── task1 (awsvpc) ──┐
+//!   │ docker0 172.17.0.1/16 fd00:17::1 │   │ ecs-eth0           │
+//!   │ ecs-bridge 169.254.172.1/22 ─────┼───┤ 169.254.172.2/22   │
+//!   │ nat: 169.254.170.2:80 → 127.0.0.1:51679 (ecs-init)    │
+//!   │ ECS agent emulator 127.0.0.1:51679 │ └────────────────────┘
+//!   │ host-network workloads = cgroups │
+//!   └───┬──────────────┬───────────────┘
+//!     c1 172.17.0.2  c2 172.17.0.3        (bridge-mode containers)
+//! ```
+//!
+//! Every namespace is named `mglab-<id>-<role>`; no link has an end in the
+//! root namespace. The lab's cgroups live under `metaguard-lab/<id>/` in
+//! the cgroup v2 hierarchy, wherever it is mounted.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use metaguard_sys::cgroup::Cgroup2;
+use metaguard_sys::netns::Netns;
+use metaguard_sys::process::ProcessId;
+
+use crate::agent::AgentEmulator;
+use crate::cmd;
+use crate::imds::{ImdsEmulator, ImdsSettings};
+use crate::log::RequestLog;
+use crate::probe::{ProbeKind, ProbeResult, ProbeSpec};
+use crate::registry::{self, LabRecord, NETNS_PREFIX};
+use crate::servers::{self, Bind, ServerThread};
+use crate::LabError;
+
+/// Addresses of the lab, as constants tests and the demo can name.
+pub mod addr {
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    pub const IMDS_V4: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
+    pub const IMDS_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254);
+    pub const TASK_METADATA_V4: Ipv4Addr = Ipv4Addr::new(169, 254, 170, 2);
+    pub const AGENT_PORT: u16 = 51679;
+    pub const VPC_GW_V4: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
+    pub const VPC_GW_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0, 0, 0, 0, 0, 1);
+    pub const HOST_V4: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 10);
+    pub const HOST_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0, 0, 0, 0, 0, 0x10);
+    pub const TASK_ENI_V4: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 20);
+    pub const TASK_ENI_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0, 0, 0, 0, 0, 0x20);
+    pub const DOCKER0_V4: Ipv4Addr = Ipv4Addr::new(172, 17, 0, 1);
+    pub const DOCKER0_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x17, 0, 0, 0, 0, 0, 1);
+    pub const ECS_BRIDGE_V4: Ipv4Addr = Ipv4Addr::new(169, 254, 172, 1);
+    pub const TASK_ECS_ETH0_V4: Ipv4Addr = Ipv4Addr::new(169, 254, 172, 2);
+    /// TCP and UDP echo port on the metadata addresses and the VPC gateway.
+    pub const ECHO_TCP_PORT: u16 = 8080;
+    pub const ECHO_UDP_PORT: u16 = 5353;
+}
+
+/// Who sends a probe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Workload {
+    /// Bridge-mode container on docker0.
+    BridgeC1,
+    /// A second bridge-mode container on docker0.
+    BridgeC2,
+    /// awsvpc task: own ENI into the VPC, `ecs-eth0` into ecs-bridge.
+    AwsvpcTask,
+    /// A host-network container: a host process in cgroup `docker/hostnet1`.
+    HostNetwork,
+    /// The ECS agent: a host process in cgroup `docker/ecs-agent`.
+    Agent,
+    /// An unrelated host process in `system.slice/unrelated.service`.
+    HostOther,
+}
+
+impl Workload {
+    pub const ALL: [Workload; 6] = [
+        Workload::BridgeC1,
+        Workload::BridgeC2,
+        Workload::AwsvpcTask,
+        Workload::HostNetwork,
+        Workload::Agent,
+        Workload::HostOther,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Workload::BridgeC1 => "bridge container",
+            Workload::BridgeC2 => "bridge container 2",
+            Workload::AwsvpcTask => "awsvpc task",
+            Workload::HostNetwork => "host-network workload",
+            Workload::Agent => "ECS agent",
+            Workload::HostOther => "other host process",
+        }
+    }
+
+    fn role(self) -> Role {
+        match self {
+            Workload::BridgeC1 => Role::C1,
+            Workload::BridgeC2 => Role::C2,
+            Workload::AwsvpcTask => Role::Task1,
+            Workload::HostNetwork | Workload::Agent | Workload::HostOther => Role::Host,
+        }
+    }
+
+    /// The workload's cgroup, relative to the lab's cgroup root.
+    pub fn cgroup_suffix(self) -> &'static str {
+        match self {
+            Workload::BridgeC1 => "docker/c1",
+            Workload::BridgeC2 => "docker/c2",
+            Workload::AwsvpcTask => "docker/task1",
+            Workload::HostNetwork => "docker/hostnet1",
+            Workload::Agent => "docker/ecs-agent",
+            Workload::HostOther => "system.slice/unrelated.service",
+        }
+    }
+
+    /// The task-credentials id the agent emulator holds for this workload.
+    pub fn credentials_id(self) -> &'static str {
+        match self {
+            Workload::BridgeC1 => "c1-3f6c2a10-credentials",
+            Workload::BridgeC2 => "c2-9b1d77e4-credentials",
+            Workload::AwsvpcTask => "task1-51c0a8e2-credentials",
+            Workload::HostNetwork => "hostnet1-0d9e4b37-credentials",
+            Workload::Agent => "agent-7c2e5f01-credentials",
+            Workload::HostOther => "other-2b8d6a93-credentials",
+        }
+    }
+}
+
+/// The namespaces of a lab.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Host,
+    Vpc,
+    C1,
+    C2,
+    Task1,
+}
+
+impl Role {
+    pub const ALL: [Role; 5] = [Role::Host, Role::Vpc, Role::C1, Role::C2, Role::Task1];
+
+    fn suffix(self) -> &'static str {
+        match self {
+            Role::Host => "host",
+            Role::Vpc => "vpc",
+            Role::C1 => "c1",
+            Role::C2 => "c2",
+            Role::Task1 => "task1",
+        }
+    }
+}
+
+/// How to build a lab.
+#[derive(Debug, Clone)]
+pub struct LabOptions {
+    /// The program that runs probes (`metaguard lab-probe <json>`).
+    pub probe_exe: PathBuf,
+    /// Where lab records are kept.
+    pub state_dir: PathBuf,
+    /// The cgroup2 hierarchy; `None` finds it in /proc/self/mountinfo.
+    pub cgroup2: Option<Cgroup2>,
+    pub imds: ImdsSettings,
+    /// Install what ecs-init installs (DNAT of 169.254.170.2:80 and
+    /// route_localnet=1). Off to emulate a host without it.
+    pub ecs_init: bool,
+    /// Default timeout of a probe.
+    pub probe_timeout_ms: u64,
+}
+
+impl LabOptions {
+    pub fn new(probe_exe: impl Into<PathBuf>) -> LabOptions {
+        LabOptions {
+            probe_exe: probe_exe.into(),
+            state_dir: PathBuf::from(registry::STATE_DIR),
+            cgroup2: None,
+            imds: ImdsSettings::default(),
+            ecs_init: true,
+            probe_timeout_ms: 1000,
+        }
+    }
+}
+
+/// A running lab. Dropping it tears everything down.
+#[derive(Debug)]
+pub struct Lab {
+    record: LabRecord,
+    opts: LabOptions,
+    netns: Vec<(Role, Netns)>,
+    cgroup: Cgroup2,
+    servers: Vec<ServerThread>,
+    imds: ImdsEmulator,
+    agent: AgentEmulator,
+    echo_log: RequestLog,
+    probe_seq: AtomicU32,
+    torn_down: bool,
+}
+
+fn lab_id() -> String {
+    // pid and a sub-second clock: unique across processes and runs; short
+    // enough for readable namespace names.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    static SEQ: AtomicU32 = AtomicU32::new(0);
+    let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+    let mix =
+        (u64::from(std::process::id()) << 20) ^ u64::from(nanos >> 6) ^ (u64::from(seq) << 40);
+    format!("{:07x}", (mix ^ (mix >> 29)) & 0xfff_ffff)
+}
+
+impl Lab {
+    /// Builds a lab. Needs root. Removes leftovers of crashed labs first.
+    pub fn start(opts: LabOptions) -> Result<Lab, LabError> {
+        if !rustix::process::geteuid().is_root() {
+            return Err(LabError::NotRoot);
+        }
+        cmd::check_tools()?;
+        for id in registry::reap_leftovers(&opts.state_dir) {
+            eprintln!("metaguard lab: removed leftover lab {id} of a process that is gone");
+        }
+        let cgroup = match &opts.cgroup2 {
+            Some(c) => c.clone(),
+            None => Cgroup2::discover(Path::new("/proc/self/mountinfo"))?,
+        };
+        let id = lab_id();
+        let me = ProcessId::current().ok_or_else(|| LabError::Io {
+            what: "read own start time",
+            path: "/proc/self/stat".into(),
+            source: std::io::Error::other("unreadable"),
+        })?;
+        let names: Vec<String> = Role::ALL
+            .iter()
+            .map(|r| format!("{NETNS_PREFIX}{id}-{}", r.suffix()))
+            .collect();
+        let record = LabRecord {
+            id: id.clone(),
+            owner_pid: me.pid,
+            owner_start_time: me.start_time,
+            etc_netns: names
+                .iter()
+                .map(|n| Path::new("/etc/netns").join(n))
+                .collect(),
+            netns: names,
+            cgroup_mount: Some(cgroup.mount().to_path_buf()),
+            cgroup_root: Some(format!("metaguard-lab/{id}")),
+        };
+        registry::record(&opts.state_dir, &record).map_err(|source| LabError::Io {
+            what: "write lab record in",
+            path: opts.state_dir.clone(),
+            source,
+        })?;
+        let mut lab = Lab {
+            record,
+            netns: Vec::new(),
+            cgroup,
+            servers: Vec::new(),
+            imds: ImdsEmulator::new(opts.imds.clone()),
+            agent: AgentEmulator::new(),
+            echo_log: RequestLog::default(),
+            probe_seq: AtomicU32::new(0),
+            torn_down: false,
+            opts,
+        };
+        // On error, `lab` is dropped here and tears down what exists.
+        lab.build()?;
+        Ok(lab)
+    }
+
+    pub fn id(&self) -> &str {
+        &self.record.id
+    }
+
+    /// The name of a lab namespace (`mglab-<id>-<role>`).
+    pub fn netns_name(&self, role: Role) -> String {
+        format!("{NETNS_PREFIX}{}-{}", self.record.id, role.suffix())
+    }
+
+    pub fn netns(&self, role: Role) -> &Netns {
+        // Every role's namespace is opened in build() before a Lab is
+        // handed out; a missing one is a bug in this module.
+        match self.netns.iter().find(|(r, _)| *r == role) {
+            Some((_, ns)) => ns,
+            None => unreachable!("lab namespace {role:?} not opened"),
+        }
+    }
+
+    pub fn cgroup2(&self) -> &Cgroup2 {
+        &self.cgroup
+    }
+
+    /// The lab's cgroup subtree relative to the cgroup2 root
+    /// (`metaguard-lab/<id>`): prefix for config `cgroups` selectors.
+    pub fn cgroup_root(&self) -> String {
+        format!("metaguard-lab/{}", self.record.id)
+    }
+
+    /// A workload's cgroup, relative to the cgroup2 root.
+    pub fn cgroup_of(&self, w: Workload) -> String {
+        format!("{}/{}", self.cgroup_root(), w.cgroup_suffix())
+    }
+
+    /// The instance id the IMDS emulator serves.
+    pub fn instance_id(&self) -> &str {
+        &self.opts.imds.instance_id
+    }
+
+    pub fn imds(&self) -> &ImdsEmulator {
+        &self.imds
+    }
+
+    pub fn agent(&self) -> &AgentEmulator {
+        &self.agent
+    }
+
+    /// Log of the echo services (TCP/UDP probes to metadata addresses on
+    /// other ports, and to the unrelated VPC service).
+    pub fn echo_log(&self) -> &RequestLog {
+        &self.echo_log
+    }
+
+    fn ns_by_name(&self, role: Role) -> Result<Netns, LabError> {
+        Ok(Netns::open_not_root(
+            Path::new(metaguard_sys::netns::NETNS_RUN_DIR).join(self.netns_name(role)),
+        )?)
+    }
+
+    fn build(&mut self) -> Result<(), LabError> {
+        for role in Role::ALL {
+            let name = self.netns_name(role);
+            cmd::run(None, "ip", &["netns", "add", &name], None)?;
+            let ns = self.ns_by_name(role)?;
+            // Before any link exists: new interfaces skip duplicate address
+            // detection, so link-local addresses (which neighbour discovery
+            // needs) are usable at once instead of after 1–2 s.
+            cmd::run(
+                Some(&ns),
+                "sysctl",
+                &[
+                    "-q",
+                    "-w",
+                    "net.ipv6.conf.default.accept_dad=0",
+                    "net.ipv6.conf.all.accept_dad=0",
+                ],
+                None,
+            )?;
+            self.netns.push((role, ns));
+        }
+        self.build_links()?;
+        self.build_sysctls()?;
+        if self.opts.ecs_init {
+            self.install_ecs_init()?;
+        }
+        self.install_docker_nat()?;
+        self.build_cgroups()?;
+        self.build_etc_hosts()?;
+        self.start_servers()?;
+        Ok(())
+    }
+
+    fn build_links(&self) -> Result<(), LabError> {
+        let host = self.netns_name(Role::Host);
+        let c1 = self.netns_name(Role::C1);
+        let c2 = self.netns_name(Role::C2);
+        let task = self.netns_name(Role::Task1);
+        // vpc: the subnet's switch and router, and the metadata addresses.
+        // Each veth is created here with its peer placed straight into the
+        // other lab namespace: no end ever exists in the root namespace.
+        let vpc = format!(
+            "link set lo up
+addr add 169.254.169.254/32 dev lo
+addr add fd00:ec2::254/128 dev lo nodad
+link add vpcbr type bridge
+addr add 10.0.0.1/24 dev vpcbr
+addr add fd00:10::1/64 dev vpcbr nodad
+link set vpcbr up
+link add vpc-host type veth peer name eth0 netns {host}
+link set vpc-host master vpcbr up
+link add vpc-task1 type veth peer name eth0 netns {task}
+link set vpc-task1 master vpcbr up
+route add fd00:17::/64 via fd00:10::10
+"
+        );
+        cmd::ip_batch(self.netns(Role::Vpc), &vpc)?;
+        let hostscript = format!(
+            "link set lo up
+link set eth0 up
+addr add 10.0.0.10/24 dev eth0
+addr add fd00:10::10/64 dev eth0 nodad
+route add default via 10.0.0.1
+route add default via fd00:10::1
+link add docker0 type bridge
+addr add 172.17.0.1/16 dev docker0
+addr add fd00:17::1/64 dev docker0 nodad
+link set docker0 up
+link add ecs-bridge type bridge
+addr add 169.254.172.1/22 dev ecs-bridge
+link set ecs-bridge up
+link add vethc1 type veth peer name eth0 netns {c1}
+link set vethc1 master docker0 up
+link add vethc2 type veth peer name eth0 netns {c2}
+link set vethc2 master docker0 up
+link add vethtask1 type veth peer name ecs-eth0 netns {task}
+link set vethtask1 master ecs-bridge up
+"
+        );
+        cmd::ip_batch(self.netns(Role::Host), &hostscript)?;
+        for (role, v4, v6) in [
+            (Role::C1, "172.17.0.2", "fd00:17::2"),
+            (Role::C2, "172.17.0.3", "fd00:17::3"),
+        ] {
+            let script = format!(
+                "link set lo up
+link set eth0 up
+addr add {v4}/16 dev eth0
+addr add {v6}/64 dev eth0 nodad
+route add default via 172.17.0.1
+route add default via fd00:17::1
+"
+            );
+            cmd::ip_batch(self.netns(role), &script)?;
+        }
+        // The ECS CNI plugins' layout: the ENI carries the default route;
+        // ecs-eth0 reaches only the credentials endpoint via ecs-bridge.
+        let taskscript = "link set lo up
+link set eth0 up
+addr add 10.0.0.20/24 dev eth0
+addr add fd00:10::20/64 dev eth0 nodad
+route add default via 10.0.0.1
+route add default via fd00:10::1
+link set ecs-eth0 up
+addr add 169.254.172.2/22 dev ecs-eth0
+route add 169.254.170.2/32 via 169.254.172.1 dev ecs-eth0
+";
+        cmd::ip_batch(self.netns(Role::Task1), taskscript)?;
+        Ok(())
+    }
+
+    fn sysctl(&self, role: Role, settings: &[&str]) -> Result<(), LabError> {
+        let mut args = vec!["-q", "-w"];
+        args.extend_from_slice(settings);
+        cmd::run(Some(self.netns(role)), "sysctl", &args, None).map(drop)
+    }
+
+    fn build_sysctls(&self) -> Result<(), LabError> {
+        // Namespaced sysctls, written from inside each lab namespace.
+        self.sysctl(
+            Role::Host,
+            &["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"],
+        )?;
+        self.sysctl(
+            Role::Vpc,
+            &["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"],
+        )?;
+        Ok(())
+    }
+
+    /// What ecs-init installs on an ECS container instance: the DNAT of the
+    /// credentials endpoint to the agent on 127.0.0.1:51679 (bridges), the
+    /// REDIRECT for host-network callers, and `route_localnet=1` without
+    /// which the DNATed packets are dropped as martians (F1).
+    fn install_ecs_init(&self) -> Result<(), LabError> {
+        let ns = self.netns(Role::Host);
+        for iface in ["docker0", "ecs-bridge"] {
+            cmd::run(
+                Some(ns),
+                "iptables",
+                &[
+                    "-w",
+                    "-t",
+                    "nat",
+                    "-A",
+                    "PREROUTING",
+                    "-i",
+                    iface,
+                    "-d",
+                    "169.254.170.2/32",
+                    "-p",
+                    "tcp",
+                    "-m",
+                    "tcp",
+                    "--dport",
+                    "80",
+                    "-j",
+                    "DNAT",
+                    "--to-destination",
+                    "127.0.0.1:51679",
+                ],
+                None,
+            )?;
+        }
+        cmd::run(
+            Some(ns),
+            "iptables",
+            &[
+                "-w",
+                "-t",
+                "nat",
+                "-A",
+                "OUTPUT",
+                "-d",
+                "169.254.170.2/32",
+                "-p",
+                "tcp",
+                "-m",
+                "tcp",
+                "--dport",
+                "80",
+                "-j",
+                "REDIRECT",
+                "--to-ports",
+                "51679",
+            ],
+            None,
+        )?;
+        self.sysctl(Role::Host, &["net.ipv4.conf.all.route_localnet=1"])
+    }
+
+    /// What dockerd installs for docker0: masquerade of container traffic
+    /// leaving the host (IPv4; IPv6 is routed, as with Docker's default).
+    fn install_docker_nat(&self) -> Result<(), LabError> {
+        cmd::run(
+            Some(self.netns(Role::Host)),
+            "iptables",
+            &[
+                "-w",
+                "-t",
+                "nat",
+                "-A",
+                "POSTROUTING",
+                "-s",
+                "172.17.0.0/16",
+                "!",
+                "-o",
+                "docker0",
+                "-j",
+                "MASQUERADE",
+            ],
+            None,
+        )
+        .map(drop)
+    }
+
+    fn build_cgroups(&self) -> Result<(), LabError> {
+        for w in Workload::ALL {
+            self.cgroup.create(&self.cgroup_of(w))?;
+        }
+        Ok(())
+    }
+
+    /// `ip netns exec` bind-mounts `/etc/netns/<name>/hosts` over
+    /// `/etc/hosts`: lab workloads resolve `instance-data` like EC2's DNS.
+    fn build_etc_hosts(&self) -> Result<(), LabError> {
+        for dir in &self.record.etc_netns {
+            std::fs::create_dir_all(dir).map_err(|source| LabError::Io {
+                what: "create",
+                path: dir.clone(),
+                source,
+            })?;
+            let hosts = "127.0.0.1 localhost\n::1 localhost ip6-localhost\n169.254.169.254 instance-data instance-data.ec2.internal\n";
+            std::fs::write(dir.join("hosts"), hosts).map_err(|source| LabError::Io {
+                what: "write",
+                path: dir.join("hosts"),
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
+    fn start_servers(&mut self) -> Result<(), LabError> {
+        let imds_binds = vec![
+            Bind::Tcp(SocketAddr::new(IpAddr::V4(addr::IMDS_V4), 80)),
+            Bind::Tcp(SocketAddr::new(IpAddr::V6(addr::IMDS_V6), 80)),
+        ];
+        let imds = self.imds.clone();
+        let vpc = self.netns(Role::Vpc);
+        let s = ServerThread::start(vpc, "lab-imds", imds_binds, move |bound| async move {
+            let mut set = tokio::task::JoinSet::new();
+            for b in bound {
+                if let servers::Bound::Tcp(l) = b {
+                    let imds = imds.clone();
+                    set.spawn_local(async move {
+                        if let Ok(l) = tokio::net::TcpListener::from_std(l) {
+                            let _ = imds.serve(l).await;
+                        }
+                    });
+                }
+            }
+            while set.join_next().await.is_some() {}
+        })?;
+        self.servers.push(s);
+
+        let mut echo_binds = Vec::new();
+        for ip in [
+            IpAddr::V4(addr::IMDS_V4),
+            IpAddr::V6(addr::IMDS_V6),
+            IpAddr::V4(addr::VPC_GW_V4),
+            IpAddr::V6(addr::VPC_GW_V6),
+        ] {
+            echo_binds.push(Bind::Tcp(SocketAddr::new(ip, addr::ECHO_TCP_PORT)));
+            echo_binds.push(Bind::Udp(SocketAddr::new(ip, addr::ECHO_UDP_PORT)));
+        }
+        let log = self.echo_log.clone();
+        let s = ServerThread::start(
+            self.netns(Role::Vpc),
+            "lab-echo",
+            echo_binds,
+            move |bound| servers::echo(bound, log),
+        )?;
+        self.servers.push(s);
+
+        for w in Workload::ALL {
+            self.agent.add_credentials(
+                w.credentials_id(),
+                &format!(
+                    "arn:aws:iam::111122223333:role/lab-{}",
+                    w.cgroup_suffix().replace('/', "-")
+                ),
+            );
+        }
+        let agent = self.agent.clone();
+        let s = ServerThread::start(
+            self.netns(Role::Host),
+            "lab-agent",
+            vec![Bind::Tcp(SocketAddr::new(
+                IpAddr::V4(Ipv4Addr::LOCALHOST),
+                addr::AGENT_PORT,
+            ))],
+            move |bound| async move {
+                for b in bound {
+                    if let servers::Bound::Tcp(l) = b {
+                        if let Ok(l) = tokio::net::TcpListener::from_std(l) {
+                            let _ = agent.serve(l).await;
+                        }
+                    }
+                }
+            },
+        )?;
+        self.servers.push(s);
+        Ok(())
+    }
+
+    /// A fresh probe id, unique in this lab.
+    pub fn probe_id(&self, what: &str) -> String {
+        let n = self.probe_seq.fetch_add(1, Ordering::Relaxed);
+        format!("{}-{n}-{what}", self.record.id)
+    }
+
+    /// An HTTP GET probe spec with a fresh id.
+    pub fn http_get(&self, url: &str) -> ProbeSpec {
+        ProbeSpec {
+            id: self.probe_id("http"),
+            kind: ProbeKind::Http {
+                url: url.to_string(),
+                method: "GET".into(),
+                headers: Vec::new(),
+            },
+            timeout_ms: self.opts.probe_timeout_ms,
+        }
+    }
+
+    /// Runs `spec` from `w`: in its namespace (through `ip netns exec`, so
+    /// the namespace's /etc/hosts applies) and in its cgroup.
+    pub fn probe(&self, w: Workload, spec: &ProbeSpec) -> Result<ProbeResult, LabError> {
+        let json = serde_json::to_string(spec).map_err(|e| LabError::ProbeOutput(e.to_string()))?;
+        let mut cmd = self.command_in(w, &self.opts.probe_exe)?;
+        cmd.arg("lab-probe").arg(json);
+        let shown = format!(
+            "{} lab-probe (as {})",
+            self.opts.probe_exe.display(),
+            w.label()
+        );
+        let out = cmd.output().map_err(|source| LabError::Spawn {
+            command: shown.clone(),
+            source,
+        })?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let line = stdout.lines().last().unwrap_or("");
+        serde_json::from_str(line).map_err(|e| {
+            LabError::ProbeOutput(format!(
+                "{shown}: {e}; status {}; stdout {stdout:?}; stderr {:?}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        })
+    }
+
+    /// A command that will run as workload `w` (its namespace and cgroup),
+    /// for real clients such as python/botocore or curl. Never the root
+    /// namespace: lab namespaces are opened with `open_not_root`.
+    pub fn command_in(
+        &self,
+        w: Workload,
+        program: impl AsRef<std::ffi::OsStr>,
+    ) -> Result<Command, LabError> {
+        let ns = self.netns_name(w.role());
+        // Double-check the namespace is not the root one before using it.
+        self.ns_by_name(w.role())?;
+        let procs = self.cgroup.procs_writer(&self.cgroup_of(w))?;
+        let ip = cmd::find_tool("ip").unwrap_or_else(|| "ip".into());
+        let mut cmd = Command::new(ip);
+        cmd.args(["netns", "exec", &ns])
+            .arg(program)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .env_remove("http_proxy")
+            .env_remove("https_proxy")
+            .env_remove("HTTP_PROXY")
+            .env_remove("HTTPS_PROXY")
+            .env_remove("ALL_PROXY")
+            .env_remove("all_proxy");
+        metaguard_sys::cgroup::enter_before_exec(&mut cmd, procs);
+        Ok(cmd)
+    }
+
+    /// Runs a system tool inside a lab namespace (e.g. `nft`, `iptables`).
+    pub fn run_in(&self, role: Role, program: &str, args: &[&str]) -> Result<String, LabError> {
+        cmd::run(Some(self.netns(role)), program, args, None)
+    }
+
+    /// URL of IMDS over IPv4 / IPv6 for `path` (starting with `/`).
+    pub fn imds_url_v4(path: &str) -> String {
+        format!("http://{}{path}", addr::IMDS_V4)
+    }
+
+    pub fn imds_url_v6(path: &str) -> String {
+        format!("http://[{}]{path}", addr::IMDS_V6)
+    }
+
+    /// URL of the task credentials of `w` via 169.254.170.2.
+    pub fn credentials_url(w: Workload) -> String {
+        format!(
+            "http://{}/v2/credentials/{}",
+            addr::TASK_METADATA_V4,
+            w.credentials_id()
+        )
+    }
+
+    /// Tears the lab down now (also done on drop). Returns the problems.
+    pub fn teardown(&mut self) -> Vec<String> {
+        if self.torn_down {
+            return Vec::new();
+        }
+        self.torn_down = true;
+        for s in &mut self.servers {
+            s.stop();
+        }
+        self.servers.clear();
+        self.netns.clear();
+        registry::teardown(&self.opts.state_dir, &self.record)
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for p in self.teardown() {
+            eprintln!("metaguard lab {}: clean-up problem: {p}", self.record.id);
+        }
+    }
+}

@@ -1,0 +1,50 @@
+//! Loading the configuration: the default path falls back to the built-in
+//! policy when absent; an explicit path must exist.
+
+use std::path::Path;
+
+use anyhow::Context as _;
+use metaguard_core::config::DEFAULT_PATH;
+use metaguard_core::Config;
+
+use super::ConfigArg;
+
+/// Reads and validates the configuration named by `arg`.
+pub fn load(arg: &ConfigArg) -> anyhow::Result<Config> {
+    let (path, explicit) = match &arg.config {
+        Some(p) => (p.as_path(), true),
+        None => (Path::new(DEFAULT_PATH), false),
+    };
+    let text = match std::fs::read(path) {
+        Ok(bytes) => String::from_utf8(bytes).map_err(|e| {
+            anyhow::anyhow!(
+                "{}: not UTF-8 text (byte {})",
+                path.display(),
+                e.utf8_error().valid_up_to()
+            )
+        })?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
+            return Ok(Config::builtin_default());
+        }
+        Err(e) => {
+            return Err(e).with_context(|| format!("cannot read config {}", path.display()));
+        }
+    };
+    // The error already names the file, line and column.
+    Ok(Config::parse(&text, &path.display().to_string())?)
+}
+
+/// Fails with a clear message unless running as root.
+pub fn require_root(what: &str) -> anyhow::Result<()> {
+    if rustix_is_root() {
+        Ok(())
+    } else {
+        anyhow::bail!(
+            "`metaguard {what}` changes kernel network state and needs root (CAP_NET_ADMIN); run it with sudo. Nothing was changed."
+        )
+    }
+}
+
+fn rustix_is_root() -> bool {
+    metaguard_sys::process::is_root()
+}

@@ -1,0 +1,150 @@
+//! The command line, exactly as `../shared/spec/interface.md` specifies it.
+//!
+//! Two stages: clap parses raw arguments ([`Cli`]); each subcommand module
+//! turns them into validated objects (a parsed [`metaguard_core::Config`],
+//! a checked privilege level) before doing anything.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod config;
+mod demo;
+mod lab_probe;
+mod pending;
+
+/// Exit code for drift or problems found.
+pub const EXIT_PROBLEMS: u8 = 1;
+/// Exit code for usage, config or permission errors.
+pub const EXIT_ERROR: u8 = 2;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "metaguard",
+    version,
+    about = "Keeps containers away from the cloud instance metadata service without breaking what needs it.",
+    propagate_version = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ConfigArg {
+    /// Configuration file; when the default path does not exist, the
+    /// built-in default policy applies.
+    #[arg(long, value_name = "PATH")]
+    config: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Install or replace this host's rules, atomically.
+    Apply {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Print exactly what would be loaded (the nft script); touch nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Exit 0 when the kernel matches the config; 1 and a diff when not.
+    Verify {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete every object metaguard created (tables, addresses, routes), nothing else.
+    Remove,
+    /// Apply, then keep it true: heal, follow workloads, serve proxy and metrics.
+    Daemon {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Remove metaguard's rules when stopped with SIGTERM (default: they stay, fail-closed).
+        #[arg(long)]
+        remove_on_exit: bool,
+    },
+    /// Diagnose this host for the known failure modes (F1…F17).
+    Doctor {
+        /// Print the findings as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Apply the minimal fix for each finding.
+        #[arg(long)]
+        fix: bool,
+    },
+    /// Print deployment files: boothook | user-data | systemd | ecs-config.
+    Render {
+        /// What to render.
+        #[arg(value_name = "KIND")]
+        kind: String,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Run CMD unable to reach metadata endpoints (no root needed).
+    Exec {
+        /// Allow this destination although it is a metadata endpoint.
+        #[arg(long, value_name = "ADDR[:PORT]")]
+        allow: Vec<String>,
+        /// The command and its arguments.
+        #[arg(last = true, required = true, value_name = "CMD")]
+        cmd: Vec<String>,
+    },
+    /// Build an emulated ECS host in network namespaces; show before/after.
+    Demo {
+        /// Print the reachability matrices as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Colour: auto (on a terminal), always, never.
+        #[arg(long, default_value = "auto", value_parser = ["auto", "always", "never"])]
+        color: String,
+    },
+    /// Internal: run one lab probe (JSON spec) and print its JSON result.
+    #[command(name = "lab-probe", hide = true)]
+    LabProbe { spec: String },
+}
+
+/// Parses the command line, runs the command, maps the outcome to an exit
+/// code. Errors print their whole chain (`{:#}`); a closed stdout is not
+/// an error.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Apply { config, dry_run } => pending::apply(&config, dry_run),
+        Command::Verify { config, json: _ } => {
+            pending::needs_config_and_root("verify", &config, "the enforcement-engine issue")
+        }
+        Command::Remove => pending::needs_root("remove", "the enforcement-engine issue"),
+        Command::Daemon {
+            config,
+            remove_on_exit: _,
+        } => pending::needs_config_and_root("daemon", &config, "the daemon issue"),
+        Command::Doctor { json: _, fix: _ } => pending::not_built("doctor", "the doctor issue"),
+        Command::Render { kind, config } => pending::render(&kind, &config),
+        Command::Exec { allow: _, cmd: _ } => pending::not_built("exec", "the exec-launcher issue"),
+        Command::Demo { json, color } => demo::run(json, &color),
+        Command::LabProbe { spec } => lab_probe::run(&spec),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            if is_broken_pipe(&e) {
+                return ExitCode::SUCCESS;
+            }
+            let _ = std::io::stdout().flush();
+            eprintln!("metaguard: {e:#}");
+            ExitCode::from(EXIT_ERROR)
+        }
+    }
+}
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}

@@ -1,0 +1,44 @@
+//! Commands whose engine is not built yet. They validate what they can
+//! (config, privileges) — so scripts get the same errors they will get
+//! later — and then say plainly that the command does not exist yet, with
+//! exit code 2 and nothing changed. No fake output.
+
+use std::process::ExitCode;
+
+use super::{config, ConfigArg};
+
+fn pending(what: &str, issue: &str) -> anyhow::Result<ExitCode> {
+    anyhow::bail!("`metaguard {what}` is not built yet (tracked in {issue}); nothing was changed")
+}
+
+pub fn not_built(what: &str, issue: &str) -> anyhow::Result<ExitCode> {
+    pending(what, issue)
+}
+
+pub fn needs_root(what: &str, issue: &str) -> anyhow::Result<ExitCode> {
+    config::require_root(what)?;
+    pending(what, issue)
+}
+
+pub fn needs_config_and_root(what: &str, arg: &ConfigArg, issue: &str) -> anyhow::Result<ExitCode> {
+    config::load(arg)?;
+    config::require_root(what)?;
+    pending(what, issue)
+}
+
+pub fn apply(arg: &ConfigArg, dry_run: bool) -> anyhow::Result<ExitCode> {
+    config::load(arg)?;
+    if !dry_run {
+        config::require_root("apply")?;
+    }
+    pending("apply", "the enforcement-engine issue")
+}
+
+pub fn render(kind: &str, arg: &ConfigArg) -> anyhow::Result<ExitCode> {
+    const KINDS: [&str; 4] = ["boothook", "user-data", "systemd", "ecs-config"];
+    if !KINDS.contains(&kind) {
+        anyhow::bail!("unknown KIND {kind:?}: use one of {}", KINDS.join(", "));
+    }
+    config::load(arg)?;
+    pending("render", "the deployment issue")
+}

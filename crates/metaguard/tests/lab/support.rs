@@ -1,0 +1,66 @@
+//! Helpers shared by the lab tests.
+
+use std::path::PathBuf;
+
+use libtest_mimic::Failed;
+use metaguard_lab::{Lab, LabOptions};
+
+/// The metaguard binary under test.
+pub fn exe() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_metaguard"))
+}
+
+pub fn lab() -> Result<Lab, Failed> {
+    Lab::start(LabOptions::new(exe())).map_err(|e| format!("lab: {e}").into())
+}
+
+/// `ensure!(cond, "fmt", args…)`: fail the test with a message.
+#[macro_export]
+macro_rules! ensure {
+    ($cond:expr, $($arg:tt)+) => {
+        if !$cond {
+            return Err(format!($($arg)+).into());
+        }
+    };
+}
+
+/// The root namespace's network state, as text: links, addresses, routes
+/// (both families, all tables), rules and the nft ruleset. Read-only.
+pub fn root_netns_state() -> Result<String, Failed> {
+    let mut out = String::new();
+    for args in [
+        &["-d", "link", "show"][..],
+        &["addr", "show"],
+        &["-4", "route", "show", "table", "all"],
+        &["-6", "route", "show", "table", "all"],
+        &["-4", "rule", "show"],
+        &["-6", "rule", "show"],
+    ] {
+        out.push_str(&format!("## ip {}\n", args.join(" ")));
+        let text = metaguard_lab::cmd::run(None, "ip", args, None).map_err(|e| e.to_string())?;
+        // Address lifetimes of DHCP/SLAAC addresses count down by
+        // themselves; everything else must be byte-identical.
+        for line in text.lines().filter(|l| !l.contains("valid_lft")) {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out.push_str("## nft list ruleset\n");
+    out.push_str(
+        &metaguard_lab::cmd::run(None, "nft", &["list", "ruleset"], None)
+            .map_err(|e| e.to_string())?,
+    );
+    Ok(out)
+}
+
+/// Lab namespaces that exist now for lab `id`.
+pub fn netns_of(id: &str) -> Vec<String> {
+    std::fs::read_dir("/run/netns")
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(&format!("mglab-{id}-")))
+                .collect()
+        })
+        .unwrap_or_default()
+}

@@ -1,0 +1,52 @@
+# shellcheck shell=bash
+# Shared by scripts/demo and scripts/test: become root, install what is
+# missing (Debian/Ubuntu), and never touch anything else on the host.
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# System packages the lab and the tests use.
+APT_PACKAGES=(nftables iptables iproute2 procps curl python3-venv conntrack)
+# Real AWS SDK client for the tests (pinned for reproducibility).
+BOTOCORE_VERSION="1.44.5"
+
+as_root() {
+  if [ "$(id -u)" -ne 0 ]; then
+    if ! command -v sudo >/dev/null 2>&1; then
+      echo "metaguard: network namespaces need root; run this as root." >&2
+      exit 2
+    fi
+    exec sudo --preserve-env=PATH,HOME,CARGO_HOME,RUSTUP_HOME,CI "$0" "$@"
+  fi
+}
+
+ensure_apt_packages() {
+  local missing=()
+  for p in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  if [ "${#missing[@]}" -gt 0 ]; then
+    echo "metaguard: installing ${missing[*]}" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+}
+
+ensure_cargo() {
+  if ! command -v cargo >/dev/null 2>&1; then
+    for d in "${CARGO_HOME:-$HOME/.cargo}/bin" /root/.cargo/bin; do
+      [ -x "$d/cargo" ] && export PATH="$d:$PATH" && break
+    done
+  fi
+  command -v cargo >/dev/null 2>&1 || { echo "metaguard: cargo not found; install Rust (rustup) first." >&2; exit 2; }
+}
+
+ensure_python_venv() {
+  local venv="$REPO/.venv"
+  if ! "$venv/bin/python" -c "import botocore; assert botocore.__version__ == '$BOTOCORE_VERSION'" 2>/dev/null; then
+    echo "metaguard: creating $venv with botocore $BOTOCORE_VERSION" >&2
+    /usr/bin/python3 -m venv "$venv"
+    "$venv/bin/pip" install -q --disable-pip-version-check "botocore==$BOTOCORE_VERSION"
+  fi
+  export METAGUARD_PYTHON="$venv/bin/python"
+}
