@@ -31,6 +31,9 @@ pub struct LabRecord {
     pub cgroup_root: Option<String>,
     /// `/etc/netns/<name>` directories (per-namespace /etc/hosts).
     pub etc_netns: Vec<PathBuf>,
+    /// The lab's scratch directory (configs, metaguard's state dir).
+    #[serde(default)]
+    pub work_dir: Option<PathBuf>,
 }
 
 impl LabRecord {
@@ -93,6 +96,11 @@ pub fn teardown(state_dir: &Path, rec: &LabRecord) -> Vec<String> {
             if let Err(e) = std::fs::remove_dir_all(dir) {
                 problems.push(format!("remove {}: {e}", dir.display()));
             }
+        }
+    }
+    if let Some(dir) = rec.work_dir.as_ref().filter(|d| d.exists()) {
+        if let Err(e) = std::fs::remove_dir_all(dir) {
+            problems.push(format!("remove {}: {e}", dir.display()));
         }
     }
     // Leave /etc/netns itself only when something else uses it.

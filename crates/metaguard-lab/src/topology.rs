@@ -254,6 +254,7 @@ impl Lab {
             netns: names,
             cgroup_mount: Some(cgroup.mount().to_path_buf()),
             cgroup_root: Some(format!("metaguard-lab/{id}")),
+            work_dir: Some(opts.state_dir.join(&id)),
         };
         registry::record(&opts.state_dir, &record).map_err(|source| LabError::Io {
             what: "write lab record in",
@@ -336,6 +337,12 @@ impl Lab {
     }
 
     fn build(&mut self) -> Result<(), LabError> {
+        let work = self.work_dir().to_path_buf();
+        std::fs::create_dir_all(&work).map_err(|source| LabError::Io {
+            what: "create",
+            path: work.clone(),
+            source,
+        })?;
         for role in Role::ALL {
             let name = self.netns_name(role);
             cmd::run(None, "ip", &["netns", "add", &name], None)?;
@@ -528,7 +535,7 @@ route add 169.254.170.2/32 via 169.254.172.1 dev ecs-eth0
 
     /// What dockerd installs for docker0: masquerade of container traffic
     /// leaving the host (IPv4; IPv6 is routed, as with Docker's default).
-    fn install_docker_nat(&self) -> Result<(), LabError> {
+    pub fn install_docker_nat(&self) -> Result<(), LabError> {
         cmd::run(
             Some(self.netns(Role::Host)),
             "iptables",
@@ -648,6 +655,80 @@ route add 169.254.170.2/32 via 169.254.172.1 dev ecs-eth0
         )?;
         self.servers.push(s);
         Ok(())
+    }
+
+    /// The lab's scratch directory, removed with the lab.
+    pub fn work_dir(&self) -> &Path {
+        match &self.record.work_dir {
+            Some(d) => d,
+            None => unreachable!("lab records always have a work dir"),
+        }
+    }
+
+    /// A realistic policy for this lab (interface.md's example, with the
+    /// lab's cgroup and namespace names): the agent keeps IMDS; bridge
+    /// containers, the awsvpc task and host-network containers are denied
+    /// it; everyone keeps task credentials.
+    pub fn policy_toml(&self) -> String {
+        format!(
+            r#"# metaguard policy for lab {id}
+[[workload]]
+name          = "ecs-agent"
+cgroups       = ["{agent}"]
+imds          = "allow"
+
+[[workload]]
+name          = "bridge-containers"
+bridges       = ["docker0", "br-*", "ecs-bridge"]
+imds          = "deny"
+task_metadata = "allow"
+
+[[workload]]
+name          = "awsvpc-tasks"
+netns         = ["{task}"]
+imds          = "deny"
+
+[[workload]]
+name          = "host-network-containers"
+cgroups       = ["{docker}"]
+imds          = "deny"
+"#,
+            id = self.record.id,
+            agent = self.cgroup_of(Workload::Agent),
+            task = Path::new(metaguard_sys::netns::NETNS_RUN_DIR)
+                .join(self.netns_name(Role::Task1))
+                .display(),
+            docker = self.cgroup_root() + "/docker",
+        )
+    }
+
+    /// Writes `text` to a file in the lab's work dir and returns its path.
+    pub fn write_file(&self, name: &str, text: &str) -> Result<PathBuf, LabError> {
+        let p = self.work_dir().join(name);
+        std::fs::write(&p, text).map_err(|source| LabError::Io {
+            what: "write",
+            path: p.clone(),
+            source,
+        })?;
+        Ok(p)
+    }
+
+    /// Runs the metaguard binary (the probe executable) with `args` inside
+    /// the lab's host namespace — the lab host is "this host" for it — with
+    /// its state kept in the lab's work dir. The exit status is returned,
+    /// not judged.
+    pub fn metaguard(&self, args: &[&str]) -> Result<std::process::Output, LabError> {
+        let mut cmd = Command::new(&self.opts.probe_exe);
+        cmd.arg("--state-dir")
+            .arg(self.work_dir().join("metaguard-state"))
+            .args(args)
+            .stdin(Stdio::null())
+            .env("NO_COLOR", "1");
+        self.netns(Role::Host).command(&mut cmd)?;
+        cmd.output().map_err(|source| LabError::Spawn {
+            command: format!("metaguard {}", args.join(" ")),
+            source,
+        })
     }
 
     /// A fresh probe id, unique in this lab.

@@ -37,8 +37,21 @@ pub fn run(json: bool, color: &str) -> anyhow::Result<ExitCode> {
         lab.id()
     );
     let before = Matrix::measure(&lab, &ROWS)?;
-    let after: Option<Matrix> = None;
-    eprintln!("metaguard demo: `metaguard apply` is not built yet, so only the unprotected table is shown.");
+    let policy = lab.write_file("metaguard.toml", &lab.policy_toml())?;
+    eprintln!(
+        "metaguard demo: metaguard apply --config {} (inside the lab's host namespace)…",
+        policy.display()
+    );
+    let out = lab.metaguard(&["apply", "--config", &policy.display().to_string()])?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "metaguard apply failed in the lab ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    eprint!("metaguard demo: {}", String::from_utf8_lossy(&out.stdout));
+    let after = Some(Matrix::measure(&lab, &ROWS)?);
 
     if json {
         let doc = serde_json::json!({ "lab": lab.id(), "before": before, "after": after });
@@ -50,7 +63,9 @@ pub fn run(json: bool, color: &str) -> anyhow::Result<ExitCode> {
         }
         print!("{}", matrix::render(&tables, color));
         println!();
-        println!("reached = HTTP 200 and the endpoint's request log holds the probe; refused/unreachable/timeout = the client failed and the log holds nothing.");
+        println!("reached = HTTP 200 and the endpoint's request log holds the probe;");
+        println!("refused/unreachable/denied/timeout = the client failed and the endpoint's log holds nothing.");
+        println!("policy applied: {}", policy.display());
     }
     let problems = lab.teardown();
     for p in &problems {

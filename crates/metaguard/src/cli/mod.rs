@@ -10,10 +10,13 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod apply;
 mod config;
 mod demo;
 mod lab_probe;
 mod pending;
+mod remove;
+mod verify;
 
 /// Exit code for drift or problems found.
 pub const EXIT_PROBLEMS: u8 = 1;
@@ -28,6 +31,9 @@ pub const EXIT_ERROR: u8 = 2;
     propagate_version = true
 )]
 pub struct Cli {
+    /// Directory of metaguard's run-time state (which namespaces it wrote to).
+    #[arg(long, global = true, hide = true, value_name = "DIR", default_value = crate::enforce::DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
     #[command(subcommand)]
     command: Command,
 }
@@ -114,11 +120,9 @@ enum Command {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Apply { config, dry_run } => pending::apply(&config, dry_run),
-        Command::Verify { config, json: _ } => {
-            pending::needs_config_and_root("verify", &config, "the enforcement-engine issue")
-        }
-        Command::Remove => pending::needs_root("remove", "the enforcement-engine issue"),
+        Command::Apply { config, dry_run } => apply::run(&config, dry_run, &cli.state_dir),
+        Command::Verify { config, json } => verify::run(&config, json, &cli.state_dir),
+        Command::Remove => remove::run(&cli.state_dir),
         Command::Daemon {
             config,
             remove_on_exit: _,

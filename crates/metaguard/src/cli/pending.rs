@@ -15,23 +15,10 @@ pub fn not_built(what: &str, issue: &str) -> anyhow::Result<ExitCode> {
     pending(what, issue)
 }
 
-pub fn needs_root(what: &str, issue: &str) -> anyhow::Result<ExitCode> {
-    config::require_root(what)?;
-    pending(what, issue)
-}
-
 pub fn needs_config_and_root(what: &str, arg: &ConfigArg, issue: &str) -> anyhow::Result<ExitCode> {
     config::load(arg)?;
     config::require_root(what)?;
     pending(what, issue)
-}
-
-pub fn apply(arg: &ConfigArg, dry_run: bool) -> anyhow::Result<ExitCode> {
-    config::load(arg)?;
-    if !dry_run {
-        config::require_root("apply")?;
-    }
-    pending("apply", "the enforcement-engine issue")
 }
 
 pub fn render(kind: &str, arg: &ConfigArg) -> anyhow::Result<ExitCode> {

@@ -67,9 +67,9 @@ pub const TESTS: &[(&str, bool, crate::TestFn)] = &[
         probe_refuses_the_root_netns,
     ),
     (
-        "foundation::demo_prints_the_before_table_and_cleans_up",
+        "foundation::demo_prints_before_and_after_and_cleans_up",
         true,
-        demo_prints_the_before_table_and_cleans_up,
+        demo_prints_before_and_after_and_cleans_up,
     ),
 ];
 
@@ -355,6 +355,7 @@ fn leftover_of_a_killed_lab_is_removed() -> Result<(), Failed> {
         cgroup_mount: Some(cg.mount().to_path_buf()),
         cgroup_root: Some(cg_root.clone()),
         etc_netns: vec![],
+        work_dir: None,
     };
     registry::record(std::path::Path::new(registry::STATE_DIR), &rec)?;
     metaguard_lab::cmd::run(None, "ip", &["netns", "add", &ns], None)?;
@@ -404,7 +405,7 @@ fn probe_refuses_the_root_netns() -> Result<(), Failed> {
     Ok(())
 }
 
-fn demo_prints_the_before_table_and_cleans_up() -> Result<(), Failed> {
+fn demo_prints_before_and_after_and_cleans_up() -> Result<(), Failed> {
     let start = std::time::Instant::now();
     let out = Command::new(exe())
         .args(["demo", "--color", "never"])
@@ -413,20 +414,45 @@ fn demo_prints_the_before_table_and_cleans_up() -> Result<(), Failed> {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     ensure!(out.status.success(), "demo failed: {stderr}");
-    for row in [
-        "bridge container",
-        "awsvpc task",
-        "host-network workload",
-        "ECS agent",
-    ] {
+    // Row: label │ before (3 cells) │ after (3 cells).
+    let expected_after = [
+        ("bridge container", [false, false, true]),
+        ("awsvpc task", [false, false, true]),
+        ("host-network workload", [false, false, true]),
+        ("ECS agent", [true, true, true]),
+    ];
+    for (row, after) in expected_after {
         let line = stdout
             .lines()
             .find(|l| l.starts_with(row))
             .ok_or(format!("no row {row}:\n{stdout}"))?;
+        let parts: Vec<&str> = line.split('│').collect();
         ensure!(
-            line.matches("reached 200").count() == 3,
-            "row {row} not reached everywhere: {line}"
+            parts.len() == 3,
+            "row {row} has no before/after columns: {line}"
         );
+        ensure!(
+            parts[1].matches("reached 200").count() == 3,
+            "before: row {row} not reached everywhere: {line}"
+        );
+        let cells: Vec<&str> = parts[2]
+            .split("  ")
+            .map(str::trim)
+            .filter(|c| !c.is_empty())
+            .collect();
+        ensure!(cells.len() == 3, "after: row {row}: {cells:?}");
+        for (cell, reach) in cells.iter().zip(after) {
+            ensure!(
+                cell.starts_with("reached 200") == reach,
+                "after: row {row}: {cell:?} (expected reached={reach}): {line}"
+            );
+            if !reach {
+                ensure!(
+                    cell.starts_with("refused") || cell.starts_with("unreachable"),
+                    "after: row {row}: {cell:?} not rejected fast"
+                );
+            }
+        }
     }
     ensure!(elapsed.as_secs() < 30, "demo took {elapsed:?}");
     let id = stderr

@@ -9,6 +9,7 @@ use libtest_mimic::{Arguments, Failed, Trial};
 mod support;
 
 mod cli;
+mod enforce;
 mod foundation;
 
 type TestFn = fn() -> Result<(), Failed>;
@@ -21,7 +22,11 @@ fn main() {
         eprintln!("note: not root: tests that build network namespaces are ignored (run ./scripts/test as root)");
     }
     let mut trials = Vec::new();
-    for (name, needs_root, f) in foundation::TESTS.iter().chain(cli::TESTS.iter()) {
+    for (name, needs_root, f) in foundation::TESTS
+        .iter()
+        .chain(enforce::TESTS)
+        .chain(cli::TESTS)
+    {
         let f: TestFn = *f;
         let trial = Trial::test(*name, move || {
             if require_root && !metaguard_sys::process::is_root() {

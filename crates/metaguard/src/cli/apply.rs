@@ -1,0 +1,59 @@
+//! `metaguard apply [--config PATH] [--dry-run]`: install or replace this
+//! host's rules, atomically.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use super::{config, ConfigArg};
+use crate::enforce::Engine;
+
+pub fn run(arg: &ConfigArg, dry_run: bool, state_dir: &Path) -> anyhow::Result<ExitCode> {
+    let config = config::load(arg)?;
+    if !dry_run {
+        config::require_root("apply")?;
+    }
+    let engine = Engine::new(state_dir)?;
+    let plan = engine.plan(&config)?;
+    if dry_run {
+        for w in &plan.warnings {
+            eprintln!("warning: {w}");
+        }
+        println!("# metaguard apply --dry-run: exactly what would be loaded; nothing was changed.");
+        println!("# config: {}", config.origin);
+        println!("\n# network namespace: host (the one metaguard runs in)");
+        print!("{}", plan.host);
+        for n in &plan.netns {
+            println!(
+                "\n# network namespace: {} (workload {:?})",
+                n.path, n.workload
+            );
+            print!("{}", n.script);
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let started = std::time::Instant::now();
+    let report = engine.apply(&config, &plan)?;
+    for w in &report.warnings {
+        eprintln!("warning: {w}");
+    }
+    println!(
+        "applied {} table{} in {} ms: {}",
+        report.tables.len(),
+        if report.tables.len() == 1 { "" } else { "s" },
+        started.elapsed().as_millis(),
+        report.tables.join(", ")
+    );
+    if !report.removed_stale.is_empty() {
+        println!(
+            "removed metaguard's table from namespaces no longer selected: {}",
+            report.removed_stale.join(", ")
+        );
+    }
+    if report.conntrack_deleted > 0 {
+        println!(
+            "cut {} existing connection(s) to denied endpoints",
+            report.conntrack_deleted
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,436 @@
+//! The enforcement engine: discover the host, build the plan (core), make
+//! the kernel match it, check that it does, and take it away again.
+//!
+//! * **apply** checks every table's script in its namespace with `nft -c`
+//!   first, so a bad plan changes nothing; then loads each table as one
+//!   transaction that replaces the old one whole (never flush-then-fill);
+//!   removes metaguard's tables from namespaces that are no longer selected;
+//!   and deletes conntrack entries towards denied endpoints (F11), so an
+//!   already-open connection does not outlive the rules.
+//! * **verify** loads the same scripts into a throwaway namespace and reads
+//!   them back: that is what the kernel makes of the policy. The live tables
+//!   are read back and compared with it semantically (see [`canonical`]).
+//! * **remove** deletes metaguard's table in the host namespace and in every
+//!   namespace the state file lists — nothing else.
+//!
+//! The state file (`<state dir>/state.json`) lists the task namespaces
+//! metaguard wrote to; it is written before they are touched.
+
+pub mod canonical;
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use anyhow::{bail, Context as _};
+use metaguard_core::config::{Action, NetnsSelector, Selector};
+use metaguard_core::ruleset::{self, HostFacts, Plan, FAMILY, TABLE};
+use metaguard_core::Config;
+use metaguard_sys::cgroup::Cgroup2;
+use metaguard_sys::netns::Netns;
+use metaguard_sys::nft::Nft;
+use serde::{Deserialize, Serialize};
+
+/// Default directory of metaguard's run-time state.
+pub const DEFAULT_STATE_DIR: &str = "/run/metaguard";
+
+/// The namespaces metaguard wrote tables into, besides the host's own.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct State {
+    pub netns: Vec<String>,
+}
+
+/// Host context for the engine.
+#[derive(Debug)]
+pub struct Engine {
+    nft: Nft,
+    cgroup2: Option<Cgroup2>,
+    state_dir: PathBuf,
+}
+
+/// A namespace and the table planned for it.
+#[derive(Debug)]
+pub struct Target {
+    /// `None` is the host (this process's) namespace.
+    pub netns: Option<Netns>,
+    pub label: String,
+    pub script: String,
+}
+
+/// What `apply` did.
+#[derive(Debug, Default, Serialize)]
+pub struct ApplyReport {
+    pub tables: Vec<String>,
+    pub removed_stale: Vec<String>,
+    pub conntrack_deleted: u64,
+    pub warnings: Vec<String>,
+}
+
+/// The outcome of `verify` for one namespace.
+#[derive(Debug, Serialize)]
+pub struct NamespaceReport {
+    pub netns: String,
+    pub ok: bool,
+    pub differences: Vec<String>,
+}
+
+impl Engine {
+    /// `state_dir`: where the state file lives. Finds cgroup2 through
+    /// /proc/self/mountinfo (absent is fine unless the config needs it).
+    pub fn new(state_dir: &Path) -> anyhow::Result<Engine> {
+        let cgroup2 = Cgroup2::discover(Path::new("/proc/self/mountinfo")).ok();
+        let nft = Nft::new(cgroup2.as_ref().map(Cgroup2::mount))?;
+        Ok(Engine {
+            nft,
+            cgroup2,
+            state_dir: state_dir.to_path_buf(),
+        })
+    }
+
+    /// Discovers what the config needs from the host and builds the plan.
+    /// Errors (exit 2) for things that make the plan meaningless: a cgroup
+    /// that does not exist, cgroup selectors without a cgroup2 hierarchy.
+    pub fn plan(&self, config: &Config) -> anyhow::Result<Plan> {
+        self.check_cgroups(config)?;
+        let facts = discover(config);
+        Ok(ruleset::plan(config, &facts)?)
+    }
+
+    fn check_cgroups(&self, config: &Config) -> anyhow::Result<()> {
+        for w in &config.workloads {
+            let Selector::Cgroups(paths) = &w.selector else {
+                continue;
+            };
+            let Some(cg) = &self.cgroup2 else {
+                bail!(
+                    "workload {:?} selects cgroups, but the cgroup v2 hierarchy is not mounted on this host; mount it (mount -t cgroup2 none /sys/fs/cgroup/unified) or remove the workload. Nothing was changed.",
+                    w.name
+                );
+            };
+            for p in paths {
+                if !cg.exists(p) {
+                    bail!(
+                        "workload {:?}: cgroup {p:?} does not exist (looked for {}); create it or fix the config. Nothing was changed.",
+                        w.name,
+                        cg.path(p).display()
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Opens the namespaces of a plan. A selected namespace that is this
+    /// process's own (which would overwrite the host table) is skipped with
+    /// a warning.
+    pub fn targets(&self, plan: &Plan, warnings: &mut Vec<String>) -> anyhow::Result<Vec<Target>> {
+        let own = metaguard_sys::netns::current_thread_id()
+            .context("cannot identify this network namespace")?;
+        let mut out = vec![Target {
+            netns: None,
+            label: "host".into(),
+            script: plan.host.clone(),
+        }];
+        for n in &plan.netns {
+            let ns = Netns::open(&n.path).with_context(|| format!("workload {:?}", n.workload))?;
+            if ns.id() == own {
+                warnings.push(format!(
+                    "{} (workload {:?}) is metaguard's own network namespace; its rules are the host table, skipped",
+                    n.path, n.workload
+                ));
+                continue;
+            }
+            out.push(Target {
+                netns: Some(ns),
+                label: n.path.clone(),
+                script: n.script.clone(),
+            });
+        }
+        Ok(out)
+    }
+
+    fn state_path(&self) -> PathBuf {
+        self.state_dir.join("state.json")
+    }
+
+    pub fn load_state(&self) -> State {
+        std::fs::read_to_string(self.state_path())
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or_default()
+    }
+
+    fn save_state(&self, state: &State) -> anyhow::Result<()> {
+        std::fs::create_dir_all(&self.state_dir)
+            .with_context(|| format!("cannot create {}", self.state_dir.display()))?;
+        let tmp = self.state_path().with_extension("json.tmp");
+        std::fs::write(&tmp, serde_json::to_string_pretty(state)?)
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
+        std::fs::rename(&tmp, self.state_path())
+            .with_context(|| format!("cannot write {}", self.state_path().display()))?;
+        Ok(())
+    }
+
+    /// Makes the kernel match `plan`. Checks everything before changing
+    /// anything.
+    pub fn apply(&self, config: &Config, plan: &Plan) -> anyhow::Result<ApplyReport> {
+        let mut report = ApplyReport {
+            warnings: plan.warnings.clone(),
+            ..ApplyReport::default()
+        };
+        let targets = self.targets(plan, &mut report.warnings)?;
+        for t in &targets {
+            self.nft
+                .check(t.netns.as_ref(), &t.script)
+                .with_context(|| {
+                    format!(
+                        "the ruleset for {} does not load; nothing was changed",
+                        t.label
+                    )
+                })?;
+        }
+        let previous = self.load_state();
+        let mut state = State {
+            netns: targets
+                .iter()
+                .filter(|t| t.netns.is_some())
+                .map(|t| t.label.clone())
+                .collect(),
+        };
+        // Record before touching: the union, so a crash midway still lets
+        // `remove` find everything.
+        let mut union = state.clone();
+        for p in &previous.netns {
+            if !union.netns.contains(p) {
+                union.netns.push(p.clone());
+            }
+        }
+        self.save_state(&union)?;
+        for t in &targets {
+            self.nft
+                .apply(t.netns.as_ref(), &t.script)
+                .with_context(|| format!("loading the ruleset for {}", t.label))?;
+            report.tables.push(t.label.clone());
+        }
+        for stale in previous.netns.iter().filter(|p| !state.netns.contains(p)) {
+            // A namespace that is gone took its table with it.
+            if let Ok(ns) = Netns::open(stale) {
+                if self.nft.delete_table(Some(&ns), FAMILY, TABLE)? {
+                    report.removed_stale.push(stale.clone());
+                }
+            }
+        }
+        state.netns.sort();
+        self.save_state(&state)?;
+        let endpoints = denied_endpoints(config);
+        for t in &targets {
+            match conntrack_delete(t.netns.as_ref(), &endpoints) {
+                Ok(n) => report.conntrack_deleted += n,
+                Err(e) => report.warnings.push(format!(
+                    "{}: existing connections to the endpoints were not cut (F11): {e:#}",
+                    t.label
+                )),
+            }
+        }
+        Ok(report)
+    }
+
+    /// What the kernel makes of each distinct script: loaded into a scratch
+    /// namespace and read back.
+    fn expected(&self, script: &str) -> anyhow::Result<canonical::Table> {
+        let scratch =
+            Netns::new_anonymous().context("cannot create a scratch network namespace")?;
+        self.nft
+            .apply(Some(&scratch), script)
+            .context("loading the expected ruleset into a scratch namespace")?;
+        self.read(Some(&scratch))?
+            .context("the scratch namespace has no metaguard table after loading it")
+    }
+
+    fn read(&self, ns: Option<&Netns>) -> anyhow::Result<Option<canonical::Table>> {
+        let Some(json) = self.nft.list_table_json(ns, FAMILY, TABLE)? else {
+            return Ok(None);
+        };
+        let text = self
+            .nft
+            .list_table_text(ns, FAMILY, TABLE)?
+            .unwrap_or_default();
+        Ok(Some(
+            canonical::parse(&json, &text).map_err(anyhow::Error::msg)?,
+        ))
+    }
+
+    /// Compares the kernel with `plan`, namespace by namespace.
+    pub fn verify(&self, plan: &Plan) -> anyhow::Result<(Vec<NamespaceReport>, Vec<String>)> {
+        let mut warnings = plan.warnings.clone();
+        let targets = self.targets(plan, &mut warnings)?;
+        let mut cache: Vec<(String, canonical::Table)> = Vec::new();
+        let mut out = Vec::new();
+        for t in &targets {
+            let expected = match cache.iter().find(|(s, _)| *s == t.script) {
+                Some((_, e)) => e.clone(),
+                None => {
+                    let e = self.expected(&t.script)?;
+                    cache.push((t.script.clone(), e.clone()));
+                    e
+                }
+            };
+            let differences = match self.read(t.netns.as_ref())? {
+                None => vec![format!("table {FAMILY} {TABLE} is missing")],
+                Some(actual) => canonical::diff(&expected, &actual),
+            };
+            out.push(NamespaceReport {
+                netns: t.label.clone(),
+                ok: differences.is_empty(),
+                differences,
+            });
+        }
+        // Tables left in namespaces no longer selected.
+        let selected: Vec<&String> = plan.netns.iter().map(|n| &n.path).collect();
+        for stale in self
+            .load_state()
+            .netns
+            .iter()
+            .filter(|p| !selected.contains(p))
+        {
+            if let Ok(ns) = Netns::open(stale) {
+                if self
+                    .nft
+                    .list_table_json(Some(&ns), FAMILY, TABLE)?
+                    .is_some()
+                {
+                    out.push(NamespaceReport {
+                        netns: stale.clone(),
+                        ok: false,
+                        differences: vec![format!(
+                            "table {FAMILY} {TABLE} is still here although no workload selects this namespace"
+                        )],
+                    });
+                }
+            }
+        }
+        Ok((out, warnings))
+    }
+
+    /// Deletes metaguard's tables: host, and every namespace in the state.
+    pub fn remove(&self) -> anyhow::Result<Vec<String>> {
+        let mut removed = Vec::new();
+        if self.nft.delete_table(None, FAMILY, TABLE)? {
+            removed.push("host".to_string());
+        }
+        for p in self.load_state().netns {
+            if let Ok(ns) = Netns::open(&p) {
+                if self.nft.delete_table(Some(&ns), FAMILY, TABLE)? {
+                    removed.push(p);
+                }
+            }
+        }
+        match std::fs::remove_file(self.state_path()) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("cannot remove {}", self.state_path().display()))
+            }
+        }
+        Ok(removed)
+    }
+}
+
+/// Host facts for the plan: the entries of every directory a `netns` glob
+/// points into. Unreadable directories simply contribute nothing (the plan
+/// then warns that the selector matched nothing).
+pub fn discover(config: &Config) -> HostFacts {
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    for w in &config.workloads {
+        let Selector::Netns(sels) = &w.selector else {
+            continue;
+        };
+        for s in sels {
+            if let NetnsSelector::Path(glob) = s {
+                let literal: String = glob
+                    .chars()
+                    .take_while(|c| !matches!(c, '*' | '?' | '[' | '{'))
+                    .collect();
+                let dir = match literal.rfind('/') {
+                    Some(i) => PathBuf::from(&literal[..i.max(1)]),
+                    None => continue,
+                };
+                if !dirs.contains(&dir) {
+                    dirs.push(dir);
+                }
+            }
+        }
+    }
+    let mut netns_paths = Vec::new();
+    for d in dirs {
+        if let Ok(rd) = std::fs::read_dir(&d) {
+            let mut entries: Vec<String> = rd
+                .flatten()
+                .map(|e| e.path().display().to_string())
+                .collect();
+            entries.sort();
+            netns_paths.extend(entries);
+        }
+    }
+    HostFacts {
+        netns_paths,
+        ecs_task_netns: None,
+    }
+}
+
+/// Endpoints of every class some workload denies.
+fn denied_endpoints(config: &Config) -> Vec<IpAddr> {
+    let mut out = Vec::new();
+    if config.workloads.iter().any(|w| w.imds == Action::Deny) {
+        out.extend(config.endpoints.imds.iter().copied());
+    }
+    if config
+        .workloads
+        .iter()
+        .any(|w| w.task_metadata == Action::Deny)
+    {
+        out.extend(config.endpoints.task_metadata.iter().copied());
+    }
+    out
+}
+
+/// `conntrack -D` for flows whose original destination is one of `ips`;
+/// returns how many were deleted.
+fn conntrack_delete(ns: Option<&Netns>, ips: &[IpAddr]) -> anyhow::Result<u64> {
+    let Some(exe) = [
+        "/usr/sbin/conntrack",
+        "/sbin/conntrack",
+        "/usr/bin/conntrack",
+    ]
+    .iter()
+    .map(Path::new)
+    .find(|p| p.is_file()) else {
+        bail!("`conntrack` is not installed (apt-get install conntrack)");
+    };
+    let mut total = 0;
+    for ip in ips {
+        let family = if ip.is_ipv4() { "ipv4" } else { "ipv6" };
+        let mut cmd = Command::new(exe);
+        cmd.args(["-D", "-f", family, "-d", &ip.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if let Some(ns) = ns {
+            ns.command(&mut cmd)?;
+        }
+        let out = cmd.output().context("cannot run conntrack")?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        // "conntrack v1.4.7 (conntrack-tools): N flow entries have been deleted."
+        let n = stderr
+            .split("): ")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .and_then(|n| n.parse::<u64>().ok());
+        match n {
+            Some(n) => total += n,
+            None => bail!("conntrack -D failed: {}", stderr.trim()),
+        }
+    }
+    Ok(total)
+}
