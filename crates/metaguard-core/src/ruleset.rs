@@ -116,8 +116,7 @@ pub fn plan(config: &Config, facts: &HostFacts) -> Result<Plan, PlanError> {
     let bridge_groups = group(
         config,
         &bridge_entries,
-        ifname_overlap,
-        ifname_covers,
+        &mut IfnameIndex::default(),
         &mut warnings,
     );
 
@@ -134,8 +133,7 @@ pub fn plan(config: &Config, facts: &HostFacts) -> Result<Plan, PlanError> {
     let cgroup_groups = group(
         config,
         &cgroup_entries,
-        cgroup_overlap,
-        cgroup_covers,
+        &mut CgroupIndex::default(),
         &mut warnings,
     );
 
@@ -177,16 +175,29 @@ pub fn plan(config: &Config, facts: &HostFacts) -> Result<Plan, PlanError> {
         write_decisions(&mut host, "\t\t", w.imds, w.task_metadata, bridge);
         let _ = writeln!(host, "\t}}");
     }
+    // Per group, exact names go into a hash map and globs into an interval
+    // map: within a group nothing overlaps, so the two lookups commute.
+    let mut bridge_maps: Vec<String> = Vec::new();
     for (g, entries) in bridge_groups.iter().enumerate() {
-        let _ = writeln!(host, "\tmap bridges{g} {{");
-        let _ = writeln!(host, "\t\ttype ifname : verdict");
-        let _ = writeln!(host, "\t\tflags interval");
-        let elems: Vec<String> = entries
-            .iter()
-            .map(|(glob, i)| format!("{} : goto wl{i}", quote(glob)))
-            .collect();
-        let _ = writeln!(host, "\t\telements = {{ {} }}", elems.join(", "));
-        let _ = writeln!(host, "\t}}");
+        for (suffix, wild) in [("names", false), ("globs", true)] {
+            let elems: Vec<String> = entries
+                .iter()
+                .filter(|(glob, _)| glob.ends_with('*') == wild)
+                .map(|(glob, i)| format!("{} : goto wl{i}", quote(glob)))
+                .collect();
+            if elems.is_empty() {
+                continue;
+            }
+            let name = format!("bridges{g}_{suffix}");
+            let _ = writeln!(host, "\tmap {name} {{");
+            let _ = writeln!(host, "\t\ttype ifname : verdict");
+            if wild {
+                let _ = writeln!(host, "\t\tflags interval");
+            }
+            let _ = writeln!(host, "\t\telements = {{ {} }}", elems.join(", "));
+            let _ = writeln!(host, "\t}}");
+            bridge_maps.push(name);
+        }
     }
     // cgroup maps: one per (group, depth), since the depth is part of the
     // match expression.
@@ -226,8 +237,8 @@ pub fn plan(config: &Config, facts: &HostFacts) -> Result<Plan, PlanError> {
             host,
             "\t\ttype filter hook prerouting priority raw; policy accept;"
         );
-        for g in 0..bridge_groups.len() {
-            let _ = writeln!(host, "\t\tiifname vmap @bridges{g}");
+        for name in &bridge_maps {
+            let _ = writeln!(host, "\t\tiifname vmap @{name}");
         }
         let _ = writeln!(host, "\t}}");
     }
@@ -447,58 +458,131 @@ fn ifname_covers(earlier: &str, later: &str) -> bool {
     }
 }
 
-fn cgroup_is_ancestor_or_self(a: &str, b: &str) -> bool {
-    b == a || b.starts_with(&format!("{a}/"))
+/// Where earlier entries were placed, answering the two questions the
+/// grouping asks of each new entry without scanning every earlier entry.
+trait PlacedIndex {
+    /// An earlier entry that covers `entry` entirely: (entry, workload).
+    fn covering(&self, entry: &str) -> Option<(String, usize)>;
+    /// The highest group holding an earlier entry that overlaps `entry`.
+    fn max_overlap_group(&self, entry: &str) -> Option<usize>;
+    fn insert(&mut self, entry: &str, workload: usize, group: usize);
 }
 
-fn cgroup_overlap(a: &str, b: &str) -> bool {
-    cgroup_is_ancestor_or_self(a, b) || cgroup_is_ancestor_or_self(b, a)
+/// Interface globs: exact names hashed; prefixes (few) in a list.
+#[derive(Default)]
+struct IfnameIndex {
+    exact: std::collections::HashMap<String, (usize, usize)>,
+    prefixes: Vec<(String, usize, usize)>,
 }
 
-fn cgroup_covers(earlier: &str, later: &str) -> bool {
-    cgroup_is_ancestor_or_self(earlier, later)
+impl PlacedIndex for IfnameIndex {
+    fn covering(&self, entry: &str) -> Option<(String, usize)> {
+        let (p, wild) = ifname_parts(entry);
+        if !wild {
+            if let Some((w, _)) = self.exact.get(p) {
+                return Some((entry.to_string(), *w));
+            }
+        }
+        self.prefixes
+            .iter()
+            .find(|(e, _, _)| ifname_covers(e, entry))
+            .map(|(e, w, _)| (e.clone(), *w))
+    }
+
+    fn max_overlap_group(&self, entry: &str) -> Option<usize> {
+        let (p, wild) = ifname_parts(entry);
+        let from_exact = if wild {
+            self.exact
+                .iter()
+                .filter(|(name, _)| name.starts_with(p))
+                .map(|(_, (_, g))| *g)
+                .max()
+        } else {
+            self.exact.get(p).map(|(_, g)| *g)
+        };
+        let from_prefix = self
+            .prefixes
+            .iter()
+            .filter(|(e, _, _)| ifname_overlap(e, entry))
+            .map(|(_, _, g)| *g)
+            .max();
+        from_exact.max(from_prefix)
+    }
+
+    fn insert(&mut self, entry: &str, workload: usize, group: usize) {
+        match ifname_parts(entry) {
+            (p, false) => {
+                self.exact.insert(p.to_string(), (workload, group));
+            }
+            (_, true) => self.prefixes.push((entry.to_string(), workload, group)),
+        }
+    }
+}
+
+/// cgroup paths, ordered so that a subtree is one range.
+#[derive(Default)]
+struct CgroupIndex {
+    placed: std::collections::BTreeMap<String, (usize, usize)>,
+}
+
+fn ancestors_or_self(path: &str) -> impl Iterator<Item = &str> {
+    path.match_indices('/')
+        .map(move |(i, _)| &path[..i])
+        .chain(std::iter::once(path))
+}
+
+impl PlacedIndex for CgroupIndex {
+    fn covering(&self, entry: &str) -> Option<(String, usize)> {
+        ancestors_or_self(entry).find_map(|a| self.placed.get(a).map(|(w, _)| (a.to_string(), *w)))
+    }
+
+    fn max_overlap_group(&self, entry: &str) -> Option<usize> {
+        let above = ancestors_or_self(entry)
+            .filter_map(|a| self.placed.get(a).map(|(_, g)| *g))
+            .max();
+        // Descendants: keys in ["entry/", "entry0"), as '0' follows '/'.
+        let below = self
+            .placed
+            .range(format!("{entry}/")..format!("{entry}0"))
+            .map(|(_, (_, g))| *g)
+            .max();
+        above.max(below)
+    }
+
+    fn insert(&mut self, entry: &str, workload: usize, group: usize) {
+        self.placed.insert(entry.to_string(), (workload, group));
+    }
 }
 
 /// Places entries (in config order) into lookup groups: each entry goes one
 /// group after the last group holding an earlier entry it overlaps; an
 /// entry covered by an earlier one is dropped (with a warning when the two
-/// belong to different workloads).
+/// belong to different workloads). Cost: one index query per entry.
 fn group(
     config: &Config,
     entries: &[(String, usize)],
-    overlap: fn(&str, &str) -> bool,
-    covers: fn(&str, &str) -> bool,
+    index: &mut dyn PlacedIndex,
     warnings: &mut Vec<String>,
 ) -> Vec<Vec<(String, usize)>> {
-    let mut placed: Vec<(String, usize, usize)> = Vec::new(); // (entry, workload, group)
+    let mut groups: Vec<Vec<(String, usize)>> = Vec::new();
     for (entry, w) in entries {
-        if let Some((e, ew, _)) = placed.iter().find(|(e, _, _)| covers(e, entry)) {
-            if ew != w {
+        if let Some((e, ew)) = index.covering(entry) {
+            if ew != *w {
                 warnings.push(format!(
                     "workload {:?}: {entry:?} can never match: workload {:?} lists {e:?} first (first match wins)",
-                    config.workloads[*w].name, config.workloads[*ew].name
+                    config.workloads[*w].name, config.workloads[ew].name
                 ));
             }
             continue;
         }
-        let g = placed
-            .iter()
-            .filter(|(e, _, _)| overlap(e, entry))
-            .map(|(_, _, g)| g + 1)
-            .max()
-            .unwrap_or(0);
-        placed.push((entry.clone(), *w, g));
+        let g = index.max_overlap_group(entry).map_or(0, |g| g + 1);
+        index.insert(entry, *w, g);
+        if groups.len() <= g {
+            groups.resize_with(g + 1, Vec::new);
+        }
+        groups[g].push((entry.clone(), *w));
     }
-    let groups = placed.iter().map(|(_, _, g)| g + 1).max().unwrap_or(0);
-    (0..groups)
-        .map(|g| {
-            placed
-                .iter()
-                .filter(|(_, _, pg)| *pg == g)
-                .map(|(e, w, _)| (e.clone(), *w))
-                .collect()
-        })
-        .collect()
+    groups
 }
 
 #[cfg(test)]

@@ -34,6 +34,15 @@ pub enum ProbeKind {
     Tcp { host: String, port: u16 },
     /// UDP datagram `MGPROBE <id>` to host:port, wait for the echo.
     Udp { host: String, port: u16 },
+    /// A bounded load loop for benchmarks: up to `count` TCP connects
+    /// (each closed at once), stopping after `max_ms`. The body reports
+    /// `{"connects": N, "seconds": S}`.
+    ConnectLoop {
+        host: String,
+        port: u16,
+        count: u32,
+        max_ms: u64,
+    },
 }
 
 fn get() -> String {
@@ -272,6 +281,31 @@ async fn attempt(
                 None,
                 String::from_utf8_lossy(&buf[..n]).trim_end().to_string(),
             ))
+        }
+        ProbeKind::ConnectLoop {
+            host,
+            port,
+            count,
+            max_ms,
+        } => {
+            let addr = resolve(host, *port, resolved).await?;
+            let (count, max) = (*count, Duration::from_millis(*max_ms));
+            // Blocking std sockets on a helper thread: the loop measures the
+            // kernel path, not the async runtime.
+            let run = tokio::task::spawn_blocking(move || -> io::Result<(u32, f64)> {
+                let start = Instant::now();
+                let mut n = 0;
+                while n < count && start.elapsed() < max {
+                    let s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
+                    drop(s);
+                    n += 1;
+                }
+                Ok((n, start.elapsed().as_secs_f64()))
+            });
+            let (n, secs) = run
+                .await
+                .map_err(|e| Attempt::Other(format!("connect loop: {e}")))??;
+            Ok((None, format!("{{\"connects\": {n}, \"seconds\": {secs}}}")))
         }
         ProbeKind::Udp { host, port } => {
             let addr = resolve(host, *port, resolved).await?;

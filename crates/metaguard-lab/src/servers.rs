@@ -66,6 +66,10 @@ impl ServerThread {
                 .map(|b| match b {
                     Bind::Tcp(a) => {
                         let l = TcpListener::bind(a)?;
+                        // std listens with a backlog of 128; load loops in
+                        // benchmarks overflow that, and a dropped SYN costs
+                        // a 1 s retransmission. Listening again resizes it.
+                        rustix::net::listen(&l, 4096)?;
                         l.set_nonblocking(true)?;
                         Ok(Bound::Tcp(l))
                     }

@@ -117,20 +117,27 @@ bridges = ["br-*", "docker0"]
 imds = "deny"
 "#);
     let p = plan(&c, &HostFacts::default()).expect("plan");
-    assert!(p.host.contains("map bridges0 {"), "{}", p.host);
+    assert!(p.host.contains("map bridges0_names {"), "{}", p.host);
     assert!(
         p.host
             .contains("elements = { \"br-x\" : goto wl0, \"docker0\" : goto wl1 }"),
         "{}",
         p.host
     );
+    assert!(p.host.contains("map bridges1_globs {"), "{}", p.host);
     assert!(
         p.host.contains("elements = { \"br-*\" : goto wl1 }"),
         "{}",
         p.host
     );
-    let pre = p.host.find("iifname vmap @bridges0").expect("group 0 rule");
-    let pre1 = p.host.find("iifname vmap @bridges1").expect("group 1 rule");
+    let pre = p
+        .host
+        .find("iifname vmap @bridges0_names")
+        .expect("group 0 rule");
+    let pre1 = p
+        .host
+        .find("iifname vmap @bridges1_globs")
+        .expect("group 1 rule");
     assert!(pre < pre1);
 }
 
@@ -205,6 +212,10 @@ fn first_match_ifname(entries: &[(String, usize)], name: &str) -> Option<usize> 
     })
 }
 
+fn cgroup_is_ancestor_or_self(a: &str, b: &str) -> bool {
+    b == a || b.starts_with(&format!("{a}/"))
+}
+
 fn simulated_cgroup(groups: &[Vec<(String, usize)>], path: &str) -> Option<usize> {
     groups.iter().find_map(|g| {
         g.iter()
@@ -227,7 +238,7 @@ proptest::proptest! {
         let config = Config { workloads: (0..4).map(|i| crate::config::Workload {
             name: format!("w{i}"), selector: Selector::Bridges(vec!["x".into()]), imds: Action::Deny,
             task_metadata: Action::Allow, credentials_ids: vec![] }).collect(), ..Config::builtin_default() };
-        let groups = group(&config, &entries, ifname_overlap, ifname_covers, &mut Vec::new());
+        let groups = group(&config, &entries, &mut IfnameIndex::default(), &mut Vec::new());
         for g in &groups {
             for (i, (a, _)) in g.iter().enumerate() {
                 for (b, _) in &g[i + 1..] {
@@ -248,7 +259,7 @@ proptest::proptest! {
         let config = Config { workloads: (0..4).map(|i| crate::config::Workload {
             name: format!("w{i}"), selector: Selector::Cgroups(vec!["x".into()]), imds: Action::Deny,
             task_metadata: Action::Allow, credentials_ids: vec![] }).collect(), ..Config::builtin_default() };
-        let groups = group(&config, &paths, cgroup_overlap, cgroup_covers, &mut Vec::new());
+        let groups = group(&config, &paths, &mut CgroupIndex::default(), &mut Vec::new());
         for p in &probes {
             let want = paths.iter().find_map(|(e, w)| cgroup_is_ancestor_or_self(e, p).then_some(*w));
             // Within a group, at most one entry can be an ancestor of p.
@@ -259,4 +270,22 @@ proptest::proptest! {
             proptest::prop_assert_eq!(simulated_cgroup(&groups, p), want, "path {}", p);
         }
     }
+}
+
+#[test]
+fn ten_thousand_entries_plan_quickly() {
+    let names: Vec<String> = (0..10_000).map(|i| format!("\"vb{i:05}\"")).collect();
+    let c = cfg(&format!(
+        "[[workload]]\nname = \"a\"\nbridges = [\"br-*\", {}]\nimds = \"deny\"\n",
+        names.join(", ")
+    ));
+    let t = std::time::Instant::now();
+    let p = plan(&c, &HostFacts::default()).expect("plan");
+    // Linear work: far below the 200 ms apply budget even in a debug build.
+    assert!(
+        t.elapsed() < std::time::Duration::from_millis(500),
+        "{:?}",
+        t.elapsed()
+    );
+    assert!(p.host.contains("\"vb09999\" : goto wl0"));
 }

@@ -179,7 +179,12 @@ impl Engine {
             ..ApplyReport::default()
         };
         let targets = self.targets(plan, &mut report.warnings)?;
-        for t in &targets {
+        // All or nothing across namespaces: the task tables are checked
+        // against their kernels first; the host table is loaded next as one
+        // transaction (which itself changes nothing when it fails); the
+        // checked task tables follow. The host table, the big one, is thus
+        // parsed once rather than twice.
+        for t in targets.iter().filter(|t| t.netns.is_some()) {
             self.nft
                 .check(t.netns.as_ref(), &t.script)
                 .with_context(|| {
@@ -206,11 +211,25 @@ impl Engine {
             }
         }
         self.save_state(&union)?;
-        for t in &targets {
-            self.nft
-                .apply(t.netns.as_ref(), &t.script)
-                .with_context(|| format!("loading the ruleset for {}", t.label))?;
-            report.tables.push(t.label.clone());
+        for (i, t) in targets.iter().enumerate() {
+            let loaded = self.nft.apply(t.netns.as_ref(), &t.script);
+            match (i, loaded) {
+                (_, Ok(())) => report.tables.push(t.label.clone()),
+                // The host table comes first: nothing was changed yet.
+                (0, Err(e)) => {
+                    return Err(anyhow::Error::new(e).context(format!(
+                        "the ruleset for {} does not load; nothing was changed",
+                        t.label
+                    )))
+                }
+                (_, Err(e)) => {
+                    return Err(anyhow::Error::new(e).context(format!(
+                        "loading the ruleset for {} failed after {} was loaded",
+                        t.label,
+                        report.tables.join(", ")
+                    )))
+                }
+            }
         }
         for stale in previous.netns.iter().filter(|p| !state.netns.contains(p)) {
             // A namespace that is gone took its table with it.

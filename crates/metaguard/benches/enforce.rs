@@ -1,0 +1,181 @@
+//! Enforcement benchmarks on the lab (root only):
+//!
+//! 1. `metaguard apply` wall time with 10, 1,000 and 10,000 entries in a
+//!    bridges selector (one interval verdict map);
+//! 2. TCP connect rate from a bridge container to an unrelated VPC address
+//!    with no metaguard table vs 10,000 entries loaded, measured side by
+//!    side in alternating rounds; the ratio is what matters on a noisy box.
+//!
+//! `cargo bench -p metaguard --bench enforce` runs it in full and rewrites
+//! the `enforce` section of BENCHMARKS.md; under `cargo test` it runs once
+//! with tiny sizes as a smoke test.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use metaguard_lab::probe::{ProbeKind, ProbeSpec};
+use metaguard_lab::topology::Role;
+use metaguard_lab::{Lab, LabOptions, Workload};
+
+fn main() {
+    let full = std::env::args().any(|a| a == "--bench");
+    if !metaguard_sys::process::is_root() {
+        println!("enforce bench skipped: needs root (network namespaces)");
+        return;
+    }
+    if let Err(e) = run(full) {
+        eprintln!("enforce bench failed: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn config(n: usize) -> String {
+    let mut names: Vec<String> = vec!["docker0".into(), "br-*".into(), "ecs-bridge".into()];
+    names.extend((0..n.saturating_sub(3)).map(|i| format!("vb{i:05}")));
+    let list: Vec<String> = names.iter().map(|n| format!("\"{n}\"")).collect();
+    format!(
+        "[[workload]]\nname = \"bridge-containers\"\nbridges = [{}]\nimds = \"deny\"\n",
+        list.join(", ")
+    )
+}
+
+struct Stats {
+    min: f64,
+    median: f64,
+    max: f64,
+}
+
+fn stats(mut v: Vec<f64>) -> Stats {
+    v.sort_by(f64::total_cmp);
+    Stats {
+        min: v[0],
+        median: v[v.len() / 2],
+        max: v[v.len() - 1],
+    }
+}
+
+fn apply(lab: &Lab, path: &Path) -> Result<f64, String> {
+    let t = Instant::now();
+    let out = lab
+        .metaguard(&["apply", "--config", &path.display().to_string()])
+        .map_err(|e| e.to_string())?;
+    let ms = t.elapsed().as_secs_f64() * 1000.0;
+    if !out.status.success() {
+        return Err(format!("apply: {}", String::from_utf8_lossy(&out.stderr)));
+    }
+    Ok(ms)
+}
+
+fn connect_rate(lab: &Lab, count: u32) -> Result<f64, String> {
+    let spec = ProbeSpec {
+        id: lab.probe_id("bench"),
+        kind: ProbeKind::ConnectLoop {
+            host: "10.0.0.1".into(),
+            port: metaguard_lab::topology::addr::ECHO_TCP_PORT,
+            count,
+            max_ms: 3000,
+        },
+        timeout_ms: 10_000,
+    };
+    let r = lab
+        .probe(Workload::BridgeC1, &spec)
+        .map_err(|e| e.to_string())?;
+    let body: serde_json::Value =
+        serde_json::from_str(r.body.as_deref().unwrap_or("")).map_err(|e| format!("{e}: {r:?}"))?;
+    let n = body["connects"].as_f64().unwrap_or(0.0);
+    let s = body["seconds"].as_f64().unwrap_or(1.0);
+    if n < 1.0 {
+        return Err(format!("no connects: {r:?}"));
+    }
+    Ok(n / s)
+}
+
+fn run(full: bool) -> Result<(), String> {
+    let exe = PathBuf::from(env!("CARGO_BIN_EXE_metaguard"));
+    let lab = Lab::start(LabOptions::new(exe)).map_err(|e| e.to_string())?;
+    // Client-closed connections leave TIME_WAIT; let the container reuse
+    // them so the loop measures the filter path, not port exhaustion.
+    lab.run_in(Role::C1, "sysctl", &["-q", "-w", "net.ipv4.tcp_tw_reuse=1"])
+        .map_err(|e| e.to_string())?;
+    let sizes: &[usize] = if full { &[10, 1_000, 10_000] } else { &[10] };
+    let reps = if full { 7 } else { 1 };
+    let mut report = String::new();
+    report.push_str("| entries | apply min | median | max |\n|---:|---:|---:|---:|\n");
+    for &n in sizes {
+        let path = lab
+            .write_file(&format!("bench-{n}.toml"), &config(n))
+            .map_err(|e| e.to_string())?;
+        let mut times = Vec::new();
+        for _ in 0..reps {
+            times.push(apply(&lab, &path)?);
+        }
+        let s = stats(times);
+        report.push_str(&format!(
+            "| {n} | {:.1} ms | {:.1} ms | {:.1} ms |\n",
+            s.min, s.median, s.max
+        ));
+    }
+
+    let big = *sizes.last().unwrap_or(&10);
+    let loaded = lab
+        .write_file("bench-loaded.toml", &config(big))
+        .map_err(|e| e.to_string())?;
+    let rounds = if full { 7 } else { 1 };
+    let count = if full { 3000 } else { 50 };
+    let (mut base, mut with, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        let out = lab.metaguard(&["remove"]).map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            return Err("remove failed".into());
+        }
+        let b = connect_rate(&lab, count)?;
+        apply(&lab, &loaded)?;
+        let w = connect_rate(&lab, count)?;
+        base.push(b);
+        with.push(w);
+        ratios.push(w / b);
+    }
+    let (b, w, r) = (stats(base), stats(with), stats(ratios));
+    report.push_str(&format!(
+        "\n| TCP connects/s, bridge container → 10.0.0.1:8080 | min | median | max |\n|---|---:|---:|---:|\n\
+         | no metaguard table | {:.0} | {:.0} | {:.0} |\n\
+         | {big} entries loaded | {:.0} | {:.0} | {:.0} |\n\
+         | ratio (loaded / none, per round) | {:.3} | {:.3} | {:.3} |\n",
+        b.min, b.median, b.max, w.min, w.median, w.max, r.min, r.median, r.max
+    ));
+    println!("{report}");
+    if full {
+        write_section(&report, rounds, count)?;
+    }
+    Ok(())
+}
+
+/// Replaces the text between the `enforce` markers in BENCHMARKS.md.
+fn write_section(report: &str, rounds: usize, count: u32) -> Result<(), String> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../BENCHMARKS.md");
+    let start = "<!-- bench:enforce -->";
+    let end = "<!-- /bench:enforce -->";
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    let section = format!(
+        "{start}\n## Enforcement (nft) — `sudo cargo bench -p metaguard --bench enforce`\n\n\
+         Lab: the emulated ECS host (network namespaces). `apply` is the whole `metaguard apply` process \
+         (process start, config, discovery, one `nft -f` transaction, conntrack), 7 runs per size. \
+         Entries are interface names in one `bridges` selector (a hash verdict map; `br-*` in an interval map). Connect rate: \
+         {rounds} alternating rounds of up to {count} connects (3 s cap) with no table vs. the largest table; \
+         the ratio is taken per round. Machine: {cpu}, {} cores.\n\n{report}{end}",
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
+    );
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|_| "# Benchmarks\n\nFigures from the project's benchmarks; each section names the command that produced it.\n".into());
+    let new = match (text.find(start), text.find(end)) {
+        (Some(a), Some(b)) if b > a => format!("{}{section}{}", &text[..a], &text[b + end.len()..]),
+        _ => format!("{}\n{section}\n", text.trim_end()),
+    };
+    std::fs::write(&path, new).map_err(|e| format!("write {}: {e}", path.display()))
+}
