@@ -50,3 +50,18 @@ ensure_python_venv() {
   fi
   export METAGUARD_PYTHON="$venv/bin/python"
 }
+
+# promtool (to check the daemon's metrics) from Debian's prometheus package,
+# extracted, never installed: the package would start a Prometheus service.
+ensure_promtool() {
+  local dir="$REPO/.tools/promtool"
+  if [ ! -x "$dir/usr/bin/promtool" ]; then
+    echo "metaguard: extracting promtool from Debian's prometheus package into $dir" >&2
+    local tmp; tmp="$(mktemp -d)"
+    (cd "$tmp" && apt-get download -qq prometheus >/dev/null 2>&1) \
+      || { apt-get update -qq && (cd "$tmp" && apt-get download -qq prometheus >/dev/null); }
+    mkdir -p "$dir"
+    dpkg -x "$tmp"/prometheus_*.deb "$dir"
+    rm -rf "$tmp" "$dir/usr/bin/prometheus" "$dir/usr/share" "$dir/etc" "$dir/lib"
+  fi
+}

@@ -34,6 +34,16 @@ pub enum ProbeKind {
     Tcp { host: String, port: u16 },
     /// UDP datagram `MGPROBE <id>` to host:port, wait for the echo.
     Udp { host: String, port: u16 },
+    /// Keeps trying a TCP connect (every 5 ms, each attempt up to 100 ms)
+    /// until one gets a definitive answer — connected (then `MGPROBE <id>`
+    /// is sent and the echo read) or refused — or `max_ms` passes. Shows
+    /// whether a workload's *first* packets were blocked, while its network
+    /// is still being plugged in. The body lists the outcomes seen before.
+    FirstContact {
+        host: String,
+        port: u16,
+        max_ms: u64,
+    },
     /// A bounded load loop for benchmarks: up to `count` TCP connects
     /// (each closed at once), stopping after `max_ms`. The body reports
     /// `{"connects": N, "seconds": S}`.
@@ -281,6 +291,45 @@ async fn attempt(
                 None,
                 String::from_utf8_lossy(&buf[..n]).trim_end().to_string(),
             ))
+        }
+        ProbeKind::FirstContact { host, port, max_ms } => {
+            let addr = resolve(host, *port, resolved).await?;
+            let deadline = Instant::now() + Duration::from_millis(*max_ms);
+            let mut seen: Vec<String> = Vec::new();
+            loop {
+                let attempt = tokio::time::timeout(
+                    Duration::from_millis(100),
+                    tokio::net::TcpStream::connect(addr),
+                )
+                .await;
+                match attempt {
+                    Ok(Ok(mut stream)) => {
+                        stream
+                            .write_all(format!("{PROBE_PREFIX}{}\n", spec.id).as_bytes())
+                            .await?;
+                        let mut buf = vec![0u8; 256];
+                        let n = stream.read(&mut buf).await?;
+                        let echo = String::from_utf8_lossy(&buf[..n]).trim_end().to_string();
+                        return Ok((
+                            None,
+                            format!("connected after [{}]: {echo}", seen.join(", ")),
+                        ));
+                    }
+                    Ok(Err(e)) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {
+                        return Err(Attempt::Io(e));
+                    }
+                    Ok(Err(e)) => seen.push(
+                        e.raw_os_error()
+                            .map_or_else(|| e.to_string(), |n| format!("errno {n}")),
+                    ),
+                    Err(_) => seen.push("timeout".into()),
+                }
+                if Instant::now() > deadline {
+                    return Err(Attempt::Timeout);
+                }
+                seen.dedup();
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
         }
         ProbeKind::ConnectLoop {
             host,

@@ -718,16 +718,109 @@ imds          = "deny"
     /// its state kept in the lab's work dir. The exit status is returned,
     /// not judged.
     pub fn metaguard(&self, args: &[&str]) -> Result<std::process::Output, LabError> {
+        let mut cmd = self.metaguard_command(args)?;
+        cmd.stdin(Stdio::null());
+        cmd.output().map_err(|source| LabError::Spawn {
+            command: format!("metaguard {}", args.join(" ")),
+            source,
+        })
+    }
+
+    /// The command [`Lab::metaguard`] runs, for callers that start it in
+    /// the background (the daemon).
+    pub fn metaguard_command(&self, args: &[&str]) -> Result<Command, LabError> {
         let mut cmd = Command::new(&self.opts.probe_exe);
         cmd.arg("--state-dir")
             .arg(self.work_dir().join("metaguard-state"))
             .args(args)
-            .stdin(Stdio::null())
             .env("NO_COLOR", "1");
         self.netns(Role::Host).command(&mut cmd)?;
-        cmd.output().map_err(|source| LabError::Spawn {
-            command: format!("metaguard {}", args.join(" ")),
+        Ok(cmd)
+    }
+
+    /// Creates one more lab namespace, `mglab-<id>-<suffix>` (recorded, so
+    /// it is removed with the lab), and returns its name.
+    pub fn add_netns(&mut self, suffix: &str) -> Result<String, LabError> {
+        let name = format!("{NETNS_PREFIX}{}-{suffix}", self.record.id);
+        self.record.netns.push(name.clone());
+        registry::record(&self.opts.state_dir, &self.record).map_err(|source| LabError::Io {
+            what: "update lab record in",
+            path: self.opts.state_dir.clone(),
             source,
+        })?;
+        cmd::run(None, "ip", &["netns", "add", &name], None)?;
+        let ns = Netns::open_not_root(Path::new(metaguard_sys::netns::NETNS_RUN_DIR).join(&name))?;
+        cmd::run(
+            Some(&ns),
+            "sysctl",
+            &[
+                "-q",
+                "-w",
+                "net.ipv6.conf.default.accept_dad=0",
+                "net.ipv6.conf.all.accept_dad=0",
+            ],
+            None,
+        )?;
+        cmd::ip_batch(&ns, "link set lo up\n")?;
+        Ok(name)
+    }
+
+    /// Runs `ip -batch` inside a lab namespace given by name (for
+    /// namespaces added with [`Lab::add_netns`]).
+    pub fn ip_in(&self, netns_name: &str, script: &str) -> Result<(), LabError> {
+        let ns = self.lab_netns_by_name(netns_name)?;
+        cmd::ip_batch(&ns, script)
+    }
+
+    fn lab_netns_by_name(&self, netns_name: &str) -> Result<Netns, LabError> {
+        if !self.record.netns.iter().any(|n| n == netns_name) {
+            return Err(LabError::ProbeOutput(format!(
+                "{netns_name} is not a namespace of lab {}",
+                self.record.id
+            )));
+        }
+        Ok(Netns::open_not_root(
+            Path::new(metaguard_sys::netns::NETNS_RUN_DIR).join(netns_name),
+        )?)
+    }
+
+    /// Starts a probe in the background inside lab namespace `netns_name`
+    /// (no cgroup); wait for it with [`Lab::finish_probe`].
+    pub fn spawn_probe_in(
+        &self,
+        netns_name: &str,
+        spec: &ProbeSpec,
+    ) -> Result<std::process::Child, LabError> {
+        self.lab_netns_by_name(netns_name)?;
+        let json = serde_json::to_string(spec).map_err(|e| LabError::ProbeOutput(e.to_string()))?;
+        let ip = cmd::find_tool("ip").unwrap_or_else(|| "ip".into());
+        Command::new(ip)
+            .args(["netns", "exec", netns_name])
+            .arg(&self.opts.probe_exe)
+            .arg("lab-probe")
+            .arg(json)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|source| LabError::Spawn {
+                command: format!("lab-probe in {netns_name}"),
+                source,
+            })
+    }
+
+    /// Waits for a probe started with [`Lab::spawn_probe_in`].
+    pub fn finish_probe(&self, child: std::process::Child) -> Result<ProbeResult, LabError> {
+        let out = child.wait_with_output().map_err(|source| LabError::Spawn {
+            command: "lab-probe".into(),
+            source,
+        })?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        serde_json::from_str(stdout.lines().last().unwrap_or("")).map_err(|e| {
+            LabError::ProbeOutput(format!(
+                "{e}; stdout {stdout:?}; stderr {:?}",
+                String::from_utf8_lossy(&out.stderr)
+            ))
         })
     }
 

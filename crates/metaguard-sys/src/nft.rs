@@ -68,6 +68,17 @@ impl Nft {
         })
     }
 
+    /// `nft monitor` (text: one line per change, each transaction closed by
+    /// `# new generation N by process PID (NAME)`) in `ns`, for the daemon
+    /// to read; stdout piped, stdin and stderr null.
+    pub fn monitor_command(&self, ns: Option<&Netns>) -> Result<Command, NftError> {
+        let mut cmd = self.command(ns)?;
+        cmd.arg("monitor")
+            .stdin(Stdio::null())
+            .stderr(Stdio::null());
+        Ok(cmd)
+    }
+
     fn command(&self, ns: Option<&Netns>) -> Result<Command, NftError> {
         let mut cmd = Command::new(&self.exe);
         cmd.stdin(Stdio::piped())

@@ -4,6 +4,7 @@
 //! error — and then nothing in the kernel changed).
 
 mod cli;
+mod daemon;
 mod enforce;
 
 use std::process::ExitCode;

@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand};
 
 mod apply;
 mod config;
+mod daemon;
 mod demo;
 mod lab_probe;
 mod pending;
@@ -73,6 +74,12 @@ enum Command {
         /// Remove metaguard's rules when stopped with SIGTERM (default: they stay, fail-closed).
         #[arg(long)]
         remove_on_exit: bool,
+        /// Where to serve /metrics and /healthz (loopback only).
+        #[arg(long, value_name = "ADDR", default_value = crate::daemon::DEFAULT_METRICS_ADDR)]
+        metrics: String,
+        /// Log JSON lines instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Diagnose this host for the known failure modes (F1…F17).
     Doctor {
@@ -125,8 +132,10 @@ pub fn main() -> ExitCode {
         Command::Remove => remove::run(&cli.state_dir),
         Command::Daemon {
             config,
-            remove_on_exit: _,
-        } => pending::needs_config_and_root("daemon", &config, "the daemon issue"),
+            remove_on_exit,
+            metrics,
+            json,
+        } => daemon::run(&config, remove_on_exit, &metrics, json, &cli.state_dir),
         Command::Doctor { json: _, fix: _ } => pending::not_built("doctor", "the doctor issue"),
         Command::Render { kind, config } => pending::render(&kind, &config),
         Command::Exec { allow: _, cmd: _ } => pending::not_built("exec", "the exec-launcher issue"),

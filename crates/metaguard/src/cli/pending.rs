@@ -15,12 +15,6 @@ pub fn not_built(what: &str, issue: &str) -> anyhow::Result<ExitCode> {
     pending(what, issue)
 }
 
-pub fn needs_config_and_root(what: &str, arg: &ConfigArg, issue: &str) -> anyhow::Result<ExitCode> {
-    config::load(arg)?;
-    config::require_root(what)?;
-    pending(what, issue)
-}
-
 pub fn render(kind: &str, arg: &ConfigArg) -> anyhow::Result<ExitCode> {
     const KINDS: [&str; 4] = ["boothook", "user-data", "systemd", "ecs-config"];
     if !KINDS.contains(&kind) {

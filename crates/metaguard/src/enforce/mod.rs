@@ -160,7 +160,7 @@ impl Engine {
             .unwrap_or_default()
     }
 
-    fn save_state(&self, state: &State) -> anyhow::Result<()> {
+    pub fn save_state(&self, state: &State) -> anyhow::Result<()> {
         std::fs::create_dir_all(&self.state_dir)
             .with_context(|| format!("cannot create {}", self.state_dir.display()))?;
         let tmp = self.state_path().with_extension("json.tmp");
@@ -256,7 +256,7 @@ impl Engine {
 
     /// What the kernel makes of each distinct script: loaded into a scratch
     /// namespace and read back.
-    fn expected(&self, script: &str) -> anyhow::Result<canonical::Table> {
+    pub fn expected(&self, script: &str) -> anyhow::Result<canonical::Table> {
         let scratch =
             Netns::new_anonymous().context("cannot create a scratch network namespace")?;
         self.nft
@@ -266,7 +266,7 @@ impl Engine {
             .context("the scratch namespace has no metaguard table after loading it")
     }
 
-    fn read(&self, ns: Option<&Netns>) -> anyhow::Result<Option<canonical::Table>> {
+    pub fn read(&self, ns: Option<&Netns>) -> anyhow::Result<Option<canonical::Table>> {
         let Some(json) = self.nft.list_table_json(ns, FAMILY, TABLE)? else {
             return Ok(None);
         };
@@ -277,6 +277,17 @@ impl Engine {
         Ok(Some(
             canonical::parse(&json, &text).map_err(anyhow::Error::msg)?,
         ))
+    }
+
+    /// Loads one target's table (one transaction).
+    pub fn load(&self, t: &Target) -> anyhow::Result<()> {
+        self.nft
+            .apply(t.netns.as_ref(), &t.script)
+            .with_context(|| format!("loading the ruleset for {}", t.label))
+    }
+
+    pub fn nft(&self) -> &Nft {
+        &self.nft
     }
 
     /// Compares the kernel with `plan`, namespace by namespace.

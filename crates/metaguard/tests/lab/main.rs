@@ -9,6 +9,7 @@ use libtest_mimic::{Arguments, Failed, Trial};
 mod support;
 
 mod cli;
+mod daemon;
 mod enforce;
 mod foundation;
 
@@ -25,6 +26,7 @@ fn main() {
     for (name, needs_root, f) in foundation::TESTS
         .iter()
         .chain(enforce::TESTS)
+        .chain(daemon::TESTS)
         .chain(cli::TESTS)
     {
         let f: TestFn = *f;

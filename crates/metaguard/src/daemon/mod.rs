@@ -1,0 +1,424 @@
+//! `metaguard daemon`: apply, then keep it true.
+//!
+//! One single-threaded tokio runtime drives everything; nothing polls.
+//!
+//! * **Heal.** An `nft monitor` per guarded namespace reports every ruleset
+//!   transaction, closed by `# new generation N by process PID (NAME)`. A
+//!   transaction that touches metaguard's table is followed by a read-back
+//!   compared with the canonical expected table (cached from a scratch
+//!   namespace, see `enforce`); on any difference the table is replaced in
+//!   one transaction. The log says what changed (table deleted, ruleset
+//!   flushed, chain or set altered) and which process did it. metaguard's
+//!   own transactions compare equal and cause nothing. A monitor that dies
+//!   is restarted and followed by a full check (events may have been lost).
+//! * **Follow.** inotify on the directories that `netns` globs point into:
+//!   a new matching namespace gets its table as soon as its nsfs mount
+//!   appears; a deleted one is forgotten (its monitor ended, so it does not
+//!   keep the namespace alive). Bridges and cgroups need no following: the
+//!   rules match the bridge by name and the cgroup by ancestor, so a new
+//!   port or a new container cgroup is covered from its first packet.
+//! * **Signals.** SIGHUP reloads the config; a bad one is refused with its
+//!   line and column and the rules in force stay. SIGTERM/SIGINT leave the
+//!   rules in place (fail-closed) unless `--remove-on-exit`. SIGKILL leaves
+//!   them too, of course: a restart finds and replaces them.
+//! * **Metrics and health** on a loopback address only (see [`metrics`]).
+
+mod metrics;
+mod monitor;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use metaguard_core::config::{NetnsSelector, Selector};
+use metaguard_core::ruleset::{Plan, FAMILY, TABLE};
+use metaguard_core::Config;
+use tokio::sync::mpsc;
+use tracing::{error, info, warn};
+
+use crate::enforce::{canonical, Engine, State, Target};
+
+pub use metrics::DEFAULT_ADDR as DEFAULT_METRICS_ADDR;
+
+/// Options of `metaguard daemon`, validated.
+#[derive(Debug)]
+pub struct Options {
+    pub config_path: Option<PathBuf>,
+    pub state_dir: PathBuf,
+    pub remove_on_exit: bool,
+    pub metrics_addr: SocketAddr,
+}
+
+/// What wakes the daemon up.
+#[derive(Debug)]
+pub enum Event {
+    /// An nft transaction in namespace `key` ("host" or a netns path).
+    Nft(monitor::Batch),
+    /// The monitor of `key` ended (it is restarted; everything is checked).
+    MonitorEnded { key: String },
+    /// Something appeared in or left a watched namespace directory.
+    NetnsDir,
+}
+
+/// A guarded namespace and what is expected in it.
+struct Guarded {
+    target: Target,
+    expected: canonical::Table,
+    monitor: monitor::Handle,
+}
+
+struct Daemon {
+    opts: Options,
+    engine: Engine,
+    config: Config,
+    plan: Plan,
+    guarded: HashMap<String, Guarded>,
+    tx: mpsc::UnboundedSender<Event>,
+    metrics: metrics::Metrics,
+    /// Directories watched for namespaces.
+    netns_dirs: Vec<PathBuf>,
+    watched: Vec<PathBuf>,
+}
+
+/// Runs the daemon until SIGTERM/SIGINT. Errors before the first apply exit
+/// 2 with nothing changed, like `apply`.
+pub fn run(
+    opts: Options,
+    load: impl Fn(Option<&Path>) -> anyhow::Result<Config>,
+) -> anyhow::Result<()> {
+    if !opts.metrics_addr.ip().is_loopback() {
+        bail!(
+            "--metrics {}: the metrics endpoint must listen on a loopback address (127.0.0.0/8 or ::1) so that no container can reach it",
+            opts.metrics_addr
+        );
+    }
+    let config = load(opts.config_path.as_deref())?;
+    let engine = Engine::new(&opts.state_dir)?;
+    let plan = engine.plan(&config)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
+    rt.block_on(async move {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let metrics = metrics::Metrics::new()?;
+        let mut d = Daemon {
+            netns_dirs: netns_dirs(&config),
+            opts,
+            engine,
+            config,
+            plan,
+            guarded: HashMap::new(),
+            tx,
+            metrics,
+            watched: Vec::new(),
+        };
+        d.start()?;
+        d.run(rx, load).await
+    })
+}
+
+/// Directories that `netns` path globs point into.
+fn netns_dirs(config: &Config) -> Vec<PathBuf> {
+    let mut dirs = Vec::new();
+    for w in &config.workloads {
+        let Selector::Netns(sels) = &w.selector else {
+            continue;
+        };
+        for s in sels {
+            if let NetnsSelector::Path(glob) = s {
+                let literal: String = glob
+                    .chars()
+                    .take_while(|c| !matches!(c, '*' | '?' | '[' | '{'))
+                    .collect();
+                if let Some(i) = literal.rfind('/') {
+                    let d = PathBuf::from(&literal[..i.max(1)]);
+                    if !dirs.contains(&d) {
+                        dirs.push(d);
+                    }
+                }
+            }
+        }
+    }
+    dirs
+}
+
+impl Daemon {
+    /// The first apply, then monitors, watches and the metrics server.
+    fn start(&mut self) -> anyhow::Result<()> {
+        let t = Instant::now();
+        let report = self.engine.apply(&self.config, &self.plan)?;
+        for w in &report.warnings {
+            warn!(warning = %w, "plan");
+        }
+        self.metrics.last_apply.set(t.elapsed().as_secs_f64());
+        self.sync_guarded()?;
+        self.update_gauges();
+        metrics::serve(self.opts.metrics_addr, self.metrics.clone())?;
+        self.watch_netns_dirs()?;
+        info!(
+            tables = report.tables.len(),
+            ms = t.elapsed().as_millis() as u64,
+            metrics = %self.opts.metrics_addr,
+            "ready: rules applied; watching"
+        );
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+        Ok(())
+    }
+
+    fn watch_netns_dirs(&mut self) -> anyhow::Result<()> {
+        for dir in self.netns_dirs.clone() {
+            if !self.watched.contains(&dir) {
+                monitor::watch_dir(&dir, self.tx.clone())?;
+                self.watched.push(dir);
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes `guarded` match the plan's targets: monitors for new ones
+    /// (with their expected table), none for those gone.
+    fn sync_guarded(&mut self) -> anyhow::Result<()> {
+        let mut warnings = Vec::new();
+        let targets = self.engine.targets(&self.plan, &mut warnings)?;
+        let keys: Vec<String> = targets.iter().map(|t| t.label.clone()).collect();
+        self.guarded.retain(|k, _| keys.contains(k));
+        for t in targets {
+            let expected = self.engine.expected(&t.script)?;
+            match self.guarded.get_mut(&t.label) {
+                Some(g) => {
+                    g.expected = expected;
+                    g.target = t;
+                }
+                None => {
+                    let monitor = monitor::spawn(
+                        self.engine.nft(),
+                        t.netns.as_ref(),
+                        &t.label,
+                        self.tx.clone(),
+                    )?;
+                    self.guarded.insert(
+                        t.label.clone(),
+                        Guarded {
+                            target: t,
+                            expected,
+                            monitor,
+                        },
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn update_gauges(&self) {
+        let mut counts: HashMap<&str, i64> = HashMap::new();
+        for w in &self.config.workloads {
+            let n = match &w.selector {
+                Selector::Bridges(v) => v.len(),
+                Selector::Cgroups(v) => v.len(),
+                Selector::Containers(v) => v.len(),
+                Selector::Netns(_) => 0,
+            };
+            *counts.entry(w.selector.kind()).or_default() += n as i64;
+        }
+        *counts.entry("netns").or_default() = self.plan.netns.len() as i64;
+        for kind in ["bridges", "cgroups", "containers", "netns"] {
+            self.metrics
+                .workloads
+                .with_label_values(&[kind])
+                .set(counts.get(kind).copied().unwrap_or(0));
+        }
+    }
+
+    async fn run(
+        &mut self,
+        mut rx: mpsc::UnboundedReceiver<Event>,
+        load: impl Fn(Option<&Path>) -> anyhow::Result<Config>,
+    ) -> anyhow::Result<()> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+        let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+        let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+        loop {
+            tokio::select! {
+                Some(ev) = rx.recv() => self.handle(ev),
+                _ = hup.recv() => self.reload(&load),
+                _ = term.recv() => return self.stop("SIGTERM"),
+                _ = int.recv() => return self.stop("SIGINT"),
+            }
+        }
+    }
+
+    fn stop(&mut self, signal: &str) -> anyhow::Result<()> {
+        self.guarded.clear(); // ends the monitors
+        if self.opts.remove_on_exit {
+            let removed = self.engine.remove()?;
+            info!(signal, removed = ?removed, "stopping: --remove-on-exit, rules removed");
+        } else {
+            info!(signal, "stopping: rules stay in place (fail-closed)");
+        }
+        Ok(())
+    }
+
+    fn handle(&mut self, ev: Event) {
+        match ev {
+            Event::Nft(batch) => {
+                if batch.touches(FAMILY, TABLE) {
+                    self.check(&batch.key.clone(), Some(&batch));
+                }
+            }
+            Event::MonitorEnded { key } => {
+                warn!(netns = %key, "nft monitor ended; restarting it and checking the table");
+                if let Some(g) = self.guarded.get_mut(&key) {
+                    match monitor::spawn(
+                        self.engine.nft(),
+                        g.target.netns.as_ref(),
+                        &key,
+                        self.tx.clone(),
+                    ) {
+                        Ok(m) => g.monitor = m,
+                        Err(e) => {
+                            error!(netns = %key, error = %format!("{e:#}"), "cannot restart nft monitor")
+                        }
+                    }
+                    self.check(&key, None);
+                }
+            }
+            Event::NetnsDir => self.replan("namespace appeared or left"),
+        }
+    }
+
+    /// Compares one namespace's table with what is expected; heals drift.
+    fn check(&mut self, key: &str, batch: Option<&monitor::Batch>) {
+        let Some(g) = self.guarded.get(key) else {
+            return;
+        };
+        let started = Instant::now();
+        let actual = match self.engine.read(g.target.netns.as_ref()) {
+            Ok(a) => a,
+            Err(e) => {
+                error!(netns = %key, error = %format!("{e:#}"), "cannot read the table back");
+                return;
+            }
+        };
+        let differences = match &actual {
+            None => vec![format!("table {FAMILY} {TABLE} is missing")],
+            Some(a) => canonical::diff(&g.expected, a),
+        };
+        if differences.is_empty() {
+            return;
+        }
+        let cause = batch.map_or("monitor-restart", |b| b.cause(FAMILY, TABLE));
+        self.metrics.drift.inc();
+        match self.engine.load(&g.target) {
+            Ok(()) => {
+                let secs = started.elapsed().as_secs_f64();
+                self.metrics.heals.with_label_values(&[cause]).inc();
+                self.metrics.last_apply.set(secs);
+                info!(
+                    netns = %key,
+                    cause,
+                    by = batch.map(|b| b.process.as_str()).unwrap_or("unknown"),
+                    changes = %differences.join("; "),
+                    ms = (secs * 1000.0) as u64,
+                    "healed"
+                );
+            }
+            Err(e) => error!(netns = %key, cause, error = %format!("{e:#}"), "heal failed"),
+        }
+    }
+
+    /// Re-plans with fresh host facts (new or removed namespaces) and
+    /// applies what changed.
+    fn replan(&mut self, why: &str) {
+        // A namespace file exists before `ip netns add` mounts the nsfs on
+        // it; wait (briefly, bounded) until every candidate is a namespace.
+        let deadline = Instant::now() + Duration::from_millis(500);
+        loop {
+            let facts = crate::enforce::discover(&self.config);
+            let pending = facts.netns_paths.iter().any(|p| !is_nsfs(Path::new(p)));
+            if !pending || Instant::now() > deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let plan = match self.engine.plan(&self.config) {
+            Ok(p) => p,
+            Err(e) => {
+                error!(error = %format!("{e:#}"), why, "cannot re-plan; the rules in force stay");
+                return;
+            }
+        };
+        let before: Vec<String> = self.plan.netns.iter().map(|n| n.path.clone()).collect();
+        let after: Vec<String> = plan.netns.iter().map(|n| n.path.clone()).collect();
+        if before == after {
+            return;
+        }
+        self.plan = plan;
+        if let Err(e) = self.apply_new_namespaces(&before) {
+            error!(error = %format!("{e:#}"), "cannot guard new namespaces");
+        }
+        self.update_gauges();
+    }
+
+    fn apply_new_namespaces(&mut self, before: &[String]) -> anyhow::Result<()> {
+        let started = Instant::now();
+        let state = State {
+            netns: self.plan.netns.iter().map(|n| n.path.clone()).collect(),
+        };
+        self.engine.save_state(&state)?;
+        let mut warnings = Vec::new();
+        for t in self.engine.targets(&self.plan, &mut warnings)? {
+            if t.netns.is_some() && !before.contains(&t.label) {
+                self.engine.load(&t)?;
+                info!(netns = %t.label, ms = started.elapsed().as_millis() as u64, "new namespace guarded");
+            }
+        }
+        for gone in before.iter().filter(|p| !state.netns.contains(p)) {
+            info!(netns = %gone, "namespace gone; forgotten");
+        }
+        self.sync_guarded()
+    }
+
+    /// SIGHUP: a new config, all or nothing.
+    fn reload(&mut self, load: &impl Fn(Option<&Path>) -> anyhow::Result<Config>) {
+        let result = load(self.opts.config_path.as_deref()).and_then(|config| {
+            let plan = self.engine.plan(&config)?;
+            let report = self.engine.apply(&config, &plan)?;
+            Ok((config, plan, report))
+        });
+        match result {
+            Ok((config, plan, report)) => {
+                self.netns_dirs = netns_dirs(&config);
+                if let Err(e) = self.watch_netns_dirs() {
+                    warn!(error = %format!("{e:#}"), "cannot watch a namespace directory");
+                }
+                self.config = config;
+                self.plan = plan;
+                if let Err(e) = self.sync_guarded() {
+                    error!(error = %format!("{e:#}"), "after reload");
+                }
+                self.update_gauges();
+                self.metrics.reloads.with_label_values(&["applied"]).inc();
+                info!(tables = report.tables.len(), "reloaded: new config applied");
+            }
+            Err(e) => {
+                self.metrics.reloads.with_label_values(&["refused"]).inc();
+                error!(error = %format!("{e:#}"), "reload refused; the previous rules stay in force");
+            }
+        }
+    }
+}
+
+/// Whether `p` is a namespace file (an nsfs bind mount), not the empty file
+/// `ip netns add` creates first.
+fn is_nsfs(p: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(p), p.parent().map(std::fs::metadata)) {
+        (Ok(m), Some(Ok(parent))) => m.dev() != parent.dev(),
+        _ => false,
+    }
+}
