@@ -31,7 +31,7 @@
 use std::fmt::Write as _;
 use std::net::IpAddr;
 
-use crate::config::{Action, Config, NetnsSelector, Selector};
+use crate::config::{Action, Config, ContainerRef, NetnsSelector, Selector};
 
 /// The name of metaguard's table in every namespace.
 pub const TABLE: &str = "metaguard";
@@ -45,9 +45,59 @@ pub struct HostFacts {
     /// Network namespace files that exist, as absolute paths (e.g. every
     /// entry of the directories the `netns` globs point into).
     pub netns_paths: Vec<String>,
-    /// Namespace paths of awsvpc tasks (Docker API), for `"ecs-tasks"`.
-    /// `None` when no source of tasks is available.
-    pub ecs_task_netns: Option<Vec<String>>,
+    /// Running containers, from the Docker API; `None` when there is no
+    /// Docker API to ask.
+    pub containers: Option<Vec<ContainerFact>>,
+}
+
+/// The label the ECS agent puts on the pause container of every awsvpc
+/// task; that container's namespace is the task's.
+pub const ECS_PAUSE_LABEL: (&str, &str) =
+    ("com.amazonaws.ecs.container-name", "~internal~ecs~pause");
+
+/// A running container, as far as the plan is concerned.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ContainerFact {
+    pub id: String,
+    /// Without the leading `/`.
+    pub name: String,
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// Shares the host's network stack (`--network host`): matched by its
+    /// cgroup on the host's output path.
+    pub host_network: bool,
+    /// Its cgroup v2 path relative to the hierarchy root.
+    pub cgroup: Option<String>,
+    /// Its network namespace file, when it has its own stack.
+    pub netns: Option<String>,
+}
+
+impl ContainerFact {
+    fn matches(&self, r: &ContainerRef) -> bool {
+        match r {
+            ContainerRef::Name(n) => {
+                &self.name == n
+                    || self.id == *n
+                    || (n.len() >= 12 && self.id.starts_with(n.as_str()))
+            }
+            ContainerRef::Label { key, value } => self.labels.get(key) == Some(value),
+        }
+    }
+
+    fn is_ecs_pause(&self) -> bool {
+        self.labels.get(ECS_PAUSE_LABEL.0).map(String::as_str) == Some(ECS_PAUSE_LABEL.1)
+    }
+}
+
+/// Containers matched by a `containers` selector, in discovery order.
+fn matched<'a>(
+    facts: &'a HostFacts,
+    refs: &'a [ContainerRef],
+) -> impl Iterator<Item = &'a ContainerFact> {
+    facts
+        .containers
+        .iter()
+        .flatten()
+        .filter(move |c| refs.iter().any(|r| c.matches(r)))
 }
 
 /// The scripts to load.
@@ -120,16 +170,21 @@ pub fn plan(config: &Config, facts: &HostFacts) -> Result<Plan, PlanError> {
         &mut warnings,
     );
 
-    let cgroup_entries: Vec<(String, usize)> = config
-        .workloads
-        .iter()
-        .enumerate()
-        .filter_map(|(i, w)| match &w.selector {
-            Selector::Cgroups(paths) => Some(paths.iter().map(move |p| (p.clone(), i))),
-            _ => None,
-        })
-        .flatten()
-        .collect();
+    // cgroup entries in config order: configured paths, and the cgroups of
+    // host-network containers a `containers` selector matches.
+    let mut cgroup_entries: Vec<(String, usize)> = Vec::new();
+    for (i, w) in config.workloads.iter().enumerate() {
+        match &w.selector {
+            Selector::Cgroups(paths) => cgroup_entries.extend(paths.iter().map(|p| (p.clone(), i))),
+            Selector::Containers(refs) => cgroup_entries.extend(
+                matched(facts, refs)
+                    .filter(|c| c.host_network)
+                    .filter_map(|c| c.cgroup.clone())
+                    .map(|p| (p, i)),
+            ),
+            _ => {}
+        }
+    }
     let cgroup_groups = group(
         config,
         &cgroup_entries,
@@ -138,9 +193,17 @@ pub fn plan(config: &Config, facts: &HostFacts) -> Result<Plan, PlanError> {
     );
 
     for w in &config.workloads {
-        if let Selector::Containers(_) = w.selector {
+        let Selector::Containers(refs) = &w.selector else {
+            continue;
+        };
+        if facts.containers.is_none() {
             warnings.push(format!(
-                "workload {:?}: containers selectors are resolved by `metaguard daemon` through the Docker API; `apply` leaves it out",
+                "workload {:?}: containers selectors need the Docker API, which is not available here; it selects nothing",
+                w.name
+            ));
+        } else if matched(facts, refs).next().is_none() {
+            warnings.push(format!(
+                "workload {:?}: no running container matches its containers selector",
                 w.name
             ));
         }
@@ -266,14 +329,33 @@ pub fn plan(config: &Config, facts: &HostFacts) -> Result<Plan, PlanError> {
 fn plan_netns(config: &Config, facts: &HostFacts, warnings: &mut Vec<String>) -> Vec<NetnsPlan> {
     let mut out: Vec<NetnsPlan> = Vec::new();
     for (i, w) in config.workloads.iter().enumerate() {
+        if let Selector::Containers(refs) = &w.selector {
+            // Containers with a stack of their own get a table inside it.
+            for c in matched(facts, refs).filter(|c| !c.host_network) {
+                let Some(path) = &c.netns else { continue };
+                if out.iter().any(|p| &p.path == path) {
+                    continue;
+                }
+                out.push(NetnsPlan {
+                    path: path.clone(),
+                    workload: w.name.clone(),
+                    script: task_script(config, i),
+                });
+            }
+            continue;
+        }
         let Selector::Netns(sels) = &w.selector else {
             continue;
         };
-        let mut matched = 0usize;
+        let mut found = 0usize;
         for sel in sels {
             let candidates: Vec<&String> = match sel {
-                NetnsSelector::EcsTasks => match &facts.ecs_task_netns {
-                    Some(paths) => paths.iter().collect(),
+                NetnsSelector::EcsTasks => match &facts.containers {
+                    Some(cs) => cs
+                        .iter()
+                        .filter(|c| c.is_ecs_pause())
+                        .filter_map(|c| c.netns.as_ref())
+                        .collect(),
                     None => {
                         warnings.push(format!(
                             "workload {:?}: \"ecs-tasks\" needs the Docker API (unavailable here); no task namespaces found",
@@ -298,7 +380,7 @@ fn plan_netns(config: &Config, facts: &HostFacts, warnings: &mut Vec<String>) ->
                 if out.iter().any(|p| &p.path == path) {
                     continue; // an earlier workload (or entry) has it: first match wins
                 }
-                matched += 1;
+                found += 1;
                 out.push(NetnsPlan {
                     path: path.clone(),
                     workload: w.name.clone(),
@@ -306,10 +388,10 @@ fn plan_netns(config: &Config, facts: &HostFacts, warnings: &mut Vec<String>) ->
                 });
             }
         }
-        if matched == 0
+        if found == 0
             && !sels
                 .iter()
-                .all(|s| *s == NetnsSelector::EcsTasks && facts.ecs_task_netns.is_none())
+                .all(|s| *s == NetnsSelector::EcsTasks && facts.containers.is_none())
         {
             warnings.push(format!(
                 "workload {:?}: no network namespace matches its netns selectors",

@@ -17,6 +17,7 @@ pub mod imds;
 pub mod log;
 
 pub mod cmd;
+pub mod docker;
 pub mod error;
 pub mod matrix;
 pub mod probe;

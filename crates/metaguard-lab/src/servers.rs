@@ -13,10 +13,12 @@ use crate::log::{LoggedRequest, RequestLog};
 use crate::LabError;
 
 /// A socket to bind for a server.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub enum Bind {
     Tcp(SocketAddr),
     Udp(SocketAddr),
+    /// A unix socket at this path (replaced if it exists).
+    Unix(std::path::PathBuf),
 }
 
 /// A bound socket handed to the server's body (still std; convert inside
@@ -25,6 +27,7 @@ pub enum Bind {
 pub enum Bound {
     Tcp(TcpListener),
     Udp(UdpSocket),
+    Unix(std::os::unix::net::UnixListener),
 }
 
 /// A running server thread; stopped and joined on drop.
@@ -77,6 +80,15 @@ impl ServerThread {
                         let s = UdpSocket::bind(a)?;
                         s.set_nonblocking(true)?;
                         Ok(Bound::Udp(s))
+                    }
+                    Bind::Unix(p) => {
+                        match std::fs::remove_file(&p) {
+                            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                            _ => {}
+                        }
+                        let l = std::os::unix::net::UnixListener::bind(&p)?;
+                        l.set_nonblocking(true)?;
+                        Ok(Bound::Unix(l))
                     }
                 })
                 .collect();
@@ -168,6 +180,7 @@ pub async fn echo(bound: Vec<Bound>, log: RequestLog) {
                     }
                 });
             }
+            Bound::Unix(_) => {}
             Bound::Udp(s) => {
                 tasks.spawn_local(async move {
                     let Ok(s) = tokio::net::UdpSocket::from_std(s) else {

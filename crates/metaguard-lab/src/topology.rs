@@ -203,6 +203,10 @@ pub struct Lab {
     echo_log: RequestLog,
     probe_seq: AtomicU32,
     torn_down: bool,
+    /// Long-running processes standing for containers (see
+    /// [`Lab::start_docker_api`]); killed by pid on teardown.
+    container_procs: Vec<std::process::Child>,
+    docker: Option<crate::docker::FakeDocker>,
 }
 
 fn lab_id() -> String {
@@ -271,6 +275,8 @@ impl Lab {
             echo_log: RequestLog::default(),
             probe_seq: AtomicU32::new(0),
             torn_down: false,
+            container_procs: Vec::new(),
+            docker: None,
             opts,
         };
         // On error, `lab` is dropped here and tears down what exists.
@@ -730,8 +736,12 @@ imds          = "deny"
     /// the background (the daemon).
     pub fn metaguard_command(&self, args: &[&str]) -> Result<Command, LabError> {
         let mut cmd = Command::new(&self.opts.probe_exe);
+        // The lab's own Docker API socket (served only after
+        // start_docker_api), never the host's.
         cmd.arg("--state-dir")
             .arg(self.work_dir().join("metaguard-state"))
+            .arg("--docker-socket")
+            .arg(self.work_dir().join("docker.sock"))
             .args(args)
             .env("NO_COLOR", "1");
         self.netns(Role::Host).command(&mut cmd)?;
@@ -822,6 +832,108 @@ imds          = "deny"
                 String::from_utf8_lossy(&out.stderr)
             ))
         })
+    }
+
+    /// Starts a fake Docker Engine API on `<work dir>/docker.sock` that
+    /// describes the lab's workloads as an ECS host's dockerd would: the
+    /// bridge containers, the awsvpc task's pause container (label
+    /// `com.amazonaws.ecs.container-name=~internal~ecs~pause`, its sandbox
+    /// the task namespace), a host-network container and `ecs-agent`. Each
+    /// is backed by a real process in the workload's namespace and cgroup.
+    pub fn start_docker_api(&mut self) -> Result<crate::docker::FakeDocker, LabError> {
+        use crate::docker::{FakeContainer, FakeDocker};
+        if let Some(d) = &self.docker {
+            return Ok(d.clone());
+        }
+        let socket = self.work_dir().join("docker.sock");
+        let docker = FakeDocker::new(&socket);
+        let served = docker.clone();
+        let s = ServerThread::start(
+            self.netns(Role::Host),
+            "lab-docker",
+            vec![Bind::Unix(socket)],
+            move |bound| async move {
+                for b in bound {
+                    if let servers::Bound::Unix(l) = b {
+                        if let Ok(l) = tokio::net::UnixListener::from_std(l) {
+                            served.clone().serve(l).await;
+                        }
+                    }
+                }
+            },
+        )?;
+        self.servers.push(s);
+        let task_arn =
+            "arn:aws:ecs:us-east-1:111122223333:task/lab/0123456789abcdef0123456789abcdef";
+        // (workload, container name, network mode, labels)
+        type Row<'a> = (Workload, &'a str, &'a str, Vec<(&'a str, &'a str)>);
+        let rows: [Row<'_>; 5] = [
+            (
+                Workload::BridgeC1,
+                "ecs-lab-web-1-app-c1",
+                "bridge",
+                vec![("com.amazonaws.ecs.container-name", "app")],
+            ),
+            (
+                Workload::BridgeC2,
+                "ecs-lab-web-1-sidecar-c2",
+                "bridge",
+                vec![("com.amazonaws.ecs.container-name", "sidecar")],
+            ),
+            (
+                Workload::AwsvpcTask,
+                "ecs-lab-api-1-internalecspause-9c8b7a",
+                "none",
+                vec![
+                    ("com.amazonaws.ecs.container-name", "~internal~ecs~pause"),
+                    ("com.amazonaws.ecs.task-arn", task_arn),
+                ],
+            ),
+            (
+                Workload::HostNetwork,
+                "ecs-lab-batch-1-worker-h1",
+                "host",
+                vec![("com.amazonaws.ecs.container-name", "worker")],
+            ),
+            (Workload::Agent, "ecs-agent", "host", vec![]),
+        ];
+        for (w, name, mode, labels) in rows {
+            let mut cmd = self.command_in(w, "sleep")?;
+            cmd.arg("3600").stdout(Stdio::null()).stderr(Stdio::null());
+            let child = cmd.spawn().map_err(|source| LabError::Spawn {
+                command: format!("sleep (container {name})"),
+                source,
+            })?;
+            let pid = child.id();
+            self.container_procs.push(child);
+            let sandbox_key = match w.role() {
+                Role::Host => String::new(),
+                role => Path::new(metaguard_sys::netns::NETNS_RUN_DIR)
+                    .join(self.netns_name(role))
+                    .display()
+                    .to_string(),
+            };
+            docker.start(FakeContainer {
+                id: FakeContainer::id_for(&format!("{}-{name}", self.record.id)),
+                name: name.to_string(),
+                image: "public.ecr.aws/lab/app:latest".into(),
+                labels: labels
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                env: vec![format!(
+                    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI=/v2/credentials/{}",
+                    w.credentials_id()
+                )],
+                network_mode: mode.to_string(),
+                pid,
+                sandbox_key,
+            });
+        }
+        // `ip netns exec` needs a moment before the sleeps are in place.
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        self.docker = Some(docker.clone());
+        Ok(docker)
     }
 
     /// A fresh probe id, unique in this lab.
@@ -927,6 +1039,10 @@ imds          = "deny"
             return Vec::new();
         }
         self.torn_down = true;
+        for mut c in self.container_procs.drain(..) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
         for s in &mut self.servers {
             s.stop();
         }

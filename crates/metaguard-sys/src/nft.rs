@@ -121,6 +121,16 @@ impl Nft {
         args: &[&str],
         stdin: Option<&str>,
     ) -> Result<(bool, String, String), NftError> {
+        self.run_pid(ns, args, stdin)
+            .map(|(ok, _, out, err)| (ok, out, err))
+    }
+
+    fn run_pid(
+        &self,
+        ns: Option<&Netns>,
+        args: &[&str],
+        stdin: Option<&str>,
+    ) -> Result<(bool, u32, String, String), NftError> {
         let mut cmd = self.command(ns)?;
         cmd.args(args);
         let spawn_err = |source| NftError::Spawn {
@@ -128,6 +138,7 @@ impl Nft {
             source,
         };
         let mut child = cmd.spawn().map_err(spawn_err)?;
+        let pid = child.id();
         if let Some(pipe) = child.stdin.as_mut() {
             if let Some(text) = stdin {
                 pipe.write_all(text.as_bytes()).map_err(spawn_err)?;
@@ -137,6 +148,7 @@ impl Nft {
         let out = child.wait_with_output().map_err(spawn_err)?;
         Ok((
             out.status.success(),
+            pid,
             String::from_utf8_lossy(&out.stdout).into_owned(),
             String::from_utf8_lossy(&out.stderr).trim().to_string(),
         ))
@@ -144,9 +156,15 @@ impl Nft {
 
     /// Loads `script` with `nft -f -`: one transaction, all or nothing.
     pub fn apply(&self, ns: Option<&Netns>, script: &str) -> Result<(), NftError> {
-        let (ok, _, stderr) = self.run(ns, &["-f", "-"], Some(script))?;
+        self.apply_as(ns, script).map(drop)
+    }
+
+    /// Like [`Nft::apply`], returning the pid of the `nft` process, which
+    /// `nft monitor` names as the author of the transaction.
+    pub fn apply_as(&self, ns: Option<&Netns>, script: &str) -> Result<u32, NftError> {
+        let (ok, pid, _, stderr) = self.run_pid(ns, &["-f", "-"], Some(script))?;
         if ok {
-            Ok(())
+            Ok(pid)
         } else {
             Err(NftError::Rejected {
                 netns: where_(ns),

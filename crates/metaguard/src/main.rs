@@ -5,6 +5,7 @@
 
 mod cli;
 mod daemon;
+mod discovery;
 mod enforce;
 
 use std::process::ExitCode;

@@ -45,7 +45,7 @@ fn contract_example_golden() {
             "/run/netns/other".into(),
             "/run/netns/task-2".into(),
         ],
-        ecs_task_netns: None,
+        containers: None,
     };
     let p = plan(&cfg(CONTRACT), &facts).expect("plan");
     insta::assert_snapshot!("contract_host", p.host);
@@ -159,7 +159,7 @@ imds = "deny"
 "#);
     let facts = HostFacts {
         netns_paths: vec!["/run/netns/t-1".into(), "/run/netns/t-2".into()],
-        ecs_task_netns: Some(vec![]),
+        containers: Some(vec![]),
     };
     let p = plan(&c, &facts).expect("plan");
     let got: Vec<_> = p
@@ -288,4 +288,91 @@ fn ten_thousand_entries_plan_quickly() {
         t.elapsed()
     );
     assert!(p.host.contains("\"vb09999\" : goto wl0"));
+}
+
+fn container(
+    name: &str,
+    host: bool,
+    labels: &[(&str, &str)],
+    cgroup: Option<&str>,
+    netns: Option<&str>,
+) -> ContainerFact {
+    ContainerFact {
+        id: format!("{name}-id"),
+        name: name.into(),
+        labels: labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        host_network: host,
+        cgroup: cgroup.map(str::to_string),
+        netns: netns.map(str::to_string),
+    }
+}
+
+#[test]
+fn containers_and_ecs_tasks_resolve_through_docker_facts() {
+    let c = cfg(r#"
+[[workload]]
+name = "agent"
+containers = ["ecs-agent"]
+imds = "allow"
+[[workload]]
+name = "tasks"
+netns = ["ecs-tasks"]
+imds = "deny"
+[[workload]]
+name = "host-net"
+cgroups = ["docker"]
+imds = "deny"
+[[workload]]
+name = "labelled"
+containers = ["label:team=red"]
+imds = "deny"
+"#);
+    let facts = HostFacts {
+        netns_paths: vec![],
+        containers: Some(vec![
+            container("ecs-agent", true, &[], Some("docker/aaa"), None),
+            container(
+                "pause",
+                false,
+                &[ECS_PAUSE_LABEL],
+                Some("docker/bbb"),
+                Some("/var/run/docker/netns/bbb"),
+            ),
+            container(
+                "red",
+                false,
+                &[("team", "red")],
+                Some("docker/ccc"),
+                Some("/var/run/docker/netns/ccc"),
+            ),
+        ]),
+    };
+    let p = plan(&c, &facts).expect("plan");
+    // The agent's cgroup is allowed ahead of the "docker" deny.
+    assert!(p.host.contains("\"docker/aaa\" : goto wl0"), "{}", p.host);
+    let pos_agent = p
+        .host
+        .find("socket cgroupv2 level 2 vmap @cgroups0_l2")
+        .expect("agent map rule");
+    let pos_docker = p
+        .host
+        .find("socket cgroupv2 level 1 vmap @cgroups1_l1")
+        .expect("docker map rule");
+    assert!(pos_agent < pos_docker, "{}", p.host);
+    let got: Vec<_> = p
+        .netns
+        .iter()
+        .map(|n| (n.path.as_str(), n.workload.as_str()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("/var/run/docker/netns/bbb", "tasks"),
+            ("/var/run/docker/netns/ccc", "labelled")
+        ]
+    );
+    assert!(p.warnings.is_empty(), "{:?}", p.warnings);
 }

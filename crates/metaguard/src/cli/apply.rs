@@ -7,12 +7,17 @@ use std::process::ExitCode;
 use super::{config, ConfigArg};
 use crate::enforce::Engine;
 
-pub fn run(arg: &ConfigArg, dry_run: bool, state_dir: &Path) -> anyhow::Result<ExitCode> {
+pub fn run(
+    arg: &ConfigArg,
+    dry_run: bool,
+    state_dir: &Path,
+    docker: &Path,
+) -> anyhow::Result<ExitCode> {
     let config = config::load(arg)?;
     if !dry_run {
         config::require_root("apply")?;
     }
-    let engine = Engine::new(state_dir)?;
+    let engine = Engine::new(state_dir, docker)?;
     let plan = engine.plan(&config)?;
     if dry_run {
         for w in &plan.warnings {

@@ -15,6 +15,7 @@ pub fn run(
     metrics: &str,
     json: bool,
     state_dir: &Path,
+    docker: &Path,
 ) -> anyhow::Result<ExitCode> {
     init_logging(json);
     let metrics_addr: SocketAddr = metrics
@@ -26,6 +27,7 @@ pub fn run(
     let opts = daemon::Options {
         config_path: arg.config.clone(),
         state_dir: state_dir.to_path_buf(),
+        docker_socket: docker.to_path_buf(),
         remove_on_exit,
         metrics_addr,
     };

@@ -35,6 +35,9 @@ pub struct Cli {
     /// Directory of metaguard's run-time state (which namespaces it wrote to).
     #[arg(long, global = true, hide = true, value_name = "DIR", default_value = crate::enforce::DEFAULT_STATE_DIR)]
     state_dir: PathBuf,
+    /// The Docker Engine API socket (for `containers` and `ecs-tasks` selectors).
+    #[arg(long, global = true, value_name = "PATH", default_value = crate::discovery::docker::DEFAULT_SOCKET)]
+    docker_socket: PathBuf,
     #[command(subcommand)]
     command: Command,
 }
@@ -127,15 +130,26 @@ enum Command {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Apply { config, dry_run } => apply::run(&config, dry_run, &cli.state_dir),
-        Command::Verify { config, json } => verify::run(&config, json, &cli.state_dir),
-        Command::Remove => remove::run(&cli.state_dir),
+        Command::Apply { config, dry_run } => {
+            apply::run(&config, dry_run, &cli.state_dir, &cli.docker_socket)
+        }
+        Command::Verify { config, json } => {
+            verify::run(&config, json, &cli.state_dir, &cli.docker_socket)
+        }
+        Command::Remove => remove::run(&cli.state_dir, &cli.docker_socket),
         Command::Daemon {
             config,
             remove_on_exit,
             metrics,
             json,
-        } => daemon::run(&config, remove_on_exit, &metrics, json, &cli.state_dir),
+        } => daemon::run(
+            &config,
+            remove_on_exit,
+            &metrics,
+            json,
+            &cli.state_dir,
+            &cli.docker_socket,
+        ),
         Command::Doctor { json: _, fix: _ } => pending::not_built("doctor", "the doctor issue"),
         Command::Render { kind, config } => pending::render(&kind, &config),
         Command::Exec { allow: _, cmd: _ } => pending::not_built("exec", "the exec-launcher issue"),

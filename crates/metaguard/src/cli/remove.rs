@@ -6,9 +6,9 @@ use std::process::ExitCode;
 use super::config;
 use crate::enforce::Engine;
 
-pub fn run(state_dir: &Path) -> anyhow::Result<ExitCode> {
+pub fn run(state_dir: &Path, docker: &Path) -> anyhow::Result<ExitCode> {
     config::require_root("remove")?;
-    let engine = Engine::new(state_dir)?;
+    let engine = Engine::new(state_dir, docker)?;
     let removed = engine.remove()?;
     if removed.is_empty() {
         println!("nothing to remove: no metaguard table found");

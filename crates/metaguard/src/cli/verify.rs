@@ -7,10 +7,15 @@ use std::process::ExitCode;
 use super::{config, ConfigArg, EXIT_PROBLEMS};
 use crate::enforce::Engine;
 
-pub fn run(arg: &ConfigArg, json: bool, state_dir: &Path) -> anyhow::Result<ExitCode> {
+pub fn run(
+    arg: &ConfigArg,
+    json: bool,
+    state_dir: &Path,
+    docker: &Path,
+) -> anyhow::Result<ExitCode> {
     let config = config::load(arg)?;
     config::require_root("verify")?;
-    let engine = Engine::new(state_dir)?;
+    let engine = Engine::new(state_dir, docker)?;
     let plan = engine.plan(&config)?;
     let (reports, warnings) = engine.verify(&plan)?;
     let ok = reports.iter().all(|r| r.ok);

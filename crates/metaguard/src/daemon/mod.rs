@@ -47,6 +47,7 @@ pub use metrics::DEFAULT_ADDR as DEFAULT_METRICS_ADDR;
 pub struct Options {
     pub config_path: Option<PathBuf>,
     pub state_dir: PathBuf,
+    pub docker_socket: PathBuf,
     pub remove_on_exit: bool,
     pub metrics_addr: SocketAddr,
 }
@@ -60,6 +61,8 @@ pub enum Event {
     MonitorEnded { key: String },
     /// Something appeared in or left a watched namespace directory.
     NetnsDir,
+    /// A container started or stopped (Docker API events).
+    Docker,
 }
 
 /// A guarded namespace and what is expected in it.
@@ -80,6 +83,9 @@ struct Daemon {
     /// Directories watched for namespaces.
     netns_dirs: Vec<PathBuf>,
     watched: Vec<PathBuf>,
+    /// Pids of the daemon's own recent nft transactions: their monitor
+    /// events are skipped, so drift is always attributed to someone else.
+    own_pids: std::collections::VecDeque<u32>,
 }
 
 /// Runs the daemon until SIGTERM/SIGINT. Errors before the first apply exit
@@ -95,7 +101,7 @@ pub fn run(
         );
     }
     let config = load(opts.config_path.as_deref())?;
-    let engine = Engine::new(&opts.state_dir)?;
+    let engine = Engine::new(&opts.state_dir, &opts.docker_socket)?;
     let plan = engine.plan(&config)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -114,9 +120,12 @@ pub fn run(
             tx,
             metrics,
             watched: Vec::new(),
+            own_pids: std::collections::VecDeque::new(),
         };
+        // Signals first: a SIGTERM right after "ready" must find its handler.
+        let signals = Signals::new()?;
         d.start()?;
-        d.run(rx, load).await
+        d.run(rx, signals, load).await
     })
 }
 
@@ -158,6 +167,12 @@ impl Daemon {
         self.update_gauges();
         metrics::serve(self.opts.metrics_addr, self.metrics.clone())?;
         self.watch_netns_dirs()?;
+        if self.opts.docker_socket.exists() {
+            tokio::spawn(crate::discovery::docker::watch(
+                self.opts.docker_socket.clone(),
+                self.tx.clone(),
+            ));
+        }
         info!(
             tables = report.tables.len(),
             ms = t.elapsed().as_millis() as u64,
@@ -236,20 +251,24 @@ impl Daemon {
     async fn run(
         &mut self,
         mut rx: mpsc::UnboundedReceiver<Event>,
+        mut sig: Signals,
         load: impl Fn(Option<&Path>) -> anyhow::Result<Config>,
     ) -> anyhow::Result<()> {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
-        let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
-        let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
         loop {
             tokio::select! {
                 Some(ev) = rx.recv() => self.handle(ev),
-                _ = hup.recv() => self.reload(&load),
-                _ = term.recv() => return self.stop("SIGTERM"),
-                _ = int.recv() => return self.stop("SIGINT"),
+                _ = sig.hup.recv() => self.reload(&load),
+                _ = sig.term.recv() => return self.stop("SIGTERM"),
+                _ = sig.int.recv() => return self.stop("SIGINT"),
             }
         }
+    }
+
+    fn remember_own(&mut self, pid: u32) {
+        if self.own_pids.len() >= 64 {
+            self.own_pids.pop_front();
+        }
+        self.own_pids.push_back(pid);
     }
 
     fn stop(&mut self, signal: &str) -> anyhow::Result<()> {
@@ -266,7 +285,8 @@ impl Daemon {
     fn handle(&mut self, ev: Event) {
         match ev {
             Event::Nft(batch) => {
-                if batch.touches(FAMILY, TABLE) {
+                let ours = batch.pid.is_some_and(|p| self.own_pids.contains(&p));
+                if !ours && batch.touches(FAMILY, TABLE) {
                     self.check(&batch.key.clone(), Some(&batch));
                 }
             }
@@ -288,6 +308,7 @@ impl Daemon {
                 }
             }
             Event::NetnsDir => self.replan("namespace appeared or left"),
+            Event::Docker => self.replan("container started or stopped"),
         }
     }
 
@@ -314,7 +335,8 @@ impl Daemon {
         let cause = batch.map_or("monitor-restart", |b| b.cause(FAMILY, TABLE));
         self.metrics.drift.inc();
         match self.engine.load(&g.target) {
-            Ok(()) => {
+            Ok(pid) => {
+                self.remember_own(pid);
                 let secs = started.elapsed().as_secs_f64();
                 self.metrics.heals.with_label_values(&[cause]).inc();
                 self.metrics.last_apply.set(secs);
@@ -338,8 +360,8 @@ impl Daemon {
         // it; wait (briefly, bounded) until every candidate is a namespace.
         let deadline = Instant::now() + Duration::from_millis(500);
         loop {
-            let facts = crate::enforce::discover(&self.config);
-            let pending = facts.netns_paths.iter().any(|p| !is_nsfs(Path::new(p)));
+            let paths = crate::enforce::netns_paths(&self.config);
+            let pending = paths.iter().any(|p| !is_nsfs(Path::new(p)));
             if !pending || Instant::now() > deadline {
                 break;
             }
@@ -354,10 +376,27 @@ impl Daemon {
         };
         let before: Vec<String> = self.plan.netns.iter().map(|n| n.path.clone()).collect();
         let after: Vec<String> = plan.netns.iter().map(|n| n.path.clone()).collect();
-        if before == after {
+        let host_changed = plan.host != self.plan.host;
+        if before == after && !host_changed {
             return;
         }
         self.plan = plan;
+        if host_changed {
+            let host = Target {
+                netns: None,
+                label: "host".into(),
+                script: self.plan.host.clone(),
+            };
+            match self.engine.load(&host) {
+                Ok(pid) => {
+                    self.remember_own(pid);
+                    info!(why, "host rules updated");
+                }
+                Err(e) => {
+                    error!(error = %format!("{e:#}"), "cannot update the host rules; the previous ones stay")
+                }
+            }
+        }
         if let Err(e) = self.apply_new_namespaces(&before) {
             error!(error = %format!("{e:#}"), "cannot guard new namespaces");
         }
@@ -373,7 +412,8 @@ impl Daemon {
         let mut warnings = Vec::new();
         for t in self.engine.targets(&self.plan, &mut warnings)? {
             if t.netns.is_some() && !before.contains(&t.label) {
-                self.engine.load(&t)?;
+                let pid = self.engine.load(&t)?;
+                self.remember_own(pid);
                 info!(netns = %t.label, ms = started.elapsed().as_millis() as u64, "new namespace guarded");
             }
         }
@@ -410,6 +450,24 @@ impl Daemon {
                 error!(error = %format!("{e:#}"), "reload refused; the previous rules stay in force");
             }
         }
+    }
+}
+
+/// The signals the daemon handles, registered before the first apply.
+struct Signals {
+    hup: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> anyhow::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            hup: signal(SignalKind::hangup()).context("SIGHUP handler")?,
+            term: signal(SignalKind::terminate()).context("SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("SIGINT handler")?,
+        })
     }
 }
 

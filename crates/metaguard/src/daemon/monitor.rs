@@ -19,6 +19,7 @@ pub struct Batch {
     pub lines: Vec<String>,
     /// Who committed it, from the generation line, e.g. `iptables[4711]`.
     pub process: String,
+    pub pid: Option<u32>,
 }
 
 fn names_table(line: &str, family: &str, table: &str) -> bool {
@@ -110,10 +111,14 @@ pub fn spawn(
                                 None => p.to_string(),
                             })
                             .unwrap_or_else(|| "unknown".into());
+                        let pid = process
+                            .split_once('[')
+                            .and_then(|(_, p)| p.trim_end_matches(']').parse().ok());
                         let batch = Batch {
                             key: key.clone(),
                             lines: std::mem::take(&mut pending),
                             process,
+                            pid,
                         };
                         if tx.send(Event::Nft(batch)).is_err() {
                             return;
@@ -169,6 +174,7 @@ mod tests {
             key: "host".into(),
             lines: lines.iter().map(|s| s.to_string()).collect(),
             process: "nft[1]".into(),
+            pid: Some(1),
         }
     }
 

@@ -46,6 +46,7 @@ pub struct Engine {
     nft: Nft,
     cgroup2: Option<Cgroup2>,
     state_dir: PathBuf,
+    docker_socket: PathBuf,
 }
 
 /// A namespace and the table planned for it.
@@ -77,13 +78,14 @@ pub struct NamespaceReport {
 impl Engine {
     /// `state_dir`: where the state file lives. Finds cgroup2 through
     /// /proc/self/mountinfo (absent is fine unless the config needs it).
-    pub fn new(state_dir: &Path) -> anyhow::Result<Engine> {
+    pub fn new(state_dir: &Path, docker_socket: &Path) -> anyhow::Result<Engine> {
         let cgroup2 = Cgroup2::discover(Path::new("/proc/self/mountinfo")).ok();
         let nft = Nft::new(cgroup2.as_ref().map(Cgroup2::mount))?;
         Ok(Engine {
             nft,
             cgroup2,
             state_dir: state_dir.to_path_buf(),
+            docker_socket: docker_socket.to_path_buf(),
         })
     }
 
@@ -92,7 +94,7 @@ impl Engine {
     /// that does not exist, cgroup selectors without a cgroup2 hierarchy.
     pub fn plan(&self, config: &Config) -> anyhow::Result<Plan> {
         self.check_cgroups(config)?;
-        let facts = discover(config);
+        let facts = self.facts(config)?;
         Ok(ruleset::plan(config, &facts)?)
     }
 
@@ -279,10 +281,11 @@ impl Engine {
         ))
     }
 
-    /// Loads one target's table (one transaction).
-    pub fn load(&self, t: &Target) -> anyhow::Result<()> {
+    /// Loads one target's table (one transaction); returns the pid of the
+    /// `nft` process that committed it.
+    pub fn load(&self, t: &Target) -> anyhow::Result<u32> {
         self.nft
-            .apply(t.netns.as_ref(), &t.script)
+            .apply_as(t.netns.as_ref(), &t.script)
             .with_context(|| format!("loading the ruleset for {}", t.label))
     }
 
@@ -367,10 +370,33 @@ impl Engine {
     }
 }
 
-/// Host facts for the plan: the entries of every directory a `netns` glob
-/// points into. Unreadable directories simply contribute nothing (the plan
-/// then warns that the selector matched nothing).
-pub fn discover(config: &Config) -> HostFacts {
+impl Engine {
+    /// Host facts for the plan: namespace files (see [`netns_paths`]) and,
+    /// when a selector needs them, the running containers from the Docker
+    /// API. A Docker API that exists but fails is an error: planning
+    /// without it would silently drop workloads.
+    pub fn facts(&self, config: &Config) -> anyhow::Result<HostFacts> {
+        let needs_docker = config.workloads.iter().any(|w| match &w.selector {
+            Selector::Containers(_) => true,
+            Selector::Netns(sels) => sels.contains(&NetnsSelector::EcsTasks),
+            _ => false,
+        });
+        let containers = if needs_docker {
+            crate::discovery::docker::containers(&self.docker_socket, Path::new("/proc"))?
+        } else {
+            None
+        };
+        Ok(HostFacts {
+            netns_paths: netns_paths(config),
+            containers,
+        })
+    }
+}
+
+/// The entries of every directory a `netns` glob points into. Unreadable
+/// directories contribute nothing (the plan then warns that the selector
+/// matched nothing).
+pub fn netns_paths(config: &Config) -> Vec<String> {
     let mut dirs: Vec<PathBuf> = Vec::new();
     for w in &config.workloads {
         let Selector::Netns(sels) = &w.selector else {
@@ -403,10 +429,7 @@ pub fn discover(config: &Config) -> HostFacts {
             netns_paths.extend(entries);
         }
     }
-    HostFacts {
-        netns_paths,
-        ecs_task_netns: None,
-    }
+    netns_paths
 }
 
 /// Endpoints of every class some workload denies.

@@ -10,6 +10,7 @@ mod support;
 
 mod cli;
 mod daemon;
+mod discovery;
 mod enforce;
 mod foundation;
 
@@ -27,6 +28,7 @@ fn main() {
         .iter()
         .chain(enforce::TESTS)
         .chain(daemon::TESTS)
+        .chain(discovery::TESTS)
         .chain(cli::TESTS)
     {
         let f: TestFn = *f;

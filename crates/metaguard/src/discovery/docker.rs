@@ -1,0 +1,152 @@
+//! Containers from the Docker Engine API (bollard, over the unix socket).
+//!
+//! For each running container: its name and labels, whether it shares the
+//! host's network stack, its network namespace (`NetworkSettings.SandboxKey`,
+//! else `/proc/<pid>/ns/net`) and its cgroup v2 path (from
+//! `/proc/<pid>/cgroup`). The ECS agent's awsvpc pause containers carry
+//! `com.amazonaws.ecs.container-name=~internal~ecs~pause`; core turns them
+//! into the `ecs-tasks` namespaces.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use bollard::query_parameters::{EventsOptionsBuilder, ListContainersOptionsBuilder};
+use bollard::{Docker, API_DEFAULT_VERSION};
+use metaguard_core::ruleset::ContainerFact;
+
+/// Default Docker API socket.
+pub const DEFAULT_SOCKET: &str = "/var/run/docker.sock";
+
+fn connect(socket: &Path) -> anyhow::Result<Docker> {
+    Docker::connect_with_unix(&socket.display().to_string(), 5, API_DEFAULT_VERSION)
+        .with_context(|| format!("cannot connect to the Docker API at {}", socket.display()))
+}
+
+/// The running containers, or `None` when there is no socket (no Docker on
+/// this host). Runs on its own thread and runtime, so it can be called from
+/// synchronous code and from inside the daemon's runtime alike.
+pub fn containers(socket: &Path, proc_root: &Path) -> anyhow::Result<Option<Vec<ContainerFact>>> {
+    if !socket.exists() {
+        return Ok(None);
+    }
+    let (socket, proc_root) = (socket.to_path_buf(), proc_root.to_path_buf());
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("cannot start a runtime for the Docker API")?;
+            rt.block_on(list(&socket, &proc_root)).map(Some)
+        })
+        .join()
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("Docker discovery thread panicked")))
+    })
+}
+
+async fn list(socket: &Path, proc_root: &Path) -> anyhow::Result<Vec<ContainerFact>> {
+    let docker = connect(socket)?;
+    let summaries = tokio::time::timeout(
+        Duration::from_secs(10),
+        docker.list_containers(Some(ListContainersOptionsBuilder::new().all(false).build())),
+    )
+    .await
+    .context("the Docker API did not answer within 10 s")?
+    .with_context(|| format!("listing containers through {}", socket.display()))?;
+    let mut out = Vec::with_capacity(summaries.len());
+    for s in summaries {
+        let Some(id) = s.id else { continue };
+        let inspect = match docker.inspect_container(&id, None).await {
+            Ok(i) => i,
+            // It stopped between list and inspect: it needs no rules.
+            Err(_) => continue,
+        };
+        let name = inspect
+            .name
+            .unwrap_or_default()
+            .trim_start_matches('/')
+            .to_string();
+        let labels = inspect
+            .config
+            .as_ref()
+            .and_then(|c| c.labels.clone())
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
+        let mode = inspect
+            .host_config
+            .as_ref()
+            .and_then(|h| h.network_mode.clone())
+            .unwrap_or_default();
+        let pid = inspect.state.as_ref().and_then(|s| s.pid).unwrap_or(0);
+        let sandbox = inspect
+            .network_settings
+            .as_ref()
+            .and_then(|n| n.sandbox_key.clone())
+            .filter(|k| !k.is_empty());
+        let host_network = mode == "host";
+        let netns = if host_network {
+            None
+        } else {
+            sandbox.or_else(|| {
+                (pid > 0).then(|| {
+                    proc_root
+                        .join(pid.to_string())
+                        .join("ns/net")
+                        .display()
+                        .to_string()
+                })
+            })
+        };
+        let cgroup = (pid > 0).then(|| own_cgroup(proc_root, pid)).flatten();
+        out.push(ContainerFact {
+            id,
+            name,
+            labels,
+            host_network,
+            cgroup,
+            netns,
+        });
+    }
+    Ok(out)
+}
+
+/// A process's cgroup v2 path, relative to the hierarchy root.
+fn own_cgroup(proc_root: &Path, pid: i64) -> Option<String> {
+    let text = std::fs::read_to_string(proc_root.join(pid.to_string()).join("cgroup")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .map(|p| p.trim_matches('/').to_string())
+        .filter(|p| !p.is_empty())
+}
+
+/// Container start/stop events, forwarded as `()` until the stream ends.
+pub async fn watch(socket: PathBuf, tx: tokio::sync::mpsc::UnboundedSender<crate::daemon::Event>) {
+    use futures_util::StreamExt as _;
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        if let Ok(docker) = connect(&socket) {
+            let filters = std::collections::HashMap::from([
+                ("type", vec!["container"]),
+                ("event", vec!["start", "die", "destroy"]),
+            ]);
+            let mut events =
+                docker.events(Some(EventsOptionsBuilder::new().filters(&filters).build()));
+            // Whatever happened while we were not listening.
+            if tx.send(crate::daemon::Event::Docker).is_err() {
+                return;
+            }
+            while let Some(ev) = events.next().await {
+                if ev.is_err() {
+                    break;
+                }
+                backoff = Duration::from_millis(200);
+                if tx.send(crate::daemon::Event::Docker).is_err() {
+                    return;
+                }
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
+}
