@@ -6,6 +6,14 @@ set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # System packages the lab and the tests use.
 APT_PACKAGES=(nftables iptables iproute2 procps curl python3-venv conntrack)
+# Validators for the deployment files and the package (tests/deploy): the
+# linter shellcheck, systemd-analyze (from systemd: it verifies units without
+# systemd as PID 1; --no-install-recommends keeps systemd-sysv, the init,
+# out), lintian, man; and the Python modules cloud-init imports, since
+# cloud-init itself is only extracted (ensure_cloud_init), never installed.
+APT_PACKAGES+=(shellcheck systemd lintian man-db python3-yaml python3-jsonschema
+  python3-jinja2 python3-configobj python3-jsonpatch python3-requests
+  python3-oauthlib python3-netifaces python3-serial)
 # Real AWS SDK client for the tests (pinned for reproducibility).
 BOTOCORE_VERSION="1.44.5"
 
@@ -49,6 +57,30 @@ ensure_python_venv() {
     "$venv/bin/pip" install -q --disable-pip-version-check "botocore==$BOTOCORE_VERSION"
   fi
   export METAGUARD_PYTHON="$venv/bin/python"
+}
+
+# cloud-init for the user-data tests, extracted into target/tools/cloud-init
+# (apt-get download + dpkg -x): installing it would add boot-time units.
+ensure_cloud_init() {
+  local dest="$REPO/target/tools/cloud-init" tmp
+  [ -f "$dest/usr/bin/cloud-init" ] && return 0
+  echo "metaguard: extracting cloud-init into $dest (not installed)" >&2
+  tmp="$(mktemp -d)"
+  if ! (cd "$tmp" && apt-get download -qq cloud-init 2>/dev/null); then
+    apt-get update -qq
+    (cd "$tmp" && apt-get download -qq cloud-init)
+  fi
+  rm -rf "$dest"
+  mkdir -p "$dest"
+  dpkg -x "$tmp"/cloud-init_*.deb "$dest"
+  rm -rf "$tmp"
+}
+
+# cargo-deb builds the .deb (scripts/package, tests/deploy); ≈1 min once.
+ensure_cargo_deb() {
+  command -v cargo-deb >/dev/null 2>&1 && return 0
+  echo "metaguard: installing cargo-deb" >&2
+  cargo install --locked --quiet cargo-deb
 }
 
 # promtool (to check the daemon's metrics) from Debian's prometheus package,

@@ -10,6 +10,7 @@
 
 pub mod config;
 pub mod location;
+pub mod render;
 pub mod ruleset;
 
 pub use config::{Action, Config, ConfigError, Selector, Workload};

@@ -14,9 +14,11 @@ mod apply;
 mod config;
 mod daemon;
 mod demo;
+mod generate;
 mod lab_probe;
 mod pending;
 mod remove;
+mod render;
 mod verify;
 
 /// Exit code for drift or problems found.
@@ -95,11 +97,20 @@ enum Command {
     },
     /// Print deployment files: boothook | user-data | systemd | ecs-config.
     Render {
-        /// What to render.
+        /// What to render: boothook, user-data, systemd or ecs-config.
         #[arg(value_name = "KIND")]
         kind: String,
         #[command(flatten)]
         config: ConfigArg,
+        /// ECS cluster name (required by user-data; also written by ecs-config).
+        #[arg(long, value_name = "NAME")]
+        cluster: Option<String>,
+        /// The installed metaguard binary that the unit and the boothook run.
+        #[arg(long, value_name = "PATH", default_value = metaguard_core::render::DEFAULT_BINARY)]
+        binary: String,
+        /// Where the boothook installs the config and the unit reads it.
+        #[arg(long, value_name = "PATH", default_value = metaguard_core::config::DEFAULT_PATH)]
+        installed_config: String,
     },
     /// Run CMD unable to reach metadata endpoints (no root needed).
     Exec {
@@ -122,6 +133,13 @@ enum Command {
     /// Internal: run one lab probe (JSON spec) and print its JSON result.
     #[command(name = "lab-probe", hide = true)]
     LabProbe { spec: String },
+    /// Internal: write the man pages or shell completions into DIR (packaging).
+    #[command(name = "__generate", hide = true)]
+    Generate {
+        #[arg(value_enum)]
+        what: generate::Asset,
+        dir: PathBuf,
+    },
 }
 
 /// Parses the command line, runs the command, maps the outcome to an exit
@@ -151,10 +169,23 @@ pub fn main() -> ExitCode {
             &cli.docker_socket,
         ),
         Command::Doctor { json: _, fix: _ } => pending::not_built("doctor", "the doctor issue"),
-        Command::Render { kind, config } => pending::render(&kind, &config),
+        Command::Render {
+            kind,
+            config,
+            cluster,
+            binary,
+            installed_config,
+        } => render::run(render::Args {
+            kind: &kind,
+            config: &config,
+            cluster,
+            binary,
+            installed_config,
+        }),
         Command::Exec { allow: _, cmd: _ } => pending::not_built("exec", "the exec-launcher issue"),
         Command::Demo { json, color } => demo::run(json, &color),
         Command::LabProbe { spec } => lab_probe::run(&spec),
+        Command::Generate { what, dir } => generate::run(what, &dir),
     };
     match result {
         Ok(code) => code,

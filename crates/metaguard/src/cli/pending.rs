@@ -5,21 +5,10 @@
 
 use std::process::ExitCode;
 
-use super::{config, ConfigArg};
-
 fn pending(what: &str, issue: &str) -> anyhow::Result<ExitCode> {
     anyhow::bail!("`metaguard {what}` is not built yet (tracked in {issue}); nothing was changed")
 }
 
 pub fn not_built(what: &str, issue: &str) -> anyhow::Result<ExitCode> {
     pending(what, issue)
-}
-
-pub fn render(kind: &str, arg: &ConfigArg) -> anyhow::Result<ExitCode> {
-    const KINDS: [&str; 4] = ["boothook", "user-data", "systemd", "ecs-config"];
-    if !KINDS.contains(&kind) {
-        anyhow::bail!("unknown KIND {kind:?}: use one of {}", KINDS.join(", "));
-    }
-    config::load(arg)?;
-    pending("render", "the deployment issue")
 }

@@ -1,0 +1,93 @@
+//! `metaguard.service`: applies the rules before Docker and the ECS agent
+//! start (F5), and again whenever either is started by hand.
+//!
+//! `Type=oneshot` + `RemainAfterExit=yes` is the readiness signal: units
+//! ordered after it (docker, ecs) start only once `metaguard apply` has
+//! exited, i.e. once the ruleset is in the kernel. When `metaguard daemon`
+//! lands (with sd_notify) this becomes `Type=notify` running the daemon,
+//! whose READY=1 is sent after the first apply.
+//!
+//! The sandbox keeps what `apply` needs and nothing else. The capability
+//! set is measured, not guessed: the deploy tests run `apply` in the lab
+//! with exactly this bounding set and with each capability removed.
+
+use super::{Kind, Options, Stamp};
+
+/// The capabilities `metaguard apply` needs (measured; see the module
+/// docs): nft and conntrack netlink → `CAP_NET_ADMIN`; entering task
+/// network namespaces (setns) and the private mount namespace that gives
+/// `nft` the cgroup2 hierarchy on hybrid hosts → `CAP_SYS_ADMIN`.
+pub const CAPABILITIES: [&str; 2] = ["CAP_NET_ADMIN", "CAP_SYS_ADMIN"];
+
+pub fn render(stamp: &Stamp, opts: &Options) -> String {
+    let bin = &opts.binary;
+    let cfg = &opts.config_path;
+    let caps = CAPABILITIES.join(" ");
+    format!(
+        "\
+# metaguard.service — keeps containers away from the instance metadata service.
+{stamp}#
+# Applies the rules before Docker and the ECS agent start (failure mode F5):
+# oneshot + RemainAfterExit, so units ordered after this one wait until the
+# ruleset is in the kernel. `systemctl reload metaguard` re-applies
+# {cfg}.
+# The ruleset stays in the kernel when this unit stops (fail-closed);
+# `metaguard remove` deletes it.
+
+[Unit]
+Description=metaguard: keep containers away from the instance metadata service
+Documentation=man:metaguard(8) man:metaguard-apply(8)
+# A firewall: loaded before the network is configured (systemd.special(7),
+# network-pre.target), needs only the root file system.
+DefaultDependencies=no
+Wants=network-pre.target
+After=local-fs.target
+Before=network-pre.target docker.service containerd.service ecs.service shutdown.target
+Conflicts=shutdown.target
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart={bin} apply --config {cfg}
+ExecReload={bin} apply --config {cfg}
+Restart=on-failure
+RestartSec=2s
+TimeoutStartSec=60s
+
+# Sandbox. Needs: netlink (nft, conntrack), the Docker API socket (task
+# namespaces), setns into task namespaces, a private mount namespace for
+# nft on hybrid cgroup hosts, its state in /run/metaguard.
+CapabilityBoundingSet={caps}
+NoNewPrivileges=yes
+ProtectSystem=strict
+ProtectHome=yes
+RuntimeDirectory=metaguard
+RuntimeDirectoryMode=0700
+RuntimeDirectoryPreserve=yes
+PrivateTmp=yes
+PrivateMounts=yes
+PrivateDevices=yes
+ProtectKernelTunables=yes
+ProtectKernelModules=yes
+ProtectKernelLogs=yes
+ProtectControlGroups=yes
+ProtectClock=yes
+ProtectHostname=yes
+RestrictNamespaces=net mnt
+RestrictAddressFamilies=AF_UNIX AF_NETLINK
+IPAddressDeny=any
+RestrictRealtime=yes
+RestrictSUIDSGID=yes
+LockPersonality=yes
+MemoryDenyWriteExecute=yes
+SystemCallArchitectures=native
+SystemCallFilter=@system-service @mount
+SystemCallErrorNumber=EPERM
+UMask=0077
+
+[Install]
+WantedBy=multi-user.target docker.service ecs.service
+",
+        stamp = stamp.lines("# ", Kind::Systemd),
+    )
+}
