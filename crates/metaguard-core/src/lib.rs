@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod doctor;
 pub mod location;
 pub mod render;
 pub mod ruleset;

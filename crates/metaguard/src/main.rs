@@ -6,6 +6,7 @@
 mod cli;
 mod daemon;
 mod discovery;
+mod doctor;
 mod enforce;
 
 use std::process::ExitCode;

@@ -14,6 +14,7 @@ mod apply;
 mod config;
 mod daemon;
 mod demo;
+mod doctor;
 mod generate;
 mod lab_probe;
 mod pending;
@@ -94,6 +95,20 @@ enum Command {
         /// Apply the minimal fix for each finding.
         #[arg(long)]
         fix: bool,
+        /// With --fix: show the fix commands, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Confirm verdicts with real connections from a short-lived namespace.
+        #[arg(long)]
+        probe: bool,
+        /// Analyse a snapshot directory instead of this host.
+        #[arg(long, value_name = "DIR")]
+        from: Option<PathBuf>,
+        /// Write this host's snapshot to DIR and exit.
+        #[arg(long, value_name = "DIR", conflicts_with = "from")]
+        collect: Option<PathBuf>,
+        #[command(flatten)]
+        config: ConfigArg,
     },
     /// Print deployment files: boothook | user-data | systemd | ecs-config.
     Render {
@@ -168,7 +183,23 @@ pub fn main() -> ExitCode {
             &cli.state_dir,
             &cli.docker_socket,
         ),
-        Command::Doctor { json: _, fix: _ } => pending::not_built("doctor", "the doctor issue"),
+        Command::Doctor {
+            json,
+            fix,
+            dry_run,
+            probe,
+            from,
+            collect,
+            config,
+        } => doctor::run(&doctor::Args {
+            json,
+            fix,
+            dry_run,
+            probe,
+            from: from.as_deref(),
+            collect: collect.as_deref(),
+            config: &config,
+        }),
         Command::Render {
             kind,
             config,

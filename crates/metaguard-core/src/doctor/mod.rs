@@ -1,0 +1,20 @@
+//! `metaguard doctor`, the pure part: parse a host snapshot, evaluate the
+//! packet paths that matter, and turn failure-modes.md into findings.
+//!
+//! * [`iptables_save`] — a parser of the iptables-save grammar (file:line errors);
+//! * [`nft`] — the nft JSON model;
+//! * [`snapshot`] — the snapshot's typed form (files → [`snapshot::Snapshot`]);
+//! * [`path`] — packet-path evaluation of every (workload, endpoint) flow;
+//! * [`findings`] — one check per failure mode, with evidence and fix;
+//! * [`report`] — the report, its JSON schema and the human rendering.
+//!
+//! No I/O: the binary collects the snapshot, applies fixes and probes.
+
+pub mod findings;
+pub mod iptables_save;
+pub mod nft;
+pub mod path;
+pub mod report;
+pub mod snapshot;
+
+pub use report::{analyze, Report};

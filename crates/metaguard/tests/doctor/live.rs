@@ -1,0 +1,515 @@
+//! Live doctor tests on the lab (root). Every command that changes state
+//! runs inside a lab namespace (`lab.run_in`, `lab.metaguard`): nothing
+//! touches the root network namespace.
+
+use libtest_mimic::Failed;
+use metaguard_lab::matrix::{Matrix, Target, Verdict};
+use metaguard_lab::topology::Role;
+use metaguard_lab::{Lab, LabOptions, Workload};
+
+use crate::{ensure, exe, fixtures_dir};
+
+pub const TESTS: &[(&str, bool, crate::TestFn)] = &[
+    (
+        "live::clean_lab_reports_clean",
+        true,
+        clean_lab_reports_clean,
+    ),
+    (
+        "live::f1_route_localnet_off_breaks_credentials",
+        true,
+        f1_route_localnet_off_breaks_credentials,
+    ),
+    (
+        "live::f2_cis_drop_breaks_credentials",
+        true,
+        f2_cis_drop_breaks_credentials,
+    ),
+    (
+        "live::f3_fix_in_wrong_backend_does_not_take",
+        true,
+        f3_fix_in_wrong_backend_does_not_take,
+    ),
+    (
+        "live::f4_docker_restart_wipes_rule",
+        true,
+        f4_docker_restart_wipes_rule,
+    ),
+    (
+        "live::f6_awsvpc_task_bypasses_docker_user",
+        true,
+        f6_awsvpc_task_bypasses_docker_user,
+    ),
+    ("live::f8_ipv6_bypass", true, f8_ipv6_bypass),
+];
+
+struct Guarded {
+    lab: Lab,
+    config: String,
+}
+
+fn sh(lab: &Lab, role: Role, prog: &str, args: &str) -> Result<(), Failed> {
+    let a: Vec<&str> = args.split_whitespace().collect();
+    lab.run_in(role, prog, &a)
+        .map(drop)
+        .map_err(|e| format!("{prog} {args}: {e}").into())
+}
+
+/// A lab guarded the way a careful operator would without metaguard: the
+/// AWS DOCKER-USER rule in both families (in `backend`'s iptables) and
+/// blackhole routes in the awsvpc task. Doctor knows the task namespace
+/// from the config.
+fn guarded(legacy: bool) -> Result<Guarded, Failed> {
+    let lab = Lab::start(LabOptions::new(exe())).map_err(|e| format!("lab: {e}"))?;
+    let (v4, v6) = if legacy {
+        ("iptables-legacy", "ip6tables-legacy")
+    } else {
+        ("iptables", "ip6tables")
+    };
+    sh(&lab, Role::Host, v4, "-w -N DOCKER-USER")?;
+    sh(&lab, Role::Host, v4, "-w -A FORWARD -j DOCKER-USER")?;
+    sh(
+        &lab,
+        Role::Host,
+        v4,
+        "-w -A DOCKER-USER -d 169.254.169.254/32 -j REJECT --reject-with icmp-admin-prohibited",
+    )?;
+    sh(&lab, Role::Host, v6, "-w -N DOCKER-USER")?;
+    sh(&lab, Role::Host, v6, "-w -A FORWARD -j DOCKER-USER")?;
+    sh(
+        &lab,
+        Role::Host,
+        v6,
+        "-w -A DOCKER-USER -d fd00:ec2::254/128 -j REJECT --reject-with icmp6-adm-prohibited",
+    )?;
+    sh(
+        &lab,
+        Role::Task1,
+        "ip",
+        "route add blackhole 169.254.169.254/32",
+    )?;
+    sh(
+        &lab,
+        Role::Task1,
+        "ip",
+        "-6 route add blackhole fd00:ec2::254/128",
+    )?;
+    let task = format!("/run/netns/{}", lab.netns_name(Role::Task1));
+    let toml = format!(
+        "[[workload]]\nname = \"bridge-containers\"\nbridges = [\"docker0\", \"br-*\", \"ecs-bridge\"]\nimds = \"deny\"\ntask_metadata = \"allow\"\n\n[[workload]]\nname = \"awsvpc-tasks\"\nnetns = [\"{task}\"]\nimds = \"deny\"\n"
+    );
+    let config = lab
+        .write_file("doctor.toml", &toml)
+        .map_err(|e| e.to_string())?
+        .display()
+        .to_string();
+    Ok(Guarded { lab, config })
+}
+
+/// Runs `doctor --json [extra…]` in the lab host; returns (exit, finding ids, stdout).
+fn doctor(g: &Guarded, extra: &[&str]) -> Result<(Option<i32>, Vec<String>, String), Failed> {
+    let mut args = vec!["doctor", "--json", "--config", &g.config];
+    args.extend_from_slice(extra);
+    let out = g.lab.metaguard(&args).map_err(|e| e.to_string())?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if out.status.code() == Some(2) {
+        return Err(format!("doctor {extra:?} exited 2: {stderr}").into());
+    }
+    let v: serde_json::Value =
+        serde_json::from_str(&stdout).map_err(|e| format!("not JSON ({e}): {stdout} {stderr}"))?;
+    let report = match (v.get("after"), v.get("report")) {
+        (Some(after), _) => after,
+        (None, Some(report)) => report,
+        _ => &v,
+    };
+    let mut ids: Vec<String> = report["findings"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|f| f["id"].as_str().map(str::to_string))
+        .collect();
+    ids.sort();
+    Ok((out.status.code(), ids, stdout))
+}
+
+fn cell(m: &Matrix, w: Workload, t: Target) -> Verdict {
+    m.cell(w, t).map_or(Verdict::Other, |c| c.verdict)
+}
+
+/// The root namespace's network state (read-only): addresses, routes and
+/// the nft ruleset, without lifetimes that count down by themselves.
+fn root_state() -> Result<String, Failed> {
+    let mut out = String::new();
+    for (prog, args) in [
+        ("ip", &["addr", "show"][..]),
+        ("ip", &["route", "show", "table", "all"]),
+        ("ip", &["-6", "route", "show", "table", "all"]),
+        ("nft", &["list", "ruleset"]),
+    ] {
+        let text = metaguard_lab::cmd::run(None, prog, args, None).map_err(|e| e.to_string())?;
+        out.extend(
+            text.lines()
+                .filter(|l| !l.contains("valid_lft"))
+                .map(|l| format!("{l}\n")),
+        );
+    }
+    Ok(out)
+}
+
+/// The whole cycle: clean → break → exactly `ids` → --fix → probes → clean;
+/// the root namespace is the same before and after.
+fn cycle(
+    legacy: bool,
+    brk: impl FnOnce(&Guarded) -> Result<(), Failed>,
+    ids: &[&str],
+    broken: &[(Workload, Target, Verdict)],
+) -> Result<(), Failed> {
+    let before = root_state()?;
+    cycle_in_lab(legacy, brk, ids, broken)?;
+    ensure!(
+        root_state()? == before,
+        "the root network namespace changed during a doctor test"
+    );
+    Ok(())
+}
+
+fn cycle_in_lab(
+    legacy: bool,
+    brk: impl FnOnce(&Guarded) -> Result<(), Failed>,
+    ids: &[&str],
+    broken: &[(Workload, Target, Verdict)],
+) -> Result<(), Failed> {
+    let g = guarded(legacy)?;
+    let (code, found, out) = doctor(&g, &[])?;
+    ensure!(
+        code == Some(0) && found.is_empty(),
+        "guarded lab not clean: {found:?}\n{out}"
+    );
+    brk(&g)?;
+    let workloads: Vec<Workload> = broken.iter().map(|b| b.0).collect();
+    let m = Matrix::measure(&g.lab, &workloads).map_err(|e| e.to_string())?;
+    for (w, t, v) in broken {
+        ensure!(
+            cell(&m, *w, *t) == *v,
+            "after the break, {w:?} {t:?} is {:?}, expected {v:?}",
+            cell(&m, *w, *t)
+        );
+    }
+    let (code, found, out) = doctor(&g, &[])?;
+    ensure!(
+        code == Some(1) && found == ids,
+        "broken lab: expected {ids:?}, got {found:?} (exit {code:?})\n{out}"
+    );
+    let (code, found_dry, out) = doctor(&g, &["--fix", "--dry-run"])?;
+    ensure!(
+        code == Some(1) && found_dry == ids,
+        "dry run changed something or reported otherwise: {found_dry:?}\n{out}"
+    );
+    let (_, still, _) = doctor(&g, &[])?;
+    ensure!(still == ids, "--dry-run changed the host: now {still:?}");
+    let (code, after, out) = doctor(&g, &["--fix"])?;
+    ensure!(
+        code == Some(0) && after.is_empty(),
+        "--fix left {after:?} (exit {code:?})\n{out}"
+    );
+    let m = Matrix::measure(&g.lab, &workloads).map_err(|e| e.to_string())?;
+    for (w, t, v) in broken {
+        let want = if *v == Verdict::Reached {
+            Verdict::Blocked
+        } else {
+            Verdict::Reached
+        };
+        ensure!(
+            cell(&m, *w, *t) == want,
+            "after --fix, {w:?} {t:?} is {:?}, expected {want:?}",
+            cell(&m, *w, *t)
+        );
+    }
+    let (code, again, out) = doctor(&g, &[])?;
+    ensure!(
+        code == Some(0) && again.is_empty(),
+        "doctor after --fix: {again:?}\n{out}"
+    );
+    Ok(())
+}
+
+fn clean_lab_reports_clean() -> Result<(), Failed> {
+    let g = guarded(false)?;
+    let (code, found, out) = doctor(&g, &[])?;
+    ensure!(code == Some(0) && found.is_empty(), "{found:?}\n{out}");
+    // --probe from a short-lived namespace on docker0 agrees with the static verdicts.
+    let (code, _, out) = doctor(&g, &["--probe"])?;
+    ensure!(code == Some(0), "--probe disagrees (exit {code:?}):\n{out}");
+    ensure!(
+        out.contains("\"probes\""),
+        "no probes in the report:\n{out}"
+    );
+    Ok(())
+}
+
+fn f1_route_localnet_off_breaks_credentials() -> Result<(), Failed> {
+    cycle(
+        false,
+        |g| {
+            sh(
+                &g.lab,
+                Role::Host,
+                "sysctl",
+                "-q -w net.ipv4.conf.all.route_localnet=0",
+            )
+        },
+        &["F1"],
+        &[(
+            Workload::BridgeC1,
+            Target::TaskCredentials,
+            Verdict::Blocked,
+        )],
+    )
+}
+
+fn f2_cis_drop_breaks_credentials() -> Result<(), Failed> {
+    cycle(
+        false,
+        |g| {
+            sh(
+                &g.lab,
+                Role::Host,
+                "iptables",
+                "-w -I INPUT -d 127.0.0.0/8 ! -i lo -j DROP",
+            )
+        },
+        &["F2"],
+        &[
+            (
+                Workload::BridgeC1,
+                Target::TaskCredentials,
+                Verdict::Blocked,
+            ),
+            (
+                Workload::AwsvpcTask,
+                Target::TaskCredentials,
+                Verdict::Blocked,
+            ),
+        ],
+    )
+}
+
+fn f3_fix_in_wrong_backend_does_not_take() -> Result<(), Failed> {
+    cycle(
+        false,
+        |g| {
+            sh(
+                &g.lab,
+                Role::Host,
+                "iptables-legacy",
+                "-w -I INPUT -d 127.0.0.0/8 ! -i lo -j DROP",
+            )?;
+            for i in ["docker0", "ecs-bridge"] {
+                sh(
+                    &g.lab,
+                    Role::Host,
+                    "iptables-nft",
+                    &format!(
+                        "-w -I INPUT -i {i} -d 127.0.0.0/8 -p tcp -m tcp --dport 51679 -j ACCEPT"
+                    ),
+                )?;
+            }
+            Ok(())
+        },
+        &["F2", "F3"],
+        &[
+            (
+                Workload::BridgeC1,
+                Target::TaskCredentials,
+                Verdict::Blocked,
+            ),
+            (
+                Workload::AwsvpcTask,
+                Target::TaskCredentials,
+                Verdict::Blocked,
+            ),
+        ],
+    )
+}
+
+fn f4_docker_restart_wipes_rule() -> Result<(), Failed> {
+    cycle(
+        false,
+        |g| sh(&g.lab, Role::Host, "iptables", "-w -F DOCKER-USER"),
+        &["F4"],
+        &[(Workload::BridgeC1, Target::ImdsV4, Verdict::Reached)],
+    )
+}
+
+fn f6_awsvpc_task_bypasses_docker_user() -> Result<(), Failed> {
+    cycle(
+        false,
+        |g| {
+            sh(
+                &g.lab,
+                Role::Task1,
+                "ip",
+                "route del blackhole 169.254.169.254/32",
+            )?;
+            sh(
+                &g.lab,
+                Role::Task1,
+                "ip",
+                "-6 route del blackhole fd00:ec2::254/128",
+            )
+        },
+        &["F6"],
+        &[
+            (Workload::AwsvpcTask, Target::ImdsV4, Verdict::Reached),
+            (Workload::AwsvpcTask, Target::ImdsV6, Verdict::Reached),
+        ],
+    )
+}
+
+fn f8_ipv6_bypass() -> Result<(), Failed> {
+    cycle(
+        false,
+        |g| sh(&g.lab, Role::Host, "ip6tables", "-w -F DOCKER-USER"),
+        &["F8"],
+        &[(Workload::BridgeC1, Target::ImdsV6, Verdict::Reached)],
+    )
+}
+
+/// Writes the lab-made fixtures (run on purpose, see main.rs).
+pub fn generate_fixtures() -> Result<(), Failed> {
+    type Break = fn(&Guarded) -> Result<(), Failed>;
+    let scenarios: &[(&str, bool, &str, Break)] = &[
+        ("clean", false, "", |_| Ok(())),
+        ("f1-route-localnet-off", false, "F1", |g| {
+            sh(
+                &g.lab,
+                Role::Host,
+                "sysctl",
+                "-q -w net.ipv4.conf.all.route_localnet=0",
+            )
+        }),
+        ("f2-cis-drop-nft", false, "F2", |g| {
+            sh(
+                &g.lab,
+                Role::Host,
+                "iptables-nft",
+                "-w -I INPUT -d 127.0.0.0/8 ! -i lo -j DROP",
+            )
+        }),
+        ("f2-cis-hardened-legacy", true, "F2", cis_legacy),
+        ("f3-accept-in-wrong-backend", false, "F2 F3", |g| {
+            sh(
+                &g.lab,
+                Role::Host,
+                "iptables-legacy",
+                "-w -I INPUT -d 127.0.0.0/8 ! -i lo -j DROP",
+            )?;
+            for i in ["docker0", "ecs-bridge"] {
+                sh(
+                    &g.lab,
+                    Role::Host,
+                    "iptables-nft",
+                    &format!(
+                        "-w -I INPUT -i {i} -d 127.0.0.0/8 -p tcp -m tcp --dport 51679 -j ACCEPT"
+                    ),
+                )?;
+            }
+            Ok(())
+        }),
+        ("f4-docker-user-flushed-nft", false, "F4", |g| {
+            sh(&g.lab, Role::Host, "iptables-nft", "-w -F DOCKER-USER")
+        }),
+        ("f4-docker-user-flushed-legacy", true, "F4", |g| {
+            sh(&g.lab, Role::Host, "iptables-legacy", "-w -F DOCKER-USER")
+        }),
+        ("f6-awsvpc-unguarded", false, "F6", |g| {
+            sh(
+                &g.lab,
+                Role::Task1,
+                "ip",
+                "route del blackhole 169.254.169.254/32",
+            )?;
+            sh(
+                &g.lab,
+                Role::Task1,
+                "ip",
+                "-6 route del blackhole fd00:ec2::254/128",
+            )
+        }),
+        ("f8-ipv6-bypass-nft", false, "F8", |g| {
+            sh(&g.lab, Role::Host, "ip6tables-nft", "-w -F DOCKER-USER")
+        }),
+        ("f8-ipv6-bypass-legacy", true, "F8", |g| {
+            sh(&g.lab, Role::Host, "ip6tables-legacy", "-w -F DOCKER-USER")
+        }),
+        ("f10-agent-publishes-port-80", false, "F10", |g| {
+            sh(&g.lab, Role::Host, "iptables-nft", "-w -t nat -N DOCKER")?;
+            sh(
+                &g.lab,
+                Role::Host,
+                "iptables-nft",
+                "-w -t nat -A PREROUTING -m addrtype --dst-type LOCAL -j DOCKER",
+            )?;
+            sh(&g.lab, Role::Host, "iptables-nft", "-w -t nat -A DOCKER -d 169.254.170.2/32 ! -i docker0 -p tcp -m tcp --dport 80 -j DNAT --to-destination 172.17.0.5:51679")
+        }),
+        ("f11-established-accepted-first", false, "F11", |g| {
+            sh(
+                &g.lab,
+                Role::Host,
+                "iptables-nft",
+                "-w -I FORWARD 1 -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+            )
+        }),
+        ("f15-ip-keyed-imds-proxy", false, "F15", |g| {
+            sh(&g.lab, Role::Host, "iptables-nft", "-w -t nat -I PREROUTING 1 -i docker0 -d 169.254.169.254/32 -p tcp -m tcp --dport 80 -j DNAT --to-destination 172.17.0.1:8181")?;
+            sh(&g.lab, Role::Host, "iptables-nft", "-w -D DOCKER-USER -d 169.254.169.254/32 -j REJECT --reject-with icmp-admin-prohibited")
+        }),
+    ];
+    for (name, legacy, expected, brk) in scenarios {
+        let g = guarded(*legacy)?;
+        brk(&g)?;
+        let dir = fixtures_dir().join(name);
+        let _ = std::fs::remove_dir_all(&dir);
+        let out = g
+            .lab
+            .metaguard(&[
+                "doctor",
+                "--collect",
+                &dir.display().to_string(),
+                "--config",
+                &g.config,
+            ])
+            .map_err(|e| e.to_string())?;
+        ensure!(
+            out.status.success(),
+            "collect {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::fs::write(dir.join("expected"), format!("{expected}\n"))?;
+        eprintln!("wrote {}", dir.display());
+    }
+    Ok(())
+}
+
+/// A CIS-hardened host: the hardening in iptables-legacy (INPUT policy
+/// DROP, loopback rules, established, ssh), Docker/ecs-init in iptables-nft.
+fn cis_legacy(g: &Guarded) -> Result<(), Failed> {
+    for r in [
+        "-w -A INPUT -i lo -j ACCEPT",
+        "-w -A INPUT -s 127.0.0.0/8 ! -i lo -j DROP",
+        "-w -A INPUT -d 127.0.0.0/8 ! -i lo -j DROP",
+        "-w -A INPUT -p tcp -m conntrack --ctstate ESTABLISHED -j ACCEPT",
+        "-w -A INPUT -p udp -m conntrack --ctstate ESTABLISHED -j ACCEPT",
+        "-w -A INPUT -p icmp -m conntrack --ctstate ESTABLISHED -j ACCEPT",
+        "-w -A INPUT -p tcp -m tcp --dport 22 -m conntrack --ctstate NEW -j ACCEPT",
+        "-w -A OUTPUT -o lo -j ACCEPT",
+        "-w -A OUTPUT -p tcp -m conntrack --ctstate NEW,ESTABLISHED -j ACCEPT",
+        "-w -A OUTPUT -p udp -m conntrack --ctstate NEW,ESTABLISHED -j ACCEPT",
+        "-w -A OUTPUT -p icmp -m conntrack --ctstate NEW,ESTABLISHED -j ACCEPT",
+        "-w -P INPUT DROP",
+    ] {
+        sh(&g.lab, Role::Host, "iptables-legacy", r)?;
+    }
+    Ok(())
+}
