@@ -106,6 +106,8 @@ impl FakeContainer {
 #[derive(Debug, Default)]
 struct State {
     containers: Vec<FakeContainer>,
+    /// Every event sent, for `/events?since=` replays.
+    history: Vec<Value>,
 }
 
 /// The fake API. Cheap to clone.
@@ -140,12 +142,14 @@ impl FakeDocker {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
-        let _ = self.events.send(json!({
+        let ev = json!({
             "status": action, "id": c.id, "from": c.image,
             "Type": "container", "Action": action,
             "Actor": { "ID": c.id, "Attributes": { "name": c.name, "image": c.image } },
             "scope": "local", "time": now.as_secs(), "timeNano": now.as_nanos() as u64
-        }));
+        });
+        self.lock().history.push(ev.clone());
+        let _ = self.events.send(ev);
     }
 
     /// Adds a running container and emits `start`.
@@ -254,23 +258,49 @@ impl FakeDocker {
             ),
             "/containers/json" => json_resp(200, &self.list(filters.as_ref())),
             "/events" => {
+                // Subscribe first, then replay what happened since `since`
+                // (seconds, as Docker takes it): nothing falls in between.
                 let rx = self.events.subscribe();
-                let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-                    loop {
-                        match rx.recv().await {
-                            Ok(v) => {
-                                let mut line = v.to_string();
-                                line.push('\n');
-                                return Some((
-                                    Ok::<_, Infallible>(Frame::data(Bytes::from(line))),
-                                    rx,
-                                ));
-                            }
-                            Err(broadcast::error::RecvError::Lagged(_)) => continue,
-                            Err(broadcast::error::RecvError::Closed) => return None,
+                let since: Option<f64> = query.get("since").and_then(|s| s.parse().ok());
+                let replay: std::collections::VecDeque<Value> = match since {
+                    Some(t) => self
+                        .lock()
+                        .history
+                        .iter()
+                        .filter(|e| {
+                            e.get("time")
+                                .and_then(Value::as_f64)
+                                .is_some_and(|et| et >= t.floor())
+                        })
+                        .cloned()
+                        .collect(),
+                    None => std::collections::VecDeque::new(),
+                };
+                let stream =
+                    futures_util::stream::unfold((rx, replay), |(mut rx, mut replay)| async move {
+                        if let Some(v) = replay.pop_front() {
+                            let mut line = v.to_string();
+                            line.push('\n');
+                            return Some((
+                                Ok::<_, Infallible>(Frame::data(Bytes::from(line))),
+                                (rx, replay),
+                            ));
                         }
-                    }
-                });
+                        loop {
+                            match rx.recv().await {
+                                Ok(v) => {
+                                    let mut line = v.to_string();
+                                    line.push('\n');
+                                    return Some((
+                                        Ok::<_, Infallible>(Frame::data(Bytes::from(line))),
+                                        (rx, replay),
+                                    ));
+                                }
+                                Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                                Err(broadcast::error::RecvError::Closed) => return None,
+                            }
+                        }
+                    });
                 Response::builder()
                     .status(200)
                     .header("content-type", "application/json")

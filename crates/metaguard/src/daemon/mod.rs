@@ -100,6 +100,11 @@ pub fn run(
             opts.metrics_addr
         );
     }
+    // Docker events are replayed from here: before the first discovery.
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     let config = load(opts.config_path.as_deref())?;
     let engine = Engine::new(&opts.state_dir, &opts.docker_socket)?;
     let plan = engine.plan(&config)?;
@@ -124,7 +129,7 @@ pub fn run(
         };
         // Signals first: a SIGTERM right after "ready" must find its handler.
         let signals = Signals::new()?;
-        d.start()?;
+        d.start(started)?;
         d.run(rx, signals, load).await
     })
 }
@@ -156,7 +161,7 @@ fn netns_dirs(config: &Config) -> Vec<PathBuf> {
 
 impl Daemon {
     /// The first apply, then monitors, watches and the metrics server.
-    fn start(&mut self) -> anyhow::Result<()> {
+    fn start(&mut self, started: u64) -> anyhow::Result<()> {
         let t = Instant::now();
         let report = self.engine.apply(&self.config, &self.plan)?;
         for w in &report.warnings {
@@ -170,6 +175,7 @@ impl Daemon {
         if self.opts.docker_socket.exists() {
             tokio::spawn(crate::discovery::docker::watch(
                 self.opts.docker_socket.clone(),
+                started,
                 self.tx.clone(),
             ));
         }

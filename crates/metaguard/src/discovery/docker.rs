@@ -120,25 +120,35 @@ fn own_cgroup(proc_root: &Path, pid: i64) -> Option<String> {
         .filter(|p| !p.is_empty())
 }
 
-/// Container start/stop events, forwarded as `()` until the stream ends.
-pub async fn watch(socket: PathBuf, tx: tokio::sync::mpsc::UnboundedSender<crate::daemon::Event>) {
+/// Container start/stop events since `since` (Unix seconds: the daemon's
+/// start, taken before its first discovery), each forwarded as
+/// [`crate::daemon::Event::Docker`]. Docker replays events from `since`, so
+/// a container started between the first discovery and the (lazy)
+/// subscription is not missed; after a reconnect, replay starts at the last
+/// event seen.
+pub async fn watch(
+    socket: PathBuf,
+    since: u64,
+    tx: tokio::sync::mpsc::UnboundedSender<crate::daemon::Event>,
+) {
     use futures_util::StreamExt as _;
     let mut backoff = Duration::from_millis(200);
+    let mut since = since;
     loop {
         if let Ok(docker) = connect(&socket) {
             let filters = std::collections::HashMap::from([
                 ("type", vec!["container"]),
                 ("event", vec!["start", "die", "destroy"]),
             ]);
-            let mut events =
-                docker.events(Some(EventsOptionsBuilder::new().filters(&filters).build()));
-            // Whatever happened while we were not listening.
-            if tx.send(crate::daemon::Event::Docker).is_err() {
-                return;
-            }
+            let opts = EventsOptionsBuilder::new()
+                .since(&since.to_string())
+                .filters(&filters)
+                .build();
+            let mut events = docker.events(Some(opts));
             while let Some(ev) = events.next().await {
-                if ev.is_err() {
-                    break;
+                let Ok(ev) = ev else { break };
+                if let Some(t) = ev.time.and_then(|t| u64::try_from(t).ok()) {
+                    since = since.max(t);
                 }
                 backoff = Duration::from_millis(200);
                 if tx.send(crate::daemon::Event::Docker).is_err() {
