@@ -1,15 +1,16 @@
-//! `metaguard.service`: applies the rules before Docker and the ECS agent
-//! start (F5), and again whenever either is started by hand.
+//! `metaguard.service`: runs `metaguard daemon`, which applies the rules
+//! before Docker and the ECS agent start (F5) and then keeps them true.
 //!
-//! `Type=oneshot` + `RemainAfterExit=yes` is the readiness signal: units
-//! ordered after it (docker, ecs) start only once `metaguard apply` has
-//! exited, i.e. once the ruleset is in the kernel. When `metaguard daemon`
-//! lands (with sd_notify) this becomes `Type=notify` running the daemon,
-//! whose READY=1 is sent after the first apply.
+//! `Type=notify` is the readiness signal: the daemon sends READY=1 after
+//! its first apply, so units ordered after it (docker, ecs) start only once
+//! the ruleset is in the kernel. Reload is SIGHUP (a bad config is refused,
+//! the rules in force stay).
 //!
-//! The sandbox keeps what `apply` needs and nothing else. The capability
+//! The sandbox keeps what the daemon needs and nothing else. The capability
 //! set is measured, not guessed: the deploy tests run `apply` in the lab
-//! with exactly this bounding set and with each capability removed.
+//! with exactly this bounding set and with each capability removed. The
+//! daemon adds only a loopback listener for metrics (AF_INET/AF_INET6,
+//! IPAddressAllow=localhost) and inotify.
 
 use super::{Kind, Options, Stamp};
 
@@ -27,12 +28,12 @@ pub fn render(stamp: &Stamp, opts: &Options) -> String {
         "\
 # metaguard.service — keeps containers away from the instance metadata service.
 {stamp}#
-# Applies the rules before Docker and the ECS agent start (failure mode F5):
-# oneshot + RemainAfterExit, so units ordered after this one wait until the
-# ruleset is in the kernel. `systemctl reload metaguard` re-applies
-# {cfg}.
-# The ruleset stays in the kernel when this unit stops (fail-closed);
-# `metaguard remove` deletes it.
+# Applies the rules before Docker and the ECS agent start (failure mode F5)
+# and keeps them true: Type=notify, READY=1 after the first apply, so units
+# ordered after this one wait until the ruleset is in the kernel.
+# `systemctl reload metaguard` re-reads {cfg} (SIGHUP).
+# The ruleset stays in the kernel when this unit stops or crashes
+# (fail-closed); `metaguard remove` deletes it.
 
 [Unit]
 Description=metaguard: keep containers away from the instance metadata service
@@ -46,17 +47,18 @@ Before=network-pre.target docker.service containerd.service ecs.service shutdown
 Conflicts=shutdown.target
 
 [Service]
-Type=oneshot
-RemainAfterExit=yes
-ExecStart={bin} apply --config {cfg}
-ExecReload={bin} apply --config {cfg}
-Restart=on-failure
-RestartSec=2s
+Type=notify
+NotifyAccess=main
+ExecStart={bin} daemon --config {cfg}
+ExecReload=/bin/kill -HUP $MAINPID
+Restart=always
+RestartSec=1s
 TimeoutStartSec=60s
 
 # Sandbox. Needs: netlink (nft, conntrack), the Docker API socket (task
 # namespaces), setns into task namespaces, a private mount namespace for
-# nft on hybrid cgroup hosts, its state in /run/metaguard.
+# nft on hybrid cgroup hosts, its state in /run/metaguard, and a loopback
+# listener for /metrics and /healthz (127.0.0.1:9469).
 CapabilityBoundingSet={caps}
 NoNewPrivileges=yes
 ProtectSystem=strict
@@ -74,8 +76,9 @@ ProtectControlGroups=yes
 ProtectClock=yes
 ProtectHostname=yes
 RestrictNamespaces=net mnt
-RestrictAddressFamilies=AF_UNIX AF_NETLINK
+RestrictAddressFamilies=AF_UNIX AF_NETLINK AF_INET AF_INET6
 IPAddressDeny=any
+IPAddressAllow=localhost
 RestrictRealtime=yes
 RestrictSUIDSGID=yes
 LockPersonality=yes

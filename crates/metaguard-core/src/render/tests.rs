@@ -333,6 +333,6 @@ fn paths_must_be_plain_and_absolute() {
     };
     let out = render_text(Kind::Systemd, CONTRACT, &o).expect("render");
     assert!(out.contains(
-        "ExecStart=/opt/metaguard-1.0/bin/metaguard apply --config /tmp/x/metaguard.toml"
+        "ExecStart=/opt/metaguard-1.0/bin/metaguard daemon --config /tmp/x/metaguard.toml"
     ));
 }
