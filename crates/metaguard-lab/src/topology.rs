@@ -1010,6 +1010,39 @@ imds          = "deny"
         Ok(cmd)
     }
 
+    /// Runs `spec` as a host-network process in `cgroup` (a path relative
+    /// to the cgroup2 root, which must lie inside this lab's subtree and
+    /// exist), e.g. a cgroup created after the daemon started.
+    pub fn probe_in_cgroup(&self, cgroup: &str, spec: &ProbeSpec) -> Result<ProbeResult, LabError> {
+        if !cgroup.starts_with(&format!("{}/", self.cgroup_root())) {
+            return Err(LabError::ProbeOutput(format!(
+                "{cgroup} is not inside lab {}",
+                self.record.id
+            )));
+        }
+        let json = serde_json::to_string(spec).map_err(|e| LabError::ProbeOutput(e.to_string()))?;
+        let procs = self.cgroup.procs_writer(cgroup)?;
+        let ip = cmd::find_tool("ip").unwrap_or_else(|| "ip".into());
+        let mut cmd = Command::new(ip);
+        cmd.args(["netns", "exec", &self.netns_name(Role::Host)])
+            .arg(&self.opts.probe_exe)
+            .arg("lab-probe")
+            .arg(json)
+            .stdin(Stdio::null());
+        metaguard_sys::cgroup::enter_before_exec(&mut cmd, procs);
+        let out = cmd.output().map_err(|source| LabError::Spawn {
+            command: format!("lab-probe in cgroup {cgroup}"),
+            source,
+        })?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        serde_json::from_str(stdout.lines().last().unwrap_or("")).map_err(|e| {
+            LabError::ProbeOutput(format!(
+                "{e}; stdout {stdout:?}; stderr {:?}",
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        })
+    }
+
     /// Runs a system tool inside a lab namespace (e.g. `nft`, `iptables`).
     pub fn run_in(&self, role: Role, program: &str, args: &[&str]) -> Result<String, LabError> {
         cmd::run(Some(self.netns(role)), program, args, None)

@@ -63,6 +63,9 @@ pub enum Event {
     NetnsDir,
     /// A container started or stopped (Docker API events).
     Docker,
+    /// A directory holding a configured cgroup changed: one may have
+    /// appeared or been re-created (with a new id the rules must use).
+    Cgroup,
 }
 
 /// A guarded namespace and what is expected in it.
@@ -107,7 +110,7 @@ pub fn run(
         .unwrap_or(0);
     let config = load(opts.config_path.as_deref())?;
     let engine = Engine::new(&opts.state_dir, &opts.docker_socket)?;
-    let plan = engine.plan(&config)?;
+    let plan = engine.plan_present(&config)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -192,7 +195,13 @@ impl Daemon {
     fn watch_netns_dirs(&mut self) -> anyhow::Result<()> {
         for dir in self.netns_dirs.clone() {
             if !self.watched.contains(&dir) {
-                monitor::watch_dir(&dir, self.tx.clone())?;
+                monitor::watch_dir(&dir, self.tx.clone(), Event::NetnsDir)?;
+                self.watched.push(dir);
+            }
+        }
+        for dir in self.engine.cgroup_watch_dirs(&self.config) {
+            if !self.watched.contains(&dir) {
+                monitor::watch_dir(&dir, self.tx.clone(), Event::Cgroup)?;
                 self.watched.push(dir);
             }
         }
@@ -315,6 +324,12 @@ impl Daemon {
             }
             Event::NetnsDir => self.replan("namespace appeared or left"),
             Event::Docker => self.replan("container started or stopped"),
+            Event::Cgroup => {
+                // Same paths, possibly new ids: reload the host table even
+                // if its text is unchanged.
+                self.plan.host.clear();
+                self.replan("a configured cgroup appeared or was re-created");
+            }
         }
     }
 
@@ -373,7 +388,7 @@ impl Daemon {
             }
             std::thread::sleep(Duration::from_millis(2));
         }
-        let plan = match self.engine.plan(&self.config) {
+        let plan = match self.engine.plan_present(&self.config) {
             Ok(p) => p,
             Err(e) => {
                 error!(error = %format!("{e:#}"), why, "cannot re-plan; the rules in force stay");
@@ -432,7 +447,7 @@ impl Daemon {
     /// SIGHUP: a new config, all or nothing.
     fn reload(&mut self, load: &impl Fn(Option<&Path>) -> anyhow::Result<Config>) {
         let result = load(self.opts.config_path.as_deref()).and_then(|config| {
-            let plan = self.engine.plan(&config)?;
+            let plan = self.engine.plan_present(&config)?;
             let report = self.engine.apply(&config, &plan)?;
             Ok((config, plan, report))
         });

@@ -137,10 +137,16 @@ pub fn spawn(
     Ok(Handle { task })
 }
 
-/// inotify on `dir`: any entry created, deleted or moved sends
-/// [`Event::NetnsDir`]. A missing directory is created first (e.g.
-/// /run/netns before the first `ip netns add`).
-pub fn watch_dir(dir: &Path, tx: mpsc::UnboundedSender<Event>) -> anyhow::Result<()> {
+/// inotify on `dir`: any entry created, deleted or moved sends `event`
+/// (which must be a unit variant: it is rebuilt for every change). A
+/// missing directory is created first (e.g. /run/netns before the first
+/// `ip netns add`).
+pub fn watch_dir(dir: &Path, tx: mpsc::UnboundedSender<Event>, event: Event) -> anyhow::Result<()> {
+    let make = move || match event {
+        Event::Cgroup => Event::Cgroup,
+        Event::Docker => Event::Docker,
+        _ => Event::NetnsDir,
+    };
     use futures_util::StreamExt as _;
     use inotify::{Inotify, WatchMask};
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -157,7 +163,7 @@ pub fn watch_dir(dir: &Path, tx: mpsc::UnboundedSender<Event>) -> anyhow::Result
         .context("inotify stream")?;
     tokio::spawn(async move {
         while let Some(ev) = stream.next().await {
-            if ev.is_err() || tx.send(Event::NetnsDir).is_err() {
+            if ev.is_err() || tx.send(make()).is_err() {
                 return;
             }
         }

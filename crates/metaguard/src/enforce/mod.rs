@@ -98,6 +98,63 @@ impl Engine {
         Ok(ruleset::plan(config, &facts)?)
     }
 
+    /// Like [`Engine::plan`], for the daemon: configured cgroups that do
+    /// not exist (yet) are left out of the plan with a warning instead of
+    /// failing it — a cgroup that does not exist holds no process to guard.
+    /// The daemon watches for them and re-plans when they appear.
+    pub fn plan_present(&self, config: &Config) -> anyhow::Result<Plan> {
+        let mut present = config.clone();
+        let mut missing = Vec::new();
+        if let Some(cg) = &self.cgroup2 {
+            for w in &mut present.workloads {
+                if let Selector::Cgroups(paths) = &mut w.selector {
+                    paths.retain(|p| {
+                        let here = cg.exists(p);
+                        if !here {
+                            missing.push(format!(
+                                "workload {:?}: cgroup {p:?} does not exist yet; guarded as soon as it appears",
+                                w.name
+                            ));
+                        }
+                        here
+                    });
+                }
+            }
+        }
+        let mut plan = self.plan(&present)?;
+        plan.warnings.extend(missing);
+        Ok(plan)
+    }
+
+    /// The directories to watch for configured cgroups appearing or being
+    /// re-created: the nearest existing ancestor of each.
+    pub fn cgroup_watch_dirs(&self, config: &Config) -> Vec<PathBuf> {
+        let Some(cg) = &self.cgroup2 else {
+            return Vec::new();
+        };
+        let mut dirs = Vec::new();
+        for w in &config.workloads {
+            let Selector::Cgroups(paths) = &w.selector else {
+                continue;
+            };
+            for p in paths {
+                let mut dir = cg.path(p);
+                while !dir.is_dir() || dir == cg.path(p) {
+                    match dir.parent() {
+                        Some(parent) if parent.starts_with(cg.mount()) => {
+                            dir = parent.to_path_buf()
+                        }
+                        _ => break,
+                    }
+                }
+                if dir.is_dir() && !dirs.contains(&dir) {
+                    dirs.push(dir);
+                }
+            }
+        }
+        dirs
+    }
+
     fn check_cgroups(&self, config: &Config) -> anyhow::Result<()> {
         for w in &config.workloads {
             let Selector::Cgroups(paths) = &w.selector else {

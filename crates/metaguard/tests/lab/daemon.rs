@@ -52,6 +52,11 @@ pub const TESTS: &[(&str, bool, crate::TestFn)] = &[
         true,
         sigterm_leaves_rules_unless_remove_on_exit,
     ),
+    (
+        "daemon::cgroups_that_appear_or_are_recreated_later_are_guarded",
+        true,
+        cgroups_that_appear_or_are_recreated_later_are_guarded,
+    ),
 ];
 
 /// A daemon running in the lab's host namespace; SIGKILLed (by pid) and
@@ -678,5 +683,62 @@ fn sigterm_leaves_rules_unless_remove_on_exit() -> Result<(), Failed> {
         host_tables(&lab)? == 0,
         "rules applied despite the bad flag"
     );
+    Ok(())
+}
+
+/// Docker creates its cgroups after metaguard starts at boot, and re-creates
+/// them on restart (new ids). The daemon starts without them (a warning),
+/// and guards each as it appears.
+fn cgroups_that_appear_or_are_recreated_later_are_guarded() -> Result<(), Failed> {
+    let lab = lab()?;
+    let late = format!("{}/docker/late1", lab.cgroup_root());
+    let policy = lab
+        .write_file(
+            "policy.toml",
+            &format!("[[workload]]\nname = \"late\"\ncgroups = [\"{late}\"]\nimds = \"deny\"\n"),
+        )?
+        .display()
+        .to_string();
+    // apply refuses a cgroup that does not exist…
+    let out = lab.metaguard(&["apply", "--config", &policy])?;
+    ensure!(
+        out.status.code() == Some(2),
+        "apply accepted a missing cgroup"
+    );
+    // …the daemon starts and waits for it.
+    let d = Daemon::start(&lab, &policy, &[])?;
+    ensure!(
+        d.log_text().contains("does not exist yet"),
+        "no warning:\n{}",
+        d.log_text()
+    );
+    let url = Lab::imds_url_v4("/latest/meta-data/");
+    let cg = lab.cgroup2();
+    for round in 1..=2 {
+        cg.create(&late)?;
+        d.wait_log_count("host rules updated", round, Duration::from_secs(3))?;
+        let mut spec = lab.http_get(&url);
+        spec.timeout_ms = 500;
+        let r = lab.probe_in_cgroup(&late, &spec)?;
+        ensure!(
+            r.outcome == Outcome::Refused,
+            "round {round}: a process in the new cgroup was not refused: {r:?}"
+        );
+        ensure!(
+            lab.imds()
+                .log()
+                .with_header("x-lab-probe", &spec.id)
+                .is_empty(),
+            "round {round}: arrived"
+        );
+        // Docker restarts: the cgroup goes away and comes back with a new id.
+        cg.remove(&late, 3)?;
+    }
+    // Proof the probe works from a cgroup nobody guards.
+    let free = format!("{}/docker/free1", lab.cgroup_root());
+    cg.create(&free)?;
+    let r = lab.probe_in_cgroup(&free, &lab.http_get(&url))?;
+    cg.remove(&free, 3)?;
+    ensure!(r.ok(), "unguarded cgroup did not reach IMDS: {r:?}");
     Ok(())
 }
