@@ -5,7 +5,7 @@ set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # System packages the lab and the tests use.
-APT_PACKAGES=(nftables iptables iproute2 procps curl python3-venv conntrack)
+APT_PACKAGES=(nftables iptables iproute2 procps curl python3-venv conntrack libseccomp-dev)
 # Validators for the deployment files and the package (tests/deploy): the
 # linter shellcheck, systemd-analyze (from systemd: it verifies units without
 # systemd as PID 1; --no-install-recommends keeps systemd-sysv, the init,

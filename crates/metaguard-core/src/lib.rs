@@ -10,6 +10,7 @@
 
 pub mod config;
 pub mod doctor;
+pub mod exec_policy;
 pub mod location;
 pub mod render;
 pub mod ruleset;

@@ -12,3 +12,4 @@ pub mod cgroup;
 pub mod netns;
 pub mod nft;
 pub mod process;
+pub mod seccomp;

@@ -15,9 +15,9 @@ mod config;
 mod daemon;
 mod demo;
 mod doctor;
+mod exec;
 mod generate;
 mod lab_probe;
-mod pending;
 mod remove;
 mod render;
 mod verify;
@@ -129,12 +129,8 @@ enum Command {
     },
     /// Run CMD unable to reach metadata endpoints (no root needed).
     Exec {
-        /// Allow this destination although it is a metadata endpoint.
-        #[arg(long, value_name = "ADDR[:PORT]")]
-        allow: Vec<String>,
-        /// The command and its arguments.
-        #[arg(last = true, required = true, value_name = "CMD")]
-        cmd: Vec<String>,
+        #[command(flatten)]
+        args: exec::ExecArgs,
     },
     /// Build an emulated ECS host in network namespaces; show before/after.
     Demo {
@@ -213,7 +209,7 @@ pub fn main() -> ExitCode {
             binary,
             installed_config,
         }),
-        Command::Exec { allow: _, cmd: _ } => pending::not_built("exec", "the exec-launcher issue"),
+        Command::Exec { args } => exec::run(args),
         Command::Demo { json, color } => demo::run(json, &color),
         Command::LabProbe { spec } => lab_probe::run(&spec),
         Command::Generate { what, dir } => generate::run(what, &dir),

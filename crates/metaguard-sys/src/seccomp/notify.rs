@@ -1,0 +1,666 @@
+//! The notification workers: receive, copy, check, perform, answer.
+//!
+//! Several worker threads block in `SECCOMP_IOCTL_NOTIF_RECV` on the same
+//! listener (the kernel hands each notification to one of them). A worker
+//! handles its notification to the end, so a blocking `connect` occupies
+//! one worker; when the last idle worker takes a notification it starts
+//! another, up to [`MAX_WORKERS`]. Each worker has its own filesystem
+//! context (`unshare(CLONE_FS)`) so it can resolve a relative `AF_UNIX`
+//! path from the caller's working directory.
+//!
+//! See the parent module for why the call is performed here, on a
+//! `pidfd_getfd` duplicate, with the bytes that were checked.
+
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use rustix::process::{Pid, PidfdFlags, PidfdGetfdFlags};
+
+use super::sockaddr::{self, Cmsg, Dest, MsgHdr};
+use super::{mem, Attempt, Policy, Refusal, Syscall, Verdict};
+
+/// Most concurrent workers (each may sit in a blocking connect).
+pub const MAX_WORKERS: usize = 64;
+/// Most payload bytes copied for one send; a stream socket gets a
+/// partial send beyond it, a datagram `EMSGSIZE`.
+pub const MAX_PAYLOAD: usize = 4 << 20;
+/// Most control-message bytes (the kernel's `optmem_max` is smaller).
+pub const MAX_CONTROL: usize = 1 << 16;
+
+struct Shared {
+    listener: OwnedFd,
+    policy: Arc<dyn Policy>,
+    idle: AtomicUsize,
+    workers: AtomicUsize,
+    nr: Numbers,
+}
+
+/// Native syscall numbers of the intercepted calls.
+#[derive(Clone, Copy)]
+struct Numbers {
+    connect: i32,
+    sendto: i32,
+    sendmsg: i32,
+    sendmmsg: i32,
+}
+
+/// `SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP` (Linux 6.6+): wake the supervisor
+/// and the caller on the same CPU, which halves the notification round
+/// trip. Optional.
+const SYNC_WAKE_UP: u64 = 1;
+
+/// One received notification (`struct seccomp_notif`).
+struct Notif {
+    id: u64,
+    tid: u32,
+    nr: i32,
+    args: [u64; 6],
+}
+
+fn ioctl_recv(fd: RawFd) -> io::Result<Notif> {
+    // The kernel wants a zeroed buffer; retried on EINTR, bounded.
+    for _ in 0..1000 {
+        // SAFETY: seccomp_notif is plain data; all-zero is what the kernel
+        // expects on entry.
+        let mut n: libc::seccomp_notif = unsafe { std::mem::zeroed() };
+        // SAFETY: SECCOMP_IOCTL_NOTIF_RECV writes one seccomp_notif (its
+        // size is encoded in the request number) into `n`, which is ours
+        // and alive for the call.
+        let r = unsafe { libc::ioctl(fd, libc::SECCOMP_IOCTL_NOTIF_RECV, &mut n) };
+        if r == 0 {
+            return Ok(Notif {
+                id: n.id,
+                tid: n.pid,
+                nr: n.data.nr,
+                args: n.data.args,
+            });
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINTR) {
+            return Err(e);
+        }
+    }
+    Err(io::Error::from_raw_os_error(libc::EINTR))
+}
+
+/// Answers notification `id`: `Ok(val)` or `Err(errno)` (positive).
+fn ioctl_send(fd: RawFd, id: u64, answer: Answer) -> io::Result<()> {
+    let (val, error) = match answer {
+        Ok(v) => (v, 0),
+        Err(e) => (0, -e),
+    };
+    let mut resp = libc::seccomp_notif_resp {
+        id,
+        val,
+        error,
+        flags: 0,
+    };
+    // SAFETY: SECCOMP_IOCTL_NOTIF_SEND reads one seccomp_notif_resp from
+    // `resp`, ours and alive for the call.
+    let r = unsafe { libc::ioctl(fd, libc::SECCOMP_IOCTL_NOTIF_SEND, &mut resp) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+fn ioctl_id_valid(fd: RawFd, id: u64) -> bool {
+    let mut id = id;
+    // SAFETY: SECCOMP_IOCTL_NOTIF_ID_VALID reads one u64 from `id`.
+    unsafe { libc::ioctl(fd, libc::SECCOMP_IOCTL_NOTIF_ID_VALID, &mut id) == 0 }
+}
+
+fn set_sync_wake_up(fd: RawFd) {
+    let mut flags = SYNC_WAKE_UP;
+    // SAFETY: SECCOMP_IOCTL_NOTIF_SET_FLAGS reads one u64; on kernels
+    // without it the call fails (EINVAL/ENOTTY) and nothing changes.
+    unsafe { libc::ioctl(fd, libc::SECCOMP_IOCTL_NOTIF_SET_FLAGS, &mut flags) };
+}
+
+/// Starts the first workers; they live until the process exits.
+pub fn start_workers(listener: OwnedFd, policy: Arc<dyn Policy>) {
+    set_sync_wake_up(listener.as_raw_fd());
+    let shared = Arc::new(Shared {
+        listener,
+        policy,
+        idle: AtomicUsize::new(0),
+        workers: AtomicUsize::new(0),
+        nr: Numbers {
+            connect: libc::SYS_connect as i32,
+            sendto: libc::SYS_sendto as i32,
+            sendmsg: libc::SYS_sendmsg as i32,
+            sendmmsg: libc::SYS_sendmmsg as i32,
+        },
+    });
+    for _ in 0..2 {
+        spawn_worker(&shared);
+    }
+}
+
+fn spawn_worker(shared: &Arc<Shared>) {
+    if shared.workers.fetch_add(1, Ordering::SeqCst) >= MAX_WORKERS {
+        shared.workers.fetch_sub(1, Ordering::SeqCst);
+        return;
+    }
+    shared.idle.fetch_add(1, Ordering::SeqCst);
+    let s = Arc::clone(shared);
+    let spawned = std::thread::Builder::new()
+        .name("metaguard-notify".into())
+        .spawn(move || worker(s));
+    if spawned.is_err() {
+        shared.idle.fetch_sub(1, Ordering::SeqCst);
+        shared.workers.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+fn worker(shared: Arc<Shared>) {
+    // Own cwd for relative AF_UNIX paths; failure only disables those.
+    // SAFETY: unshare(CLONE_FS) only detaches this thread's fs context
+    // (cwd, root, umask) from the other threads'; no memory is involved.
+    let own_fs = unsafe { libc::unshare(libc::CLONE_FS) } == 0;
+    let fd = shared.listener.as_raw_fd();
+    // The worker lives as long as the supervisor; each iteration handles
+    // one notification. Errors other than a vanished notification end it
+    // after a bounded number of retries.
+    let mut failures = 0u32;
+    loop {
+        // Wait in poll first: with SYNC_WAKE_UP the kernel wakes poll
+        // waiters on the caller's CPU (a RECV blocked in the ioctl is woken
+        // the ordinary way). POLLHUP: no task uses the filter any more.
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, ours, for the call.
+        let n = unsafe { libc::poll(&mut pfd, 1, -1) };
+        if n > 0
+            && pfd.revents & libc::POLLIN == 0
+            && pfd.revents & (libc::POLLHUP | libc::POLLERR) != 0
+        {
+            shared.idle.fetch_sub(1, Ordering::SeqCst);
+            shared.workers.fetch_sub(1, Ordering::SeqCst);
+            return;
+        }
+        let req = match ioctl_recv(fd) {
+            Ok(r) => {
+                failures = 0;
+                r
+            }
+            Err(_) => {
+                // ENOENT: the caller vanished between wake-up and receive.
+                failures += 1;
+                if failures > 1000 {
+                    shared.idle.fetch_sub(1, Ordering::SeqCst);
+                    shared.workers.fetch_sub(1, Ordering::SeqCst);
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(1));
+                continue;
+            }
+        };
+        if shared.idle.fetch_sub(1, Ordering::SeqCst) == 1 {
+            spawn_worker(&shared);
+        }
+        let answer = handle(&shared, &req, own_fs);
+        // ENOENT: the caller was interrupted or died meanwhile.
+        let _ = ioctl_send(fd, req.id, answer);
+        shared.idle.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// What a handler answers: the return value, or a positive errno.
+type Answer = Result<i64, i32>;
+
+fn errno_of(e: &io::Error) -> i32 {
+    e.raw_os_error().unwrap_or(libc::EIO)
+}
+
+struct Call<'a> {
+    shared: &'a Shared,
+    id: u64,
+    tid: u32,
+    syscall: Syscall,
+    own_fs: bool,
+}
+
+impl Call<'_> {
+    fn refuse(&self, reason: String, errno: i32) -> i32 {
+        self.shared.policy.refused(&Refusal {
+            syscall: self.syscall,
+            tid: self.tid,
+            reason,
+            errno,
+        });
+        errno
+    }
+
+    /// Reads child memory; an unreadable child is refused (fail closed),
+    /// a bad pointer is the child's own EFAULT.
+    fn read(&self, addr: u64, len: usize) -> Result<Vec<u8>, i32> {
+        mem::read(self.tid, addr, len).map_err(|e| match errno_of(&e) {
+            libc::EFAULT => libc::EFAULT,
+            _ => self.refuse(format!("cannot read the caller's memory: {e}"), libc::EPERM),
+        })
+    }
+
+    fn still_valid(&self) -> Result<(), i32> {
+        if ioctl_id_valid(self.shared.listener.as_raw_fd(), self.id) {
+            Ok(())
+        } else {
+            Err(libc::ENOENT)
+        }
+    }
+
+    /// Checks one destination with the policy; Err(EACCES) when denied.
+    fn check(&self, dest: Dest) -> Result<(), i32> {
+        if let Dest::Ip(sa) = dest {
+            let attempt = Attempt {
+                syscall: self.syscall,
+                tid: self.tid,
+                dest: sa,
+            };
+            if self.shared.policy.decide(&attempt) == Verdict::Deny {
+                self.shared.policy.denied(&attempt);
+                return Err(libc::EACCES);
+            }
+        }
+        Ok(())
+    }
+
+    /// A pidfd for the calling thread: a thread pidfd where the kernel has
+    /// them (6.9+), else its thread group's.
+    fn pidfd(&self) -> Result<OwnedFd, i32> {
+        static NO_THREAD_PIDFD: AtomicBool = AtomicBool::new(false);
+        let tid = Pid::from_raw(self.tid as i32).ok_or(libc::ESRCH)?;
+        if !NO_THREAD_PIDFD.load(Ordering::Relaxed) {
+            // PIDFD_THREAD is O_EXCL.
+            match rustix::process::pidfd_open(
+                tid,
+                PidfdFlags::from_bits_retain(libc::O_EXCL as u32),
+            ) {
+                Ok(fd) => return Ok(fd),
+                Err(rustix::io::Errno::INVAL) => NO_THREAD_PIDFD.store(true, Ordering::Relaxed),
+                Err(e) => return Err(self.refuse(format!("pidfd_open: {e}"), libc::EPERM)),
+            }
+        }
+        let tgid = tgid_of(self.tid).ok_or(libc::ESRCH)?;
+        let pid = Pid::from_raw(tgid).ok_or(libc::ESRCH)?;
+        rustix::process::pidfd_open(pid, PidfdFlags::empty())
+            .map_err(|e| self.refuse(format!("pidfd_open: {e}"), libc::EPERM))
+    }
+
+    /// The caller's socket `fd`, duplicated into this process. The
+    /// notification is re-checked after the pidfd was opened, so the pidfd
+    /// is the blocked caller's and not a reused pid's.
+    fn socket(&self, fd: u64) -> Result<OwnedFd, i32> {
+        let pidfd = self.pidfd()?;
+        self.still_valid()?;
+        let fd = i32::try_from(fd as i64).map_err(|_| libc::EBADF)?;
+        rustix::process::pidfd_getfd(&pidfd, fd as RawFd, PidfdGetfdFlags::empty()).map_err(|e| {
+            match e {
+                rustix::io::Errno::BADF => libc::EBADF,
+                e => self.refuse(format!("pidfd_getfd: {e}"), libc::EPERM),
+            }
+        })
+    }
+
+    /// Enters the caller's working directory when a relative AF_UNIX path
+    /// is about to be resolved.
+    fn enter_cwd(&self, dest: Dest) -> Result<(), i32> {
+        if dest != Dest::UnixRelative {
+            return Ok(());
+        }
+        if !self.own_fs {
+            return Err(self.refuse(
+                "relative AF_UNIX path and no private cwd".into(),
+                libc::EACCES,
+            ));
+        }
+        let cwd = std::fs::File::open(format!("/proc/{}/cwd", self.tid))
+            .map_err(|e| self.refuse(format!("cannot open the caller's cwd: {e}"), libc::EACCES))?;
+        rustix::process::fchdir(&cwd).map_err(|e| self.refuse(format!("fchdir: {e}"), libc::EACCES))
+    }
+}
+
+fn tgid_of(tid: u32) -> Option<i32> {
+    let status = std::fs::read_to_string(format!("/proc/{tid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Tgid:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+fn handle(shared: &Shared, req: &Notif, own_fs: bool) -> Answer {
+    let nr = req.nr;
+    let syscall = if nr == shared.nr.connect {
+        Syscall::Connect
+    } else if nr == shared.nr.sendto {
+        Syscall::Sendto
+    } else if nr == shared.nr.sendmsg {
+        Syscall::Sendmsg
+    } else if nr == shared.nr.sendmmsg {
+        Syscall::Sendmmsg
+    } else {
+        return Err(libc::ENOSYS);
+    };
+    let call = Call {
+        shared,
+        id: req.id,
+        tid: req.tid,
+        syscall,
+        own_fs,
+    };
+    let a = req.args;
+    match syscall {
+        Syscall::Connect => connect(&call, a[0], a[1], a[2]),
+        Syscall::Sendto => sendto(&call, a),
+        Syscall::Sendmsg => sendmsg(&call, a[0], a[1], a[2]),
+        Syscall::Sendmmsg => sendmmsg(&call, a[0], a[1], a[2], a[3]),
+    }
+}
+
+/// Reads an address argument of `len` bytes (`len` as the kernel takes
+/// it: an `int`, at most `sockaddr_storage`).
+fn read_addr(call: &Call<'_>, ptr: u64, len: u64) -> Result<Vec<u8>, i32> {
+    let len = len as u32 as i32;
+    if len < 0 || len as usize > sockaddr::SOCKADDR_MAX {
+        return Err(libc::EINVAL);
+    }
+    call.read(ptr, len as usize)
+}
+
+fn ret(r: isize) -> Answer {
+    if r < 0 {
+        Err(io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EIO))
+    } else {
+        Ok(r as i64)
+    }
+}
+
+fn connect(call: &Call<'_>, fd: u64, ptr: u64, len: u64) -> Answer {
+    let addr = read_addr(call, ptr, len)?;
+    let dest = sockaddr::decode(&addr);
+    call.check(dest)?;
+    let sock = call.socket(fd)?;
+    call.enter_cwd(dest)?;
+    // SAFETY: `sock` is an open descriptor owned here; `addr` is our own
+    // copy of exactly `addr.len()` bytes (≤ sockaddr_storage), alive for
+    // the call; connect only reads it.
+    let r = unsafe {
+        libc::connect(
+            sock.as_raw_fd(),
+            addr.as_ptr().cast(),
+            addr.len() as libc::socklen_t,
+        )
+    };
+    ret(r as isize)
+}
+
+fn socket_type(sock: &OwnedFd) -> i32 {
+    rustix::net::sockopt::socket_type(sock)
+        .map(|t| t.as_raw() as i32)
+        .unwrap_or(libc::SOCK_STREAM)
+}
+
+/// How many payload bytes to copy for a send of `total` bytes, or
+/// EMSGSIZE for a datagram that is too large to copy.
+fn payload_len(sock: &OwnedFd, total: u64) -> Result<usize, i32> {
+    if total as usize <= MAX_PAYLOAD {
+        return Ok(total as usize);
+    }
+    match socket_type(sock) {
+        libc::SOCK_STREAM => Ok(MAX_PAYLOAD),
+        _ => Err(libc::EMSGSIZE),
+    }
+}
+
+/// The caller would have got SIGPIPE from the kernel; this process did
+/// not (it sends with MSG_NOSIGNAL), so pass it on.
+fn sigpipe(call: &Call<'_>, answer: &Answer, flags: i32) {
+    if answer == &Err(libc::EPIPE) && flags & libc::MSG_NOSIGNAL == 0 {
+        if let Some(tgid) = tgid_of(call.tid) {
+            // SAFETY: tgkill with ids read just now; at worst the thread is
+            // gone and the kernel answers ESRCH.
+            unsafe { libc::syscall(libc::SYS_tgkill, tgid, call.tid as i32, libc::SIGPIPE) };
+        }
+    }
+}
+
+fn sendto(call: &Call<'_>, a: [u64; 6]) -> Answer {
+    let (fd, buf, len, flags, ptr, alen) = (a[0], a[1], a[2], a[3] as i32, a[4], a[5]);
+    let addr = read_addr(call, ptr, alen)?;
+    let dest = sockaddr::decode(&addr);
+    call.check(dest)?;
+    let sock = call.socket(fd)?;
+    let n = payload_len(&sock, len)?;
+    let data = call.read(buf, n)?;
+    call.enter_cwd(dest)?;
+    // SAFETY: `sock` is open and owned here; `data` and `addr` are our own
+    // buffers of the lengths passed, alive for the call, only read.
+    let r = unsafe {
+        libc::sendto(
+            sock.as_raw_fd(),
+            data.as_ptr().cast(),
+            data.len(),
+            flags | libc::MSG_NOSIGNAL,
+            addr.as_ptr().cast(),
+            addr.len() as libc::socklen_t,
+        )
+    };
+    let answer = ret(r);
+    sigpipe(call, &answer, flags);
+    answer
+}
+
+/// One message, copied out of the child and made ready to send here.
+struct Msg {
+    name: Vec<u8>,
+    data: Vec<u8>,
+    control: Vec<u8>,
+    /// Descriptors duplicated for SCM_RIGHTS; closed after the send.
+    _fds: Vec<OwnedFd>,
+    dest: Dest,
+}
+
+/// Copies one `msghdr` (already read) and everything it points to.
+fn copy_msg(
+    call: &Call<'_>,
+    h: &MsgHdr,
+    sock: Option<&OwnedFd>,
+    budget: &mut usize,
+) -> Result<Msg, i32> {
+    let name = if h.name == 0 {
+        Vec::new()
+    } else {
+        // The kernel truncates a longer msg_namelen to sockaddr_storage.
+        let len = (h.namelen as usize).min(sockaddr::SOCKADDR_MAX);
+        call.read(h.name, len)?
+    };
+    let dest = if name.is_empty() {
+        Dest::Other
+    } else {
+        sockaddr::decode(&name)
+    };
+    if h.iovlen as usize > sockaddr::UIO_MAXIOV {
+        return Err(libc::EMSGSIZE);
+    }
+    let iovs = sockaddr::parse_iovecs(&call.read(h.iov, h.iovlen as usize * 16)?);
+    let total: u64 = iovs.iter().map(|(_, l)| *l).fold(0u64, u64::saturating_add);
+    let want = match sock {
+        Some(s) => payload_len(s, total)?,
+        None => total as usize,
+    }
+    .min(*budget);
+    let mut data = Vec::with_capacity(want);
+    for (base, len) in iovs {
+        if data.len() >= want {
+            break;
+        }
+        let take = (len as usize).min(want - data.len());
+        data.extend_from_slice(&call.read(base, take)?);
+    }
+    *budget -= data.len();
+    if h.controllen as usize > MAX_CONTROL {
+        return Err(libc::ENOBUFS);
+    }
+    let mut control = if h.controllen == 0 {
+        Vec::new()
+    } else {
+        call.read(h.control, h.controllen as usize)?
+    };
+    let mut fds = Vec::new();
+    let cmsgs = sockaddr::parse_cmsgs(&control).map_err(|_| libc::EINVAL)?;
+    for c in cmsgs {
+        match c {
+            Cmsg::Rights { offset, count } => {
+                let pidfd = call.pidfd()?;
+                for i in 0..count {
+                    let at = offset + 4 * i;
+                    let theirs = sockaddr::read_i32(&control, at);
+                    let ours =
+                        rustix::process::pidfd_getfd(&pidfd, theirs, PidfdGetfdFlags::empty())
+                            .map_err(|_| libc::EBADF)?;
+                    sockaddr::write_i32(&mut control, at, ours.as_raw_fd());
+                    fds.push(ours);
+                }
+            }
+            Cmsg::Credentials { offset } => {
+                // The kernel accepts only the sender's own pid.
+                sockaddr::write_i32(&mut control, offset, std::process::id() as i32);
+            }
+            Cmsg::SourceRoute => {
+                return Err(call.refuse(
+                    "source route / routing header control message".into(),
+                    libc::EPERM,
+                ));
+            }
+            Cmsg::Other => {}
+        }
+    }
+    Ok(Msg {
+        name,
+        data,
+        control,
+        _fds: fds,
+        dest,
+    })
+}
+
+/// A `libc::msghdr` pointing into `m` (and `iov`, which must outlive it).
+fn raw_msghdr(m: &Msg, iov: &mut libc::iovec) -> libc::msghdr {
+    *iov = libc::iovec {
+        iov_base: m.data.as_ptr() as *mut libc::c_void,
+        iov_len: m.data.len(),
+    };
+    // SAFETY: msghdr is plain data; all-zero is a valid empty header.
+    let mut h: libc::msghdr = unsafe { std::mem::zeroed() };
+    if !m.name.is_empty() {
+        h.msg_name = m.name.as_ptr() as *mut libc::c_void;
+        h.msg_namelen = m.name.len() as libc::socklen_t;
+    }
+    h.msg_iov = iov;
+    h.msg_iovlen = 1;
+    if !m.control.is_empty() {
+        h.msg_control = m.control.as_ptr() as *mut libc::c_void;
+        h.msg_controllen = m.control.len();
+    }
+    h
+}
+
+fn sendmsg(call: &Call<'_>, fd: u64, ptr: u64, flags: u64) -> Answer {
+    let flags = flags as i32;
+    let hdr = call.read(ptr, sockaddr::MSGHDR_SIZE)?;
+    let h = MsgHdr::parse(&hdr).ok_or(libc::EFAULT)?;
+    let sock = call.socket(fd)?;
+    let mut budget = MAX_PAYLOAD;
+    let m = copy_msg(call, &h, Some(&sock), &mut budget)?;
+    call.check(m.dest)?;
+    call.enter_cwd(m.dest)?;
+    let mut iov = libc::iovec {
+        iov_base: std::ptr::null_mut(),
+        iov_len: 0,
+    };
+    let raw = raw_msghdr(&m, &mut iov);
+    // SAFETY: `raw` points only into `m` and `iov`, our own buffers, alive
+    // for the call; descriptors in its control data are ours (`m._fds`).
+    let r = unsafe { libc::sendmsg(sock.as_raw_fd(), &raw, flags | libc::MSG_NOSIGNAL) };
+    let answer = ret(r);
+    sigpipe(call, &answer, flags);
+    answer
+}
+
+fn sendmmsg(call: &Call<'_>, fd: u64, ptr: u64, vlen: u64, flags: u64) -> Answer {
+    let flags = flags as i32;
+    let vlen = (vlen as u32 as usize).min(sockaddr::UIO_MAXIOV);
+    if vlen == 0 {
+        return Ok(0);
+    }
+    let arr = call.read(ptr, vlen * sockaddr::MMSGHDR_SIZE)?;
+    let sock = call.socket(fd)?;
+    let mut budget = MAX_PAYLOAD;
+    let mut msgs = Vec::with_capacity(vlen);
+    let mut denied = None;
+    for i in 0..vlen {
+        let at = i * sockaddr::MMSGHDR_SIZE;
+        let h = MsgHdr::parse(&arr[at..at + sockaddr::MSGHDR_SIZE]).ok_or(libc::EFAULT)?;
+        let m = match copy_msg(call, &h, Some(&sock), &mut budget) {
+            Ok(m) => m,
+            Err(e) => {
+                denied = Some(e);
+                break;
+            }
+        };
+        if let Err(e) = call.check(m.dest).and_then(|_| call.enter_cwd(m.dest)) {
+            denied = Some(e);
+            break;
+        }
+        msgs.push(m);
+    }
+    // Like the kernel: messages before the first failure are sent; the
+    // failure is reported only when nothing was sent.
+    if msgs.is_empty() {
+        return Err(denied.unwrap_or(libc::EINVAL));
+    }
+    let mut iovs = vec![
+        libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0
+        };
+        msgs.len()
+    ];
+    let mut raw: Vec<libc::mmsghdr> = msgs
+        .iter()
+        .zip(iovs.iter_mut())
+        .map(|(m, iov)| libc::mmsghdr {
+            msg_hdr: raw_msghdr(m, iov),
+            msg_len: 0,
+        })
+        .collect();
+    // SAFETY: `raw` has `raw.len()` headers pointing into `msgs` and
+    // `iovs`, our own buffers alive for the call; the kernel writes only
+    // the msg_len fields of `raw`.
+    let r = unsafe {
+        libc::sendmmsg(
+            sock.as_raw_fd(),
+            raw.as_mut_ptr(),
+            raw.len() as libc::c_uint,
+            flags | libc::MSG_NOSIGNAL,
+        )
+    };
+    let answer = ret(r as isize);
+    if let Ok(sent) = answer {
+        // Tell the caller how much of each message went, like the kernel.
+        for (i, h) in raw.iter().take(sent as usize).enumerate() {
+            let at = ptr + (i * sockaddr::MMSGHDR_SIZE + sockaddr::MSGHDR_SIZE) as u64;
+            let _ = mem::write(call.tid, at, &h.msg_len.to_ne_bytes());
+        }
+    }
+    sigpipe(call, &answer, flags);
+    answer
+}
