@@ -339,11 +339,18 @@ impl Daemon {
             return;
         };
         let started = Instant::now();
-        let actual = match self.engine.read(g.target.netns.as_ref()) {
-            Ok(a) => a,
-            Err(e) => {
-                error!(netns = %key, error = %format!("{e:#}"), "cannot read the table back");
-                return;
+        // A transaction that ended with the table deleted needs no
+        // read-back: heal at once (two nft runs fewer on the hot path).
+        let gone = batch.is_some_and(|b| b.leaves_table_deleted(FAMILY, TABLE));
+        let actual = if gone {
+            None
+        } else {
+            match self.engine.read(g.target.netns.as_ref()) {
+                Ok(a) => a,
+                Err(e) => {
+                    error!(netns = %key, error = %format!("{e:#}"), "cannot read the table back");
+                    return;
+                }
             }
         };
         let differences = match &actual {

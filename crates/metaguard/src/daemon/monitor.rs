@@ -33,6 +33,16 @@ impl Batch {
         self.lines.iter().any(|l| names_table(l, family, table))
     }
 
+    /// Whether the transaction ended with `family table` deleted (a flush
+    /// or a delete): then there is nothing to read back before healing.
+    pub fn leaves_table_deleted(&self, family: &str, table: &str) -> bool {
+        self.lines
+            .iter()
+            .rev()
+            .find(|l| names_table(l, family, table))
+            .is_some_and(|l| l.starts_with("delete table "))
+    }
+
     /// A short name for what happened to `family table`, for logs and the
     /// `cause` label of the heal counter.
     pub fn cause(&self, family: &str, table: &str) -> &'static str {
@@ -205,6 +215,9 @@ mod tests {
             batch(&["delete rule inet metaguard wl1 handle 4"]).cause("inet", "metaguard"),
             "chain-altered"
         );
+        assert!(flush.leaves_table_deleted("inet", "metaguard"));
+        let restored = batch(&["delete table inet metaguard", "add table inet metaguard"]);
+        assert!(!restored.leaves_table_deleted("inet", "metaguard"));
         let iptables = batch(&["delete rule ip filter INPUT handle 2"]);
         assert!(!iptables.touches("inet", "metaguard"));
         assert!(!batch(&["add table inet metaguard2"]).touches("inet", "metaguard"));
