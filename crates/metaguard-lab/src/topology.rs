@@ -1043,6 +1043,39 @@ imds          = "deny"
         })
     }
 
+    /// The F17 attack, from bridge container `role` (which has NET_ADMIN in
+    /// its own namespace): route 127.0.0.0/8 through the bridge gateway
+    /// ahead of the local table, and allow sending to loopback addresses
+    /// off `lo`. With the host's route_localnet=1 (ecs-init sets it), the
+    /// container then reaches the host's 127.0.0.1 services directly.
+    pub fn route_loopback_via_gateway(&self, role: Role) -> Result<(), LabError> {
+        let gw = match role {
+            Role::C1 | Role::C2 => "172.17.0.1",
+            _ => {
+                return Err(LabError::ProbeOutput(format!(
+                    "{role:?} is not a bridge container"
+                )))
+            }
+        };
+        // The local table is consulted first (pref 0); move it after ours.
+        cmd::ip_batch(
+            self.netns(role),
+            &format!(
+                "route add 127.0.0.0/8 via {gw} dev eth0 table 100\n\
+                 rule add to 127.0.0.0/8 lookup 100 pref 100\n\
+                 rule add lookup local pref 1000\n\
+                 rule del pref 0\n"
+            ),
+        )?;
+        self.sysctl(
+            role,
+            &[
+                "net.ipv4.conf.all.route_localnet=1",
+                "net.ipv4.conf.eth0.route_localnet=1",
+            ],
+        )
+    }
+
     /// Runs a system tool inside a lab namespace (e.g. `nft`, `iptables`).
     pub fn run_in(&self, role: Role, program: &str, args: &[&str]) -> Result<String, LabError> {
         cmd::run(Some(self.netns(role)), program, args, None)

@@ -186,6 +186,28 @@ impl Nft {
         }
     }
 
+    /// Runs a command about one table; `None` when the table does not
+    /// exist (nft's "No such file or directory"), its output otherwise.
+    fn on_table(
+        &self,
+        ns: Option<&Netns>,
+        args: &[&str],
+        action: &'static str,
+    ) -> Result<Option<String>, NftError> {
+        let (ok, stdout, stderr) = self.run(ns, args, None)?;
+        if ok {
+            Ok(Some(stdout))
+        } else if stderr.contains("No such file or directory") {
+            Ok(None)
+        } else {
+            Err(NftError::Failed {
+                action,
+                netns: where_(ns),
+                stderr,
+            })
+        }
+    }
+
     /// `nft -j list table FAMILY NAME`, or `None` when there is no such
     /// table.
     pub fn list_table_json(
@@ -194,18 +216,7 @@ impl Nft {
         family: &str,
         table: &str,
     ) -> Result<Option<String>, NftError> {
-        let (ok, stdout, stderr) = self.run(ns, &["-j", "list", "table", family, table], None)?;
-        if ok {
-            Ok(Some(stdout))
-        } else if stderr.contains("No such file or directory") {
-            Ok(None)
-        } else {
-            Err(NftError::Failed {
-                action: "list table",
-                netns: where_(ns),
-                stderr,
-            })
-        }
+        self.on_table(ns, &["-j", "list", "table", family, table], "list table")
     }
 
     /// `nft list table FAMILY NAME` as text, or `None` when absent.
@@ -215,18 +226,7 @@ impl Nft {
         family: &str,
         table: &str,
     ) -> Result<Option<String>, NftError> {
-        let (ok, stdout, stderr) = self.run(ns, &["list", "table", family, table], None)?;
-        if ok {
-            Ok(Some(stdout))
-        } else if stderr.contains("No such file or directory") {
-            Ok(None)
-        } else {
-            Err(NftError::Failed {
-                action: "list table",
-                netns: where_(ns),
-                stderr,
-            })
-        }
+        self.on_table(ns, &["list", "table", family, table], "list table")
     }
 
     /// Deletes a table; `false` when it did not exist.
@@ -236,18 +236,9 @@ impl Nft {
         family: &str,
         table: &str,
     ) -> Result<bool, NftError> {
-        let (ok, _, stderr) = self.run(ns, &["delete", "table", family, table], None)?;
-        if ok {
-            Ok(true)
-        } else if stderr.contains("No such file or directory") {
-            Ok(false)
-        } else {
-            Err(NftError::Failed {
-                action: "delete table",
-                netns: where_(ns),
-                stderr,
-            })
-        }
+        Ok(self
+            .on_table(ns, &["delete", "table", family, table], "delete table")?
+            .is_some())
     }
 }
 

@@ -23,6 +23,8 @@ use std::time::{Duration, Instant};
 use metaguard_lab::topology::Role;
 use metaguard_lab::{Lab, LabOptions};
 
+mod common;
+
 fn main() {
     let full = std::env::args().any(|a| a == "--bench");
     if !metaguard_sys::process::is_root() {
@@ -200,25 +202,16 @@ fn run(full: bool) -> Result<(), String> {
     drop(daemon);
     drop(lab);
     if full {
-        write_section(&report)?;
+        common::write_section(
+            "daemon",
+            &format!(
+                "## Daemon — `sudo cargo bench -p metaguard --bench daemon`\n\n\
+                 Lab host, the lab policy with the task glob `mglab-<id>-task*`; release build. \
+                 Heal latency is measured by an `nft monitor` of the benchmark's own: from the flush's \
+                 `delete table inet metaguard` event to the daemon's `add table inet metaguard`. Machine: {}.\n\n{report}",
+                common::machine()
+            ),
+        )?;
     }
     Ok(())
-}
-
-fn write_section(report: &str) -> Result<(), String> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../BENCHMARKS.md");
-    let start = "<!-- bench:daemon -->";
-    let end = "<!-- /bench:daemon -->";
-    let section = format!(
-        "{start}\n## Daemon — `sudo cargo bench -p metaguard --bench daemon`\n\n\
-         Lab host, the lab policy with the task glob `mglab-<id>-task*`; debug-free release build. \
-         Heal latency is measured by an `nft monitor` of the benchmark's own: from the flush's \
-         `delete table inet metaguard` event to the daemon's `add table inet metaguard`.\n\n{report}{end}"
-    );
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|_| "# Benchmarks\n".into());
-    let new = match (text.find(start), text.find(end)) {
-        (Some(a), Some(b)) if b > a => format!("{}{section}{}", &text[..a], &text[b + end.len()..]),
-        _ => format!("{}\n\n{section}\n", text.trim_end()),
-    };
-    std::fs::write(&path, new).map_err(|e| format!("write {}: {e}", path.display()))
 }

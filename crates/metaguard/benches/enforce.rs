@@ -17,6 +17,8 @@ use metaguard_lab::probe::{ProbeKind, ProbeSpec};
 use metaguard_lab::topology::Role;
 use metaguard_lab::{Lab, LabOptions, Workload};
 
+mod common;
+
 fn main() {
     let full = std::env::args().any(|a| a == "--bench");
     if !metaguard_sys::process::is_root() {
@@ -145,37 +147,18 @@ fn run(full: bool) -> Result<(), String> {
     ));
     println!("{report}");
     if full {
-        write_section(&report, rounds, count)?;
+        common::write_section(
+            "enforce",
+            &format!(
+                "## Enforcement (nft) — `sudo cargo bench -p metaguard --bench enforce`\n\n\
+                 Lab: the emulated ECS host (network namespaces). `apply` is the whole `metaguard apply` process \
+                 (process start, config, discovery, one `nft -f` transaction, conntrack), 7 runs per size. \
+                 Entries are interface names in one `bridges` selector (a hash verdict map; `br-*` in an interval map). Connect rate: \
+                 {rounds} alternating rounds of up to {count} connects (3 s cap) with no table vs. the largest table; \
+                 the ratio is taken per round. Machine: {}.\n\n{report}",
+                common::machine()
+            ),
+        )?;
     }
     Ok(())
-}
-
-/// Replaces the text between the `enforce` markers in BENCHMARKS.md.
-fn write_section(report: &str, rounds: usize, count: u32) -> Result<(), String> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../BENCHMARKS.md");
-    let start = "<!-- bench:enforce -->";
-    let end = "<!-- /bench:enforce -->";
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_default();
-    let section = format!(
-        "{start}\n## Enforcement (nft) — `sudo cargo bench -p metaguard --bench enforce`\n\n\
-         Lab: the emulated ECS host (network namespaces). `apply` is the whole `metaguard apply` process \
-         (process start, config, discovery, one `nft -f` transaction, conntrack), 7 runs per size. \
-         Entries are interface names in one `bridges` selector (a hash verdict map; `br-*` in an interval map). Connect rate: \
-         {rounds} alternating rounds of up to {count} connects (3 s cap) with no table vs. the largest table; \
-         the ratio is taken per round. Machine: {cpu}, {} cores.\n\n{report}{end}",
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
-    );
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|_| "# Benchmarks\n\nFigures from the project's benchmarks; each section names the command that produced it.\n".into());
-    let new = match (text.find(start), text.find(end)) {
-        (Some(a), Some(b)) if b > a => format!("{}{section}{}", &text[..a], &text[b + end.len()..]),
-        _ => format!("{}\n{section}\n", text.trim_end()),
-    };
-    std::fs::write(&path, new).map_err(|e| format!("write {}: {e}", path.display()))
 }

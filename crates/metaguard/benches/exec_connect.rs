@@ -22,6 +22,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod common;
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("--child") {
@@ -280,8 +282,7 @@ fn run(full: bool) -> Result<(), String> {
         .trim()
         .to_string();
     let section = format!(
-        "<!-- bench:exec -->\n\
-## exec (seccomp supervisor) — `cargo bench -p metaguard --bench exec_connect`\n\n\
+        "## exec (seccomp supervisor) — `cargo bench -p metaguard --bench exec_connect`\n\n\
 Unprivileged-capable, loopback only. Connect latency: {rounds} alternating rounds of {per_round} `TcpStream::connect` to a 127.0.0.1 listener, \
 timed around the call inside the child, plain vs. under `metaguard exec` (release build). Workload: xorshift ({scale}×20 M steps) and a {mib} MiB \
 file written and read in 64 KiB calls, measured inside the child; process start: wall time of `true` vs. `metaguard exec -- true`. \
@@ -296,8 +297,7 @@ Machine: {cpus}, {ncpu} cores, Linux {kernel}.\n\n\
 | no-connect workload, ms (median of {wr}) | plain | under exec | ratio |\n|---|---:|---:|---:|\n\
 | CPU | {:.1} | {:.1} | {:.3} |\n\
 | file I/O | {:.1} | {:.1} | {:.3} |\n\
-| process start (median of {starts}) | {:.2} | {:.2} | +{:.2} ms |\n\n\
-<!-- /bench:exec -->\n",
+| process start (median of {starts}) | {:.2} | {:.2} | +{:.2} ms |\n",
         p.min, p.p50, p.p90, p.p99, p.max,
         g.min, g.p50, g.p90, g.p99, g.max,
         g.p50 - p.p50,
@@ -313,28 +313,10 @@ Machine: {cpus}, {ncpu} cores, Linux {kernel}.\n\n\
     );
     println!("{section}");
     if full {
-        write_section(&section)?;
+        common::write_section("exec", &section)?;
     }
     let _ = (
         cpu0.min, cpu0.max, io0.min, st0.min, st0.p90, st0.p99, st0.max, cpu1.max,
     );
     Ok(())
-}
-
-/// Replaces (or appends) the `exec` section of BENCHMARKS.md.
-fn write_section(section: &str) -> Result<(), String> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../BENCHMARKS.md");
-    let old = std::fs::read_to_string(&path).unwrap_or_else(|_| {
-        "# Benchmarks\n\nFigures from the project's benchmarks; each section names the command that produced it.\n".into()
-    });
-    let (start, end) = ("<!-- bench:exec -->", "<!-- /bench:exec -->\n");
-    let new = match (old.find(start), old.find(end)) {
-        (Some(a), Some(b)) if b > a => format!("{}{}{}", &old[..a], section, &old[b + end.len()..]),
-        _ => format!(
-            "{}\n{}",
-            old.trim_end_matches('\n').to_string() + "\n",
-            section
-        ),
-    };
-    std::fs::write(&path, new).map_err(|e| format!("{}: {e}", path.display()))
 }

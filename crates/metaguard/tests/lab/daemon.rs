@@ -295,7 +295,7 @@ fn f4_heals_every_kind_of_flush_within_a_second() -> Result<(), Failed> {
     Ok(())
 }
 
-fn first_contact(lab: &Lab, host: &str) -> ProbeSpec {
+pub fn first_contact(lab: &Lab, host: &str) -> ProbeSpec {
     ProbeSpec {
         id: lab.probe_id("first"),
         kind: ProbeKind::FirstContact {
@@ -590,51 +590,7 @@ fn metrics_pass_promtool_and_no_container_reaches_them() -> Result<(), Failed> {
     )?;
     ensure!(!r.ok(), "metrics reachable on the bridge address: {r:?}");
     // …and 127.0.0.1 routed through the bridge (F17), which metaguard rejects.
-    lab.run_in(
-        Role::C1,
-        "ip",
-        &[
-            "route",
-            "add",
-            "127.0.0.0/8",
-            "via",
-            "172.17.0.1",
-            "dev",
-            "eth0",
-            "table",
-            "100",
-        ],
-    )?;
-    lab.run_in(
-        Role::C1,
-        "ip",
-        &[
-            "rule",
-            "add",
-            "to",
-            "127.0.0.0/8",
-            "lookup",
-            "100",
-            "pref",
-            "100",
-        ],
-    )?;
-    lab.run_in(
-        Role::C1,
-        "ip",
-        &["rule", "add", "lookup", "local", "pref", "1000"],
-    )?;
-    lab.run_in(Role::C1, "ip", &["rule", "del", "pref", "0"])?;
-    lab.run_in(
-        Role::C1,
-        "sysctl",
-        &[
-            "-q",
-            "-w",
-            "net.ipv4.conf.all.route_localnet=1",
-            "net.ipv4.conf.eth0.route_localnet=1",
-        ],
-    )?;
+    lab.route_loopback_via_gateway(Role::C1)?;
     let mut spec = lab.http_get("http://127.0.0.1:9469/metrics");
     spec.timeout_ms = 1000;
     let r = lab.probe(Workload::BridgeC1, &spec)?;

@@ -8,11 +8,11 @@ use std::time::Duration;
 
 use libtest_mimic::Failed;
 use metaguard_lab::docker::FakeContainer;
-use metaguard_lab::probe::{Outcome, ProbeKind, ProbeSpec};
-use metaguard_lab::topology::{addr, Role};
+use metaguard_lab::probe::Outcome;
+use metaguard_lab::topology::Role;
 use metaguard_lab::{Lab, Workload};
 
-use crate::daemon::Daemon;
+use crate::daemon::{first_contact, Daemon};
 use crate::enforce::apply;
 use crate::ensure;
 use crate::support::lab;
@@ -137,15 +137,7 @@ fn daemon_guards_a_task_started_while_it_runs() -> Result<(), Failed> {
     // agent starts the pause container (Docker emits `start`), then the
     // ENI is plugged in. The task's process tries IMDS all along.
     let ns = lab.add_netns("task3")?;
-    let spec = ProbeSpec {
-        id: lab.probe_id("first"),
-        kind: ProbeKind::FirstContact {
-            host: "169.254.169.254".into(),
-            port: addr::ECHO_TCP_PORT,
-            max_ms: 3000,
-        },
-        timeout_ms: 4000,
-    };
+    let spec = first_contact(&lab, "169.254.169.254");
     let child = lab.spawn_probe_in(&ns, &spec)?;
     let name = "ecs-lab-api-2-internalecspause-1f2e3d";
     docker.start(FakeContainer {

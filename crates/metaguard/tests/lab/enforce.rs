@@ -292,54 +292,7 @@ fn f17_containers_cannot_reach_host_loopback_services() -> Result<(), Failed> {
         addr::AGENT_PORT,
         w.credentials_id()
     );
-    // Make the container send 127.0.0.0/8 to the bridge gateway, as a
-    // container with NET_ADMIN in its own namespace can.
-    lab.run_in(
-        Role::C1,
-        "ip",
-        &[
-            "route",
-            "add",
-            "127.0.0.0/8",
-            "via",
-            "172.17.0.1",
-            "dev",
-            "eth0",
-            "table",
-            "100",
-        ],
-    )?;
-    lab.run_in(
-        Role::C1,
-        "ip",
-        &[
-            "rule",
-            "add",
-            "to",
-            "127.0.0.0/8",
-            "lookup",
-            "100",
-            "pref",
-            "100",
-        ],
-    )?;
-    // The local table is consulted first (pref 0); move it after ours.
-    lab.run_in(
-        Role::C1,
-        "ip",
-        &["rule", "add", "lookup", "local", "pref", "1000"],
-    )?;
-    lab.run_in(Role::C1, "ip", &["rule", "del", "pref", "0"])?;
-    lab.run_in(
-        Role::C1,
-        "sysctl",
-        &[
-            "-q",
-            "-w",
-            "net.ipv4.conf.all.route_localnet=1",
-            "net.ipv4.conf.eth0.route_localnet=1",
-        ],
-    )?;
+    lab.route_loopback_via_gateway(Role::C1)?;
     expect_reached(&lab, w, &http(&lab, &url))?;
     apply(&lab, None)?;
     expect_blocked(&lab, w, &http(&lab, &url))?;

@@ -361,8 +361,10 @@ fn leftover_of_a_killed_lab_is_removed() -> Result<(), Failed> {
     metaguard_lab::cmd::run(None, "ip", &["netns", "add", &ns], None)?;
     cg.create(&format!("{cg_root}/docker/c1"))?;
     // An orphan namespace without any record is removed too.
-    let orphan = "mglab-orphan01-host";
-    metaguard_lab::cmd::run(None, "ip", &["netns", "add", orphan], None)?;
+    // Unique per process: test runs may overlap on a shared machine.
+    let orphan_id = format!("orph{:x}", std::process::id());
+    let orphan = format!("mglab-{orphan_id}-host");
+    metaguard_lab::cmd::run(None, "ip", &["netns", "add", &orphan], None)?;
     // Forget it in this process, as a crash would.
     let lab = lab()?;
     ensure!(
@@ -370,7 +372,7 @@ fn leftover_of_a_killed_lab_is_removed() -> Result<(), Failed> {
         "leftover netns still there: {:?}",
         netns_of(&id)
     );
-    ensure!(netns_of("orphan01").is_empty(), "orphan netns still there");
+    ensure!(netns_of(&orphan_id).is_empty(), "orphan netns still there");
     ensure!(!cg.path(&cg_root).exists(), "leftover cgroup still there");
     drop(lab);
     Ok(())
