@@ -89,6 +89,9 @@ struct Daemon {
     /// Pids of the daemon's own recent nft transactions: their monitor
     /// events are skipped, so drift is always attributed to someone else.
     own_pids: std::collections::VecDeque<u32>,
+    /// Expected (canonical) tables by script text. Every task namespace of
+    /// a workload has the same script, so one scratch load serves them all.
+    expected_cache: HashMap<String, canonical::Table>,
 }
 
 /// Runs the daemon until SIGTERM/SIGINT. Errors before the first apply exit
@@ -129,6 +132,7 @@ pub fn run(
             metrics,
             watched: Vec::new(),
             own_pids: std::collections::VecDeque::new(),
+            expected_cache: HashMap::new(),
         };
         // Signals first: a SIGTERM right after "ready" must find its handler.
         let signals = Signals::new()?;
@@ -215,8 +219,18 @@ impl Daemon {
         let targets = self.engine.targets(&self.plan, &mut warnings)?;
         let keys: Vec<String> = targets.iter().map(|t| t.label.clone()).collect();
         self.guarded.retain(|k, _| keys.contains(k));
+        // Scripts no target uses any more (old configs) leave the cache.
+        self.expected_cache
+            .retain(|script, _| targets.iter().any(|t| &t.script == script));
         for t in targets {
-            let expected = self.engine.expected(&t.script)?;
+            let expected = match self.expected_cache.get(&t.script) {
+                Some(e) => e.clone(),
+                None => {
+                    let e = self.engine.expected(&t.script)?;
+                    self.expected_cache.insert(t.script.clone(), e.clone());
+                    e
+                }
+            };
             match self.guarded.get_mut(&t.label) {
                 Some(g) => {
                     g.expected = expected;
