@@ -34,7 +34,7 @@ pub fn attack() -> Result<PathBuf, Failed> {
         .ok_or("no target dir")?;
     if !p.exists() {
         return Err(format!(
-            "{} missing: build it with `cargo build -p metaguard --example exec_attack` (cargo test builds it)",
+            "{} missing: build it with `cargo build -p metaguard --example exec_attack` (scripts/test builds it)",
             p.display()
         )
         .into());
