@@ -14,6 +14,10 @@ APT_PACKAGES=(nftables iptables iproute2 procps curl python3-venv conntrack libs
 APT_PACKAGES+=(shellcheck systemd lintian man-db python3-yaml python3-jsonschema
   python3-jinja2 python3-configobj python3-jsonpatch python3-requests
   python3-oauthlib python3-netifaces python3-serial)
+# The cgroup BPF layer: clang compiles crates/metaguard-sys/bpf/guard.bpf.c at
+# build time against libbpf's headers (bpf_helpers.h) and the kernel UAPI
+# headers (linux-libc-dev); aya loads the object, so no libbpf at run time.
+APT_PACKAGES+=(clang libbpf-dev linux-libc-dev)
 # Real AWS SDK client for the tests (pinned for reproducibility).
 BOTOCORE_VERSION="1.44.5"
 

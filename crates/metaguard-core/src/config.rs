@@ -127,6 +127,23 @@ pub struct Workload {
     pub imds: Action,
     pub task_metadata: Action,
     pub credentials_ids: Vec<String>,
+    /// `raw_sockets = "deny"`: raw and packet sockets are refused at
+    /// creation (BPF layer, `cgroups` workloads only). Deny or Allow.
+    pub raw_sockets: Action,
+}
+
+/// `[layers]`: which enforcement layers run besides the nft rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layers {
+    /// cgroup BPF programs on the configured cgroups (default on; a host
+    /// without BPF support falls back to nft alone with a warning).
+    pub bpf: bool,
+}
+
+impl Default for Layers {
+    fn default() -> Layers {
+        Layers { bpf: true }
+    }
 }
 
 /// The endpoints to guard, per class, each list deduplicated and in file
@@ -161,6 +178,7 @@ pub struct Config {
     pub agent_credentials: SocketAddr,
     /// In file order: first match wins.
     pub workloads: Vec<Workload>,
+    pub layers: Layers,
 }
 
 /// A configuration error: where, what, and what to do.
@@ -210,6 +228,7 @@ impl fmt::Display for ConfigError {
 struct RawConfig {
     endpoints: Option<RawEndpoints>,
     agent: Option<RawAgent>,
+    layers: Option<RawLayers>,
     #[serde(default)]
     workload: Vec<Spanned<RawWorkload>>,
 }
@@ -219,6 +238,12 @@ struct RawConfig {
 struct RawEndpoints {
     imds: Option<Spanned<Vec<Spanned<String>>>>,
     task_metadata: Option<Spanned<Vec<Spanned<String>>>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLayers {
+    bpf: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -240,6 +265,7 @@ struct RawWorkload {
     imds: Option<Spanned<String>>,
     task_metadata: Option<Spanned<String>>,
     credentials_ids: Option<SpannedList>,
+    raw_sockets: Option<Spanned<String>>,
 }
 
 // ---------------------------------------------------------------------------
@@ -349,6 +375,9 @@ impl Config {
             endpoints,
             agent_credentials,
             workloads,
+            layers: Layers {
+                bpf: raw.layers.and_then(|l| l.bpf).unwrap_or(true),
+            },
         })
     }
 }
@@ -518,6 +547,27 @@ fn validate_workload(
         ),
     };
 
+    let raw_sockets = match &w.raw_sockets {
+        None => Action::Allow,
+        Some(v) => match v.get_ref().as_str() {
+            "deny" if kind == "cgroups" => Action::Deny,
+            "deny" => {
+                return Err(cx.err(
+                    v.span(),
+                    format!("workload {name:?}: raw_sockets = \"deny\" needs a cgroups selector"),
+                    Some("raw and packet sockets are refused by cgroup BPF programs; select the workload by cgroups"),
+                ))
+            }
+            "allow" => Action::Allow,
+            other => {
+                return Err(cx.err(
+                    v.span(),
+                    format!("raw_sockets: unknown action {other:?}"),
+                    Some(r#"use "deny" or "allow""#),
+                ))
+            }
+        },
+    };
     let imds = parse_action(cx, "imds", w.imds)?;
     let task_metadata = parse_action(cx, "task_metadata", w.task_metadata)?;
     let credentials_ids = match w.credentials_ids {
@@ -549,6 +599,7 @@ fn validate_workload(
         imds,
         task_metadata,
         credentials_ids,
+        raw_sockets,
     })
 }
 

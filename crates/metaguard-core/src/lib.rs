@@ -8,6 +8,7 @@
 //! without root. Callers read files and hand the text in.
 #![forbid(unsafe_code)]
 
+pub mod bpf_policy;
 pub mod config;
 pub mod doctor;
 pub mod exec_policy;

@@ -34,6 +34,18 @@ pub enum ProbeKind {
     Tcp { host: String, port: u16 },
     /// UDP datagram `MGPROBE <id>` to host:port, wait for the echo.
     Udp { host: String, port: u16 },
+    /// Like `Udp`, on an unconnected socket: `sendto` with the address
+    /// (the path the `sendmsg` hooks see), then `recvfrom`.
+    UdpSendTo { host: String, port: u16 },
+    /// Creates one socket and closes it: `raw4` (AF_INET SOCK_RAW ICMP),
+    /// `raw6` (AF_INET6 SOCK_RAW ICMPv6), `packet` (AF_PACKET SOCK_RAW) or
+    /// `udp4` (a plain datagram socket, for contrast). Answered = created.
+    Socket { family: String },
+    /// For benchmarks: `count` UDP `connect()` calls on one socket to
+    /// host:port (no packet is sent; the call is the route lookup plus any
+    /// connect hooks), each timed. The body reports
+    /// `{"median_ns": M, "mean_ns": A, "errors": E}`.
+    ConnectCost { host: String, port: u16, count: u32 },
     /// Keeps trying a TCP connect (every 5 ms, each attempt up to 100 ms)
     /// until one gets a definitive answer — connected (then `MGPROBE <id>`
     /// is sent and the echo read) or refused — or `max_ms` passes. Shows
@@ -373,6 +385,61 @@ async fn attempt(
                 None,
                 String::from_utf8_lossy(&buf[..n]).trim_end().to_string(),
             ))
+        }
+        ProbeKind::UdpSendTo { host, port } => {
+            let addr = resolve(host, *port, resolved).await?;
+            let bind: SocketAddr = if addr.is_ipv4() {
+                ([0, 0, 0, 0], 0).into()
+            } else {
+                (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+            };
+            let sock = tokio::net::UdpSocket::bind(bind).await?;
+            sock.send_to(format!("{PROBE_PREFIX}{}\n", spec.id).as_bytes(), addr)
+                .await?;
+            let mut buf = vec![0u8; 256];
+            let (n, _) = sock.recv_from(&mut buf).await?;
+            Ok((
+                None,
+                String::from_utf8_lossy(&buf[..n]).trim_end().to_string(),
+            ))
+        }
+        ProbeKind::ConnectCost { host, port, count } => {
+            let addr = resolve(host, *port, resolved).await?;
+            let bind: SocketAddr = if addr.is_ipv4() {
+                ([0, 0, 0, 0], 0).into()
+            } else {
+                (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+            };
+            let sock = std::net::UdpSocket::bind(bind)?;
+            let mut times = Vec::with_capacity(*count as usize);
+            let mut errors = 0u32;
+            let all = Instant::now();
+            for _ in 0..*count {
+                let t = Instant::now();
+                let r = sock.connect(addr);
+                times.push(t.elapsed().as_nanos() as u64);
+                errors += u32::from(r.is_err());
+            }
+            let total = all.elapsed().as_nanos() as u64;
+            times.sort_unstable();
+            let median = times.get(times.len() / 2).copied().unwrap_or(0);
+            let mean = total / u64::from((*count).max(1));
+            Ok((
+                None,
+                format!("{{\"median_ns\": {median}, \"mean_ns\": {mean}, \"errors\": {errors}}}"),
+            ))
+        }
+        ProbeKind::Socket { family } => {
+            use rustix::net::{ipproto, socket, AddressFamily, SocketType};
+            let made = match family.as_str() {
+                "raw4" => socket(AddressFamily::INET, SocketType::RAW, Some(ipproto::ICMP)),
+                "raw6" => socket(AddressFamily::INET6, SocketType::RAW, Some(ipproto::ICMPV6)),
+                "packet" => socket(AddressFamily::PACKET, SocketType::RAW, None),
+                "udp4" => socket(AddressFamily::INET, SocketType::DGRAM, None),
+                other => return Err(Attempt::Other(format!("unknown socket family {other:?}"))),
+            };
+            made.map_err(io::Error::from)?;
+            Ok((None, format!("{family} socket created")))
         }
     }
 }

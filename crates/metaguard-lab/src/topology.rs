@@ -742,6 +742,10 @@ imds          = "deny"
             .arg(self.work_dir().join("metaguard-state"))
             .arg("--docker-socket")
             .arg(self.work_dir().join("docker.sock"))
+            // The BPF layer pins under the lab's own directory; it is only
+            // active when a test mounts a bpf filesystem at `bpffs/`.
+            .arg("--bpf-pin-dir")
+            .arg(self.work_dir().join("bpffs").join("metaguard"))
             .args(args)
             .env("NO_COLOR", "1");
         self.netns(Role::Host).command(&mut cmd)?;

@@ -8,6 +8,7 @@
 //! report failures with the object they failed on (path, namespace, pid).
 //! Every `unsafe` block carries a `// SAFETY:` argument.
 
+pub mod bpf;
 pub mod cgroup;
 pub mod netns;
 pub mod nft;

@@ -237,7 +237,7 @@ proptest::proptest! {
             .collect();
         let config = Config { workloads: (0..4).map(|i| crate::config::Workload {
             name: format!("w{i}"), selector: Selector::Bridges(vec!["x".into()]), imds: Action::Deny,
-            task_metadata: Action::Allow, credentials_ids: vec![] }).collect(), ..Config::builtin_default() };
+            task_metadata: Action::Allow, credentials_ids: vec![], raw_sockets: Action::Allow }).collect(), ..Config::builtin_default() };
         let groups = group(&config, &entries, &mut IfnameIndex::default(), &mut Vec::new());
         for g in &groups {
             for (i, (a, _)) in g.iter().enumerate() {
@@ -258,7 +258,7 @@ proptest::proptest! {
     ) {
         let config = Config { workloads: (0..4).map(|i| crate::config::Workload {
             name: format!("w{i}"), selector: Selector::Cgroups(vec!["x".into()]), imds: Action::Deny,
-            task_metadata: Action::Allow, credentials_ids: vec![] }).collect(), ..Config::builtin_default() };
+            task_metadata: Action::Allow, credentials_ids: vec![], raw_sockets: Action::Allow }).collect(), ..Config::builtin_default() };
         let groups = group(&config, &paths, &mut CgroupIndex::default(), &mut Vec::new());
         for p in &probes {
             let want = paths.iter().find_map(|(e, w)| cgroup_is_ancestor_or_self(e, p).then_some(*w));

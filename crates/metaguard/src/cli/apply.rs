@@ -12,12 +12,13 @@ pub fn run(
     dry_run: bool,
     state_dir: &Path,
     docker: &Path,
+    bpf_pin_dir: &Path,
 ) -> anyhow::Result<ExitCode> {
     let config = config::load(arg)?;
     if !dry_run {
         config::require_root("apply")?;
     }
-    let engine = Engine::new(state_dir, docker)?;
+    let engine = Engine::new(state_dir, docker)?.with_bpf_pin_dir(bpf_pin_dir);
     let plan = engine.plan(&config)?;
     if dry_run {
         for w in &plan.warnings {
@@ -52,6 +53,16 @@ pub fn run(
         println!(
             "removed metaguard's table from namespaces no longer selected: {}",
             report.removed_stale.join(", ")
+        );
+    }
+    if let Some(b) = &report.bpf {
+        println!(
+            "bpf layer: {} ({}; attached {}, kept {}, detached {})",
+            b.state,
+            b.pin_dir,
+            b.attached.len(),
+            b.kept.len(),
+            b.detached.len()
         );
     }
     if report.conntrack_deleted > 0 {

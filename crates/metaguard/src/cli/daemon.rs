@@ -16,6 +16,7 @@ pub fn run(
     json: bool,
     state_dir: &Path,
     docker: &Path,
+    bpf_pin_dir: &Path,
 ) -> anyhow::Result<ExitCode> {
     init_logging(json);
     let metrics_addr: SocketAddr = metrics
@@ -28,6 +29,7 @@ pub fn run(
         config_path: arg.config.clone(),
         state_dir: state_dir.to_path_buf(),
         docker_socket: docker.to_path_buf(),
+        bpf_pin_dir: bpf_pin_dir.to_path_buf(),
         remove_on_exit,
         metrics_addr,
     };

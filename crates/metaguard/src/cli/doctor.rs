@@ -25,6 +25,8 @@ pub struct Args<'a> {
     pub from: Option<&'a Path>,
     pub collect: Option<&'a Path>,
     pub config: &'a ConfigArg,
+    /// The BPF layer's pin directory (its state is shown for this host).
+    pub bpf_pin_dir: &'a Path,
 }
 
 fn config_text(arg: &ConfigArg) -> Option<String> {
@@ -84,7 +86,12 @@ pub fn run(a: &Args<'_>) -> anyhow::Result<ExitCode> {
         } else {
             None
         };
-        print(&report, probes.as_deref(), a.json, color)?;
+        // The BPF layer is live kernel state, not part of a snapshot.
+        let bpf = a
+            .from
+            .is_none()
+            .then(|| crate::enforce::bpf::state(a.bpf_pin_dir));
+        print(&report, probes.as_deref(), bpf.as_ref(), a.json, color)?;
         return Ok(code(&report, probes.as_deref()));
     }
     // --fix
@@ -152,6 +159,7 @@ fn code(r: &Report, probes: Option<&[probe::Probe]>) -> ExitCode {
 fn print(
     r: &Report,
     probes: Option<&[probe::Probe]>,
+    bpf: Option<&crate::enforce::bpf::BpfState>,
     json: bool,
     color: bool,
 ) -> anyhow::Result<()> {
@@ -162,9 +170,16 @@ fn print(
         if let (Some(p), Some(obj)) = (probes, v.as_object_mut()) {
             obj.insert("probes".into(), serde_json::to_value(p)?);
         }
+        if let (Some(b), Some(obj)) = (bpf, v.as_object_mut()) {
+            obj.insert("bpf_layer".into(), serde_json::to_value(b)?);
+        }
         writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
     } else {
         write!(out, "{}", r.human(color))?;
+        if let Some(b) = bpf {
+            writeln!(out)?;
+            writeln!(out, "{}", b.summary())?;
+        }
         if let Some(ps) = probes {
             writeln!(out)?;
             writeln!(

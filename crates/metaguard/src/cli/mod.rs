@@ -41,6 +41,9 @@ pub struct Cli {
     /// The Docker Engine API socket (for `containers` and `ecs-tasks` selectors).
     #[arg(long, global = true, value_name = "PATH", default_value = crate::discovery::docker::DEFAULT_SOCKET)]
     docker_socket: PathBuf,
+    /// Where the BPF layer pins its maps and links (on a bpf filesystem).
+    #[arg(long, global = true, hide = true, value_name = "DIR", default_value = metaguard_sys::bpf::DEFAULT_PIN_DIR)]
+    bpf_pin_dir: PathBuf,
     #[command(subcommand)]
     command: Command,
 }
@@ -159,13 +162,21 @@ enum Command {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Apply { config, dry_run } => {
-            apply::run(&config, dry_run, &cli.state_dir, &cli.docker_socket)
-        }
-        Command::Verify { config, json } => {
-            verify::run(&config, json, &cli.state_dir, &cli.docker_socket)
-        }
-        Command::Remove => remove::run(&cli.state_dir, &cli.docker_socket),
+        Command::Apply { config, dry_run } => apply::run(
+            &config,
+            dry_run,
+            &cli.state_dir,
+            &cli.docker_socket,
+            &cli.bpf_pin_dir,
+        ),
+        Command::Verify { config, json } => verify::run(
+            &config,
+            json,
+            &cli.state_dir,
+            &cli.docker_socket,
+            &cli.bpf_pin_dir,
+        ),
+        Command::Remove => remove::run(&cli.state_dir, &cli.docker_socket, &cli.bpf_pin_dir),
         Command::Daemon {
             config,
             remove_on_exit,
@@ -178,6 +189,7 @@ pub fn main() -> ExitCode {
             json,
             &cli.state_dir,
             &cli.docker_socket,
+            &cli.bpf_pin_dir,
         ),
         Command::Doctor {
             json,
@@ -195,6 +207,7 @@ pub fn main() -> ExitCode {
             from: from.as_deref(),
             collect: collect.as_deref(),
             config: &config,
+            bpf_pin_dir: &cli.bpf_pin_dir,
         }),
         Command::Render {
             kind,

@@ -12,12 +12,14 @@ pub fn run(
     json: bool,
     state_dir: &Path,
     docker: &Path,
+    bpf_pin_dir: &Path,
 ) -> anyhow::Result<ExitCode> {
     let config = config::load(arg)?;
     config::require_root("verify")?;
-    let engine = Engine::new(state_dir, docker)?;
+    let engine = Engine::new(state_dir, docker)?.with_bpf_pin_dir(bpf_pin_dir);
     let plan = engine.plan(&config)?;
-    let (reports, warnings) = engine.verify(&plan)?;
+    let (mut reports, mut warnings) = engine.verify(&plan)?;
+    reports.extend(engine.verify_bpf(&config, &mut warnings));
     let ok = reports.iter().all(|r| r.ok);
     if json {
         let doc = serde_json::json!({ "ok": ok, "namespaces": reports, "warnings": warnings });

@@ -23,6 +23,8 @@ pub struct Metrics {
     pub last_apply: Gauge,
     pub workloads: IntGaugeVec,
     pub reloads: IntCounterVec,
+    /// Calls refused by the BPF layer, by syscall.
+    pub bpf_refusals: IntCounterVec,
 }
 
 impl Metrics {
@@ -62,6 +64,17 @@ impl Metrics {
         registry.register(Box::new(last_apply.clone()))?;
         registry.register(Box::new(workloads.clone()))?;
         registry.register(Box::new(reloads.clone()))?;
+        let bpf_refusals = IntCounterVec::new(
+            Opts::new(
+                "metaguard_bpf_refusals_total",
+                "Calls refused by the cgroup BPF layer, by syscall (connect, sendmsg, socket).",
+            ),
+            &["syscall"],
+        )?;
+        registry.register(Box::new(bpf_refusals.clone()))?;
+        for syscall in ["connect", "sendmsg", "socket"] {
+            bpf_refusals.with_label_values(&[syscall]);
+        }
         for cause in [
             "table-deleted",
             "ruleset-flushed",
@@ -81,6 +94,7 @@ impl Metrics {
             last_apply,
             workloads,
             reloads,
+            bpf_refusals,
         })
     }
 

@@ -23,6 +23,7 @@
 //!   them too, of course: a restart finds and replaces them.
 //! * **Metrics and health** on a loopback address only (see [`metrics`]).
 
+mod bpf_events;
 mod metrics;
 mod monitor;
 
@@ -48,6 +49,8 @@ pub struct Options {
     pub config_path: Option<PathBuf>,
     pub state_dir: PathBuf,
     pub docker_socket: PathBuf,
+    /// The BPF layer's pin directory.
+    pub bpf_pin_dir: PathBuf,
     pub remove_on_exit: bool,
     pub metrics_addr: SocketAddr,
 }
@@ -112,7 +115,8 @@ pub fn run(
         .map(|d| d.as_secs())
         .unwrap_or(0);
     let config = load(opts.config_path.as_deref())?;
-    let engine = Engine::new(&opts.state_dir, &opts.docker_socket)?;
+    let engine =
+        Engine::new(&opts.state_dir, &opts.docker_socket)?.with_bpf_pin_dir(&opts.bpf_pin_dir);
     let plan = engine.plan_present(&config)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -178,6 +182,12 @@ impl Daemon {
         self.sync_guarded()?;
         self.update_gauges();
         metrics::serve(self.opts.metrics_addr, self.metrics.clone())?;
+        if report.bpf.as_ref().is_some_and(|b| b.state == "active") {
+            bpf_events::spawn(
+                self.opts.bpf_pin_dir.clone(),
+                self.metrics.bpf_refusals.clone(),
+            );
+        }
         self.watch_netns_dirs()?;
         if self.opts.docker_socket.exists() {
             tokio::spawn(crate::discovery::docker::watch(

@@ -16,6 +16,7 @@
 //! The state file (`<state dir>/state.json`) lists the task namespaces
 //! metaguard wrote to; it is written before they are touched.
 
+pub mod bpf;
 pub mod canonical;
 
 use std::net::IpAddr;
@@ -47,6 +48,7 @@ pub struct Engine {
     cgroup2: Option<Cgroup2>,
     state_dir: PathBuf,
     docker_socket: PathBuf,
+    bpf_pin_dir: PathBuf,
 }
 
 /// A namespace and the table planned for it.
@@ -65,6 +67,8 @@ pub struct ApplyReport {
     pub removed_stale: Vec<String>,
     pub conntrack_deleted: u64,
     pub warnings: Vec<String>,
+    /// The cgroup BPF layer (`None` when not attempted).
+    pub bpf: Option<bpf::BpfReport>,
 }
 
 /// The outcome of `verify` for one namespace.
@@ -86,6 +90,7 @@ impl Engine {
             cgroup2,
             state_dir: state_dir.to_path_buf(),
             docker_socket: docker_socket.to_path_buf(),
+            bpf_pin_dir: PathBuf::from(metaguard_sys::bpf::DEFAULT_PIN_DIR),
         })
     }
 
@@ -310,6 +315,8 @@ impl Engine {
                 )),
             }
         }
+        // The BPF layer after the nft tables: it never fails the apply.
+        report.bpf = Some(self.apply_bpf(config, &mut report.warnings));
         Ok(report)
     }
 
@@ -405,6 +412,9 @@ impl Engine {
     /// Deletes metaguard's tables: host, and every namespace in the state.
     pub fn remove(&self) -> anyhow::Result<Vec<String>> {
         let mut removed = Vec::new();
+        if let Some(b) = self.remove_bpf()? {
+            removed.push(b);
+        }
         if self.nft.delete_table(None, FAMILY, TABLE)? {
             removed.push("host".to_string());
         }

@@ -8,6 +8,7 @@ use libtest_mimic::{Arguments, Failed, Trial};
 
 mod support;
 
+mod bpf;
 mod cli;
 mod daemon;
 mod discovery;
@@ -30,6 +31,7 @@ fn main() {
         .chain(daemon::TESTS)
         .chain(discovery::TESTS)
         .chain(cli::TESTS)
+        .chain(bpf::TESTS)
     {
         let f: TestFn = *f;
         let trial = Trial::test(*name, move || {

@@ -1,0 +1,225 @@
+// SPDX-License-Identifier: (Apache-2.0 OR GPL-2.0)
+// metaguard's cgroup BPF layer: refuses connect()/sendmsg() to metadata
+// endpoints and raw/packet socket creation for processes in guarded
+// cgroups, whatever network namespace they are in.
+//
+// Decisions are made in user space (metaguard-core::bpf_policy) and handed
+// over in maps:
+//   mg_policy  cgroup id -> { rule index, deny bits }   (configured cgroups)
+//   mg_ep4     IPv4 address (network order) -> endpoint class bits
+//   mg_ep6     IPv6 address (16 bytes)      -> endpoint class bits
+// The programs walk the caller's cgroup and its ancestors; of the configured
+// cgroups found, the one with the lowest rule index wins (first match in
+// file order, like the nft layer). A refusal returns 0 (the kernel answers
+// EPERM) and emits an event on mg_events.
+#include <linux/bpf.h>
+#include <linux/in.h>
+#include <linux/if_ether.h>
+#include <bpf/bpf_helpers.h>
+
+#ifndef AF_INET
+#define AF_INET 2
+#endif
+#ifndef AF_INET6
+#define AF_INET6 10
+#endif
+#ifndef AF_PACKET
+#define AF_PACKET 17
+#endif
+#ifndef SOCK_RAW
+#define SOCK_RAW 3
+#endif
+#ifndef SOCK_PACKET
+#define SOCK_PACKET 10
+#endif
+
+#define MG_CLASS_IMDS 1u
+#define MG_CLASS_TASK_METADATA 2u
+#define MG_DENY_RAW 4u
+
+#define MG_SYSCALL_CONNECT 1u
+#define MG_SYSCALL_SENDMSG 2u
+#define MG_SYSCALL_SOCKET 3u
+
+/* Deepest cgroup level looked at (the caller's own level is clamped to it). */
+#define MG_MAX_LEVELS 32
+
+struct mg_decision {
+	__u32 rule;
+	__u32 bits;
+};
+
+struct mg_event {
+	__u64 cgroup_id;
+	__u32 pid;
+	__u32 syscall;
+	__u32 family;
+	__u32 port; /* host order */
+	__u8 addr[16];
+	__u32 sock_type;
+	__u32 protocol;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u64);
+	__type(value, struct mg_decision);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} mg_policy SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 256);
+	__type(key, __u32);
+	__type(value, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} mg_ep4 SEC(".maps");
+
+struct mg_ip6 {
+	__u32 w[4];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 256);
+	__type(key, struct mg_ip6);
+	__type(value, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} mg_ep6 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 256 * 1024);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} mg_events SEC(".maps");
+
+/* The deny bits of the first configured cgroup (lowest rule index) among
+ * the caller's cgroup and its ancestors; 0 when none is configured. */
+static __always_inline __u32 caller_bits(void)
+{
+	__u32 best_rule = 0xffffffffu;
+	__u32 bits = 0;
+	int level;
+
+	for (level = 0; level < MG_MAX_LEVELS; level++) {
+		__u64 id = bpf_get_current_ancestor_cgroup_id(level);
+		struct mg_decision *d;
+
+		if (id == 0)
+			break;
+		d = bpf_map_lookup_elem(&mg_policy, &id);
+		if (d && d->rule < best_rule) {
+			best_rule = d->rule;
+			bits = d->bits;
+		}
+	}
+	return bits;
+}
+
+static __always_inline void emit(__u32 syscall, __u32 family, __u32 port,
+				 const void *addr, __u32 len, __u32 type,
+				 __u32 protocol)
+{
+	struct mg_event *e = bpf_ringbuf_reserve(&mg_events, sizeof(*e), 0);
+
+	if (!e)
+		return;
+	__builtin_memset(e, 0, sizeof(*e));
+	e->cgroup_id = bpf_get_current_cgroup_id();
+	e->pid = bpf_get_current_pid_tgid() >> 32;
+	e->syscall = syscall;
+	e->family = family;
+	e->port = port;
+	if (len == 4)
+		__builtin_memcpy(e->addr, addr, 4);
+	else if (len == 16)
+		__builtin_memcpy(e->addr, addr, 16);
+	e->sock_type = type;
+	e->protocol = protocol;
+	bpf_ringbuf_submit(e, 0);
+}
+
+static __always_inline int check4(struct bpf_sock_addr *ctx, __u32 syscall)
+{
+	__u32 bits = caller_bits();
+	__u32 ip, *class;
+
+	if (!(bits & (MG_CLASS_IMDS | MG_CLASS_TASK_METADATA)))
+		return 1;
+	ip = ctx->user_ip4;
+	class = bpf_map_lookup_elem(&mg_ep4, &ip);
+	if (class && (*class & bits)) {
+		emit(syscall, AF_INET, __builtin_bswap16(ctx->user_port), &ip, 4,
+		     ctx->type, ctx->protocol);
+		return 0;
+	}
+	return 1;
+}
+
+static __always_inline int check6(struct bpf_sock_addr *ctx, __u32 syscall)
+{
+	__u32 bits = caller_bits();
+	struct mg_ip6 ip;
+	__u32 *class;
+
+	if (!(bits & (MG_CLASS_IMDS | MG_CLASS_TASK_METADATA)))
+		return 1;
+	ip.w[0] = ctx->user_ip6[0];
+	ip.w[1] = ctx->user_ip6[1];
+	ip.w[2] = ctx->user_ip6[2];
+	ip.w[3] = ctx->user_ip6[3];
+	/* ::ffff:a.b.c.d reaches the IPv4 endpoint a.b.c.d. */
+	if (ip.w[0] == 0 && ip.w[1] == 0 && ip.w[2] == __builtin_bswap32(0xffff)) {
+		__u32 v4 = ip.w[3];
+
+		class = bpf_map_lookup_elem(&mg_ep4, &v4);
+	} else {
+		class = bpf_map_lookup_elem(&mg_ep6, &ip);
+	}
+	if (class && (*class & bits)) {
+		emit(syscall, AF_INET6, __builtin_bswap16(ctx->user_port), &ip, 16,
+		     ctx->type, ctx->protocol);
+		return 0;
+	}
+	return 1;
+}
+
+SEC("cgroup/connect4")
+int mg_connect4(struct bpf_sock_addr *ctx)
+{
+	return check4(ctx, MG_SYSCALL_CONNECT);
+}
+
+SEC("cgroup/connect6")
+int mg_connect6(struct bpf_sock_addr *ctx)
+{
+	return check6(ctx, MG_SYSCALL_CONNECT);
+}
+
+SEC("cgroup/sendmsg4")
+int mg_sendmsg4(struct bpf_sock_addr *ctx)
+{
+	return check4(ctx, MG_SYSCALL_SENDMSG);
+}
+
+SEC("cgroup/sendmsg6")
+int mg_sendmsg6(struct bpf_sock_addr *ctx)
+{
+	return check6(ctx, MG_SYSCALL_SENDMSG);
+}
+
+SEC("cgroup/sock_create")
+int mg_sock_create(struct bpf_sock *ctx)
+{
+	__u32 family = ctx->family, type = ctx->type, protocol = ctx->protocol;
+
+	if (family != AF_PACKET && type != SOCK_RAW && type != SOCK_PACKET)
+		return 1;
+	if (!(caller_bits() & MG_DENY_RAW))
+		return 1;
+	emit(MG_SYSCALL_SOCKET, family, 0, 0, 0, type, protocol);
+	return 0;
+}
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
