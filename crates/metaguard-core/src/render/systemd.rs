@@ -66,6 +66,10 @@ ProtectHome=yes
 RuntimeDirectory=metaguard
 RuntimeDirectoryMode=0700
 RuntimeDirectoryPreserve=yes
+# The BPF layer pins its programs and maps here (ProtectKernelTunables=
+# makes the rest of /sys read-only); "-": hosts without bpffs just run the
+# nft layer.
+ReadWritePaths=-/sys/fs/bpf
 PrivateTmp=yes
 PrivateMounts=yes
 PrivateDevices=yes
