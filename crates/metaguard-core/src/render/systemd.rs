@@ -67,8 +67,8 @@ RuntimeDirectory=metaguard
 RuntimeDirectoryMode=0700
 RuntimeDirectoryPreserve=yes
 # The BPF layer pins its programs and maps here (ProtectKernelTunables=
-# makes the rest of /sys read-only); "-": hosts without bpffs just run the
-# nft layer.
+# makes the rest of /sys read-only); the leading - lets hosts without
+# bpffs start, with the nft layer alone.
 ReadWritePaths=-/sys/fs/bpf
 PrivateTmp=yes
 PrivateMounts=yes
