@@ -351,22 +351,7 @@ impl Lab {
         })?;
         for role in Role::ALL {
             let name = self.netns_name(role);
-            cmd::run(None, "ip", &["netns", "add", &name], None)?;
-            let ns = self.ns_by_name(role)?;
-            // Before any link exists: new interfaces skip duplicate address
-            // detection, so link-local addresses (which neighbour discovery
-            // needs) are usable at once instead of after 1–2 s.
-            cmd::run(
-                Some(&ns),
-                "sysctl",
-                &[
-                    "-q",
-                    "-w",
-                    "net.ipv6.conf.default.accept_dad=0",
-                    "net.ipv6.conf.all.accept_dad=0",
-                ],
-                None,
-            )?;
+            let ns = create_netns(&name)?;
             self.netns.push((role, ns));
         }
         self.build_links()?;
@@ -762,19 +747,7 @@ imds          = "deny"
             path: self.opts.state_dir.clone(),
             source,
         })?;
-        cmd::run(None, "ip", &["netns", "add", &name], None)?;
-        let ns = Netns::open_not_root(Path::new(metaguard_sys::netns::NETNS_RUN_DIR).join(&name))?;
-        cmd::run(
-            Some(&ns),
-            "sysctl",
-            &[
-                "-q",
-                "-w",
-                "net.ipv6.conf.default.accept_dad=0",
-                "net.ipv6.conf.all.accept_dad=0",
-            ],
-            None,
-        )?;
+        let ns = create_netns(&name)?;
         cmd::ip_batch(&ns, "link set lo up\n")?;
         Ok(name)
     }
@@ -1120,6 +1093,27 @@ imds          = "deny"
         self.netns.clear();
         registry::teardown(&self.opts.state_dir, &self.record)
     }
+}
+
+/// `ip netns add NAME`, opened (never the root namespace), with duplicate
+/// address detection off before any link exists: new interfaces' link-local
+/// addresses, which neighbour discovery needs, are usable at once instead
+/// of after 1–2 s.
+fn create_netns(name: &str) -> Result<Netns, LabError> {
+    cmd::run(None, "ip", &["netns", "add", name], None)?;
+    let ns = Netns::open_not_root(Path::new(metaguard_sys::netns::NETNS_RUN_DIR).join(name))?;
+    cmd::run(
+        Some(&ns),
+        "sysctl",
+        &[
+            "-q",
+            "-w",
+            "net.ipv6.conf.default.accept_dad=0",
+            "net.ipv6.conf.all.accept_dad=0",
+        ],
+        None,
+    )?;
+    Ok(ns)
 }
 
 impl Drop for Lab {
