@@ -1,0 +1,323 @@
+//! Canonical request paths and the per-workload path policy of the metadata
+//! proxy (groundwork for the `proxy` action; the proxy server itself is not
+//! built yet).
+//!
+//! Every decision is made on the **canonical** form of the request target,
+//! and the proxy forwards exactly that canonical form upstream — so what was
+//! decided on is what IMDS sees. Canonicalisation:
+//!
+//! * origin-form only (`/path?query`): absolute-form (`http://host/…`),
+//!   authority-form, `*` and fragments are refused;
+//! * percent-decoding happens once; an encoded `/`, `.`, `%`, `\`, or any
+//!   control byte is refused (decoding twice — or an upstream that decodes
+//!   again — must not turn `%252F` or `%2e%2e` into structure);
+//! * empty segments (`//`) and `.` are removed; `..` removes the previous
+//!   segment and is refused when there is none (no escaping the root);
+//! * a trailing `/` is kept (IMDS distinguishes a listing from a leaf);
+//! * query parameters must be among those the route allows.
+//!
+//! Policy: `deny` globs win over `allow` globs; anything matching neither
+//! is denied (IMDS grows new categories; unknown must not mean allowed).
+//! Globs match whole segments: `*` is one segment, `**` any number.
+
+use std::fmt;
+
+/// Why a request target was refused before any policy was consulted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PathError {
+    #[error("only origin-form request targets (/path) are accepted")]
+    NotOriginForm,
+    #[error("fragments are not part of a request target")]
+    Fragment,
+    #[error("malformed percent-encoding")]
+    BadPercent,
+    #[error("encoded {0:?} is refused (it would change the path's structure if decoded again)")]
+    EncodedStructure(char),
+    #[error("control characters and backslashes are refused")]
+    BadByte,
+    #[error("the path is not valid UTF-8 once decoded")]
+    NotUtf8,
+    #[error("`..` escapes the root")]
+    Escapes,
+    #[error("query parameter {0:?} is not accepted on this path")]
+    Query(String),
+}
+
+/// A canonical request target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Canonical {
+    /// Decoded segments, none empty, `.` or `..`.
+    pub segments: Vec<String>,
+    /// The target ended with `/` (a listing).
+    pub dir: bool,
+    /// Decoded query parameters, in order.
+    pub query: Vec<(String, String)>,
+}
+
+impl Canonical {
+    /// The path as forwarded upstream: segments re-encoded, `/`-joined.
+    pub fn path(&self) -> String {
+        let mut s = String::from("/");
+        s.push_str(
+            &self
+                .segments
+                .iter()
+                .map(|seg| encode(seg))
+                .collect::<Vec<_>>()
+                .join("/"),
+        );
+        if self.dir && !self.segments.is_empty() {
+            s.push('/');
+        }
+        s
+    }
+
+    /// The full target as forwarded upstream (path and query).
+    pub fn target(&self) -> String {
+        let mut t = self.path();
+        if !self.query.is_empty() {
+            t.push('?');
+            let q: Vec<String> = self
+                .query
+                .iter()
+                .map(|(k, v)| format!("{}={}", encode(k), encode(v)))
+                .collect();
+            t.push_str(&q.join("&"));
+        }
+        t
+    }
+}
+
+impl fmt::Display for Canonical {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.target())
+    }
+}
+
+/// Unreserved characters (RFC 3986) pass; everything else is encoded.
+fn encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn hex(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+/// Decodes one component once; structural characters arriving encoded are
+/// refused.
+fn decode(component: &str, structural: &[u8]) -> Result<String, PathError> {
+    let b = component.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let c = b[i];
+        if c == b'%' {
+            let (h, l) = match (
+                b.get(i + 1).copied().and_then(hex),
+                b.get(i + 2).copied().and_then(hex),
+            ) {
+                (Some(h), Some(l)) => (h, l),
+                _ => return Err(PathError::BadPercent),
+            };
+            let v = h * 16 + l;
+            if structural.contains(&v) || v == b'%' || v == b'\\' {
+                return Err(PathError::EncodedStructure(v as char));
+            }
+            if v < 0x20 || v == 0x7f {
+                return Err(PathError::BadByte);
+            }
+            out.push(v);
+            i += 3;
+        } else {
+            if c < 0x20 || c == 0x7f || c == b'\\' {
+                return Err(PathError::BadByte);
+            }
+            out.push(c);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| PathError::NotUtf8)
+}
+
+/// Canonicalises `target`; `allowed_query` names the query parameters the
+/// route accepts (none for IMDS, `id` for `/v1/credentials`).
+pub fn canonical(target: &str, allowed_query: &[&str]) -> Result<Canonical, PathError> {
+    if !target.starts_with('/') {
+        return Err(PathError::NotOriginForm);
+    }
+    if target.contains('#') {
+        return Err(PathError::Fragment);
+    }
+    let (raw_path, raw_query) = match target.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (target, None),
+    };
+    let mut segments: Vec<String> = Vec::new();
+    let raw_segments: Vec<&str> = raw_path.split('/').collect();
+    let mut dir = false;
+    for (i, raw) in raw_segments.iter().enumerate() {
+        let last = i + 1 == raw_segments.len();
+        let seg = decode(raw, b"/.")?;
+        match seg.as_str() {
+            "" | "." => {
+                if last {
+                    dir = true;
+                }
+            }
+            ".." => {
+                if segments.pop().is_none() {
+                    return Err(PathError::Escapes);
+                }
+                if last {
+                    dir = true;
+                }
+            }
+            _ => {
+                segments.push(seg);
+                if last {
+                    dir = false;
+                }
+            }
+        }
+    }
+    let mut query = Vec::new();
+    if let Some(q) = raw_query.filter(|q| !q.is_empty()) {
+        for pair in q.split('&') {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            let k = decode(k, b"/&=?")?;
+            let v = decode(v, b"/&=?")?;
+            if !allowed_query.contains(&k.as_str()) {
+                return Err(PathError::Query(k));
+            }
+            query.push((k, v));
+        }
+    }
+    Ok(Canonical {
+        segments,
+        dir,
+        query,
+    })
+}
+
+/// A glob on canonical paths: `*` matches one segment, `**` any number
+/// (including none); a trailing `/` matches listings only.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathGlob {
+    text: String,
+    segments: Vec<String>,
+    dir: bool,
+}
+
+impl PathGlob {
+    pub fn new(text: &str) -> PathGlob {
+        let dir = text.ends_with('/') && text != "/";
+        let segments = text
+            .split('/')
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .collect();
+        PathGlob {
+            text: text.to_string(),
+            segments,
+            dir,
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    pub fn matches(&self, c: &Canonical) -> bool {
+        if self.dir && !c.dir {
+            return false;
+        }
+        fn go(pat: &[String], segs: &[String]) -> bool {
+            match pat.split_first() {
+                None => segs.is_empty(),
+                Some((p, rest)) if p == "**" => (0..=segs.len()).any(|i| go(rest, &segs[i..])),
+                Some((p, rest)) => match segs.split_first() {
+                    Some((s, srest)) => (p == "*" || p == s) && go(rest, srest),
+                    None => false,
+                },
+            }
+        }
+        go(&self.segments, &c.segments)
+    }
+}
+
+/// What the proxy does with a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    Allow { rule: String },
+    Deny { rule: String },
+}
+
+/// A workload's path policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathPolicy {
+    pub allow: Vec<PathGlob>,
+    pub deny: Vec<PathGlob>,
+}
+
+impl PathPolicy {
+    /// The default for `imds = "proxy"`: the non-sensitive catalogue;
+    /// credentials, user data and anything unknown are denied.
+    pub fn default_imds() -> PathPolicy {
+        let allow = [
+            "/latest/meta-data/",
+            "/latest/meta-data/instance-id",
+            "/latest/meta-data/instance-type",
+            "/latest/meta-data/ami-id",
+            "/latest/meta-data/local-ipv4",
+            "/latest/meta-data/placement/",
+            "/latest/meta-data/placement/**",
+            "/latest/meta-data/network/",
+            "/latest/meta-data/network/**",
+            "/latest/dynamic/instance-identity/document",
+            "/latest/api/token",
+        ];
+        let deny = [
+            "/latest/meta-data/iam/**",
+            "/latest/meta-data/identity-credentials/**",
+            "/latest/user-data",
+            "/latest/user-data/**",
+        ];
+        PathPolicy {
+            allow: allow.iter().map(|g| PathGlob::new(g)).collect(),
+            deny: deny.iter().map(|g| PathGlob::new(g)).collect(),
+        }
+    }
+
+    /// Deny globs win; then allow globs; anything else is denied.
+    pub fn decide(&self, c: &Canonical) -> Decision {
+        if let Some(g) = self.deny.iter().find(|g| g.matches(c)) {
+            return Decision::Deny {
+                rule: format!("deny {}", g.as_str()),
+            };
+        }
+        if let Some(g) = self.allow.iter().find(|g| g.matches(c)) {
+            return Decision::Allow {
+                rule: format!("allow {}", g.as_str()),
+            };
+        }
+        Decision::Deny {
+            rule: "default deny (not in the allowed catalogue)".into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

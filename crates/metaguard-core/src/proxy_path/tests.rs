@@ -1,0 +1,198 @@
+use super::*;
+use proptest::prelude::*;
+
+fn imds(target: &str) -> Result<Decision, PathError> {
+    canonical(target, &[]).map(|c| PathPolicy::default_imds().decide(&c))
+}
+
+fn denied_or_refused(target: &str) -> bool {
+    !matches!(imds(target), Ok(Decision::Allow { .. }))
+}
+
+#[test]
+fn the_catalogue_is_allowed() {
+    for t in [
+        "/latest/meta-data/",
+        "/latest/meta-data/instance-id",
+        "/latest/meta-data/placement/availability-zone",
+        "/latest/meta-data/network/interfaces/macs/",
+        "/latest/dynamic/instance-identity/document",
+        "/latest/api/token",
+    ] {
+        assert!(
+            matches!(imds(t), Ok(Decision::Allow { .. })),
+            "{t}: {:?}",
+            imds(t)
+        );
+    }
+}
+
+#[test]
+fn credentials_user_data_and_the_unknown_are_denied_in_any_spelling() {
+    for t in [
+        "/latest/meta-data/iam/security-credentials/role",
+        "/latest/meta-data/iam/",
+        "/latest/meta-data/iam",
+        "//latest//meta-data//iam/security-credentials/",
+        "/latest/./meta-data/./iam/",
+        "/latest/meta-data/placement/../iam/info",
+        "/latest/meta-data/%69am/info",
+        "/latest/meta-data/identity-credentials/ec2/security-credentials/ec2-instance",
+        "/latest/user-data",
+        "/latest/meta-data/IAM/info",
+        "/latest/meta-data/instance-id/../iam/info",
+        "/2021-07-15/meta-data/iam/info",
+        "/",
+    ] {
+        assert!(denied_or_refused(t), "{t}: {:?}", imds(t));
+    }
+}
+
+#[test]
+fn structural_tricks_are_refused_before_the_policy() {
+    let cases: &[(&str, PathError)] = &[
+        (
+            "http://169.254.169.254/latest/meta-data/iam/",
+            PathError::NotOriginForm,
+        ),
+        ("169.254.169.254/latest", PathError::NotOriginForm),
+        ("*", PathError::NotOriginForm),
+        (
+            "/latest/meta-data/iam%2Fsecurity-credentials",
+            PathError::EncodedStructure('/'),
+        ),
+        (
+            "/latest/meta-data/%2e%2e/meta-data/iam/",
+            PathError::EncodedStructure('.'),
+        ),
+        (
+            "/latest/meta-data/%252e%252e/iam",
+            PathError::EncodedStructure('%'),
+        ),
+        (
+            "/latest/meta-data/%5ciam",
+            PathError::EncodedStructure('\\'),
+        ),
+        ("/latest/meta-data\\iam", PathError::BadByte),
+        ("/latest/meta-data/%00", PathError::BadByte),
+        ("/latest/meta-data/%zz", PathError::BadPercent),
+        ("/latest/meta-data/%4", PathError::BadPercent),
+        ("/latest/meta-data/%ff", PathError::NotUtf8),
+        ("/../latest/meta-data/iam", PathError::Escapes),
+        ("/latest/../../meta-data", PathError::Escapes),
+        ("/latest/meta-data/instance-id#frag", PathError::Fragment),
+        (
+            "/latest/meta-data/instance-id?x=1",
+            PathError::Query("x".into()),
+        ),
+    ];
+    for (t, e) in cases {
+        assert_eq!(canonical(t, &[]).as_ref(), Err(e), "{t}");
+    }
+}
+
+#[test]
+fn what_is_forwarded_is_what_was_decided_on() {
+    let c = canonical("//latest/./meta-data/%69nstance-id", &[]).expect("canonical");
+    assert_eq!(c.target(), "/latest/meta-data/instance-id");
+    let c = canonical("/latest/meta-data/placement/", &[]).expect("canonical");
+    assert_eq!(c.target(), "/latest/meta-data/placement/");
+    let c = canonical("/v1/credentials?id=abc-123", &["id"]).expect("canonical");
+    assert_eq!(c.target(), "/v1/credentials?id=abc-123");
+    assert_eq!(c.query, vec![("id".to_string(), "abc-123".to_string())]);
+    // A spelling the property test generates: accepted, not refused, and
+    // denied on its canonical form.
+    let c = canonical("/./latest//meta-data/zz/../%69%61m/info", &[]).expect("canonical");
+    assert_eq!(c.target(), "/latest/meta-data/iam/info");
+    assert!(matches!(
+        PathPolicy::default_imds().decide(&c),
+        Decision::Deny { .. }
+    ));
+    let c = canonical("/a%20b", &[]).expect("canonical");
+    assert_eq!(c.target(), "/a%20b");
+}
+
+/// A spelling of a canonical path: unreserved characters randomly
+/// percent-encoded, `.`/empty segments and `x/..` detours inserted.
+fn spelling(segments: Vec<String>, dir: bool) -> impl Strategy<Value = String> {
+    let n = segments.len();
+    (
+        proptest::collection::vec(proptest::collection::vec(any::<bool>(), 0..24), n),
+        proptest::collection::vec(0u8..4, n + 1),
+    )
+        .prop_map(move |(encode_mask, detours)| {
+            let mut out = String::new();
+            for (i, seg) in segments.iter().enumerate() {
+                match detours[i] {
+                    1 => out.push_str("/."),
+                    2 => out.push('/'),
+                    3 => out.push_str("/zz/.."),
+                    _ => {}
+                }
+                out.push('/');
+                for (j, ch) in seg.chars().enumerate() {
+                    if encode_mask[i].get(j).copied().unwrap_or(false) && ch.is_ascii_alphanumeric()
+                    {
+                        out.push_str(&format!("%{:02x}", ch as u32));
+                    } else {
+                        out.push(ch);
+                    }
+                }
+            }
+            match detours[n] {
+                1 if dir => out.push_str("/."),
+                2 if dir => out.push_str("//"),
+                _ if dir => out.push('/'),
+                _ => {}
+            }
+            out
+        })
+}
+
+fn denied_paths() -> Vec<(Vec<String>, bool)> {
+    [
+        (
+            "latest/meta-data/iam/security-credentials/lab-instance-role",
+            false,
+        ),
+        ("latest/meta-data/iam/security-credentials", true),
+        ("latest/meta-data/iam/info", false),
+        (
+            "latest/meta-data/identity-credentials/ec2/security-credentials/ec2-instance",
+            false,
+        ),
+        ("latest/user-data", false),
+    ]
+    .iter()
+    .map(|(p, d)| (p.split('/').map(str::to_string).collect(), *d))
+    .collect()
+}
+
+proptest! {
+    /// No spelling of a denied path is allowed: each canonicalises to the
+    /// same path (and is denied) or is refused outright.
+    #[test]
+    fn no_spelling_of_a_denied_path_reaches_upstream(
+        (segments, dir, s) in proptest::sample::select(denied_paths())
+            .prop_flat_map(|(segs, dir)| (Just(segs.clone()), Just(dir), spelling(segs, dir)))
+    ) {
+        match canonical(&s, &[]) {
+            Err(_) => {}
+            Ok(c) => {
+                prop_assert_eq!(&c.segments, &segments, "{}", s);
+                prop_assert_eq!(c.dir, dir, "{}", s);
+                prop_assert!(matches!(PathPolicy::default_imds().decide(&c), Decision::Deny { .. }), "{} allowed", s);
+            }
+        }
+    }
+
+    /// Any input: no panic; an accepted target is a fixed point, so the
+    /// upstream sees exactly what was decided on.
+    #[test]
+    fn canonical_is_total_and_idempotent(t in "/[a-zA-Z0-9%./?&=_~ -]{0,40}") {
+        if let Ok(c) = canonical(&t, &["id"]) {
+            let again = canonical(&c.target(), &["id"]);
+            prop_assert_eq!(again.as_ref(), Ok(&c), "{} -> {}", t, c.target());
+        }
+    }
+}
