@@ -93,29 +93,6 @@ fn connect_cost(lab: &Lab, host: &str, count: u32) -> Result<(f64, f64, f64), St
     ))
 }
 
-fn tcp_rate(lab: &Lab, count: u32) -> Result<f64, String> {
-    let spec = ProbeSpec {
-        id: lab.probe_id("bench-bpf-tcp"),
-        kind: ProbeKind::ConnectLoop {
-            host: "10.0.0.1".into(),
-            port: metaguard_lab::topology::addr::ECHO_TCP_PORT,
-            count,
-            max_ms: 3000,
-        },
-        timeout_ms: 10_000,
-    };
-    let r = lab
-        .probe(Workload::BridgeC1, &spec)
-        .map_err(|e| e.to_string())?;
-    let v: serde_json::Value =
-        serde_json::from_str(r.body.as_deref().unwrap_or("")).map_err(|e| format!("{e}: {r:?}"))?;
-    let n = v["connects"].as_f64().unwrap_or(0.0);
-    if n < 1.0 {
-        return Err(format!("no connects: {r:?}"));
-    }
-    Ok(n / v["seconds"].as_f64().unwrap_or(1.0))
-}
-
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -152,11 +129,11 @@ fn run(full: bool) -> Result<(), String> {
     for _ in 0..rounds {
         apply(&lab, &policy(&lab, false), "bpf layer: disabled")?;
         let (m0, a0, e0) = connect_cost(&lab, "10.0.0.1", count)?;
-        let t0 = tcp_rate(&lab, tcp)?;
+        let t0 = common::connect_rate(&lab, tcp)?;
         apply(&lab, &policy(&lab, true), "bpf layer: active")?;
         let (m1, a1, e1) = connect_cost(&lab, "10.0.0.1", count)?;
         let (md, _, ed) = connect_cost(&lab, "169.254.169.254", count / 10)?;
-        let t1 = tcp_rate(&lab, tcp)?;
+        let t1 = common::connect_rate(&lab, tcp)?;
         if e0 + e1 > 0.0 || ed < f64::from(count / 10) {
             return Err(format!("unexpected results: errors {e0}/{e1}, denied {ed}"));
         }

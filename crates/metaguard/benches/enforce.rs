@@ -13,9 +13,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use metaguard_lab::probe::{ProbeKind, ProbeSpec};
 use metaguard_lab::topology::Role;
-use metaguard_lab::{Lab, LabOptions, Workload};
+use metaguard_lab::{Lab, LabOptions};
 
 mod common;
 
@@ -66,30 +65,6 @@ fn apply(lab: &Lab, path: &Path) -> Result<f64, String> {
         return Err(format!("apply: {}", String::from_utf8_lossy(&out.stderr)));
     }
     Ok(ms)
-}
-
-fn connect_rate(lab: &Lab, count: u32) -> Result<f64, String> {
-    let spec = ProbeSpec {
-        id: lab.probe_id("bench"),
-        kind: ProbeKind::ConnectLoop {
-            host: "10.0.0.1".into(),
-            port: metaguard_lab::topology::addr::ECHO_TCP_PORT,
-            count,
-            max_ms: 3000,
-        },
-        timeout_ms: 10_000,
-    };
-    let r = lab
-        .probe(Workload::BridgeC1, &spec)
-        .map_err(|e| e.to_string())?;
-    let body: serde_json::Value =
-        serde_json::from_str(r.body.as_deref().unwrap_or("")).map_err(|e| format!("{e}: {r:?}"))?;
-    let n = body["connects"].as_f64().unwrap_or(0.0);
-    let s = body["seconds"].as_f64().unwrap_or(1.0);
-    if n < 1.0 {
-        return Err(format!("no connects: {r:?}"));
-    }
-    Ok(n / s)
 }
 
 fn run(full: bool) -> Result<(), String> {
@@ -152,7 +127,7 @@ fn run(full: bool) -> Result<(), String> {
                     apply(&lab, &loaded)?;
                 }
             }
-            rates[case] = connect_rate(&lab, count)?;
+            rates[case] = common::connect_rate(&lab, count)?;
         }
         let [b, f, w] = rates;
         base.push(b);

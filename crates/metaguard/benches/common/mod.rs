@@ -6,6 +6,9 @@
 
 use std::path::PathBuf;
 
+use metaguard_lab::probe::{ProbeKind, ProbeSpec};
+use metaguard_lab::{Lab, Workload};
+
 /// "CPU model, N cores".
 pub fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
@@ -39,4 +42,29 @@ pub fn write_section(name: &str, body: &str) -> Result<(), String> {
         _ => format!("{}\n\n{section}\n", text.trim_end()),
     };
     std::fs::write(&path, new).map_err(|e| format!("write {}: {e}", path.display()))
+}
+
+/// TCP connects per second from bridge container c1 to the unrelated VPC
+/// echo service (10.0.0.1): up to `count` connects, 3 s at most.
+pub fn connect_rate(lab: &Lab, count: u32) -> Result<f64, String> {
+    let spec = ProbeSpec {
+        id: lab.probe_id("bench-connect"),
+        kind: ProbeKind::ConnectLoop {
+            host: "10.0.0.1".into(),
+            port: metaguard_lab::topology::addr::ECHO_TCP_PORT,
+            count,
+            max_ms: 3000,
+        },
+        timeout_ms: 10_000,
+    };
+    let r = lab
+        .probe(Workload::BridgeC1, &spec)
+        .map_err(|e| e.to_string())?;
+    let body: serde_json::Value =
+        serde_json::from_str(r.body.as_deref().unwrap_or("")).map_err(|e| format!("{e}: {r:?}"))?;
+    let n = body["connects"].as_f64().unwrap_or(0.0);
+    if n < 1.0 {
+        return Err(format!("no connects: {r:?}"));
+    }
+    Ok(n / body["seconds"].as_f64().unwrap_or(1.0))
 }

@@ -15,6 +15,7 @@ use metaguard_lab::topology::{addr, Role};
 use metaguard_lab::{Lab, Workload};
 use metaguard_sys::bpf::{self as sys, Hook};
 
+use crate::enforce::{arrived, expect_reached};
 use crate::ensure;
 use crate::support::lab;
 
@@ -143,29 +144,6 @@ fn socket(lab: &Lab, family: &str) -> ProbeSpec {
     }
 }
 
-fn arrived(lab: &Lab, spec: &ProbeSpec) -> bool {
-    [lab.imds().log(), lab.echo_log().clone(), lab.agent().log()]
-        .iter()
-        .any(|log| !log.with_header("x-lab-probe", &spec.id).is_empty())
-}
-
-fn reached(lab: &Lab, w: Workload, spec: &ProbeSpec) -> Result<ProbeResult, Failed> {
-    let r = lab.probe(w, spec)?;
-    ensure!(
-        r.ok(),
-        "{} → {:?}: expected to reach, got {r:?}",
-        w.label(),
-        spec.kind
-    );
-    ensure!(
-        arrived(lab, spec),
-        "{} → {:?}: answered but not in any server log",
-        w.label(),
-        spec.kind
-    );
-    Ok(r)
-}
-
 /// EPERM from the local stack; nothing arrived.
 fn denied(lab: &Lab, w: Workload, spec: &ProbeSpec) -> Result<ProbeResult, Failed> {
     let r = lab.probe(w, spec)?;
@@ -217,9 +195,9 @@ fn f4_f5_nft_flushed_and_no_daemon_every_container_kind_still_gets_eperm() -> Re
     // Proof first: every probe reaches without protection.
     for w in kinds {
         for h in hosts {
-            reached(&lab, w, &http(&lab, h))?;
+            expect_reached(&lab, w, &http(&lab, h))?;
         }
-        reached(&lab, w, &sendto(&lab, "169.254.169.254"))?;
+        expect_reached(&lab, w, &sendto(&lab, "169.254.169.254"))?;
     }
     let out = apply(&lab, &policy(&lab, ""))?;
     ensure!(out.contains("bpf layer: active"), "apply: {out}");
@@ -246,8 +224,8 @@ fn f4_f5_nft_flushed_and_no_daemon_every_container_kind_still_gets_eperm() -> Re
     eprintln!("slowest refused probe (whole process-side attempt): {slowest:?}");
     // Outside the guarded cgroups, and the agent inside them, still reach.
     for w in [Workload::HostOther, Workload::Agent] {
-        reached(&lab, w, &http(&lab, "169.254.169.254"))?;
-        reached(&lab, w, &http(&lab, "[fd00:ec2::254]"))?;
+        expect_reached(&lab, w, &http(&lab, "169.254.169.254"))?;
+        expect_reached(&lab, w, &http(&lab, "[fd00:ec2::254]"))?;
     }
     // Every refusal was reported, with the caller's cgroup.
     let events = sys::PinDir::new(fs.pin_dir())
@@ -286,7 +264,7 @@ fn reapply_keeps_one_attachment_verify_sees_both_layers_remove_spares_foreign() 
     let foreign_ids = sys::attached_programs(&docker, Hook::Connect4).map_err(|e| e.to_string())?;
     ensure!(foreign_ids.len() == 1, "foreign program: {foreign_ids:?}");
     // The foreign program allows everything: c1 still reaches.
-    reached(&lab, Workload::BridgeC1, &http(&lab, "169.254.169.254"))?;
+    expect_reached(&lab, Workload::BridgeC1, &http(&lab, "169.254.169.254"))?;
 
     let text = policy(&lab, "");
     let first = apply(&lab, &text)?;
@@ -365,7 +343,7 @@ fn reapply_keeps_one_attachment_verify_sees_both_layers_remove_spares_foreign() 
         ensure!(ids == want, "{} after remove: {ids:?}", hook.name());
     }
     ensure!(!fs.pin_dir().exists(), "pin dir left behind");
-    reached(&lab, Workload::BridgeC2, &http(&lab, "169.254.169.254"))?;
+    expect_reached(&lab, Workload::BridgeC2, &http(&lab, "169.254.169.254"))?;
     drop(foreign);
     Ok(())
 }
@@ -410,7 +388,7 @@ raw_sockets = "deny"
         // Ordinary sockets and metadata access are untouched (imds allow).
         let r = lab.probe(w, &socket(&lab, "udp4"))?;
         ensure!(r.ok(), "{} udp4: {r:?}", w.label());
-        reached(&lab, w, &http(&lab, "169.254.169.254"))?;
+        expect_reached(&lab, w, &http(&lab, "169.254.169.254"))?;
     }
     // A cgroup not configured so keeps raw sockets.
     for f in families {
@@ -429,7 +407,7 @@ raw_sockets = "deny"
 
 fn without_a_bpf_filesystem_apply_warns_and_nft_still_guards() -> Result<(), Failed> {
     let lab = lab()?;
-    reached(&lab, Workload::BridgeC1, &http(&lab, "169.254.169.254"))?;
+    expect_reached(&lab, Workload::BridgeC1, &http(&lab, "169.254.169.254"))?;
     let path = lab
         .write_file("policy.toml", &policy(&lab, ""))?
         .display()
@@ -460,8 +438,8 @@ fn daemon_audits_refusals_and_restart_keeps_one_attachment() -> Result<(), Faile
     let lab = lab()?;
     let _fs = BpfFs::mount(&lab)?;
     let docker = docker_dir(&lab);
-    reached(&lab, Workload::BridgeC1, &http(&lab, "169.254.169.254"))?;
-    reached(
+    expect_reached(&lab, Workload::BridgeC1, &http(&lab, "169.254.169.254"))?;
+    expect_reached(
         &lab,
         Workload::HostNetwork,
         &sendto(&lab, "169.254.169.254"),

@@ -115,14 +115,15 @@ fn raw(lab: &Lab, udp: bool, host: &str) -> ProbeSpec {
     }
 }
 
-fn arrived(lab: &Lab, spec: &ProbeSpec) -> bool {
+/// Whether any lab server (IMDS, echo, agent) logged the probe.
+pub fn arrived(lab: &Lab, spec: &ProbeSpec) -> bool {
     [lab.imds().log(), lab.echo_log().clone(), lab.agent().log()]
         .iter()
         .any(|log| !log.with_header("x-lab-probe", &spec.id).is_empty())
 }
 
 /// The probe succeeds and the server logged it.
-fn expect_reached(lab: &Lab, w: Workload, spec: &ProbeSpec) -> Result<ProbeResult, Failed> {
+pub fn expect_reached(lab: &Lab, w: Workload, spec: &ProbeSpec) -> Result<ProbeResult, Failed> {
     let r = lab.probe(w, spec)?;
     ensure!(
         r.ok(),
