@@ -1170,17 +1170,7 @@ impl<'a> Ns<'a> {
             return (d.0, Some(d.1));
         }
         if local_service {
-            return (
-                Verdict::TimesOut,
-                Some(RuleRef::kernel(
-                    Hook::Routing,
-                    format!(
-                        "{} is not local and nothing rewrote it: the packet leaves through {}, where nothing answers",
-                        sockaddr(p.dst, p.dport),
-                        p.oif.as_deref().unwrap_or("?")
-                    ),
-                )),
-            );
+            return unanswered(p, "rewrote");
         }
         (Verdict::Reaches, None)
     }
@@ -1224,17 +1214,7 @@ impl<'a> Ns<'a> {
             return (Verdict::Reaches, None);
         }
         if local_service {
-            return (
-                Verdict::TimesOut,
-                Some(RuleRef::kernel(
-                    Hook::Routing,
-                    format!(
-                        "{} is not local and nothing redirected it: the packet leaves through {}, where nothing answers",
-                        sockaddr(p.dst, p.dport),
-                        p.oif.as_deref().unwrap_or("?")
-                    ),
-                )),
-            );
+            return unanswered(p, "redirected");
         }
         (Verdict::Reaches, None)
     }
@@ -1871,4 +1851,21 @@ pub fn nft_tables(st: &NetState) -> BTreeSet<(String, String)> {
         .filter(|t| !ns.owned_by_iptables_nft(&t.family, &t.name))
         .map(|t| (t.family.clone(), t.name.clone()))
         .collect()
+}
+
+/// The verdict for a packet to a local service's address that no rule
+/// turned into a local destination (`done` says what would have: "rewrote"
+/// for DNAT, "redirected" for REDIRECT): it leaves and times out.
+fn unanswered(p: &Packet, done: &str) -> (Verdict, Option<RuleRef>) {
+    (
+        Verdict::TimesOut,
+        Some(RuleRef::kernel(
+            Hook::Routing,
+            format!(
+                "{} is not local and nothing {done} it: the packet leaves through {}, where nothing answers",
+                sockaddr(p.dst, p.dport),
+                p.oif.as_deref().unwrap_or("?")
+            ),
+        )),
+    )
 }
