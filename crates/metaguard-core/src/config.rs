@@ -18,6 +18,7 @@ use serde::Deserialize;
 use serde_spanned::Spanned;
 
 use crate::location::{line_at, Position};
+use crate::proxy_path::{PathGlob, PathPolicy};
 
 /// Default location of the configuration file.
 pub const DEFAULT_PATH: &str = "/etc/metaguard/metaguard.toml";
@@ -130,6 +131,70 @@ pub struct Workload {
     /// `raw_sockets = "deny"`: raw and packet sockets are refused at
     /// creation (BPF layer, `cgroups` workloads only). Deny or Allow.
     pub raw_sockets: Action,
+    /// `[workload.imds_policy]`: what the proxy serves this workload from
+    /// IMDS (`imds = "proxy"`); the default catalogue when not given.
+    pub imds_policy: PathPolicy,
+    /// `tmds`: what the proxy does with task-metadata (`/v3`, `/v4`) paths
+    /// for this workload (`task_metadata = "proxy"`).
+    pub tmds: TmdsMode,
+}
+
+/// What the credentials relay does with the task metadata endpoints
+/// (`/v3/<id>/…`, `/v4/<id>/…`) for a proxied workload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TmdsMode {
+    /// Served as the agent answers (the caller's own endpoint id only).
+    Allow,
+    /// Refused (403).
+    Deny,
+    /// The caller's own endpoint only, with other containers, ARNs and
+    /// network details removed; statistics refused.
+    #[default]
+    Redact,
+}
+
+impl TmdsMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TmdsMode::Allow => "allow",
+            TmdsMode::Deny => "deny",
+            TmdsMode::Redact => "redact",
+        }
+    }
+}
+
+/// `[proxy]`: the metadata proxy and credentials relay (served by the
+/// daemon on metaguard's own addresses).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxySettings {
+    /// The port of the IMDS proxy on metaguard's addresses.
+    pub imds_port: u16,
+    /// Requests per second allowed per workload (token bucket, steady).
+    pub rate: u32,
+    /// Token bucket size per workload.
+    pub burst: u32,
+    /// Open connections allowed per workload.
+    pub max_connections: u32,
+    /// Where audit lines go (JSON, one per request); `None`: the daemon's
+    /// log (stderr).
+    pub audit_log: Option<String>,
+}
+
+/// Default port of the IMDS proxy (on metaguard's addresses, never 127/8).
+pub const DEFAULT_IMDS_PROXY_PORT: u16 = 9470;
+
+impl Default for ProxySettings {
+    fn default() -> ProxySettings {
+        // The ECS agent's own credentials-endpoint throttle: 40 rps steady,
+        // 60 burst.
+        ProxySettings {
+            imds_port: DEFAULT_IMDS_PROXY_PORT,
+            rate: 40,
+            burst: 60,
+            max_connections: 64,
+            audit_log: None,
+        }
+    }
 }
 
 /// `[layers]`: which enforcement layers run besides the nft rules.
@@ -179,6 +244,19 @@ pub struct Config {
     /// In file order: first match wins.
     pub workloads: Vec<Workload>,
     pub layers: Layers,
+    pub proxy: ProxySettings,
+}
+
+impl Config {
+    /// Whether any workload has `action` for `imds` / `task_metadata`.
+    pub fn proxies(&self) -> (bool, bool) {
+        let imds = self.workloads.iter().any(|w| w.imds == Action::Proxy);
+        let tmd = self
+            .workloads
+            .iter()
+            .any(|w| w.task_metadata == Action::Proxy);
+        (imds, tmd)
+    }
 }
 
 /// A configuration error: where, what, and what to do.
@@ -229,8 +307,28 @@ struct RawConfig {
     endpoints: Option<RawEndpoints>,
     agent: Option<RawAgent>,
     layers: Option<RawLayers>,
+    proxy: Option<RawProxy>,
     #[serde(default)]
     workload: Vec<Spanned<RawWorkload>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProxy {
+    imds_port: Option<Spanned<i64>>,
+    rate: Option<Spanned<i64>>,
+    burst: Option<Spanned<i64>>,
+    max_connections: Option<Spanned<i64>>,
+    audit_log: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPathPolicy {
+    #[serde(default)]
+    allow: Vec<Spanned<String>>,
+    #[serde(default)]
+    deny: Vec<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -266,6 +364,8 @@ struct RawWorkload {
     task_metadata: Option<Spanned<String>>,
     credentials_ids: Option<SpannedList>,
     raw_sockets: Option<Spanned<String>>,
+    imds_policy: Option<Spanned<RawPathPolicy>>,
+    tmds: Option<Spanned<String>>,
 }
 
 // ---------------------------------------------------------------------------
@@ -378,8 +478,80 @@ impl Config {
             layers: Layers {
                 bpf: raw.layers.and_then(|l| l.bpf).unwrap_or(true),
             },
+            proxy: parse_proxy(&cx, raw.proxy)?,
         })
     }
+}
+
+fn parse_proxy(cx: &Ctx<'_>, raw: Option<RawProxy>) -> Result<ProxySettings, ConfigError> {
+    let mut p = ProxySettings::default();
+    let Some(raw) = raw else { return Ok(p) };
+    let int = |key: &str, v: Spanned<i64>, min: i64, max: i64| -> Result<u32, ConfigError> {
+        let n = *v.get_ref();
+        if n < min || n > max {
+            return Err(cx.err(
+                v.span(),
+                format!("proxy.{key}: {n} is out of range"),
+                Some(&format!("use a whole number from {min} to {max}")),
+            ));
+        }
+        Ok(n as u32)
+    };
+    if let Some(v) = raw.imds_port {
+        p.imds_port = int("imds_port", v, 1, 65535)? as u16;
+        if p.imds_port == 80 {
+            return Err(cx.err(
+                0..0,
+                "proxy.imds_port: 80 is the credentials relay's port on the same addresses",
+                Some("pick another port, e.g. 9470 (the default)"),
+            ));
+        }
+    }
+    if let Some(v) = raw.rate {
+        p.rate = int("rate", v, 1, 1_000_000)?;
+    }
+    if let Some(v) = raw.burst {
+        p.burst = int("burst", v, 1, 1_000_000)?;
+    }
+    if let Some(v) = raw.max_connections {
+        p.max_connections = int("max_connections", v, 1, 1_000_000)?;
+    }
+    if let Some(v) = raw.audit_log {
+        if !v.get_ref().starts_with('/') {
+            return Err(cx.err(
+                v.span(),
+                format!("proxy.audit_log: {:?} is not an absolute path", v.get_ref()),
+                Some("write an absolute file path, e.g. \"/var/log/metaguard/audit.log\", or remove the key to log to the daemon's stderr"),
+            ));
+        }
+        p.audit_log = Some(v.into_inner());
+    }
+    Ok(p)
+}
+
+fn parse_path_globs(
+    cx: &Ctx<'_>,
+    key: &str,
+    list: Vec<Spanned<String>>,
+) -> Result<Vec<PathGlob>, ConfigError> {
+    list.into_iter()
+        .map(|g| {
+            let s = g.get_ref();
+            let bad = !s.starts_with('/')
+                || s.contains(['?', '#', '%', '\\'])
+                || s.split('/').any(|seg| seg == "." || seg == "..")
+                || s.split('/').any(|seg| seg.contains('*') && seg != "*" && seg != "**");
+            if bad {
+                Err(cx.err(
+                    g.span(),
+                    format!("{key}: {s:?} is not a path glob"),
+                    Some("write canonical paths like \"/latest/meta-data/placement/**\": absolute, no query, no '.'/'..'; '*' is one whole segment, '**' any number"),
+                ))
+            } else {
+                Ok(PathGlob::new(s))
+            }
+        })
+        .collect()
 }
 
 fn toml_error(cx: &Ctx<'_>, e: &toml::de::Error) -> ConfigError {
@@ -593,6 +765,45 @@ fn validate_workload(
             })
             .collect::<Result<_, _>>()?,
     };
+    let imds_policy = match w.imds_policy {
+        None => PathPolicy::default_imds(),
+        Some(p) if imds != Action::Proxy => {
+            return Err(cx.err(
+                p.span(),
+                format!("workload {name:?}: imds_policy is only used with imds = \"proxy\""),
+                Some("set imds = \"proxy\" or remove the imds_policy table"),
+            ))
+        }
+        Some(p) => {
+            let p = p.into_inner();
+            PathPolicy {
+                allow: parse_path_globs(cx, "imds_policy.allow", p.allow)?,
+                deny: parse_path_globs(cx, "imds_policy.deny", p.deny)?,
+            }
+        }
+    };
+    let tmds = match w.tmds {
+        None => TmdsMode::default(),
+        Some(v) if task_metadata != Action::Proxy => {
+            return Err(cx.err(
+                v.span(),
+                format!("workload {name:?}: tmds is only used with task_metadata = \"proxy\""),
+                Some("set task_metadata = \"proxy\" or remove tmds"),
+            ))
+        }
+        Some(v) => match v.get_ref().as_str() {
+            "allow" => TmdsMode::Allow,
+            "deny" => TmdsMode::Deny,
+            "redact" => TmdsMode::Redact,
+            other => {
+                return Err(cx.err(
+                    v.span(),
+                    format!("tmds: unknown mode {other:?}"),
+                    Some(r#"use one of "allow", "deny", "redact""#),
+                ))
+            }
+        },
+    };
     Ok(Workload {
         name,
         selector,
@@ -600,6 +811,8 @@ fn validate_workload(
         task_metadata,
         credentials_ids,
         raw_sockets,
+        imds_policy,
+        tmds,
     })
 }
 

@@ -69,10 +69,35 @@ pub struct ContainerFact {
     pub cgroup: Option<String>,
     /// Its network namespace file, when it has its own stack.
     pub netns: Option<String>,
+    /// Its environment (`KEY=VALUE`): the proxy learns which credentials
+    /// and task-metadata ids belong to it.
+    pub env: Vec<String>,
+}
+
+/// Whether a `netns` path glob selects `path`.
+pub fn netns_glob_matches(glob: &str, path: &str) -> bool {
+    globset::Glob::new(glob).is_ok_and(|g| g.compile_matcher().is_match(path))
+}
+
+/// Whether an interface glob (a name, or a prefix and one trailing `*`)
+/// matches `name`.
+pub fn ifname_glob_matches(glob: &str, name: &str) -> bool {
+    match glob.strip_suffix('*') {
+        Some(prefix) => name.starts_with(prefix),
+        None => glob == name,
+    }
 }
 
 impl ContainerFact {
-    fn matches(&self, r: &ContainerRef) -> bool {
+    /// The value of an environment variable.
+    pub fn env_var(&self, key: &str) -> Option<&str> {
+        self.env
+            .iter()
+            .find_map(|kv| kv.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
+    }
+
+    /// Whether a `containers` selector entry names this container.
+    pub fn matches(&self, r: &ContainerRef) -> bool {
         match r {
             ContainerRef::Name(n) => {
                 &self.name == n
@@ -83,7 +108,8 @@ impl ContainerFact {
         }
     }
 
-    fn is_ecs_pause(&self) -> bool {
+    /// The ECS agent's pause container of an awsvpc task.
+    pub fn is_ecs_pause(&self) -> bool {
         self.labels.get(ECS_PAUSE_LABEL.0).map(String::as_str) == Some(ECS_PAUSE_LABEL.1)
     }
 }
@@ -110,6 +136,8 @@ pub struct Plan {
     /// Things the operator should know (shadowed entries, selectors that
     /// matched nothing, selectors apply cannot resolve).
     pub warnings: Vec<String>,
+    /// The proxy's listeners and addresses, when any workload proxies.
+    pub proxy: Option<ProxyPlan>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -123,11 +151,22 @@ pub struct NetnsPlan {
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PlanError {
-    #[error("workload {workload:?} uses the proxy action for {class}, which is not built yet (tracked in the metadata-proxy issue); use \"deny\" or \"allow\"")]
-    ProxyNotBuilt {
-        workload: String,
-        class: &'static str,
-    },
+    #[error("workload {workload:?} uses the proxy action, which needs an IPv4 task_metadata endpoint for metaguard's listeners (e.g. 169.254.170.2); [endpoints] task_metadata has none")]
+    ProxyWithoutAddress { workload: String },
+}
+
+/// Where the proxy listens and which addresses metaguard owns on the host's
+/// `lo` for it (every task-metadata endpoint, /32 or /128).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyPlan {
+    /// Addresses metaguard adds to `lo` (and removes).
+    pub addresses: Vec<IpAddr>,
+    /// Credentials relay: every address, port 80 (when a workload proxies
+    /// task metadata).
+    pub relay: Vec<std::net::SocketAddr>,
+    /// IMDS proxy: the first IPv4 (and IPv6) address, `[proxy] imds_port`
+    /// (when a workload proxies IMDS).
+    pub imds: Vec<std::net::SocketAddr>,
 }
 
 /// The whole-table replacement prefix: `add` makes `delete` safe when the
@@ -138,18 +177,57 @@ fn replace_prefix(out: &mut String) {
     let _ = writeln!(out, "delete table {FAMILY} {TABLE}");
 }
 
+/// Marks that carry the caller's identity to the proxy (read back with
+/// `SO_MARK` on the accepted socket; `net.ipv4.tcp_fwmark_accept = 1`).
+///
+/// Bridge ports: the `bridge` table sets `jhash(iif) mod BRIDGE_MARK_MOD +
+/// BRIDGE_MARK_BASE` on packets to the proxy (nft cannot copy an ifindex
+/// into the mark; a hash of it it can, and [`bridge_mark`] computes the
+/// same hash, so the proxy maps a mark back to the port). Host processes:
+/// `HOST_MARK_TAG | workload index`, set by the workload's output chain.
+pub const BRIDGE_MARK_BASE: u32 = 0x8000_0000;
+pub const BRIDGE_MARK_MOD: u32 = 0x7fff_ffff;
+pub const BRIDGE_MARK_SEED: u32 = 0x4d47;
+pub const HOST_MARK_TAG: u32 = 0x6e00_0000;
+/// nat chains hook just before ecs-init's and Docker's (dstnat, -100): the
+/// first NAT binding wins, so theirs never runs on proxied flows.
+const PROXY_NAT_PRIORITY: i32 = -110;
+
+/// The mark the bridge table gives packets entering from port `ifindex`:
+/// the kernel's `jhash` (include/linux/jhash.h) of the 4-byte register,
+/// scaled like `nft_jhash_eval`.
+pub fn bridge_mark(ifindex: u32) -> u32 {
+    let mut a = 0xdead_beef_u32
+        .wrapping_add(4)
+        .wrapping_add(BRIDGE_MARK_SEED);
+    let mut b = a;
+    let mut c = a;
+    // The register holds the ifindex in host byte order; jhash reads the
+    // bytes little-endian-first (k[0] + k[1] << 8 …), i.e. the value on
+    // little-endian machines.
+    let bytes = ifindex.to_ne_bytes();
+    a = a.wrapping_add(u32::from_le_bytes(bytes));
+    c ^= b;
+    c = c.wrapping_sub(b.rotate_left(14));
+    a ^= c;
+    a = a.wrapping_sub(c.rotate_left(11));
+    b ^= a;
+    b = b.wrapping_sub(a.rotate_left(25));
+    c ^= b;
+    c = c.wrapping_sub(b.rotate_left(16));
+    a ^= c;
+    a = a.wrapping_sub(c.rotate_left(4));
+    b ^= a;
+    b = b.wrapping_sub(a.rotate_left(14));
+    c ^= b;
+    c = c.wrapping_sub(b.rotate_left(24));
+    let scaled = ((u64::from(c) * u64::from(BRIDGE_MARK_MOD)) >> 32) as u32;
+    scaled + BRIDGE_MARK_BASE
+}
+
 /// Builds the plan. Pure.
 pub fn plan(config: &Config, facts: &HostFacts) -> Result<Plan, PlanError> {
-    for w in &config.workloads {
-        for (class, action) in [("imds", w.imds), ("task_metadata", w.task_metadata)] {
-            if action == Action::Proxy {
-                return Err(PlanError::ProxyNotBuilt {
-                    workload: w.name.clone(),
-                    class,
-                });
-            }
-        }
-    }
+    let proxy = proxy_plan(config)?;
     let mut warnings = Vec::new();
 
     // Bridges: (glob, workload index), in config order.
@@ -235,8 +313,16 @@ pub fn plan(config: &Config, facts: &HostFacts) -> Result<Plan, PlanError> {
             "\t\tcomment {}",
             quote(&format!("workload {}", w.name))
         );
-        write_decisions(&mut host, "\t\t", w.imds, w.task_metadata, bridge);
+        let hook = if bridge {
+            Hook::Bridge
+        } else {
+            Hook::HostOutput(i)
+        };
+        write_decisions(&mut host, "\t\t", config, i, hook);
         let _ = writeln!(host, "\t}}");
+    }
+    if proxy.is_some() {
+        write_host_proxy_nat(&mut host, config);
     }
     // Per group, exact names go into a hash map and globs into an interval
     // map: within a group nothing overlaps, so the two lookups commute.
@@ -317,13 +403,205 @@ pub fn plan(config: &Config, facts: &HostFacts) -> Result<Plan, PlanError> {
         let _ = writeln!(host, "\t}}");
     }
     let _ = writeln!(host, "}}");
+    if proxy.is_some() {
+        write_bridge_table(&mut host, config);
+    }
 
     let netns = plan_netns(config, facts, &mut warnings);
     Ok(Plan {
         host,
         netns,
         warnings,
+        proxy,
     })
+}
+
+/// The proxy's addresses and listeners; `None` when nothing is proxied.
+fn proxy_plan(config: &Config) -> Result<Option<ProxyPlan>, PlanError> {
+    let (imds, tmd) = config.proxies();
+    if !imds && !tmd {
+        return Ok(None);
+    }
+    let addresses = config.endpoints.task_metadata.clone();
+    let Some(v4) = addresses.iter().find(|a| a.is_ipv4()) else {
+        let w = config
+            .workloads
+            .iter()
+            .find(|w| w.imds == Action::Proxy || w.task_metadata == Action::Proxy)
+            .map(|w| w.name.clone())
+            .unwrap_or_default();
+        return Err(PlanError::ProxyWithoutAddress { workload: w });
+    };
+    let relay = if tmd {
+        addresses
+            .iter()
+            .map(|a| std::net::SocketAddr::new(*a, 80))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let imds = if imds {
+        let port = config.proxy.imds_port;
+        std::iter::once(*v4)
+            .chain(addresses.iter().find(|a| a.is_ipv6()).copied())
+            .map(|a| std::net::SocketAddr::new(a, port))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    Ok(Some(ProxyPlan {
+        addresses,
+        relay,
+        imds,
+    }))
+}
+
+/// The IMDS proxy's listen address of one family, if any.
+fn imds_proxy_addr(config: &Config, v6: bool) -> Option<IpAddr> {
+    config
+        .endpoints
+        .task_metadata
+        .iter()
+        .find(|a| a.is_ipv6() == v6)
+        .copied()
+}
+
+fn dnat_target(addr: IpAddr, port: Option<u16>) -> String {
+    match (addr, port) {
+        (IpAddr::V4(a), Some(p)) => format!("{a}:{p}"),
+        (IpAddr::V6(a), Some(p)) => format!("[{a}]:{p}"),
+        (a, None) => a.to_string(),
+    }
+}
+
+/// nat rules of the host table: bridge traffic to IMDS of proxied bridges
+/// goes to the IMDS proxy; task-metadata traffic from any bridge port (it
+/// carries a bridge mark) and marked host processes keeps its address
+/// (an identity DNAT: the first NAT binding wins, so ecs-init's DNAT to
+/// 127.0.0.1 never happens and the relay on `lo` answers — F1, F2, F10).
+fn write_host_proxy_nat(out: &mut String, config: &Config) {
+    let (imds, tmd) = config.proxies();
+    let port = config.proxy.imds_port;
+    let bridge_mark = format!("meta mark & 0x{BRIDGE_MARK_BASE:08x} == 0x{BRIDGE_MARK_BASE:08x}");
+    let host_mark = format!("meta mark & 0xff000000 == 0x{HOST_MARK_TAG:08x}");
+    for (chain, hook, who) in [
+        ("proxy_prerouting", "prerouting", &bridge_mark),
+        ("proxy_output", "output", &host_mark),
+    ] {
+        let _ = writeln!(out, "\tchain {chain} {{");
+        let _ = writeln!(
+            out,
+            "\t\ttype nat hook {hook} priority {PROXY_NAT_PRIORITY}; policy accept;"
+        );
+        if imds {
+            for (fam, v6) in [("ip", false), ("ip6", true)] {
+                let Some(p) = imds_proxy_addr(config, v6) else {
+                    continue;
+                };
+                let sfx = if v6 { "6" } else { "4" };
+                let to = dnat_target(p, Some(port));
+                if hook == "prerouting" {
+                    for g in imds_proxy_bridges(config) {
+                        let _ = writeln!(
+                            out,
+                            "\t\tiifname {} {fam} daddr @imds{sfx} tcp dport 80 dnat {fam} to {to}",
+                            quote(g)
+                        );
+                    }
+                } else {
+                    let _ = writeln!(
+                        out,
+                        "\t\t{who} {fam} daddr @imds{sfx} tcp dport 80 dnat {fam} to {to}"
+                    );
+                }
+            }
+        }
+        if tmd {
+            for a in &config.endpoints.task_metadata {
+                let fam = if a.is_ipv6() { "ip6" } else { "ip" };
+                let _ = writeln!(
+                    out,
+                    "\t\t{who} {fam} daddr {a} tcp dport 80 dnat {fam} to {}",
+                    dnat_target(*a, None)
+                );
+            }
+        }
+        let _ = writeln!(out, "\t}}");
+    }
+}
+
+/// Bridge globs of workloads that proxy IMDS, in file order.
+fn imds_proxy_bridges(config: &Config) -> Vec<&String> {
+    config
+        .workloads
+        .iter()
+        .filter(|w| w.imds == Action::Proxy)
+        .filter_map(|w| match &w.selector {
+            Selector::Bridges(g) => Some(g.iter()),
+            _ => None,
+        })
+        .flatten()
+        .collect()
+}
+
+/// The `bridge` table: marks packets headed for the proxy with a hash of
+/// the bridge port they entered from — the caller's identity, which no
+/// source address can fake (F15).
+fn write_bridge_table(out: &mut String, config: &Config) {
+    let port = config.proxy.imds_port;
+    let mark = format!(
+        "meta mark set jhash meta iif mod {BRIDGE_MARK_MOD} seed 0x{BRIDGE_MARK_SEED:x} offset 0x{BRIDGE_MARK_BASE:08x}"
+    );
+    let _ = writeln!(out, "add table bridge {TABLE}");
+    let _ = writeln!(out, "delete table bridge {TABLE}");
+    let _ = writeln!(out, "table bridge {TABLE} {{");
+    let _ = writeln!(
+        out,
+        "\tcomment \"managed by metaguard; changes are overwritten\""
+    );
+    let _ = writeln!(out, "\tchain prerouting {{");
+    let _ = writeln!(
+        out,
+        "\t\ttype filter hook prerouting priority -300; policy accept;"
+    );
+    for (fam, v6) in [("ip", false), ("ip6", true)] {
+        let tmd: Vec<String> = config
+            .endpoints
+            .task_metadata
+            .iter()
+            .filter(|a| a.is_ipv6() == v6)
+            .map(|a| a.to_string())
+            .collect();
+        if !tmd.is_empty() {
+            let _ = writeln!(
+                out,
+                "\t\t{fam} daddr {{ {} }} tcp dport {{ 80, {port} }} {mark}",
+                tmd.join(", ")
+            );
+        }
+        let imds: Vec<String> = config
+            .endpoints
+            .imds
+            .iter()
+            .filter(|a| a.is_ipv6() == v6)
+            .map(|a| a.to_string())
+            .collect();
+        if imds.is_empty() {
+            continue;
+        }
+        // Every port of every bridge: `meta ibrname` needs
+        // nft_meta_bridge, which hosts often lack, and the mark only names
+        // the port (the nat chain picks proxied bridges by name).
+        if !imds_proxy_bridges(config).is_empty() {
+            let _ = writeln!(
+                out,
+                "\t\t{fam} daddr {{ {} }} tcp dport 80 {mark}",
+                imds.join(", ")
+            );
+        }
+    }
+    let _ = writeln!(out, "\t}}");
+    let _ = writeln!(out, "}}");
 }
 
 fn plan_netns(config: &Config, facts: &HostFacts, warnings: &mut Vec<String>) -> Vec<NetnsPlan> {
@@ -429,8 +707,28 @@ fn task_script(config: &Config, i: usize) -> String {
         s,
         "\t\ttype filter hook output priority raw; policy accept;"
     );
-    write_decisions(&mut s, "\t\t", w.imds, w.task_metadata, false);
+    write_decisions(&mut s, "\t\t", config, i, Hook::Task);
     let _ = writeln!(s, "\t}}");
+    if w.imds == Action::Proxy {
+        // To the IMDS proxy on the host, through ecs-bridge (the task's
+        // route to 169.254.170.2), never via 127/8.
+        let _ = writeln!(s, "\tchain proxy_output {{");
+        let _ = writeln!(
+            s,
+            "\t\ttype nat hook output priority {PROXY_NAT_PRIORITY}; policy accept;"
+        );
+        for (fam, v6) in [("ip", false), ("ip6", true)] {
+            if let Some(p) = imds_proxy_addr(config, v6) {
+                let sfx = if v6 { "6" } else { "4" };
+                let _ = writeln!(
+                    s,
+                    "\t\t{fam} daddr @imds{sfx} tcp dport 80 dnat {fam} to {}",
+                    dnat_target(p, Some(config.proxy.imds_port))
+                );
+            }
+        }
+        let _ = writeln!(s, "\t}}");
+    }
     let _ = writeln!(s, "}}");
     s
 }
@@ -467,11 +765,74 @@ fn write_sets(out: &mut String, config: &Config) {
     }
 }
 
+/// Where a workload's chain runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Hook {
+    /// Host prerouting, traffic entering from a bridge.
+    Bridge,
+    /// Host output, processes selected by cgroup (workload index).
+    HostOutput(usize),
+    /// Output inside a task namespace.
+    Task,
+}
+
 /// The rules of one workload.
-fn write_decisions(out: &mut String, indent: &str, imds: Action, tmd: Action, bridge: bool) {
+fn write_decisions(out: &mut String, indent: &str, config: &Config, i: usize, hook: Hook) {
+    let w = &config.workloads[i];
+    let (imds, tmd) = (w.imds, w.task_metadata);
+    let bridge = hook == Hook::Bridge;
+    let imds_port = config.proxy.imds_port;
+    let imds_proxied = config.proxies().0;
     for (set, action) in [("imds", imds), ("tmd", tmd)] {
+        if action == Action::Proxy {
+            // Only HTTP on port 80 goes on (to the proxy, via the nat
+            // chains); any other port or protocol is refused as with deny.
+            // The task-metadata addresses also carry the IMDS proxy's port.
+            let ports = if set == "tmd" && imds_proxied {
+                format!("{{ 80, {imds_port} }}")
+            } else {
+                "80".to_string()
+            };
+            for (fam, v6) in [("ip", false), ("ip6", true)] {
+                let sfx = if v6 { "6" } else { "4" };
+                if set == "imds" && imds_proxy_addr(config, v6).is_none() {
+                    // No proxy listener in this family: fail closed.
+                    let _ = writeln!(
+                        out,
+                        "{indent}{fam} daddr @{set}{sfx} meta l4proto tcp reject with tcp reset"
+                    );
+                    let _ = writeln!(
+                        out,
+                        "{indent}{fam} daddr @{set}{sfx} reject with icmpx admin-prohibited"
+                    );
+                    continue;
+                }
+                let _ = writeln!(
+                    out,
+                    "{indent}{fam} daddr @{set}{sfx} tcp dport != {ports} reject with tcp reset"
+                );
+                let _ = writeln!(
+                    out,
+                    "{indent}{fam} daddr @{set}{sfx} meta l4proto != tcp reject with icmpx admin-prohibited"
+                );
+                if let Hook::HostOutput(idx) = hook {
+                    let _ = writeln!(
+                        out,
+                        "{indent}{fam} daddr @{set}{sfx} tcp dport 80 meta mark set 0x{:08x}",
+                        HOST_MARK_TAG | (idx as u32 & 0xffff)
+                    );
+                }
+            }
+            continue;
+        }
         if action != Action::Deny {
             continue;
+        }
+        if set == "tmd" && imds_proxied && bridge {
+            // Tasks reach the IMDS proxy on the task-metadata address
+            // (DNATed in their namespace before this bridge sees it).
+            let _ = writeln!(out, "{indent}ip daddr @tmd4 tcp dport {imds_port} return");
+            let _ = writeln!(out, "{indent}ip6 daddr @tmd6 tcp dport {imds_port} return");
         }
         for (fam, suffix) in [("ip", "4"), ("ip6", "6")] {
             let _ = writeln!(

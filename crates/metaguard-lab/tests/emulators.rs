@@ -1,9 +1,15 @@
 //! Integration tests of the IMDS and ECS agent emulators over real TCP on
 //! 127.0.0.1 only (ephemeral ports), with a real HTTP client (hyper) and a
-//! real AWS SDK (Python botocore, driven from `tests/py/`).
+//! real AWS SDK (Python botocore, driven from `tests/py/`); and, inside a
+//! lab, the AWS SDK for Rust (`mg-aws-probe`, crate metaguard-awsprobe).
 //!
-//! Nothing here sends a packet anywhere but loopback: every helper asserts
-//! the address it talks to is 127.0.0.1.
+//! Nothing here sends a packet from this process's namespace anywhere but
+//! loopback: every helper asserts the address it talks to is 127.0.0.1.
+//! The `aws_sdk_rust_*` tests need root: they build a lab and run the probe
+//! as a lab workload, so their traffic stays inside lab namespaces (the
+//! probe refuses the root namespace). Not root, they print `skipped: …` and
+//! pass — unless `METAGUARD_REQUIRE_ROOT=1`, when they fail. They need
+//! `target/<profile>/mg-aws-probe` (`cargo build --workspace`).
 //!
 //! The botocore tests look for Python in `METAGUARD_PYTHON`, else
 //! `<workspace>/.venv/bin/python`. Without it (or without botocore) they
@@ -11,10 +17,10 @@
 //! when they fail.
 
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
@@ -1165,4 +1171,312 @@ fn botocore_container_provider_against_agent() {
     // botocore tried three times; each is logged with its status.
     let statuses: Vec<u16> = agent.log().entries().iter().map(|e| e.status).collect();
     assert_eq!(statuses, [400, 400, 400]);
+}
+
+// ---------------------------------------------------------------------------
+// Real SDK: the AWS SDK for Rust (aws-config), inside a lab
+// ---------------------------------------------------------------------------
+//
+// `mg-aws-probe` (crate metaguard-awsprobe) is aws-config's own IMDS client
+// and ECS credentials provider. Unlike botocore above, it cannot be pointed
+// at 127.0.0.1 for everything — `AWS_CONTAINER_CREDENTIALS_RELATIVE_URI`
+// always means http://169.254.170.2 — so these tests build a lab (root
+// only) and run it as a lab workload with `Lab::command_in` (`ip netns
+// exec` + the workload's cgroup): every packet stays in lab namespaces, and
+// the probe itself refuses the root namespace.
+
+/// `<target dir>/<profile>/mg-aws-probe`, beside this test's `deps/`
+/// directory (the binary belongs to another package, so there is no
+/// `CARGO_BIN_EXE_` for it here).
+fn awsprobe_exe() -> PathBuf {
+    let me = std::env::current_exe().expect("current exe");
+    let exe = me
+        .parent()
+        .and_then(|deps| deps.parent())
+        .map(|dir| dir.join("mg-aws-probe"))
+        .expect("no target dir above the test executable");
+    assert!(
+        exe.exists(),
+        "{} missing: build it with `cargo build --workspace` (`cargo test --workspace` builds it too)",
+        exe.display()
+    );
+    exe
+}
+
+/// A lab whose IMDS runs in `tokens` mode, or `None` (with the reason
+/// printed) when not root — a failure instead when
+/// `METAGUARD_REQUIRE_ROOT=1`, as under the README's test command.
+fn lab_or_skip(test: &str, tokens: TokenMode) -> Option<metaguard_lab::Lab> {
+    if !metaguard_sys::process::is_root() {
+        assert!(
+            std::env::var("METAGUARD_REQUIRE_ROOT").as_deref() != Ok("1"),
+            "{test}: METAGUARD_REQUIRE_ROOT=1 but not running as root"
+        );
+        println!("{test} skipped: needs root to build a lab (network namespaces)");
+        return None;
+    }
+    let exe = awsprobe_exe();
+    // The lab's own `lab-probe` runner (the metaguard binary) is not used
+    // by these tests; only `command_in` is.
+    let mut opts = metaguard_lab::LabOptions::new(&exe);
+    opts.imds.tokens = tokens;
+    Some(metaguard_lab::Lab::start(opts).unwrap_or_else(|e| panic!("{test}: lab: {e}")))
+}
+
+/// What one `mg-aws-probe` run printed.
+#[derive(Debug)]
+struct AwsProbe {
+    code: Option<i32>,
+    json: Value,
+    elapsed: Duration,
+    stderr: String,
+}
+
+/// Runs `mg-aws-probe args…` as workload `w`, with only `env` in its
+/// environment (nothing of this machine's AWS_* or proxy settings), and a
+/// 10 s limit (the probe's own is 5 s).
+fn awsprobe(
+    lab: &metaguard_lab::Lab,
+    w: metaguard_lab::Workload,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> AwsProbe {
+    let mut cmd = lab.command_in(w, awsprobe_exe()).expect("lab command");
+    cmd.args(args).env_clear().envs(env.iter().copied());
+    let t0 = Instant::now();
+    let mut child = cmd.spawn().expect("spawn mg-aws-probe");
+    let deadline = t0 + Duration::from_secs(10);
+    while child.try_wait().expect("wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("mg-aws-probe {args:?} as {w:?} ran past 10 s");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let elapsed = t0.elapsed();
+    let out = child.wait_with_output().expect("output");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let last = stdout.lines().last().unwrap_or("");
+    let json = serde_json::from_str(last).unwrap_or_else(|e| {
+        panic!("mg-aws-probe {args:?}: bad JSON {last:?}: {e}\nstderr: {stderr}")
+    });
+    AwsProbe {
+        code: out.status.code(),
+        json,
+        elapsed,
+        stderr,
+    }
+}
+
+#[test]
+fn aws_sdk_rust_imds_v2_through_the_lab_emulator() {
+    use metaguard_lab::topology::addr;
+    use metaguard_lab::Workload;
+    let test = "aws_sdk_rust_imds_v2_through_the_lab_emulator";
+    let Some(lab) = lab_or_skip(test, TokenMode::Required) else {
+        return;
+    };
+    let imds = lab.imds();
+    assert_eq!(imds.token_mode(), TokenMode::Required);
+
+    // The SDK's defaults: http://169.254.169.254, then (endpoint mode IPv6)
+    // http://[fd00:ec2::254] — the lab serves IMDS on both.
+    for (mode, server) in [
+        (None, IpAddr::V4(addr::IMDS_V4)),
+        (Some("IPv6"), IpAddr::V6(addr::IMDS_V6)),
+    ] {
+        imds.log().clear();
+        let env: Vec<(&str, &str)> = mode
+            .map(|m| ("AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE", m))
+            .into_iter()
+            .collect();
+        let r = awsprobe(&lab, Workload::HostNetwork, &["imds", IID], &env);
+        assert_eq!(r.code, Some(0), "{mode:?}: {r:?}");
+        assert_eq!(r.json["ok"], true, "{r:?}");
+        assert!(r.stderr.is_empty(), "{r:?}");
+        assert_eq!(r.json["value"], lab.instance_id(), "{r:?}");
+
+        // IMDSv2: a token PUT, then the GET carrying that token.
+        let entries = imds.log().entries();
+        let seen: Vec<(&str, &str, u16)> = entries
+            .iter()
+            .map(|e| (e.method.as_str(), e.target.as_str(), e.status))
+            .collect();
+        assert_eq!(
+            seen,
+            [("PUT", "/latest/api/token", 200), ("GET", IID, 200)],
+            "{mode:?}"
+        );
+        assert_eq!(entries[0].header(TTL), Some("21600"), "SDK's default TTL");
+        assert_eq!(entries[0].header(TOKEN), None);
+        assert!(
+            entries[1].header(TOKEN).is_some_and(|t| t.len() == 56),
+            "{:?}",
+            entries[1]
+        );
+        for e in &entries {
+            assert!(
+                e.header("user-agent")
+                    .is_some_and(|ua| ua.starts_with("aws-sdk-rust/") && ua.contains("api/imds/")),
+                "{e:?}"
+            );
+        }
+        // From the lab host, to the metadata address itself.
+        assert!(
+            entries.iter().all(|e| e.local.ip() == server),
+            "{entries:?}"
+        );
+        let host = match server {
+            IpAddr::V4(_) => IpAddr::V4(addr::HOST_V4),
+            IpAddr::V6(_) => IpAddr::V6(addr::HOST_V6),
+        };
+        assert!(entries.iter().all(|e| e.peer.ip() == host), "{entries:?}");
+    }
+}
+
+#[test]
+fn aws_sdk_rust_ecs_credentials_through_the_lab_agent() {
+    use metaguard_lab::topology::addr;
+    use metaguard_lab::Workload;
+    let test = "aws_sdk_rust_ecs_credentials_through_the_lab_agent";
+    let Some(lab) = lab_or_skip(test, TokenMode::Required) else {
+        return;
+    };
+    let agent = lab.agent();
+
+    // AWS_CONTAINER_CREDENTIALS_RELATIVE_URI: the SDK fetches
+    // http://169.254.170.2<uri>, which the lab routes as an ECS host does —
+    // bridge containers through docker0 and the awsvpc task through
+    // ecs-eth0/ecs-bridge reach ecs-init's DNAT to the agent emulator on
+    // the host's 127.0.0.1:51679; host-network processes its nat OUTPUT
+    // REDIRECT (their source address is the one routing chose for
+    // 169.254.170.2: eth0's).
+    for (w, peer) in [
+        (Workload::BridgeC1, Ipv4Addr::new(172, 17, 0, 2)),
+        (Workload::AwsvpcTask, addr::TASK_ECS_ETH0_V4),
+        (Workload::HostNetwork, addr::HOST_V4),
+    ] {
+        let id = w.credentials_id();
+        let creds = agent.credentials(id).expect("the lab's credentials");
+        agent.log().clear();
+        let uri = format!("/v2/credentials/{id}");
+        let r = awsprobe(
+            &lab,
+            w,
+            &["ecs-credentials"],
+            &[("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", &uri)],
+        );
+        assert_eq!(r.code, Some(0), "{w:?}: {r:?}");
+        assert_eq!(r.json["ok"], true, "{w:?}: {r:?}");
+        assert_eq!(r.json["access_key_id"], creds.access_key_id.as_str());
+        let expiry = r.json["expiry"].as_u64().expect("an expiry");
+        assert_eq!(
+            metaguard_lab::http::rfc3339(UNIX_EPOCH + Duration::from_secs(expiry)),
+            creds.expiration,
+            "{w:?}"
+        );
+        // Only the access key id is printed, never the secret or token.
+        let obj = r.json.as_object().expect("object");
+        assert_eq!(obj.len(), 3, "{}", r.json);
+        let printed = r.json.to_string();
+        assert!(!printed.contains(&creds.secret_access_key) && !printed.contains(&creds.token));
+        // One request, no retry, arriving from the workload's own address.
+        let entries = agent.log().entries();
+        let seen: Vec<(IpAddr, &str, u16)> = entries
+            .iter()
+            .map(|e| (e.peer.ip(), e.target.as_str(), e.status))
+            .collect();
+        assert_eq!(seen, [(IpAddr::V4(peer), uri.as_str(), 200)], "{w:?}");
+        assert_eq!(entries[0].header("accept"), Some("application/json"));
+    }
+
+    // AWS_CONTAINER_CREDENTIALS_FULL_URI: plain HTTP only to loopback,
+    // 169.254.170.2 or the EKS pod-identity addresses. Loopback reaches the
+    // agent from a host-network process (its own 127.0.0.1:51679)...
+    let id = Workload::HostNetwork.credentials_id();
+    let full = format!("http://127.0.0.1:{}/v2/credentials/{id}", addr::AGENT_PORT);
+    let r = awsprobe(
+        &lab,
+        Workload::HostNetwork,
+        &["ecs-credentials"],
+        &[("AWS_CONTAINER_CREDENTIALS_FULL_URI", &full)],
+    );
+    assert_eq!(r.code, Some(0), "{r:?}");
+    assert_eq!(
+        r.json["access_key_id"],
+        agent.credentials(id).expect("creds").access_key_id.as_str()
+    );
+    // ...but any other host is refused by the SDK before it connects: the
+    // lab's echo service on the VPC gateway never hears of it.
+    lab.echo_log().clear();
+    let other = format!(
+        "http://{}:{}/v2/credentials/{id}",
+        addr::VPC_GW_V4,
+        addr::ECHO_TCP_PORT
+    );
+    let r = awsprobe(
+        &lab,
+        Workload::HostNetwork,
+        &["ecs-credentials"],
+        &[("AWS_CONTAINER_CREDENTIALS_FULL_URI", &other)],
+    );
+    assert_eq!(r.code, Some(1), "{r:?}");
+    let err = r.json["error"].as_str().expect("an error");
+    assert!(
+        err.contains("did not refer to an allowed IP address"),
+        "{err}"
+    );
+    assert!(lab.echo_log().is_empty(), "{:?}", lab.echo_log().entries());
+
+    // An id the agent does not know: a 400, not retried, and the SDK
+    // reports only the status (the agent's error code is in the body).
+    agent.log().clear();
+    let r = awsprobe(
+        &lab,
+        Workload::AwsvpcTask,
+        &["ecs-credentials"],
+        &[(
+            "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+            "/v2/credentials/unknown",
+        )],
+    );
+    assert_eq!(r.code, Some(1), "{r:?}");
+    assert_eq!(r.json["ok"], false);
+    let err = r.json["error"].as_str().expect("an error");
+    assert!(err.contains("400"), "{err}");
+    let statuses: Vec<u16> = agent.log().entries().iter().map(|e| e.status).collect();
+    assert_eq!(statuses, [400]);
+}
+
+#[test]
+fn aws_sdk_rust_fails_fast_when_imds_does_not_answer() {
+    use metaguard_lab::Workload;
+    let test = "aws_sdk_rust_fails_fast_when_imds_does_not_answer";
+    let Some(lab) = lab_or_skip(test, TokenMode::Required) else {
+        return;
+    };
+    // AWS_EC2_METADATA_SERVICE_ENDPOINT moves the SDK off the emulator:
+    // - a port nothing listens on at the metadata address (a TCP reset);
+    // - an address on the VPC subnet nobody has (no ARP answer: the SDK's
+    //   1 s IMDS connect timeout, which it does not retry).
+    for (endpoint, want) in [
+        ("http://169.254.169.254:81", "refused"),
+        ("http://10.0.0.99", "timeout"),
+    ] {
+        lab.imds().log().clear();
+        let r = awsprobe(
+            &lab,
+            Workload::HostNetwork,
+            &["imds", IID],
+            &[("AWS_EC2_METADATA_SERVICE_ENDPOINT", endpoint)],
+        );
+        assert_eq!(r.code, Some(1), "{endpoint}: {r:?}");
+        assert_eq!(r.json["ok"], false, "{endpoint}: {r:?}");
+        let err = r.json["error"].as_str().expect("an error");
+        assert!(err.to_lowercase().contains(want), "{endpoint}: {err}");
+        assert!(r.elapsed < Duration::from_secs(5), "{endpoint}: {r:?}");
+        assert!(lab.imds().log().is_empty(), "{endpoint}");
+    }
 }

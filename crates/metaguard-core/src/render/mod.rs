@@ -11,9 +11,8 @@
 //! boothook installs it, so `sha256sum /etc/metaguard/metaguard.toml` on a
 //! host shows whether it runs the config a file was rendered from.
 //!
-//! A config that `metaguard apply` would refuse (e.g. the `proxy` action,
-//! not built yet) cannot be rendered either: a boot-time file must never
-//! carry a policy that fails at boot.
+//! A config that `metaguard apply` would refuse cannot be rendered either:
+//! a boot-time file must never carry a policy that fails at boot.
 
 use std::fmt;
 use std::str::FromStr;

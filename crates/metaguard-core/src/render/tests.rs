@@ -245,12 +245,13 @@ fn user_data_needs_a_valid_cluster() {
 }
 
 #[test]
-fn proxy_policies_cannot_be_rendered() {
-    let text = "[[workload]]\nname = \"b\"\nbridges = [\"docker0\"]\nimds = \"proxy\"\n";
+fn policies_apply_refuses_cannot_be_rendered() {
+    // The proxy needs an IPv4 task-metadata address to listen on.
+    let text = "[endpoints]\ntask_metadata = [\"fd00:ec2::23\"]\n[[workload]]\nname = \"b\"\nbridges = [\"docker0\"]\nimds = \"proxy\"\n";
     for kind in Kind::ALL {
-        let e = render_text(kind, text, &with_cluster("c")).expect_err("proxy");
+        let e = render_text(kind, text, &with_cluster("c")).expect_err("no v4 address");
         assert!(matches!(e, RenderError::Plan(_)), "{kind}: {e}");
-        assert!(e.to_string().contains("proxy"), "{e}");
+        assert!(e.to_string().contains("IPv4"), "{e}");
     }
 }
 

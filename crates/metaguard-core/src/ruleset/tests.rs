@@ -65,13 +65,6 @@ fn plan_is_deterministic() {
 }
 
 #[test]
-fn proxy_is_refused_until_built() {
-    let c = cfg("[[workload]]\nname = \"a\"\nbridges = [\"docker0\"]\nimds = \"proxy\"\n");
-    let e = plan(&c, &HostFacts::default()).expect_err("proxy");
-    assert!(e.to_string().contains("not built yet"), "{e}");
-}
-
-#[test]
 fn shadowed_entries_are_dropped_with_a_warning() {
     let c = cfg(r#"
 [[workload]]
@@ -237,7 +230,7 @@ proptest::proptest! {
             .collect();
         let config = Config { workloads: (0..4).map(|i| crate::config::Workload {
             name: format!("w{i}"), selector: Selector::Bridges(vec!["x".into()]), imds: Action::Deny,
-            task_metadata: Action::Allow, credentials_ids: vec![], raw_sockets: Action::Allow }).collect(), ..Config::builtin_default() };
+            task_metadata: Action::Allow, credentials_ids: vec![], raw_sockets: Action::Allow, imds_policy: crate::proxy_path::PathPolicy::default_imds(), tmds: Default::default() }).collect(), ..Config::builtin_default() };
         let groups = group(&config, &entries, &mut IfnameIndex::default(), &mut Vec::new());
         for g in &groups {
             for (i, (a, _)) in g.iter().enumerate() {
@@ -258,7 +251,7 @@ proptest::proptest! {
     ) {
         let config = Config { workloads: (0..4).map(|i| crate::config::Workload {
             name: format!("w{i}"), selector: Selector::Cgroups(vec!["x".into()]), imds: Action::Deny,
-            task_metadata: Action::Allow, credentials_ids: vec![], raw_sockets: Action::Allow }).collect(), ..Config::builtin_default() };
+            task_metadata: Action::Allow, credentials_ids: vec![], raw_sockets: Action::Allow, imds_policy: crate::proxy_path::PathPolicy::default_imds(), tmds: Default::default() }).collect(), ..Config::builtin_default() };
         let groups = group(&config, &paths, &mut CgroupIndex::default(), &mut Vec::new());
         for p in &probes {
             let want = paths.iter().find_map(|(e, w)| cgroup_is_ancestor_or_self(e, p).then_some(*w));
@@ -307,6 +300,7 @@ fn container(
         host_network: host,
         cgroup: cgroup.map(str::to_string),
         netns: netns.map(str::to_string),
+        env: Vec::new(),
     }
 }
 
@@ -375,4 +369,64 @@ imds = "deny"
         ]
     );
     assert!(p.warnings.is_empty(), "{:?}", p.warnings);
+}
+
+const PROXY: &str = r#"
+[[workload]]
+name          = "agent"
+cgroups       = ["docker/ecs-agent"]
+imds          = "allow"
+
+[[workload]]
+name          = "bridges"
+bridges       = ["docker0", "br-*", "ecs-bridge"]
+imds          = "proxy"
+task_metadata = "proxy"
+
+[[workload]]
+name          = "tasks"
+netns         = ["/run/netns/task-*"]
+imds          = "proxy"
+task_metadata = "deny"
+
+[[workload]]
+name          = "hostnet"
+cgroups       = ["docker"]
+imds          = "proxy"
+task_metadata = "proxy"
+"#;
+
+#[test]
+fn proxy_golden() {
+    let facts = HostFacts {
+        netns_paths: vec!["/run/netns/task-1".into()],
+        containers: None,
+    };
+    let p = plan(&cfg(PROXY), &facts).expect("plan");
+    insta::assert_snapshot!("proxy_host", p.host);
+    insta::assert_snapshot!("proxy_task", p.netns[0].script);
+    let proxy = p.proxy.expect("proxy plan");
+    assert_eq!(proxy.imds.len(), 2, "{proxy:?}");
+    assert_eq!(proxy.relay.len(), 3, "{proxy:?}");
+    assert!(plan(&Config::builtin_default(), &facts)
+        .expect("plan")
+        .proxy
+        .is_none());
+}
+
+#[test]
+fn proxy_needs_an_ipv4_address() {
+    let text = format!("[endpoints]\ntask_metadata = [\"fd00:ec2::23\"]\n{PROXY}");
+    let e = plan(&cfg(&text), &HostFacts::default()).expect_err("no v4 address");
+    assert!(e.to_string().contains("IPv4"), "{e}");
+}
+
+#[test]
+fn bridge_mark_is_the_kernels_jhash() {
+    // Measured in a namespace: a SYN entering from port ifindex 3 through
+    // the bridge table's rule arrived with SO_MARK 0xf9e49469.
+    assert_eq!(bridge_mark(3), 0xf9e4_9469);
+    for i in [1u32, 2, 1000, 1 << 20, u32::MAX] {
+        assert!(bridge_mark(i) >= BRIDGE_MARK_BASE);
+    }
 }

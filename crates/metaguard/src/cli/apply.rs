@@ -42,6 +42,9 @@ pub fn run(
     for w in &report.warnings {
         eprintln!("warning: {w}");
     }
+    if plan.proxy.is_some() {
+        eprintln!("warning: workloads with the proxy action are served by `metaguard daemon`; until it runs, their metadata requests are refused (fail-closed)");
+    }
     println!(
         "applied {} table{} in {} ms: {}",
         report.tables.len(),

@@ -28,6 +28,11 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// The registry, for metrics registered elsewhere (the proxy's).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
     pub fn new() -> anyhow::Result<Metrics> {
         let registry = Registry::new();
         let heals = IntCounterVec::new(

@@ -24,6 +24,7 @@
 //! * **Metrics and health** on a loopback address only (see [`metrics`]).
 
 mod bpf_events;
+mod identity;
 mod metrics;
 mod monitor;
 
@@ -95,6 +96,8 @@ struct Daemon {
     /// Expected (canonical) tables by script text. Every task namespace of
     /// a workload has the same script, so one scratch load serves them all.
     expected_cache: HashMap<String, canonical::Table>,
+    /// The proxy's view of workloads, when the proxy runs.
+    directory: Option<std::sync::Arc<identity::Directory>>,
 }
 
 /// Runs the daemon until SIGTERM/SIGINT. Errors before the first apply exit
@@ -137,6 +140,7 @@ pub fn run(
             watched: Vec::new(),
             own_pids: std::collections::VecDeque::new(),
             expected_cache: HashMap::new(),
+            directory: None,
         };
         // Signals first: a SIGTERM right after "ready" must find its handler.
         let signals = Signals::new()?;
@@ -182,6 +186,7 @@ impl Daemon {
         self.sync_guarded()?;
         self.update_gauges();
         metrics::serve(self.opts.metrics_addr, self.metrics.clone())?;
+        self.start_proxy()?;
         if report.bpf.as_ref().is_some_and(|b| b.state == "active") {
             bpf_events::spawn(
                 self.opts.bpf_pin_dir.clone(),
@@ -203,6 +208,88 @@ impl Daemon {
             "ready: rules applied; watching"
         );
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+        Ok(())
+    }
+
+    /// Starts the credentials relay and IMDS proxy (when the plan has
+    /// listeners) on a runtime of their own, so heals never stall requests.
+    fn start_proxy(&mut self) -> anyhow::Result<()> {
+        let Some(p) = self.plan.proxy.clone() else {
+            return Ok(());
+        };
+        use metaguard_proxy::{AuditSink, Kind, Proxy, ProxyMetrics, Upstreams};
+        let config = std::sync::Arc::new(self.config.clone());
+        let directory = std::sync::Arc::new(identity::Directory::new(
+            config.clone(),
+            self.opts.docker_socket.clone(),
+        ));
+        let imds = config
+            .endpoints
+            .imds
+            .iter()
+            .find(|a| a.is_ipv4())
+            .or(config.endpoints.imds.first())
+            .map(|a| SocketAddr::new(*a, 80))
+            .context("no imds endpoint to forward to")?;
+        let upstreams = Upstreams {
+            imds,
+            agent: config.agent_credentials,
+        };
+        let metrics = ProxyMetrics::new(self.metrics.registry())?;
+        let audit = AuditSink::open(config.proxy.audit_log.as_deref()).with_context(|| {
+            format!(
+                "cannot open the audit log {}",
+                config.proxy.audit_log.as_deref().unwrap_or("")
+            )
+        })?;
+        let mut listeners = Vec::new();
+        for (addrs, kind) in [(&p.relay, Kind::Relay), (&p.imds, Kind::Imds)] {
+            for a in addrs {
+                let l = metaguard_proxy::bind(*a).with_context(|| {
+                    format!(
+                        "cannot listen on {a} for the {} proxy (is something else serving it? F10)",
+                        kind.as_str()
+                    )
+                })?;
+                listeners.push((l, kind));
+            }
+        }
+        let proxy = Proxy::new(directory.clone(), upstreams, metrics, audit);
+        let addrs: Vec<String> = p
+            .relay
+            .iter()
+            .chain(&p.imds)
+            .map(|a| a.to_string())
+            .collect();
+        std::thread::Builder::new()
+            .name("metaguard-proxy".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        error!(error = %e, "cannot start the proxy runtime");
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    for (l, kind) in listeners {
+                        match tokio::net::TcpListener::from_std(l) {
+                            Ok(l) => {
+                                tokio::spawn(proxy.clone().serve(l, kind));
+                            }
+                            Err(e) => error!(error = %e, "proxy listener"),
+                        }
+                    }
+                    std::future::pending::<()>().await;
+                });
+            })
+            .context("cannot start the proxy thread")?;
+        info!(listen = ?addrs, "proxy serving");
+        self.directory = Some(directory);
         Ok(())
     }
 
@@ -325,7 +412,7 @@ impl Daemon {
         match ev {
             Event::Nft(batch) => {
                 let ours = batch.pid.is_some_and(|p| self.own_pids.contains(&p));
-                if !ours && batch.touches(FAMILY, TABLE) {
+                if !ours && (batch.touches(FAMILY, TABLE) || batch.touches("bridge", TABLE)) {
                     self.check(&batch.key.clone(), Some(&batch));
                 }
             }
@@ -347,7 +434,12 @@ impl Daemon {
                 }
             }
             Event::NetnsDir => self.replan("namespace appeared or left"),
-            Event::Docker => self.replan("container started or stopped"),
+            Event::Docker => {
+                if let Some(d) = &self.directory {
+                    d.containers_changed();
+                }
+                self.replan("container started or stopped")
+            }
             Event::Cgroup => {
                 // Same paths, possibly new ids: reload the host table even
                 // if its text is unchanged.
@@ -369,7 +461,10 @@ impl Daemon {
         let actual = if gone {
             None
         } else {
-            match self.engine.read(g.target.netns.as_ref()) {
+            match self
+                .engine
+                .read(g.target.netns.as_ref(), g.expected.has_bridge())
+            {
                 Ok(a) => a,
                 Err(e) => {
                     error!(netns = %key, error = %format!("{e:#}"), "cannot read the table back");
@@ -459,6 +554,7 @@ impl Daemon {
         let started = Instant::now();
         let state = State {
             netns: self.plan.netns.iter().map(|n| n.path.clone()).collect(),
+            ..self.engine.load_state()
         };
         self.engine.save_state(&state)?;
         let mut warnings = Vec::new();
@@ -490,6 +586,11 @@ impl Daemon {
                 }
                 self.config = config;
                 self.plan = plan;
+                if let Some(d) = &self.directory {
+                    d.set_config(std::sync::Arc::new(self.config.clone()));
+                } else if let Err(e) = self.start_proxy() {
+                    error!(error = %format!("{e:#}"), "cannot start the proxy");
+                }
                 if let Err(e) = self.sync_guarded() {
                     error!(error = %format!("{e:#}"), "after reload");
                 }

@@ -99,6 +99,11 @@ async fn list(socket: &Path, proc_root: &Path) -> anyhow::Result<Vec<ContainerFa
             })
         };
         let cgroup = (pid > 0).then(|| own_cgroup(proc_root, pid)).flatten();
+        let env = inspect
+            .config
+            .as_ref()
+            .and_then(|c| c.env.clone())
+            .unwrap_or_default();
         out.push(ContainerFact {
             id,
             name,
@@ -106,6 +111,7 @@ async fn list(socket: &Path, proc_root: &Path) -> anyhow::Result<Vec<ContainerFa
             host_network,
             cgroup,
             netns,
+            env,
         });
     }
     Ok(out)

@@ -25,6 +25,29 @@ pub struct Table {
     pub rule_text: BTreeMap<String, Vec<String>>,
 }
 
+impl Table {
+    /// Adds the host's `bridge metaguard` table (the proxy's identity
+    /// marks): its objects and chains are named `bridge NAME`.
+    pub fn merge_bridge(&mut self, bridge: Table) {
+        self.objects.insert("table:bridge".into(), bridge.table);
+        for (k, v) in bridge.objects {
+            let (kind, name) = k.split_once(':').unwrap_or(("object", k.as_str()));
+            self.objects.insert(format!("{kind}:bridge {name}"), v);
+        }
+        for (chain, rules) in bridge.rules {
+            self.rules.insert(format!("bridge {chain}"), rules);
+        }
+        for (chain, lines) in bridge.rule_text {
+            self.rule_text.insert(format!("bridge {chain}"), lines);
+        }
+    }
+
+    /// Whether the bridge table is part of this (expected) state.
+    pub fn has_bridge(&self) -> bool {
+        self.objects.contains_key("table:bridge")
+    }
+}
+
 /// Builds the canonical form from `nft -j list table` output and the text
 /// listing of the same table.
 pub fn parse(json: &str, text: &str) -> Result<Table, String> {

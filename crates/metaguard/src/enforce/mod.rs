@@ -18,6 +18,7 @@
 
 pub mod bpf;
 pub mod canonical;
+pub mod proxy;
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -39,6 +40,14 @@ pub const DEFAULT_STATE_DIR: &str = "/run/metaguard";
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct State {
     pub netns: Vec<String>,
+    /// Addresses metaguard added to the host's `lo` for its proxy (never
+    /// ones that were there before).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<IpAddr>,
+    /// `net.ipv4.tcp_fwmark_accept` before metaguard set it, restored by
+    /// `remove`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fwmark_accept_was: Option<String>,
 }
 
 /// Host context for the engine.
@@ -265,6 +274,8 @@ impl Engine {
                 .filter(|t| t.netns.is_some())
                 .map(|t| t.label.clone())
                 .collect(),
+            addresses: previous.addresses.clone(),
+            fwmark_accept_was: previous.fwmark_accept_was.clone(),
         };
         // Record before touching: the union, so a crash midway still lets
         // `remove` find everything.
@@ -275,6 +286,11 @@ impl Engine {
             }
         }
         self.save_state(&union)?;
+        // The proxy's addresses and identity sysctl before the rules that
+        // steer traffic to them; recorded as they are made.
+        if let Some(p) = &plan.proxy {
+            proxy::install(p, &mut state, |s| self.save_state(s))?;
+        }
         for (i, t) in targets.iter().enumerate() {
             let loaded = self.nft.apply(t.netns.as_ref(), &t.script);
             match (i, loaded) {
@@ -303,6 +319,11 @@ impl Engine {
                 }
             }
         }
+        if plan.proxy.is_none() {
+            // No proxy any more: its bridge table, addresses and sysctl go.
+            self.nft.delete_table(None, "bridge", TABLE)?;
+            proxy::uninstall(&mut state)?;
+        }
         state.netns.sort();
         self.save_state(&state)?;
         let endpoints = denied_endpoints(config);
@@ -328,21 +349,39 @@ impl Engine {
         self.nft
             .apply(Some(&scratch), script)
             .context("loading the expected ruleset into a scratch namespace")?;
-        self.read(Some(&scratch))?
+        self.read(Some(&scratch), script.contains("\ntable bridge "))?
             .context("the scratch namespace has no metaguard table after loading it")
     }
 
-    pub fn read(&self, ns: Option<&Netns>) -> anyhow::Result<Option<canonical::Table>> {
-        let Some(json) = self.nft.list_table_json(ns, FAMILY, TABLE)? else {
+    /// Reads metaguard's table back, with the host's bridge table merged in
+    /// when `bridge` (the proxy's; see [`canonical::Table::merge_bridge`]).
+    pub fn read(
+        &self,
+        ns: Option<&Netns>,
+        bridge: bool,
+    ) -> anyhow::Result<Option<canonical::Table>> {
+        let read_one = |family: &str| -> anyhow::Result<Option<canonical::Table>> {
+            let Some(json) = self.nft.list_table_json(ns, family, TABLE)? else {
+                return Ok(None);
+            };
+            let text = self
+                .nft
+                .list_table_text(ns, family, TABLE)?
+                .unwrap_or_default();
+            Ok(Some(
+                canonical::parse(&json, &text).map_err(anyhow::Error::msg)?,
+            ))
+        };
+        let Some(mut t) = read_one(FAMILY)? else {
             return Ok(None);
         };
-        let text = self
-            .nft
-            .list_table_text(ns, FAMILY, TABLE)?
-            .unwrap_or_default();
-        Ok(Some(
-            canonical::parse(&json, &text).map_err(anyhow::Error::msg)?,
-        ))
+        if bridge {
+            // Missing: the diff then names every object of it.
+            if let Some(b) = read_one("bridge")? {
+                t.merge_bridge(b);
+            }
+        }
+        Ok(Some(t))
     }
 
     /// Loads one target's table (one transaction); returns the pid of the
@@ -372,10 +411,15 @@ impl Engine {
                     e
                 }
             };
-            let differences = match self.read(t.netns.as_ref())? {
+            let mut differences = match self.read(t.netns.as_ref(), expected.has_bridge())? {
                 None => vec![format!("table {FAMILY} {TABLE} is missing")],
                 Some(actual) => canonical::diff(&expected, &actual),
             };
+            if t.netns.is_none() {
+                if let Some(p) = &plan.proxy {
+                    differences.extend(proxy::check(p)?);
+                }
+            }
             out.push(NamespaceReport {
                 netns: t.label.clone(),
                 ok: differences.is_empty(),
@@ -418,7 +462,12 @@ impl Engine {
         if self.nft.delete_table(None, FAMILY, TABLE)? {
             removed.push("host".to_string());
         }
-        for p in self.load_state().netns {
+        if self.nft.delete_table(None, "bridge", TABLE)? {
+            removed.push("host bridge table".to_string());
+        }
+        let mut state = self.load_state();
+        removed.extend(proxy::uninstall(&mut state)?);
+        for p in state.netns {
             if let Ok(ns) = Netns::open(&p) {
                 if self.nft.delete_table(Some(&ns), FAMILY, TABLE)? {
                     removed.push(p);

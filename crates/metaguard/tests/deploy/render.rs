@@ -33,7 +33,7 @@ fn bad_input_exits_2_with_a_clear_message() -> Result<(), Failed> {
     let proxy = dir.join("proxy.toml");
     std::fs::write(
         &proxy,
-        "[[workload]]\nname = \"b\"\nbridges = [\"docker0\"]\nimds = \"proxy\"\n",
+        "[endpoints]\ntask_metadata = [\"fd00:ec2::23\"]\n[[workload]]\nname = \"b\"\nbridges = [\"docker0\"]\nimds = \"proxy\"\n",
     )?;
     let bad = dir.join("bad.toml");
     std::fs::write(
@@ -55,7 +55,10 @@ fn bad_input_exits_2_with_a_clear_message() -> Result<(), Failed> {
             &["user-data", "--cluster", "my cluster"],
             "not a valid ECS cluster name",
         ),
-        (&["boothook", "--config", &proxy], "proxy action"),
+        (
+            &["boothook", "--config", &proxy],
+            "needs an IPv4 task_metadata endpoint",
+        ),
         (&["systemd", "--config", &proxy], "cannot render systemd"),
         (&["systemd", "--binary", "metaguard"], "it must be absolute"),
         (

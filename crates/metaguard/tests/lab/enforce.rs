@@ -558,10 +558,21 @@ fn bad_input_leaves_the_kernel_unchanged() -> Result<(), Failed> {
             "unknown field `extra`",
         ),
         (
-            "proxy not built",
-            lab.policy_toml()
-                .replace("imds          = \"allow\"", "imds          = \"proxy\""),
-            "not built yet",
+            "proxy without an IPv4 address to listen on",
+            format!(
+                "[endpoints]\ntask_metadata = [\"fd00:ec2::23\"]\n{}",
+                lab.policy_toml()
+                    .replace("imds          = \"allow\"", "imds          = \"proxy\"")
+            ),
+            "needs an IPv4 task_metadata endpoint",
+        ),
+        (
+            "path policy without the proxy action",
+            format!(
+                "{}\n[workload.imds_policy]\nallow = [\"/latest/meta-data/instance-id\"]\n",
+                lab.policy_toml()
+            ),
+            "imds_policy is only used with imds = \"proxy\"",
         ),
     ];
     for (what, text, expect) in cases {

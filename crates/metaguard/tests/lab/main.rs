@@ -14,6 +14,7 @@ mod daemon;
 mod discovery;
 mod enforce;
 mod foundation;
+mod proxy;
 
 type TestFn = fn() -> Result<(), Failed>;
 
@@ -32,6 +33,7 @@ fn main() {
         .chain(discovery::TESTS)
         .chain(cli::TESTS)
         .chain(bpf::TESTS)
+        .chain(proxy::TESTS)
     {
         let f: TestFn = *f;
         let trial = Trial::test(*name, move || {

@@ -1,0 +1,103 @@
+//! The audit log: one JSON line per request. Credentials are never
+//! written; a credentials id is shortened to its first 4 characters (ids
+//! are bearer capabilities).
+
+use std::io::Write as _;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde_json::json;
+
+use crate::{Caller, Kind};
+
+/// Where audit lines go.
+#[derive(Debug, Clone)]
+pub struct AuditSink {
+    file: Option<Arc<Mutex<std::fs::File>>>,
+}
+
+/// One request, as audited.
+#[derive(Debug)]
+pub struct Entry<'a> {
+    pub kind: Kind,
+    pub caller: &'a Caller,
+    pub workload: &'a str,
+    pub method: &'a str,
+    pub path: &'a str,
+    pub decision: &'a str,
+    pub rule: &'a str,
+    pub status: u16,
+    pub upstream: Option<Duration>,
+}
+
+impl AuditSink {
+    /// Appends to `path` (created, with its directory), or logs to stderr
+    /// through `tracing` when `None`.
+    pub fn open(path: Option<&str>) -> std::io::Result<AuditSink> {
+        let file = match path {
+            None => None,
+            Some(p) => {
+                if let Some(dir) = std::path::Path::new(p).parent() {
+                    std::fs::create_dir_all(dir)?;
+                }
+                let f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)?;
+                Some(Arc::new(Mutex::new(f)))
+            }
+        };
+        Ok(AuditSink { file })
+    }
+
+    fn write(&self, v: serde_json::Value) {
+        match &self.file {
+            Some(f) => {
+                let mut line = v.to_string();
+                line.push('\n');
+                let mut f = f.lock().unwrap_or_else(|p| p.into_inner());
+                if let Err(e) = f.write_all(line.as_bytes()) {
+                    tracing::warn!(error = %e, "cannot write the audit log");
+                }
+            }
+            None => tracing::info!(target: "metaguard::audit", audit = %v, "proxy"),
+        }
+    }
+
+    pub fn request(&self, e: &Entry<'_>) {
+        self.write(json!({
+            "time": now(),
+            "audit": "proxy",
+            "service": e.kind.as_str(),
+            "workload": e.workload,
+            "container": e.caller.container,
+            "origin": e.caller.origin,
+            "method": e.method,
+            "path": e.path,
+            "decision": e.decision,
+            "rule": e.rule,
+            "status": e.status,
+            "upstream_ms": e.upstream.map(|d| (d.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0),
+        }));
+    }
+
+    pub fn connection_refused(&self, kind: Kind, caller: &Caller, workload: &str, reason: &str) {
+        self.write(json!({
+            "time": now(),
+            "audit": "proxy",
+            "service": kind.as_str(),
+            "workload": workload,
+            "container": caller.container,
+            "origin": caller.origin,
+            "decision": "refused-connection",
+            "rule": reason,
+        }));
+    }
+}
+
+fn now() -> String {
+    let d = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    format!("{}.{:03}", d.as_secs(), d.subsec_millis())
+}

@@ -1,0 +1,227 @@
+//! metaguard's metadata proxy: the task-credentials relay (`task_metadata =
+//! "proxy"`) and the IMDS proxy (`imds = "proxy"`).
+//!
+//! ```text
+//!  container ──► 169.254.170.2:80 (relay)        ──► [agent] credentials (127.0.0.1:51679)
+//!            ──► 169.254.169.254:80 ─nft DNAT─► 169.254.170.2:9470 (IMDS proxy) ──► IMDS
+//! ```
+//!
+//! * **Where.** Both listen on metaguard's own addresses on the host's `lo`
+//!   (the engine adds them); containers reach them by routing, so neither
+//!   `route_localnet` nor a CIS `127.0.0.0/8` drop rule matters (F1, F2),
+//!   and no port is published through Docker (F10). The proxy talks to
+//!   IMDS from the host, so the instance's hop limit of 1 no longer breaks
+//!   containers (F9).
+//! * **Who.** Every accepted connection carries the mark of its SYN
+//!   (`tcp_fwmark_accept`): a hash of the bridge port it entered from, or a
+//!   host workload's tag. The [`Directory`] (the daemon's) turns it into a
+//!   workload and a container — never the source address alone (F15).
+//! * **What.** IMDS paths are decided on their canonical form
+//!   (`core::proxy_path`) against the workload's path policy and forwarded
+//!   in exactly that form; the token `PUT` and its TTL header pass both
+//!   ways; status codes are kept; `X-Forwarded-For` is never added, and a
+//!   token `PUT` carrying one is refused as IMDS does (F16). Credentials
+//!   ids are served only to the workload that owns them (F13); task
+//!   metadata is allowed, denied or redacted per workload.
+//! * **Limits.** Per workload: a token bucket (40 rps, 60 burst by
+//!   default, the ECS agent's own throttle) and a connection cap; header
+//!   read timeout and size limit (slowloris); requests with a body,
+//!   `Transfer-Encoding`, or conflicting lengths are refused (smuggling).
+//! * **Record.** One JSON audit line per request (never a credential or a
+//!   full credentials id) and Prometheus metrics on the daemon's registry.
+
+#![forbid(unsafe_code)]
+
+mod audit;
+mod handler;
+mod limits;
+mod metrics;
+pub mod redact;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::{TokioIo, TokioTimer};
+use metaguard_core::Config;
+use tokio::net::TcpListener;
+use tracing::{debug, warn};
+
+pub use audit::AuditSink;
+pub use metrics::ProxyMetrics;
+
+/// Which service a listener offers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// The task-credentials relay (169.254.170.2:80 and friends).
+    Relay,
+    /// The IMDS proxy.
+    Imds,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Relay => "task_metadata",
+            Kind::Imds => "imds",
+        }
+    }
+}
+
+/// Who is calling, as far as the proxy is concerned.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Caller {
+    /// Index of the workload in the config (first match), if known.
+    pub workload: Option<usize>,
+    /// The container's id, when the caller is a known container.
+    pub container: Option<String>,
+    /// Credentials ids this caller owns (its containers' environment).
+    pub credentials_ids: Vec<String>,
+    /// Task-metadata endpoint ids this caller owns.
+    pub tmds_ids: Vec<String>,
+    /// How the caller was identified, for the audit log ("port veth1 on
+    /// docker0", "host cgroup workload 3", "unknown mark 0x0").
+    pub origin: String,
+}
+
+/// Who owns a credentials id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Owner {
+    pub workload: Option<usize>,
+    pub container: Option<String>,
+}
+
+/// The daemon's knowledge of workloads: identifies callers and owners.
+/// Calls may block briefly (they read the host's links and containers on
+/// a cache miss); the proxy calls them on a blocking thread.
+pub trait Directory: Send + Sync + 'static {
+    /// The caller of a connection whose SYN carried `mark`, from `peer`.
+    fn identify(&self, mark: u32, peer: SocketAddr) -> Caller;
+    /// The owner of a credentials id, if anyone known owns it.
+    fn owner(&self, credentials_id: &str) -> Option<Owner>;
+    /// The configuration in force (reloads swap it).
+    fn config(&self) -> Arc<Config>;
+}
+
+/// Where the proxy forwards to.
+#[derive(Debug, Clone)]
+pub struct Upstreams {
+    /// IMDS (the first IPv4 `[endpoints] imds` address, port 80).
+    pub imds: SocketAddr,
+    /// The ECS agent's credentials endpoint.
+    pub agent: SocketAddr,
+}
+
+/// Header read timeout (slowloris) and idle keep-alive limit.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest request head accepted (IMDS requests are a few hundred bytes).
+pub const MAX_HEAD: usize = 16 * 1024;
+/// How long the upstream has to answer.
+pub const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The running proxy state shared by every connection.
+pub struct Proxy {
+    directory: Arc<dyn Directory>,
+    upstreams: Upstreams,
+    client: handler::Client,
+    limits: limits::Limits,
+    metrics: ProxyMetrics,
+    audit: AuditSink,
+}
+
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy")
+            .field("upstreams", &self.upstreams)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Proxy {
+    pub fn new(
+        directory: Arc<dyn Directory>,
+        upstreams: Upstreams,
+        metrics: ProxyMetrics,
+        audit: AuditSink,
+    ) -> Arc<Proxy> {
+        let cfg = directory.config();
+        let p = &cfg.proxy;
+        Arc::new(Proxy {
+            limits: limits::Limits::new(p.rate, p.burst, p.max_connections),
+            directory,
+            upstreams,
+            client: handler::client(),
+            metrics,
+            audit,
+        })
+    }
+
+    /// Serves `listener` until the runtime stops.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, kind: Kind) {
+        loop {
+            let (stream, peer) = match listener.accept().await {
+                Ok(s) => s,
+                Err(e) => {
+                    warn!(error = %e, "proxy accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let me = self.clone();
+            tokio::spawn(async move { me.connection(stream, peer, kind).await });
+        }
+    }
+
+    async fn connection(
+        self: Arc<Self>,
+        stream: tokio::net::TcpStream,
+        peer: SocketAddr,
+        kind: Kind,
+    ) {
+        let _ = stream.set_nodelay(true);
+        let mark =
+            nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::Mark).unwrap_or(0);
+        let dir = self.directory.clone();
+        let caller = match tokio::task::spawn_blocking(move || dir.identify(mark, peer)).await {
+            Ok(c) => c,
+            Err(_) => Caller {
+                origin: format!("identification failed (mark 0x{mark:08x})"),
+                ..Caller::default()
+            },
+        };
+        let config = self.directory.config();
+        let wname = handler::workload_name(&config, &caller);
+        let Some(_permit) = self.limits.connection(caller.workload) else {
+            self.metrics
+                .refused_connections
+                .with_label_values(&[&wname, "connection-limit"])
+                .inc();
+            self.audit
+                .connection_refused(kind, &caller, &wname, "connection-limit");
+            return; // dropping the stream closes it
+        };
+        let caller = Arc::new(caller);
+        let me = self.clone();
+        let svc = hyper::service::service_fn(move |req| {
+            let me = me.clone();
+            let caller = caller.clone();
+            async move { Ok::<_, std::convert::Infallible>(me.handle(kind, &caller, req).await) }
+        });
+        let result = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_TIMEOUT)
+            .max_buf_size(MAX_HEAD)
+            .serve_connection(TokioIo::new(stream), svc)
+            .await;
+        if let Err(e) = result {
+            debug!(error = %e, %peer, "proxy connection ended with an error");
+        }
+    }
+}
+
+/// Binds a listener (the address must already exist on `lo`).
+pub fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let l = std::net::TcpListener::bind(addr)?;
+    l.set_nonblocking(true)?;
+    Ok(l)
+}

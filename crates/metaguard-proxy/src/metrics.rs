@@ -1,0 +1,65 @@
+//! The proxy's Prometheus metrics, registered on the daemon's registry.
+
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
+
+#[derive(Debug, Clone)]
+pub struct ProxyMetrics {
+    /// Requests by service, workload, decision and status.
+    pub requests: IntCounterVec,
+    /// Upstream latency by service.
+    pub upstream_seconds: HistogramVec,
+    /// Upstream failures (connect, timeout) by service.
+    pub upstream_errors: IntCounterVec,
+    /// Connections closed at once, by workload and reason.
+    pub refused_connections: IntCounterVec,
+}
+
+impl ProxyMetrics {
+    pub fn new(registry: &Registry) -> prometheus::Result<ProxyMetrics> {
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "metaguard_proxy_requests_total",
+                "Requests to the metadata proxy, by service, workload, decision and status.",
+            ),
+            &["service", "workload", "decision", "status"],
+        )?;
+        let upstream_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "metaguard_proxy_upstream_seconds",
+                "Time the upstream (IMDS or the ECS agent) took to answer, by service.",
+            )
+            .buckets(vec![
+                0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                0.5, 1.0, 2.5, 5.0,
+            ]),
+            &["service"],
+        )?;
+        let upstream_errors = IntCounterVec::new(
+            Opts::new(
+                "metaguard_proxy_upstream_errors_total",
+                "Requests the proxy could not forward (upstream unreachable or too slow), by service.",
+            ),
+            &["service"],
+        )?;
+        let refused_connections = IntCounterVec::new(
+            Opts::new(
+                "metaguard_proxy_refused_connections_total",
+                "Connections closed at once, by workload and reason.",
+            ),
+            &["workload", "reason"],
+        )?;
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(upstream_seconds.clone()))?;
+        registry.register(Box::new(upstream_errors.clone()))?;
+        registry.register(Box::new(refused_connections.clone()))?;
+        for s in ["imds", "task_metadata"] {
+            upstream_errors.with_label_values(&[s]);
+        }
+        Ok(ProxyMetrics {
+            requests,
+            upstream_seconds,
+            upstream_errors,
+            refused_connections,
+        })
+    }
+}

@@ -1,0 +1,392 @@
+//! Who is calling the proxy: the mark of the connection's SYN → a bridge
+//! port or a host workload → a container and a workload (F15: never the
+//! source address).
+//!
+//! * A **bridge mark** is `ruleset::bridge_mark(ifindex)` of the port the
+//!   SYN entered from. The host's links (`ip -j -d link`, netlink, in this
+//!   process's namespace) are hashed the same way; exactly one port must
+//!   match, else the caller is unidentified (refused).
+//! * The **container** behind a port is the one whose namespace holds the
+//!   port's peer: a link whose `link_index` is the port's ifindex and whose
+//!   peer lives in another namespace. Containers come from the Docker API;
+//!   all containers sharing that namespace (an awsvpc task) are one
+//!   caller. Two namespaces claiming the same port (a container with
+//!   NET_ADMIN can fake such a link) make the caller unidentified: fail
+//!   closed.
+//! * A **host mark** (`HOST_MARK_TAG | index`) names the cgroup workload
+//!   whose output chain set it; such callers own their workload's
+//!   configured `credentials_ids` only.
+//! * The **workload** is the first in file order whose selector matches
+//!   the port's bridge, the namespace, the containers or their cgroups.
+//!
+//! Lookups are cached: ports by mark, containers by port; a miss refreshes
+//! (bounded: at most one Docker listing per 200 ms), Docker events clear
+//! the container cache.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use metaguard_core::config::{NetnsSelector, Selector};
+use metaguard_core::ruleset::{
+    bridge_mark, ifname_glob_matches, netns_glob_matches, ContainerFact, BRIDGE_MARK_BASE,
+    HOST_MARK_TAG,
+};
+use metaguard_core::Config;
+use metaguard_proxy::{Caller, Owner};
+use metaguard_sys::netns::Netns;
+use serde_json::Value;
+use tracing::warn;
+
+/// One link as `ip -j -d link` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Link {
+    ifindex: u32,
+    name: String,
+    master: Option<String>,
+    /// The peer's ifindex (veth), in `link_netnsid`'s namespace.
+    link_index: Option<u32>,
+    /// Set when the peer lives in another namespace.
+    peer_elsewhere: bool,
+}
+
+fn links(ns: Option<&Netns>) -> anyhow::Result<Vec<Link>> {
+    let mut cmd = Command::new("ip");
+    cmd.args(["-j", "-d", "link", "show"])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null());
+    if let Some(ns) = ns {
+        ns.command(&mut cmd)?;
+    }
+    let out = cmd.output()?;
+    let v: Value = serde_json::from_slice(&out.stdout)?;
+    Ok(v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|l| {
+            Some(Link {
+                ifindex: u32::try_from(l["ifindex"].as_u64()?).ok()?,
+                name: l["ifname"].as_str()?.to_string(),
+                master: l["master"].as_str().map(str::to_string),
+                link_index: l["link_index"].as_u64().and_then(|i| u32::try_from(i).ok()),
+                peer_elsewhere: l.get("link_netnsid").is_some(),
+            })
+        })
+        .collect())
+}
+
+#[derive(Debug, Default)]
+struct Cache {
+    /// Bridge mark → the ports with that mark (more than one: ambiguous).
+    ports: HashMap<u32, Vec<Link>>,
+    /// Port ifindex → the namespace path of the container(s) behind it.
+    port_netns: HashMap<u32, Option<String>>,
+    containers: Vec<ContainerFact>,
+    containers_at: Option<Instant>,
+}
+
+/// The daemon's view, shared with the proxy threads.
+#[derive(Debug)]
+pub struct Directory {
+    config: RwLock<Arc<Config>>,
+    docker_socket: PathBuf,
+    cache: Mutex<Cache>,
+}
+
+impl Directory {
+    pub fn new(config: Arc<Config>, docker_socket: PathBuf) -> Directory {
+        Directory {
+            config: RwLock::new(config),
+            docker_socket,
+            cache: Mutex::new(Cache::default()),
+        }
+    }
+
+    pub fn set_config(&self, config: Arc<Config>) {
+        *self.config.write().unwrap_or_else(|p| p.into_inner()) = config;
+    }
+
+    /// Containers started or stopped: forget what was learned about them.
+    pub fn containers_changed(&self) {
+        let mut c = self.lock();
+        c.port_netns.clear();
+        c.containers_at = None;
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Cache> {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn refresh_containers(&self, c: &mut Cache) {
+        if c.containers_at
+            .is_some_and(|t| t.elapsed() < Duration::from_millis(200))
+        {
+            return;
+        }
+        match crate::discovery::docker::containers(
+            &self.docker_socket,
+            std::path::Path::new("/proc"),
+        ) {
+            Ok(list) => c.containers = list.unwrap_or_default(),
+            Err(e) => warn!(error = %format!("{e:#}"), "proxy: cannot list containers"),
+        }
+        c.containers_at = Some(Instant::now());
+    }
+
+    fn port(&self, c: &mut Cache, mark: u32) -> Result<Link, String> {
+        if !c.ports.contains_key(&mark) {
+            c.ports.clear();
+            match links(None) {
+                Ok(ls) => {
+                    for l in ls.into_iter().filter(|l| l.master.is_some()) {
+                        c.ports.entry(bridge_mark(l.ifindex)).or_default().push(l);
+                    }
+                }
+                Err(e) => return Err(format!("cannot list links: {e:#}")),
+            }
+        }
+        match c.ports.get(&mark).map(Vec::as_slice) {
+            Some([one]) => Ok(one.clone()),
+            Some([]) | None => Err(format!("no bridge port has mark 0x{mark:08x}")),
+            Some(many) => Err(format!(
+                "mark 0x{mark:08x} is ambiguous ({} ports)",
+                many.len()
+            )),
+        }
+    }
+
+    /// The namespace whose link peers with host port `ifindex`.
+    fn netns_of_port(&self, c: &mut Cache, ifindex: u32) -> Option<String> {
+        if let Some(hit) = c.port_netns.get(&ifindex) {
+            return hit.clone();
+        }
+        self.refresh_containers(c);
+        let mut namespaces: Vec<&String> = c
+            .containers
+            .iter()
+            .filter(|k| !k.host_network)
+            .filter_map(|k| k.netns.as_ref())
+            .collect();
+        namespaces.sort();
+        namespaces.dedup();
+        let mut found: Vec<String> = Vec::new();
+        for path in namespaces {
+            let Ok(ns) = Netns::open(path) else { continue };
+            let Ok(ls) = links(Some(&ns)) else { continue };
+            if ls
+                .iter()
+                .any(|l| l.peer_elsewhere && l.link_index == Some(ifindex))
+            {
+                found.push(path.clone());
+            }
+        }
+        let answer = match found.as_slice() {
+            [one] => Some(one.clone()),
+            [] => None,
+            _ => {
+                warn!(port = ifindex, namespaces = ?found, "proxy: several namespaces claim one bridge port; caller unidentified");
+                None
+            }
+        };
+        c.port_netns.insert(ifindex, answer.clone());
+        answer
+    }
+
+    /// The first workload matching a bridge and/or a group of containers.
+    fn workload_for(
+        config: &Config,
+        master: Option<&str>,
+        group: &[&ContainerFact],
+        netns: Option<&str>,
+    ) -> Option<usize> {
+        config.workloads.iter().position(|w| match &w.selector {
+            Selector::Bridges(globs) => {
+                master.is_some_and(|m| globs.iter().any(|g| ifname_glob_matches(g, m)))
+            }
+            Selector::Netns(sels) => sels.iter().any(|s| match s {
+                NetnsSelector::EcsTasks => group.iter().any(|c| c.is_ecs_pause()),
+                NetnsSelector::Path(g) => netns.is_some_and(|p| netns_glob_matches(g, p)),
+            }),
+            Selector::Containers(refs) => group.iter().any(|c| refs.iter().any(|r| c.matches(r))),
+            Selector::Cgroups(paths) => group.iter().any(|c| {
+                c.cgroup.as_deref().is_some_and(|cg| {
+                    paths
+                        .iter()
+                        .any(|p| cg == p || cg.starts_with(&format!("{p}/")))
+                })
+            }),
+        })
+    }
+}
+
+/// The ids a container's environment names.
+fn ids(group: &[&ContainerFact]) -> (Vec<String>, Vec<String>) {
+    let mut creds = Vec::new();
+    let mut tmds = Vec::new();
+    for c in group {
+        if let Some(uri) = c.env_var("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI") {
+            if let Some(id) = uri.trim_end_matches('/').rsplit('/').next() {
+                creds.push(id.to_string());
+            }
+        }
+        for key in [
+            "ECS_CONTAINER_METADATA_URI",
+            "ECS_CONTAINER_METADATA_URI_V4",
+        ] {
+            if let Some(uri) = c.env_var(key) {
+                if let Some(id) = uri.trim_end_matches('/').rsplit('/').next() {
+                    tmds.push(id.to_string());
+                }
+            }
+        }
+    }
+    creds.sort();
+    creds.dedup();
+    tmds.sort();
+    tmds.dedup();
+    (creds, tmds)
+}
+
+impl metaguard_proxy::Directory for Directory {
+    fn config(&self) -> Arc<Config> {
+        self.config
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn identify(&self, mark: u32, peer: SocketAddr) -> Caller {
+        let config = self.config();
+        if mark & 0xff00_0000 == HOST_MARK_TAG {
+            let idx = (mark & 0xffff) as usize;
+            return match config.workloads.get(idx) {
+                Some(w) if matches!(w.selector, Selector::Cgroups(_) | Selector::Containers(_)) => {
+                    Caller {
+                        workload: Some(idx),
+                        origin: format!(
+                            "host process of workload {:?} (mark 0x{mark:08x}) from {peer}",
+                            w.name
+                        ),
+                        ..Caller::default()
+                    }
+                }
+                _ => Caller {
+                    origin: format!("host mark 0x{mark:08x} names no cgroup workload"),
+                    ..Caller::default()
+                },
+            };
+        }
+        if mark & BRIDGE_MARK_BASE == 0 {
+            return Caller {
+                origin: format!("no metaguard mark (0x{mark:08x}) from {peer}"),
+                ..Caller::default()
+            };
+        }
+        let mut c = self.lock();
+        let port = match self.port(&mut c, mark) {
+            Ok(p) => p,
+            Err(why) => {
+                return Caller {
+                    origin: format!("{why} (from {peer})"),
+                    ..Caller::default()
+                }
+            }
+        };
+        let netns = self.netns_of_port(&mut c, port.ifindex);
+        let group: Vec<&ContainerFact> = match &netns {
+            Some(p) => c
+                .containers
+                .iter()
+                .filter(|k| k.netns.as_deref() == Some(p.as_str()))
+                .collect(),
+            None => Vec::new(),
+        };
+        let workload =
+            Self::workload_for(&config, port.master.as_deref(), &group, netns.as_deref());
+        let (credentials_ids, tmds_ids) = ids(&group);
+        // The container that owns the namespace: the pause container of a
+        // task, else the only one.
+        let container = group
+            .iter()
+            .find(|k| k.is_ecs_pause())
+            .or(group.first())
+            .map(|k| k.id.clone());
+        let own_container = group
+            .iter()
+            .find(|k| !k.is_ecs_pause())
+            .map(|k| k.id.clone())
+            .or(container);
+        Caller {
+            workload,
+            container: own_container,
+            credentials_ids,
+            tmds_ids,
+            origin: format!(
+                "port {} on {}{}",
+                port.name,
+                port.master.as_deref().unwrap_or("?"),
+                netns
+                    .as_deref()
+                    .map(|n| format!(", netns {n}"))
+                    .unwrap_or_default()
+            ),
+        }
+    }
+
+    fn owner(&self, credentials_id: &str) -> Option<Owner> {
+        let config = self.config();
+        if let Some(i) = config
+            .workloads
+            .iter()
+            .position(|w| w.credentials_ids.iter().any(|id| id == credentials_id))
+        {
+            return Some(Owner {
+                workload: Some(i),
+                container: None,
+            });
+        }
+        let mut c = self.lock();
+        self.refresh_containers(&mut c);
+        let owner = c
+            .containers
+            .iter()
+            .find(|k| ids(&[*k]).0.iter().any(|id| id == credentials_id))?
+            .clone();
+        let group: Vec<&ContainerFact> = c
+            .containers
+            .iter()
+            .filter(|k| k.netns.is_some() && k.netns == owner.netns)
+            .collect();
+        // The bridge the owner hangs off: its peer's master on the host.
+        let master = owner.netns.as_ref().and_then(|p| {
+            let ns = Netns::open(p).ok()?;
+            let peer = links(Some(&ns))
+                .ok()?
+                .into_iter()
+                .find(|l| l.peer_elsewhere)?
+                .link_index?;
+            links(None)
+                .ok()?
+                .into_iter()
+                .find(|l| l.ifindex == peer)?
+                .master
+        });
+        let group = if group.is_empty() {
+            vec![&owner]
+        } else {
+            group
+        };
+        Some(Owner {
+            workload: Self::workload_for(
+                &config,
+                master.as_deref(),
+                &group,
+                owner.netns.as_deref(),
+            ),
+            container: Some(owner.id.clone()),
+        })
+    }
+}

@@ -1,0 +1,531 @@
+//! The metadata proxy in the lab (`imds`/`task_metadata = "proxy"`): task
+//! credentials work on a CIS-hardened host without route_localnet (F1,
+//! F2), a workload gets only its own credentials id (F13) whatever source
+//! address it uses (F15), IMDS paths follow the path policy, and real SDK
+//! clients (botocore, the Rust aws-config crate) work through the proxy.
+//! Every "works" is paired with the same request failing without
+//! metaguard, and every "refused" with the upstream's log showing that
+//! nothing arrived.
+
+use std::time::Duration;
+
+use libtest_mimic::Failed;
+use metaguard_lab::probe::{Outcome, ProbeResult};
+use metaguard_lab::topology::Role;
+use metaguard_lab::{Lab, Workload};
+use serde_json::Value;
+
+use crate::daemon::Daemon;
+use crate::ensure;
+use crate::support::lab;
+
+pub const TESTS: &[(&str, bool, crate::TestFn)] = &[
+    (
+        "proxy::f1_f2_credentials_relay_works_on_a_cis_host_without_route_localnet",
+        true,
+        f1_f2_credentials_relay_works_on_a_cis_host_without_route_localnet,
+    ),
+    (
+        "proxy::f13_f15_a_workload_gets_only_its_own_credentials_whatever_its_address",
+        true,
+        f13_f15_a_workload_gets_only_its_own_credentials_whatever_its_address,
+    ),
+    (
+        "proxy::imds_path_policy_and_imdsv2_fidelity",
+        true,
+        imds_path_policy_and_imdsv2_fidelity,
+    ),
+    (
+        "proxy::real_sdk_clients_through_the_proxy",
+        true,
+        real_sdk_clients_through_the_proxy,
+    ),
+];
+
+/// Proxies both classes for every container bridge (which also carries
+/// the awsvpc task's traffic to 169.254.170.2), with the audit log in the
+/// lab's work dir.
+fn proxy_policy(lab: &Lab) -> Result<(String, std::path::PathBuf), Failed> {
+    let audit = lab.work_dir().join("audit.jsonl");
+    let text = format!(
+        r#"
+[proxy]
+audit_log = "{}"
+
+[[workload]]
+name          = "containers"
+bridges       = ["docker0", "ecs-bridge"]
+imds          = "proxy"
+task_metadata = "proxy"
+
+[[workload]]
+name          = "tasks"
+netns         = ["ecs-tasks"]
+imds          = "proxy"
+task_metadata = "proxy"
+"#,
+        audit.display()
+    );
+    let path = lab.write_file("proxy.toml", &text)?;
+    Ok((path.display().to_string(), audit))
+}
+
+/// The lab host hardened: route_localnet off everywhere and the CIS rule
+/// `INPUT -d 127.0.0.0/8 ! -i lo -j DROP`.
+fn harden(lab: &Lab) -> Result<(), Failed> {
+    for key in [
+        "net.ipv4.conf.all.route_localnet=0",
+        "net.ipv4.conf.docker0.route_localnet=0",
+        "net.ipv4.conf.ecs-bridge.route_localnet=0",
+    ] {
+        lab.run_in(Role::Host, "sysctl", &["-qw", key])?;
+    }
+    lab.run_in(
+        Role::Host,
+        "iptables",
+        &[
+            "-I",
+            "INPUT",
+            "-d",
+            "127.0.0.0/8",
+            "!",
+            "-i",
+            "lo",
+            "-j",
+            "DROP",
+        ],
+    )?;
+    Ok(())
+}
+
+fn get(lab: &Lab, w: Workload, url: &str) -> Result<ProbeResult, Failed> {
+    Ok(lab.probe(w, &lab.http_get(url))?)
+}
+
+fn json_body(r: &ProbeResult) -> Value {
+    r.body
+        .as_deref()
+        .and_then(|b| serde_json::from_str(b).ok())
+        .unwrap_or(Value::Null)
+}
+
+fn agent_hits(lab: &Lab, id: &str) -> usize {
+    lab.agent()
+        .log()
+        .entries()
+        .iter()
+        .filter(|e| e.target.contains(id))
+        .count()
+}
+
+fn audit_lines(path: &std::path::Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+fn f1_f2_credentials_relay_works_on_a_cis_host_without_route_localnet() -> Result<(), Failed> {
+    let mut lab = lab()?;
+    lab.start_docker_api()?;
+    harden(&lab)?;
+    let workloads = [Workload::BridgeC1, Workload::AwsvpcTask];
+    // Without metaguard: ecs-init's DNAT to 127.0.0.1 is dropped (martian
+    // without route_localnet, and the CIS rule): a silent timeout.
+    for w in workloads {
+        let r = get(&lab, w, &Lab::credentials_url(w))?;
+        ensure!(
+            r.outcome == Outcome::Timeout,
+            "{}: expected the F1/F2 timeout without metaguard, got {r:?}",
+            w.label()
+        );
+        ensure!(
+            agent_hits(&lab, w.credentials_id()) == 0,
+            "the agent saw a request"
+        );
+    }
+    let (policy, audit) = proxy_policy(&lab)?;
+    let daemon = Daemon::start(&lab, &policy, &[])?;
+    for w in workloads {
+        let r = get(&lab, w, &Lab::credentials_url(w))?;
+        let body = json_body(&r);
+        ensure!(
+            r.ok() && body["AccessKeyId"].is_string() && body["Token"].is_string(),
+            "{}: credentials through metaguard's relay: {r:?}\n{}",
+            w.label(),
+            daemon.log_text()
+        );
+        ensure!(
+            agent_hits(&lab, w.credentials_id()) == 1,
+            "the agent saw no request"
+        );
+    }
+    // The relay did not need ecs-init's rules: the host still has
+    // route_localnet=0 and the CIS drop.
+    let sysctl = lab.run_in(
+        Role::Host,
+        "sysctl",
+        &["-n", "net.ipv4.conf.all.route_localnet"],
+    )?;
+    ensure!(sysctl.trim() == "0", "route_localnet changed: {sysctl}");
+    let lines = audit_lines(&audit);
+    ensure!(
+        lines
+            .iter()
+            .filter(|l| l["decision"] == "allow" && l["status"] == 200)
+            .count()
+            >= 2,
+        "audit log: {lines:?}"
+    );
+    let text = std::fs::read_to_string(&audit).unwrap_or_default();
+    for w in workloads {
+        ensure!(
+            !text.contains(w.credentials_id()),
+            "the audit log holds a whole credentials id"
+        );
+        let secret = lab
+            .agent()
+            .credentials(w.credentials_id())
+            .map(|c| c.secret_access_key.clone());
+        if let Some(s) = secret {
+            ensure!(!text.contains(&s), "the audit log holds a secret");
+        }
+    }
+    Ok(())
+}
+
+fn f13_f15_a_workload_gets_only_its_own_credentials_whatever_its_address() -> Result<(), Failed> {
+    let mut lab = lab()?;
+    lab.start_docker_api()?;
+    // Without metaguard any container gets any task's credentials (F13).
+    let stolen = get(
+        &lab,
+        Workload::BridgeC2,
+        &Lab::credentials_url(Workload::AwsvpcTask),
+    )?;
+    ensure!(
+        stolen.ok(),
+        "F13 not reproduced without metaguard: {stolen:?}"
+    );
+    let (policy, audit) = proxy_policy(&lab)?;
+    let daemon = Daemon::start(&lab, &policy, &[])?;
+    let before = agent_hits(&lab, Workload::AwsvpcTask.credentials_id());
+    for (thief, victim) in [
+        (Workload::BridgeC2, Workload::AwsvpcTask),
+        (Workload::BridgeC1, Workload::BridgeC2),
+        (Workload::AwsvpcTask, Workload::BridgeC1),
+    ] {
+        let r = get(&lab, thief, &Lab::credentials_url(victim))?;
+        let body = json_body(&r);
+        ensure!(
+            r.status == Some(403) && body["rule"].as_str().is_some_and(|s| s.contains("F13")),
+            "{} asking for {}'s credentials: {r:?}\n{}",
+            thief.label(),
+            victim.label(),
+            daemon.log_text()
+        );
+    }
+    ensure!(
+        agent_hits(&lab, Workload::AwsvpcTask.credentials_id()) == before,
+        "a refused request reached the agent"
+    );
+    let lines = audit_lines(&audit);
+    ensure!(
+        lines.iter().any(|l| l["decision"] == "deny"
+            && l["status"] == 403
+            && l["path"]
+                .as_str()
+                .is_some_and(|p| p.starts_with("/v2/credentials/task"))),
+        "no audit line for the refused request: {lines:?}"
+    );
+    // F15, IP reuse: c1 goes away and c2 takes its address (the host's
+    // neighbour entry is forgotten, so c2 now answers for 172.17.0.2).
+    // Identity is the bridge port, not the address: c2 is still c2.
+    let c1_hits = agent_hits(&lab, Workload::BridgeC1.credentials_id());
+    lab.run_in(Role::C1, "ip", &["link", "set", "eth0", "down"])?;
+    lab.run_in(Role::Host, "ip", &["neigh", "flush", "dev", "docker0"])?;
+    lab.run_in(
+        Role::C2,
+        "ip",
+        &["addr", "add", "172.17.0.2/16", "dev", "eth0"],
+    )?;
+    let url = Lab::credentials_url(Workload::BridgeC1);
+    let mut curl = lab.command_in(Workload::BridgeC2, "curl")?;
+    curl.args([
+        "-s",
+        "-m",
+        "3",
+        "-w",
+        "\n%{http_code}",
+        "--interface",
+        "172.17.0.2",
+        &url,
+    ]);
+    let out = curl.output()?;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    ensure!(
+        text.trim_end().ends_with("403") && text.contains("F13"),
+        "c2 with c1's address asking for c1's credentials: {text:?} (curl {})",
+        out.status
+    );
+    ensure!(
+        agent_hits(&lab, Workload::BridgeC1.credentials_id()) == c1_hits,
+        "the refused request reached the agent"
+    );
+    let lines = audit_lines(&audit);
+    ensure!(
+        lines.iter().any(|l| l["status"] == 403
+            && l["origin"]
+                .as_str()
+                .is_some_and(|o| o.contains("mglab") && o.contains("-c2"))),
+        "the audit log does not name c2's namespace as the caller: {lines:?}"
+    );
+    Ok(())
+}
+
+fn imds_path_policy_and_imdsv2_fidelity() -> Result<(), Failed> {
+    let mut lab = lab()?;
+    lab.start_docker_api()?;
+    let (policy, audit) = proxy_policy(&lab)?;
+    let _daemon = Daemon::start(&lab, &policy, &[])?;
+    let base = "http://169.254.169.254";
+    let id = get(
+        &lab,
+        Workload::BridgeC1,
+        &format!("{base}/latest/meta-data/instance-id"),
+    )?;
+    ensure!(
+        id.ok() && id.body.as_deref() == Some(lab.instance_id()),
+        "instance-id through the proxy: {id:?}"
+    );
+    lab.imds().log().clear();
+    for (path, rule) in [
+        (
+            "/latest/meta-data/iam/security-credentials/",
+            "deny /latest/meta-data/iam/**",
+        ),
+        (
+            "/latest/meta-data/iam/../iam/info",
+            "deny /latest/meta-data/iam/**",
+        ),
+        (
+            "/latest//meta-data/./iam/info",
+            "deny /latest/meta-data/iam/**",
+        ),
+        ("/latest/user-data", "deny /latest/user-data"),
+        ("/latest/meta-data/public-keys/", "default deny"),
+    ] {
+        let r = get(&lab, Workload::BridgeC1, &format!("{base}{path}"))?;
+        let body = json_body(&r);
+        ensure!(
+            r.status == Some(403) && body["rule"].as_str().is_some_and(|s| s.starts_with(rule)),
+            "{path}: {r:?}"
+        );
+    }
+    for path in [
+        "/latest/meta-data/%2e%2e/x",
+        "/latest/meta-data/a%2Fb",
+        "/../latest",
+    ] {
+        let r = get(&lab, Workload::BridgeC1, &format!("{base}{path}"))?;
+        ensure!(r.status == Some(400), "{path}: {r:?}");
+    }
+    ensure!(
+        lab.imds().log().is_empty(),
+        "a refused request reached IMDS: {:?}",
+        lab.imds().log().entries()
+    );
+    // IMDSv2 token PUT: the TTL header goes both ways; no X-Forwarded-For
+    // is added; a PUT carrying one is refused as IMDS refuses it.
+    let out = lab.run_in(
+        Role::C1,
+        "curl",
+        &[
+            "-s",
+            "-m",
+            "3",
+            "-D",
+            "-",
+            "-X",
+            "PUT",
+            "-H",
+            "X-aws-ec2-metadata-token-ttl-seconds: 120",
+            &format!("{base}/latest/api/token"),
+        ],
+    )?;
+    ensure!(
+        out.starts_with("HTTP/1.1 200")
+            && out
+                .to_ascii_lowercase()
+                .contains("x-aws-ec2-metadata-token-ttl-seconds: 120"),
+        "token PUT: {out}"
+    );
+    let puts = lab.imds().log().entries();
+    ensure!(
+        puts.len() == 1
+            && puts[0].header("x-forwarded-for").is_none()
+            && puts[0].header("x-aws-ec2-metadata-token-ttl-seconds") == Some("120"),
+        "what IMDS received: {puts:?}"
+    );
+    let xff = lab.run_in(
+        Role::C1,
+        "curl",
+        &[
+            "-s",
+            "-m",
+            "3",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-X",
+            "PUT",
+            "-H",
+            "X-aws-ec2-metadata-token-ttl-seconds: 120",
+            "-H",
+            "X-Forwarded-For: 1.2.3.4",
+            &format!("{base}/latest/api/token"),
+        ],
+    )?;
+    ensure!(xff.trim() == "403", "token PUT with XFF: {xff}");
+    // Status codes are IMDS's own: a bad token is 401 in v2-required mode.
+    lab.imds()
+        .set_token_mode(metaguard_lab::imds::TokenMode::Required);
+    let v1 = get(
+        &lab,
+        Workload::BridgeC1,
+        &format!("{base}/latest/meta-data/instance-id"),
+    )?;
+    ensure!(
+        v1.status == Some(401),
+        "IMDSv1 against a v2-only instance: {v1:?}"
+    );
+    let lines = audit_lines(&audit);
+    ensure!(
+        lines
+            .iter()
+            .any(|l| l["rule"].as_str().is_some_and(|r| r.contains("iam")) && l["status"] == 403),
+        "audit: {lines:?}"
+    );
+    Ok(())
+}
+
+fn real_sdk_clients_through_the_proxy() -> Result<(), Failed> {
+    let Some(python) = crate::support::python()? else {
+        return Ok(());
+    };
+    let mut lab = lab()?;
+    lab.start_docker_api()?;
+    harden(&lab)?;
+    lab.imds()
+        .set_token_mode(metaguard_lab::imds::TokenMode::Required);
+    let botocore = r#"
+import json
+from botocore.utils import InstanceMetadataFetcher
+from botocore.credentials import ContainerProvider
+f = InstanceMetadataFetcher(timeout=2, num_attempts=1, env={})
+token = f._fetch_metadata_token()
+try:
+    iid = f._get_request("latest/meta-data/instance-id", None, token).text if token else None
+except Exception as e:
+    iid = "error: %r" % e
+try:
+    c = ContainerProvider().load()
+    key = c.get_frozen_credentials().access_key if c else None
+except Exception as e:
+    key = "error: %s" % e
+print(json.dumps({"token": bool(token), "instance_id": iid, "access_key": key}))
+"#;
+    let run = |lab: &Lab, w: Workload| -> Result<Value, Failed> {
+        let mut cmd = lab.command_in(w, &python)?;
+        cmd.args(["-c", botocore]).env_clear().env(
+            "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+            format!("/v2/credentials/{}", w.credentials_id()),
+        );
+        let out = cmd.output()?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        serde_json::from_str(stdout.lines().last().unwrap_or("")).map_err(|e| {
+            format!(
+                "botocore: {e}: {stdout} {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+            .into()
+        })
+    };
+    let probe = crate::support::exe()
+        .parent()
+        .map(|d| d.join("mg-aws-probe"))
+        .filter(|p| p.is_file())
+        .ok_or("mg-aws-probe is not built (cargo build --workspace)")?;
+    let rust = |lab: &Lab, w: Workload, args: &[&str]| -> Result<Value, Failed> {
+        let mut cmd = lab.command_in(w, &probe)?;
+        cmd.args(args).env_clear().env(
+            "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+            format!("/v2/credentials/{}", w.credentials_id()),
+        );
+        let out = cmd.output()?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        serde_json::from_str(stdout.lines().last().unwrap_or("")).map_err(|e| {
+            format!(
+                "mg-aws-probe: {e}: {stdout} {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+            .into()
+        })
+    };
+    // Without metaguard, on this hardened host with a hop limit of 1 the
+    // instance would also break IMDSv2; here: credentials time out (F2).
+    let before = run(&lab, Workload::BridgeC1)?;
+    ensure!(
+        before["access_key"].is_null()
+            || before["access_key"]
+                .as_str()
+                .is_some_and(|k| k.starts_with("error")),
+        "botocore got credentials on a hardened host without metaguard: {before}"
+    );
+    let (policy, audit) = proxy_policy(&lab)?;
+    let daemon = Daemon::start(&lab, &policy, &[])?;
+    std::thread::sleep(Duration::from_millis(50));
+    for w in [Workload::BridgeC1, Workload::AwsvpcTask] {
+        let want_key = lab
+            .agent()
+            .credentials(w.credentials_id())
+            .map(|c| c.access_key_id.clone())
+            .ok_or("agent emulator has no credentials")?;
+        let b = run(&lab, w)?;
+        ensure!(
+            b["token"] == true
+                && b["instance_id"] == lab.instance_id()
+                && b["access_key"] == want_key.as_str(),
+            "botocore as {}: {b}\n{}\naudit: {}\nimds log: {:?}",
+            w.label(),
+            daemon.log_text(),
+            std::fs::read_to_string(&audit).unwrap_or_default(),
+            lab.imds().log().entries()
+        );
+        let imds = rust(&lab, w, &["imds", "/latest/meta-data/instance-id"])?;
+        ensure!(
+            imds["ok"] == true && imds["value"] == lab.instance_id(),
+            "aws-config IMDS as {}: {imds}",
+            w.label()
+        );
+        let ecs = rust(&lab, w, &["ecs-credentials"])?;
+        ensure!(
+            ecs["ok"] == true && ecs["access_key_id"] == want_key.as_str(),
+            "aws-config ECS provider as {}: {ecs}",
+            w.label()
+        );
+        // The SDK cannot be talked into the instance role.
+        let role = rust(
+            &lab,
+            w,
+            &["imds", "/latest/meta-data/iam/security-credentials/"],
+        )?;
+        ensure!(
+            role["ok"] == false,
+            "aws-config read the instance role through the proxy: {role}"
+        );
+    }
+    Ok(())
+}
