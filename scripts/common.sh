@@ -18,6 +18,10 @@ APT_PACKAGES+=(shellcheck systemd lintian man-db python3-yaml python3-jsonschema
 # build time against libbpf's headers (bpf_helpers.h) and the kernel UAPI
 # headers (linux-libc-dev); aya loads the object, so no libbpf at run time.
 APT_PACKAGES+=(clang libbpf-dev linux-libc-dev)
+# The load generator of the proxy benchmark (benches/proxy.rs): wrk, run only
+# inside lab namespaces. nginx, its reference proxy, is extracted, never
+# installed (ensure_nginx).
+APT_PACKAGES+=(wrk)
 # Real AWS SDK client for the tests (pinned for reproducibility).
 BOTOCORE_VERSION="1.44.5"
 
@@ -100,4 +104,34 @@ ensure_promtool() {
     dpkg -x "$tmp"/prometheus_*.deb "$dir"
     rm -rf "$tmp" "$dir/usr/bin/prometheus" "$dir/usr/share" "$dir/etc" "$dir/lib"
   fi
+}
+
+# nginx (the reference proxy of benches/proxy.rs) from Debian's nginx package,
+# extracted into .tools/nginx, never installed: the package's postinst would
+# start a service listening on :80 in the root namespace. The bench runs it
+# inside a lab namespace with a config of its own (-p/-c/-e into its work
+# dir). The shared libraries it links are the package's lib* dependencies;
+# those ldd cannot find are installed.
+ensure_nginx() {
+  local dir="$REPO/.tools/nginx" bin="$REPO/.tools/nginx/usr/sbin/nginx"
+  if [ ! -x "$bin" ]; then
+    echo "metaguard: extracting nginx from Debian's nginx package into $dir (not installed)" >&2
+    local tmp; tmp="$(mktemp -d)"
+    (cd "$tmp" && apt-get download -qq nginx >/dev/null 2>&1) \
+      || { apt-get update -qq && (cd "$tmp" && apt-get download -qq nginx >/dev/null); }
+    rm -rf "$dir"
+    mkdir -p "$dir"
+    dpkg -x "$tmp"/nginx_*.deb "$dir"
+    dpkg-deb -f "$tmp"/nginx_*.deb Depends >"$dir/DEPENDS"
+    rm -rf "$tmp" "${dir:?}/usr/share" "${dir:?}/etc" "${dir:?}/lib"
+  fi
+  if LC_ALL=C ldd "$bin" | grep -q "not found"; then
+    local libs
+    mapfile -t libs < <(tr ',' '\n' <"$dir/DEPENDS" | awk '{print $1}' | grep -E '^(lib|zlib)')
+    echo "metaguard: installing nginx's libraries ${libs[*]}" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -qq --no-install-recommends "${libs[@]}" >/dev/null \
+      || { apt-get update -qq && apt-get install -y -qq --no-install-recommends "${libs[@]}" >/dev/null; }
+  fi
+  "$bin" -v 2>/dev/null || { echo "metaguard: $bin does not run (ldd $bin)" >&2; exit 2; }
 }

@@ -14,6 +14,7 @@
 pub mod agent;
 pub mod http;
 pub mod imds;
+pub mod loadgen;
 pub mod log;
 
 pub mod cmd;

@@ -1,0 +1,524 @@
+//! The metadata proxy benchmark (root only): requests/s and p50/p99 latency
+//! of `GET /latest/meta-data/instance-id` with one load tool (wrk, Debian's
+//! package, `--latency`) run from bridge container c1's namespace, over one
+//! lab, for each way to the IMDS emulator:
+//!
+//! * (a) direct: c2 → 169.254.169.254:80, routed like a real container's
+//!   request (docker0 → the lab host, MASQUERADE → the vpc namespace, where
+//!   the emulator listens on the metadata address); no metaguard rules are
+//!   loaded;
+//! * (b) metaguard's proxy: `metaguard daemon` in the lab host, c1 proxied
+//!   (see [`metaguard_variant`]); c1 → 169.254.169.254:80 → DNAT in c1 →
+//!   169.254.170.2:9470 → the emulator;
+//! * (c) nginx (Debian's binary, extracted by `scripts/common.sh`
+//!   `ensure_nginx`) in the lab host namespace on 172.17.0.1:8081 (docker0's
+//!   address, which c1 reaches on its own subnet), `proxy_pass` to
+//!   169.254.169.254:80 with 32 keep-alive upstream connections.
+//!
+//! Each round measures every variant once, in an order rotated every round
+//! (whatever runs last is measured warmer); ratios against (a) are taken
+//! per round. `sudo cargo bench -p metaguard --bench proxy` runs 5 rounds ×
+//! 3 s per variant (`METAGUARD_PROXY_BENCH_ROUNDS`, `…_SECS`,
+//! `…_CONNECTIONS`, `…_THREADS` change that, bounded) and prints the
+//! BENCHMARKS.md section (`METAGUARD_PROXY_BENCH_RAW=1` also prints every
+//! wrk output); it writes the `proxy` section only once (b) exists. Under
+//! `cargo test` it runs one 1 s round as a smoke test.
+//!
+//! The emulator closes every connection (`Connection: close`, like IMDS):
+//! (a) pays a TCP handshake per request from c1 through the host's NAT,
+//! while wrk keeps its connections to a proxy alive and the proxy makes the
+//! new connection from the host — so a proxy can beat (a).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use metaguard_lab::loadgen::{self, Nginx, WrkResult};
+use metaguard_lab::topology::{addr, Role};
+use metaguard_lab::{Lab, LabOptions};
+
+mod common;
+
+/// The resource every variant requests.
+const PATH: &str = "/latest/meta-data/instance-id";
+/// Where nginx listens: docker0's address in the lab host.
+const NGINX_PORT: u16 = 8081;
+
+fn main() {
+    let full = std::env::args().any(|a| a == "--bench");
+    if !metaguard_sys::process::is_root() {
+        println!("proxy bench skipped: needs root (network namespaces)");
+        return;
+    }
+    let required = full || std::env::var_os("METAGUARD_REQUIRE_ROOT").is_some_and(|v| v == "1");
+    let missing = match (
+        metaguard_lab::cmd::find_tool("wrk"),
+        loadgen::nginx_binary(),
+    ) {
+        (None, _) => {
+            Some("wrk is not installed (apt-get install wrk; ./scripts/test does it)".to_string())
+        }
+        (_, Err(e)) => Some(e.to_string()),
+        _ => None,
+    };
+    if let Some(why) = missing {
+        if !required {
+            println!("proxy bench skipped: {why}");
+            return;
+        }
+        eprintln!("proxy bench failed: {why}");
+        std::process::exit(1);
+    }
+    if let Err(e) = run(full) {
+        eprintln!("proxy bench failed: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// One way from c1 to the IMDS emulator.
+struct Variant {
+    /// Row label in the tables.
+    label: String,
+    /// The lab namespace wrk runs in.
+    from: String,
+    url: String,
+    headers: Vec<(String, String)>,
+    /// The proxy, kept running while the variant lives (stopped when it is
+    /// dropped); none for direct.
+    proxy: Option<Box<dyn Proxy>>,
+    /// Run before and after each of this variant's wrk runs (after also when
+    /// the run failed): e.g. load and remove rules that would otherwise
+    /// also catch the other variants' requests.
+    before: Option<Hook>,
+    after: Option<Hook>,
+}
+
+type Hook = Box<dyn Fn(&Lab) -> Result<(), String>>;
+
+/// A running proxy: a guard that stops it on drop, and its processes.
+trait Proxy {
+    /// Its processes now, for the memory figures.
+    fn pids(&self) -> Vec<u32>;
+}
+
+impl Proxy for Nginx {
+    fn pids(&self) -> Vec<u32> {
+        Nginx::pids(self)
+    }
+}
+
+/// (b) metaguard's IMDS proxy: `metaguard daemon` in the lab host with
+/// c1's namespace as a proxied workload (`netns = [c1]`, `imds = "proxy"`,
+/// rate limits lifted so the load is not throttled), so c1's request to
+/// 169.254.169.254:80 is DNATed in c1's namespace to the proxy on
+/// 169.254.170.2:9470, identified by its bridge port, checked against the
+/// default path policy and forwarded. (a) runs from c2, which no workload
+/// selects: the same path to the emulator, untouched.
+fn metaguard_variant(lab: &Lab) -> Option<Result<Variant, String>> {
+    Some(start_daemon(lab).map(|d| Variant {
+        label: "(b) metaguard proxy (169.254.170.2:9470)".to_string(),
+        from: lab.netns_name(Role::C1),
+        url: Lab::imds_url_v4(PATH),
+        headers: Vec::new(),
+        proxy: Some(Box::new(d)),
+        before: None,
+        after: None,
+    }))
+}
+
+/// The daemon, killed (by pid) and reaped on drop; `remove` is run by the
+/// lab's teardown of its namespaces.
+struct DaemonGuard {
+    child: std::process::Child,
+}
+
+impl Drop for DaemonGuard {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proxy for DaemonGuard {
+    fn pids(&self) -> Vec<u32> {
+        vec![self.child.id()]
+    }
+}
+
+fn start_daemon(lab: &Lab) -> Result<DaemonGuard, String> {
+    let c1 =
+        std::path::Path::new(metaguard_sys::netns::NETNS_RUN_DIR).join(lab.netns_name(Role::C1));
+    let policy = format!(
+        "[proxy]\nrate = 1000000\nburst = 1000000\nmax_connections = 100000\naudit_log = \"{}\"\n\n\
+         [[workload]]\nname = \"bench\"\nnetns = [\"{}\"]\nimds = \"proxy\"\n",
+        lab.work_dir().join("audit.jsonl").display(),
+        c1.display()
+    );
+    let path = lab
+        .write_file("bench-proxy.toml", &policy)
+        .map_err(|e| e.to_string())?;
+    let log = lab.work_dir().join("bench-daemon.log");
+    let file = std::fs::File::create(&log).map_err(|e| e.to_string())?;
+    let mut cmd = lab
+        .metaguard_command(&["daemon", "--json", "--config", &path.display().to_string()])
+        .map_err(|e| e.to_string())?;
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(file);
+    let guard = DaemonGuard {
+        child: cmd.spawn().map_err(|e| e.to_string())?,
+    };
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("ready: rules applied") {
+            return Ok(guard);
+        }
+        if std::time::Instant::now() > end {
+            return Err(format!("metaguard daemon not ready after 10 s:\n{text}"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// (a) straight to the emulator from c2 (which no workload selects).
+fn direct_variant(lab: &Lab) -> Variant {
+    Variant {
+        label: format!("(a) direct → {}:80", addr::IMDS_V4),
+        from: lab.netns_name(Role::C2),
+        url: Lab::imds_url_v4(PATH),
+        headers: Vec::new(),
+        proxy: None,
+        before: None,
+        after: None,
+    }
+}
+
+/// (c) nginx in the lab host, proxying to the emulator.
+fn nginx_variant(lab: &Lab) -> Result<Variant, String> {
+    let listen = SocketAddr::new(addr::DOCKER0_V4.into(), NGINX_PORT);
+    let nginx = Nginx::start(
+        &lab.netns_name(Role::Host),
+        listen,
+        &format!("{}:80", addr::IMDS_V4),
+        &lab.work_dir().join("nginx"),
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(Variant {
+        label: format!("(c) nginx `proxy_pass` ({listen})"),
+        from: lab.netns_name(Role::C1),
+        url: format!("http://{listen}{PATH}"),
+        headers: Vec::new(),
+        proxy: Some(Box::new(nginx)),
+        before: None,
+        after: None,
+    })
+}
+
+/// A bounded setting from the environment.
+fn setting(name: &str, default: u32, max: u32) -> Result<u32, String> {
+    match std::env::var(name) {
+        Err(_) => Ok(default),
+        Ok(v) => match v.trim().parse::<u32>() {
+            Ok(n) if (1..=max).contains(&n) => Ok(n),
+            _ => Err(format!("{name}={v:?}: want a whole number from 1 to {max}")),
+        },
+    }
+}
+
+struct Stats {
+    min: f64,
+    median: f64,
+    max: f64,
+}
+
+fn stats(mut v: Vec<f64>) -> Stats {
+    v.sort_by(f64::total_cmp);
+    Stats {
+        min: v.first().copied().unwrap_or(f64::NAN),
+        median: v.get(v.len() / 2).copied().unwrap_or(f64::NAN),
+        max: v.last().copied().unwrap_or(f64::NAN),
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// The figures compared: name, decimals, unit.
+const METRICS: [(&str, usize, &str); 3] = [
+    ("requests/s", 0, ""),
+    ("p50 latency", 2, " ms"),
+    ("p99 latency", 2, " ms"),
+];
+
+/// One run's figures, indexed like [`METRICS`].
+fn metrics(r: &WrkResult) -> [f64; 3] {
+    [r.requests_per_sec, ms(r.p50), ms(r.p99)]
+}
+
+/// What one variant collected over the rounds.
+#[derive(Default)]
+struct Series {
+    /// Per round, indexed like [`METRICS`].
+    values: [Vec<f64>; 3],
+    requests: u64,
+    non_2xx: u64,
+    socket_errors: u64,
+    forwarded_for: usize,
+}
+
+/// One wrk run of `v`; checks that its requests reached the emulator.
+fn measure(
+    lab: &Lab,
+    v: &Variant,
+    secs: u32,
+    conns: u32,
+    threads: u32,
+) -> Result<WrkResult, String> {
+    let log = lab.imds().log();
+    log.clear();
+    let headers: Vec<(&str, &str)> = v
+        .headers
+        .iter()
+        .map(|(n, v)| (n.as_str(), v.as_str()))
+        .collect();
+    if let Some(before) = &v.before {
+        before(lab).map_err(|e| format!("{}: before the run: {e}", v.label))?;
+    }
+    let r = loadgen::wrk(
+        &v.from,
+        &v.url,
+        conns,
+        threads,
+        Duration::from_secs(secs.into()),
+        &headers,
+    )
+    .map_err(|e| format!("{}: {e}", v.label));
+    if let Some(after) = &v.after {
+        after(lab).map_err(|e| format!("{}: after the run: {e}", v.label))?;
+    }
+    let r = r?;
+    if std::env::var_os("METAGUARD_PROXY_BENCH_RAW").is_some() {
+        eprintln!("--- {} ---\n{}", v.label, r.raw);
+    }
+    let seen = log.len() as u64;
+    if r.requests == 0 || seen < r.requests {
+        return Err(format!(
+            "{}: wrk completed {} requests, the emulator answered {seen}:\n{}",
+            v.label, r.requests, r.raw
+        ));
+    }
+    Ok(r)
+}
+
+fn run(full: bool) -> Result<(), String> {
+    let rounds = if full {
+        setting("METAGUARD_PROXY_BENCH_ROUNDS", 5, 20)?
+    } else {
+        1
+    };
+    let secs = if full {
+        setting("METAGUARD_PROXY_BENCH_SECS", 3, 10)?
+    } else {
+        1
+    };
+    let conns = setting("METAGUARD_PROXY_BENCH_CONNECTIONS", 32, 1000)?;
+    let threads = setting("METAGUARD_PROXY_BENCH_THREADS", 2, 16)?.min(conns);
+
+    let exe = PathBuf::from(env!("CARGO_BIN_EXE_metaguard"));
+    // Declared first, dropped last: the variants' proxies stop before the
+    // lab's namespaces go.
+    let mut lab = Lab::start(LabOptions::new(exe)).map_err(|e| e.to_string())?;
+    // The proxy identifies c1 through the (fake) Docker API's containers.
+    lab.start_docker_api().map_err(|e| e.to_string())?;
+    // The emulator closes every connection first (`Connection: close`), so
+    // its namespace keeps one TIME_WAIT socket per request for 60 s. (a)'s
+    // connections (c1, masqueraded to 10.0.0.10) and the proxies' (the lab
+    // host, 10.0.0.10) then reuse each other's 4-tuples, and a SYN whose
+    // TCP timestamps — offset per address pair, so unrelated between c1 and
+    // the host — are older than the TIME_WAIT's is dropped by PAWS: a 1 s
+    // SYN retransmit, always for the variant with the lower offset (nginx's
+    // p99 was 1.02 s in every round). An artefact of the emulator being a
+    // Linux socket: no TIME_WAIT in its namespace.
+    lab.run_in(
+        Role::Vpc,
+        "sysctl",
+        &["-q", "-w", "net.ipv4.tcp_max_tw_buckets=0"],
+    )
+    .map_err(|e| e.to_string())?;
+    let mut variants = vec![direct_variant(&lab)];
+    let with_metaguard = match metaguard_variant(&lab) {
+        Some(v) => {
+            variants.push(v?);
+            true
+        }
+        None => false,
+    };
+    variants.push(nginx_variant(&lab)?);
+
+    if full {
+        // Warm-up (not counted): connections, caches, nginx's workers.
+        for v in &variants {
+            measure(&lab, v, 1, conns, threads)?;
+        }
+    }
+    let mut series: Vec<Series> = variants.iter().map(|_| Series::default()).collect();
+    let mut ratios: Vec<[Vec<f64>; 3]> = variants.iter().map(|_| Default::default()).collect();
+    for round in 0..rounds as usize {
+        let mut results: Vec<Option<WrkResult>> = variants.iter().map(|_| None).collect();
+        for k in 0..variants.len() {
+            let i = (round + k) % variants.len();
+            let r = measure(&lab, &variants[i], secs, conns, threads)?;
+            let s = &mut series[i];
+            s.forwarded_for += lab
+                .imds()
+                .log()
+                .entries()
+                .iter()
+                .filter(|e| e.header("x-forwarded-for").is_some())
+                .count();
+            for (m, value) in metrics(&r).into_iter().enumerate() {
+                s.values[m].push(value);
+            }
+            s.requests += r.requests;
+            s.non_2xx += r.non_2xx_3xx;
+            s.socket_errors += r.socket_errors.total();
+            results[i] = Some(r);
+        }
+        lab.imds().log().clear();
+        if let Some(Some(direct)) = results.first() {
+            for (i, r) in results.iter().enumerate().skip(1) {
+                if let Some(r) = r {
+                    for (m, (value, base)) in
+                        metrics(r).into_iter().zip(metrics(direct)).enumerate()
+                    {
+                        ratios[i][m].push(value / base);
+                    }
+                }
+            }
+        }
+    }
+    for (v, s) in variants.iter().zip(&series) {
+        if s.non_2xx > 0 {
+            return Err(format!(
+                "{}: {} responses were not 2xx/3xx",
+                v.label, s.non_2xx
+            ));
+        }
+    }
+
+    let mut report = String::new();
+    for (t, (what, prec, unit)) in METRICS.iter().enumerate() {
+        report += &format!(
+            "{}| {what}, wrk -t{threads} -c{conns} | min | median | max |\n|---|---:|---:|---:|\n",
+            if t == 0 { "" } else { "\n" }
+        );
+        for (v, s) in variants.iter().zip(&series) {
+            let st = stats(s.values[t].clone());
+            report += &format!(
+                "| {} | {:.prec$}{unit} | {:.prec$}{unit} | {:.prec$}{unit} |\n",
+                v.label, st.min, st.median, st.max
+            );
+        }
+        for (v, r) in variants.iter().zip(&ratios).skip(1) {
+            let st = stats(r[t].clone());
+            let name = v.label.split(' ').next().unwrap_or("");
+            report += &format!(
+                "| ratio {name} / (a) (per round) | {:.3} | {:.3} | {:.3} |\n",
+                st.min, st.median, st.max
+            );
+        }
+    }
+    report += "\n| proxy memory after the runs | VmRSS | VmHWM (peak) |\n|---|---:|---:|\n";
+    for v in &variants {
+        let Some(pids) = v.proxy.as_ref().map(|p| p.pids()) else {
+            continue;
+        };
+        let rss: u64 = pids.iter().filter_map(|&p| loadgen::rss_kib(p)).sum();
+        let hwm: u64 = pids.iter().filter_map(|&p| loadgen::hwm_kib(p)).sum();
+        report += &format!(
+            "| {} ({} processes) | {rss} KiB | {hwm} KiB |\n",
+            v.label,
+            pids.len()
+        );
+    }
+    report += "\nRequests (all rounds), socket errors, requests carrying `X-Forwarded-For` at the emulator: ";
+    report += &variants
+        .iter()
+        .zip(&series)
+        .map(|(v, s)| {
+            format!(
+                "{} {} / {} / {}",
+                v.label.split(' ').next().unwrap_or(""),
+                s.requests,
+                s.socket_errors,
+                s.forwarded_for
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ");
+    report += &format!(
+        ".\nSYN retransmits over the whole run (c1, lab host): {}, {}.\n",
+        syn_retransmits(&lab, Role::C1),
+        syn_retransmits(&lab, Role::Host)
+    );
+    let errors =
+        std::fs::read_to_string(lab.work_dir().join("nginx/nginx-error.log")).unwrap_or_default();
+    if !errors.trim().is_empty() {
+        eprintln!("nginx error log:\n{errors}");
+    }
+    let section = format!(
+        "## Metadata proxy — `sudo cargo bench -p metaguard --bench proxy`\n\n\
+         Lab: `GET {PATH}` from a bridge container's namespace (c2 for (a), c1 for the proxies; identical paths) with wrk (Debian 4.1.0, `--latency`, \
+         {threads} threads, {conns} connections) to the IMDS emulator in the vpc namespace: (a) directly \
+         (docker0 → lab host → vpc, no metaguard rules), {b}(c) through nginx {nginx} (Debian's build, \
+         `worker_processes auto`, upstream `keepalive 32`) in the lab host on docker0's address. \
+         {rounds} rounds of {secs} s per variant{warm}, the order rotated every round; ratios are taken per \
+         round. The emulator answers every request with `Connection: close`, as IMDS does, so every request is \
+         a new upstream connection for a proxy too, and a new connection from c1 for (a), while wrk keeps \
+         its connections to a proxy alive; the emulator's namespace keeps no TIME_WAIT sockets \
+         (`tcp_max_tw_buckets=0`, see the bench's source). \
+         Machine: {}.\n\n{report}",
+        common::machine(),
+        b = if with_metaguard { "(b) through metaguard's proxy, " } else { "" },
+        nginx = nginx_version(),
+        warm = if full { " after a 1 s warm-up each" } else { "" },
+    );
+    println!("{section}");
+    if full && with_metaguard {
+        common::write_section("proxy", &section)?;
+    } else if full {
+        println!(
+            "(BENCHMARKS.md not written: no metaguard proxy variant yet, see metaguard_variant)"
+        );
+    }
+    Ok(())
+}
+
+/// `nginx/1.22.1`, from `nginx -v`.
+fn nginx_version() -> String {
+    loadgen::nginx_binary()
+        .ok()
+        .and_then(|b| std::process::Command::new(b).arg("-v").output().ok())
+        .map(|o| {
+            String::from_utf8_lossy(&o.stderr)
+                .trim()
+                .trim_start_matches("nginx version: ")
+                .to_string()
+        })
+        .unwrap_or_default()
+}
+
+/// `TcpExtTCPSynRetrans` of a lab namespace since it was created: each one
+/// is a connection that waited ≥ 1 s.
+fn syn_retransmits(lab: &Lab, role: Role) -> String {
+    lab.run_in(role, "nstat", &["-asz", "TcpExtTCPSynRetrans"])
+        .ok()
+        .and_then(|out| {
+            out.lines()
+                .find(|l| l.starts_with("TcpExtTCPSynRetrans"))
+                .and_then(|l| l.split_whitespace().nth(1).map(str::to_string))
+        })
+        .unwrap_or_else(|| "?".into())
+}
