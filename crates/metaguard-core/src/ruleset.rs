@@ -423,7 +423,7 @@ fn proxy_plan(config: &Config) -> Result<Option<ProxyPlan>, PlanError> {
         return Ok(None);
     }
     let addresses = config.endpoints.task_metadata.clone();
-    let Some(v4) = addresses.iter().find(|a| a.is_ipv4()) else {
+    let Some(v4) = imds_proxy_addr(config, false) else {
         let w = config
             .workloads
             .iter()
@@ -442,8 +442,8 @@ fn proxy_plan(config: &Config) -> Result<Option<ProxyPlan>, PlanError> {
     };
     let imds = if imds {
         let port = config.proxy.imds_port;
-        std::iter::once(*v4)
-            .chain(addresses.iter().find(|a| a.is_ipv6()).copied())
+        std::iter::once(v4)
+            .chain(imds_proxy_addr(config, true))
             .map(|a| std::net::SocketAddr::new(a, port))
             .collect()
     } else {

@@ -264,16 +264,8 @@ impl Proxy {
         }
         let c = match canonical(&raw, allowed_query) {
             Ok(c) => c,
-            Err(e) if action == Action::Proxy => {
-                return refuse(
-                    StatusCode::BAD_REQUEST,
-                    "invalid",
-                    format!("canonical path: {e}"),
-                    wname,
-                    raw_log,
-                )
-            }
-            // allow: untouched, but still never an absolute or odd target.
+            // allow and proxy alike: a target without a canonical form is
+            // never forwarded.
             Err(e) => {
                 return refuse(
                     StatusCode::BAD_REQUEST,
@@ -287,7 +279,10 @@ impl Proxy {
         let path = log_path(&c, kind);
         match kind {
             Kind::Imds => self.imds(caller, w, action, wname, c, path, req).await,
-            Kind::Relay => self.relay(caller, w, action, wname, c, path, req).await,
+            Kind::Relay => {
+                self.relay(config, caller, w, action, wname, c, path, req)
+                    .await
+            }
         }
     }
 
@@ -349,6 +344,7 @@ impl Proxy {
     #[allow(clippy::too_many_arguments)]
     async fn relay(
         &self,
+        config: &Config,
         caller: &Caller,
         w: &metaguard_core::config::Workload,
         action: Action,
@@ -401,7 +397,6 @@ impl Proxy {
                     .await
                     .ok()
                     .flatten();
-                let config = self.directory.config();
                 if let Some(o) = owner {
                     let owner_proxied = o
                         .workload
