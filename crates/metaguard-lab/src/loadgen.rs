@@ -329,9 +329,10 @@ pub fn nginx_binary() -> Result<PathBuf, LabError> {
 
 /// The configuration [`Nginx::start`] writes: a plain reverse proxy from
 /// `listen` to `upstream` (`host:port`) with keep-alive upstream
-/// connections. Nothing is logged but errors, every path nginx writes is in
-/// `work_dir`, and no `X-Forwarded-For` is added (nginx adds none unless
-/// told to).
+/// connections. Every request is logged as one JSON line to
+/// `nginx-access.log` (metaguard writes an audit line per request too, so
+/// both pay for a log), every path nginx writes is in `work_dir`, and no
+/// `X-Forwarded-For` is added (nginx adds none unless told to).
 pub fn nginx_conf(listen: SocketAddr, upstream: &str, work_dir: &Path) -> String {
     let w = work_dir.display();
     format!(
@@ -347,7 +348,9 @@ events {{
 }}
 
 http {{
-    access_log off;
+    log_format audit escape=json '{{\"time\":\"$msec\",\"method\":\"$request_method\",'
+        '\"path\":\"$uri\",\"status\":$status,\"upstream_ms\":\"$upstream_response_time\"}}';
+    access_log {w}/nginx-access.log audit;
     client_body_temp_path {w}/client_body;
     proxy_temp_path {w}/proxy;
     fastcgi_temp_path {w}/fastcgi;
@@ -605,9 +608,35 @@ pub fn hwm_kib(pid: u32) -> Option<u64> {
     status_kib(pid, "VmHWM")
 }
 
+/// CPU time (user + system) `pid` has used so far, all its threads, in
+/// seconds; none for a gone process. Resolution: one clock tick (10 ms).
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command (which may hold spaces and parentheses):
+    // state is field 3, utime 14, stime 15.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(ticks as f64 / rustix::param::clock_ticks_per_second() as f64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_seconds_counts_this_process() {
+        let before = cpu_seconds(std::process::id()).expect("own stat");
+        let end = std::time::Instant::now() + std::time::Duration::from_millis(120);
+        let mut x = 1u64;
+        while std::time::Instant::now() < end {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+        }
+        std::hint::black_box(x);
+        let after = cpu_seconds(std::process::id()).expect("own stat");
+        assert!(after - before >= 0.05, "{before} → {after}");
+        assert_eq!(cpu_seconds(u32::MAX), None);
+    }
 
     // Real outputs of Debian's wrk 4.1.0 in a lab (the proxy bench), verbatim.
 
@@ -835,7 +864,7 @@ Transfer/sec:       0.00B
             "master_process on;",
             "worker_processes auto;",
             "pid /run/metaguard-lab/x/nginx/nginx.pid;",
-            "access_log off;",
+            "access_log /run/metaguard-lab/x/nginx/nginx-access.log audit;",
             "proxy_temp_path /run/metaguard-lab/x/nginx/proxy;",
             "server 169.254.169.254:80;",
             "keepalive 32;",

@@ -6,7 +6,7 @@ use std::io::Write as _;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use serde_json::json;
+use serde::Serialize;
 
 use crate::{Caller, Kind};
 
@@ -50,49 +50,83 @@ impl AuditSink {
         Ok(AuditSink { file })
     }
 
-    fn write(&self, v: serde_json::Value) {
+    /// Writes one line: a single `write` on an `O_APPEND` file, so lines
+    /// from concurrent workers never interleave.
+    fn write<T: Serialize>(&self, line: &T) {
         match &self.file {
             Some(f) => {
-                let mut line = v.to_string();
-                line.push('\n');
+                let mut buf = Vec::with_capacity(512);
+                if serde_json::to_writer(&mut buf, line).is_err() {
+                    return;
+                }
+                buf.push(b'\n');
                 let mut f = f.lock().unwrap_or_else(|p| p.into_inner());
-                if let Err(e) = f.write_all(line.as_bytes()) {
+                if let Err(e) = f.write_all(&buf) {
                     tracing::warn!(error = %e, "cannot write the audit log");
                 }
             }
-            None => tracing::info!(target: "metaguard::audit", audit = %v, "proxy"),
+            None => {
+                let v = serde_json::to_string(line).unwrap_or_default();
+                tracing::info!(target: "metaguard::audit", audit = %v, "proxy");
+            }
         }
     }
 
     pub fn request(&self, e: &Entry<'_>) {
-        self.write(json!({
-            "time": now(),
-            "audit": "proxy",
-            "service": e.kind.as_str(),
-            "workload": e.workload,
-            "container": e.caller.container,
-            "origin": e.caller.origin,
-            "method": e.method,
-            "path": e.path,
-            "decision": e.decision,
-            "rule": e.rule,
-            "status": e.status,
-            "upstream_ms": e.upstream.map(|d| (d.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0),
-        }));
+        self.write(&Line {
+            time: now(),
+            audit: "proxy",
+            service: e.kind.as_str(),
+            workload: e.workload,
+            container: e.caller.container.as_deref(),
+            origin: &e.caller.origin,
+            method: Some(e.method),
+            path: Some(e.path),
+            decision: e.decision,
+            rule: e.rule,
+            status: Some(e.status),
+            upstream_ms: e
+                .upstream
+                .map(|d| (d.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0),
+        });
     }
 
     pub fn connection_refused(&self, kind: Kind, caller: &Caller, workload: &str, reason: &str) {
-        self.write(json!({
-            "time": now(),
-            "audit": "proxy",
-            "service": kind.as_str(),
-            "workload": workload,
-            "container": caller.container,
-            "origin": caller.origin,
-            "decision": "refused-connection",
-            "rule": reason,
-        }));
+        self.write(&Line {
+            time: now(),
+            audit: "proxy",
+            service: kind.as_str(),
+            workload,
+            container: caller.container.as_deref(),
+            origin: &caller.origin,
+            method: None,
+            path: None,
+            decision: "refused-connection",
+            rule: reason,
+            status: None,
+            upstream_ms: None,
+        });
     }
+}
+
+/// One audit line, serialized as is (no intermediate JSON value).
+#[derive(Serialize)]
+struct Line<'a> {
+    time: String,
+    audit: &'static str,
+    service: &'a str,
+    workload: &'a str,
+    container: Option<&'a str>,
+    origin: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    method: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    path: Option<&'a str>,
+    decision: &'a str,
+    rule: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status: Option<u16>,
+    upstream_ms: Option<f64>,
 }
 
 fn now() -> String {

@@ -1,15 +1,14 @@
 //! One request: checks, decision, forwarding, audit and metrics.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt as _, Full};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use metaguard_core::config::{Action, TmdsMode};
 use metaguard_core::proxy_path::{canonical, Canonical, Decision};
 use metaguard_core::Config;
@@ -17,18 +16,6 @@ use serde_json::json;
 
 use crate::audit::Entry;
 use crate::{Caller, Kind, Proxy, UPSTREAM_TIMEOUT};
-
-pub type Client = hyper_util::client::legacy::Client<HttpConnector, Full<Bytes>>;
-
-pub fn client() -> Client {
-    let mut c = HttpConnector::new();
-    c.set_nodelay(true);
-    c.set_connect_timeout(Some(Duration::from_secs(2)));
-    hyper_util::client::legacy::Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(30))
-        .pool_max_idle_per_host(256)
-        .build(c)
-}
 
 type Resp = Response<Full<Bytes>>;
 
@@ -328,11 +315,11 @@ impl Proxy {
                 Decision::Allow { rule: r } => rule = r,
             }
         }
-        let uri = format!("http://{}{}", self.upstreams.imds, c.target());
         self.forward(
             Kind::Imds,
             req,
-            &uri,
+            self.upstreams.imds,
+            c.target(),
             IMDS_REQUEST_HEADERS,
             rule,
             path,
@@ -459,11 +446,11 @@ impl Proxy {
                 path,
             );
         }
-        let uri = format!("http://{}{}", self.upstreams.agent, c.target());
         self.forward(
             Kind::Relay,
             req,
-            &uri,
+            self.upstreams.agent,
+            c.target(),
             RELAY_REQUEST_HEADERS,
             rule,
             path,
@@ -477,13 +464,24 @@ impl Proxy {
         &self,
         kind: Kind,
         req: Request<Incoming>,
-        uri: &str,
+        upstream: SocketAddr,
+        target: String,
         headers: &[&str],
         rule: String,
         path: String,
         redact_for: Option<Option<String>>,
     ) -> Outcome {
-        let mut up = Request::builder().method(req.method().clone()).uri(uri);
+        // Origin-form target and our own Host: the upstream sees a request
+        // for itself, whatever the client wrote.
+        let host = match (upstream.ip(), upstream.port()) {
+            (std::net::IpAddr::V4(ip), 80) => ip.to_string(),
+            (std::net::IpAddr::V6(ip), 80) => format!("[{ip}]"),
+            _ => upstream.to_string(),
+        };
+        let mut up = Request::builder()
+            .method(req.method().clone())
+            .uri(target)
+            .header(hyper::header::HOST, host);
         if let Some(h) = up.headers_mut() {
             copy_headers(req.headers(), h, headers);
         }
@@ -497,13 +495,8 @@ impl Proxy {
             );
         };
         let started = Instant::now();
-        let result = tokio::time::timeout(UPSTREAM_TIMEOUT, async {
-            let resp = self.client.request(up).await.map_err(|e| e.to_string())?;
-            let (parts, body) = resp.into_parts();
-            let bytes = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
-            Ok::<_, String>((parts, bytes))
-        })
-        .await;
+        let result =
+            tokio::time::timeout(UPSTREAM_TIMEOUT, crate::upstream::exchange(upstream, up)).await;
         let elapsed = started.elapsed();
         let (parts, mut bytes) = match result {
             Ok(Ok(x)) => x,

@@ -37,6 +37,7 @@ mod handler;
 mod limits;
 mod metrics;
 pub mod redact;
+mod upstream;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -93,10 +94,17 @@ pub struct Owner {
 
 /// The daemon's knowledge of workloads: identifies callers and owners.
 /// Calls may block briefly (they read the host's links and containers on
-/// a cache miss); the proxy calls them on a blocking thread.
+/// a cache miss); the proxy calls them on a blocking thread unless
+/// [`Directory::identify_cached`] answers.
 pub trait Directory: Send + Sync + 'static {
     /// The caller of a connection whose SYN carried `mark`, from `peer`.
     fn identify(&self, mark: u32, peer: SocketAddr) -> Caller;
+    /// [`Directory::identify`] answered from memory without blocking, or
+    /// `None` when that is not possible (the proxy then calls `identify`
+    /// on a blocking thread). The default never answers.
+    fn identify_cached(&self, _mark: u32, _peer: SocketAddr) -> Option<Caller> {
+        None
+    }
     /// The owner of a credentials id, if anyone known owns it.
     fn owner(&self, credentials_id: &str) -> Option<Owner>;
     /// The configuration in force (reloads swap it).
@@ -123,7 +131,6 @@ pub const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct Proxy {
     directory: Arc<dyn Directory>,
     upstreams: Upstreams,
-    client: handler::Client,
     limits: limits::Limits,
     metrics: ProxyMetrics,
     audit: AuditSink,
@@ -150,7 +157,6 @@ impl Proxy {
             limits: limits::Limits::new(p.rate, p.burst, p.max_connections),
             directory,
             upstreams,
-            client: handler::client(),
             metrics,
             audit,
         })
@@ -181,13 +187,20 @@ impl Proxy {
         let _ = stream.set_nodelay(true);
         let mark =
             nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::Mark).unwrap_or(0);
-        let dir = self.directory.clone();
-        let caller = match tokio::task::spawn_blocking(move || dir.identify(mark, peer)).await {
-            Ok(c) => c,
-            Err(_) => Caller {
-                origin: format!("identification failed (mark 0x{mark:08x})"),
-                ..Caller::default()
-            },
+        // A known port is answered inline; only a miss (which reads the
+        // host's links and containers) goes to a blocking thread.
+        let caller = match self.directory.identify_cached(mark, peer) {
+            Some(c) => c,
+            None => {
+                let dir = self.directory.clone();
+                match tokio::task::spawn_blocking(move || dir.identify(mark, peer)).await {
+                    Ok(c) => c,
+                    Err(_) => Caller {
+                        origin: format!("identification failed (mark 0x{mark:08x})"),
+                        ..Caller::default()
+                    },
+                }
+            }
         };
         let config = self.directory.config();
         let wname = handler::workload_name(&config, &caller);
@@ -219,9 +232,44 @@ impl Proxy {
     }
 }
 
-/// Binds a listener (the address must already exist on `lo`).
-pub fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
-    let l = std::net::TcpListener::bind(addr)?;
-    l.set_nonblocking(true)?;
-    Ok(l)
+/// How many threads serve the proxy: one per CPU, at most
+/// [`MAX_WORKERS`]. Each runs a single-threaded runtime over its own
+/// listening sockets (`SO_REUSEPORT`; the kernel spreads connections), so
+/// a request never hops between threads — the shape of nginx's worker
+/// processes, measured in BENCHMARKS.md ("Metadata proxy").
+pub fn workers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().clamp(1, MAX_WORKERS))
+}
+
+/// The most proxy threads: metadata traffic is a few requests per second
+/// per workload (the token bucket caps it), so more would only hold memory.
+pub const MAX_WORKERS: usize = 4;
+
+/// Binds `copies` listening sockets on `addr` (which must already exist on
+/// `lo`), sharing the port through `SO_REUSEPORT`; one per worker. Only
+/// processes of the same user can join the group, and the first bind fails
+/// if another program holds the port without it (F10).
+pub fn bind(addr: SocketAddr, copies: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
+    use nix::sys::socket::{self, sockopt, AddressFamily, Backlog, SockFlag, SockType};
+    let family = match addr {
+        SocketAddr::V4(_) => AddressFamily::Inet,
+        SocketAddr::V6(_) => AddressFamily::Inet6,
+    };
+    let one = |_| -> std::io::Result<std::net::TcpListener> {
+        let fd = socket::socket(
+            family,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+            None,
+        )?;
+        socket::setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+        socket::setsockopt(&fd, sockopt::ReusePort, &true)?;
+        socket::bind(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            &socket::SockaddrStorage::from(addr),
+        )?;
+        socket::listen(&fd, Backlog::new(1024).unwrap_or(Backlog::MAXCONN))?;
+        Ok(std::net::TcpListener::from(fd))
+    };
+    (0..copies.max(1)).map(one).collect()
 }

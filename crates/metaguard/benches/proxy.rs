@@ -1,7 +1,11 @@
-//! The metadata proxy benchmark (root only): requests/s and p50/p99 latency
-//! of `GET /latest/meta-data/instance-id` with one load tool (wrk, Debian's
-//! package, `--latency`) run from bridge container c1's namespace, over one
-//! lab, for each way to the IMDS emulator:
+//! The metadata proxy benchmark (root only): requests/s, p50/p99 latency
+//! and the proxy's CPU time per request for `GET
+//! /latest/meta-data/instance-id`, with one load tool (wrk, Debian's
+//! package, `--latency`) run from a bridge container's namespace, over one
+//! lab, under three loads — one keep-alive connection (the latency a proxy
+//! adds, no queueing), one request per new connection (`Connection:
+//! close`, how SDKs talk to IMDS), and 32 connections (saturation) — for
+//! each way to the IMDS emulator:
 //!
 //! * (a) direct: c2 → 169.254.169.254:80, routed like a real container's
 //!   request (docker0 → the lab host, MASQUERADE → the vpc namespace, where
@@ -13,12 +17,14 @@
 //! * (c) nginx (Debian's binary, extracted by `scripts/common.sh`
 //!   `ensure_nginx`) in the lab host namespace on 172.17.0.1:8081 (docker0's
 //!   address, which c1 reaches on its own subnet), `proxy_pass` to
-//!   169.254.169.254:80 with 32 keep-alive upstream connections.
+//!   169.254.169.254:80 with 32 keep-alive upstream connections and one
+//!   JSON access-log line per request (metaguard writes an audit line).
 //!
-//! Each round measures every variant once, in an order rotated every round
+//! Each round measures every variant once per load, in an order rotated
+//! every round
 //! (whatever runs last is measured warmer); ratios against (a) are taken
 //! per round. `sudo cargo bench -p metaguard --bench proxy` runs 5 rounds ×
-//! 3 s per variant (`METAGUARD_PROXY_BENCH_ROUNDS`, `…_SECS`,
+//! 3 s per variant and load (`METAGUARD_PROXY_BENCH_ROUNDS`, `…_SECS`,
 //! `…_CONNECTIONS`, `…_THREADS` change that, bounded) and prints the
 //! BENCHMARKS.md section (`METAGUARD_PROXY_BENCH_RAW=1` also prints every
 //! wrk output); it writes the `proxy` section only once (b) exists. Under
@@ -248,8 +254,8 @@ fn ms(d: Duration) -> f64 {
 /// The figures compared: name, decimals, unit.
 const METRICS: [(&str, usize, &str); 3] = [
     ("requests/s", 0, ""),
-    ("p50 latency", 2, " ms"),
-    ("p99 latency", 2, " ms"),
+    ("p50 latency", 3, " ms"),
+    ("p99 latency", 3, " ms"),
 ];
 
 /// One run's figures, indexed like [`METRICS`].
@@ -257,44 +263,63 @@ fn metrics(r: &WrkResult) -> [f64; 3] {
     [r.requests_per_sec, ms(r.p50), ms(r.p99)]
 }
 
-/// What one variant collected over the rounds.
+/// A load: wrk's connections and threads.
+#[derive(Debug, Clone, Copy)]
+struct Load {
+    conns: u32,
+    threads: u32,
+    /// Sends `Connection: close`: a new connection to the proxy for every
+    /// request, as SDKs make to IMDS (which closes every connection).
+    close: bool,
+    /// What it measures, for the tables.
+    what: &'static str,
+}
+
+/// What one variant collected over the rounds under one load.
 #[derive(Default)]
 struct Series {
     /// Per round, indexed like [`METRICS`].
     values: [Vec<f64>; 3],
+    /// The proxy's CPU time (all its processes) per request, µs, per round.
+    cpu_us: Vec<f64>,
     requests: u64,
     non_2xx: u64,
     socket_errors: u64,
     forwarded_for: usize,
 }
 
-/// One wrk run of `v`; checks that its requests reached the emulator.
-fn measure(
-    lab: &Lab,
-    v: &Variant,
-    secs: u32,
-    conns: u32,
-    threads: u32,
-) -> Result<WrkResult, String> {
+/// One wrk run of `v` under `load`; checks that its requests reached the
+/// emulator. Also returns the proxy's CPU seconds over the run.
+fn measure(lab: &Lab, v: &Variant, secs: u32, load: Load) -> Result<(WrkResult, f64), String> {
     let log = lab.imds().log();
     log.clear();
-    let headers: Vec<(&str, &str)> = v
+    let mut headers: Vec<(&str, &str)> = v
         .headers
         .iter()
         .map(|(n, v)| (n.as_str(), v.as_str()))
         .collect();
+    if load.close {
+        headers.push(("Connection", "close"));
+    }
     if let Some(before) = &v.before {
         before(lab).map_err(|e| format!("{}: before the run: {e}", v.label))?;
     }
+    let cpu = || -> f64 {
+        v.proxy.as_ref().map_or(0.0, |p| {
+            p.pids().into_iter().filter_map(loadgen::cpu_seconds).sum()
+        })
+    };
+    let cpu_before = cpu();
     let r = loadgen::wrk(
         &v.from,
         &v.url,
-        conns,
-        threads,
+        load.conns,
+        load.threads,
         Duration::from_secs(secs.into()),
         &headers,
     )
     .map_err(|e| format!("{}: {e}", v.label));
+    let cpu_used = cpu() - cpu_before;
     if let Some(after) = &v.after {
         after(lab).map_err(|e| format!("{}: after the run: {e}", v.label))?;
     }
@@ -309,7 +334,21 @@ fn measure(
             v.label, r.requests, r.raw
         ));
     }
-    Ok(r)
+    Ok((r, cpu_used))
+}
+
+/// A table row of min / median / max.
+fn row(label: &str, values: &[f64], prec: usize, unit: &str) -> String {
+    let st = stats(values.to_vec());
+    format!(
+        "| {label} | {:.prec$}{unit} | {:.prec$}{unit} | {:.prec$}{unit} |\n",
+        st.min, st.median, st.max
+    )
+}
+
+/// The short name of a variant: "(b)".
+fn short(v: &Variant) -> &str {
+    v.label.split(' ').next().unwrap_or("")
 }
 
 fn run(full: bool) -> Result<(), String> {
@@ -325,6 +364,26 @@ fn run(full: bool) -> Result<(), String> {
     };
     let conns = setting("METAGUARD_PROXY_BENCH_CONNECTIONS", 32, 1000)?;
     let threads = setting("METAGUARD_PROXY_BENCH_THREADS", 2, 16)?.min(conns);
+    let loads = [
+        Load {
+            conns: 1,
+            threads: 1,
+            close: false,
+            what: "one connection, one request at a time: the latency a proxy adds, no queueing",
+        },
+        Load {
+            conns: 1,
+            threads: 1,
+            close: true,
+            what: "one request at a time, each on a new connection (`Connection: close`, as SDKs talk to IMDS): adds the proxy's accept and caller identification",
+        },
+        Load {
+            conns,
+            threads,
+            close: false,
+            what: "saturation: throughput, and latency including queueing on the shared CPUs",
+        },
+    ];
 
     let exe = PathBuf::from(env!("CARGO_BIN_EXE_metaguard"));
     // Declared first, dropped last: the variants' proxies stop before the
@@ -360,46 +419,73 @@ fn run(full: bool) -> Result<(), String> {
     if full {
         // Warm-up (not counted): connections, caches, nginx's workers.
         for v in &variants {
-            measure(&lab, v, 1, conns, threads)?;
+            measure(&lab, v, 1, loads[2])?;
         }
     }
-    let mut series: Vec<Series> = variants.iter().map(|_| Series::default()).collect();
-    let mut ratios: Vec<[Vec<f64>; 3]> = variants.iter().map(|_| Default::default()).collect();
+    // series[load][variant], ratios[load][variant][metric] against (a).
+    let mut series: Vec<Vec<Series>> = loads
+        .iter()
+        .map(|_| variants.iter().map(|_| Series::default()).collect())
+        .collect();
+    let mut ratios: Vec<Vec<[Vec<f64>; 3]>> = loads
+        .iter()
+        .map(|_| variants.iter().map(|_| Default::default()).collect())
+        .collect();
+    // Added latency over (a), ms, per round: [load][variant][p50, p99].
+    let mut added: Vec<Vec<[Vec<f64>; 2]>> = loads
+        .iter()
+        .map(|_| variants.iter().map(|_| Default::default()).collect())
+        .collect();
+    // (b)'s requests/s over (c)'s, per round and load.
+    let mut b_over_c: Vec<Vec<f64>> = loads.iter().map(|_| Vec::new()).collect();
     for round in 0..rounds as usize {
-        let mut results: Vec<Option<WrkResult>> = variants.iter().map(|_| None).collect();
-        for k in 0..variants.len() {
-            let i = (round + k) % variants.len();
-            let r = measure(&lab, &variants[i], secs, conns, threads)?;
-            let s = &mut series[i];
-            s.forwarded_for += lab
-                .imds()
-                .log()
-                .entries()
-                .iter()
-                .filter(|e| e.header("x-forwarded-for").is_some())
-                .count();
-            for (m, value) in metrics(&r).into_iter().enumerate() {
-                s.values[m].push(value);
+        for (l, load) in loads.iter().enumerate() {
+            let mut results: Vec<Option<WrkResult>> = variants.iter().map(|_| None).collect();
+            for k in 0..variants.len() {
+                let i = (round + k) % variants.len();
+                let (r, cpu) = measure(&lab, &variants[i], secs, *load)?;
+                let s = &mut series[l][i];
+                s.forwarded_for += lab
+                    .imds()
+                    .log()
+                    .entries()
+                    .iter()
+                    .filter(|e| e.header("x-forwarded-for").is_some())
+                    .count();
+                for (m, value) in metrics(&r).into_iter().enumerate() {
+                    s.values[m].push(value);
+                }
+                if variants[i].proxy.is_some() && r.requests > 0 {
+                    s.cpu_us.push(cpu * 1e6 / r.requests as f64);
+                }
+                s.requests += r.requests;
+                s.non_2xx += r.non_2xx_3xx;
+                s.socket_errors += r.socket_errors.total();
+                results[i] = Some(r);
             }
-            s.requests += r.requests;
-            s.non_2xx += r.non_2xx_3xx;
-            s.socket_errors += r.socket_errors.total();
-            results[i] = Some(r);
-        }
-        lab.imds().log().clear();
-        if let Some(Some(direct)) = results.first() {
+            lab.imds().log().clear();
+            let Some(Some(direct)) = results.first() else {
+                continue;
+            };
             for (i, r) in results.iter().enumerate().skip(1) {
-                if let Some(r) = r {
-                    for (m, (value, base)) in
-                        metrics(r).into_iter().zip(metrics(direct)).enumerate()
-                    {
-                        ratios[i][m].push(value / base);
-                    }
+                let Some(r) = r else { continue };
+                for (m, (value, base)) in metrics(r).into_iter().zip(metrics(direct)).enumerate() {
+                    ratios[l][i][m].push(value / base);
+                }
+                added[l][i][0].push(ms(r.p50) - ms(direct.p50));
+                added[l][i][1].push(ms(r.p99) - ms(direct.p99));
+            }
+            if let [_, Some(b), Some(c)] = results.as_slice() {
+                if with_metaguard {
+                    b_over_c[l].push(b.requests_per_sec / c.requests_per_sec);
                 }
             }
         }
     }
-    for (v, s) in variants.iter().zip(&series) {
+    for (v, s) in series
+        .iter()
+        .flat_map(|per_load| variants.iter().zip(per_load))
+    {
         if s.non_2xx > 0 {
             return Err(format!(
                 "{}: {} responses were not 2xx/3xx",
@@ -409,28 +495,54 @@ fn run(full: bool) -> Result<(), String> {
     }
 
     let mut report = String::new();
-    for (t, (what, prec, unit)) in METRICS.iter().enumerate() {
+    for (l, load) in loads.iter().enumerate() {
         report += &format!(
-            "{}| {what}, wrk -t{threads} -c{conns} | min | median | max |\n|---|---:|---:|---:|\n",
-            if t == 0 { "" } else { "\n" }
+            "### wrk -t{} -c{}{}: {}\n",
+            load.threads,
+            load.conns,
+            if load.close {
+                " -H 'Connection: close'"
+            } else {
+                ""
+            },
+            load.what
         );
-        for (v, s) in variants.iter().zip(&series) {
-            let st = stats(s.values[t].clone());
-            report += &format!(
-                "| {} | {:.prec$}{unit} | {:.prec$}{unit} | {:.prec$}{unit} |\n",
-                v.label, st.min, st.median, st.max
-            );
+        for (t, (what, prec, unit)) in METRICS.iter().enumerate() {
+            report += &format!("\n| {what} | min | median | max |\n|---|---:|---:|---:|\n");
+            for (v, s) in variants.iter().zip(&series[l]) {
+                report += &row(&v.label, &s.values[t], *prec, unit);
+            }
+            for (v, r) in variants.iter().zip(&ratios[l]).skip(1) {
+                report += &row(
+                    &format!("ratio {} / (a) (per round)", short(v)),
+                    &r[t],
+                    3,
+                    "",
+                );
+            }
+            if t == 0 && with_metaguard {
+                report += &row("ratio (b) / (c) (per round)", &b_over_c[l], 3, "");
+            }
+            if t > 0 {
+                for (v, a) in variants.iter().zip(&added[l]).skip(1) {
+                    report += &row(
+                        &format!("added by {} over (a) (per round)", short(v)),
+                        &a[t - 1],
+                        3,
+                        " ms",
+                    );
+                }
+            }
         }
-        for (v, r) in variants.iter().zip(&ratios).skip(1) {
-            let st = stats(r[t].clone());
-            let name = v.label.split(' ').next().unwrap_or("");
-            report += &format!(
-                "| ratio {name} / (a) (per round) | {:.3} | {:.3} | {:.3} |\n",
-                st.min, st.median, st.max
-            );
+        report += "\n| proxy CPU time per request (all its processes and threads) | min | median | max |\n|---|---:|---:|---:|\n";
+        for (v, s) in variants.iter().zip(&series[l]) {
+            if v.proxy.is_some() {
+                report += &row(&v.label, &s.cpu_us, 1, " µs");
+            }
         }
+        report += "\n";
     }
-    report += "\n| proxy memory after the runs | VmRSS | VmHWM (peak) |\n|---|---:|---:|\n";
+    report += "| proxy memory after the runs | VmRSS | VmHWM (peak) |\n|---|---:|---:|\n";
     for v in &variants {
         let Some(pids) = v.proxy.as_ref().map(|p| p.pids()) else {
             continue;
@@ -443,18 +555,20 @@ fn run(full: bool) -> Result<(), String> {
             pids.len()
         );
     }
-    report += "\nRequests (all rounds), socket errors, requests carrying `X-Forwarded-For` at the emulator: ";
+    report += "\nRequests (all rounds and loads), socket errors, requests carrying `X-Forwarded-For` at the emulator: ";
     report += &variants
         .iter()
-        .zip(&series)
-        .map(|(v, s)| {
-            format!(
-                "{} {} / {} / {}",
-                v.label.split(' ').next().unwrap_or(""),
-                s.requests,
-                s.socket_errors,
-                s.forwarded_for
-            )
+        .enumerate()
+        .map(|(i, v)| {
+            let (req, err, xff) = series.iter().fold((0, 0, 0), |acc, per_load| {
+                let s = &per_load[i];
+                (
+                    acc.0 + s.requests,
+                    acc.1 + s.socket_errors,
+                    acc.2 + s.forwarded_for,
+                )
+            });
+            format!("{} {req} / {err} / {xff}", short(v))
         })
         .collect::<Vec<_>>()
         .join("; ");
@@ -470,18 +584,26 @@ fn run(full: bool) -> Result<(), String> {
     }
     let section = format!(
         "## Metadata proxy — `sudo cargo bench -p metaguard --bench proxy`\n\n\
-         Lab: `GET {PATH}` from a bridge container's namespace (c2 for (a), c1 for the proxies; identical paths) with wrk (Debian 4.1.0, `--latency`, \
-         {threads} threads, {conns} connections) to the IMDS emulator in the vpc namespace: (a) directly \
+         Lab: `GET {PATH}` from a bridge container's namespace (c2 for (a), c1 for the proxies; identical paths) \
+         with wrk (Debian 4.1.0, `--latency`) to the IMDS emulator in the vpc namespace: (a) directly \
          (docker0 → lab host → vpc, no metaguard rules), {b}(c) through nginx {nginx} (Debian's build, \
-         `worker_processes auto`, upstream `keepalive 32`) in the lab host on docker0's address. \
-         {rounds} rounds of {secs} s per variant{warm}, the order rotated every round; ratios are taken per \
-         round. The emulator answers every request with `Connection: close`, as IMDS does, so every request is \
-         a new upstream connection for a proxy too, and a new connection from c1 for (a), while wrk keeps \
-         its connections to a proxy alive; the emulator's namespace keeps no TIME_WAIT sockets \
-         (`tcp_max_tw_buckets=0`, see the bench's source). \
+         `worker_processes auto`, upstream `keepalive 32`, one JSON access-log line per request as metaguard \
+         writes one audit line) in the lab host on docker0's address. \
+         Three loads: one connection (the latency a proxy adds, without queueing), one request per new \
+         connection, and {conns} connections on {threads} threads (saturation). {rounds} rounds of {secs} s per variant and load{warm}, the order \
+         rotated every round; ratios and differences are taken per round. The emulator answers every request \
+         with `Connection: close`, as IMDS does, so every request is a new upstream connection for a proxy \
+         too, and a new connection from c1 for (a), while wrk keeps its connections to a proxy alive; the \
+         emulator's namespace keeps no TIME_WAIT sockets (`tcp_max_tw_buckets=0`, see the bench's source). \
+         Proxy CPU is user + system time from `/proc/<pid>/stat` over each run (10 ms ticks), which \
+         includes the kernel's network path run in the proxy's context. \
          Machine: {}.\n\n{report}",
         common::machine(),
-        b = if with_metaguard { "(b) through metaguard's proxy, " } else { "" },
+        b = if with_metaguard {
+            "(b) through metaguard's proxy (the daemon, one thread per CPU, audit log on), "
+        } else {
+            ""
+        },
         nginx = nginx_version(),
         warm = if full { " after a 1 s warm-up each" } else { "" },
     );

@@ -195,6 +195,97 @@ impl Directory {
         answer
     }
 
+    /// `identify`; with `may_block` false, `None` whenever answering would
+    /// read the host (list links or containers) or wait for the cache.
+    fn identify_with(&self, mark: u32, peer: SocketAddr, may_block: bool) -> Option<Caller> {
+        let config = metaguard_proxy::Directory::config(self);
+        if mark & 0xff00_0000 == HOST_MARK_TAG {
+            let idx = (mark & 0xffff) as usize;
+            return Some(match config.workloads.get(idx) {
+                Some(w) if matches!(w.selector, Selector::Cgroups(_) | Selector::Containers(_)) => {
+                    Caller {
+                        workload: Some(idx),
+                        origin: format!(
+                            "host process of workload {:?} (mark 0x{mark:08x}) from {peer}",
+                            w.name
+                        ),
+                        ..Caller::default()
+                    }
+                }
+                _ => Caller {
+                    origin: format!("host mark 0x{mark:08x} names no cgroup workload"),
+                    ..Caller::default()
+                },
+            });
+        }
+        if mark & BRIDGE_MARK_BASE == 0 {
+            return Some(Caller {
+                origin: format!("no metaguard mark (0x{mark:08x}) from {peer}"),
+                ..Caller::default()
+            });
+        }
+        let mut c = if may_block {
+            self.lock()
+        } else {
+            // Another thread is refreshing: let the blocking path wait.
+            self.cache.try_lock().ok()?
+        };
+        if !may_block && !c.ports.contains_key(&mark) {
+            return None;
+        }
+        let port = match self.port(&mut c, mark) {
+            Ok(p) => p,
+            Err(why) => {
+                return Some(Caller {
+                    origin: format!("{why} (from {peer})"),
+                    ..Caller::default()
+                })
+            }
+        };
+        if !may_block && !c.port_netns.contains_key(&port.ifindex) {
+            return None;
+        }
+        let netns = self.netns_of_port(&mut c, port.ifindex);
+        let group: Vec<&ContainerFact> = match &netns {
+            Some(p) => c
+                .containers
+                .iter()
+                .filter(|k| k.netns.as_deref() == Some(p.as_str()))
+                .collect(),
+            None => Vec::new(),
+        };
+        let workload =
+            Self::workload_for(&config, port.master.as_deref(), &group, netns.as_deref());
+        let (credentials_ids, tmds_ids) = ids(&group);
+        // The container that owns the namespace: the pause container of a
+        // task, else the only one.
+        let container = group
+            .iter()
+            .find(|k| k.is_ecs_pause())
+            .or(group.first())
+            .map(|k| k.id.clone());
+        let own_container = group
+            .iter()
+            .find(|k| !k.is_ecs_pause())
+            .map(|k| k.id.clone())
+            .or(container);
+        Some(Caller {
+            workload,
+            container: own_container,
+            credentials_ids,
+            tmds_ids,
+            origin: format!(
+                "port {} on {}{}",
+                port.name,
+                port.master.as_deref().unwrap_or("?"),
+                netns
+                    .as_deref()
+                    .map(|n| format!(", netns {n}"))
+                    .unwrap_or_default()
+            ),
+        })
+    }
+
     /// The first workload matching a bridge and/or a group of containers.
     fn workload_for(
         config: &Config,
@@ -219,6 +310,15 @@ impl Directory {
                 })
             }),
         })
+    }
+}
+
+/// A caller that `identify` with `may_block` always answers; only a
+/// broken invariant lands here, and it is refused like any unknown caller.
+fn unreachable_caller(mark: u32) -> Caller {
+    Caller {
+        origin: format!("identification failed (mark 0x{mark:08x})"),
+        ..Caller::default()
     }
 }
 
@@ -259,81 +359,12 @@ impl metaguard_proxy::Directory for Directory {
     }
 
     fn identify(&self, mark: u32, peer: SocketAddr) -> Caller {
-        let config = self.config();
-        if mark & 0xff00_0000 == HOST_MARK_TAG {
-            let idx = (mark & 0xffff) as usize;
-            return match config.workloads.get(idx) {
-                Some(w) if matches!(w.selector, Selector::Cgroups(_) | Selector::Containers(_)) => {
-                    Caller {
-                        workload: Some(idx),
-                        origin: format!(
-                            "host process of workload {:?} (mark 0x{mark:08x}) from {peer}",
-                            w.name
-                        ),
-                        ..Caller::default()
-                    }
-                }
-                _ => Caller {
-                    origin: format!("host mark 0x{mark:08x} names no cgroup workload"),
-                    ..Caller::default()
-                },
-            };
-        }
-        if mark & BRIDGE_MARK_BASE == 0 {
-            return Caller {
-                origin: format!("no metaguard mark (0x{mark:08x}) from {peer}"),
-                ..Caller::default()
-            };
-        }
-        let mut c = self.lock();
-        let port = match self.port(&mut c, mark) {
-            Ok(p) => p,
-            Err(why) => {
-                return Caller {
-                    origin: format!("{why} (from {peer})"),
-                    ..Caller::default()
-                }
-            }
-        };
-        let netns = self.netns_of_port(&mut c, port.ifindex);
-        let group: Vec<&ContainerFact> = match &netns {
-            Some(p) => c
-                .containers
-                .iter()
-                .filter(|k| k.netns.as_deref() == Some(p.as_str()))
-                .collect(),
-            None => Vec::new(),
-        };
-        let workload =
-            Self::workload_for(&config, port.master.as_deref(), &group, netns.as_deref());
-        let (credentials_ids, tmds_ids) = ids(&group);
-        // The container that owns the namespace: the pause container of a
-        // task, else the only one.
-        let container = group
-            .iter()
-            .find(|k| k.is_ecs_pause())
-            .or(group.first())
-            .map(|k| k.id.clone());
-        let own_container = group
-            .iter()
-            .find(|k| !k.is_ecs_pause())
-            .map(|k| k.id.clone())
-            .or(container);
-        Caller {
-            workload,
-            container: own_container,
-            credentials_ids,
-            tmds_ids,
-            origin: format!(
-                "port {} on {}{}",
-                port.name,
-                port.master.as_deref().unwrap_or("?"),
-                netns
-                    .as_deref()
-                    .map(|n| format!(", netns {n}"))
-                    .unwrap_or_default()
-            ),
-        }
+        self.identify_with(mark, peer, true)
+            .unwrap_or_else(|| unreachable_caller(mark))
+    }
+
+    fn identify_cached(&self, mark: u32, peer: SocketAddr) -> Option<Caller> {
+        self.identify_with(mark, peer, false)
     }
 
     fn owner(&self, credentials_id: &str) -> Option<Owner> {

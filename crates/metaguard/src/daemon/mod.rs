@@ -242,16 +242,21 @@ impl Daemon {
                 config.proxy.audit_log.as_deref().unwrap_or("")
             )
         })?;
-        let mut listeners = Vec::new();
+        // One set of listening sockets per worker thread (SO_REUSEPORT).
+        let workers = metaguard_proxy::workers();
+        let mut sets: Vec<Vec<(std::net::TcpListener, Kind)>> =
+            (0..workers).map(|_| Vec::new()).collect();
         for (addrs, kind) in [(&p.relay, Kind::Relay), (&p.imds, Kind::Imds)] {
             for a in addrs {
-                let l = metaguard_proxy::bind(*a).with_context(|| {
+                let copies = metaguard_proxy::bind(*a, workers).with_context(|| {
                     format!(
                         "cannot listen on {a} for the {} proxy (is something else serving it? F10)",
                         kind.as_str()
                     )
                 })?;
-                listeners.push((l, kind));
+                for (set, l) in sets.iter_mut().zip(copies) {
+                    set.push((l, kind));
+                }
             }
         }
         let proxy = Proxy::new(directory.clone(), upstreams, metrics, audit);
@@ -261,34 +266,14 @@ impl Daemon {
             .chain(&p.imds)
             .map(|a| a.to_string())
             .collect();
-        std::thread::Builder::new()
-            .name("metaguard-proxy".into())
-            .spawn(move || {
-                let rt = match tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(2)
-                    .enable_all()
-                    .build()
-                {
-                    Ok(rt) => rt,
-                    Err(e) => {
-                        error!(error = %e, "cannot start the proxy runtime");
-                        return;
-                    }
-                };
-                rt.block_on(async move {
-                    for (l, kind) in listeners {
-                        match tokio::net::TcpListener::from_std(l) {
-                            Ok(l) => {
-                                tokio::spawn(proxy.clone().serve(l, kind));
-                            }
-                            Err(e) => error!(error = %e, "proxy listener"),
-                        }
-                    }
-                    std::future::pending::<()>().await;
-                });
-            })
-            .context("cannot start the proxy thread")?;
-        info!(listen = ?addrs, "proxy serving");
+        for (n, listeners) in sets.into_iter().enumerate() {
+            let proxy = proxy.clone();
+            std::thread::Builder::new()
+                .name(format!("metaguard-proxy-{n}"))
+                .spawn(move || serve_proxy(proxy, listeners))
+                .context("cannot start a proxy thread")?;
+        }
+        info!(listen = ?addrs, workers, "proxy serving");
         self.directory = Some(directory);
         Ok(())
     }
@@ -626,6 +611,35 @@ impl Signals {
 
 /// Whether `p` is a namespace file (an nsfs bind mount), not the empty file
 /// `ip netns add` creates first.
+/// One proxy worker: a single-threaded runtime serving its own copy of
+/// every listener, so a connection and its requests stay on this thread.
+fn serve_proxy(
+    proxy: std::sync::Arc<metaguard_proxy::Proxy>,
+    listeners: Vec<(std::net::TcpListener, metaguard_proxy::Kind)>,
+) {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            error!(error = %e, "cannot start a proxy runtime");
+            return;
+        }
+    };
+    rt.block_on(async move {
+        for (l, kind) in listeners {
+            match tokio::net::TcpListener::from_std(l) {
+                Ok(l) => {
+                    tokio::spawn(proxy.clone().serve(l, kind));
+                }
+                Err(e) => error!(error = %e, "proxy listener"),
+            }
+        }
+        std::future::pending::<()>().await;
+    });
+}
+
 fn is_nsfs(p: &Path) -> bool {
     use std::os::unix::fs::MetadataExt;
     match (std::fs::metadata(p), p.parent().map(std::fs::metadata)) {
