@@ -11,8 +11,11 @@
 //! See the parent module for why the call is performed here, on a
 //! `pidfd_getfd` duplicate, with the bytes that were checked.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -272,9 +275,12 @@ impl Call<'_> {
     }
 
     /// A pidfd for the calling thread: a thread pidfd where the kernel has
-    /// them (6.9+), else its thread group's.
-    fn pidfd(&self) -> Result<OwnedFd, i32> {
-        static NO_THREAD_PIDFD: AtomicBool = AtomicBool::new(false);
+    /// them (6.9+), else its thread group's. Thread pidfds are reused from
+    /// this worker's [`PIDFDS`] cache; only a fresh one is opened here.
+    fn pidfd(&self) -> Result<Rc<OwnedFd>, i32> {
+        if let Some(p) = cached_pidfd(self.tid) {
+            return Ok(p);
+        }
         let tid = Pid::from_raw(self.tid as i32).ok_or(libc::ESRCH)?;
         if !NO_THREAD_PIDFD.load(Ordering::Relaxed) {
             // PIDFD_THREAD is O_EXCL.
@@ -282,7 +288,7 @@ impl Call<'_> {
                 tid,
                 PidfdFlags::from_bits_retain(libc::O_EXCL as u32),
             ) {
-                Ok(fd) => return Ok(fd),
+                Ok(fd) => return Ok(Rc::new(fd)),
                 Err(rustix::io::Errno::INVAL) => NO_THREAD_PIDFD.store(true, Ordering::Relaxed),
                 Err(e) => return Err(self.refuse(format!("pidfd_open: {e}"), libc::EPERM)),
             }
@@ -290,22 +296,41 @@ impl Call<'_> {
         let tgid = tgid_of(self.tid).ok_or(libc::ESRCH)?;
         let pid = Pid::from_raw(tgid).ok_or(libc::ESRCH)?;
         rustix::process::pidfd_open(pid, PidfdFlags::empty())
+            .map(Rc::new)
             .map_err(|e| self.refuse(format!("pidfd_open: {e}"), libc::EPERM))
     }
 
-    /// The caller's socket `fd`, duplicated into this process. The
-    /// notification is re-checked after the pidfd was opened, so the pidfd
-    /// is the blocked caller's and not a reused pid's.
+    /// The caller's socket `fd`, duplicated into this process.
+    ///
+    /// A cached thread pidfd needs no re-check: while the task it names
+    /// lives it holds the caller's tid, so it *is* the blocked caller;
+    /// once that task is gone `pidfd_getfd` fails (`ESRCH`) and a fresh
+    /// pidfd is opened. A fresh pidfd is opened before the notification
+    /// is re-checked, so it is the blocked caller's and not a reused
+    /// tid's; only then is it cached.
     fn socket(&self, fd: u64) -> Result<OwnedFd, i32> {
+        let fd = i32::try_from(fd as i64).map_err(|_| libc::EBADF)?;
+        let getfd = |pidfd: &OwnedFd| {
+            rustix::process::pidfd_getfd(pidfd, fd as RawFd, PidfdGetfdFlags::empty())
+        };
+        if let Some(pidfd) = cached_pidfd(self.tid) {
+            match getfd(&pidfd) {
+                Ok(sock) => return Ok(sock),
+                Err(rustix::io::Errno::BADF) => return Err(libc::EBADF),
+                // The cached task is gone: the tid is someone new.
+                Err(_) => forget_pidfd(self.tid),
+            }
+        }
         let pidfd = self.pidfd()?;
         self.still_valid()?;
-        let fd = i32::try_from(fd as i64).map_err(|_| libc::EBADF)?;
-        rustix::process::pidfd_getfd(&pidfd, fd as RawFd, PidfdGetfdFlags::empty()).map_err(|e| {
-            match e {
-                rustix::io::Errno::BADF => libc::EBADF,
-                e => self.refuse(format!("pidfd_getfd: {e}"), libc::EPERM),
-            }
-        })
+        let sock = getfd(&pidfd).map_err(|e| match e {
+            rustix::io::Errno::BADF => libc::EBADF,
+            e => self.refuse(format!("pidfd_getfd: {e}"), libc::EPERM),
+        })?;
+        if !NO_THREAD_PIDFD.load(Ordering::Relaxed) {
+            remember_pidfd(self.tid, pidfd);
+        }
+        Ok(sock)
     }
 
     /// Enters the caller's working directory when a relative AF_UNIX path
@@ -324,6 +349,38 @@ impl Call<'_> {
             .map_err(|e| self.refuse(format!("cannot open the caller's cwd: {e}"), libc::EACCES))?;
         rustix::process::fchdir(&cwd).map_err(|e| self.refuse(format!("fchdir: {e}"), libc::EACCES))
     }
+}
+
+/// Set once `pidfd_open(PIDFD_THREAD)` is refused (kernels before 6.9):
+/// pidfds then name thread groups, which outlive a thread's tid, so none
+/// is cached.
+static NO_THREAD_PIDFD: AtomicBool = AtomicBool::new(false);
+
+/// Most thread pidfds one worker keeps (a full cache is emptied).
+const PIDFD_CACHE: usize = 256;
+
+thread_local! {
+    /// This worker's thread pidfds, by tid: saves a `pidfd_open` and a
+    /// `close` per intercepted call of a thread seen before.
+    static PIDFDS: RefCell<HashMap<u32, Rc<OwnedFd>>> = RefCell::new(HashMap::new());
+}
+
+fn cached_pidfd(tid: u32) -> Option<Rc<OwnedFd>> {
+    PIDFDS.with(|c| c.borrow().get(&tid).cloned())
+}
+
+fn remember_pidfd(tid: u32, pidfd: Rc<OwnedFd>) {
+    PIDFDS.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.len() >= PIDFD_CACHE {
+            c.clear();
+        }
+        c.insert(tid, pidfd);
+    });
+}
+
+fn forget_pidfd(tid: u32) {
+    PIDFDS.with(|c| c.borrow_mut().remove(&tid));
 }
 
 fn tgid_of(tid: u32) -> Option<i32> {

@@ -16,6 +16,11 @@ use crate::support::{attack, exe, in_workload, lab, python, run, test_file, Ran,
 
 pub const TESTS: &[(&str, bool, crate::TestFn)] = &[
     (
+        "exec::a_reused_thread_id_never_inherits_a_pidfd",
+        true,
+        a_reused_thread_id_never_inherits_a_pidfd,
+    ),
+    (
         "exec::f12_real_clients_reach_metadata_only_without_exec",
         true,
         f12_real_clients_reach_metadata_only_without_exec,
@@ -567,6 +572,42 @@ fn f12_environment_scrubbed_and_supervisor_unreadable() -> Result<(), Failed> {
         .args(["exec", "--", "sh", "-c", script]);
     env_cmd(&mut cmd);
     check(&run(cmd, Duration::from_secs(20))?, true)?;
+    Ok(())
+}
+
+/// The supervisor keeps one pidfd per thread id. A thread that gets the id
+/// of one that exited (forced through `ns_last_pid` in a new PID
+/// namespace) must get its own: its connects succeed, on its own sockets.
+/// Without `exec` first: the id really is reused.
+fn a_reused_thread_id_never_inherits_a_pidfd() -> Result<(), Failed> {
+    let script = test_file("py/tid_reuse.py");
+    let namespaced = |exec: bool| -> Result<serde_json::Value, Failed> {
+        let mut cmd = Command::new("unshare");
+        cmd.args([
+            "--user",
+            "--map-root-user",
+            "--pid",
+            "--fork",
+            "--mount-proc",
+        ]);
+        if exec {
+            cmd.arg(exe()).args(["exec", "--"]);
+        }
+        cmd.args(["python3", &script]);
+        let r = run(cmd, Duration::from_secs(30))?;
+        ensure!(r.status.success(), "exec={exec}: {r:?}");
+        r.json()
+    };
+    let plain = namespaced(false)?;
+    ensure!(
+        plain["reused"].as_u64() >= Some(4) && plain["errors"] == serde_json::json!([]),
+        "without exec the thread id should be reused: {plain}"
+    );
+    let under = namespaced(true)?;
+    ensure!(
+        under["reused"].as_u64() >= Some(4) && under["errors"] == serde_json::json!([]),
+        "under exec: {under}"
+    );
     Ok(())
 }
 

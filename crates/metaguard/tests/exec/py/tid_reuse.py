@@ -1,0 +1,52 @@
+"""Connects from threads that reuse one thread id (F12, supervisor cache).
+
+Run as root of a new user and PID namespace: /proc/sys/kernel/ns_last_pid
+is set so the next thread gets the id of one that exited. Every connect is
+a seccomp notification under `metaguard exec`; the supervisor keeps a
+pidfd per thread id, which must never stand for a new thread with an old
+id. Prints one JSON line: how many threads reused the id, and errors.
+"""
+import json
+import socket
+import threading
+
+srv = socket.socket()
+srv.bind(("127.0.0.1", 0))
+srv.listen(64)
+port = srv.getsockname()[1]
+errors = []
+
+
+def connect(tids, pad):
+    tids.append(threading.get_native_id())
+    # Shift the socket's descriptor number from round to round.
+    spare = [socket.socket() for _ in range(pad)]
+    try:
+        s = socket.socket()
+        s.settimeout(5)
+        s.connect(("127.0.0.1", port))
+        peer, _ = srv.accept()
+        peer.close()
+        s.close()
+    except OSError as e:
+        errors.append(f"{type(e).__name__}: {e}")
+    for x in spare:
+        x.close()
+
+
+def in_thread(pad):
+    tids = []
+    t = threading.Thread(target=connect, args=(tids, pad))
+    t.start()
+    t.join()
+    return tids[0]
+
+
+first = in_thread(0)
+reused = 0
+for i in range(1, 9):
+    with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+        f.write(str(first - 1))
+    if in_thread(i) == first:
+        reused += 1
+print(json.dumps({"reused": reused, "errors": errors}))
