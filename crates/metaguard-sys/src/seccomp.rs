@@ -29,7 +29,10 @@
 //! 2. it decides on *its copy*; a denial is answered with `EACCES` at once;
 //! 3. otherwise it opens a pidfd for the calling thread and checks that the
 //!    notification is still alive (`SECCOMP_IOCTL_NOTIF_ID_VALID`), so the
-//!    pidfd is the blocked caller's and not a reused pid's;
+//!    pidfd is the blocked caller's and not a reused pid's. Thread pidfds
+//!    are then kept per tid: while the task a kept pidfd names lives, it
+//!    holds that tid, so it is the caller; once it is gone `pidfd_getfd`
+//!    fails and a fresh pidfd is opened and checked as above;
 //! 4. it takes a duplicate of the caller's socket with `pidfd_getfd` (the
 //!    same open file description, so the same socket), performs the very
 //!    call on it with the very bytes it checked, and answers with that
