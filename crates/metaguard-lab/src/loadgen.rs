@@ -612,11 +612,13 @@ pub fn hwm_kib(pid: u32) -> Option<u64> {
 /// seconds; none for a gone process. Resolution: one clock tick (10 ms).
 pub fn cpu_seconds(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command (which may hold spaces and parentheses):
-    // state is field 3, utime 14, stime 15.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    let field = |n| {
+        metaguard_sys::process::stat_field(&stat, n)?
+            .parse::<u64>()
+            .ok()
+    };
+    // utime and stime
+    let ticks = field(14)? + field(15)?;
     Some(ticks as f64 / rustix::param::clock_ticks_per_second() as f64)
 }
 

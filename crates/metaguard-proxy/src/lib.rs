@@ -85,6 +85,17 @@ pub struct Caller {
     pub origin: String,
 }
 
+impl Caller {
+    /// A caller whose identification broke down: refused like any
+    /// unknown caller, with the mark in the audit log.
+    pub fn identification_failed(mark: u32) -> Caller {
+        Caller {
+            origin: format!("identification failed (mark 0x{mark:08x})"),
+            ..Caller::default()
+        }
+    }
+}
+
 /// Who owns a credentials id.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Owner {
@@ -195,10 +206,7 @@ impl Proxy {
                 let dir = self.directory.clone();
                 match tokio::task::spawn_blocking(move || dir.identify(mark, peer)).await {
                     Ok(c) => c,
-                    Err(_) => Caller {
-                        origin: format!("identification failed (mark 0x{mark:08x})"),
-                        ..Caller::default()
-                    },
+                    Err(_) => Caller::identification_failed(mark),
                 }
             }
         };

@@ -17,12 +17,17 @@ pub fn start_time(proc_root: &Path, pid: u32) -> Option<u64> {
     parse_start_time(&stat)
 }
 
-/// Field 22 of a stat line; the command name (field 2) may hold spaces and
-/// parentheses, so fields are counted from the last `)`.
+/// Field 22 of a stat line (the start time).
 pub fn parse_start_time(stat: &str) -> Option<u64> {
+    stat_field(stat, 22)?.parse().ok()
+}
+
+/// Field `n` of a stat line, numbered as in proc(5) (3 and up); the
+/// command name (field 2) may hold spaces and parentheses, so fields are
+/// counted from the last `)`.
+pub fn stat_field(stat: &str, n: usize) -> Option<&str> {
     let rest = &stat[stat.rfind(')')? + 1..];
-    // after ")" come fields 3.. ; field 22 is the 20th of those
-    rest.split_whitespace().nth(19)?.parse().ok()
+    rest.split_whitespace().nth(n.checked_sub(3)?)
 }
 
 impl ProcessId {

@@ -313,15 +313,6 @@ impl Directory {
     }
 }
 
-/// A caller that `identify` with `may_block` always answers; only a
-/// broken invariant lands here, and it is refused like any unknown caller.
-fn unreachable_caller(mark: u32) -> Caller {
-    Caller {
-        origin: format!("identification failed (mark 0x{mark:08x})"),
-        ..Caller::default()
-    }
-}
-
 /// The ids a container's environment names.
 fn ids(group: &[&ContainerFact]) -> (Vec<String>, Vec<String>) {
     let mut creds = Vec::new();
@@ -359,8 +350,9 @@ impl metaguard_proxy::Directory for Directory {
     }
 
     fn identify(&self, mark: u32, peer: SocketAddr) -> Caller {
+        // With `may_block`, identify_with always answers.
         self.identify_with(mark, peer, true)
-            .unwrap_or_else(|| unreachable_caller(mark))
+            .unwrap_or_else(|| Caller::identification_failed(mark))
     }
 
     fn identify_cached(&self, mark: u32, peer: SocketAddr) -> Option<Caller> {
