@@ -19,9 +19,10 @@
 //! * The **workload** is the first in file order whose selector matches
 //!   the port's bridge, the namespace, the containers or their cgroups.
 //!
-//! Lookups are cached: ports by mark, containers by port; a miss refreshes
-//! (bounded: at most one Docker listing per 200 ms), Docker events clear
-//! the container cache.
+//! Lookups are cached: ports by mark, containers by port, and the whole
+//! answer by mark for one config (a caller identified once costs a hash
+//! lookup per connection); a miss refreshes (bounded: at most one Docker
+//! listing per 200 ms), Docker events clear the container cache.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -86,6 +87,9 @@ struct Cache {
     port_netns: HashMap<u32, Option<String>>,
     containers: Vec<ContainerFact>,
     containers_at: Option<Instant>,
+    /// Bridge mark → the caller found from the entries above, under the
+    /// config it was found with; cleared whenever any of them changes.
+    callers: HashMap<u32, (Arc<Config>, Caller)>,
 }
 
 /// The daemon's view, shared with the proxy threads.
@@ -114,6 +118,7 @@ impl Directory {
         let mut c = self.lock();
         c.port_netns.clear();
         c.containers_at = None;
+        c.callers.clear();
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Cache> {
@@ -130,7 +135,10 @@ impl Directory {
             &self.docker_socket,
             std::path::Path::new("/proc"),
         ) {
-            Ok(list) => c.containers = list.unwrap_or_default(),
+            Ok(list) => {
+                c.containers = list.unwrap_or_default();
+                c.callers.clear();
+            }
             Err(e) => warn!(error = %format!("{e:#}"), "proxy: cannot list containers"),
         }
         c.containers_at = Some(Instant::now());
@@ -139,6 +147,7 @@ impl Directory {
     fn port(&self, c: &mut Cache, mark: u32) -> Result<Link, String> {
         if !c.ports.contains_key(&mark) {
             c.ports.clear();
+            c.callers.clear();
             match links(None) {
                 Ok(ls) => {
                     for l in ls.into_iter().filter(|l| l.master.is_some()) {
@@ -230,6 +239,11 @@ impl Directory {
             // Another thread is refreshing: let the blocking path wait.
             self.cache.try_lock().ok()?
         };
+        if let Some((seen, caller)) = c.callers.get(&mark) {
+            if Arc::ptr_eq(seen, &config) {
+                return Some(caller.clone());
+            }
+        }
         if !may_block && !c.ports.contains_key(&mark) {
             return None;
         }
@@ -269,7 +283,7 @@ impl Directory {
             .find(|k| !k.is_ecs_pause())
             .map(|k| k.id.clone())
             .or(container);
-        Some(Caller {
+        let caller = Caller {
             workload,
             container: own_container,
             credentials_ids,
@@ -283,7 +297,9 @@ impl Directory {
                     .map(|n| format!(", netns {n}"))
                     .unwrap_or_default()
             ),
-        })
+        };
+        c.callers.insert(mark, (config, caller.clone()));
+        Some(caller)
     }
 
     /// The first workload matching a bridge and/or a group of containers.
@@ -411,5 +427,97 @@ impl metaguard_proxy::Directory for Directory {
             ),
             container: Some(owner.id.clone()),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use metaguard_proxy::Directory as _;
+
+    const NETNS: &str = "/run/netns/task-a";
+
+    fn config(workloads: &str) -> Arc<Config> {
+        Arc::new(Config::parse(workloads, "test.toml").expect("valid config"))
+    }
+
+    fn container(id: &str, credentials_id: &str) -> ContainerFact {
+        ContainerFact {
+            id: id.to_string(),
+            name: id.to_string(),
+            labels: Default::default(),
+            host_network: false,
+            cgroup: None,
+            netns: Some(NETNS.to_string()),
+            env: vec![format!(
+                "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI=/v2/credentials/{credentials_id}"
+            )],
+        }
+    }
+
+    /// A directory whose cache already knows port 7 on docker0 and the
+    /// namespace and containers behind it (no host lookups).
+    fn directory(config: Arc<Config>, containers: Vec<ContainerFact>) -> (Directory, u32) {
+        let d = Directory::new(config, PathBuf::from("/nonexistent/docker.sock"));
+        let mark = bridge_mark(7);
+        d.learn(mark, containers);
+        (d, mark)
+    }
+
+    impl Directory {
+        fn learn(&self, mark: u32, containers: Vec<ContainerFact>) {
+            let mut c = self.lock();
+            c.ports.insert(
+                mark,
+                vec![Link {
+                    ifindex: 7,
+                    name: "veth7".to_string(),
+                    master: Some("docker0".to_string()),
+                    link_index: None,
+                    peer_elsewhere: false,
+                }],
+            );
+            c.port_netns.insert(7, Some(NETNS.to_string()));
+            c.containers = containers;
+            c.containers_at = Some(Instant::now());
+        }
+    }
+
+    const PEER: &str = "172.17.0.2:40000";
+
+    #[test]
+    fn a_remembered_caller_follows_container_and_config_changes() {
+        let two = "[[workload]]\nname = \"first\"\nbridges = [\"br-*\"]\nimds = \"proxy\"\n\n\
+                   [[workload]]\nname = \"second\"\nbridges = [\"docker0\"]\nimds = \"proxy\"\n";
+        let (d, mark) = directory(config(two), vec![container("c1", "old-id")]);
+        let peer: SocketAddr = PEER.parse().expect("a socket address");
+        let first = d
+            .identify_cached(mark, peer)
+            .expect("known port, answered inline");
+        assert_eq!(first.workload, Some(1));
+        assert_eq!(first.credentials_ids, vec!["old-id".to_string()]);
+        assert_eq!(
+            d.identify_cached(mark, peer),
+            Some(first.clone()),
+            "remembered"
+        );
+
+        // Docker says containers changed: the remembered caller is gone
+        // with the namespace cache (a cache-only lookup cannot answer)...
+        d.containers_changed();
+        assert_eq!(d.identify_cached(mark, peer), None);
+        // ...and what is learned next is what is answered.
+        d.learn(mark, vec![container("c2", "new-id")]);
+        let second = d.identify_cached(mark, peer).expect("relearned");
+        assert_eq!(second.credentials_ids, vec!["new-id".to_string()]);
+        assert_eq!(second.container.as_deref(), Some("c2"));
+
+        // A new config: the same port is matched against its workloads.
+        d.set_config(config(
+            "[[workload]]\nname = \"only\"\nbridges = [\"docker*\"]\nimds = \"proxy\"\n",
+        ));
+        let third = d.identify_cached(mark, peer).expect("same port");
+        assert_eq!(third.workload, Some(0));
+        assert_eq!(third.credentials_ids, second.credentials_ids);
     }
 }
