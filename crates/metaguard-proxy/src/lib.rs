@@ -34,6 +34,7 @@
 
 mod audit;
 mod handler;
+mod io;
 mod limits;
 mod metrics;
 pub mod redact;
@@ -232,7 +233,7 @@ impl Proxy {
             .timer(TokioTimer::new())
             .header_read_timeout(HEADER_TIMEOUT)
             .max_buf_size(MAX_HEAD)
-            .serve_connection(TokioIo::new(stream), svc)
+            .serve_connection(io::CloseWithoutShutdown(TokioIo::new(stream)), svc)
             .await;
         if let Err(e) = result {
             debug!(error = %e, %peer, "proxy connection ended with an error");

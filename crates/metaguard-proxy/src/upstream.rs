@@ -34,7 +34,8 @@ pub async fn exchange(
         .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
     // Requests are one small write; never wait for an ACK to send it.
     let _ = stream.set_nodelay(true);
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+    let io = crate::io::CloseWithoutShutdown(TokioIo::new(stream));
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
         .await
         .map_err(|e| e.to_string())?;
     let answer = async move {
