@@ -34,4 +34,6 @@ pub enum LabError {
     Server { name: String, source: io::Error },
     #[error("probe output could not be read: {0}")]
     ProbeOutput(String),
+    #[error("metaguard daemon: {0}")]
+    Daemon(String),
 }

@@ -18,6 +18,7 @@ pub mod loadgen;
 pub mod log;
 
 pub mod cmd;
+pub mod daemon;
 pub mod docker;
 pub mod error;
 pub mod matrix;

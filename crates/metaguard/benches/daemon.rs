@@ -20,6 +20,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use metaguard_lab::daemon::Daemon;
+use metaguard_lab::loadgen;
 use metaguard_lab::topology::Role;
 use metaguard_lab::{Lab, LabOptions};
 
@@ -56,13 +58,9 @@ fn proc_field(pid: u32, key: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// CPU time `pid` has used, in clock ticks (1/100 s).
 fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // fields 14 and 15 (utime, stime) are the 12th and 13th after ")"
-    f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
-        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+    (loadgen::cpu_seconds(pid).unwrap_or(0.0) * 100.0).round() as u64
 }
 
 fn pct(v: &[f64], p: f64) -> f64 {
@@ -86,25 +84,9 @@ fn run(full: bool) -> Result<(), String> {
     let policy = lab
         .write_file("policy.toml", &policy_text)
         .map_err(|e| e.to_string())?;
-    let log = lab.work_dir().join("daemon.log");
-    let mut cmd = lab
-        .metaguard_command(&["daemon", "--config", &policy.display().to_string()])
-        .map_err(|e| e.to_string())?;
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).map_err(|e| e.to_string())?);
-    let daemon = Killed(cmd.spawn().map_err(|e| e.to_string())?);
-    let pid = daemon.0.id();
-    let ready = Instant::now();
-    while !std::fs::read_to_string(&log)
-        .unwrap_or_default()
-        .contains("ready")
-    {
-        if ready.elapsed() > Duration::from_secs(10) {
-            return Err("daemon not ready".into());
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let daemon =
+        Daemon::start(&lab, &policy.display().to_string(), &[]).map_err(|e| e.to_string())?;
+    let pid = u32::try_from(daemon.pid()).map_err(|e| e.to_string())?;
 
     // 1. Heal latency, seen by a monitor of our own.
     let mut mon = Command::new("nft");
@@ -173,10 +155,7 @@ fn run(full: bool) -> Result<(), String> {
     std::thread::sleep(Duration::from_millis(500));
     let churn_secs = t.elapsed().as_secs_f64();
     let rss_after = proc_field(pid, "VmRSS:");
-    let guarded = std::fs::read_to_string(&log)
-        .unwrap_or_default()
-        .matches("new namespace guarded")
-        .count();
+    let guarded = daemon.log_text().matches("new namespace guarded").count();
 
     // 3. Idle CPU.
     let idle_secs = if full { 10 } else { 1 };

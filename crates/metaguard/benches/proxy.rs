@@ -39,6 +39,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use metaguard_lab::daemon::Daemon;
 use metaguard_lab::loadgen::{self, Nginx, WrkResult};
 use metaguard_lab::topology::{addr, Role};
 use metaguard_lab::{Lab, LabOptions};
@@ -132,26 +133,13 @@ fn metaguard_variant(lab: &Lab) -> Option<Result<Variant, String>> {
     }))
 }
 
-/// The daemon, killed (by pid) and reaped on drop; `remove` is run by the
-/// lab's teardown of its namespaces.
-struct DaemonGuard {
-    child: std::process::Child,
-}
-
-impl Drop for DaemonGuard {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Proxy for DaemonGuard {
+impl Proxy for Daemon {
     fn pids(&self) -> Vec<u32> {
-        vec![self.child.id()]
+        u32::try_from(self.pid()).into_iter().collect()
     }
 }
 
-fn start_daemon(lab: &Lab) -> Result<DaemonGuard, String> {
+fn start_daemon(lab: &Lab) -> Result<Daemon, String> {
     let c1 =
         std::path::Path::new(metaguard_sys::netns::NETNS_RUN_DIR).join(lab.netns_name(Role::C1));
     let policy = format!(
@@ -163,28 +151,7 @@ fn start_daemon(lab: &Lab) -> Result<DaemonGuard, String> {
     let path = lab
         .write_file("bench-proxy.toml", &policy)
         .map_err(|e| e.to_string())?;
-    let log = lab.work_dir().join("bench-daemon.log");
-    let file = std::fs::File::create(&log).map_err(|e| e.to_string())?;
-    let mut cmd = lab
-        .metaguard_command(&["daemon", "--json", "--config", &path.display().to_string()])
-        .map_err(|e| e.to_string())?;
-    cmd.stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(file);
-    let guard = DaemonGuard {
-        child: cmd.spawn().map_err(|e| e.to_string())?,
-    };
-    let end = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        if text.contains("ready: rules applied") {
-            return Ok(guard);
-        }
-        if std::time::Instant::now() > end {
-            return Err(format!("metaguard daemon not ready after 10 s:\n{text}"));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    Daemon::start(lab, &path.display().to_string(), &[]).map_err(|e| e.to_string())
 }
 
 /// (a) straight to the emulator from c2 (which no workload selects).

@@ -434,7 +434,7 @@ fn without_a_bpf_filesystem_apply_warns_and_nft_still_guards() -> Result<(), Fai
 }
 
 fn daemon_audits_refusals_and_restart_keeps_one_attachment() -> Result<(), Failed> {
-    use crate::daemon::{rustix_signal::Signal, Daemon};
+    use crate::daemon::{Daemon, Signal};
     let lab = lab()?;
     let _fs = BpfFs::mount(&lab)?;
     let docker = docker_dir(&lab);

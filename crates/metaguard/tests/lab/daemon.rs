@@ -3,7 +3,6 @@
 //! packet, survives SIGKILL fail-closed, reloads on SIGHUP all or nothing,
 //! and serves metrics that pass promtool and no container can reach.
 
-use std::io::Read as _;
 use std::path::PathBuf;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
@@ -12,6 +11,8 @@ use libtest_mimic::Failed;
 use metaguard_lab::probe::{Outcome, ProbeKind, ProbeSpec};
 use metaguard_lab::topology::{addr, Role};
 use metaguard_lab::{Lab, Workload};
+
+pub use metaguard_lab::daemon::{Daemon, Signal};
 
 use crate::ensure;
 use crate::support::lab;
@@ -58,116 +59,6 @@ pub const TESTS: &[(&str, bool, crate::TestFn)] = &[
         cgroups_that_appear_or_are_recreated_later_are_guarded,
     ),
 ];
-
-/// A daemon running in the lab's host namespace; SIGKILLed (by pid) and
-/// reaped when dropped.
-pub struct Daemon {
-    child: Option<Child>,
-    log: PathBuf,
-}
-
-impl Daemon {
-    pub fn start(lab: &Lab, policy: &str, extra: &[&str]) -> Result<Daemon, Failed> {
-        let log = lab
-            .work_dir()
-            .join(format!("daemon-{}.log", std::process::id() ^ rand_tag()));
-        let file = std::fs::File::create(&log)?;
-        let mut args = vec!["daemon", "--json", "--config", policy];
-        args.extend_from_slice(extra);
-        let mut cmd = lab.metaguard_command(&args)?;
-        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(file);
-        let child = cmd.spawn()?;
-        let d = Daemon {
-            child: Some(child),
-            log,
-        };
-        d.wait_log("ready: rules applied", Duration::from_secs(10))?;
-        Ok(d)
-    }
-
-    pub fn pid(&self) -> i32 {
-        self.child.as_ref().map_or(0, |c| c.id() as i32)
-    }
-
-    pub fn log_text(&self) -> String {
-        let mut s = String::new();
-        if let Ok(mut f) = std::fs::File::open(&self.log) {
-            let _ = f.read_to_string(&mut s);
-        }
-        s
-    }
-
-    /// Waits until the log holds `needle` `n` times.
-    pub fn wait_log_count(&self, needle: &str, n: usize, within: Duration) -> Result<(), Failed> {
-        let end = Instant::now() + within;
-        loop {
-            if self.log_text().matches(needle).count() >= n {
-                return Ok(());
-            }
-            if Instant::now() > end {
-                return Err(format!(
-                    "daemon log lacks {n}× {needle:?} after {within:?}:\n{}",
-                    self.log_text()
-                )
-                .into());
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    pub fn wait_log(&self, needle: &str, within: Duration) -> Result<(), Failed> {
-        self.wait_log_count(needle, 1, within)
-    }
-
-    pub fn signal(&self, sig: rustix_signal::Signal) -> Result<(), Failed> {
-        rustix_signal::send(self.pid(), sig)
-    }
-
-    /// Waits for the process to exit (after a signal) and returns its code.
-    pub fn wait_exit(&mut self, within: Duration) -> Result<Option<i32>, Failed> {
-        let end = Instant::now() + within;
-        while Instant::now() < end {
-            if let Some(c) = self.child.as_mut() {
-                if let Some(st) = c.try_wait()? {
-                    self.child = None;
-                    return Ok(st.code());
-                }
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Err("daemon did not exit".into())
-    }
-
-    pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-fn rand_tag() -> u32 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0)
-}
-
-/// Sending signals by pid (to the daemon this test started).
-pub mod rustix_signal {
-    pub use rustix::process::Signal;
-
-    pub fn send(pid: i32, sig: Signal) -> Result<(), libtest_mimic::Failed> {
-        let pid = rustix::process::Pid::from_raw(pid).ok_or("no pid")?;
-        rustix::process::kill_process(pid, sig).map_err(|e| format!("kill: {e}").into())
-    }
-}
 
 /// A probe that is blocked *by metaguard* (rejected quickly, nothing
 /// arrived), not merely failing.
@@ -448,7 +339,7 @@ fn sigkill_leaves_rules_and_restart_adds_no_duplicates() -> Result<(), Failed> {
         "blocked before the daemon ran"
     );
     let mut d = Daemon::start(&lab, &policy, &[])?;
-    d.signal(rustix_signal::Signal::KILL)?;
+    d.signal(Signal::KILL)?;
     d.wait_exit(Duration::from_secs(5))?;
     ensure!(
         blocked_now(&lab, Workload::BridgeC1, &url)?,
@@ -477,7 +368,7 @@ fn sighup_refuses_a_bad_config_and_applies_a_good_one() -> Result<(), Failed> {
         lab.policy_toml()
             .replace("imds          = \"allow\"", "imds          = \"alow\""),
     )?;
-    d.signal(rustix_signal::Signal::HUP)?;
+    d.signal(Signal::HUP)?;
     d.wait_log("reload refused", Duration::from_secs(5))?;
     let log = d.log_text();
     ensure!(
@@ -500,7 +391,7 @@ fn sighup_refuses_a_bad_config_and_applies_a_good_one() -> Result<(), Failed> {
             "bridges       = [\"docker0\", \"br-*\", \"ecs-bridge\"]\nimds          = \"allow\"",
         ),
     )?;
-    d.signal(rustix_signal::Signal::HUP)?;
+    d.signal(Signal::HUP)?;
     d.wait_log("reloaded: new config applied", Duration::from_secs(5))?;
     let mut spec = lab.http_get(&url);
     spec.timeout_ms = 1000;
@@ -608,14 +499,14 @@ fn sigterm_leaves_rules_unless_remove_on_exit() -> Result<(), Failed> {
         .display()
         .to_string();
     let mut d = Daemon::start(&lab, &policy, &[])?;
-    d.signal(rustix_signal::Signal::TERM)?;
+    d.signal(Signal::TERM)?;
     ensure!(
         d.wait_exit(Duration::from_secs(5))? == Some(0),
         "exit code after SIGTERM"
     );
     ensure!(host_tables(&lab)? == 1, "rules gone after SIGTERM");
     let mut d = Daemon::start(&lab, &policy, &["--remove-on-exit"])?;
-    d.signal(rustix_signal::Signal::TERM)?;
+    d.signal(Signal::TERM)?;
     ensure!(
         d.wait_exit(Duration::from_secs(5))? == Some(0),
         "exit code after SIGTERM"
