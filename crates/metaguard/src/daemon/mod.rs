@@ -34,7 +34,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
-use metaguard_core::config::{NetnsSelector, Selector};
+use metaguard_core::config::Selector;
 use metaguard_core::ruleset::{Plan, FAMILY, TABLE};
 use metaguard_core::Config;
 use tokio::sync::mpsc;
@@ -129,7 +129,7 @@ pub fn run(
         let (tx, rx) = mpsc::unbounded_channel();
         let metrics = metrics::Metrics::new()?;
         let mut d = Daemon {
-            netns_dirs: netns_dirs(&config),
+            netns_dirs: crate::enforce::netns_dirs(&config),
             opts,
             engine,
             config,
@@ -147,31 +147,6 @@ pub fn run(
         d.start(started)?;
         d.run(rx, signals, load).await
     })
-}
-
-/// Directories that `netns` path globs point into.
-fn netns_dirs(config: &Config) -> Vec<PathBuf> {
-    let mut dirs = Vec::new();
-    for w in &config.workloads {
-        let Selector::Netns(sels) = &w.selector else {
-            continue;
-        };
-        for s in sels {
-            if let NetnsSelector::Path(glob) = s {
-                let literal: String = glob
-                    .chars()
-                    .take_while(|c| !matches!(c, '*' | '?' | '[' | '{'))
-                    .collect();
-                if let Some(i) = literal.rfind('/') {
-                    let d = PathBuf::from(&literal[..i.max(1)]);
-                    if !dirs.contains(&d) {
-                        dirs.push(d);
-                    }
-                }
-            }
-        }
-    }
-    dirs
 }
 
 impl Daemon {
@@ -565,7 +540,7 @@ impl Daemon {
         });
         match result {
             Ok((config, plan, report)) => {
-                self.netns_dirs = netns_dirs(&config);
+                self.netns_dirs = crate::enforce::netns_dirs(&config);
                 if let Err(e) = self.watch_netns_dirs() {
                     warn!(error = %format!("{e:#}"), "cannot watch a namespace directory");
                 }

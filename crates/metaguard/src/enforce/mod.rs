@@ -509,10 +509,9 @@ impl Engine {
     }
 }
 
-/// The entries of every directory a `netns` glob points into. Unreadable
-/// directories contribute nothing (the plan then warns that the selector
-/// matched nothing).
-pub fn netns_paths(config: &Config) -> Vec<String> {
+/// The directories `netns` path globs point into (the literal part before
+/// the first wildcard, up to its last `/`), each once, in config order.
+pub fn netns_dirs(config: &Config) -> Vec<PathBuf> {
     let mut dirs: Vec<PathBuf> = Vec::new();
     for w in &config.workloads {
         let Selector::Netns(sels) = &w.selector else {
@@ -534,6 +533,14 @@ pub fn netns_paths(config: &Config) -> Vec<String> {
             }
         }
     }
+    dirs
+}
+
+/// The entries of every directory a `netns` glob points into. Unreadable
+/// directories contribute nothing (the plan then warns that the selector
+/// matched nothing).
+pub fn netns_paths(config: &Config) -> Vec<String> {
+    let dirs = netns_dirs(config);
     let mut netns_paths = Vec::new();
     for d in dirs {
         if let Ok(rd) = std::fs::read_dir(&d) {
