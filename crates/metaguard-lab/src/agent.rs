@@ -30,7 +30,6 @@
 //! response is sent. The emulator owns no socket; the caller binds.
 
 use std::collections::{HashMap, HashSet};
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
@@ -40,7 +39,7 @@ use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 
 use crate::http::{self, Body};
-use crate::log::{LoggedRequest, RequestLog};
+use crate::log::RequestLog;
 
 /// One task's role credentials, with the agent's JSON field names.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -145,32 +144,13 @@ impl AgentEmulator {
         self.inner.log.clone()
     }
 
-    /// Serves the endpoint on `listener` until the future is dropped (see
-    /// [`http::serve`]).
+    /// Serves the endpoint on `listener` until the future is dropped, logging
+    /// every request answered (see [`http::serve_logged`]).
     pub async fn serve(&self, listener: TcpListener) -> std::io::Result<()> {
-        let me = self.clone();
-        http::serve(listener, move |peer, local, req| {
-            let me = me.clone();
-            async move { me.handle(peer, local, &req) }
+        http::serve_logged(listener, self.clone(), self.inner.log.clone(), |me, req| {
+            me.respond(req)
         })
         .await
-    }
-
-    /// Answers one request and logs it before returning the response.
-    pub fn handle<B>(
-        &self,
-        peer: SocketAddr,
-        local: SocketAddr,
-        req: &Request<B>,
-    ) -> Response<Body> {
-        let resp = self.respond(req);
-        self.inner.log.push(LoggedRequest::from_request(
-            peer,
-            local,
-            req,
-            resp.status().as_u16(),
-        ));
-        resp
     }
 
     fn state(&self) -> MutexGuard<'_, State> {

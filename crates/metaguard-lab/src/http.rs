@@ -104,6 +104,37 @@ pub async fn serve<S: Handler>(listener: TcpListener, handler: S) -> io::Result<
     }
 }
 
+/// Serves an emulator on `listener` until the future is dropped (see
+/// [`serve`]): `respond` answers each request, and every answered request
+/// is pushed to `log` (with its status) before the response goes out.
+pub async fn serve_logged<E, R>(
+    listener: TcpListener,
+    emulator: E,
+    log: crate::log::RequestLog,
+    respond: R,
+) -> io::Result<()>
+where
+    E: Send + Sync + 'static,
+    R: Fn(&E, &Request<Incoming>) -> Response<Body> + Send + Sync + 'static,
+{
+    let shared = Arc::new((emulator, log, respond));
+    serve(listener, move |peer, local, req| {
+        let shared = Arc::clone(&shared);
+        async move {
+            let (emulator, log, respond) = &*shared;
+            let resp = respond(emulator, &req);
+            log.push(crate::log::LoggedRequest::from_request(
+                peer,
+                local,
+                &req,
+                resp.status().as_u16(),
+            ));
+            resp
+        }
+    })
+    .await
+}
+
 fn is_connection_error(e: &io::Error) -> bool {
     matches!(
         e.kind(),

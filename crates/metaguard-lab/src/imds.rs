@@ -49,7 +49,6 @@
 use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
@@ -60,7 +59,7 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 
 use crate::http::{self, Body};
-use crate::log::{LoggedRequest, RequestLog};
+use crate::log::RequestLog;
 
 /// The only path that issues tokens.
 pub const TOKEN_PATH: &str = "/latest/api/token";
@@ -277,32 +276,13 @@ impl ImdsEmulator {
             .map(|c| Value::Object(self.credentials_fields(c).into_iter().collect()))
     }
 
-    /// Serves IMDS on `listener` until the future is dropped (see
-    /// [`http::serve`]).
+    /// Serves IMDS on `listener` until the future is dropped, logging
+    /// every request answered (see [`http::serve_logged`]).
     pub async fn serve(&self, listener: TcpListener) -> std::io::Result<()> {
-        let me = self.clone();
-        http::serve(listener, move |peer, local, req| {
-            let me = me.clone();
-            async move { me.handle(peer, local, &req) }
+        http::serve_logged(listener, self.clone(), self.inner.log.clone(), |me, req| {
+            me.respond(req)
         })
         .await
-    }
-
-    /// Answers one request and logs it before returning the response.
-    pub fn handle<B>(
-        &self,
-        peer: SocketAddr,
-        local: SocketAddr,
-        req: &Request<B>,
-    ) -> Response<Body> {
-        let resp = self.respond(req);
-        self.inner.log.push(LoggedRequest::from_request(
-            peer,
-            local,
-            req,
-            resp.status().as_u16(),
-        ));
-        resp
     }
 
     fn respond<B>(&self, req: &Request<B>) -> Response<Body> {
