@@ -298,25 +298,7 @@ fn f2_cis_drop_breaks_credentials() -> Result<(), Failed> {
 fn f3_fix_in_wrong_backend_does_not_take() -> Result<(), Failed> {
     cycle(
         false,
-        |g| {
-            sh(
-                &g.lab,
-                Role::Host,
-                "iptables-legacy",
-                "-w -I INPUT -d 127.0.0.0/8 ! -i lo -j DROP",
-            )?;
-            for i in ["docker0", "ecs-bridge"] {
-                sh(
-                    &g.lab,
-                    Role::Host,
-                    "iptables-nft",
-                    &format!(
-                        "-w -I INPUT -i {i} -d 127.0.0.0/8 -p tcp -m tcp --dport 51679 -j ACCEPT"
-                    ),
-                )?;
-            }
-            Ok(())
-        },
+        accept_in_wrong_backend,
         &["F2", "F3"],
         &[
             (
@@ -398,25 +380,12 @@ pub fn generate_fixtures() -> Result<(), Failed> {
             )
         }),
         ("f2-cis-hardened-legacy", true, "F2", cis_legacy),
-        ("f3-accept-in-wrong-backend", false, "F2 F3", |g| {
-            sh(
-                &g.lab,
-                Role::Host,
-                "iptables-legacy",
-                "-w -I INPUT -d 127.0.0.0/8 ! -i lo -j DROP",
-            )?;
-            for i in ["docker0", "ecs-bridge"] {
-                sh(
-                    &g.lab,
-                    Role::Host,
-                    "iptables-nft",
-                    &format!(
-                        "-w -I INPUT -i {i} -d 127.0.0.0/8 -p tcp -m tcp --dport 51679 -j ACCEPT"
-                    ),
-                )?;
-            }
-            Ok(())
-        }),
+        (
+            "f3-accept-in-wrong-backend",
+            false,
+            "F2 F3",
+            accept_in_wrong_backend,
+        ),
         ("f4-docker-user-flushed-nft", false, "F4", |g| {
             sh(&g.lab, Role::Host, "iptables-nft", "-w -F DOCKER-USER")
         }),
@@ -494,6 +463,26 @@ pub fn generate_fixtures() -> Result<(), Failed> {
 
 /// A CIS-hardened host: the hardening in iptables-legacy (INPUT policy
 /// DROP, loopback rules, established, ssh), Docker/ecs-init in iptables-nft.
+/// F3: the CIS DROP in iptables-legacy, and the ACCEPT meant to let the
+/// agent's port through added with iptables-nft, where it does not help.
+fn accept_in_wrong_backend(g: &Guarded) -> Result<(), Failed> {
+    sh(
+        &g.lab,
+        Role::Host,
+        "iptables-legacy",
+        "-w -I INPUT -d 127.0.0.0/8 ! -i lo -j DROP",
+    )?;
+    for i in ["docker0", "ecs-bridge"] {
+        sh(
+            &g.lab,
+            Role::Host,
+            "iptables-nft",
+            &format!("-w -I INPUT -i {i} -d 127.0.0.0/8 -p tcp -m tcp --dport 51679 -j ACCEPT"),
+        )?;
+    }
+    Ok(())
+}
+
 fn cis_legacy(g: &Guarded) -> Result<(), Failed> {
     for r in [
         "-w -A INPUT -i lo -j ACCEPT",
