@@ -284,10 +284,20 @@ fn f12_toctou_racer_never_reaches_metadata() -> Result<(), Failed> {
             kind != "connect" || ctl["reached_target"].as_u64().unwrap_or(0) > 0,
             "without exec the racer never reached the target: {ctl}"
         );
-        let reached_ctl = marked(lab.echo_log(), &format!("ctl-{kind}-"))
-            .iter()
-            .filter(|e| is_metadata(e.local.ip()))
-            .count();
+        // UDP is asynchronous (and the first datagrams wait for the
+        // neighbour to resolve): give them up to 2 s to be logged.
+        let reached = || {
+            marked(lab.echo_log(), &format!("ctl-{kind}-"))
+                .iter()
+                .filter(|e| is_metadata(e.local.ip()))
+                .count()
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        let mut reached_ctl = reached();
+        while reached_ctl == 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+            reached_ctl = reached();
+        }
         ensure!(
             reached_ctl > 0,
             "{kind}: without exec nothing arrived at the metadata echo: {ctl}"
