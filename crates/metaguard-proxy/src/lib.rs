@@ -97,6 +97,18 @@ impl Caller {
     }
 }
 
+/// Where a connection to the proxy comes from, as the kernel reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Origin {
+    /// The mark its SYN carried (`SO_MARK` of the accepted socket).
+    pub mark: u32,
+    /// The client's address and port.
+    pub peer: SocketAddr,
+    /// For host processes (a host mark): where the client connected to,
+    /// before any DNAT — with `peer`, the client socket's own 4-tuple.
+    pub dst: Option<SocketAddr>,
+}
+
 /// Who owns a credentials id.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Owner {
@@ -109,12 +121,12 @@ pub struct Owner {
 /// a cache miss); the proxy calls them on a blocking thread unless
 /// [`Directory::identify_cached`] answers.
 pub trait Directory: Send + Sync + 'static {
-    /// The caller of a connection whose SYN carried `mark`, from `peer`.
-    fn identify(&self, mark: u32, peer: SocketAddr) -> Caller;
+    /// The caller of a connection.
+    fn identify(&self, origin: Origin) -> Caller;
     /// [`Directory::identify`] answered from memory without blocking, or
     /// `None` when that is not possible (the proxy then calls `identify`
     /// on a blocking thread). The default never answers.
-    fn identify_cached(&self, _mark: u32, _peer: SocketAddr) -> Option<Caller> {
+    fn identify_cached(&self, _origin: Origin) -> Option<Caller> {
         None
     }
     /// The owner of a credentials id, if anyone known owns it.
@@ -201,11 +213,18 @@ impl Proxy {
             nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::Mark).unwrap_or(0);
         // A known port is answered inline; only a miss (which reads the
         // host's links and containers) goes to a blocking thread.
-        let caller = match self.directory.identify_cached(mark, peer) {
+        // A host process's own end of the connection, for the daemon to
+        // look up (sock_diag): the destination it connected to, before the
+        // DNAT that brought it here.
+        let dst = (mark & 0xff00_0000 == metaguard_core::ruleset::HOST_MARK_TAG)
+            .then(|| original_destination(&stream))
+            .flatten();
+        let origin = Origin { mark, peer, dst };
+        let caller = match self.directory.identify_cached(origin) {
             Some(c) => c,
             None => {
                 let dir = self.directory.clone();
-                match tokio::task::spawn_blocking(move || dir.identify(mark, peer)).await {
+                match tokio::task::spawn_blocking(move || dir.identify(origin)).await {
                     Ok(c) => c,
                     Err(_) => Caller::identification_failed(mark),
                 }
@@ -239,6 +258,28 @@ impl Proxy {
             debug!(error = %e, %peer, "proxy connection ended with an error");
         }
     }
+}
+
+/// The destination the client connected to before DNAT
+/// (`SO_ORIGINAL_DST`), else the socket's own address (no NAT).
+fn original_destination(stream: &tokio::net::TcpStream) -> Option<SocketAddr> {
+    use nix::sys::socket::{getsockopt, sockopt};
+    let local = stream.local_addr().ok()?;
+    let original = match local {
+        SocketAddr::V4(_) => getsockopt(stream, sockopt::OriginalDst).ok().map(|a| {
+            SocketAddr::new(
+                std::net::Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)).into(),
+                u16::from_be(a.sin_port),
+            )
+        }),
+        SocketAddr::V6(_) => getsockopt(stream, sockopt::Ip6tOriginalDst).ok().map(|a| {
+            SocketAddr::new(
+                std::net::Ipv6Addr::from(a.sin6_addr.s6_addr).into(),
+                u16::from_be(a.sin6_port),
+            )
+        }),
+    };
+    original.or(Some(local))
 }
 
 /// How many threads serve the proxy: one per CPU, at most

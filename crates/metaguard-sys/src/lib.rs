@@ -14,3 +14,4 @@ pub mod netns;
 pub mod nft;
 pub mod process;
 pub mod seccomp;
+pub mod sockdiag;

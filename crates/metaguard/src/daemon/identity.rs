@@ -14,8 +14,13 @@
 //!   NET_ADMIN can fake such a link) make the caller unidentified: fail
 //!   closed.
 //! * A **host mark** (`HOST_MARK_TAG | index`) names the cgroup workload
-//!   whose output chain set it; such callers own their workload's
-//!   configured `credentials_ids` only.
+//!   whose output chain set it. The container is the one whose cgroup (or
+//!   a cgroup below it) created the client's socket: the kernel reports
+//!   that socket's cgroup id through `sock_diag`, looked up by the
+//!   client's own address pair (the proxy passes the pre-DNAT
+//!   destination), so each container on the host network owns the ids in
+//!   its own environment; a host process in no container owns only its
+//!   workload's configured `credentials_ids`.
 //! * The **workload** is the first in file order whose selector matches
 //!   the port's bridge, the namespace, the containers or their cgroups.
 //!
@@ -37,7 +42,7 @@ use metaguard_core::ruleset::{
     HOST_MARK_TAG,
 };
 use metaguard_core::Config;
-use metaguard_proxy::{Caller, Owner};
+use metaguard_proxy::{Caller, Origin, Owner};
 use metaguard_sys::netns::Netns;
 use serde_json::Value;
 use tracing::warn;
@@ -90,6 +95,9 @@ struct Cache {
     /// Bridge mark → the caller found from the entries above, under the
     /// config it was found with; cleared whenever any of them changes.
     callers: HashMap<u32, (Arc<Config>, Caller)>,
+    /// cgroup id → the container whose cgroup it is or lies under (none:
+    /// no container's), built from `containers`; cleared with them.
+    cgroup_containers: HashMap<u64, Option<ContainerFact>>,
 }
 
 /// The daemon's view, shared with the proxy threads.
@@ -119,6 +127,7 @@ impl Directory {
         c.port_netns.clear();
         c.containers_at = None;
         c.callers.clear();
+        c.cgroup_containers.clear();
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Cache> {
@@ -138,6 +147,7 @@ impl Directory {
             Ok(list) => {
                 c.containers = list.unwrap_or_default();
                 c.callers.clear();
+                c.cgroup_containers.clear();
             }
             Err(e) => warn!(error = %format!("{e:#}"), "proxy: cannot list containers"),
         }
@@ -206,26 +216,11 @@ impl Directory {
 
     /// `identify`; with `may_block` false, `None` whenever answering would
     /// read the host (list links or containers) or wait for the cache.
-    fn identify_with(&self, mark: u32, peer: SocketAddr, may_block: bool) -> Option<Caller> {
+    fn identify_with(&self, origin: Origin, may_block: bool) -> Option<Caller> {
+        let Origin { mark, peer, .. } = origin;
         let config = metaguard_proxy::Directory::config(self);
         if mark & 0xff00_0000 == HOST_MARK_TAG {
-            let idx = (mark & 0xffff) as usize;
-            return Some(match config.workloads.get(idx) {
-                Some(w) if matches!(w.selector, Selector::Cgroups(_) | Selector::Containers(_)) => {
-                    Caller {
-                        workload: Some(idx),
-                        origin: format!(
-                            "host process of workload {:?} (mark 0x{mark:08x}) from {peer}",
-                            w.name
-                        ),
-                        ..Caller::default()
-                    }
-                }
-                _ => Caller {
-                    origin: format!("host mark 0x{mark:08x} names no cgroup workload"),
-                    ..Caller::default()
-                },
-            });
+            return self.identify_host(&config, origin, may_block);
         }
         if mark & BRIDGE_MARK_BASE == 0 {
             return Some(Caller {
@@ -302,6 +297,82 @@ impl Directory {
         Some(caller)
     }
 
+    /// A host process (host mark): its workload from the mark, its
+    /// container from the cgroup that created its socket.
+    fn identify_host(&self, config: &Config, o: Origin, may_block: bool) -> Option<Caller> {
+        let mark = o.mark;
+        let idx = (mark & 0xffff) as usize;
+        let Some(w) = config
+            .workloads
+            .get(idx)
+            .filter(|w| matches!(w.selector, Selector::Cgroups(_) | Selector::Containers(_)))
+        else {
+            return Some(Caller {
+                origin: format!("host mark 0x{mark:08x} names no cgroup workload"),
+                ..Caller::default()
+            });
+        };
+        let container = match o.dst {
+            Some(dst) => self.host_container(o.peer, dst, may_block)?,
+            None => None,
+        };
+        let (credentials_ids, tmds_ids) = container.as_ref().map(|k| ids(&[k])).unwrap_or_default();
+        Some(Caller {
+            workload: Some(idx),
+            origin: format!(
+                "host process of workload {:?} (mark 0x{mark:08x}{}) from {}",
+                w.name,
+                container
+                    .as_ref()
+                    .map(|k| format!(", container {}", k.name))
+                    .unwrap_or_default(),
+                o.peer
+            ),
+            container: container.map(|k| k.id),
+            credentials_ids,
+            tmds_ids,
+        })
+    }
+
+    /// The container whose cgroup created the host socket `local` →
+    /// `remote`: `Some(None)` when it is no container's (or is gone),
+    /// `None` when answering needs the host and `may_block` is false.
+    fn host_container(
+        &self,
+        local: SocketAddr,
+        remote: SocketAddr,
+        may_block: bool,
+    ) -> Option<Option<ContainerFact>> {
+        let id = match metaguard_sys::sockdiag::tcp_socket_cgroup(local, remote) {
+            Ok(Some(id)) => id,
+            Ok(None) => return Some(None),
+            Err(e) => {
+                warn!(error = %e, %local, "proxy: cannot look up a host caller's socket");
+                return Some(None);
+            }
+        };
+        let mut c = if may_block {
+            self.lock()
+        } else {
+            self.cache.try_lock().ok()?
+        };
+        if let Some(hit) = c.cgroup_containers.get(&id) {
+            return Some(hit.clone());
+        }
+        if !may_block {
+            return None;
+        }
+        // A new container, or a new cgroup below a known one's: list the
+        // containers again (bounded) and re-read their cgroup trees. What
+        // is still unknown is remembered as no container's until the
+        // containers change.
+        self.refresh_containers(&mut c);
+        let mut index = cgroup_index(&c.containers);
+        let hit = index.entry(id).or_insert(None).clone();
+        c.cgroup_containers = index;
+        Some(hit)
+    }
+
     /// The first workload matching a bridge and/or a group of containers.
     fn workload_for(
         config: &Config,
@@ -327,6 +398,43 @@ impl Directory {
             }),
         })
     }
+}
+
+/// Every cgroup id at or below a container's cgroup (a container's
+/// processes may sit in sub-cgroups), mapped to that container; bounded
+/// walk. Empty when there is no cgroup v2 hierarchy.
+fn cgroup_index(containers: &[ContainerFact]) -> HashMap<u64, Option<ContainerFact>> {
+    const MAX_DIRS: usize = 4096;
+    let mut out = HashMap::new();
+    let Ok(cg) =
+        metaguard_sys::cgroup::Cgroup2::discover(std::path::Path::new("/proc/self/mountinfo"))
+    else {
+        return out;
+    };
+    for k in containers {
+        let Some(rel) = &k.cgroup else { continue };
+        let mut stack = vec![cg.path(rel)];
+        let mut seen = 0;
+        while let Some(dir) = stack.pop() {
+            seen += 1;
+            if seen > MAX_DIRS {
+                break;
+            }
+            let Ok(meta) = std::fs::metadata(&dir) else {
+                continue;
+            };
+            out.entry(std::os::unix::fs::MetadataExt::ino(&meta))
+                .or_insert_with(|| Some(k.clone()));
+            if let Ok(rd) = std::fs::read_dir(&dir) {
+                stack.extend(
+                    rd.flatten()
+                        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                        .map(|e| e.path()),
+                );
+            }
+        }
+    }
+    out
 }
 
 /// The ids a container's environment names.
@@ -365,14 +473,14 @@ impl metaguard_proxy::Directory for Directory {
             .clone()
     }
 
-    fn identify(&self, mark: u32, peer: SocketAddr) -> Caller {
+    fn identify(&self, origin: Origin) -> Caller {
         // With `may_block`, identify_with always answers.
-        self.identify_with(mark, peer, true)
-            .unwrap_or_else(|| Caller::identification_failed(mark))
+        self.identify_with(origin, true)
+            .unwrap_or_else(|| Caller::identification_failed(origin.mark))
     }
 
-    fn identify_cached(&self, mark: u32, peer: SocketAddr) -> Option<Caller> {
-        self.identify_with(mark, peer, false)
+    fn identify_cached(&self, origin: Origin) -> Option<Caller> {
+        self.identify_with(origin, false)
     }
 
     fn owner(&self, credentials_id: &str) -> Option<Owner> {
@@ -491,24 +599,25 @@ mod tests {
                    [[workload]]\nname = \"second\"\nbridges = [\"docker0\"]\nimds = \"proxy\"\n";
         let (d, mark) = directory(config(two), vec![container("c1", "old-id")]);
         let peer: SocketAddr = PEER.parse().expect("a socket address");
+        let origin = Origin {
+            mark,
+            peer,
+            dst: None,
+        };
         let first = d
-            .identify_cached(mark, peer)
+            .identify_cached(origin)
             .expect("known port, answered inline");
         assert_eq!(first.workload, Some(1));
         assert_eq!(first.credentials_ids, vec!["old-id".to_string()]);
-        assert_eq!(
-            d.identify_cached(mark, peer),
-            Some(first.clone()),
-            "remembered"
-        );
+        assert_eq!(d.identify_cached(origin), Some(first.clone()), "remembered");
 
         // Docker says containers changed: the remembered caller is gone
         // with the namespace cache (a cache-only lookup cannot answer)...
         d.containers_changed();
-        assert_eq!(d.identify_cached(mark, peer), None);
+        assert_eq!(d.identify_cached(origin), None);
         // ...and what is learned next is what is answered.
         d.learn(mark, vec![container("c2", "new-id")]);
-        let second = d.identify_cached(mark, peer).expect("relearned");
+        let second = d.identify_cached(origin).expect("relearned");
         assert_eq!(second.credentials_ids, vec!["new-id".to_string()]);
         assert_eq!(second.container.as_deref(), Some("c2"));
 
@@ -516,7 +625,7 @@ mod tests {
         d.set_config(config(
             "[[workload]]\nname = \"only\"\nbridges = [\"docker*\"]\nimds = \"proxy\"\n",
         ));
-        let third = d.identify_cached(mark, peer).expect("same port");
+        let third = d.identify_cached(origin).expect("same port");
         assert_eq!(third.workload, Some(0));
         assert_eq!(third.credentials_ids, second.credentials_ids);
     }

@@ -31,6 +31,11 @@ pub const TESTS: &[(&str, bool, crate::TestFn)] = &[
         f13_f15_a_workload_gets_only_its_own_credentials_whatever_its_address,
     ),
     (
+        "proxy::f13_each_host_network_container_gets_only_its_own_credentials",
+        true,
+        f13_each_host_network_container_gets_only_its_own_credentials,
+    ),
+    (
         "proxy::imds_path_policy_and_imdsv2_fidelity",
         true,
         imds_path_policy_and_imdsv2_fidelity,
@@ -191,6 +196,80 @@ fn f1_f2_credentials_relay_works_on_a_cis_host_without_route_localnet() -> Resul
         if let Some(s) = secret {
             ensure!(!text.contains(&s), "the audit log holds a secret");
         }
+    }
+    Ok(())
+}
+
+/// Two containers on the host network (the lab's `hostnet1` and the agent,
+/// both host processes in cgroups below `docker/`) in one proxied
+/// workload: each is told apart by the cgroup that created its socket, so
+/// each gets its own task credentials and neither gets the other's —
+/// where before (and without metaguard) either got both.
+fn f13_each_host_network_container_gets_only_its_own_credentials() -> Result<(), Failed> {
+    let mut lab = lab()?;
+    lab.start_docker_api()?;
+    let pair = [Workload::HostNetwork, Workload::Agent];
+    // Without metaguard: ecs-init's REDIRECT hands any host process any
+    // task's credentials (F13).
+    for (thief, victim) in [(pair[0], pair[1]), (pair[1], pair[0])] {
+        let r = get(&lab, thief, &Lab::credentials_url(victim))?;
+        ensure!(
+            r.ok(),
+            "F13 not reproduced without metaguard ({} asking for {}'s): {r:?}",
+            thief.label(),
+            victim.label()
+        );
+    }
+    let audit = lab.work_dir().join("audit.jsonl");
+    let text = format!(
+        "[proxy]\naudit_log = \"{}\"\n\n[[workload]]\nname = \"host-network\"\n\
+         cgroups = [\"{}/docker\"]\nimds = \"deny\"\ntask_metadata = \"proxy\"\n",
+        audit.display(),
+        lab.cgroup_root()
+    );
+    let policy = lab.write_file("host-proxy.toml", &text)?;
+    let daemon = Daemon::start(&lab, &policy.display().to_string(), &[])?;
+    for w in pair {
+        let before = agent_hits(&lab, w.credentials_id());
+        let r = get(&lab, w, &Lab::credentials_url(w))?;
+        let body = json_body(&r);
+        ensure!(
+            r.ok() && body["AccessKeyId"].is_string(),
+            "{}: its own credentials through the relay: {r:?}\n{}",
+            w.label(),
+            daemon.log_text()
+        );
+        ensure!(
+            agent_hits(&lab, w.credentials_id()) == before + 1,
+            "{}: the agent did not serve it",
+            w.label()
+        );
+    }
+    for (thief, victim) in [(pair[0], pair[1]), (pair[1], pair[0])] {
+        let before = agent_hits(&lab, victim.credentials_id());
+        let r = get(&lab, thief, &Lab::credentials_url(victim))?;
+        let body = json_body(&r);
+        ensure!(
+            r.status == Some(403) && body["rule"].as_str().is_some_and(|s| s.contains("F13")),
+            "{} asking for {}'s credentials: {r:?}",
+            thief.label(),
+            victim.label()
+        );
+        ensure!(
+            agent_hits(&lab, victim.credentials_id()) == before,
+            "a refused request reached the agent"
+        );
+    }
+    // The audit log names each caller's container.
+    let lines = audit_lines(&audit);
+    for name in ["ecs-lab-batch-1-worker-h1", "ecs-agent"] {
+        ensure!(
+            lines.iter().any(|l| l["status"] == 200
+                && l["origin"]
+                    .as_str()
+                    .is_some_and(|o| o.contains(&format!("container {name}")))),
+            "no audit line with container {name}: {lines:?}"
+        );
     }
     Ok(())
 }
