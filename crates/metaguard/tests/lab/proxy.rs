@@ -123,6 +123,33 @@ fn agent_hits(lab: &Lab, id: &str) -> usize {
         .count()
 }
 
+/// `thief` asking for `victim`'s task credentials is refused (403, the
+/// F13 rule) and the agent never sees the request.
+fn refused_f13(
+    lab: &Lab,
+    daemon: &Daemon,
+    thief: Workload,
+    victim: Workload,
+) -> Result<(), Failed> {
+    let before = agent_hits(lab, victim.credentials_id());
+    let r = get(lab, thief, &Lab::credentials_url(victim))?;
+    let body = json_body(&r);
+    ensure!(
+        r.status == Some(403) && body["rule"].as_str().is_some_and(|s| s.contains("F13")),
+        "{} asking for {}'s credentials: {r:?}\n{}",
+        thief.label(),
+        victim.label(),
+        daemon.log_text()
+    );
+    ensure!(
+        agent_hits(lab, victim.credentials_id()) == before,
+        "{} asking for {}'s credentials: the refused request reached the agent",
+        thief.label(),
+        victim.label()
+    );
+    Ok(())
+}
+
 fn audit_lines(path: &std::path::Path) -> Vec<Value> {
     std::fs::read_to_string(path)
         .unwrap_or_default()
@@ -246,19 +273,7 @@ fn f13_each_host_network_container_gets_only_its_own_credentials() -> Result<(),
         );
     }
     for (thief, victim) in [(pair[0], pair[1]), (pair[1], pair[0])] {
-        let before = agent_hits(&lab, victim.credentials_id());
-        let r = get(&lab, thief, &Lab::credentials_url(victim))?;
-        let body = json_body(&r);
-        ensure!(
-            r.status == Some(403) && body["rule"].as_str().is_some_and(|s| s.contains("F13")),
-            "{} asking for {}'s credentials: {r:?}",
-            thief.label(),
-            victim.label()
-        );
-        ensure!(
-            agent_hits(&lab, victim.credentials_id()) == before,
-            "a refused request reached the agent"
-        );
+        refused_f13(&lab, &daemon, thief, victim)?;
     }
     // The audit log names each caller's container.
     let lines = audit_lines(&audit);
@@ -289,26 +304,13 @@ fn f13_f15_a_workload_gets_only_its_own_credentials_whatever_its_address() -> Re
     );
     let (policy, audit) = proxy_policy(&lab)?;
     let daemon = Daemon::start(&lab, &policy, &[])?;
-    let before = agent_hits(&lab, Workload::AwsvpcTask.credentials_id());
     for (thief, victim) in [
         (Workload::BridgeC2, Workload::AwsvpcTask),
         (Workload::BridgeC1, Workload::BridgeC2),
         (Workload::AwsvpcTask, Workload::BridgeC1),
     ] {
-        let r = get(&lab, thief, &Lab::credentials_url(victim))?;
-        let body = json_body(&r);
-        ensure!(
-            r.status == Some(403) && body["rule"].as_str().is_some_and(|s| s.contains("F13")),
-            "{} asking for {}'s credentials: {r:?}\n{}",
-            thief.label(),
-            victim.label(),
-            daemon.log_text()
-        );
+        refused_f13(&lab, &daemon, thief, victim)?;
     }
-    ensure!(
-        agent_hits(&lab, Workload::AwsvpcTask.credentials_id()) == before,
-        "a refused request reached the agent"
-    );
     let lines = audit_lines(&audit);
     ensure!(
         lines.iter().any(|l| l["decision"] == "deny"
