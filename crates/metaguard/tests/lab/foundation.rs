@@ -357,9 +357,22 @@ fn leftover_of_a_killed_lab_is_removed() -> Result<(), Failed> {
         etc_netns: vec![],
         work_dir: None,
     };
-    registry::record(std::path::Path::new(registry::STATE_DIR), &rec)?;
-    metaguard_lab::cmd::run(None, "ip", &["netns", "add", &ns], None)?;
+    // Other tests start labs meanwhile, and each start reaps dead labs
+    // and unrecorded namespaces: the leftovers are made first and
+    // recorded last (a reap in between may take the namespace early,
+    // which is what is asserted anyway), and `ip netns add` is retried
+    // when a reap removes its file half-way.
+    for attempt in 1..=5 {
+        match metaguard_lab::cmd::run(None, "ip", &["netns", "add", &ns], None) {
+            Ok(_) => break,
+            Err(e) if attempt == 5 => return Err(e.into()),
+            Err(_) => {
+                let _ = metaguard_lab::cmd::run(None, "ip", &["netns", "delete", &ns], None);
+            }
+        }
+    }
     cg.create(&format!("{cg_root}/docker/c1"))?;
+    registry::record(std::path::Path::new(registry::STATE_DIR), &rec)?;
     // An orphan namespace without any record is removed too.
     // Unique per process: test runs may overlap on a shared machine.
     let orphan_id = format!("orph{:x}", std::process::id());
