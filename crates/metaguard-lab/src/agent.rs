@@ -23,8 +23,15 @@
 //! - an unclean path (`//`, `.`, `..`) is redirected (`301`) to its cleaned
 //!   form, as the agent's router does with path cleaning on.
 //!
+//! Task metadata v4 (`agent/handlers/v4/`): `/v4/<endpoint id>` (the
+//! container), `/v4/<endpoint id>/task` (the task with all its
+//! containers), and `…/stats`, `…/task/stats`, for the endpoints added
+//! with [`AgentEmulator::add_task_metadata`] — each container of a task
+//! has its own endpoint id (`ECS_CONTAINER_METADATA_URI_V4`); an unknown
+//! id is a `404` with a JSON error, as the agent answers.
+//!
 //! Not emulated: the agent's request rate limiter (`429`), its audit log,
-//! and the other task metadata routes.
+//! v3 and the other task metadata routes.
 //!
 //! Every request is logged with its source address and status before the
 //! response is sent. The emulator owns no socket; the caller binds.
@@ -87,6 +94,8 @@ struct State {
     credentials: HashMap<String, TaskCredentials>,
     /// Ids the agent knows of but whose credentials have not arrived.
     pending: HashSet<String>,
+    /// TMDS v4 endpoint id → (its container's document, its task's).
+    tmds: HashMap<String, (serde_json::Value, serde_json::Value)>,
 }
 
 impl AgentEmulator {
@@ -132,6 +141,24 @@ impl AgentEmulator {
         let mut state = self.state();
         state.credentials.remove(id);
         state.pending.remove(id);
+    }
+
+    /// Serves task metadata v4 for `task` (the task document, with every
+    /// container in `Containers`): each container's endpoint id is the
+    /// key of its document in `endpoints` (endpoint id → `DockerId`).
+    pub fn add_task_metadata(&self, task: serde_json::Value, endpoints: &[(&str, &str)]) {
+        let containers = task["Containers"].as_array().cloned().unwrap_or_default();
+        let mut state = self.state();
+        for (endpoint, docker_id) in endpoints {
+            let own = containers
+                .iter()
+                .find(|c| c["DockerId"] == *docker_id)
+                .cloned()
+                .unwrap_or_default();
+            state
+                .tmds
+                .insert((*endpoint).to_string(), (own, task.clone()));
+        }
     }
 
     /// The credentials served for `id`, if any.
@@ -189,6 +216,8 @@ impl AgentEmulator {
             self.credentials_response(&id, 1)
         } else if let Some(id) = path.strip_prefix("/v2/credentials/") {
             self.credentials_response(id, 2)
+        } else if let Some(rest) = path.strip_prefix("/v4/") {
+            self.tmds_v4(rest)
         } else {
             let mut resp = http::response(
                 StatusCode::NOT_FOUND,
@@ -201,6 +230,36 @@ impl AgentEmulator {
             );
             resp
         }
+    }
+
+    /// `/v4/<endpoint id>[/task][/stats]`.
+    fn tmds_v4(&self, rest: &str) -> Response<Body> {
+        let (id, route) = rest.split_once('/').unwrap_or((rest, ""));
+        let state = self.state();
+        let Some((container, task)) = state.tmds.get(id) else {
+            return http::json(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "{{\"error\":\"V4 metadata handler: unable to get task arn from request: unable to get task Arn from v3 endpoint ID: {id}\"}}"
+                ),
+            );
+        };
+        let body = match route {
+            "" => container.clone(),
+            "task" => task.clone(),
+            "stats" => {
+                serde_json::json!({"read": "2024-05-01T12:00:00Z", "memory_stats": {"usage": 7340032}})
+            }
+            "task/stats" => serde_json::json!({}),
+            _ => {
+                return http::response(
+                    StatusCode::NOT_FOUND,
+                    "text/plain; charset=utf-8",
+                    "404 page not found\n",
+                )
+            }
+        };
+        http::json(StatusCode::OK, body.to_string())
     }
 
     fn credentials_response(&self, id: &str, version: u8) -> Response<Body> {

@@ -123,6 +123,19 @@ impl Workload {
         }
     }
 
+    /// The task metadata (v4) endpoint id of this workload's container:
+    /// the last segment of its `ECS_CONTAINER_METADATA_URI_V4`.
+    pub fn tmds_endpoint_id(self) -> &'static str {
+        match self {
+            Workload::BridgeC1 => "c1-6a2f90d4-tmds",
+            Workload::BridgeC2 => "c2-18e7b3c5-tmds",
+            Workload::AwsvpcTask => "task1-c94e0a27-tmds",
+            Workload::HostNetwork => "hostnet1-5d31f8b6-tmds",
+            Workload::Agent => "agent-0b6e2d19-tmds",
+            Workload::HostOther => "other-7f4a1c83-tmds",
+        }
+    }
+
     /// The task-credentials id the agent emulator holds for this workload.
     pub fn credentials_id(self) -> &'static str {
         match self {
@@ -874,6 +887,7 @@ imds          = "deny"
             ),
             (Workload::Agent, "ecs-agent", "host", vec![]),
         ];
+        let mut tmds: Vec<(Workload, String, String, &str)> = Vec::new();
         for (w, name, mode, labels) in rows {
             let mut cmd = self.command_in(w, "sleep")?;
             cmd.arg("3600").stdout(Stdio::null()).stderr(Stdio::null());
@@ -890,27 +904,106 @@ imds          = "deny"
                     .display()
                     .to_string(),
             };
+            let id = FakeContainer::id_for(&format!("{}-{name}", self.record.id));
+            tmds.push((w, id.clone(), name.to_string(), mode));
             docker.start(FakeContainer {
-                id: FakeContainer::id_for(&format!("{}-{name}", self.record.id)),
+                id,
                 name: name.to_string(),
                 image: "public.ecr.aws/lab/app:latest".into(),
                 labels: labels
                     .into_iter()
                     .map(|(k, v)| (k.to_string(), v.to_string()))
                     .collect(),
-                env: vec![format!(
-                    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI=/v2/credentials/{}",
-                    w.credentials_id()
-                )],
+                env: vec![
+                    format!(
+                        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI=/v2/credentials/{}",
+                        w.credentials_id()
+                    ),
+                    format!(
+                        "ECS_CONTAINER_METADATA_URI_V4=http://{}/v4/{}",
+                        addr::TASK_METADATA_V4,
+                        w.tmds_endpoint_id()
+                    ),
+                ],
                 network_mode: mode.to_string(),
                 pid,
                 sandbox_key,
             });
         }
+        self.serve_task_metadata(task_arn, &tmds);
         // `ip netns exec` needs a moment before the sleeps are in place.
         std::thread::sleep(std::time::Duration::from_millis(50));
         self.docker = Some(docker.clone());
         Ok(docker)
+    }
+
+    /// Task metadata (v4) for the lab's containers, served by the agent
+    /// emulator: the two bridge containers are one task ("web": app and
+    /// sidecar), every other container a task of its own. The documents
+    /// carry what the real agent's do — ARNs, the cluster, networks,
+    /// labels — so that redaction has something to remove.
+    fn serve_task_metadata(&self, awsvpc_arn: &str, rows: &[(Workload, String, String, &str)]) {
+        let doc = |w: Workload, id: &str, name: &str, mode: &str, task_arn: &str| {
+            let ip = match w {
+                Workload::BridgeC1 => "172.17.0.2",
+                Workload::BridgeC2 => "172.17.0.3",
+                Workload::AwsvpcTask => "10.0.0.20",
+                _ => "10.0.0.10",
+            };
+            serde_json::json!({
+                "DockerId": id,
+                "Name": name,
+                "DockerName": name,
+                "Image": "public.ecr.aws/lab/app:latest",
+                "Labels": {"com.amazonaws.ecs.task-arn": task_arn, "com.amazonaws.ecs.cluster": "lab"},
+                "DesiredStatus": "RUNNING",
+                "KnownStatus": "RUNNING",
+                "Type": "NORMAL",
+                "ContainerARN": format!("arn:aws:ecs:us-east-1:111122223333:container/lab/{id}"),
+                "Networks": [{"NetworkMode": mode, "IPv4Addresses": [ip]}],
+            })
+        };
+        let task = |arn: &str, family: &str, containers: Vec<serde_json::Value>| {
+            serde_json::json!({
+                "Cluster": "arn:aws:ecs:us-east-1:111122223333:cluster/lab",
+                "TaskARN": arn,
+                "Family": family,
+                "Revision": "1",
+                "DesiredStatus": "RUNNING",
+                "KnownStatus": "RUNNING",
+                "AvailabilityZone": "us-east-1a",
+                "LaunchType": "EC2",
+                "Containers": containers,
+            })
+        };
+        let web = "arn:aws:ecs:us-east-1:111122223333:task/lab/5e1f0c2b9a8d4e7f6a5b4c3d2e1f0a9b";
+        let (pair, rest): (Vec<_>, Vec<_>) = rows
+            .iter()
+            .partition(|(w, ..)| matches!(w, Workload::BridgeC1 | Workload::BridgeC2));
+        let containers = pair
+            .iter()
+            .map(|(w, id, name, mode)| doc(*w, id, name, mode, web))
+            .collect();
+        let endpoints: Vec<(&str, &str)> = pair
+            .iter()
+            .map(|(w, id, ..)| (w.tmds_endpoint_id(), id.as_str()))
+            .collect();
+        self.agent
+            .add_task_metadata(task(web, "web", containers), &endpoints);
+        for (w, id, name, mode) in rest {
+            let arn = if *w == Workload::AwsvpcTask {
+                awsvpc_arn.to_string()
+            } else {
+                format!(
+                    "arn:aws:ecs:us-east-1:111122223333:task/lab/{}",
+                    w.tmds_endpoint_id()
+                )
+            };
+            self.agent.add_task_metadata(
+                task(&arn, name, vec![doc(*w, id, name, mode, &arn)]),
+                &[(w.tmds_endpoint_id(), id.as_str())],
+            );
+        }
     }
 
     /// A fresh probe id, unique in this lab.
@@ -1065,6 +1158,16 @@ imds          = "deny"
 
     pub fn imds_url_v6(path: &str) -> String {
         format!("http://[{}]{path}", addr::IMDS_V6)
+    }
+
+    /// `http://169.254.170.2/v4/<w's endpoint id><suffix>` (suffix: "",
+    /// "/task", "/stats", …).
+    pub fn tmds_url(w: Workload, suffix: &str) -> String {
+        format!(
+            "http://{}/v4/{}{suffix}",
+            addr::TASK_METADATA_V4,
+            w.tmds_endpoint_id()
+        )
     }
 
     /// URL of the task credentials of `w` via 169.254.170.2.

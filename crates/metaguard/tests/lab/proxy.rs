@@ -36,6 +36,11 @@ pub const TESTS: &[(&str, bool, crate::TestFn)] = &[
         f13_each_host_network_container_gets_only_its_own_credentials,
     ),
     (
+        "proxy::tmds_redact_shows_a_container_only_itself",
+        true,
+        tmds_redact_shows_a_container_only_itself,
+    ),
+    (
         "proxy::imds_path_policy_and_imdsv2_fidelity",
         true,
         imds_path_policy_and_imdsv2_fidelity,
@@ -285,6 +290,99 @@ fn f13_each_host_network_container_gets_only_its_own_credentials() -> Result<(),
                     .is_some_and(|o| o.contains(&format!("container {name}")))),
             "no audit line with container {name}: {lines:?}"
         );
+    }
+    Ok(())
+}
+
+/// Task metadata with `tmds = "redact"` (the training-platform case): c1
+/// and c2 are one task, and without metaguard c1's own endpoint shows c2,
+/// every ARN, the cluster and both addresses. Through the proxy c1 gets
+/// its task document with only itself in it and none of those; c2's
+/// endpoint and the stats are refused before the agent sees them; `allow`
+/// serves the document whole.
+fn tmds_redact_shows_a_container_only_itself() -> Result<(), Failed> {
+    let mut lab = lab()?;
+    lab.start_docker_api()?;
+    let c1_id =
+        metaguard_lab::docker::FakeContainer::id_for(&format!("{}-ecs-lab-web-1-app-c1", lab.id()));
+    let sibling_traces = [
+        "sidecar",
+        "arn:aws",
+        "cluster/lab",
+        "172.17.0.3",
+        "172.17.0.2",
+    ];
+    let task_url = Lab::tmds_url(Workload::BridgeC1, "/task");
+    let bare = get(&lab, Workload::BridgeC1, &task_url)?;
+    let text = bare.body.clone().unwrap_or_default();
+    ensure!(
+        bare.ok() && sibling_traces.iter().all(|t| text.contains(t)),
+        "without metaguard c1's task document should show everything: {bare:?}"
+    );
+    let tmds_hits = || {
+        lab.agent()
+            .log()
+            .entries()
+            .iter()
+            .filter(|e| e.target.starts_with("/v4/"))
+            .count()
+    };
+    for (mode, whole) in [("redact", false), ("allow", true)] {
+        let text = format!(
+            "[[workload]]\nname = \"containers\"\nbridges = [\"docker0\"]\nimds = \"deny\"\n\
+             task_metadata = \"proxy\"\ntmds = \"{mode}\"\n"
+        );
+        let policy = lab.write_file(&format!("tmds-{mode}.toml"), &text)?;
+        let daemon = Daemon::start(&lab, &policy.display().to_string(), &[])?;
+        let r = get(&lab, Workload::BridgeC1, &task_url)?;
+        let body = json_body(&r);
+        let text = r.body.clone().unwrap_or_default();
+        ensure!(
+            r.ok() && body["DesiredStatus"] == "RUNNING",
+            "{mode}: c1's own task document: {r:?}\n{}",
+            daemon.log_text()
+        );
+        if whole {
+            ensure!(
+                sibling_traces.iter().all(|t| text.contains(t)),
+                "allow: the document should be whole: {text}"
+            );
+        } else {
+            let containers = body["Containers"].as_array().cloned().unwrap_or_default();
+            ensure!(
+                containers.len() == 1 && containers[0]["DockerId"] == c1_id.as_str(),
+                "redact: only c1 itself should remain: {text}"
+            );
+            for t in sibling_traces {
+                ensure!(!text.contains(t), "redact: {t:?} survived: {text}");
+            }
+        }
+        for (url, why) in [
+            (Lab::tmds_url(Workload::BridgeC2, "/task"), "not owned"),
+            (Lab::tmds_url(Workload::BridgeC2, ""), "not owned"),
+        ]
+        .into_iter()
+        .chain((!whole).then(|| {
+            (
+                Lab::tmds_url(Workload::BridgeC1, "/task/stats"),
+                "statistics",
+            )
+        })) {
+            let before = tmds_hits();
+            let r = get(&lab, Workload::BridgeC1, &url)?;
+            ensure!(
+                r.status == Some(403)
+                    && json_body(&r)["rule"]
+                        .as_str()
+                        .is_some_and(|s| s.contains(why)),
+                "{mode}: c1 asking for {url}: {r:?}"
+            );
+            ensure!(
+                tmds_hits() == before,
+                "{mode}: a refused {url} reached the agent"
+            );
+        }
+        drop(daemon);
     }
     Ok(())
 }
