@@ -27,7 +27,9 @@
 //! Lookups are cached: ports by mark, containers by port, and the whole
 //! answer by mark for one config (a caller identified once costs a hash
 //! lookup per connection); a miss refreshes (bounded: at most one Docker
-//! listing per 200 ms), Docker events clear the container cache.
+//! listing per 200 ms). A Docker event makes the next caller wait for one
+//! new container listing, not for a scan of every container's namespace:
+//! a port keeps the namespace found for it while the port exists.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -122,9 +124,13 @@ impl Directory {
     }
 
     /// Containers started or stopped: forget what was learned about them.
+    /// A port's namespace is kept (a port is one veth, and its ifindex is
+    /// never handed to another while the host runs), except where none was
+    /// found: the container that will own it may just have started. The
+    /// containers are listed again before the next caller is answered.
     pub fn containers_changed(&self) {
         let mut c = self.lock();
-        c.port_netns.clear();
+        c.port_netns.retain(|_, netns| netns.is_some());
         c.containers_at = None;
         c.callers.clear();
         c.cgroup_containers.clear();
@@ -163,6 +169,10 @@ impl Directory {
                     for l in ls.into_iter().filter(|l| l.master.is_some()) {
                         c.ports.entry(bridge_mark(l.ifindex)).or_default().push(l);
                     }
+                    // Forget the namespaces of ports that are gone.
+                    let live: std::collections::HashSet<u32> =
+                        c.ports.values().flatten().map(|l| l.ifindex).collect();
+                    c.port_netns.retain(|ifindex, _| live.contains(ifindex));
                 }
                 Err(e) => return Err(format!("cannot list links: {e:#}")),
             }
@@ -253,6 +263,14 @@ impl Directory {
         };
         if !may_block && !c.port_netns.contains_key(&port.ifindex) {
             return None;
+        }
+        // Containers changed since they were listed: list them again (a
+        // Docker API call) before answering.
+        if c.containers_at.is_none() {
+            if !may_block {
+                return None;
+            }
+            self.refresh_containers(&mut c);
         }
         let netns = self.netns_of_port(&mut c, port.ifindex);
         let group: Vec<&ContainerFact> = match &netns {
@@ -586,6 +604,13 @@ mod tests {
                 }],
             );
             c.port_netns.insert(7, Some(NETNS.to_string()));
+            drop(c);
+            self.list_containers(containers);
+        }
+
+        /// What a Docker listing would do.
+        fn list_containers(&self, containers: Vec<ContainerFact>) {
+            let mut c = self.lock();
             c.containers = containers;
             c.containers_at = Some(Instant::now());
         }
@@ -612,12 +637,20 @@ mod tests {
         assert_eq!(d.identify_cached(origin), Some(first.clone()), "remembered");
 
         // Docker says containers changed: the remembered caller is gone
-        // with the namespace cache (a cache-only lookup cannot answer)...
+        // and the containers must be listed again (a cache-only lookup
+        // cannot answer)...
+        d.lock().port_netns.insert(8, None);
         d.containers_changed();
         assert_eq!(d.identify_cached(origin), None);
-        // ...and what is learned next is what is answered.
-        d.learn(mark, vec![container("c2", "new-id")]);
-        let second = d.identify_cached(origin).expect("relearned");
+        // ...the port's namespace is kept, a port without one is not...
+        assert!(d.lock().port_netns.contains_key(&7));
+        assert!(!d.lock().port_netns.contains_key(&8));
+        // ...and the next listing is what is answered, with no namespace
+        // scan (nothing else was learned).
+        d.list_containers(vec![container("c2", "new-id")]);
+        let second = d
+            .identify_cached(origin)
+            .expect("answered from the kept namespace");
         assert_eq!(second.credentials_ids, vec!["new-id".to_string()]);
         assert_eq!(second.container.as_deref(), Some("c2"));
 
