@@ -857,7 +857,12 @@ imds          = "deny"
             "arn:aws:ecs:us-east-1:111122223333:task/lab/0123456789abcdef0123456789abcdef";
         // (workload, container name, network mode, labels)
         type Row<'a> = (Workload, &'a str, &'a str, Vec<(&'a str, &'a str)>);
-        let rows: [Row<'_>; 5] = [
+        let pause = "ecs-lab-api-1-internalecspause-9c8b7a";
+        let pause_mode = format!(
+            "container:{}",
+            FakeContainer::id_for(&format!("{}-{pause}", self.record.id))
+        );
+        let rows: [Row<'_>; 6] = [
             (
                 Workload::BridgeC1,
                 "ecs-lab-web-1-app-c1",
@@ -872,10 +877,23 @@ imds          = "deny"
             ),
             (
                 Workload::AwsvpcTask,
-                "ecs-lab-api-1-internalecspause-9c8b7a",
+                pause,
                 "none",
                 vec![
                     ("com.amazonaws.ecs.container-name", "~internal~ecs~pause"),
+                    ("com.amazonaws.ecs.task-arn", task_arn),
+                ],
+            ),
+            // The task's application container joins the pause container's
+            // namespace (`container:<id>`): Docker reports no SandboxKey for
+            // it, so its namespace file is `/proc/<pid>/ns/net`, another
+            // file for the same namespace.
+            (
+                Workload::AwsvpcTask,
+                "ecs-lab-api-1-app-t1",
+                &pause_mode,
+                vec![
+                    ("com.amazonaws.ecs.container-name", "app"),
                     ("com.amazonaws.ecs.task-arn", task_arn),
                 ],
             ),
@@ -897,15 +915,19 @@ imds          = "deny"
             })?;
             let pid = child.id();
             self.container_procs.push(child);
+            let joined = mode.starts_with("container:");
             let sandbox_key = match w.role() {
                 Role::Host => String::new(),
+                _ if joined => String::new(),
                 role => Path::new(metaguard_sys::netns::NETNS_RUN_DIR)
                     .join(self.netns_name(role))
                     .display()
                     .to_string(),
             };
             let id = FakeContainer::id_for(&format!("{}-{name}", self.record.id));
-            tmds.push((w, id.clone(), name.to_string(), mode));
+            if !joined {
+                tmds.push((w, id.clone(), name.to_string(), mode));
+            }
             docker.start(FakeContainer {
                 id,
                 name: name.to_string(),

@@ -13,5 +13,6 @@ pub mod cgroup;
 pub mod netns;
 pub mod nft;
 pub mod process;
+pub mod rtnl;
 pub mod seccomp;
 pub mod sockdiag;

@@ -42,10 +42,7 @@ pub fn tcp_socket_cgroup(local: SocketAddr, remote: SocketAddr) -> io::Result<Op
 }
 
 fn open() -> io::Result<Socket> {
-    let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
-    socket.bind_auto()?;
-    socket.connect(&netlink_sys::SocketAddr::new(0, 0))?;
-    Ok(socket)
+    crate::rtnl::kernel_socket(NETLINK_SOCK_DIAG)
 }
 
 fn lookup(socket: &Socket, local: SocketAddr, remote: SocketAddr) -> io::Result<Option<u64>> {

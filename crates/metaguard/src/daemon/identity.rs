@@ -3,16 +3,17 @@
 //! source address).
 //!
 //! * A **bridge mark** is `ruleset::bridge_mark(ifindex)` of the port the
-//!   SYN entered from. The host's links (`ip -j -d link`, netlink, in this
+//!   SYN entered from. The host's links (rtnetlink, `sys::rtnl`, in this
 //!   process's namespace) are hashed the same way; exactly one port must
 //!   match, else the caller is unidentified (refused).
-//! * The **container** behind a port is the one whose namespace holds the
-//!   port's peer: a link whose `link_index` is the port's ifindex and whose
-//!   peer lives in another namespace. Containers come from the Docker API;
-//!   all containers sharing that namespace (an awsvpc task) are one
-//!   caller. Two namespaces claiming the same port (a container with
-//!   NET_ADMIN can fake such a link) make the caller unidentified: fail
-//!   closed.
+//! * The **containers** behind a port are those whose namespace holds the
+//!   port's peer, as the kernel reports it: the port's `link_netnsid` (the
+//!   id the host gives the peer's namespace) equals the id the host gives
+//!   the container's namespace file (`RTM_GETNSID`). Nothing inside a
+//!   container can change either. Containers come from the Docker API;
+//!   all containers sharing that namespace (an awsvpc task's pause and
+//!   application containers, whose namespace files differ) are one
+//!   caller.
 //! * A **host mark** (`HOST_MARK_TAG | index`) names the cgroup workload
 //!   whose output chain set it. The container is the one whose cgroup (or
 //!   a cgroup below it) created the client's socket: the kernel reports
@@ -34,7 +35,6 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -45,53 +45,50 @@ use metaguard_core::ruleset::{
 };
 use metaguard_core::Config;
 use metaguard_proxy::{Caller, Origin, Owner};
-use metaguard_sys::netns::Netns;
-use serde_json::Value;
 use tracing::warn;
 
-/// One link as `ip -j -d link` shows it.
+/// One host link.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Link {
     ifindex: u32,
     name: String,
     master: Option<String>,
-    /// The peer's ifindex (veth), in `link_netnsid`'s namespace.
-    link_index: Option<u32>,
-    /// Set when the peer lives in another namespace.
-    peer_elsewhere: bool,
+    /// The id the host gives the namespace of its peer (a veth's other
+    /// end), when that is another namespace.
+    peer_netns: Option<i32>,
 }
 
-fn links(ns: Option<&Netns>) -> anyhow::Result<Vec<Link>> {
-    let mut cmd = Command::new("ip");
-    cmd.args(["-j", "-d", "link", "show"])
-        .stdin(Stdio::null())
-        .stderr(Stdio::null());
-    if let Some(ns) = ns {
-        ns.command(&mut cmd)?;
-    }
-    let out = cmd.output()?;
-    let v: Value = serde_json::from_slice(&out.stdout)?;
-    Ok(v.as_array()
+/// The host's links, with their masters' names.
+fn host_links() -> std::io::Result<Vec<Link>> {
+    let all = metaguard_sys::rtnl::links()?;
+    let names: HashMap<u32, String> = all.iter().map(|l| (l.ifindex, l.name.clone())).collect();
+    Ok(all
         .into_iter()
-        .flatten()
-        .filter_map(|l| {
-            Some(Link {
-                ifindex: u32::try_from(l["ifindex"].as_u64()?).ok()?,
-                name: l["ifname"].as_str()?.to_string(),
-                master: l["master"].as_str().map(str::to_string),
-                link_index: l["link_index"].as_u64().and_then(|i| u32::try_from(i).ok()),
-                peer_elsewhere: l.get("link_netnsid").is_some(),
-            })
+        .map(|l| Link {
+            ifindex: l.ifindex,
+            master: l.master.and_then(|m| names.get(&m).cloned()),
+            name: l.name,
+            peer_netns: l.link_netnsid,
         })
         .collect())
+}
+
+/// The id the host gives the namespace at `path` (none: unreadable, or no
+/// host link has a peer there).
+fn netns_id_of(path: &str) -> Option<i32> {
+    let file = std::fs::File::open(path).ok()?;
+    metaguard_sys::rtnl::netns_id(std::os::fd::AsFd::as_fd(&file))
+        .ok()
+        .flatten()
 }
 
 #[derive(Debug, Default)]
 struct Cache {
     /// Bridge mark → the ports with that mark (more than one: ambiguous).
     ports: HashMap<u32, Vec<Link>>,
-    /// Port ifindex → the namespace path of the container(s) behind it.
-    port_netns: HashMap<u32, Option<String>>,
+    /// Port ifindex → the namespace files of the containers behind it
+    /// (one namespace; its containers' files may differ), sorted.
+    port_netns: HashMap<u32, Option<Vec<String>>>,
     containers: Vec<ContainerFact>,
     containers_at: Option<Instant>,
     /// Bridge mark → the caller found from the entries above, under the
@@ -164,7 +161,7 @@ impl Directory {
         if !c.ports.contains_key(&mark) {
             c.ports.clear();
             c.callers.clear();
-            match links(None) {
+            match host_links() {
                 Ok(ls) => {
                     for l in ls.into_iter().filter(|l| l.master.is_some()) {
                         c.ports.entry(bridge_mark(l.ifindex)).or_default().push(l);
@@ -174,7 +171,7 @@ impl Directory {
                         c.ports.values().flatten().map(|l| l.ifindex).collect();
                     c.port_netns.retain(|ifindex, _| live.contains(ifindex));
                 }
-                Err(e) => return Err(format!("cannot list links: {e:#}")),
+                Err(e) => return Err(format!("cannot list links: {e}")),
             }
         }
         match c.ports.get(&mark).map(Vec::as_slice) {
@@ -187,40 +184,26 @@ impl Directory {
         }
     }
 
-    /// The namespace whose link peers with host port `ifindex`.
-    fn netns_of_port(&self, c: &mut Cache, ifindex: u32) -> Option<String> {
-        if let Some(hit) = c.port_netns.get(&ifindex) {
+    /// The namespace files of the containers whose namespace holds the
+    /// peer of host port `port`.
+    fn netns_of_port(&self, c: &mut Cache, port: &Link) -> Option<Vec<String>> {
+        if let Some(hit) = c.port_netns.get(&port.ifindex) {
             return hit.clone();
         }
         self.refresh_containers(c);
-        let mut namespaces: Vec<&String> = c
-            .containers
-            .iter()
-            .filter(|k| !k.host_network)
-            .filter_map(|k| k.netns.as_ref())
-            .collect();
-        namespaces.sort();
-        namespaces.dedup();
-        let mut found: Vec<String> = Vec::new();
-        for path in namespaces {
-            let Ok(ns) = Netns::open(path) else { continue };
-            let Ok(ls) = links(Some(&ns)) else { continue };
-            if ls
+        let answer = port.peer_netns.and_then(|peer| {
+            let mut paths: Vec<String> = c
+                .containers
                 .iter()
-                .any(|l| l.peer_elsewhere && l.link_index == Some(ifindex))
-            {
-                found.push(path.clone());
-            }
-        }
-        let answer = match found.as_slice() {
-            [one] => Some(one.clone()),
-            [] => None,
-            _ => {
-                warn!(port = ifindex, namespaces = ?found, "proxy: several namespaces claim one bridge port; caller unidentified");
-                None
-            }
-        };
-        c.port_netns.insert(ifindex, answer.clone());
+                .filter(|k| !k.host_network)
+                .filter_map(|k| k.netns.clone())
+                .collect();
+            paths.sort();
+            paths.dedup();
+            paths.retain(|p| netns_id_of(p) == Some(peer));
+            (!paths.is_empty()).then_some(paths)
+        });
+        c.port_netns.insert(port.ifindex, answer.clone());
         answer
     }
 
@@ -272,17 +255,13 @@ impl Directory {
             }
             self.refresh_containers(&mut c);
         }
-        let netns = self.netns_of_port(&mut c, port.ifindex);
-        let group: Vec<&ContainerFact> = match &netns {
-            Some(p) => c
-                .containers
-                .iter()
-                .filter(|k| k.netns.as_deref() == Some(p.as_str()))
-                .collect(),
-            None => Vec::new(),
-        };
-        let workload =
-            Self::workload_for(&config, port.master.as_deref(), &group, netns.as_deref());
+        let netns = self.netns_of_port(&mut c, &port).unwrap_or_default();
+        let group: Vec<&ContainerFact> = c
+            .containers
+            .iter()
+            .filter(|k| k.netns.as_ref().is_some_and(|p| netns.contains(p)))
+            .collect();
+        let workload = Self::workload_for(&config, port.master.as_deref(), &group, &netns);
         let (credentials_ids, tmds_ids) = ids(&group);
         // The container that owns the namespace: the pause container of a
         // task, else the only one.
@@ -306,7 +285,7 @@ impl Directory {
                 port.name,
                 port.master.as_deref().unwrap_or("?"),
                 netns
-                    .as_deref()
+                    .first()
                     .map(|n| format!(", netns {n}"))
                     .unwrap_or_default()
             ),
@@ -396,7 +375,7 @@ impl Directory {
         config: &Config,
         master: Option<&str>,
         group: &[&ContainerFact],
-        netns: Option<&str>,
+        netns: &[String],
     ) -> Option<usize> {
         config.workloads.iter().position(|w| match &w.selector {
             Selector::Bridges(globs) => {
@@ -404,7 +383,7 @@ impl Directory {
             }
             Selector::Netns(sels) => sels.iter().any(|s| match s {
                 NetnsSelector::EcsTasks => group.iter().any(|c| c.is_ecs_pause()),
-                NetnsSelector::Path(g) => netns.is_some_and(|p| netns_glob_matches(g, p)),
+                NetnsSelector::Path(g) => netns.iter().any(|p| netns_glob_matches(g, p)),
             }),
             Selector::Containers(refs) => group.iter().any(|c| refs.iter().any(|r| c.matches(r))),
             Selector::Cgroups(paths) => group.iter().any(|c| {
@@ -520,37 +499,38 @@ impl metaguard_proxy::Directory for Directory {
             .iter()
             .find(|k| ids(&[*k]).0.iter().any(|id| id == credentials_id))?
             .clone();
+        // The bridge the owner hangs off (the master of the host port whose
+        // peer is in the owner's namespace), and everyone in that namespace.
+        // Host links first: listing them gives the peers' namespaces ids.
+        let host = host_links().unwrap_or_default();
+        let owner_ns = owner.netns.as_deref().and_then(netns_id_of);
+        let master = owner_ns.and_then(|id| {
+            host.iter()
+                .find(|l| l.master.is_some() && l.peer_netns == Some(id))?
+                .master
+                .clone()
+        });
+        let mut netns: Vec<String> = Vec::new();
         let group: Vec<&ContainerFact> = c
             .containers
             .iter()
-            .filter(|k| k.netns.is_some() && k.netns == owner.netns)
+            .filter(|k| match (&k.netns, owner_ns) {
+                (Some(p), Some(id)) if !k.host_network && netns_id_of(p) == Some(id) => {
+                    netns.push(p.clone());
+                    true
+                }
+                _ => false,
+            })
             .collect();
-        // The bridge the owner hangs off: its peer's master on the host.
-        let master = owner.netns.as_ref().and_then(|p| {
-            let ns = Netns::open(p).ok()?;
-            let peer = links(Some(&ns))
-                .ok()?
-                .into_iter()
-                .find(|l| l.peer_elsewhere)?
-                .link_index?;
-            links(None)
-                .ok()?
-                .into_iter()
-                .find(|l| l.ifindex == peer)?
-                .master
-        });
+        netns.sort();
+        netns.dedup();
         let group = if group.is_empty() {
             vec![&owner]
         } else {
             group
         };
         Some(Owner {
-            workload: Self::workload_for(
-                &config,
-                master.as_deref(),
-                &group,
-                owner.netns.as_deref(),
-            ),
+            workload: Self::workload_for(&config, master.as_deref(), &group, &netns),
             container: Some(owner.id.clone()),
         })
     }
@@ -599,11 +579,10 @@ mod tests {
                     ifindex: 7,
                     name: "veth7".to_string(),
                     master: Some("docker0".to_string()),
-                    link_index: None,
-                    peer_elsewhere: false,
+                    peer_netns: Some(3),
                 }],
             );
-            c.port_netns.insert(7, Some(NETNS.to_string()));
+            c.port_netns.insert(7, Some(vec![NETNS.to_string()]));
             drop(c);
             self.list_containers(containers);
         }

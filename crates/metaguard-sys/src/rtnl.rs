@@ -1,0 +1,167 @@
+//! Links and namespace ids over rtnetlink (`NETLINK_ROUTE`), synchronous,
+//! in the calling thread's network namespace: what `ip -d link show` and
+//! `ip netns identify` would say, without a process per question.
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
+
+use netlink_packet_core::{
+    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST,
+};
+use netlink_packet_route::link::{LinkAttribute, LinkMessage};
+use netlink_packet_route::nsid::{NsidAttribute, NsidMessage};
+use netlink_packet_route::RouteNetlinkMessage;
+use netlink_sys::{protocols::NETLINK_ROUTE, Socket};
+
+/// One link of this namespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkInfo {
+    pub ifindex: u32,
+    pub name: String,
+    /// The bridge (or other master) it is a port of.
+    pub master: Option<u32>,
+    /// Its peer's (veth) or parent's ifindex, in `link_netnsid`'s
+    /// namespace when that is set, else in this one.
+    pub link: Option<u32>,
+    /// The id this namespace gives the namespace its peer lives in (set
+    /// only when that is another namespace). The kernel fills it in: a
+    /// process inside that other namespace cannot change it.
+    pub link_netnsid: Option<i32>,
+}
+
+/// A netlink socket of `protocol` talking to the kernel.
+pub(crate) fn kernel_socket(protocol: isize) -> io::Result<Socket> {
+    let mut socket = Socket::new(protocol)?;
+    socket.bind_auto()?;
+    socket.connect(&netlink_sys::SocketAddr::new(0, 0))?;
+    Ok(socket)
+}
+
+fn open() -> io::Result<Socket> {
+    kernel_socket(NETLINK_ROUTE)
+}
+
+fn send(socket: &Socket, flags: u16, msg: RouteNetlinkMessage) -> io::Result<()> {
+    let mut header = NetlinkHeader::default();
+    header.flags = flags;
+    let mut packet = NetlinkMessage::new(header, msg.into());
+    packet.finalize();
+    let mut buf = vec![0; packet.buffer_len()];
+    packet.serialize(&mut buf);
+    socket.send(&buf, 0)?;
+    Ok(())
+}
+
+/// Receives answers until `NLMSG_DONE` (a dump) or the first answer
+/// (`single`), handing each inner message to `each`.
+fn receive(
+    socket: &Socket,
+    single: bool,
+    mut each: impl FnMut(RouteNetlinkMessage),
+) -> io::Result<()> {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = socket.recv(&mut &mut buf[..], 0)?;
+        let mut offset = 0;
+        while offset < n {
+            let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&buf[offset..n]).map_err(
+                |e| io::Error::new(io::ErrorKind::InvalidData, format!("rtnetlink: {e}")),
+            )?;
+            let len = msg.header.length as usize;
+            match msg.payload {
+                NetlinkPayload::InnerMessage(m) => {
+                    each(m);
+                    if single {
+                        return Ok(());
+                    }
+                }
+                NetlinkPayload::Done(_) => return Ok(()),
+                NetlinkPayload::Error(e) if e.code.is_some() => {
+                    return Err(io::Error::from_raw_os_error(-e.raw_code()))
+                }
+                _ => {}
+            }
+            if len == 0 {
+                break;
+            }
+            offset += len;
+        }
+        if single && n == 0 {
+            return Ok(());
+        }
+    }
+}
+
+/// Every link of this namespace (`RTM_GETLINK` dump).
+pub fn links() -> io::Result<Vec<LinkInfo>> {
+    let socket = open()?;
+    send(
+        &socket,
+        NLM_F_REQUEST | NLM_F_DUMP,
+        RouteNetlinkMessage::GetLink(LinkMessage::default()),
+    )?;
+    let mut out = Vec::new();
+    receive(&socket, false, |m| {
+        if let RouteNetlinkMessage::NewLink(l) = m {
+            let mut info = LinkInfo {
+                ifindex: l.header.index,
+                name: String::new(),
+                master: None,
+                link: None,
+                link_netnsid: None,
+            };
+            for a in l.attributes {
+                match a {
+                    LinkAttribute::IfName(n) => info.name = n,
+                    LinkAttribute::Controller(i) => info.master = Some(i),
+                    LinkAttribute::Link(i) => info.link = Some(i),
+                    LinkAttribute::LinkNetNsId(i) => info.link_netnsid = Some(i),
+                    _ => {}
+                }
+            }
+            out.push(info);
+        }
+    })?;
+    Ok(out)
+}
+
+/// The id this namespace gives the namespace `netns` (an open namespace
+/// file), as `link_netnsid` reports it; `None` when it has none (no link
+/// here has a peer there).
+pub fn netns_id(netns: BorrowedFd<'_>) -> io::Result<Option<i32>> {
+    let socket = open()?;
+    let mut msg = NsidMessage::default();
+    let fd =
+        u32::try_from(netns.as_raw_fd()).map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?;
+    msg.attributes.push(NsidAttribute::Fd(fd));
+    send(&socket, NLM_F_REQUEST, RouteNetlinkMessage::GetNsId(msg))?;
+    let mut id = None;
+    receive(&socket, true, |m| {
+        if let RouteNetlinkMessage::NewNsId(r) = m {
+            id = r.attributes.iter().find_map(|a| match a {
+                NsidAttribute::Id(i) if *i >= 0 => Some(*i),
+                _ => None,
+            });
+        }
+    })?;
+    Ok(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// This namespace's loopback link is listed, and asking for the id
+    /// of a namespace is answered (the lab tests use real peers).
+    #[test]
+    fn lists_loopback_and_answers_an_id_question() {
+        let all = links().expect("RTM_GETLINK answers");
+        assert!(
+            all.iter()
+                .any(|l| l.name == "lo" && l.ifindex == 1 && l.master.is_none()),
+            "no lo in {all:?}"
+        );
+        let own = std::fs::File::open("/proc/self/ns/net").expect("own namespace");
+        netns_id(std::os::fd::AsFd::as_fd(&own)).expect("RTM_GETNSID answers");
+    }
+}
