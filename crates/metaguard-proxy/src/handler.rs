@@ -385,10 +385,10 @@ impl Proxy {
                     .ok()
                     .flatten();
                 if let Some(o) = owner {
-                    let owner_proxied = o
-                        .workload
-                        .and_then(|i| config.workloads.get(i))
-                        .is_some_and(|ow| ow.task_metadata == Action::Proxy);
+                    let owner_proxied = o.uncertain
+                        || o.workload
+                            .and_then(|i| config.workloads.get(i))
+                            .is_some_and(|ow| ow.task_metadata == Action::Proxy);
                     if owner_proxied && o.container != caller.container {
                         return refuse(
                             StatusCode::FORBIDDEN,

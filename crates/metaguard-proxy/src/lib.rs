@@ -114,6 +114,9 @@ pub struct Origin {
 pub struct Owner {
     pub workload: Option<usize>,
     pub container: Option<String>,
+    /// The owner's workload could not be determined (a host lookup
+    /// failed): it is treated as proxied, so the id is refused to others.
+    pub uncertain: bool,
 }
 
 /// The daemon's knowledge of workloads: identifies callers and owners.

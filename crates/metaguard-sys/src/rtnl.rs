@@ -6,7 +6,7 @@ use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
 
 use netlink_packet_core::{
-    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST,
+    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_REQUEST,
 };
 use netlink_packet_route::link::{LinkAttribute, LinkMessage};
 use netlink_packet_route::nsid::{NsidAttribute, NsidMessage};
@@ -68,12 +68,20 @@ fn receive(
                 |e| io::Error::new(io::ErrorKind::InvalidData, format!("rtnetlink: {e}")),
             )?;
             let len = msg.header.length as usize;
+            if msg.header.flags & NLM_F_DUMP_INTR != 0 {
+                // The table changed while it was dumped: the answer may
+                // be incomplete.
+                return Err(io::Error::from_raw_os_error(libc::EINTR));
+            }
             match msg.payload {
                 NetlinkPayload::InnerMessage(m) => {
                     each(m);
                     if single {
                         return Ok(());
                     }
+                }
+                NetlinkPayload::Done(d) if d.code < 0 => {
+                    return Err(io::Error::from_raw_os_error(-d.code))
                 }
                 NetlinkPayload::Done(_) => return Ok(()),
                 NetlinkPayload::Error(e) if e.code.is_some() => {
@@ -92,8 +100,19 @@ fn receive(
     }
 }
 
-/// Every link of this namespace (`RTM_GETLINK` dump).
+/// Every link of this namespace (`RTM_GETLINK` dump), retried when the
+/// table changed during the dump.
 pub fn links() -> io::Result<Vec<LinkInfo>> {
+    let mut tries = 0;
+    loop {
+        match dump_links() {
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) && tries < 3 => tries += 1,
+            other => return other,
+        }
+    }
+}
+
+fn dump_links() -> io::Result<Vec<LinkInfo>> {
     let socket = open()?;
     send(
         &socket,

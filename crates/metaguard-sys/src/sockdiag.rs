@@ -12,7 +12,7 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 
 use netlink_packet_core::{NetlinkHeader, NetlinkMessage, NetlinkPayload, Nla as _, NLM_F_REQUEST};
-use netlink_packet_sock_diag::constants::{AF_INET, AF_INET6, IPPROTO_TCP};
+use netlink_packet_sock_diag::constants::{AF_INET, AF_INET6, IPPROTO_TCP, TCP_LISTEN};
 use netlink_packet_sock_diag::inet::nlas::Nla;
 use netlink_packet_sock_diag::inet::{ExtensionFlags, InetRequest, SocketId, StateFlags};
 use netlink_packet_sock_diag::SockDiagMessage;
@@ -82,6 +82,16 @@ fn lookup(socket: &Socket, local: SocketAddr, remote: SocketAddr) -> io::Result<
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("sock_diag: {e}")))?;
     match message.payload {
         NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) => {
+            // The kernel's exact lookup falls back to a listening socket on
+            // the local address: only the connected socket asked for counts.
+            let id = &r.header.socket_id;
+            let exact = id.source_port == local.port()
+                && id.destination_port == remote.port()
+                && id.source_address == local.ip()
+                && id.destination_address == remote.ip();
+            if r.header.state == TCP_LISTEN || !exact {
+                return Ok(None);
+            }
             Ok(r.nlas.iter().find_map(|nla| match nla {
                 Nla::Other(a) if a.kind() == INET_DIAG_CGROUP_ID && a.value_len() == 8 => {
                     let mut v = [0u8; 8];

@@ -86,11 +86,14 @@ fn netns_id_of(path: &str) -> Option<i32> {
 struct Cache {
     /// Bridge mark → the ports with that mark (more than one: ambiguous).
     ports: HashMap<u32, Vec<Link>>,
-    /// Port ifindex → the namespace files of the containers behind it
-    /// (one namespace; its containers' files may differ), sorted.
-    port_netns: HashMap<u32, Option<Vec<String>>>,
     containers: Vec<ContainerFact>,
+    /// When `containers` was listed; none: containers changed since.
     containers_at: Option<Instant>,
+    /// The id the host gives each listed container's namespace file (the
+    /// files are only good for the listing they came with: a
+    /// `/proc/<pid>/ns/net` names whatever process has that pid now);
+    /// none until needed after a listing.
+    netns_ids: Option<HashMap<String, Option<i32>>>,
     /// Bridge mark → the caller found from the entries above, under the
     /// config it was found with; cleared whenever any of them changes.
     callers: HashMap<u32, (Arc<Config>, Caller)>,
@@ -120,14 +123,12 @@ impl Directory {
         *self.config.write().unwrap_or_else(|p| p.into_inner()) = config;
     }
 
-    /// Containers started or stopped: forget what was learned about them.
-    /// A port's namespace is kept (a port is one veth, and its ifindex is
-    /// never handed to another while the host runs), except where none was
-    /// found: the container that will own it may just have started. The
-    /// containers are listed again before the next caller is answered.
+    /// Containers started or stopped: they are listed again before the
+    /// next caller is answered (one Docker API call and one namespace id
+    /// per container; no namespace is scanned).
     pub fn containers_changed(&self) {
         let mut c = self.lock();
-        c.port_netns.retain(|_, netns| netns.is_some());
+        c.netns_ids = None;
         c.containers_at = None;
         c.callers.clear();
         c.cgroup_containers.clear();
@@ -149,6 +150,7 @@ impl Directory {
         ) {
             Ok(list) => {
                 c.containers = list.unwrap_or_default();
+                c.netns_ids = None;
                 c.callers.clear();
                 c.cgroup_containers.clear();
             }
@@ -166,10 +168,6 @@ impl Directory {
                     for l in ls.into_iter().filter(|l| l.master.is_some()) {
                         c.ports.entry(bridge_mark(l.ifindex)).or_default().push(l);
                     }
-                    // Forget the namespaces of ports that are gone.
-                    let live: std::collections::HashSet<u32> =
-                        c.ports.values().flatten().map(|l| l.ifindex).collect();
-                    c.port_netns.retain(|ifindex, _| live.contains(ifindex));
                 }
                 Err(e) => return Err(format!("cannot list links: {e}")),
             }
@@ -184,27 +182,37 @@ impl Directory {
         }
     }
 
-    /// The namespace files of the containers whose namespace holds the
-    /// peer of host port `port`.
-    fn netns_of_port(&self, c: &mut Cache, port: &Link) -> Option<Vec<String>> {
-        if let Some(hit) = c.port_netns.get(&port.ifindex) {
-            return hit.clone();
-        }
-        self.refresh_containers(c);
-        let answer = port.peer_netns.and_then(|peer| {
-            let mut paths: Vec<String> = c
-                .containers
+    /// The listed containers' namespace ids, computed once per listing.
+    fn netns_ids<'c>(&self, c: &'c mut Cache) -> &'c HashMap<String, Option<i32>> {
+        let containers = &c.containers;
+        c.netns_ids.get_or_insert_with(|| {
+            containers
                 .iter()
                 .filter(|k| !k.host_network)
                 .filter_map(|k| k.netns.clone())
-                .collect();
-            paths.sort();
-            paths.dedup();
-            paths.retain(|p| netns_id_of(p) == Some(peer));
-            (!paths.is_empty()).then_some(paths)
-        });
-        c.port_netns.insert(port.ifindex, answer.clone());
-        answer
+                .map(|p| {
+                    let id = netns_id_of(&p);
+                    (p, id)
+                })
+                .collect()
+        })
+    }
+
+    /// The namespace files (sorted) of the listed containers whose
+    /// namespace holds the peer of host port `port`: one namespace, whose
+    /// containers' files may differ.
+    fn netns_of_port(&self, c: &mut Cache, port: &Link) -> Vec<String> {
+        let Some(peer) = port.peer_netns else {
+            return Vec::new();
+        };
+        let mut paths: Vec<String> = self
+            .netns_ids(c)
+            .iter()
+            .filter(|(_, id)| **id == Some(peer))
+            .map(|(p, _)| p.clone())
+            .collect();
+        paths.sort();
+        paths
     }
 
     /// `identify`; with `may_block` false, `None` whenever answering would
@@ -244,18 +252,24 @@ impl Directory {
                 })
             }
         };
-        if !may_block && !c.port_netns.contains_key(&port.ifindex) {
+        // Containers changed since they were listed: list them again (a
+        // Docker API call) and read their namespace ids before answering.
+        if !may_block && (c.containers_at.is_none() || c.netns_ids.is_none()) {
             return None;
         }
-        // Containers changed since they were listed: list them again (a
-        // Docker API call) before answering.
         if c.containers_at.is_none() {
+            self.refresh_containers(&mut c);
+        }
+        let mut netns = self.netns_of_port(&mut c, &port);
+        if netns.is_empty() {
+            // Perhaps a container that has just started: list again
+            // (bounded) before answering that nobody is behind the port.
             if !may_block {
                 return None;
             }
             self.refresh_containers(&mut c);
+            netns = self.netns_of_port(&mut c, &port);
         }
-        let netns = self.netns_of_port(&mut c, &port).unwrap_or_default();
         let group: Vec<&ContainerFact> = c
             .containers
             .iter()
@@ -408,7 +422,11 @@ fn cgroup_index(containers: &[ContainerFact]) -> HashMap<u64, Option<ContainerFa
     else {
         return out;
     };
-    for k in containers {
+    // Deepest cgroups first: a container whose cgroup lies inside
+    // another's (`--cgroup-parent`) owns its own subtree.
+    let mut by_depth: Vec<&ContainerFact> = containers.iter().collect();
+    by_depth.sort_by_key(|k| std::cmp::Reverse(k.cgroup.as_deref().map_or(0, str::len)));
+    for k in by_depth {
         let Some(rel) = &k.cgroup else { continue };
         let mut stack = vec![cg.path(rel)];
         let mut seen = 0;
@@ -490,6 +508,7 @@ impl metaguard_proxy::Directory for Directory {
             return Some(Owner {
                 workload: Some(i),
                 container: None,
+                uncertain: false,
             });
         }
         let mut c = self.lock();
@@ -502,24 +521,43 @@ impl metaguard_proxy::Directory for Directory {
         // The bridge the owner hangs off (the master of the host port whose
         // peer is in the owner's namespace), and everyone in that namespace.
         // Host links first: listing them gives the peers' namespaces ids.
-        let host = host_links().unwrap_or_default();
-        let owner_ns = owner.netns.as_deref().and_then(netns_id_of);
+        // Not knowing is not an answer: the owner is then treated as
+        // proxied (the request refused).
+        let host = match host_links() {
+            Ok(h) => h,
+            Err(e) => {
+                warn!(error = %e, "proxy: cannot list links to place a credentials owner");
+                return Some(Owner {
+                    workload: None,
+                    container: Some(owner.id.clone()),
+                    uncertain: true,
+                });
+            }
+        };
+        let ids = self.netns_ids(&mut c).clone();
+        let owner_ns = owner
+            .netns
+            .as_ref()
+            .and_then(|p| ids.get(p).copied().flatten());
         let master = owner_ns.and_then(|id| {
             host.iter()
                 .find(|l| l.master.is_some() && l.peer_netns == Some(id))?
                 .master
                 .clone()
         });
-        let mut netns: Vec<String> = Vec::new();
+        let mut netns: Vec<String> = owner.netns.iter().cloned().collect();
         let group: Vec<&ContainerFact> = c
             .containers
             .iter()
-            .filter(|k| match (&k.netns, owner_ns) {
-                (Some(p), Some(id)) if !k.host_network && netns_id_of(p) == Some(id) => {
-                    netns.push(p.clone());
-                    true
+            .filter(|k| {
+                let same = k.netns.as_ref().is_some_and(|p| {
+                    Some(p) == owner.netns.as_ref()
+                        || (owner_ns.is_some() && ids.get(p).copied().flatten() == owner_ns)
+                });
+                if same {
+                    netns.extend(k.netns.iter().cloned());
                 }
-                _ => false,
+                same && !k.host_network
             })
             .collect();
         netns.sort();
@@ -532,6 +570,7 @@ impl metaguard_proxy::Directory for Directory {
         Some(Owner {
             workload: Self::workload_for(&config, master.as_deref(), &group, &netns),
             container: Some(owner.id.clone()),
+            uncertain: false,
         })
     }
 }
@@ -548,13 +587,17 @@ mod tests {
     }
 
     fn container(id: &str, credentials_id: &str) -> ContainerFact {
+        container_in(id, credentials_id, NETNS)
+    }
+
+    fn container_in(id: &str, credentials_id: &str, netns: &str) -> ContainerFact {
         ContainerFact {
             id: id.to_string(),
             name: id.to_string(),
             labels: Default::default(),
             host_network: false,
             cgroup: None,
-            netns: Some(NETNS.to_string()),
+            netns: Some(netns.to_string()),
             env: vec![format!(
                 "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI=/v2/credentials/{credentials_id}"
             )],
@@ -582,14 +625,25 @@ mod tests {
                     peer_netns: Some(3),
                 }],
             );
-            c.port_netns.insert(7, Some(vec![NETNS.to_string()]));
             drop(c);
             self.list_containers(containers);
         }
 
-        /// What a Docker listing would do.
+        /// What a Docker listing and reading the namespace ids would do:
+        /// every namespace file is namespace 3 (port 7's peer's), except
+        /// those under `/other/`, which are namespace 4.
         fn list_containers(&self, containers: Vec<ContainerFact>) {
             let mut c = self.lock();
+            c.netns_ids = Some(
+                containers
+                    .iter()
+                    .filter_map(|k| k.netns.clone())
+                    .map(|p| {
+                        let id = if p.starts_with("/other/") { 4 } else { 3 };
+                        (p, Some(id))
+                    })
+                    .collect(),
+            );
             c.containers = containers;
             c.containers_at = Some(Instant::now());
         }
@@ -618,20 +672,25 @@ mod tests {
         // Docker says containers changed: the remembered caller is gone
         // and the containers must be listed again (a cache-only lookup
         // cannot answer)...
-        d.lock().port_netns.insert(8, None);
         d.containers_changed();
         assert_eq!(d.identify_cached(origin), None);
-        // ...the port's namespace is kept, a port without one is not...
-        assert!(d.lock().port_netns.contains_key(&7));
-        assert!(!d.lock().port_netns.contains_key(&8));
-        // ...and the next listing is what is answered, with no namespace
-        // scan (nothing else was learned).
-        d.list_containers(vec![container("c2", "new-id")]);
+        // ...and the next listing is what is answered. Port 7's caller is
+        // everyone in its peer's namespace, whatever file names it (an
+        // app container joined to a pause container's namespace), and
+        // nobody in another namespace.
+        d.list_containers(vec![
+            container_in("c2", "new-id", "/proc/4242/ns/net"),
+            container_in("c3", "joined-id", NETNS),
+            container_in("c4", "other-id", "/other/ns"),
+        ]);
         let second = d
             .identify_cached(origin)
-            .expect("answered from the kept namespace");
-        assert_eq!(second.credentials_ids, vec!["new-id".to_string()]);
-        assert_eq!(second.container.as_deref(), Some("c2"));
+            .expect("answered after the listing");
+        assert_eq!(
+            second.credentials_ids,
+            vec!["joined-id".to_string(), "new-id".to_string()]
+        );
+        assert!(matches!(second.container.as_deref(), Some("c2" | "c3")));
 
         // A new config: the same port is matched against its workloads.
         d.set_config(config(
