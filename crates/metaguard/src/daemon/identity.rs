@@ -25,12 +25,12 @@
 //! * The **workload** is the first in file order whose selector matches
 //!   the port's bridge, the namespace, the containers or their cgroups.
 //!
-//! Lookups are cached: ports by mark, containers by port, and the whole
-//! answer by mark for one config (a caller identified once costs a hash
-//! lookup per connection); a miss refreshes (bounded: at most one Docker
-//! listing per 200 ms). A Docker event makes the next caller wait for one
-//! new container listing, not for a scan of every container's namespace:
-//! a port keeps the namespace found for it while the port exists.
+//! Lookups are cached: ports by mark, the containers' namespace ids per
+//! container listing, and the whole answer by mark for one config (a
+//! caller identified once costs a hash lookup per connection); a miss
+//! refreshes (bounded: at most one Docker listing per 200 ms). A Docker
+//! event makes the next caller wait for one container listing and one
+//! `RTM_GETNSID` per container — no process is started.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
