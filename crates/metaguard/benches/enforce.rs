@@ -18,6 +18,8 @@ use metaguard_lab::{Lab, LabOptions};
 
 mod common;
 
+use common::stats;
+
 fn main() {
     let full = std::env::args().any(|a| a == "--bench");
     if !metaguard_sys::process::is_root() {
@@ -38,21 +40,6 @@ fn config(n: usize) -> String {
         "[[workload]]\nname = \"bridge-containers\"\nbridges = [{}]\nimds = \"deny\"\n",
         list.join(", ")
     )
-}
-
-struct Stats {
-    min: f64,
-    median: f64,
-    max: f64,
-}
-
-fn stats(mut v: Vec<f64>) -> Stats {
-    v.sort_by(f64::total_cmp);
-    Stats {
-        min: v[0],
-        median: v[v.len() / 2],
-        max: v[v.len() - 1],
-    }
 }
 
 fn apply(lab: &Lab, path: &Path) -> Result<f64, String> {

@@ -46,6 +46,8 @@ use metaguard_lab::{Lab, LabOptions};
 
 mod common;
 
+use common::stats;
+
 /// The resource every variant requests.
 const PATH: &str = "/latest/meta-data/instance-id";
 /// Where nginx listens: docker0's address in the lab host.
@@ -196,21 +198,6 @@ fn setting(name: &str, default: u32, max: u32) -> Result<u32, String> {
             Ok(n) if (1..=max).contains(&n) => Ok(n),
             _ => Err(format!("{name}={v:?}: want a whole number from 1 to {max}")),
         },
-    }
-}
-
-struct Stats {
-    min: f64,
-    median: f64,
-    max: f64,
-}
-
-fn stats(mut v: Vec<f64>) -> Stats {
-    v.sort_by(f64::total_cmp);
-    Stats {
-        min: v.first().copied().unwrap_or(f64::NAN),
-        median: v.get(v.len() / 2).copied().unwrap_or(f64::NAN),
-        max: v.last().copied().unwrap_or(f64::NAN),
     }
 }
 

@@ -25,6 +25,22 @@ pub fn machine() -> String {
     format!("{cpu}, {cores} cores")
 }
 
+/// The minimum, median and maximum of a set of figures (NaN when empty).
+pub struct Stats {
+    pub min: f64,
+    pub median: f64,
+    pub max: f64,
+}
+
+pub fn stats(mut v: Vec<f64>) -> Stats {
+    v.sort_by(f64::total_cmp);
+    Stats {
+        min: v.first().copied().unwrap_or(f64::NAN),
+        median: v.get(v.len() / 2).copied().unwrap_or(f64::NAN),
+        max: v.last().copied().unwrap_or(f64::NAN),
+    }
+}
+
 /// Replaces the text between `<!-- bench:NAME -->` and
 /// `<!-- /bench:NAME -->` in BENCHMARKS.md with `body` (the markers stay),
 /// or appends the section when it is not there yet. Other sections and
