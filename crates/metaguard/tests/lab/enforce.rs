@@ -619,22 +619,7 @@ fn coexists_with_iptables_legacy_and_cis_rules() -> Result<(), Failed> {
     expect_reached(&lab, w, &http(&lab, &Lab::credentials_url(w)))?;
     // CIS: -A INPUT -d 127.0.0.0/8 ! -i lo -j DROP breaks the DNAT path;
     // the outcome is the same with and without metaguard.
-    lab.run_in(
-        Role::Host,
-        "iptables",
-        &[
-            "-w",
-            "-I",
-            "INPUT",
-            "-d",
-            "127.0.0.0/8",
-            "!",
-            "-i",
-            "lo",
-            "-j",
-            "DROP",
-        ],
-    )?;
+    crate::support::cis_loopback_drop(&lab)?;
     let mut spec = http(&lab, &Lab::credentials_url(w));
     spec.timeout_ms = 500;
     let with = lab.probe(w, &spec)?;

@@ -90,22 +90,7 @@ fn harden(lab: &Lab) -> Result<(), Failed> {
     ] {
         lab.run_in(Role::Host, "sysctl", &["-qw", key])?;
     }
-    lab.run_in(
-        Role::Host,
-        "iptables",
-        &[
-            "-I",
-            "INPUT",
-            "-d",
-            "127.0.0.0/8",
-            "!",
-            "-i",
-            "lo",
-            "-j",
-            "DROP",
-        ],
-    )?;
-    Ok(())
+    crate::support::cis_loopback_drop(lab)
 }
 
 fn get(lab: &Lab, w: Workload, url: &str) -> Result<ProbeResult, Failed> {
@@ -590,6 +575,32 @@ fn imds_path_policy_and_imdsv2_fidelity() -> Result<(), Failed> {
     Ok(())
 }
 
+/// Runs an SDK client in workload `w` with only its own task's
+/// `AWS_CONTAINER_CREDENTIALS_RELATIVE_URI` in the environment and reads
+/// the JSON object it prints last.
+fn client_json(
+    lab: &Lab,
+    w: Workload,
+    program: &std::path::Path,
+    args: &[&str],
+    what: &str,
+) -> Result<Value, Failed> {
+    let mut cmd = lab.command_in(w, program)?;
+    cmd.args(args).env_clear().env(
+        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+        format!("/v2/credentials/{}", w.credentials_id()),
+    );
+    let out = cmd.output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(stdout.lines().last().unwrap_or("")).map_err(|e| {
+        format!(
+            "{what}: {e}: {stdout} {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+        .into()
+    })
+}
+
 fn real_sdk_clients_through_the_proxy() -> Result<(), Failed> {
     let Some(python) = crate::support::python()? else {
         return Ok(());
@@ -616,43 +627,14 @@ except Exception as e:
     key = "error: %s" % e
 print(json.dumps({"token": bool(token), "instance_id": iid, "access_key": key}))
 "#;
-    let run = |lab: &Lab, w: Workload| -> Result<Value, Failed> {
-        let mut cmd = lab.command_in(w, &python)?;
-        cmd.args(["-c", botocore]).env_clear().env(
-            "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
-            format!("/v2/credentials/{}", w.credentials_id()),
-        );
-        let out = cmd.output()?;
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        serde_json::from_str(stdout.lines().last().unwrap_or("")).map_err(|e| {
-            format!(
-                "botocore: {e}: {stdout} {}",
-                String::from_utf8_lossy(&out.stderr)
-            )
-            .into()
-        })
-    };
+    let run = |lab: &Lab, w: Workload| client_json(lab, w, &python, &["-c", botocore], "botocore");
     let probe = crate::support::exe()
         .parent()
         .map(|d| d.join("mg-aws-probe"))
         .filter(|p| p.is_file())
         .ok_or("mg-aws-probe is not built (cargo build --workspace)")?;
-    let rust = |lab: &Lab, w: Workload, args: &[&str]| -> Result<Value, Failed> {
-        let mut cmd = lab.command_in(w, &probe)?;
-        cmd.args(args).env_clear().env(
-            "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
-            format!("/v2/credentials/{}", w.credentials_id()),
-        );
-        let out = cmd.output()?;
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        serde_json::from_str(stdout.lines().last().unwrap_or("")).map_err(|e| {
-            format!(
-                "mg-aws-probe: {e}: {stdout} {}",
-                String::from_utf8_lossy(&out.stderr)
-            )
-            .into()
-        })
-    };
+    let rust =
+        |lab: &Lab, w: Workload, args: &[&str]| client_json(lab, w, &probe, args, "mg-aws-probe");
     // Without metaguard, on this hardened host with a hop limit of 1 the
     // instance would also break IMDSv2; here: credentials time out (F2).
     let before = run(&lab, Workload::BridgeC1)?;

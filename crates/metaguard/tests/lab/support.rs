@@ -14,6 +14,29 @@ pub fn lab() -> Result<Lab, Failed> {
     Lab::start(LabOptions::new(exe())).map_err(|e| format!("lab: {e}").into())
 }
 
+/// The CIS rule on the lab host: `iptables -I INPUT -d 127.0.0.0/8 ! -i lo
+/// -j DROP`, which drops ecs-init's DNAT of 169.254.170.2 to 127.0.0.1
+/// (F2).
+pub fn cis_loopback_drop(lab: &Lab) -> Result<(), Failed> {
+    lab.run_in(
+        metaguard_lab::topology::Role::Host,
+        "iptables",
+        &[
+            "-w",
+            "-I",
+            "INPUT",
+            "-d",
+            "127.0.0.0/8",
+            "!",
+            "-i",
+            "lo",
+            "-j",
+            "DROP",
+        ],
+    )?;
+    Ok(())
+}
+
 /// `ensure!(cond, "fmt", args…)`: fail the test with a message.
 #[macro_export]
 macro_rules! ensure {
