@@ -67,6 +67,13 @@ ensure_python_venv() {
   export METAGUARD_PYTHON="$venv/bin/python"
 }
 
+# Downloads Debian package $1's .deb into directory $2, refreshing the
+# package lists first only when they do not have it yet.
+download_deb() {
+  (cd "$2" && apt-get download -qq "$1" >/dev/null 2>&1) \
+    || { apt-get update -qq && (cd "$2" && apt-get download -qq "$1" >/dev/null); }
+}
+
 # cloud-init for the user-data tests, extracted into target/tools/cloud-init
 # (apt-get download + dpkg -x): installing it would add boot-time units.
 ensure_cloud_init() {
@@ -74,10 +81,7 @@ ensure_cloud_init() {
   [ -f "$dest/usr/bin/cloud-init" ] && return 0
   echo "metaguard: extracting cloud-init into $dest (not installed)" >&2
   tmp="$(mktemp -d)"
-  if ! (cd "$tmp" && apt-get download -qq cloud-init 2>/dev/null); then
-    apt-get update -qq
-    (cd "$tmp" && apt-get download -qq cloud-init)
-  fi
+  download_deb cloud-init "$tmp"
   rm -rf "$dest"
   mkdir -p "$dest"
   dpkg -x "$tmp"/cloud-init_*.deb "$dest"
@@ -98,11 +102,10 @@ ensure_promtool() {
   if [ ! -x "$dir/usr/bin/promtool" ]; then
     echo "metaguard: extracting promtool from Debian's prometheus package into $dir" >&2
     local tmp; tmp="$(mktemp -d)"
-    (cd "$tmp" && apt-get download -qq prometheus >/dev/null 2>&1) \
-      || { apt-get update -qq && (cd "$tmp" && apt-get download -qq prometheus >/dev/null); }
+    download_deb prometheus "$tmp"
     mkdir -p "$dir"
     dpkg -x "$tmp"/prometheus_*.deb "$dir"
-    rm -rf "$tmp" "$dir/usr/bin/prometheus" "$dir/usr/share" "$dir/etc" "$dir/lib"
+    rm -rf "$tmp" "${dir:?}/usr/bin/prometheus" "${dir:?}/usr/share" "${dir:?}/etc" "${dir:?}/lib"
   fi
 }
 
@@ -117,8 +120,7 @@ ensure_nginx() {
   if [ ! -x "$bin" ]; then
     echo "metaguard: extracting nginx from Debian's nginx package into $dir (not installed)" >&2
     local tmp; tmp="$(mktemp -d)"
-    (cd "$tmp" && apt-get download -qq nginx >/dev/null 2>&1) \
-      || { apt-get update -qq && (cd "$tmp" && apt-get download -qq nginx >/dev/null); }
+    download_deb nginx "$tmp"
     rm -rf "$dir"
     mkdir -p "$dir"
     dpkg -x "$tmp"/nginx_*.deb "$dir"
