@@ -265,7 +265,7 @@ impl Proxy {
         };
         let path = log_path(&c, kind);
         match kind {
-            Kind::Imds => self.imds(caller, w, action, wname, c, path, req).await,
+            Kind::Imds => self.imds(w, action, wname, c, path, req).await,
             Kind::Relay => {
                 self.relay(config, caller, w, action, wname, c, path, req)
                     .await
@@ -276,7 +276,6 @@ impl Proxy {
     #[allow(clippy::too_many_arguments)]
     async fn imds(
         &self,
-        _caller: &Caller,
         w: &metaguard_core::config::Workload,
         action: Action,
         wname: &str,

@@ -102,6 +102,15 @@ struct Cache {
     cgroup_containers: HashMap<u64, Option<ContainerFact>>,
 }
 
+impl Cache {
+    /// The containers changed: forget what was derived from them.
+    fn forget_derived(&mut self) {
+        self.netns_ids = None;
+        self.callers.clear();
+        self.cgroup_containers.clear();
+    }
+}
+
 /// The daemon's view, shared with the proxy threads.
 #[derive(Debug)]
 pub struct Directory {
@@ -128,14 +137,22 @@ impl Directory {
     /// per container; no namespace is scanned).
     pub fn containers_changed(&self) {
         let mut c = self.lock();
-        c.netns_ids = None;
         c.containers_at = None;
-        c.callers.clear();
-        c.cgroup_containers.clear();
+        c.forget_derived();
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Cache> {
         self.cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The cache; without `may_block`, none while another thread holds it
+    /// (it is refreshing: let the blocking path wait).
+    fn cache(&self, may_block: bool) -> Option<std::sync::MutexGuard<'_, Cache>> {
+        if may_block {
+            Some(self.lock())
+        } else {
+            self.cache.try_lock().ok()
+        }
     }
 
     fn refresh_containers(&self, c: &mut Cache) {
@@ -150,9 +167,7 @@ impl Directory {
         ) {
             Ok(list) => {
                 c.containers = list.unwrap_or_default();
-                c.netns_ids = None;
-                c.callers.clear();
-                c.cgroup_containers.clear();
+                c.forget_derived();
             }
             Err(e) => warn!(error = %format!("{e:#}"), "proxy: cannot list containers"),
         }
@@ -229,12 +244,7 @@ impl Directory {
                 ..Caller::default()
             });
         }
-        let mut c = if may_block {
-            self.lock()
-        } else {
-            // Another thread is refreshing: let the blocking path wait.
-            self.cache.try_lock().ok()?
-        };
+        let mut c = self.cache(may_block)?;
         if let Some((seen, caller)) = c.callers.get(&mark) {
             if Arc::ptr_eq(seen, &config) {
                 return Some(caller.clone());
@@ -277,18 +287,13 @@ impl Directory {
             .collect();
         let workload = Self::workload_for(&config, port.master.as_deref(), &group, &netns);
         let (credentials_ids, tmds_ids) = ids(&group);
-        // The container that owns the namespace: the pause container of a
-        // task, else the only one.
-        let container = group
-            .iter()
-            .find(|k| k.is_ecs_pause())
-            .or(group.first())
-            .map(|k| k.id.clone());
+        // The caller's own container: the first that is not a task's pause
+        // container, else the pause container.
         let own_container = group
             .iter()
             .find(|k| !k.is_ecs_pause())
-            .map(|k| k.id.clone())
-            .or(container);
+            .or(group.first())
+            .map(|k| k.id.clone());
         let caller = Caller {
             workload,
             container: own_container,
@@ -362,11 +367,7 @@ impl Directory {
                 return Some(None);
             }
         };
-        let mut c = if may_block {
-            self.lock()
-        } else {
-            self.cache.try_lock().ok()?
-        };
+        let mut c = self.cache(may_block)?;
         if let Some(hit) = c.cgroup_containers.get(&id) {
             return Some(hit.clone());
         }
