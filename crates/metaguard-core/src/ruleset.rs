@@ -189,6 +189,13 @@ pub const BRIDGE_MARK_BASE: u32 = 0x8000_0000;
 pub const BRIDGE_MARK_MOD: u32 = 0x7fff_ffff;
 pub const BRIDGE_MARK_SEED: u32 = 0x4d47;
 pub const HOST_MARK_TAG: u32 = 0x6e00_0000;
+/// The bits of a mark that hold [`HOST_MARK_TAG`].
+pub const HOST_MARK_MASK: u32 = 0xff00_0000;
+
+/// Whether a connection's mark was set by a host workload's output chain.
+pub fn is_host_mark(mark: u32) -> bool {
+    mark & HOST_MARK_MASK == HOST_MARK_TAG
+}
 /// nat chains hook just before ecs-init's and Docker's (dstnat, -100): the
 /// first NAT binding wins, so theirs never runs on proxied flows.
 const PROXY_NAT_PRIORITY: i32 = -110;
@@ -483,7 +490,7 @@ fn write_host_proxy_nat(out: &mut String, config: &Config) {
     let (imds, tmd) = config.proxies();
     let port = config.proxy.imds_port;
     let bridge_mark = format!("meta mark & 0x{BRIDGE_MARK_BASE:08x} == 0x{BRIDGE_MARK_BASE:08x}");
-    let host_mark = format!("meta mark & 0xff000000 == 0x{HOST_MARK_TAG:08x}");
+    let host_mark = format!("meta mark & 0x{HOST_MARK_MASK:08x} == 0x{HOST_MARK_TAG:08x}");
     for (chain, hook, who) in [
         ("proxy_prerouting", "prerouting", &bridge_mark),
         ("proxy_output", "output", &host_mark),

@@ -219,7 +219,7 @@ impl Proxy {
         // A host process's own end of the connection, for the daemon to
         // look up (sock_diag): the destination it connected to, before the
         // DNAT that brought it here.
-        let dst = (mark & 0xff00_0000 == metaguard_core::ruleset::HOST_MARK_TAG)
+        let dst = metaguard_core::ruleset::is_host_mark(mark)
             .then(|| original_destination(&stream))
             .flatten();
         let origin = Origin { mark, peer, dst };

@@ -40,8 +40,8 @@ use std::time::{Duration, Instant};
 
 use metaguard_core::config::{NetnsSelector, Selector};
 use metaguard_core::ruleset::{
-    bridge_mark, ifname_glob_matches, netns_glob_matches, ContainerFact, BRIDGE_MARK_BASE,
-    HOST_MARK_TAG,
+    bridge_mark, ifname_glob_matches, is_host_mark, netns_glob_matches, ContainerFact,
+    BRIDGE_MARK_BASE,
 };
 use metaguard_core::Config;
 use metaguard_proxy::{Caller, Origin, Owner};
@@ -235,7 +235,7 @@ impl Directory {
     fn identify_with(&self, origin: Origin, may_block: bool) -> Option<Caller> {
         let Origin { mark, peer, .. } = origin;
         let config = metaguard_proxy::Directory::config(self);
-        if mark & 0xff00_0000 == HOST_MARK_TAG {
+        if is_host_mark(mark) {
             return self.identify_host(&config, origin, may_block);
         }
         if mark & BRIDGE_MARK_BASE == 0 {
