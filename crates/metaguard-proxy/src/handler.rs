@@ -66,29 +66,31 @@ fn refuse(
 
 /// Request headers forwarded, per service; everything else (notably
 /// `X-Forwarded-For`, hop-by-hop headers, cookies) is dropped.
-const IMDS_REQUEST_HEADERS: &[&str] = &[
-    "x-aws-ec2-metadata-token",
-    "x-aws-ec2-metadata-token-ttl-seconds",
-    "user-agent",
-    "accept",
+static IMDS_REQUEST_HEADERS: [HeaderName; 4] = [
+    HeaderName::from_static("x-aws-ec2-metadata-token"),
+    HeaderName::from_static("x-aws-ec2-metadata-token-ttl-seconds"),
+    hyper::header::USER_AGENT,
+    hyper::header::ACCEPT,
 ];
-const RELAY_REQUEST_HEADERS: &[&str] = &["authorization", "user-agent", "accept"];
+static RELAY_REQUEST_HEADERS: [HeaderName; 3] = [
+    hyper::header::AUTHORIZATION,
+    hyper::header::USER_AGENT,
+    hyper::header::ACCEPT,
+];
 /// Response headers passed back.
-const RESPONSE_HEADERS: &[&str] = &[
-    "content-type",
-    "x-aws-ec2-metadata-token-ttl-seconds",
-    "last-modified",
-    "etag",
-    "server",
-    "date",
+static RESPONSE_HEADERS: [HeaderName; 6] = [
+    hyper::header::CONTENT_TYPE,
+    HeaderName::from_static("x-aws-ec2-metadata-token-ttl-seconds"),
+    hyper::header::LAST_MODIFIED,
+    hyper::header::ETAG,
+    hyper::header::SERVER,
+    hyper::header::DATE,
 ];
 
-fn copy_headers(from: &HeaderMap, to: &mut HeaderMap, names: &[&str]) {
-    for n in names {
-        if let Ok(name) = HeaderName::from_bytes(n.as_bytes()) {
-            for v in from.get_all(&name) {
-                to.append(name.clone(), v.clone());
-            }
+fn copy_headers(from: &HeaderMap, to: &mut HeaderMap, names: &[HeaderName]) {
+    for name in names {
+        for v in from.get_all(name) {
+            to.append(name.clone(), v.clone());
         }
     }
 }
@@ -319,7 +321,7 @@ impl Proxy {
             req,
             self.upstreams.imds,
             c.target(),
-            IMDS_REQUEST_HEADERS,
+            &IMDS_REQUEST_HEADERS,
             rule,
             path,
             None,
@@ -450,7 +452,7 @@ impl Proxy {
             req,
             self.upstreams.agent,
             c.target(),
-            RELAY_REQUEST_HEADERS,
+            &RELAY_REQUEST_HEADERS,
             rule,
             path,
             redact_for,
@@ -465,7 +467,7 @@ impl Proxy {
         req: Request<Incoming>,
         upstream: SocketAddr,
         target: String,
-        headers: &[&str],
+        headers: &[HeaderName],
         rule: String,
         path: String,
         redact_for: Option<Option<String>>,
@@ -494,13 +496,12 @@ impl Proxy {
             );
         };
         let started = Instant::now();
-        let result =
-            tokio::time::timeout(UPSTREAM_TIMEOUT, crate::upstream::exchange(upstream, up)).await;
+        let deadline = tokio::time::Instant::from_std(started + UPSTREAM_TIMEOUT);
+        let result = crate::upstream::exchange(upstream, up, deadline).await;
         let elapsed = started.elapsed();
         let (parts, mut bytes) = match result {
-            Ok(Ok(x)) => x,
-            Ok(Err(e)) => return self.upstream_failed(kind, format!("upstream error: {e}"), path),
-            Err(_) => return self.upstream_failed(kind, "upstream timed out".into(), path),
+            Ok(x) => x,
+            Err(e) => return self.upstream_failed(kind, format!("upstream error: {e}"), path),
         };
         self.metrics
             .upstream_seconds
@@ -529,7 +530,7 @@ impl Proxy {
         }
         let mut resp = Response::new(Full::new(bytes));
         *resp.status_mut() = parts.status;
-        copy_headers(&parts.headers, resp.headers_mut(), RESPONSE_HEADERS);
+        copy_headers(&parts.headers, resp.headers_mut(), &RESPONSE_HEADERS);
         Outcome {
             resp,
             decision,

@@ -8,9 +8,14 @@
 //! as a task of its own and fed through a pool's channels: one task, no
 //! cross-task wake-ups on the request path (measured: see BENCHMARKS.md,
 //! "Metadata proxy").
+//!
+//! One deadline bounds the whole exchange, connection included: the
+//! runtime's timer wakes its own thread (an `eventfd` write and one more
+//! event per request) whenever a timer is set earlier than any it already
+//! holds, and a separate, shorter connect timeout was just that, on every
+//! request.
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full};
@@ -18,17 +23,16 @@ use hyper::http::response::Parts;
 use hyper::Request;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 
-/// How long a connection to the upstream may take.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// Sends `req` to `addr` on a new connection and reads the whole answer.
-/// The caller bounds the total time.
+/// Sends `req` to `addr` on a new connection and reads the whole answer,
+/// all before `deadline`.
 pub async fn exchange(
     addr: SocketAddr,
     req: Request<Full<Bytes>>,
+    deadline: Instant,
 ) -> Result<(Parts, Bytes), String> {
-    let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+    let stream = tokio::time::timeout_at(deadline, TcpStream::connect(addr))
         .await
         .map_err(|_| format!("connecting to {addr} timed out"))?
         .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
@@ -44,17 +48,109 @@ pub async fn exchange(
         let bytes = body.collect().await?.to_bytes();
         Ok::<_, hyper::Error>((parts, bytes))
     };
-    let mut conn = std::pin::pin!(conn);
-    let mut answer = std::pin::pin!(answer);
-    tokio::select! {
-        biased;
-        r = &mut answer => r.map_err(|e| e.to_string()),
-        // The upstream closed: whatever it sent is already in the answer's
-        // channel, or the answer fails.
-        c = &mut conn => match c {
-            Ok(()) => answer.await.map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        },
+    let both = async move {
+        let mut conn = std::pin::pin!(conn);
+        let mut answer = std::pin::pin!(answer);
+        tokio::select! {
+            biased;
+            r = &mut answer => r.map_err(|e| e.to_string()),
+            // The upstream closed: whatever it sent is already in the
+            // answer's channel, or the answer fails.
+            c = &mut conn => match c {
+                Ok(()) => answer.await.map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            },
+        }
+        // Dropping `conn` closes the socket: nothing is reused.
+    };
+    tokio::time::timeout_at(deadline, both)
+        .await
+        .map_err(|_| format!("{addr} did not answer in time"))?
+}
+
+#[cfg(test)]
+mod tests {
+    //! Loopback only.
+
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    fn request() -> Request<Full<Bytes>> {
+        Request::get("/latest/meta-data/instance-id")
+            .header("host", "169.254.169.254")
+            .body(Full::new(Bytes::new()))
+            .expect("request")
     }
-    // Dropping `conn` closes the socket: nothing is reused.
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn an_answer_is_read_whole() {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let server = tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.expect("accept");
+            let mut buf = vec![0; 1024];
+            let n = s.read(&mut buf).await.expect("read");
+            s.write_all(
+                b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 19\r\n\
+                  connection: close\r\n\r\ni-0123456789abcdef0",
+            )
+            .await
+            .expect("write");
+            String::from_utf8_lossy(&buf[..n]).into_owned()
+        });
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let (parts, body) = exchange(addr, request(), deadline).await.expect("exchange");
+        assert_eq!(parts.status, 200);
+        assert_eq!(&body[..], b"i-0123456789abcdef0");
+        let seen = server.await.expect("server");
+        assert!(
+            seen.starts_with("GET /latest/meta-data/instance-id HTTP/1.1\r\n"),
+            "{seen}"
+        );
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_silent_upstream_fails_at_the_deadline() {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = l.local_addr().expect("addr");
+        // Accepts and reads, never answers; closes after 3 s (so a missing
+        // deadline fails the test instead of hanging it).
+        let server = tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.expect("accept");
+            let mut buf = vec![0; 1024];
+            let _ = tokio::time::timeout(Duration::from_secs(3), async {
+                while s.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+            })
+            .await;
+        });
+        let started = Instant::now();
+        let err = exchange(addr, request(), started + Duration::from_millis(200))
+            .await
+            .expect_err("no answer");
+        assert!(err.contains("did not answer in time"), "{err}");
+        let took = started.elapsed();
+        assert!(
+            (Duration::from_millis(190)..Duration::from_secs(2)).contains(&took),
+            "{took:?}"
+        );
+        server.abort();
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_closed_port_fails_at_once() {
+        let addr = {
+            let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            l.local_addr().expect("addr")
+        }; // closed again: connecting is refused
+        let started = Instant::now();
+        let err = exchange(addr, request(), started + Duration::from_secs(5))
+            .await
+            .expect_err("refused");
+        assert!(err.contains("cannot connect"), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(1));
+    }
 }
