@@ -18,7 +18,10 @@
 //!   `ensure_nginx`) in the lab host namespace on 172.17.0.1:8081 (docker0's
 //!   address, which c1 reaches on its own subnet), `proxy_pass` to
 //!   169.254.169.254:80 with 32 keep-alive upstream connections and one
-//!   JSON access-log line per request (metaguard writes an audit line).
+//!   JSON access-log line per request (metaguard writes an audit line);
+//! * (d) the floor ([`floor`]): a minimal tokio relay in the proxy's shape
+//!   on 172.17.0.1:8082 that does only the network work of a proxy —
+//!   what any tokio proxy pays, whatever else it does.
 //!
 //! Each round measures every variant once per load, in an order rotated
 //! every round
@@ -45,6 +48,8 @@ use metaguard_lab::topology::{addr, Role};
 use metaguard_lab::{Lab, LabOptions};
 
 mod common;
+#[path = "proxy/floor.rs"]
+mod floor;
 
 use common::stats;
 
@@ -52,8 +57,28 @@ use common::stats;
 const PATH: &str = "/latest/meta-data/instance-id";
 /// Where nginx listens: docker0's address in the lab host.
 const NGINX_PORT: u16 = 8081;
+/// Where the floor relay (d) listens, on the same address.
+const FLOOR_PORT: u16 = 8082;
+/// How long the floor relay gets to accept connections once started.
+const FLOOR_READY: Duration = Duration::from_secs(5);
 
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some(floor::ARG) {
+        let addr = |i: usize| -> Result<SocketAddr, String> {
+            let a = args
+                .get(i)
+                .ok_or(format!("{} LISTEN UPSTREAM", floor::ARG))?;
+            a.parse().map_err(|e| format!("{a:?}: {e}"))
+        };
+        let result = addr(2).and_then(|listen| {
+            floor::run(listen, addr(3)?).map_err(|e| format!("floor relay on {listen}: {e}"))
+        });
+        if let Err(e) = result {
+            eprintln!("{e}");
+        }
+        std::process::exit(1);
+    }
     let full = std::env::args().any(|a| a == "--bench");
     if !metaguard_sys::process::is_root() {
         println!("proxy bench skipped: needs root (network namespaces)");
@@ -167,6 +192,76 @@ fn direct_variant(lab: &Lab) -> Variant {
         before: None,
         after: None,
     }
+}
+
+/// (d) the floor relay ([`floor`]): this binary again, in the lab host's
+/// namespace on docker0's address, relaying to the emulator.
+struct FloorRelay(std::process::Child);
+
+impl Proxy for FloorRelay {
+    fn pids(&self) -> Vec<u32> {
+        vec![self.0.id()]
+    }
+}
+
+impl Drop for FloorRelay {
+    fn drop(&mut self) {
+        // Our own child, by its pid.
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn floor_variant(lab: &Lab) -> Result<Variant, String> {
+    let listen = SocketAddr::new(addr::DOCKER0_V4.into(), FLOOR_PORT);
+    let ns = metaguard_sys::netns::Netns::open_not_root(
+        std::path::Path::new(metaguard_sys::netns::NETNS_RUN_DIR).join(lab.netns_name(Role::Host)),
+    )
+    .map_err(|e| e.to_string())?;
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut command = std::process::Command::new(exe);
+    command
+        .arg(floor::ARG)
+        .arg(listen.to_string())
+        .arg(format!("{}:80", addr::IMDS_V4))
+        .stdin(std::process::Stdio::null());
+    ns.command(&mut command).map_err(|e| e.to_string())?;
+    let mut relay = FloorRelay(
+        command
+            .spawn()
+            .map_err(|e| format!("starting the floor relay: {e}"))?,
+    );
+    let deadline = std::time::Instant::now() + FLOOR_READY;
+    loop {
+        if let Ok(Some(status)) = relay.0.try_wait() {
+            return Err(format!("the floor relay exited ({status})"));
+        }
+        let accepted = ns
+            .spawn_thread("floor-ready", move || {
+                std::net::TcpStream::connect_timeout(&listen, Duration::from_millis(200)).is_ok()
+            })
+            .map_err(|e| e.to_string())?
+            .join()
+            .unwrap_or(false);
+        if accepted {
+            break;
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(format!(
+                "the floor relay does not accept on {listen} after {FLOOR_READY:?}"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(Variant {
+        label: format!("(d) floor: minimal tokio relay ({listen})"),
+        from: lab.netns_name(Role::C1),
+        url: format!("http://{listen}{PATH}"),
+        headers: Vec::new(),
+        proxy: Some(Box::new(relay)),
+        before: None,
+        after: None,
+    })
 }
 
 /// (c) nginx in the lab host, proxying to the emulator.
@@ -369,6 +464,8 @@ fn run(full: bool) -> Result<(), String> {
         None => false,
     };
     variants.push(nginx_variant(&lab)?);
+    let nginx = variants.len() - 1;
+    variants.push(floor_variant(&lab)?);
 
     if full {
         // Warm-up (not counted): connections, caches, nginx's workers.
@@ -390,8 +487,11 @@ fn run(full: bool) -> Result<(), String> {
         .iter()
         .map(|_| variants.iter().map(|_| Default::default()).collect())
         .collect();
-    // (b)'s requests/s over (c)'s, per round and load.
-    let mut b_over_c: Vec<Vec<f64>> = loads.iter().map(|_| Vec::new()).collect();
+    // Requests/s over nginx's, per round: [load][variant].
+    let mut over_c: Vec<Vec<Vec<f64>>> = loads
+        .iter()
+        .map(|_| variants.iter().map(|_| Vec::new()).collect())
+        .collect();
     for round in 0..rounds as usize {
         for (l, load) in loads.iter().enumerate() {
             let mut results: Vec<Option<WrkResult>> = variants.iter().map(|_| None).collect();
@@ -429,9 +529,11 @@ fn run(full: bool) -> Result<(), String> {
                 added[l][i][0].push(ms(r.p50) - ms(direct.p50));
                 added[l][i][1].push(ms(r.p99) - ms(direct.p99));
             }
-            if let [_, Some(b), Some(c)] = results.as_slice() {
-                if with_metaguard {
-                    b_over_c[l].push(b.requests_per_sec / c.requests_per_sec);
+            if let Some(c) = &results[nginx] {
+                for (i, r) in results.iter().enumerate().skip(1) {
+                    if let (true, Some(r)) = (i != nginx, r) {
+                        over_c[l][i].push(r.requests_per_sec / c.requests_per_sec);
+                    }
                 }
             }
         }
@@ -474,8 +576,12 @@ fn run(full: bool) -> Result<(), String> {
                     "",
                 );
             }
-            if t == 0 && with_metaguard {
-                report += &row("ratio (b) / (c) (per round)", &b_over_c[l], 3, "");
+            if t == 0 {
+                for (v, r) in variants.iter().zip(&over_c[l]).skip(1) {
+                    if !r.is_empty() {
+                        report += &row(&format!("ratio {} / (c) (per round)", short(v)), r, 3, "");
+                    }
+                }
             }
             if t > 0 {
                 for (v, a) in variants.iter().zip(&added[l]).skip(1) {
@@ -542,7 +648,11 @@ fn run(full: bool) -> Result<(), String> {
          with wrk (Debian 4.1.0, `--latency`) to the IMDS emulator in the vpc namespace: (a) directly \
          (docker0 → lab host → vpc, no metaguard rules), {b}(c) through nginx {nginx} (Debian's build, \
          `worker_processes auto`, upstream `keepalive 32`, one JSON access-log line per request as metaguard \
-         writes one audit line) in the lab host on docker0's address. \
+         writes one audit line) in the lab host on docker0's address, (d) through the floor: a minimal tokio \
+         relay in metaguard's proxy's shape (a single-threaded runtime per CPU over `SO_REUSEPORT` \
+         listeners) that does only the network work — request head in, new upstream connection, head out, \
+         answer back — and nothing of a proxy's job (no HTTP library, identification, policy, audit or \
+         metrics; `benches/proxy/floor.rs`): what any tokio proxy pays for the same requests. \
          Three loads: one connection (the latency a proxy adds, without queueing), one request per new \
          connection, and {conns} connections on {threads} threads (saturation). {rounds} rounds of {secs} s per variant and load{warm}, the order \
          rotated every round; ratios and differences are taken per round. The emulator answers every request \

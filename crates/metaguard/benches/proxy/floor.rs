@@ -1,0 +1,140 @@
+//! (d) the floor: the least an HTTP proxy on tokio must do per request, in
+//! the shape of metaguard's proxy (one single-threaded runtime per worker
+//! thread over its own `SO_REUSEPORT` listener, one task per client
+//! connection, `TCP_NODELAY`), and nothing else: no HTTP library, no
+//! caller identification, no policy, no audit line, no metrics. Per
+//! request it reads the client's request head, opens a new connection to
+//! the upstream, writes the head there unchanged, reads the answer as far
+//! as its `Content-Length`, and writes it back without the upstream's
+//! `Connection: close` (so the client's connection stays alive, as it does
+//! through the real proxies).
+//!
+//! It tells whether a goal is within reach of the stack at all: what it
+//! costs per request is what any tokio proxy pays for the same network
+//! work, whatever it parses. Not a proxy to use: it trusts the upstream's
+//! framing and checks nothing.
+//!
+//! The bench re-executes itself (`proxy --floor-relay LISTEN UPSTREAM`)
+//! inside the lab host's namespace to run it as a process of its own, so
+//! its CPU time and memory are measured like the other proxies'.
+
+use std::net::SocketAddr;
+
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+
+/// The argument that makes the bench binary run the relay.
+pub const ARG: &str = "--floor-relay";
+
+/// Largest request or response head read.
+const MAX_HEAD: usize = 16 * 1024;
+
+/// Runs the relay until the process is killed; returns only on a set-up
+/// error.
+pub fn run(listen: SocketAddr, upstream: SocketAddr) -> std::io::Result<()> {
+    let listeners = metaguard_proxy::bind(listen, metaguard_proxy::workers())?;
+    let threads: Vec<_> = listeners
+        .into_iter()
+        .map(|l| {
+            std::thread::spawn(move || -> std::io::Result<()> {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_io()
+                    .build()?;
+                rt.block_on(async move {
+                    let l = tokio::net::TcpListener::from_std(l)?;
+                    loop {
+                        let (s, _) = l.accept().await?;
+                        tokio::spawn(connection(s, upstream));
+                    }
+                })
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join()
+            .map_err(|_| std::io::Error::other("a relay thread panicked"))??;
+    }
+    Ok(())
+}
+
+/// Where a head ends (after its blank line).
+fn head_end(buf: &[u8]) -> Option<usize> {
+    buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4)
+}
+
+/// Whether a head has the header `name: value` (both lowercase).
+fn has_header(head: &[u8], name: &str, value: &str) -> bool {
+    String::from_utf8_lossy(head).lines().any(|l| {
+        l.split_once(':').is_some_and(|(n, v)| {
+            n.trim().eq_ignore_ascii_case(name) && v.trim().eq_ignore_ascii_case(value)
+        })
+    })
+}
+
+/// The `Content-Length` of a response head (0 when absent).
+fn content_length(head: &[u8]) -> usize {
+    String::from_utf8_lossy(head)
+        .lines()
+        .find_map(|l| {
+            let (n, v) = l.split_once(':')?;
+            n.trim()
+                .eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().ok())
+                .flatten()
+        })
+        .unwrap_or(0)
+}
+
+async fn connection(mut client: TcpStream, upstream: SocketAddr) {
+    let _ = client.set_nodelay(true);
+    let mut req = Vec::with_capacity(4096);
+    let mut resp = Vec::with_capacity(4096);
+    loop {
+        let end = loop {
+            if let Some(end) = head_end(&req) {
+                break end;
+            }
+            if req.len() > MAX_HEAD || !matches!(client.read_buf(&mut req).await, Ok(n) if n > 0) {
+                return;
+            }
+        };
+        let close = has_header(&req[..end], "connection", "close");
+        let Ok(mut up) = TcpStream::connect(upstream).await else {
+            return;
+        };
+        let _ = up.set_nodelay(true);
+        if up.write_all(&req[..end]).await.is_err() {
+            return;
+        }
+        req.drain(..end);
+        resp.clear();
+        let total = loop {
+            if let Some(h) = head_end(&resp) {
+                let total = h + content_length(&resp[..h]);
+                if resp.len() >= total {
+                    break total;
+                }
+            }
+            if resp.len() > MAX_HEAD || !matches!(up.read_buf(&mut resp).await, Ok(n) if n > 0) {
+                return;
+            }
+        };
+        drop(up);
+        resp.truncate(total);
+        if !close {
+            // Keep the client's connection: drop the upstream's
+            // `Connection: close` line (the emulator closes every one).
+            let h = head_end(&resp).unwrap_or(0);
+            let body = resp.split_off(h);
+            let head: String = String::from_utf8_lossy(&resp)
+                .split_inclusive("\r\n")
+                .filter(|l| !has_header(l.as_bytes(), "connection", "close"))
+                .collect();
+            resp = head.into_bytes();
+            resp.extend_from_slice(&body);
+        }
+        if client.write_all(&resp).await.is_err() || close {
+            return;
+        }
+    }
+}
