@@ -166,8 +166,12 @@ impl Directory {
             std::path::Path::new("/proc"),
         ) {
             Ok(list) => {
-                c.containers = list.unwrap_or_default();
-                c.forget_derived();
+                let list = list.unwrap_or_default();
+                // An unchanged listing keeps what was derived from it.
+                if list != c.containers {
+                    c.containers = list;
+                    c.forget_derived();
+                }
             }
             Err(e) => warn!(error = %format!("{e:#}"), "proxy: cannot list containers"),
         }
@@ -217,13 +221,17 @@ impl Directory {
     /// namespace holds the peer of host port `port`: one namespace, whose
     /// containers' files may differ.
     fn netns_of_port(&self, c: &mut Cache, port: &Link) -> Vec<String> {
-        let Some(peer) = port.peer_netns else {
-            return Vec::new();
-        };
+        port.peer_netns
+            .map_or_else(Vec::new, |peer| self.paths_in_netns(c, peer))
+    }
+
+    /// The namespace files (sorted) of the listed containers whose
+    /// namespace has id `id`.
+    fn paths_in_netns(&self, c: &mut Cache, id: i32) -> Vec<String> {
         let mut paths: Vec<String> = self
             .netns_ids(c)
             .iter()
-            .filter(|(_, id)| **id == Some(peer))
+            .filter(|(_, i)| **i == Some(id))
             .map(|(p, _)| p.clone())
             .collect();
         paths.sort();
@@ -278,6 +286,11 @@ impl Directory {
                 return None;
             }
             self.refresh_containers(&mut c);
+            // Also when the listing is unchanged: a namespace id read
+            // before the container's veth existed (CNI plugins add it after
+            // the container started) was none. Once per mark: the answer
+            // is remembered below.
+            c.netns_ids = None;
             netns = self.netns_of_port(&mut c, &port);
         }
         let group: Vec<&ContainerFact> = c
@@ -535,11 +548,10 @@ impl metaguard_proxy::Directory for Directory {
                 });
             }
         };
-        let ids = self.netns_ids(&mut c).clone();
         let owner_ns = owner
             .netns
             .as_ref()
-            .and_then(|p| ids.get(p).copied().flatten());
+            .and_then(|p| self.netns_ids(&mut c).get(p).copied().flatten());
         let master = owner_ns.and_then(|id| {
             host.iter()
                 .find(|l| l.master.is_some() && l.peer_netns == Some(id))?
@@ -547,22 +559,16 @@ impl metaguard_proxy::Directory for Directory {
                 .clone()
         });
         let mut netns: Vec<String> = owner.netns.iter().cloned().collect();
+        if let Some(id) = owner_ns {
+            netns.extend(self.paths_in_netns(&mut c, id));
+        }
+        netns.sort();
+        netns.dedup();
         let group: Vec<&ContainerFact> = c
             .containers
             .iter()
-            .filter(|k| {
-                let same = k.netns.as_ref().is_some_and(|p| {
-                    Some(p) == owner.netns.as_ref()
-                        || (owner_ns.is_some() && ids.get(p).copied().flatten() == owner_ns)
-                });
-                if same {
-                    netns.extend(k.netns.iter().cloned());
-                }
-                same && !k.host_network
-            })
+            .filter(|k| !k.host_network && k.netns.as_ref().is_some_and(|p| netns.contains(p)))
             .collect();
-        netns.sort();
-        netns.dedup();
         let group = if group.is_empty() {
             vec![&owner]
         } else {
