@@ -95,6 +95,17 @@ fn copy_headers(from: &HeaderMap, to: &mut HeaderMap, names: &[HeaderName]) {
     }
 }
 
+/// The `Host` header for requests to `upstream`: its address, without the
+/// port when that is 80.
+pub(crate) fn host_header(upstream: SocketAddr) -> HeaderValue {
+    let host = match (upstream.ip(), upstream.port()) {
+        (std::net::IpAddr::V4(ip), 80) => ip.to_string(),
+        (std::net::IpAddr::V6(ip), 80) => format!("[{ip}]"),
+        _ => upstream.to_string(),
+    };
+    HeaderValue::try_from(host).expect("an address and port are a valid header value")
+}
+
 /// Shortens credentials ids in a logged path.
 fn log_path(c: &Canonical, kind: Kind) -> String {
     if kind == Kind::Relay {
@@ -474,11 +485,10 @@ impl Proxy {
     ) -> Outcome {
         // Origin-form target and our own Host: the upstream sees a request
         // for itself, whatever the client wrote.
-        let host = match (upstream.ip(), upstream.port()) {
-            (std::net::IpAddr::V4(ip), 80) => ip.to_string(),
-            (std::net::IpAddr::V6(ip), 80) => format!("[{ip}]"),
-            _ => upstream.to_string(),
-        };
+        let host = &self.upstream_hosts[match kind {
+            Kind::Imds => 0,
+            Kind::Relay => 1,
+        }];
         let mut up = Request::builder()
             .method(req.method().clone())
             .uri(target)
@@ -554,6 +564,18 @@ impl Proxy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn upstreams_are_sent_their_own_host() {
+        for (addr, host) in [
+            ("169.254.169.254:80", "169.254.169.254"),
+            ("[fd00:ec2::254]:80", "[fd00:ec2::254]"),
+            ("127.0.0.1:51679", "127.0.0.1:51679"),
+        ] {
+            let addr: SocketAddr = addr.parse().expect("address");
+            assert_eq!(host_header(addr), host);
+        }
+    }
 
     #[test]
     fn host_header_must_name_an_endpoint() {

@@ -158,6 +158,8 @@ pub const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct Proxy {
     directory: Arc<dyn Directory>,
     upstreams: Upstreams,
+    /// The `Host` header each upstream is sent: [imds, agent].
+    upstream_hosts: [hyper::header::HeaderValue; 2],
     limits: limits::Limits,
     metrics: ProxyMetrics,
     audit: AuditSink,
@@ -182,6 +184,7 @@ impl Proxy {
         let p = &cfg.proxy;
         Arc::new(Proxy {
             limits: limits::Limits::new(p.rate, p.burst, p.max_connections),
+            upstream_hosts: [upstreams.imds, upstreams.agent].map(handler::host_header),
             directory,
             upstreams,
             metrics,

@@ -9,11 +9,11 @@
 //! cross-task wake-ups on the request path (measured: see BENCHMARKS.md,
 //! "Metadata proxy").
 //!
-//! One deadline bounds the whole exchange, connection included: the
-//! runtime's timer wakes its own thread (an `eventfd` write and one more
-//! event per request) whenever a timer is set earlier than any it already
-//! holds, and a separate, shorter connect timeout was just that, on every
-//! request.
+//! One deadline, one timer, bounds the whole exchange, connection
+//! included: the runtime's timer wakes its own thread (an `eventfd` write
+//! and one more event per request) whenever a timer is set earlier than
+//! any it already holds, and a separate, shorter connect timeout was just
+//! that, on every request.
 
 use std::net::SocketAddr;
 
@@ -26,16 +26,31 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 /// Sends `req` to `addr` on a new connection and reads the whole answer,
-/// all before `deadline`.
+/// all before `deadline` (one timer).
 pub async fn exchange(
     addr: SocketAddr,
     req: Request<Full<Bytes>>,
     deadline: Instant,
 ) -> Result<(Parts, Bytes), String> {
-    let stream = tokio::time::timeout_at(deadline, TcpStream::connect(addr))
+    let mut connected = false;
+    let result = tokio::time::timeout_at(deadline, send(addr, req, &mut connected)).await;
+    match result {
+        Ok(r) => r,
+        Err(_) if connected => Err(format!("{addr} did not answer in time")),
+        Err(_) => Err(format!("connecting to {addr} timed out")),
+    }
+}
+
+/// [`exchange`] without its deadline; sets `connected` once connected.
+async fn send(
+    addr: SocketAddr,
+    req: Request<Full<Bytes>>,
+    connected: &mut bool,
+) -> Result<(Parts, Bytes), String> {
+    let stream = TcpStream::connect(addr)
         .await
-        .map_err(|_| format!("connecting to {addr} timed out"))?
         .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+    *connected = true;
     // Requests are one small write; never wait for an ACK to send it.
     let _ = stream.set_nodelay(true);
     let io = crate::io::CloseWithoutShutdown(TokioIo::new(stream));
@@ -48,24 +63,19 @@ pub async fn exchange(
         let bytes = body.collect().await?.to_bytes();
         Ok::<_, hyper::Error>((parts, bytes))
     };
-    let both = async move {
-        let mut conn = std::pin::pin!(conn);
-        let mut answer = std::pin::pin!(answer);
-        tokio::select! {
-            biased;
-            r = &mut answer => r.map_err(|e| e.to_string()),
-            // The upstream closed: whatever it sent is already in the
-            // answer's channel, or the answer fails.
-            c = &mut conn => match c {
-                Ok(()) => answer.await.map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
-            },
-        }
-        // Dropping `conn` closes the socket: nothing is reused.
-    };
-    tokio::time::timeout_at(deadline, both)
-        .await
-        .map_err(|_| format!("{addr} did not answer in time"))?
+    let mut conn = std::pin::pin!(conn);
+    let mut answer = std::pin::pin!(answer);
+    tokio::select! {
+        biased;
+        r = &mut answer => r.map_err(|e| e.to_string()),
+        // The upstream closed: whatever it sent is already in the answer's
+        // channel, or the answer fails.
+        c = &mut conn => match c {
+            Ok(()) => answer.await.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        },
+    }
+    // Dropping `conn` closes the socket: nothing is reused.
 }
 
 #[cfg(test)]
