@@ -49,9 +49,55 @@ fn lab_netns(name: &str) -> Result<Netns, LabError> {
     )?)
 }
 
+/// Whether something accepts TCP connections on `listen`, asked from a
+/// thread inside `ns` (one connect, 200 ms at most).
+fn accepts(ns: &Netns, listen: SocketAddr) -> Result<bool, LabError> {
+    Ok(ns
+        .spawn_thread("ready", move || {
+            TcpStream::connect_timeout(&listen, Duration::from_millis(200)).is_ok()
+        })?
+        .join()
+        .unwrap_or(false))
+}
+
+/// Why a server started in a lab namespace did not become ready.
+#[derive(Debug)]
+pub enum NotReady {
+    /// The process exited.
+    Exited(std::process::ExitStatus),
+    /// Nothing accepted connections in time.
+    TimedOut,
+    Lab(LabError),
+}
+
+/// Waits, `within` at most, until `child` — started inside `ns` — accepts
+/// TCP connections on `listen` (asked from inside `ns`) and `ready` holds
+/// too.
+pub fn wait_accepting(
+    ns: &Netns,
+    listen: SocketAddr,
+    child: &mut Child,
+    within: Duration,
+    ready: impl Fn() -> bool,
+) -> Result<(), NotReady> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(NotReady::Exited(status));
+        }
+        if accepts(ns, listen).map_err(NotReady::Lab)? && ready() {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(NotReady::TimedOut);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// A child process that is killed and reaped when dropped.
 #[derive(Debug)]
-struct Reaped(Child);
+pub struct Reaped(pub Child);
 
 impl Drop for Reaped {
     fn drop(&mut self) {
@@ -438,30 +484,21 @@ impl Nginx {
             work_dir: work_dir.to_path_buf(),
         };
         // On any error below, dropping `nginx` stops what was started.
-        let deadline = Instant::now() + NGINX_READY;
-        loop {
-            if let Some(master) = nginx.master.as_mut() {
-                if let Ok(Some(status)) = master.try_wait() {
-                    return Err(nginx.failed(&format!("exited ({status})")));
-                }
-            }
-            let accepted = ns
-                .spawn_thread("nginx-ready", move || {
-                    TcpStream::connect_timeout(&listen, Duration::from_millis(200)).is_ok()
-                })?
-                .join()
-                .unwrap_or(false);
-            // The master listens before it forks the workers: ready once
-            // a connection is accepted and a worker exists to serve it.
-            if accepted && nginx.pids().len() > 1 {
-                return Ok(nginx);
-            }
-            if Instant::now() >= deadline {
-                return Err(nginx.failed(&format!(
-                    "does not accept on {listen} after {NGINX_READY:?}"
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        let Some(master) = nginx.master.as_mut() else {
+            return Err(nginx.failed("not started"));
+        };
+        let pid = master.id();
+        // The master listens before it forks the workers: ready once a
+        // connection is accepted and a worker exists to serve it.
+        match wait_accepting(&ns, listen, master, NGINX_READY, || {
+            !children_of(pid).is_empty()
+        }) {
+            Ok(()) => Ok(nginx),
+            Err(NotReady::Exited(status)) => Err(nginx.failed(&format!("exited ({status})"))),
+            Err(NotReady::TimedOut) => Err(nginx.failed(&format!(
+                "does not accept on {listen} after {NGINX_READY:?}"
+            ))),
+            Err(NotReady::Lab(e)) => Err(e),
         }
     }
 
@@ -609,8 +646,9 @@ pub fn hwm_kib(pid: u32) -> Option<u64> {
 }
 
 /// CPU time (user + system) `pid` has used so far, all its threads, in
-/// seconds; none for a gone process. Resolution: one clock tick (10 ms).
-pub fn cpu_seconds(pid: u32) -> Option<f64> {
+/// clock ticks (`rustix::param::clock_ticks_per_second`); none for a gone
+/// process.
+pub fn cpu_ticks(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let field = |n| {
         metaguard_sys::process::stat_field(&stat, n)?
@@ -618,8 +656,12 @@ pub fn cpu_seconds(pid: u32) -> Option<f64> {
             .ok()
     };
     // utime and stime
-    let ticks = field(14)? + field(15)?;
-    Some(ticks as f64 / rustix::param::clock_ticks_per_second() as f64)
+    Some(field(14)? + field(15)?)
+}
+
+/// [`cpu_ticks`] in seconds. Resolution: one clock tick (10 ms).
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    Some(cpu_ticks(pid)? as f64 / rustix::param::clock_ticks_per_second() as f64)
 }
 
 #[cfg(test)]

@@ -967,10 +967,10 @@ imds          = "deny"
     fn serve_task_metadata(&self, awsvpc_arn: &str, rows: &[(Workload, String, String, &str)]) {
         let doc = |w: Workload, id: &str, name: &str, mode: &str, task_arn: &str| {
             let ip = match w {
-                Workload::BridgeC1 => "172.17.0.2",
-                Workload::BridgeC2 => "172.17.0.3",
-                Workload::AwsvpcTask => "10.0.0.20",
-                _ => "10.0.0.10",
+                Workload::BridgeC1 => "172.17.0.2".to_string(),
+                Workload::BridgeC2 => "172.17.0.3".to_string(),
+                Workload::AwsvpcTask => addr::TASK_ENI_V4.to_string(),
+                _ => addr::HOST_V4.to_string(),
             };
             serde_json::json!({
                 "DockerId": id,

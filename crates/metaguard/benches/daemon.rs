@@ -58,11 +58,6 @@ fn proc_field(pid: u32, key: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// CPU time `pid` has used, in clock ticks (1/100 s).
-fn cpu_ticks(pid: u32) -> u64 {
-    (loadgen::cpu_seconds(pid).unwrap_or(0.0) * 100.0).round() as u64
-}
-
 fn pct(v: &[f64], p: f64) -> f64 {
     let mut v = v.to_vec();
     v.sort_by(f64::total_cmp);
@@ -159,9 +154,10 @@ fn run(full: bool) -> Result<(), String> {
 
     // 3. Idle CPU.
     let idle_secs = if full { 10 } else { 1 };
-    let c0 = cpu_ticks(pid);
+    let ticks = || loadgen::cpu_ticks(pid).unwrap_or(0);
+    let c0 = ticks();
     std::thread::sleep(Duration::from_secs(idle_secs));
-    let idle_ticks = cpu_ticks(pid) - c0;
+    let idle_ticks = ticks().saturating_sub(c0);
 
     let report = format!(
         "| heal latency over {flushes} `nft flush ruleset` | p50 | p99 | max |\n|---|---:|---:|---:|\n\
@@ -169,13 +165,14 @@ fn run(full: bool) -> Result<(), String> {
          | daemon RSS | before churn | mid-churn | after {churn} task namespaces created and deleted |\n|---|---:|---:|---:|\n\
          | VmRSS | {} KiB | {} KiB | {} KiB |\n\n\
          Churn: {churn} namespaces in {churn_secs:.1} s, {guarded} of them guarded before deletion (each got a table and a monitor, then was forgotten).\n\n\
-         Idle: {idle_ticks} clock ticks (1/100 s) of CPU in {idle_secs} s.\n",
+         Idle: {idle_ticks} clock ticks (1/{hz} s) of CPU in {idle_secs} s.\n",
         pct(&heal_ms, 0.5),
         pct(&heal_ms, 0.99),
         pct(&heal_ms, 1.0),
         rss_before,
         rss_mid,
         rss_after,
+        hz = rustix::param::clock_ticks_per_second(),
     );
     println!("{report}");
     drop(daemon);

@@ -195,29 +195,19 @@ fn direct_variant(lab: &Lab) -> Variant {
 }
 
 /// (d) the floor relay ([`floor`]): this binary again, in the lab host's
-/// namespace on docker0's address, relaying to the emulator.
-struct FloorRelay(std::process::Child);
+/// namespace on docker0's address, relaying to the emulator; killed and
+/// reaped on drop.
+struct FloorRelay(loadgen::Reaped);
 
 impl Proxy for FloorRelay {
     fn pids(&self) -> Vec<u32> {
-        vec![self.0.id()]
-    }
-}
-
-impl Drop for FloorRelay {
-    fn drop(&mut self) {
-        // Our own child, by its pid.
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        vec![self.0 .0.id()]
     }
 }
 
 fn floor_variant(lab: &Lab) -> Result<Variant, String> {
     let listen = SocketAddr::new(addr::DOCKER0_V4.into(), FLOOR_PORT);
-    let ns = metaguard_sys::netns::Netns::open_not_root(
-        std::path::Path::new(metaguard_sys::netns::NETNS_RUN_DIR).join(lab.netns_name(Role::Host)),
-    )
-    .map_err(|e| e.to_string())?;
+    let ns = lab.netns(Role::Host);
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let mut command = std::process::Command::new(exe);
     command
@@ -226,33 +216,20 @@ fn floor_variant(lab: &Lab) -> Result<Variant, String> {
         .arg(format!("{}:80", addr::IMDS_V4))
         .stdin(std::process::Stdio::null());
     ns.command(&mut command).map_err(|e| e.to_string())?;
-    let mut relay = FloorRelay(
+    let mut relay = FloorRelay(loadgen::Reaped(
         command
             .spawn()
             .map_err(|e| format!("starting the floor relay: {e}"))?,
-    );
-    let deadline = std::time::Instant::now() + FLOOR_READY;
-    loop {
-        if let Ok(Some(status)) = relay.0.try_wait() {
-            return Err(format!("the floor relay exited ({status})"));
-        }
-        let accepted = ns
-            .spawn_thread("floor-ready", move || {
-                std::net::TcpStream::connect_timeout(&listen, Duration::from_millis(200)).is_ok()
-            })
-            .map_err(|e| e.to_string())?
-            .join()
-            .unwrap_or(false);
-        if accepted {
-            break;
-        }
-        if std::time::Instant::now() >= deadline {
-            return Err(format!(
-                "the floor relay does not accept on {listen} after {FLOOR_READY:?}"
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    ));
+    loadgen::wait_accepting(ns, listen, &mut relay.0 .0, FLOOR_READY, || true).map_err(
+        |e| match e {
+            loadgen::NotReady::Exited(status) => format!("the floor relay exited ({status})"),
+            loadgen::NotReady::TimedOut => {
+                format!("the floor relay does not accept on {listen} after {FLOOR_READY:?}")
+            }
+            loadgen::NotReady::Lab(e) => e.to_string(),
+        },
+    )?;
     Ok(Variant {
         label: format!("(d) floor: minimal tokio relay ({listen})"),
         from: lab.netns_name(Role::C1),
@@ -331,6 +308,11 @@ struct Series {
     values: [Vec<f64>; 3],
     /// The proxy's CPU time (all its processes) per request, µs, per round.
     cpu_us: Vec<f64>,
+    /// Per round, against (a)'s figures of the same round: ratios indexed
+    /// like [`METRICS`], added p50 and p99 (ms), requests/s over nginx's.
+    ratios: [Vec<f64>; 3],
+    added_ms: [Vec<f64>; 2],
+    over_c: Vec<f64>,
     requests: u64,
     non_2xx: u64,
     socket_errors: u64,
@@ -473,24 +455,10 @@ fn run(full: bool) -> Result<(), String> {
             measure(&lab, v, 1, loads[2])?;
         }
     }
-    // series[load][variant], ratios[load][variant][metric] against (a).
+    // series[load][variant]
     let mut series: Vec<Vec<Series>> = loads
         .iter()
         .map(|_| variants.iter().map(|_| Series::default()).collect())
-        .collect();
-    let mut ratios: Vec<Vec<[Vec<f64>; 3]>> = loads
-        .iter()
-        .map(|_| variants.iter().map(|_| Default::default()).collect())
-        .collect();
-    // Added latency over (a), ms, per round: [load][variant][p50, p99].
-    let mut added: Vec<Vec<[Vec<f64>; 2]>> = loads
-        .iter()
-        .map(|_| variants.iter().map(|_| Default::default()).collect())
-        .collect();
-    // Requests/s over nginx's, per round: [load][variant].
-    let mut over_c: Vec<Vec<Vec<f64>>> = loads
-        .iter()
-        .map(|_| variants.iter().map(|_| Vec::new()).collect())
         .collect();
     for round in 0..rounds as usize {
         for (l, load) in loads.iter().enumerate() {
@@ -523,17 +491,14 @@ fn run(full: bool) -> Result<(), String> {
             };
             for (i, r) in results.iter().enumerate().skip(1) {
                 let Some(r) = r else { continue };
+                let s = &mut series[l][i];
                 for (m, (value, base)) in metrics(r).into_iter().zip(metrics(direct)).enumerate() {
-                    ratios[l][i][m].push(value / base);
+                    s.ratios[m].push(value / base);
                 }
-                added[l][i][0].push(ms(r.p50) - ms(direct.p50));
-                added[l][i][1].push(ms(r.p99) - ms(direct.p99));
-            }
-            if let Some(c) = &results[nginx] {
-                for (i, r) in results.iter().enumerate().skip(1) {
-                    if let (true, Some(r)) = (i != nginx, r) {
-                        over_c[l][i].push(r.requests_per_sec / c.requests_per_sec);
-                    }
+                s.added_ms[0].push(ms(r.p50) - ms(direct.p50));
+                s.added_ms[1].push(ms(r.p99) - ms(direct.p99));
+                if let (true, Some(c)) = (i != nginx, &results[nginx]) {
+                    s.over_c.push(r.requests_per_sec / c.requests_per_sec);
                 }
             }
         }
@@ -568,26 +533,31 @@ fn run(full: bool) -> Result<(), String> {
             for (v, s) in variants.iter().zip(&series[l]) {
                 report += &row(&v.label, &s.values[t], *prec, unit);
             }
-            for (v, r) in variants.iter().zip(&ratios[l]).skip(1) {
+            for (v, s) in variants.iter().zip(&series[l]).skip(1) {
                 report += &row(
                     &format!("ratio {} / (a) (per round)", short(v)),
-                    &r[t],
+                    &s.ratios[t],
                     3,
                     "",
                 );
             }
             if t == 0 {
-                for (v, r) in variants.iter().zip(&over_c[l]).skip(1) {
-                    if !r.is_empty() {
-                        report += &row(&format!("ratio {} / (c) (per round)", short(v)), r, 3, "");
+                for (v, s) in variants.iter().zip(&series[l]).skip(1) {
+                    if !s.over_c.is_empty() {
+                        report += &row(
+                            &format!("ratio {} / (c) (per round)", short(v)),
+                            &s.over_c,
+                            3,
+                            "",
+                        );
                     }
                 }
             }
             if t > 0 {
-                for (v, a) in variants.iter().zip(&added[l]).skip(1) {
+                for (v, s) in variants.iter().zip(&series[l]).skip(1) {
                     report += &row(
                         &format!("added by {} over (a) (per round)", short(v)),
-                        &a[t - 1],
+                        &s.added_ms[t - 1],
                         3,
                         " ms",
                     );
