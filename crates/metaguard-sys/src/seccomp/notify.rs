@@ -274,13 +274,10 @@ impl Call<'_> {
         Ok(())
     }
 
-    /// A pidfd for the calling thread: a thread pidfd where the kernel has
-    /// them (6.9+), else its thread group's. Thread pidfds are reused from
-    /// this worker's [`PIDFDS`] cache; only a fresh one is opened here.
+    /// A fresh pidfd for the calling thread: a thread pidfd where the
+    /// kernel has them (6.9+), else its thread group's. (Callers look in
+    /// this worker's [`PIDFDS`] cache first.)
     fn pidfd(&self) -> Result<Rc<OwnedFd>, i32> {
-        if let Some(p) = cached_pidfd(self.tid) {
-            return Ok(p);
-        }
         let tid = Pid::from_raw(self.tid as i32).ok_or(libc::ESRCH)?;
         if !NO_THREAD_PIDFD.load(Ordering::Relaxed) {
             // PIDFD_THREAD is O_EXCL.
@@ -576,7 +573,7 @@ fn copy_msg(
     for c in cmsgs {
         match c {
             Cmsg::Rights { offset, count } => {
-                let pidfd = call.pidfd()?;
+                let pidfd = cached_pidfd(call.tid).map_or_else(|| call.pidfd(), Ok)?;
                 for i in 0..count {
                     let at = offset + 4 * i;
                     let theirs = sockaddr::read_i32(&control, at);
