@@ -6,7 +6,8 @@ use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
 
 use netlink_packet_core::{
-    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_REQUEST,
+    NetlinkHeader, NetlinkMessage, NetlinkPayload, NetlinkSerializable, NLM_F_DUMP,
+    NLM_F_DUMP_INTR, NLM_F_REQUEST,
 };
 use netlink_packet_route::link::{LinkAttribute, LinkMessage};
 use netlink_packet_route::nsid::{NsidAttribute, NsidMessage};
@@ -41,10 +42,12 @@ fn open() -> io::Result<Socket> {
     kernel_socket(NETLINK_ROUTE)
 }
 
-fn send(socket: &Socket, flags: u16, msg: RouteNetlinkMessage) -> io::Result<()> {
+/// Sends one request of any netlink family (`flags` with
+/// `NLM_F_REQUEST`).
+pub(crate) fn send<T: NetlinkSerializable>(socket: &Socket, flags: u16, msg: T) -> io::Result<()> {
     let mut header = NetlinkHeader::default();
     header.flags = flags;
-    let mut packet = NetlinkMessage::new(header, msg.into());
+    let mut packet = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(msg));
     packet.finalize();
     let mut buf = vec![0; packet.buffer_len()];
     packet.serialize(&mut buf);

@@ -11,7 +11,7 @@
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 
-use netlink_packet_core::{NetlinkHeader, NetlinkMessage, NetlinkPayload, Nla as _, NLM_F_REQUEST};
+use netlink_packet_core::{NetlinkMessage, NetlinkPayload, Nla as _, NLM_F_REQUEST};
 use netlink_packet_sock_diag::constants::{AF_INET, AF_INET6, IPPROTO_TCP, TCP_LISTEN};
 use netlink_packet_sock_diag::inet::nlas::Nla;
 use netlink_packet_sock_diag::inet::{ExtensionFlags, InetRequest, SocketId, StateFlags};
@@ -51,10 +51,9 @@ fn lookup(socket: &Socket, local: SocketAddr, remote: SocketAddr) -> io::Result<
         (IpAddr::V6(_), IpAddr::V6(_)) => AF_INET6,
         _ => return Ok(None),
     };
-    let mut header = NetlinkHeader::default();
-    header.flags = NLM_F_REQUEST;
-    let mut packet = NetlinkMessage::new(
-        header,
+    crate::rtnl::send(
+        socket,
+        NLM_F_REQUEST,
         SockDiagMessage::InetRequest(InetRequest {
             family,
             protocol: IPPROTO_TCP,
@@ -69,13 +68,8 @@ fn lookup(socket: &Socket, local: SocketAddr, remote: SocketAddr) -> io::Result<
                 // INET_DIAG_NOCOOKIE: match on the addresses alone.
                 cookie: [0xff; 8],
             },
-        })
-        .into(),
-    );
-    packet.finalize();
-    let mut request = vec![0; packet.buffer_len()];
-    packet.serialize(&mut request);
-    socket.send(&request, 0)?;
+        }),
+    )?;
     let mut answer = vec![0u8; 8192];
     let n = socket.recv(&mut &mut answer[..], 0)?;
     let message = NetlinkMessage::<SockDiagMessage>::deserialize(&answer[..n])
