@@ -584,8 +584,6 @@ impl Signals {
     }
 }
 
-/// Whether `p` is a namespace file (an nsfs bind mount), not the empty file
-/// `ip netns add` creates first.
 /// One proxy worker: a single-threaded runtime serving its own copy of
 /// every listener, so a connection and its requests stay on this thread.
 fn serve_proxy(
@@ -615,6 +613,8 @@ fn serve_proxy(
     });
 }
 
+/// Whether `p` is a namespace file (an nsfs bind mount), not the empty file
+/// `ip netns add` creates first.
 fn is_nsfs(p: &Path) -> bool {
     use std::os::unix::fs::MetadataExt;
     match (std::fs::metadata(p), p.parent().map(std::fs::metadata)) {
