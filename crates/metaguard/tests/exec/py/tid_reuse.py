@@ -7,8 +7,10 @@ pidfd per thread id, which must never stand for a new thread with an old
 id. Prints one JSON line: how many threads reused the id, and errors.
 """
 import json
+import os
 import socket
 import threading
+import time
 
 srv = socket.socket()
 srv.bind(("127.0.0.1", 0))
@@ -34,6 +36,16 @@ def connect(tids, pad):
         x.close()
 
 
+def released(tid):
+    """Waits (1 s at most) until thread id `tid` is free again: a joined
+    thread's id is released only when the kernel reaps the thread, a little
+    after the join returns."""
+    for _ in range(1000):
+        if not os.path.exists(f"/proc/self/task/{tid}"):
+            return
+        time.sleep(0.001)
+
+
 def in_thread(pad):
     tids = []
     t = threading.Thread(target=connect, args=(tids, pad))
@@ -45,6 +57,7 @@ def in_thread(pad):
 first = in_thread(0)
 reused = 0
 for i in range(1, 9):
+    released(first)
     with open("/proc/sys/kernel/ns_last_pid", "w") as f:
         f.write(str(first - 1))
     if in_thread(i) == first:
