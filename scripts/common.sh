@@ -18,6 +18,10 @@ APT_PACKAGES+=(shellcheck systemd lintian man-db python3-yaml python3-jsonschema
 # build time against libbpf's headers (bpf_helpers.h) and the kernel UAPI
 # headers (linux-libc-dev); aya loads the object, so no libbpf at run time.
 APT_PACKAGES+=(clang libbpf-dev linux-libc-dev)
+# The machine lab (tests/machine): a Debian root file system built once with
+# mmdebstrap (scripts/init-rootfs) and booted with systemd-nspawn; bpftool
+# detaches and unpins the BPF layer's links in its tests.
+APT_PACKAGES+=(mmdebstrap systemd-container bpftool)
 # The load generator of the proxy benchmark (benches/proxy.rs): wrk, run only
 # inside lab namespaces. nginx, its reference proxy, is extracted, never
 # installed (ensure_nginx).
@@ -86,6 +90,11 @@ ensure_cloud_init() {
   mkdir -p "$dest"
   dpkg -x "$tmp"/cloud-init_*.deb "$dest"
   rm -rf "$tmp"
+}
+
+# The machine lab's root file system (target/init-lab/rootfs), once.
+ensure_init_rootfs() {
+  "$REPO/scripts/init-rootfs"
 }
 
 # cargo-deb builds the .deb (scripts/package, tests/deploy); ≈1 min once.

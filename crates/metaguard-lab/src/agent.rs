@@ -77,6 +77,49 @@ struct ErrorMessage<'a> {
     http_error_code: u16,
 }
 
+/// A container's task-metadata (v4) document, with what the real agent's
+/// carries — ARNs, the cluster, networks, labels — so that redaction has
+/// something to remove.
+pub fn container_document(
+    docker_id: &str,
+    name: &str,
+    network_mode: &str,
+    ipv4: &str,
+    task_arn: &str,
+) -> serde_json::Value {
+    serde_json::json!({
+        "DockerId": docker_id,
+        "Name": name,
+        "DockerName": name,
+        "Image": "public.ecr.aws/lab/app:latest",
+        "Labels": {"com.amazonaws.ecs.task-arn": task_arn, "com.amazonaws.ecs.cluster": "lab"},
+        "DesiredStatus": "RUNNING",
+        "KnownStatus": "RUNNING",
+        "Type": "NORMAL",
+        "ContainerARN": format!("arn:aws:ecs:us-east-1:111122223333:container/lab/{docker_id}"),
+        "Networks": [{"NetworkMode": network_mode, "IPv4Addresses": [ipv4]}],
+    })
+}
+
+/// A task's metadata (v4) document with its containers' documents.
+pub fn task_document(
+    arn: &str,
+    family: &str,
+    containers: Vec<serde_json::Value>,
+) -> serde_json::Value {
+    serde_json::json!({
+        "Cluster": "arn:aws:ecs:us-east-1:111122223333:cluster/lab",
+        "TaskARN": arn,
+        "Family": family,
+        "Revision": "1",
+        "DesiredStatus": "RUNNING",
+        "KnownStatus": "RUNNING",
+        "AvailabilityZone": "us-east-1a",
+        "LaunchType": "EC2",
+        "Containers": containers,
+    })
+}
+
 /// The ECS agent credentials emulator. Clones share state.
 #[derive(Clone, Debug, Default)]
 pub struct AgentEmulator {

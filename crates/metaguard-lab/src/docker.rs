@@ -7,6 +7,12 @@
 //!
 //! Containers are added and removed at run time; each change is streamed to
 //! `/events` subscribers as Docker does (`start`, `die`).
+//!
+//! With a [`Runtime`] ([`FakeDocker::with_runtime`]) it also takes the
+//! calls `docker run` makes — `POST /containers/create`, `…/start`,
+//! `…/stop`, `…/kill`, `DELETE /containers/{id}` — and the runtime makes
+//! each container real (the machine lab's stand-in dockerd, see
+//! [`crate::standin`]). Without one those calls answer `501`.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -36,6 +42,44 @@ pub struct FakeContainer {
     pub pid: u32,
     /// Its network namespace file (`NetworkSettings.SandboxKey`).
     pub sandbox_key: String,
+    /// `Config.User` (empty: root).
+    pub user: String,
+    /// Running (listed by `/containers/json`), or created/stopped.
+    pub running: bool,
+}
+
+/// What `POST /containers/create` takes (the fields `docker run` sends
+/// that the lab uses).
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct CreateRequest {
+    #[serde(default)]
+    pub image: String,
+    #[serde(default)]
+    pub env: Vec<String>,
+    #[serde(default)]
+    pub labels: HashMap<String, String>,
+    #[serde(default)]
+    pub user: String,
+    #[serde(default)]
+    pub host_config: CreateHostConfig,
+}
+
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct CreateHostConfig {
+    #[serde(default)]
+    pub network_mode: String,
+}
+
+/// Makes containers real: their namespace, links and process.
+pub trait Runtime: Send + Sync + std::fmt::Debug + 'static {
+    /// Starts `c` (its network mode says how), filling in its `pid` and
+    /// `sandbox_key`. `running` lists the containers already running (for
+    /// `container:<id>` modes).
+    fn start(&self, c: &mut FakeContainer, running: &[FakeContainer]) -> Result<(), String>;
+    /// Ends `c`'s process and removes what `start` made.
+    fn stop(&self, c: &FakeContainer);
 }
 
 impl FakeContainer {
@@ -58,8 +102,8 @@ impl FakeContainer {
             "Created": 1_700_000_000,
             "Ports": [],
             "Labels": self.labels,
-            "State": "running",
-            "Status": "Up 5 minutes",
+            "State": if self.running { "running" } else { "created" },
+            "Status": if self.running { "Up 5 minutes" } else { "Created" },
             "HostConfig": { "NetworkMode": self.network_mode },
             "NetworkSettings": { "Networks": {} },
             "Mounts": []
@@ -73,8 +117,10 @@ impl FakeContainer {
             "Path": "/pause",
             "Args": [],
             "State": {
-                "Status": "running", "Running": true, "Paused": false, "Restarting": false,
-                "OOMKilled": false, "Dead": false, "Pid": self.pid, "ExitCode": 0, "Error": "",
+                "Status": if self.running { "running" } else { "created" },
+                "Running": self.running, "Paused": false, "Restarting": false,
+                "OOMKilled": false, "Dead": false,
+                "Pid": if self.running { self.pid } else { 0 }, "ExitCode": 0, "Error": "",
                 "StartedAt": "2026-11-23T10:00:01.000000000Z", "FinishedAt": "0001-01-01T00:00:00Z"
             },
             "Image": format!("sha256:{}", "0".repeat(64)),
@@ -89,6 +135,7 @@ impl FakeContainer {
             },
             "Config": {
                 "Hostname": &self.id[..12],
+                "User": self.user,
                 "Env": self.env,
                 "Image": self.image,
                 "Labels": self.labels
@@ -108,6 +155,8 @@ struct State {
     containers: Vec<FakeContainer>,
     /// Every event sent, for `/events?since=` replays.
     history: Vec<Value>,
+    /// Containers created so far (for fresh ids).
+    created: u64,
 }
 
 /// The fake API. Cheap to clone.
@@ -116,7 +165,10 @@ pub struct FakeDocker {
     state: Arc<Mutex<State>>,
     events: broadcast::Sender<Value>,
     socket: PathBuf,
+    runtime: Option<Arc<dyn Runtime>>,
 }
+
+type Reply = Response<BoxBody<Bytes, Infallible>>;
 
 impl FakeDocker {
     pub fn new(socket: &Path) -> FakeDocker {
@@ -125,6 +177,16 @@ impl FakeDocker {
             state: Arc::default(),
             events,
             socket: socket.to_path_buf(),
+            runtime: None,
+        }
+    }
+
+    /// A fake API whose create/start/stop calls make real containers
+    /// through `runtime`.
+    pub fn with_runtime(socket: &Path, runtime: Arc<dyn Runtime>) -> FakeDocker {
+        FakeDocker {
+            runtime: Some(runtime),
+            ..FakeDocker::new(socket)
         }
     }
 
@@ -153,11 +215,137 @@ impl FakeDocker {
     }
 
     /// Adds a running container and emits `start`.
-    pub fn start(&self, c: FakeContainer) {
+    pub fn start(&self, mut c: FakeContainer) {
+        c.running = true;
         self.event("start", &c);
         let mut st = self.lock();
         st.containers.retain(|x| x.id != c.id);
         st.containers.push(c);
+    }
+
+    /// Every container's id (running or not), for a runtime's shutdown.
+    pub fn ids(&self) -> Vec<String> {
+        self.lock()
+            .containers
+            .iter()
+            .map(|c| c.id.clone())
+            .collect()
+    }
+
+    /// `POST /containers/create?name=NAME`: records a created container.
+    pub fn create(&self, name: &str, req: CreateRequest) -> Result<String, (u16, String)> {
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+        {
+            return Err((
+                400,
+                format!(
+                    "Invalid container name ({name:?}), only [a-zA-Z0-9][a-zA-Z0-9_.-] are allowed"
+                ),
+            ));
+        }
+        let mut st = self.lock();
+        if st.containers.iter().any(|c| c.name == name) {
+            return Err((
+                409,
+                format!("Conflict. The container name \"/{name}\" is already in use"),
+            ));
+        }
+        st.created += 1;
+        let id = FakeContainer::id_for(&format!(
+            "{name}/{}/{}",
+            st.created,
+            crate::log::now_unix_ms()
+        ));
+        let c = FakeContainer {
+            id: id.clone(),
+            name: name.to_string(),
+            image: req.image,
+            labels: req.labels,
+            env: req.env,
+            network_mode: if req.host_config.network_mode.is_empty() {
+                "bridge".into()
+            } else {
+                req.host_config.network_mode
+            },
+            pid: 0,
+            sandbox_key: String::new(),
+            user: req.user,
+            running: false,
+        };
+        st.containers.push(c.clone());
+        drop(st);
+        self.event("create", &c);
+        Ok(id)
+    }
+
+    /// `POST /containers/{id}/start` through the runtime.
+    pub fn start_created(&self, id_or_name: &str) -> Result<(), (u16, String)> {
+        let runtime = self
+            .runtime
+            .clone()
+            .ok_or((501, "no runtime".to_string()))?;
+        let (mut c, running) = {
+            let st = self.lock();
+            let c = st
+                .containers
+                .iter()
+                .find(|c| matches_ref(c, id_or_name))
+                .cloned()
+                .ok_or((404, format!("No such container: {id_or_name}")))?;
+            let running: Vec<FakeContainer> = st
+                .containers
+                .iter()
+                .filter(|c| c.running)
+                .cloned()
+                .collect();
+            (c, running)
+        };
+        if c.running {
+            return Err((304, String::new()));
+        }
+        runtime.start(&mut c, &running).map_err(|e| (500, e))?;
+        c.running = true;
+        {
+            let mut st = self.lock();
+            if let Some(slot) = st.containers.iter_mut().find(|x| x.id == c.id) {
+                *slot = c.clone();
+            }
+        }
+        self.event("start", &c);
+        Ok(())
+    }
+
+    /// `POST /containers/{id}/stop` (or `kill`) through the runtime; with
+    /// `remove`, also `DELETE /containers/{id}`.
+    pub fn stop_container(&self, id_or_name: &str, remove: bool) -> Result<(), (u16, String)> {
+        let c = self
+            .lock()
+            .containers
+            .iter()
+            .find(|c| matches_ref(c, id_or_name))
+            .cloned()
+            .ok_or((404, format!("No such container: {id_or_name}")))?;
+        if c.running {
+            if let Some(rt) = &self.runtime {
+                rt.stop(&c);
+            }
+            let mut st = self.lock();
+            if let Some(slot) = st.containers.iter_mut().find(|x| x.id == c.id) {
+                slot.running = false;
+                slot.pid = 0;
+            }
+            drop(st);
+            self.event("die", &c);
+            self.event("stop", &c);
+        }
+        if remove {
+            self.lock().containers.retain(|x| x.id != c.id);
+            self.event("destroy", &c);
+        }
+        Ok(())
     }
 
     /// Removes a container and emits `die`.
@@ -174,7 +362,7 @@ impl FakeDocker {
         }
     }
 
-    fn list(&self, filters: Option<&Value>) -> Value {
+    fn list(&self, filters: Option<&Value>, all: bool) -> Value {
         let st = self.lock();
         let labels: Vec<String> = filters
             .and_then(|f| f.get("label"))
@@ -196,18 +384,17 @@ impl FakeDocker {
         Value::Array(
             st.containers
                 .iter()
-                .filter(|c| matches(c))
+                .filter(|c| (all || c.running) && matches(c))
                 .map(FakeContainer::summary)
                 .collect(),
         )
     }
 
     fn find(&self, id_or_name: &str) -> Option<FakeContainer> {
-        let key = id_or_name.trim_start_matches('/');
         self.lock()
             .containers
             .iter()
-            .find(|c| c.id == key || c.name == key || (key.len() >= 12 && c.id.starts_with(key)))
+            .find(|c| matches_ref(c, id_or_name))
             .cloned()
     }
 
@@ -221,7 +408,26 @@ impl FakeDocker {
             tokio::task::spawn_local(async move {
                 let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                     let me = me.clone();
-                    async move { Ok::<_, Infallible>(me.route(&req)) }
+                    async move {
+                        let (parts, body) = req.into_parts();
+                        let body = match body.collect().await {
+                            Ok(b) => b.to_bytes(),
+                            Err(_) => Bytes::new(),
+                        };
+                        let reply = if parts.method == hyper::Method::GET {
+                            me.route(&Request::from_parts(parts, ()))
+                        } else {
+                            // Changes go through the runtime, which blocks
+                            // (ip, systemd-run): off the accept loop.
+                            let me2 = me.clone();
+                            tokio::task::spawn_blocking(move || me2.change(&parts, &body))
+                                .await
+                                .unwrap_or_else(|_| {
+                                    json_resp(500, &json!({"message": "runtime panicked"}))
+                                })
+                        };
+                        Ok::<_, Infallible>(reply)
+                    }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
@@ -230,23 +436,44 @@ impl FakeDocker {
         }
     }
 
-    fn route(&self, req: &Request<hyper::body::Incoming>) -> Response<BoxBody<Bytes, Infallible>> {
-        let path = req.uri().path();
-        // Strip the API version prefix: /v1.43/containers/json
-        let path = match path.strip_prefix("/v") {
-            Some(rest) => rest.find('/').map_or(path, |i| &rest[i..]),
-            None => path,
+    /// `POST`/`DELETE` requests: create, start, stop, kill, remove.
+    fn change(&self, parts: &hyper::http::request::Parts, body: &[u8]) -> Reply {
+        let (path, query) = split_target(parts.uri.path(), parts.uri.query());
+        let result: Result<Reply, (u16, String)> = match (parts.method.as_str(), path) {
+            ("POST", "/containers/create") => {
+                let name = query.get("name").cloned().unwrap_or_default();
+                serde_json::from_slice::<CreateRequest>(body)
+                    .map_err(|e| (400, format!("bad create request: {e}")))
+                    .and_then(|req| self.create(&name, req))
+                    .map(|id| json_resp(201, &json!({"Id": id, "Warnings": []})))
+            }
+            ("POST", p) if p.starts_with("/containers/") => {
+                let rest = &p["/containers/".len()..];
+                match rest.rsplit_once('/') {
+                    Some((id, "start")) => self.start_created(id).map(|()| text(204, "")),
+                    Some((id, "stop" | "kill")) => {
+                        self.stop_container(id, false).map(|()| text(204, ""))
+                    }
+                    _ => Err((404, "page not found".into())),
+                }
+            }
+            ("DELETE", p) if p.starts_with("/containers/") => {
+                let id = &p["/containers/".len()..];
+                self.stop_container(id, true).map(|()| text(204, ""))
+            }
+            _ => Err((404, "page not found".into())),
         };
-        let query: HashMap<String, String> = req
-            .uri()
-            .query()
-            .map(|q| {
-                q.split('&')
-                    .filter_map(|kv| kv.split_once('='))
-                    .map(|(k, v)| (k.to_string(), percent_decode(v)))
-                    .collect()
-            })
-            .unwrap_or_default();
+        result.unwrap_or_else(|(status, message)| {
+            if status == 304 {
+                text(304, "")
+            } else {
+                json_resp(status, &json!({ "message": message }))
+            }
+        })
+    }
+
+    fn route(&self, req: &Request<()>) -> Reply {
+        let (path, query) = split_target(req.uri().path(), req.uri().query());
         let filters: Option<Value> = query
             .get("filters")
             .and_then(|f| serde_json::from_str(f).ok());
@@ -256,7 +483,10 @@ impl FakeDocker {
                 200,
                 &json!({"Version": "25.0.3", "ApiVersion": "1.44", "MinAPIVersion": "1.24", "Os": "linux", "Arch": "amd64"}),
             ),
-            "/containers/json" => json_resp(200, &self.list(filters.as_ref())),
+            "/containers/json" => {
+                let all = query.get("all").is_some_and(|v| v == "1" || v == "true");
+                json_resp(200, &self.list(filters.as_ref(), all))
+            }
             "/events" => {
                 // Subscribe first, then replay what happened since `since`
                 // (seconds, as Docker takes it): nothing falls in between.
@@ -319,6 +549,33 @@ impl FakeDocker {
     }
 }
 
+/// Whether `key` names `c`: its id, a 12+ character id prefix, or its
+/// name (with or without the leading `/`).
+fn matches_ref(c: &FakeContainer, key: &str) -> bool {
+    let key = key.trim_start_matches('/');
+    c.id == key || c.name == key || (key.len() >= 12 && c.id.starts_with(key))
+}
+
+/// The request path without the API version prefix (`/v1.43/…`) and the
+/// query's decoded parameters.
+fn split_target<'a>(path: &'a str, query: Option<&str>) -> (&'a str, HashMap<String, String>) {
+    let path = match path.strip_prefix("/v") {
+        Some(rest) if rest.starts_with(|c: char| c.is_ascii_digit()) => {
+            rest.find('/').map_or(path, |i| &rest[i..])
+        }
+        _ => path,
+    };
+    let query = query
+        .map(|q| {
+            q.split('&')
+                .filter_map(|kv| kv.split_once('='))
+                .map(|(k, v)| (k.to_string(), percent_decode(v)))
+                .collect()
+        })
+        .unwrap_or_default();
+    (path, query)
+}
+
 fn percent_decode(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
@@ -351,7 +608,7 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-fn text(status: u16, body: &str) -> Response<BoxBody<Bytes, Infallible>> {
+fn text(status: u16, body: &str) -> Reply {
     Response::builder()
         .status(status)
         .header("content-type", "text/plain; charset=utf-8")
@@ -359,7 +616,7 @@ fn text(status: u16, body: &str) -> Response<BoxBody<Bytes, Infallible>> {
         .unwrap_or_else(|_| Response::new(BodyExt::boxed(Full::new(Bytes::new()))))
 }
 
-fn json_resp(status: u16, v: &Value) -> Response<BoxBody<Bytes, Infallible>> {
+fn json_resp(status: u16, v: &Value) -> Reply {
     Response::builder()
         .status(status)
         .header("content-type", "application/json")

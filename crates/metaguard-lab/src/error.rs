@@ -36,4 +36,6 @@ pub enum LabError {
     ProbeOutput(String),
     #[error("metaguard daemon: {0}")]
     Daemon(String),
+    #[error("machine: {0}")]
+    Machine(String),
 }

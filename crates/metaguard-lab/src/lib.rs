@@ -16,6 +16,7 @@ pub mod http;
 pub mod imds;
 pub mod loadgen;
 pub mod log;
+pub mod machine;
 
 pub mod cmd;
 pub mod daemon;
@@ -25,6 +26,7 @@ pub mod matrix;
 pub mod probe;
 pub mod registry;
 pub mod servers;
+pub mod standin;
 pub mod topology;
 
 pub use error::LabError;

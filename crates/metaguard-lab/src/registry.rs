@@ -34,6 +34,16 @@ pub struct LabRecord {
     /// The lab's scratch directory (configs, metaguard's state dir).
     #[serde(default)]
     pub work_dir: Option<PathBuf>,
+    /// Mount points the lab made in the root mount namespace (a machine's
+    /// overlay root): unmounted (lazily) before the work dir is removed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mounts: Vec<PathBuf>,
+    /// Cgroup directories outside the cgroup2 subtree that a tool made on
+    /// the lab's behalf (systemd-nspawn mirrors its cgroup into the v1
+    /// `name=systemd` hierarchy on hybrid hosts): removed deepest first,
+    /// after the processes in them are ended.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extra_cgroup_trees: Vec<PathBuf>,
 }
 
 impl LabRecord {
@@ -81,6 +91,16 @@ pub fn teardown(state_dir: &Path, rec: &LabRecord) -> Vec<String> {
             problems.push(e);
         }
     }
+    for tree in &rec.extra_cgroup_trees {
+        if let Err(e) = remove_dir_tree(tree) {
+            problems.push(e);
+        }
+    }
+    for m in &rec.mounts {
+        if let Err(e) = unmount(m) {
+            problems.push(e);
+        }
+    }
     for ns in &rec.netns {
         if Path::new(metaguard_sys::netns::NETNS_RUN_DIR)
             .join(ns)
@@ -116,11 +136,36 @@ pub fn teardown(state_dir: &Path, rec: &LabRecord) -> Vec<String> {
 /// probes), then removes the cgroups deepest first.
 fn remove_cgroup_tree(cg: &Cgroup2, root: &str) -> Result<(), String> {
     let base = cg.path(root);
+    remove_dir_tree(&base)?;
+    // Parents of the lab root that held only lab subtrees ("metaguard-lab").
+    if let Some(parent) = Path::new(root)
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+    {
+        let _ = std::fs::remove_dir(cg.path(&parent.to_string_lossy()));
+    }
+    Ok(())
+}
+
+/// Unmounts `mount` (detached: gone from the tree at once, released when
+/// its last user is), if it is still a mount point.
+fn unmount(mount: &Path) -> Result<(), String> {
+    match rustix::mount::unmount(mount, rustix::mount::UnmountFlags::DETACH) {
+        Ok(()) => Ok(()),
+        // Not mounted (any more), or gone.
+        Err(e) if e == rustix::io::Errno::INVAL || e == rustix::io::Errno::NOENT => Ok(()),
+        Err(e) => Err(format!("unmount {}: {e}", mount.display())),
+    }
+}
+
+/// Ends the processes in the cgroup tree at `base` (any hierarchy), then
+/// removes its directories deepest first.
+fn remove_dir_tree(base: &Path) -> Result<(), String> {
     if !base.exists() {
         return Ok(());
     }
     let mut dirs = Vec::new();
-    collect_dirs(&base, &mut dirs);
+    collect_dirs(base, &mut dirs);
     dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
     for dir in &dirs {
         if let Ok(text) = std::fs::read_to_string(dir.join("cgroup.procs")) {
@@ -153,13 +198,6 @@ fn remove_cgroup_tree(cg: &Cgroup2, root: &str) -> Result<(), String> {
         }) {
             failed = Some(format!("remove cgroup {}: {e}", dir.display()));
         }
-    }
-    // Parents of the lab root that held only lab subtrees ("metaguard-lab").
-    if let Some(parent) = Path::new(root)
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-    {
-        let _ = std::fs::remove_dir(cg.path(&parent.to_string_lossy()));
     }
     failed.map_or(Ok(()), Err)
 }

@@ -161,6 +161,8 @@ pub enum Role {
 
 impl Role {
     pub const ALL: [Role; 5] = [Role::Host, Role::Vpc, Role::C1, Role::C2, Role::Task1];
+    /// The namespaces of a bare-host lab ([`LabOptions::bare_host`]).
+    pub const BARE: [Role; 2] = [Role::Host, Role::Vpc];
 
     fn suffix(self) -> &'static str {
         match self {
@@ -188,6 +190,11 @@ pub struct LabOptions {
     pub ecs_init: bool,
     /// Default timeout of a probe.
     pub probe_timeout_ms: u64,
+    /// Only the VPC (IMDS, echo services) and a bare host (`lo`, `eth0`
+    /// into the VPC, default routes): no bridges, containers, task, NAT
+    /// rules or agent. For a host whose own init brings Docker and the
+    /// ECS agent (see [`crate::machine`]).
+    pub bare_host: bool,
 }
 
 impl LabOptions {
@@ -199,6 +206,7 @@ impl LabOptions {
             imds: ImdsSettings::default(),
             ecs_init: true,
             probe_timeout_ms: 1000,
+            bare_host: false,
         }
     }
 }
@@ -256,7 +264,12 @@ impl Lab {
             path: "/proc/self/stat".into(),
             source: std::io::Error::other("unreadable"),
         })?;
-        let names: Vec<String> = Role::ALL
+        let roles: &[Role] = if opts.bare_host {
+            &Role::BARE
+        } else {
+            &Role::ALL
+        };
+        let names: Vec<String> = roles
             .iter()
             .map(|r| format!("{NETNS_PREFIX}{id}-{}", r.suffix()))
             .collect();
@@ -272,6 +285,8 @@ impl Lab {
             cgroup_mount: Some(cgroup.mount().to_path_buf()),
             cgroup_root: Some(format!("metaguard-lab/{id}")),
             work_dir: Some(opts.state_dir.join(&id)),
+            mounts: Vec::new(),
+            extra_cgroup_trees: Vec::new(),
         };
         registry::record(&opts.state_dir, &record).map_err(|source| LabError::Io {
             what: "write lab record in",
@@ -308,10 +323,20 @@ impl Lab {
 
     pub fn netns(&self, role: Role) -> &Netns {
         // Every role's namespace is opened in build() before a Lab is
-        // handed out; a missing one is a bug in this module.
+        // handed out; a missing one is a bug in the caller (a bare-host
+        // lab has only the host and the VPC).
         match self.netns.iter().find(|(r, _)| *r == role) {
             Some((_, ns)) => ns,
-            None => unreachable!("lab namespace {role:?} not opened"),
+            None => unreachable!("lab namespace {role:?} is not part of this lab"),
+        }
+    }
+
+    /// The namespaces this lab has.
+    pub fn roles(&self) -> &'static [Role] {
+        if self.opts.bare_host {
+            &Role::BARE
+        } else {
+            &Role::ALL
         }
     }
 
@@ -362,29 +387,30 @@ impl Lab {
             path: work.clone(),
             source,
         })?;
-        for role in Role::ALL {
+        for &role in self.roles() {
             let name = self.netns_name(role);
             let ns = create_netns(&name)?;
             self.netns.push((role, ns));
         }
-        self.build_links()?;
+        self.build_vpc()?;
         self.build_sysctls()?;
-        if self.opts.ecs_init {
-            self.install_ecs_init()?;
+        if !self.opts.bare_host {
+            self.build_links()?;
+            if self.opts.ecs_init {
+                self.install_ecs_init()?;
+            }
+            self.install_docker_nat()?;
+            self.build_cgroups()?;
         }
-        self.install_docker_nat()?;
-        self.build_cgroups()?;
         self.build_etc_hosts()?;
         self.start_servers()?;
         Ok(())
     }
 
-    fn build_links(&self) -> Result<(), LabError> {
+    /// The VPC (its switch and router, the metadata addresses) and the
+    /// host's link into it: what every lab has.
+    fn build_vpc(&self) -> Result<(), LabError> {
         let host = self.netns_name(Role::Host);
-        let c1 = self.netns_name(Role::C1);
-        let c2 = self.netns_name(Role::C2);
-        let task = self.netns_name(Role::Task1);
-        // vpc: the subnet's switch and router, and the metadata addresses.
         // Each veth is created here with its peer placed straight into the
         // other lab namespace: no end ever exists in the root namespace.
         let vpc = format!(
@@ -397,20 +423,34 @@ addr add fd00:10::1/64 dev vpcbr nodad
 link set vpcbr up
 link add vpc-host type veth peer name eth0 netns {host}
 link set vpc-host master vpcbr up
-link add vpc-task1 type veth peer name eth0 netns {task}
-link set vpc-task1 master vpcbr up
 route add fd00:17::/64 via fd00:10::10
 "
         );
         cmd::ip_batch(self.netns(Role::Vpc), &vpc)?;
-        let hostscript = format!(
-            "link set lo up
+        let hostscript = "link set lo up
 link set eth0 up
 addr add 10.0.0.10/24 dev eth0
 addr add fd00:10::10/64 dev eth0 nodad
 route add default via 10.0.0.1
 route add default via fd00:10::1
-link add docker0 type bridge
+";
+        cmd::ip_batch(self.netns(Role::Host), hostscript)
+    }
+
+    /// The emulated ECS host's own network: docker0 with two bridge
+    /// containers, ecs-bridge, and the awsvpc task with its ENI.
+    fn build_links(&self) -> Result<(), LabError> {
+        let c1 = self.netns_name(Role::C1);
+        let c2 = self.netns_name(Role::C2);
+        let task = self.netns_name(Role::Task1);
+        let vpc = format!(
+            "link add vpc-task1 type veth peer name eth0 netns {task}
+link set vpc-task1 master vpcbr up
+"
+        );
+        cmd::ip_batch(self.netns(Role::Vpc), &vpc)?;
+        let hostscript = format!(
+            "link add docker0 type bridge
 addr add 172.17.0.1/16 dev docker0
 addr add fd00:17::1/64 dev docker0 nodad
 link set docker0 up
@@ -464,11 +504,14 @@ route add 169.254.170.2/32 via 169.254.172.1 dev ecs-eth0
     }
 
     fn build_sysctls(&self) -> Result<(), LabError> {
-        // Namespaced sysctls, written from inside each lab namespace.
-        self.sysctl(
-            Role::Host,
-            &["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"],
-        )?;
+        // Namespaced sysctls, written from inside each lab namespace. A
+        // bare host's own Docker turns forwarding on, as dockerd does.
+        if !self.opts.bare_host {
+            self.sysctl(
+                Role::Host,
+                &["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"],
+            )?;
+        }
         self.sysctl(
             Role::Vpc,
             &["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"],
@@ -630,6 +673,10 @@ route add 169.254.170.2/32 via 169.254.172.1 dev ecs-eth0
         )?;
         self.servers.push(s);
 
+        if self.opts.bare_host {
+            // The host's own init runs the agent.
+            return Ok(());
+        }
         for w in Workload::ALL {
             self.agent.add_credentials(
                 w.credentials_id(),
@@ -755,14 +802,56 @@ imds          = "deny"
     pub fn add_netns(&mut self, suffix: &str) -> Result<String, LabError> {
         let name = format!("{NETNS_PREFIX}{}-{suffix}", self.record.id);
         self.record.netns.push(name.clone());
+        self.save_record()?;
+        let ns = create_netns(&name)?;
+        cmd::ip_batch(&ns, "link set lo up\n")?;
+        Ok(name)
+    }
+
+    /// Records, before it is made, a cgroup directory outside the lab's
+    /// cgroup2 subtree that something will create on the lab's behalf
+    /// (removed with the lab, its processes ended first).
+    pub fn track_cgroup_tree(&mut self, dir: &Path) -> Result<(), LabError> {
+        self.record.extra_cgroup_trees.push(dir.to_path_buf());
+        self.save_record()
+    }
+
+    /// Binds namespace file `source` (e.g. `/proc/<pid>/ns/net` of a
+    /// machine's container) to `/run/netns/mglab-<id>-<suffix>`, recorded
+    /// like every lab namespace, so the lab's probes can run in it.
+    pub fn bind_netns(&mut self, suffix: &str, source: &Path) -> Result<String, LabError> {
+        let name = format!("{NETNS_PREFIX}{}-{suffix}", self.record.id);
+        self.record.netns.push(name.clone());
+        self.save_record()?;
+        let target = Path::new(metaguard_sys::netns::NETNS_RUN_DIR).join(&name);
+        std::fs::create_dir_all(metaguard_sys::netns::NETNS_RUN_DIR).map_err(|source| {
+            LabError::Io {
+                what: "create",
+                path: metaguard_sys::netns::NETNS_RUN_DIR.into(),
+                source,
+            }
+        })?;
+        std::fs::write(&target, "").map_err(|source| LabError::Io {
+            what: "create",
+            path: target.clone(),
+            source,
+        })?;
+        rustix::mount::mount_bind(source, &target).map_err(|e| LabError::Io {
+            what: "bind-mount a namespace onto",
+            path: target.clone(),
+            source: e.into(),
+        })?;
+        // Never the root namespace: the probes run here.
+        Netns::open_not_root(&target)?;
+        Ok(name)
+    }
+
+    fn save_record(&self) -> Result<(), LabError> {
         registry::record(&self.opts.state_dir, &self.record).map_err(|source| LabError::Io {
             what: "update lab record in",
             path: self.opts.state_dir.clone(),
             source,
-        })?;
-        let ns = create_netns(&name)?;
-        cmd::ip_batch(&ns, "link set lo up\n")?;
-        Ok(name)
+        })
     }
 
     /// Runs `ip -batch` inside a lab namespace given by name (for
@@ -791,22 +880,7 @@ imds          = "deny"
         netns_name: &str,
         spec: &ProbeSpec,
     ) -> Result<std::process::Child, LabError> {
-        self.lab_netns_by_name(netns_name)?;
-        let json = serde_json::to_string(spec).map_err(|e| LabError::ProbeOutput(e.to_string()))?;
-        let ip = cmd::find_tool("ip").unwrap_or_else(|| "ip".into());
-        Command::new(ip)
-            .args(["netns", "exec", netns_name])
-            .arg(&self.opts.probe_exe)
-            .arg("lab-probe")
-            .arg(json)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|source| LabError::Spawn {
-                command: format!("lab-probe in {netns_name}"),
-                source,
-            })
+        self.spawn_probe_as(netns_name, None, spec)
     }
 
     /// Waits for a probe started with [`Lab::spawn_probe_in`].
@@ -950,6 +1024,8 @@ imds          = "deny"
                 network_mode: mode.to_string(),
                 pid,
                 sandbox_key,
+                user: String::new(),
+                running: true,
             });
         }
         self.serve_task_metadata(task_arn, &tmds);
@@ -972,32 +1048,9 @@ imds          = "deny"
                 Workload::AwsvpcTask => addr::TASK_ENI_V4.to_string(),
                 _ => addr::HOST_V4.to_string(),
             };
-            serde_json::json!({
-                "DockerId": id,
-                "Name": name,
-                "DockerName": name,
-                "Image": "public.ecr.aws/lab/app:latest",
-                "Labels": {"com.amazonaws.ecs.task-arn": task_arn, "com.amazonaws.ecs.cluster": "lab"},
-                "DesiredStatus": "RUNNING",
-                "KnownStatus": "RUNNING",
-                "Type": "NORMAL",
-                "ContainerARN": format!("arn:aws:ecs:us-east-1:111122223333:container/lab/{id}"),
-                "Networks": [{"NetworkMode": mode, "IPv4Addresses": [ip]}],
-            })
+            crate::agent::container_document(id, name, mode, &ip, task_arn)
         };
-        let task = |arn: &str, family: &str, containers: Vec<serde_json::Value>| {
-            serde_json::json!({
-                "Cluster": "arn:aws:ecs:us-east-1:111122223333:cluster/lab",
-                "TaskARN": arn,
-                "Family": family,
-                "Revision": "1",
-                "DesiredStatus": "RUNNING",
-                "KnownStatus": "RUNNING",
-                "AvailabilityZone": "us-east-1a",
-                "LaunchType": "EC2",
-                "Containers": containers,
-            })
-        };
+        let task = crate::agent::task_document;
         let web = "arn:aws:ecs:us-east-1:111122223333:task/lab/5e1f0c2b9a8d4e7f6a5b4c3d2e1f0a9b";
         let (pair, rest): (Vec<_>, Vec<_>) = rows
             .iter()
@@ -1106,32 +1159,53 @@ imds          = "deny"
     /// to the cgroup2 root, which must lie inside this lab's subtree and
     /// exist), e.g. a cgroup created after the daemon started.
     pub fn probe_in_cgroup(&self, cgroup: &str, spec: &ProbeSpec) -> Result<ProbeResult, LabError> {
-        if !cgroup.starts_with(&format!("{}/", self.cgroup_root())) {
-            return Err(LabError::ProbeOutput(format!(
-                "{cgroup} is not inside lab {}",
-                self.record.id
-            )));
-        }
+        self.probe_as(&self.netns_name(Role::Host), cgroup, spec)
+    }
+
+    /// Runs `spec` in lab namespace `netns_name` and in `cgroup` (relative
+    /// to the cgroup2 root; inside this lab's subtree): as a process of a
+    /// container that something else made (a machine's Docker).
+    pub fn probe_as(
+        &self,
+        netns_name: &str,
+        cgroup: &str,
+        spec: &ProbeSpec,
+    ) -> Result<ProbeResult, LabError> {
+        let child = self.spawn_probe_as(netns_name, Some(cgroup), spec)?;
+        self.finish_probe(child)
+    }
+
+    /// [`Lab::probe_as`] in the background; wait with [`Lab::finish_probe`].
+    pub fn spawn_probe_as(
+        &self,
+        netns_name: &str,
+        cgroup: Option<&str>,
+        spec: &ProbeSpec,
+    ) -> Result<std::process::Child, LabError> {
+        self.lab_netns_by_name(netns_name)?;
         let json = serde_json::to_string(spec).map_err(|e| LabError::ProbeOutput(e.to_string()))?;
-        let procs = self.cgroup.procs_writer(cgroup)?;
         let ip = cmd::find_tool("ip").unwrap_or_else(|| "ip".into());
         let mut cmd = Command::new(ip);
-        cmd.args(["netns", "exec", &self.netns_name(Role::Host)])
+        cmd.args(["netns", "exec", netns_name])
             .arg(&self.opts.probe_exe)
             .arg("lab-probe")
             .arg(json)
-            .stdin(Stdio::null());
-        metaguard_sys::cgroup::enter_before_exec(&mut cmd, procs);
-        let out = cmd.output().map_err(|source| LabError::Spawn {
-            command: format!("lab-probe in cgroup {cgroup}"),
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if let Some(cgroup) = cgroup {
+            if !cgroup.starts_with(&format!("{}/", self.cgroup_root())) {
+                return Err(LabError::ProbeOutput(format!(
+                    "{cgroup} is not inside lab {}",
+                    self.record.id
+                )));
+            }
+            let procs = self.cgroup.procs_writer(cgroup)?;
+            metaguard_sys::cgroup::enter_before_exec(&mut cmd, procs);
+        }
+        cmd.spawn().map_err(|source| LabError::Spawn {
+            command: format!("lab-probe in {netns_name}"),
             source,
-        })?;
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        serde_json::from_str(stdout.lines().last().unwrap_or("")).map_err(|e| {
-            LabError::ProbeOutput(format!(
-                "{e}; stdout {stdout:?}; stderr {:?}",
-                String::from_utf8_lossy(&out.stderr)
-            ))
         })
     }
 

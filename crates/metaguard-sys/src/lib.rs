@@ -16,3 +16,4 @@ pub mod process;
 pub mod rtnl;
 pub mod seccomp;
 pub mod sockdiag;
+pub mod systemd;

@@ -152,6 +152,8 @@ fn daemon_guards_a_task_started_while_it_runs() -> Result<(), Failed> {
         network_mode: "none".into(),
         pid: child.id(),
         sandbox_key: format!("/run/netns/{ns}"),
+        user: String::new(),
+        running: true,
     });
     d.wait_log("new namespace guarded", Duration::from_secs(3))?;
     let vpc = lab.netns_name(Role::Vpc);

@@ -356,6 +356,8 @@ fn leftover_of_a_killed_lab_is_removed() -> Result<(), Failed> {
         cgroup_root: Some(cg_root.clone()),
         etc_netns: vec![],
         work_dir: None,
+        mounts: vec![],
+        extra_cgroup_trees: vec![],
     };
     // Other tests start labs meanwhile, and each start reaps dead labs
     // and unrecorded namespaces: the leftovers are made first and
