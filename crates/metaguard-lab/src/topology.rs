@@ -687,13 +687,25 @@ route add 169.254.170.2/32 via 169.254.172.1 dev ecs-eth0
             );
         }
         let agent = self.agent.clone();
+        self.serve_agent(
+            &agent,
+            SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), addr::AGENT_PORT),
+        )
+    }
+
+    /// Serves `agent` on `at` in the lab's host namespace until the lab is
+    /// torn down: the lab's own agent, or a second one (e.g. for a config
+    /// whose `[agent] credentials` moves).
+    pub fn serve_agent(&mut self, agent: &AgentEmulator, at: SocketAddr) -> Result<(), LabError> {
+        let agent = agent.clone();
+        let name = match at.port() {
+            addr::AGENT_PORT => "lab-agent".to_string(),
+            port => format!("lab-agent-{port}"),
+        };
         let s = ServerThread::start(
             self.netns(Role::Host),
-            "lab-agent",
-            vec![Bind::Tcp(SocketAddr::new(
-                IpAddr::V4(Ipv4Addr::LOCALHOST),
-                addr::AGENT_PORT,
-            ))],
+            &name,
+            vec![Bind::Tcp(at)],
             move |bound| async move {
                 for b in bound {
                     if let servers::Bound::Tcp(l) = b {

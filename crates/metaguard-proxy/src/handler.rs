@@ -15,7 +15,8 @@ use metaguard_core::Config;
 use serde_json::json;
 
 use crate::audit::Entry;
-use crate::{Caller, Kind, Proxy, UPSTREAM_TIMEOUT};
+use crate::settings::Settings;
+use crate::{Caller, Connection, Kind, Proxy, UPSTREAM_TIMEOUT};
 
 type Resp = Response<Full<Bytes>>;
 
@@ -170,17 +171,32 @@ fn framing_problem(req: &Request<Incoming>) -> Option<&'static str> {
 }
 
 impl Proxy {
-    pub(crate) async fn handle(&self, kind: Kind, caller: &Caller, req: Request<Incoming>) -> Resp {
-        let config = self.directory.config();
-        let wname = workload_name(&config, caller);
+    /// One request on `conn`, under the settings in force now: a reload
+    /// since the connection was accepted has its caller identified again
+    /// under the new config.
+    pub(crate) async fn handle(
+        &self,
+        kind: Kind,
+        conn: &Connection,
+        req: Request<Incoming>,
+    ) -> Resp {
+        let s = self.settings();
+        let reidentified;
+        let caller = if Arc::ptr_eq(&s.config, &conn.config) {
+            &conn.caller
+        } else {
+            reidentified = self.identify(&s.config, conn.origin).await;
+            &reidentified
+        };
+        let wname = workload_name(&s.config, caller);
         let method = req.method().as_str().to_string();
-        let out = self.route(kind, caller, &config, &wname, req).await;
+        let out = self.route(kind, caller, &s, &wname, req).await;
         let status = out.resp.status().as_u16();
         self.metrics
             .requests
             .with_label_values(&[kind.as_str(), &wname, out.decision, &status.to_string()])
             .inc();
-        self.audit.request(&Entry {
+        s.audit.request(&Entry {
             kind,
             caller,
             workload: &wname,
@@ -198,10 +214,11 @@ impl Proxy {
         &self,
         kind: Kind,
         caller: &Caller,
-        config: &Arc<Config>,
+        s: &Settings,
         wname: &str,
         req: Request<Incoming>,
     ) -> Outcome {
+        let config = &s.config;
         let raw = req
             .uri()
             .path_and_query()
@@ -237,7 +254,7 @@ impl Proxy {
                 raw_log,
             );
         };
-        if !self.limits.request(caller.workload) {
+        if !s.limits.request(caller.workload) {
             return refuse(
                 StatusCode::TOO_MANY_REQUESTS,
                 "throttle",
@@ -278,17 +295,15 @@ impl Proxy {
         };
         let path = log_path(&c, kind);
         match kind {
-            Kind::Imds => self.imds(w, action, wname, c, path, req).await,
-            Kind::Relay => {
-                self.relay(config, caller, w, action, wname, c, path, req)
-                    .await
-            }
+            Kind::Imds => self.imds(s, w, action, wname, c, path, req).await,
+            Kind::Relay => self.relay(s, caller, w, action, wname, c, path, req).await,
         }
     }
 
     #[allow(clippy::too_many_arguments)]
     async fn imds(
         &self,
+        s: &Settings,
         w: &metaguard_core::config::Workload,
         action: Action,
         wname: &str,
@@ -328,9 +343,9 @@ impl Proxy {
             }
         }
         self.forward(
+            s,
             Kind::Imds,
             req,
-            self.upstreams.imds,
             c.target(),
             &IMDS_REQUEST_HEADERS,
             rule,
@@ -343,7 +358,7 @@ impl Proxy {
     #[allow(clippy::too_many_arguments)]
     async fn relay(
         &self,
-        config: &Config,
+        s: &Settings,
         caller: &Caller,
         w: &metaguard_core::config::Workload,
         action: Action,
@@ -374,6 +389,7 @@ impl Proxy {
                 .map(|(_, v)| v.clone()),
             _ => None,
         };
+        let config = &s.config;
         let proxied = action == Action::Proxy;
         let mut rule = format!("task_metadata = \"{action}\"");
         let mut redact_for: Option<Option<String>> = None;
@@ -392,7 +408,8 @@ impl Proxy {
             } else {
                 let dir = self.directory.clone();
                 let id2 = id.clone();
-                let owner = tokio::task::spawn_blocking(move || dir.owner(&id2))
+                let config2 = config.clone();
+                let owner = tokio::task::spawn_blocking(move || dir.owner(&config2, &id2))
                     .await
                     .ok()
                     .flatten();
@@ -459,9 +476,9 @@ impl Proxy {
             );
         }
         self.forward(
+            s,
             Kind::Relay,
             req,
-            self.upstreams.agent,
             c.target(),
             &RELAY_REQUEST_HEADERS,
             rule,
@@ -474,9 +491,9 @@ impl Proxy {
     #[allow(clippy::too_many_arguments)]
     async fn forward(
         &self,
+        s: &Settings,
         kind: Kind,
         req: Request<Incoming>,
-        upstream: SocketAddr,
         target: String,
         headers: &[HeaderName],
         rule: String,
@@ -485,10 +502,10 @@ impl Proxy {
     ) -> Outcome {
         // Origin-form target and our own Host: the upstream sees a request
         // for itself, whatever the client wrote.
-        let host = &self.upstream_hosts[match kind {
-            Kind::Imds => 0,
-            Kind::Relay => 1,
-        }];
+        let (upstream, host) = match kind {
+            Kind::Imds => (s.upstreams.imds, &s.upstream_hosts[0]),
+            Kind::Relay => (s.upstreams.agent, &s.upstream_hosts[1]),
+        };
         let mut up = Request::builder()
             .method(req.method().clone())
             .uri(target)

@@ -29,6 +29,9 @@
 //!   `Transfer-Encoding`, or conflicting lengths are refused (smuggling).
 //! * **Record.** One JSON audit line per request (never a credential or a
 //!   full credentials id) and Prometheus metrics on the daemon's registry.
+//! * **Reload.** The config, upstreams, limits and audit sink are one
+//!   [`Settings`] value, swapped whole ([`settings`]); the listening
+//!   sockets follow the plan's listener set ([`server`]).
 
 #![forbid(unsafe_code)]
 
@@ -38,10 +41,12 @@ mod io;
 mod limits;
 mod metrics;
 pub mod redact;
+pub mod server;
+pub mod settings;
 mod upstream;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -51,9 +56,11 @@ use tracing::{debug, warn};
 
 pub use audit::AuditSink;
 pub use metrics::ProxyMetrics;
+pub use server::{Listener, Server};
+pub use settings::{Settings, SettingsError, Upstreams};
 
 /// Which service a listener offers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Kind {
     /// The task-credentials relay (169.254.170.2:80 and friends).
     Relay,
@@ -119,32 +126,22 @@ pub struct Owner {
     pub uncertain: bool,
 }
 
-/// The daemon's knowledge of workloads: identifies callers and owners.
-/// Calls may block briefly (they read the host's links and containers on
-/// a cache miss); the proxy calls them on a blocking thread unless
-/// [`Directory::identify_cached`] answers.
+/// The daemon's knowledge of workloads: identifies callers and owners
+/// under the config the proxy's settings hold (workload indices are
+/// indices into it). Calls may block briefly (they read the host's links
+/// and containers on a cache miss); the proxy calls them on a blocking
+/// thread unless [`Directory::identify_cached`] answers.
 pub trait Directory: Send + Sync + 'static {
     /// The caller of a connection.
-    fn identify(&self, origin: Origin) -> Caller;
+    fn identify(&self, config: &Arc<Config>, origin: Origin) -> Caller;
     /// [`Directory::identify`] answered from memory without blocking, or
     /// `None` when that is not possible (the proxy then calls `identify`
     /// on a blocking thread). The default never answers.
-    fn identify_cached(&self, _origin: Origin) -> Option<Caller> {
+    fn identify_cached(&self, _config: &Arc<Config>, _origin: Origin) -> Option<Caller> {
         None
     }
     /// The owner of a credentials id, if anyone known owns it.
-    fn owner(&self, credentials_id: &str) -> Option<Owner>;
-    /// The configuration in force (reloads swap it).
-    fn config(&self) -> Arc<Config>;
-}
-
-/// Where the proxy forwards to.
-#[derive(Debug, Clone)]
-pub struct Upstreams {
-    /// IMDS (the first IPv4 `[endpoints] imds` address, port 80).
-    pub imds: SocketAddr,
-    /// The ECS agent's credentials endpoint.
-    pub agent: SocketAddr,
+    fn owner(&self, config: &Config, credentials_id: &str) -> Option<Owner>;
 }
 
 /// Header read timeout (slowloris) and idle keep-alive limit.
@@ -157,43 +154,74 @@ pub const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(5);
 /// The running proxy state shared by every connection.
 pub struct Proxy {
     directory: Arc<dyn Directory>,
-    upstreams: Upstreams,
-    /// The `Host` header each upstream is sent: [imds, agent].
-    upstream_hosts: [hyper::header::HeaderValue; 2],
-    limits: limits::Limits,
+    /// The settings in force: read once per connection and per request,
+    /// written only by a reload ([`settings`]).
+    settings: RwLock<Arc<Settings>>,
     metrics: ProxyMetrics,
-    audit: AuditSink,
 }
 
 impl std::fmt::Debug for Proxy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Proxy")
-            .field("upstreams", &self.upstreams)
+            .field("settings", &self.settings)
             .finish_non_exhaustive()
     }
+}
+
+/// An accepted connection: where it comes from and who it was found to be
+/// under the config in force when it was accepted.
+#[derive(Debug)]
+pub(crate) struct Connection {
+    pub(crate) origin: Origin,
+    pub(crate) config: Arc<Config>,
+    pub(crate) caller: Caller,
 }
 
 impl Proxy {
     pub fn new(
         directory: Arc<dyn Directory>,
-        upstreams: Upstreams,
         metrics: ProxyMetrics,
-        audit: AuditSink,
+        settings: Settings,
     ) -> Arc<Proxy> {
-        let cfg = directory.config();
-        let p = &cfg.proxy;
         Arc::new(Proxy {
-            limits: limits::Limits::new(p.rate, p.burst, p.max_connections),
-            upstream_hosts: [upstreams.imds, upstreams.agent].map(handler::host_header),
             directory,
-            upstreams,
+            settings: RwLock::new(Arc::new(settings)),
             metrics,
-            audit,
         })
     }
 
-    /// Serves `listener` until the runtime stops.
-    pub async fn serve(self: Arc<Self>, listener: TcpListener, kind: Kind) {
+    /// The settings in force.
+    pub fn settings(&self) -> Arc<Settings> {
+        self.settings
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Puts `new` in force for the next connection and request; the limits
+    /// keep their state (tokens, open connections) workload by workload.
+    pub fn reconfigure(&self, new: Settings) {
+        let mut slot = self.settings.write().unwrap_or_else(|p| p.into_inner());
+        new.follow(&slot);
+        *slot = Arc::new(new);
+    }
+
+    /// Who `origin` is under `config`: from memory when the directory can
+    /// answer inline, else on a blocking thread (it reads the host's links
+    /// and containers).
+    pub(crate) async fn identify(&self, config: &Arc<Config>, origin: Origin) -> Caller {
+        if let Some(c) = self.directory.identify_cached(config, origin) {
+            return c;
+        }
+        let dir = self.directory.clone();
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || dir.identify(&config, origin))
+            .await
+            .unwrap_or_else(|_| Caller::identification_failed(origin.mark))
+    }
+
+    /// Accepts connections on `listener` until the future is dropped.
+    pub(crate) async fn serve(self: Arc<Self>, listener: &TcpListener, kind: Kind) {
         loop {
             let (stream, peer) = match listener.accept().await {
                 Ok(s) => s,
@@ -217,8 +245,6 @@ impl Proxy {
         let _ = stream.set_nodelay(true);
         let mark =
             nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::Mark).unwrap_or(0);
-        // A known port is answered inline; only a miss (which reads the
-        // host's links and containers) goes to a blocking thread.
         // A host process's own end of the connection, for the daemon to
         // look up (sock_diag): the destination it connected to, before the
         // DNAT that brought it here.
@@ -226,33 +252,32 @@ impl Proxy {
             .then(|| original_destination(&stream))
             .flatten();
         let origin = Origin { mark, peer, dst };
-        let caller = match self.directory.identify_cached(origin) {
-            Some(c) => c,
-            None => {
-                let dir = self.directory.clone();
-                match tokio::task::spawn_blocking(move || dir.identify(origin)).await {
-                    Ok(c) => c,
-                    Err(_) => Caller::identification_failed(mark),
-                }
-            }
-        };
-        let config = self.directory.config();
-        let wname = handler::workload_name(&config, &caller);
-        let Some(_permit) = self.limits.connection(caller.workload) else {
+        let settings = self.settings();
+        // A known port is answered inline; only a miss (which reads the
+        // host's links and containers) goes to a blocking thread.
+        let caller = self.identify(&settings.config, origin).await;
+        let wname = handler::workload_name(&settings.config, &caller);
+        let Some(_slot) = settings.limits.connection(caller.workload) else {
             self.metrics
                 .refused_connections
                 .with_label_values(&[&wname, "connection-limit"])
                 .inc();
-            self.audit
+            settings
+                .audit
                 .connection_refused(kind, &caller, &wname, "connection-limit");
             return; // dropping the stream closes it
         };
-        let caller = Arc::new(caller);
+        let conn = Arc::new(Connection {
+            origin,
+            config: settings.config.clone(),
+            caller,
+        });
+        drop(settings);
         let me = self.clone();
         let svc = hyper::service::service_fn(move |req| {
             let me = me.clone();
-            let caller = caller.clone();
-            async move { Ok::<_, std::convert::Infallible>(me.handle(kind, &caller, req).await) }
+            let conn = conn.clone();
+            async move { Ok::<_, std::convert::Infallible>(me.handle(kind, &conn, req).await) }
         });
         let result = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
@@ -301,8 +326,10 @@ pub fn workers() -> usize {
 /// per workload (the token bucket caps it), so more would only hold memory.
 pub const MAX_WORKERS: usize = 4;
 
-/// Binds `copies` listening sockets on `addr` (which must already exist on
-/// `lo`), sharing the port through `SO_REUSEPORT`; one per worker. Only
+/// Binds `copies` listening sockets on `addr`, sharing the port through
+/// `SO_REUSEPORT`; one per worker. `IP_FREEBIND`: the address need not be
+/// on `lo` yet (a reload binds before its rules add it, so that a port
+/// someone else holds refuses the reload before anything changed). Only
 /// processes of the same user can join the group, and the first bind fails
 /// if another program holds the port without it (F10).
 pub fn bind(addr: SocketAddr, copies: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
@@ -320,6 +347,8 @@ pub fn bind(addr: SocketAddr, copies: usize) -> std::io::Result<Vec<std::net::Tc
         )?;
         socket::setsockopt(&fd, sockopt::ReuseAddr, &true)?;
         socket::setsockopt(&fd, sockopt::ReusePort, &true)?;
+        // IPPROTO_IP level, which IPv6 sockets accept too (one flag).
+        socket::setsockopt(&fd, sockopt::IpFreebind, &true)?;
         socket::bind(
             std::os::fd::AsRawFd::as_raw_fd(&fd),
             &socket::SockaddrStorage::from(addr),

@@ -1,13 +1,16 @@
 //! Per-workload limits: a token bucket for requests and a cap on open
 //! connections. Unknown callers share one bucket and one cap (key `None`).
+//!
+//! A reload builds new limits with the new rate, burst and cap and
+//! [`Limits::adopt`]s the old ones' state by workload name, so a reload
+//! neither refills a bucket nor forgets a connection that is still open.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy)]
 struct Bucket {
     tokens: f64,
     at: Instant,
@@ -19,7 +22,19 @@ pub struct Limits {
     burst: f64,
     max_connections: usize,
     buckets: Mutex<HashMap<Option<usize>, Bucket>>,
-    conns: Mutex<HashMap<Option<usize>, Arc<Semaphore>>>,
+    /// Open connections per workload; shared with the slots that count
+    /// them (and with the limits of the next reload).
+    conns: Mutex<HashMap<Option<usize>, Arc<AtomicUsize>>>,
+}
+
+/// An open connection's place under its workload's cap; freed on drop.
+#[derive(Debug)]
+pub struct ConnectionSlot(Arc<AtomicUsize>);
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Limits {
@@ -57,15 +72,39 @@ impl Limits {
 
     /// A connection slot, held for the connection's life; `None` when the
     /// workload has `max_connections` open already.
-    pub fn connection(&self, workload: Option<usize>) -> Option<OwnedSemaphorePermit> {
-        let sem = {
+    pub fn connection(&self, workload: Option<usize>) -> Option<ConnectionSlot> {
+        let open = {
             let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
-            conns
-                .entry(workload)
-                .or_insert_with(|| Arc::new(Semaphore::new(self.max_connections)))
-                .clone()
+            conns.entry(workload).or_default().clone()
         };
-        sem.try_acquire_owned().ok()
+        open.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < self.max_connections).then_some(n + 1)
+        })
+        .ok()
+        .map(|_| ConnectionSlot(open))
+    }
+
+    /// Takes over `old`'s state: each workload's tokens (at most the new
+    /// burst) and its count of open connections, under the index
+    /// `index(old index)` gives it now (`None`: the workload is gone).
+    pub fn adopt(&self, old: &Limits, index: impl Fn(Option<usize>) -> Option<Option<usize>>) {
+        {
+            let from = old.buckets.lock().unwrap_or_else(|p| p.into_inner());
+            let mut to = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+            for (k, b) in from.iter() {
+                if let Some(k) = index(*k) {
+                    let tokens = b.tokens.min(self.burst);
+                    to.insert(k, Bucket { tokens, ..*b });
+                }
+            }
+        }
+        let from = old.conns.lock().unwrap_or_else(|p| p.into_inner());
+        let mut to = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        for (k, open) in from.iter() {
+            if let Some(k) = index(*k) {
+                to.insert(k, open.clone());
+            }
+        }
     }
 }
 
@@ -98,5 +137,34 @@ mod tests {
         assert!(l.connection(Some(1)).is_some());
         drop(a);
         assert!(l.connection(Some(0)).is_some());
+    }
+
+    #[test]
+    fn a_reload_keeps_tokens_and_open_connections_by_workload() {
+        let old = Limits::new(40, 60, 4);
+        let t0 = Instant::now();
+        // Workload 0 spends 58 of its 60 tokens and holds 2 connections.
+        assert_eq!((0..58).filter(|_| old.request_at(Some(0), t0)).count(), 58);
+        let held: Vec<_> = (0..2).map(|_| old.connection(Some(0))).collect();
+        assert!(held.iter().all(Option::is_some));
+        // The new config puts it second, lowers the cap to 2 and the burst
+        // to 1; a workload that is gone (old 1) is dropped.
+        assert!(old.request_at(Some(1), t0));
+        let new = Limits::new(40, 1, 2);
+        new.adopt(&old, |k| match k {
+            Some(0) => Some(Some(1)),
+            Some(_) => None,
+            None => Some(None),
+        });
+        // 2 tokens left, capped at the new burst of 1: one request passes.
+        assert!(new.request_at(Some(1), t0));
+        assert!(!new.request_at(Some(1), t0));
+        // Its 2 connections still count against the new cap...
+        assert!(new.connection(Some(1)).is_none());
+        // ...and free their places when they close.
+        drop(held);
+        assert!(new.connection(Some(1)).is_some());
+        // The new workload 0 starts afresh.
+        assert!(new.request_at(Some(0), t0));
     }
 }

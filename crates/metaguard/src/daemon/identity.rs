@@ -26,8 +26,9 @@
 //!   the port's bridge, the namespace, the containers or their cgroups.
 //!
 //! Lookups are cached: ports by mark, the containers' namespace ids per
-//! container listing, and the whole answer by mark for one config (a
-//! caller identified once costs a hash lookup per connection); a miss
+//! container listing, and the whole answer by mark for one config — the
+//! one in the proxy's settings, which every call passes (a caller
+//! identified once costs a hash lookup per connection); a miss
 //! refreshes (bounded: at most one Docker listing per 200 ms). A Docker
 //! event makes the next caller wait for one container listing and one
 //! `RTM_GETNSID` per container — no process is started.
@@ -35,7 +36,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use metaguard_core::config::{NetnsSelector, Selector};
@@ -114,22 +115,16 @@ impl Cache {
 /// The daemon's view, shared with the proxy threads.
 #[derive(Debug)]
 pub struct Directory {
-    config: RwLock<Arc<Config>>,
     docker_socket: PathBuf,
     cache: Mutex<Cache>,
 }
 
 impl Directory {
-    pub fn new(config: Arc<Config>, docker_socket: PathBuf) -> Directory {
+    pub fn new(docker_socket: PathBuf) -> Directory {
         Directory {
-            config: RwLock::new(config),
             docker_socket,
             cache: Mutex::new(Cache::default()),
         }
-    }
-
-    pub fn set_config(&self, config: Arc<Config>) {
-        *self.config.write().unwrap_or_else(|p| p.into_inner()) = config;
     }
 
     /// Containers started or stopped: they are listed again before the
@@ -240,11 +235,15 @@ impl Directory {
 
     /// `identify`; with `may_block` false, `None` whenever answering would
     /// read the host (list links or containers) or wait for the cache.
-    fn identify_with(&self, origin: Origin, may_block: bool) -> Option<Caller> {
+    fn identify_with(
+        &self,
+        config: &Arc<Config>,
+        origin: Origin,
+        may_block: bool,
+    ) -> Option<Caller> {
         let Origin { mark, peer, .. } = origin;
-        let config = metaguard_proxy::Directory::config(self);
         if is_host_mark(mark) {
-            return self.identify_host(&config, origin, may_block);
+            return self.identify_host(config, origin, may_block);
         }
         if mark & BRIDGE_MARK_BASE == 0 {
             return Some(Caller {
@@ -254,7 +253,7 @@ impl Directory {
         }
         let mut c = self.cache(may_block)?;
         if let Some((seen, caller)) = c.callers.get(&mark) {
-            if Arc::ptr_eq(seen, &config) {
+            if Arc::ptr_eq(seen, config) {
                 return Some(caller.clone());
             }
         }
@@ -298,7 +297,7 @@ impl Directory {
             .iter()
             .filter(|k| k.netns.as_ref().is_some_and(|p| netns.contains(p)))
             .collect();
-        let workload = Self::workload_for(&config, port.master.as_deref(), &group, &netns);
+        let workload = Self::workload_for(config, port.master.as_deref(), &group, &netns);
         let (credentials_ids, tmds_ids) = ids(&group);
         // The caller's own container: the first that is not a task's pause
         // container, else the pause container.
@@ -322,7 +321,7 @@ impl Directory {
                     .unwrap_or_default()
             ),
         };
-        c.callers.insert(mark, (config, caller.clone()));
+        c.callers.insert(mark, (config.clone(), caller.clone()));
         Some(caller)
     }
 
@@ -495,25 +494,17 @@ fn ids(group: &[&ContainerFact]) -> (Vec<String>, Vec<String>) {
 }
 
 impl metaguard_proxy::Directory for Directory {
-    fn config(&self) -> Arc<Config> {
-        self.config
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-
-    fn identify(&self, origin: Origin) -> Caller {
+    fn identify(&self, config: &Arc<Config>, origin: Origin) -> Caller {
         // With `may_block`, identify_with always answers.
-        self.identify_with(origin, true)
+        self.identify_with(config, origin, true)
             .unwrap_or_else(|| Caller::identification_failed(origin.mark))
     }
 
-    fn identify_cached(&self, origin: Origin) -> Option<Caller> {
-        self.identify_with(origin, false)
+    fn identify_cached(&self, config: &Arc<Config>, origin: Origin) -> Option<Caller> {
+        self.identify_with(config, origin, false)
     }
 
-    fn owner(&self, credentials_id: &str) -> Option<Owner> {
-        let config = self.config();
+    fn owner(&self, config: &Config, credentials_id: &str) -> Option<Owner> {
         if let Some(i) = config
             .workloads
             .iter()
@@ -575,7 +566,7 @@ impl metaguard_proxy::Directory for Directory {
             group
         };
         Some(Owner {
-            workload: Self::workload_for(&config, master.as_deref(), &group, &netns),
+            workload: Self::workload_for(config, master.as_deref(), &group, &netns),
             container: Some(owner.id.clone()),
             uncertain: false,
         })
@@ -613,8 +604,8 @@ mod tests {
 
     /// A directory whose cache already knows port 7 on docker0 and the
     /// namespace and containers behind it (no host lookups).
-    fn directory(config: Arc<Config>, containers: Vec<ContainerFact>) -> (Directory, u32) {
-        let d = Directory::new(config, PathBuf::from("/nonexistent/docker.sock"));
+    fn directory(containers: Vec<ContainerFact>) -> (Directory, u32) {
+        let d = Directory::new(PathBuf::from("/nonexistent/docker.sock"));
         let mark = bridge_mark(7);
         d.learn(mark, containers);
         (d, mark)
@@ -662,7 +653,8 @@ mod tests {
     fn a_remembered_caller_follows_container_and_config_changes() {
         let two = "[[workload]]\nname = \"first\"\nbridges = [\"br-*\"]\nimds = \"proxy\"\n\n\
                    [[workload]]\nname = \"second\"\nbridges = [\"docker0\"]\nimds = \"proxy\"\n";
-        let (d, mark) = directory(config(two), vec![container("c1", "old-id")]);
+        let config_two = config(two);
+        let (d, mark) = directory(vec![container("c1", "old-id")]);
         let peer: SocketAddr = PEER.parse().expect("a socket address");
         let origin = Origin {
             mark,
@@ -670,17 +662,21 @@ mod tests {
             dst: None,
         };
         let first = d
-            .identify_cached(origin)
+            .identify_cached(&config_two, origin)
             .expect("known port, answered inline");
         assert_eq!(first.workload, Some(1));
         assert_eq!(first.credentials_ids, vec!["old-id".to_string()]);
-        assert_eq!(d.identify_cached(origin), Some(first.clone()), "remembered");
+        assert_eq!(
+            d.identify_cached(&config_two, origin),
+            Some(first.clone()),
+            "remembered"
+        );
 
         // Docker says containers changed: the remembered caller is gone
         // and the containers must be listed again (a cache-only lookup
         // cannot answer)...
         d.containers_changed();
-        assert_eq!(d.identify_cached(origin), None);
+        assert_eq!(d.identify_cached(&config_two, origin), None);
         // ...and the next listing is what is answered. Port 7's caller is
         // everyone in its peer's namespace, whatever file names it (an
         // app container joined to a pause container's namespace), and
@@ -691,7 +687,7 @@ mod tests {
             container_in("c4", "other-id", "/other/ns"),
         ]);
         let second = d
-            .identify_cached(origin)
+            .identify_cached(&config_two, origin)
             .expect("answered after the listing");
         assert_eq!(
             second.credentials_ids,
@@ -700,10 +696,9 @@ mod tests {
         assert!(matches!(second.container.as_deref(), Some("c2" | "c3")));
 
         // A new config: the same port is matched against its workloads.
-        d.set_config(config(
-            "[[workload]]\nname = \"only\"\nbridges = [\"docker*\"]\nimds = \"proxy\"\n",
-        ));
-        let third = d.identify_cached(origin).expect("same port");
+        let only =
+            config("[[workload]]\nname = \"only\"\nbridges = [\"docker*\"]\nimds = \"proxy\"\n");
+        let third = d.identify_cached(&only, origin).expect("same port");
         assert_eq!(third.workload, Some(0));
         assert_eq!(third.credentials_ids, second.credentials_ids);
     }

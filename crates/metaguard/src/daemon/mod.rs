@@ -21,6 +21,12 @@
 //!   line and column and the rules in force stay. SIGTERM/SIGINT leave the
 //!   rules in place (fail-closed) unless `--remove-on-exit`. SIGKILL leaves
 //!   them too, of course: a restart finds and replaces them.
+//! * **Proxy.** Started by the first config that proxies anything, and
+//!   reconfigured by every reload in two steps around the rules: before
+//!   them its new listeners are bound and its new settings (audit log,
+//!   upstreams, limits) opened; after them both are put in force and the
+//!   listeners the new plan lacks are closed. A failure in either step
+//!   before the rules refuses the whole reload.
 //! * **Metrics and health** on a loopback address only (see [`metrics`]).
 
 mod bpf_events;
@@ -31,12 +37,14 @@ mod monitor;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use metaguard_core::config::Selector;
 use metaguard_core::ruleset::{Plan, FAMILY, TABLE};
 use metaguard_core::Config;
+use metaguard_proxy::server::Prepared;
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
@@ -96,8 +104,29 @@ struct Daemon {
     /// Expected (canonical) tables by script text. Every task namespace of
     /// a workload has the same script, so one scratch load serves them all.
     expected_cache: HashMap<String, canonical::Table>,
-    /// The proxy's view of workloads, when the proxy runs.
-    directory: Option<std::sync::Arc<identity::Directory>>,
+    /// The proxy, once a config has proxied anything.
+    proxy: Option<ProxyService>,
+    /// The proxy's metrics, registered once (a refused first start and a
+    /// later one share them).
+    proxy_metrics: Option<metaguard_proxy::ProxyMetrics>,
+}
+
+/// The running proxy: its threads, listeners and settings, and the view of
+/// workloads it identifies callers with.
+struct ProxyService {
+    server: metaguard_proxy::Server,
+    directory: Arc<identity::Directory>,
+}
+
+/// The proxy's part of a config, prepared before its rules are applied;
+/// dropped, it leaves the proxy as it was.
+enum ProxyStep {
+    /// Nothing proxied, before or after.
+    Idle,
+    /// The first proxy action: a new proxy, its listeners bound.
+    Start(ProxyService, Prepared),
+    /// The running proxy's next settings and listeners.
+    Change(Prepared),
 }
 
 /// Runs the daemon until SIGTERM/SIGINT. Errors before the first apply exit
@@ -140,7 +169,8 @@ pub fn run(
             watched: Vec::new(),
             own_pids: std::collections::VecDeque::new(),
             expected_cache: HashMap::new(),
-            directory: None,
+            proxy: None,
+            proxy_metrics: None,
         };
         // Signals first: a SIGTERM right after "ready" must find its handler.
         let signals = Signals::new()?;
@@ -153,6 +183,7 @@ impl Daemon {
     /// The first apply, then monitors, watches and the metrics server.
     fn start(&mut self, started: u64) -> anyhow::Result<()> {
         let t = Instant::now();
+        let proxy = self.prepare_proxy(&self.config.clone(), &self.plan.clone())?;
         let report = self.engine.apply(&self.config, &self.plan)?;
         for w in &report.warnings {
             warn!(warning = %w, "plan");
@@ -161,7 +192,7 @@ impl Daemon {
         self.sync_guarded()?;
         self.update_gauges();
         metrics::serve(self.opts.metrics_addr, self.metrics.clone())?;
-        self.start_proxy()?;
+        self.commit_proxy(proxy);
         if report.bpf.as_ref().is_some_and(|b| b.state == "active") {
             bpf_events::spawn(
                 self.opts.bpf_pin_dir.clone(),
@@ -186,71 +217,72 @@ impl Daemon {
         Ok(())
     }
 
-    /// Starts the credentials relay and IMDS proxy (when the plan has
-    /// listeners) on a runtime of their own, so heals never stall requests.
-    fn start_proxy(&mut self) -> anyhow::Result<()> {
-        let Some(p) = self.plan.proxy.clone() else {
-            return Ok(());
+    /// Opens the proxy settings `config` asks for and binds the listeners
+    /// `plan` adds, changing nothing in force (see [`Daemon::commit_proxy`]).
+    /// A new proxy runs on threads of its own, so heals never stall
+    /// requests.
+    fn prepare_proxy(&mut self, config: &Config, plan: &Plan) -> anyhow::Result<ProxyStep> {
+        use metaguard_proxy::{server, Proxy, ProxyMetrics, Server, Settings};
+        let wanted = server::listeners(plan.proxy.as_ref());
+        let settings = match plan.proxy {
+            Some(_) => Some(Settings::new(Arc::new(config.clone()))?),
+            None => None,
         };
-        use metaguard_proxy::{AuditSink, Kind, Proxy, ProxyMetrics, Upstreams};
-        let config = std::sync::Arc::new(self.config.clone());
-        let directory = std::sync::Arc::new(identity::Directory::new(
-            config.clone(),
-            self.opts.docker_socket.clone(),
-        ));
-        let imds = config
-            .endpoints
-            .imds
-            .iter()
-            .find(|a| a.is_ipv4())
-            .or(config.endpoints.imds.first())
-            .map(|a| SocketAddr::new(*a, 80))
-            .context("no imds endpoint to forward to")?;
-        let upstreams = Upstreams {
-            imds,
-            agent: config.agent_credentials,
-        };
-        let metrics = ProxyMetrics::new(self.metrics.registry())?;
-        let audit = AuditSink::open(config.proxy.audit_log.as_deref()).with_context(|| {
-            format!(
-                "cannot open the audit log {}",
-                config.proxy.audit_log.as_deref().unwrap_or("")
-            )
-        })?;
-        // One set of listening sockets per worker thread (SO_REUSEPORT).
-        let workers = metaguard_proxy::workers();
-        let mut sets: Vec<Vec<(std::net::TcpListener, Kind)>> =
-            (0..workers).map(|_| Vec::new()).collect();
-        for (addrs, kind) in [(&p.relay, Kind::Relay), (&p.imds, Kind::Imds)] {
-            for a in addrs {
-                let copies = metaguard_proxy::bind(*a, workers).with_context(|| {
-                    format!(
-                        "cannot listen on {a} for the {} proxy (is something else serving it? F10)",
-                        kind.as_str()
-                    )
-                })?;
-                for (set, l) in sets.iter_mut().zip(copies) {
-                    set.push((l, kind));
-                }
+        let settings = match (&mut self.proxy, settings) {
+            (Some(p), settings) => {
+                return Ok(ProxyStep::Change(p.server.prepare(&wanted, settings)?))
             }
-        }
-        let proxy = Proxy::new(directory.clone(), upstreams, metrics, audit);
-        let addrs: Vec<String> = p
-            .relay
+            (None, None) => return Ok(ProxyStep::Idle),
+            (None, Some(s)) => s,
+        };
+        let metrics = match &self.proxy_metrics {
+            Some(m) => m.clone(),
+            None => {
+                let m = ProxyMetrics::new(self.metrics.registry())?;
+                self.proxy_metrics.insert(m).clone()
+            }
+        };
+        let directory = Arc::new(identity::Directory::new(self.opts.docker_socket.clone()));
+        let mut server = Server::new(Proxy::new(directory.clone(), metrics, settings));
+        let prepared = server.prepare(&wanted, None)?;
+        Ok(ProxyStep::Start(
+            ProxyService { server, directory },
+            prepared,
+        ))
+    }
+
+    /// Puts a prepared proxy step in force, once the rules are: its
+    /// settings, its new listeners, and the end of those the plan lost.
+    fn commit_proxy(&mut self, step: ProxyStep) {
+        let (service, prepared) = match step {
+            ProxyStep::Idle => return,
+            ProxyStep::Start(service, prepared) => (self.proxy.insert(service), prepared),
+            ProxyStep::Change(prepared) => match self.proxy.as_mut() {
+                Some(service) => (service, prepared),
+                None => return,
+            },
+        };
+        let change = service.server.commit(prepared);
+        let listening: Vec<String> = service
+            .server
+            .listening()
             .iter()
-            .chain(&p.imds)
-            .map(|a| a.to_string())
+            .map(ToString::to_string)
             .collect();
-        for (n, listeners) in sets.into_iter().enumerate() {
-            let proxy = proxy.clone();
-            std::thread::Builder::new()
-                .name(format!("metaguard-proxy-{n}"))
-                .spawn(move || serve_proxy(proxy, listeners))
-                .context("cannot start a proxy thread")?;
+        let names = |ls: &[metaguard_proxy::Listener]| -> Vec<String> {
+            ls.iter().map(ToString::to_string).collect()
+        };
+        if listening.is_empty() && !change.close.is_empty() {
+            info!(closed = ?names(&change.close), "proxy stopped: nothing is proxied; its listeners are closed");
+        } else if !change.open.is_empty() || !change.close.is_empty() {
+            info!(
+                listen = ?listening,
+                opened = ?names(&change.open),
+                closed = ?names(&change.close),
+                workers = metaguard_proxy::workers(),
+                "proxy serving"
+            );
         }
-        info!(listen = ?addrs, workers, "proxy serving");
-        self.directory = Some(directory);
-        Ok(())
     }
 
     fn watch_netns_dirs(&mut self) -> anyhow::Result<()> {
@@ -395,8 +427,8 @@ impl Daemon {
             }
             Event::NetnsDir => self.replan("namespace appeared or left"),
             Event::Docker => {
-                if let Some(d) = &self.directory {
-                    d.containers_changed();
+                if let Some(p) = &self.proxy {
+                    p.directory.containers_changed();
                 }
                 self.replan("container started or stopped")
             }
@@ -531,26 +563,25 @@ impl Daemon {
         self.sync_guarded()
     }
 
-    /// SIGHUP: a new config, all or nothing.
+    /// SIGHUP: a new config, all or nothing: parsed, planned, the proxy's
+    /// settings opened and new listeners bound, then the rules applied;
+    /// only then is the proxy switched over.
     fn reload(&mut self, load: &impl Fn(Option<&Path>) -> anyhow::Result<Config>) {
         let result = load(self.opts.config_path.as_deref()).and_then(|config| {
             let plan = self.engine.plan_present(&config)?;
+            let proxy = self.prepare_proxy(&config, &plan)?;
             let report = self.engine.apply(&config, &plan)?;
-            Ok((config, plan, report))
+            Ok((config, plan, proxy, report))
         });
         match result {
-            Ok((config, plan, report)) => {
+            Ok((config, plan, proxy, report)) => {
                 self.netns_dirs = crate::enforce::netns_dirs(&config);
                 if let Err(e) = self.watch_netns_dirs() {
                     warn!(error = %format!("{e:#}"), "cannot watch a namespace directory");
                 }
                 self.config = config;
                 self.plan = plan;
-                if let Some(d) = &self.directory {
-                    d.set_config(std::sync::Arc::new(self.config.clone()));
-                } else if let Err(e) = self.start_proxy() {
-                    error!(error = %format!("{e:#}"), "cannot start the proxy");
-                }
+                self.commit_proxy(proxy);
                 if let Err(e) = self.sync_guarded() {
                     error!(error = %format!("{e:#}"), "after reload");
                 }
@@ -560,7 +591,7 @@ impl Daemon {
             }
             Err(e) => {
                 self.metrics.reloads.with_label_values(&["refused"]).inc();
-                error!(error = %format!("{e:#}"), "reload refused; the previous rules stay in force");
+                error!(error = %format!("{e:#}"), "reload refused; the previous rules and proxy stay in force");
             }
         }
     }
@@ -582,35 +613,6 @@ impl Signals {
             int: signal(SignalKind::interrupt()).context("SIGINT handler")?,
         })
     }
-}
-
-/// One proxy worker: a single-threaded runtime serving its own copy of
-/// every listener, so a connection and its requests stay on this thread.
-fn serve_proxy(
-    proxy: std::sync::Arc<metaguard_proxy::Proxy>,
-    listeners: Vec<(std::net::TcpListener, metaguard_proxy::Kind)>,
-) {
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            error!(error = %e, "cannot start a proxy runtime");
-            return;
-        }
-    };
-    rt.block_on(async move {
-        for (l, kind) in listeners {
-            match tokio::net::TcpListener::from_std(l) {
-                Ok(l) => {
-                    tokio::spawn(proxy.clone().serve(l, kind));
-                }
-                Err(e) => error!(error = %e, "proxy listener"),
-            }
-        }
-        std::future::pending::<()>().await;
-    });
 }
 
 /// Whether `p` is a namespace file (an nsfs bind mount), not the empty file

@@ -62,7 +62,7 @@ pub const TESTS: &[(&str, bool, crate::TestFn)] = &[
 
 /// A probe that is blocked *by metaguard* (rejected quickly, nothing
 /// arrived), not merely failing.
-fn blocked_now(lab: &Lab, w: Workload, url: &str) -> Result<bool, Failed> {
+pub fn blocked_now(lab: &Lab, w: Workload, url: &str) -> Result<bool, Failed> {
     let mut spec = lab.http_get(url);
     spec.timeout_ms = 300;
     let r = lab.probe(w, &spec)?;

@@ -15,6 +15,7 @@ mod discovery;
 mod enforce;
 mod foundation;
 mod proxy;
+mod proxy_reload;
 
 type TestFn = fn() -> Result<(), Failed>;
 
@@ -34,6 +35,7 @@ fn main() {
         .chain(cli::TESTS)
         .chain(bpf::TESTS)
         .chain(proxy::TESTS)
+        .chain(proxy_reload::TESTS)
     {
         let f: TestFn = *f;
         let trial = Trial::test(*name, move || {

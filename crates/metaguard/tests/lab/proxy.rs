@@ -93,18 +93,18 @@ fn harden(lab: &Lab) -> Result<(), Failed> {
     crate::support::cis_loopback_drop(lab)
 }
 
-fn get(lab: &Lab, w: Workload, url: &str) -> Result<ProbeResult, Failed> {
+pub fn get(lab: &Lab, w: Workload, url: &str) -> Result<ProbeResult, Failed> {
     Ok(lab.probe(w, &lab.http_get(url))?)
 }
 
-fn json_body(r: &ProbeResult) -> Value {
+pub fn json_body(r: &ProbeResult) -> Value {
     r.body
         .as_deref()
         .and_then(|b| serde_json::from_str(b).ok())
         .unwrap_or(Value::Null)
 }
 
-fn agent_hits(lab: &Lab, id: &str) -> usize {
+pub fn agent_hits(lab: &Lab, id: &str) -> usize {
     lab.agent()
         .log()
         .entries()
@@ -140,7 +140,7 @@ fn refused_f13(
     Ok(())
 }
 
-fn audit_lines(path: &std::path::Path) -> Vec<Value> {
+pub fn audit_lines(path: &std::path::Path) -> Vec<Value> {
     std::fs::read_to_string(path)
         .unwrap_or_default()
         .lines()

@@ -1,0 +1,472 @@
+//! The proxy's threads and listening sockets, and how a reload changes
+//! them.
+//!
+//! * **Workers.** One single-threaded runtime per worker thread
+//!   ([`crate::workers`]), started with the first listener; each serves its
+//!   own `SO_REUSEPORT` copy of every listener, so a connection and its
+//!   requests never change threads.
+//! * **Listeners follow the plan.** The wanted set of (address, service)
+//!   pairs comes from the plan ([`listeners`]). A change is made in two
+//!   steps around the daemon's rules: [`Server::prepare`] binds what is new
+//!   (before the rules add the addresses; see [`crate::bind`]) and opens
+//!   the new settings — any failure leaves everything as it was —, then
+//!   [`Server::commit`] puts the settings in force, serves the new
+//!   sockets and closes the vanished ones. An unchanged listener keeps its
+//!   sockets: no connection meets a gap. A closed one stops accepting;
+//!   connections it accepted finish on their own.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use metaguard_core::ruleset::ProxyPlan;
+use tokio::sync::oneshot;
+use tracing::warn;
+
+use crate::settings::Settings;
+use crate::{Kind, Proxy};
+
+/// One listening address and the service it offers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Listener {
+    pub addr: SocketAddr,
+    pub kind: Kind,
+}
+
+impl std::fmt::Display for Listener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({})", self.addr, self.kind.as_str())
+    }
+}
+
+/// The listeners a plan asks for (none when nothing is proxied).
+pub fn listeners(plan: Option<&ProxyPlan>) -> BTreeSet<Listener> {
+    let Some(p) = plan else {
+        return BTreeSet::new();
+    };
+    let relay = p.relay.iter().map(|&addr| Listener {
+        addr,
+        kind: Kind::Relay,
+    });
+    let imds = p.imds.iter().map(|&addr| Listener {
+        addr,
+        kind: Kind::Imds,
+    });
+    relay.chain(imds).collect()
+}
+
+/// What going from one listener set to another takes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Change {
+    /// Listeners to bind and serve.
+    pub open: Vec<Listener>,
+    /// Listeners to close.
+    pub close: Vec<Listener>,
+}
+
+/// The change from `current` to `wanted`; what both hold is kept as it is.
+pub fn diff<'a>(
+    current: impl IntoIterator<Item = &'a Listener>,
+    wanted: &BTreeSet<Listener>,
+) -> Change {
+    let current: BTreeSet<Listener> = current.into_iter().copied().collect();
+    Change {
+        open: wanted.difference(&current).copied().collect(),
+        close: current.difference(wanted).copied().collect(),
+    }
+}
+
+/// Why the proxy could not take a new listener set.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot listen on {addr} for the {} proxy (is something else serving it? F10)", .kind.as_str())]
+    Bind {
+        addr: SocketAddr,
+        kind: Kind,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot start proxy worker {n}")]
+    Worker {
+        n: usize,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A change bound and opened, not yet in force ([`Server::commit`]).
+/// Dropping it closes what it bound.
+#[derive(Debug)]
+pub struct Prepared {
+    settings: Option<Settings>,
+    bound: Vec<(Listener, Vec<std::net::TcpListener>)>,
+    close: Vec<Listener>,
+}
+
+impl Prepared {
+    /// The change it makes.
+    pub fn change(&self) -> Change {
+        Change {
+            open: self.bound.iter().map(|(l, _)| *l).collect(),
+            close: self.close.clone(),
+        }
+    }
+}
+
+/// One worker thread and its runtime.
+#[derive(Debug)]
+struct Worker {
+    handle: tokio::runtime::Handle,
+    /// Dropped to end the thread (its runtime and every task on it).
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// A listener being served: one accept task per worker.
+#[derive(Debug)]
+struct Open {
+    /// Dropped to close: each copy's accept task ends when its sender goes.
+    close: Vec<oneshot::Sender<()>>,
+    /// Disconnected once every copy's socket is closed.
+    closed: mpsc::Receiver<()>,
+}
+
+/// How long [`Server::commit`] waits for closed sockets to be released.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
+
+/// The running proxy's threads and listeners.
+#[derive(Debug)]
+pub struct Server {
+    proxy: Arc<Proxy>,
+    workers: Vec<Worker>,
+    open: BTreeMap<Listener, Open>,
+}
+
+impl Server {
+    /// A server for `proxy`, with no thread and no listener yet.
+    pub fn new(proxy: Arc<Proxy>) -> Server {
+        Server {
+            proxy,
+            workers: Vec::new(),
+            open: BTreeMap::new(),
+        }
+    }
+
+    /// The listeners being served.
+    pub fn listening(&self) -> BTreeSet<Listener> {
+        self.open.keys().copied().collect()
+    }
+
+    /// Binds the listeners `wanted` adds (one copy per worker; workers
+    /// are started if there are none yet). Nothing in force changes: the
+    /// new sockets are served, the vanished ones closed and `settings` put
+    /// in force (when given) by [`Server::commit`].
+    pub fn prepare(
+        &mut self,
+        wanted: &BTreeSet<Listener>,
+        settings: Option<Settings>,
+    ) -> Result<Prepared, ServerError> {
+        let change = diff(self.open.keys(), wanted);
+        if !change.open.is_empty() {
+            self.start_workers()?;
+        }
+        let copies = self.workers.len();
+        let bound = change
+            .open
+            .iter()
+            .map(|l| {
+                crate::bind(l.addr, copies)
+                    .map(|socks| (*l, socks))
+                    .map_err(|source| ServerError::Bind {
+                        addr: l.addr,
+                        kind: l.kind,
+                        source,
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Prepared {
+            settings,
+            bound,
+            close: change.close,
+        })
+    }
+
+    /// Puts `p` in force: first its settings, then its new listeners are
+    /// served and the vanished ones closed. Returns once their sockets are
+    /// closed (a few milliseconds; at most [`CLOSE_WAIT`], with a warning).
+    pub fn commit(&mut self, p: Prepared) -> Change {
+        let change = p.change();
+        if let Some(s) = p.settings {
+            self.proxy.reconfigure(s);
+        }
+        for (l, socks) in p.bound {
+            let (closed_tx, closed) = mpsc::channel();
+            let mut close = Vec::with_capacity(socks.len());
+            for (w, sock) in self.workers.iter().zip(socks) {
+                let (tx, rx) = oneshot::channel();
+                close.push(tx);
+                w.handle.spawn(accept(
+                    self.proxy.clone(),
+                    sock,
+                    l.kind,
+                    rx,
+                    closed_tx.clone(),
+                ));
+            }
+            self.open.insert(l, Open { close, closed });
+        }
+        let closing: Vec<(Listener, Open)> = p
+            .close
+            .iter()
+            .filter_map(|l| self.open.remove(l).map(|o| (*l, o)))
+            .collect();
+        let deadline = Instant::now() + CLOSE_WAIT;
+        for (l, o) in closing {
+            drop(o.close);
+            let left = deadline.saturating_duration_since(Instant::now());
+            if let Err(RecvTimeoutError::Timeout) | Ok(()) = o.closed.recv_timeout(left) {
+                warn!(listener = %l, "proxy listener not closed after {CLOSE_WAIT:?}");
+            }
+        }
+        change
+    }
+
+    fn start_workers(&mut self) -> Result<(), ServerError> {
+        let n = crate::workers();
+        while self.workers.len() < n {
+            let i = self.workers.len();
+            let err = |source| ServerError::Worker { n: i, source };
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(err)?;
+            let handle = rt.handle().clone();
+            let (stop, stopped) = oneshot::channel::<()>();
+            let thread = std::thread::Builder::new()
+                .name(format!("metaguard-proxy-{i}"))
+                .spawn(move || {
+                    let _ = rt.block_on(stopped);
+                })
+                .map_err(err)?;
+            self.workers.push(Worker {
+                handle,
+                stop: Some(stop),
+                thread: Some(thread),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Server {
+    /// Ends the workers: their runtimes drop every listener and connection.
+    fn drop(&mut self) {
+        for w in &mut self.workers {
+            w.stop.take();
+        }
+        for w in &mut self.workers {
+            if let Some(t) = w.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+/// Serves one copy of a listener until `close` fires or its sender is
+/// dropped; `closed` is dropped after the socket.
+async fn accept(
+    proxy: Arc<Proxy>,
+    sock: std::net::TcpListener,
+    kind: Kind,
+    close: oneshot::Receiver<()>,
+    closed: mpsc::Sender<()>,
+) {
+    match tokio::net::TcpListener::from_std(sock) {
+        Ok(listener) => {
+            tokio::select! {
+                () = proxy.serve(&listener, kind) => {}
+                _ = close => {}
+            }
+            drop(listener);
+        }
+        Err(e) => warn!(error = %e, "proxy listener"),
+    }
+    drop(closed);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read as _, Write as _};
+
+    use metaguard_core::Config;
+
+    use super::*;
+    use crate::{Caller, Directory, Origin, Owner, ProxyMetrics};
+
+    fn l(addr: &str, kind: Kind) -> Listener {
+        Listener {
+            addr: addr.parse().expect("address"),
+            kind,
+        }
+    }
+
+    #[test]
+    fn listener_sets_are_diffed_keeping_what_both_hold() {
+        let relay = l("169.254.170.2:80", Kind::Relay);
+        let imds = l("169.254.170.2:9470", Kind::Imds);
+        let moved = l("169.254.170.2:9471", Kind::Imds);
+        let current = BTreeSet::from([relay, imds]);
+        // imds_port changes: one closed, one opened, the relay untouched.
+        let wanted = BTreeSet::from([relay, moved]);
+        assert_eq!(
+            diff(&current, &wanted),
+            Change {
+                open: vec![moved],
+                close: vec![imds]
+            }
+        );
+        // The same set: nothing to do.
+        assert_eq!(diff(&current, &current), Change::default());
+        // The last proxy action removed: everything closes.
+        assert_eq!(
+            diff(&current, &BTreeSet::new()),
+            Change {
+                open: vec![],
+                close: vec![relay, imds]
+            }
+        );
+        // The first one added: everything opens.
+        assert_eq!(
+            diff(&BTreeSet::new(), &current),
+            Change {
+                open: vec![relay, imds],
+                close: vec![]
+            }
+        );
+    }
+
+    #[test]
+    fn the_plan_names_relay_and_imds_listeners() {
+        let plan = ProxyPlan {
+            addresses: vec!["169.254.170.2".parse().expect("address")],
+            relay: vec!["169.254.170.2:80".parse().expect("address")],
+            imds: vec!["169.254.170.2:9470".parse().expect("address")],
+        };
+        assert_eq!(
+            listeners(Some(&plan)),
+            BTreeSet::from([
+                l("169.254.170.2:80", Kind::Relay),
+                l("169.254.170.2:9470", Kind::Imds)
+            ])
+        );
+        assert!(listeners(None).is_empty());
+    }
+
+    /// Every caller is the config's first workload.
+    #[derive(Debug)]
+    struct First;
+
+    impl Directory for First {
+        fn identify(&self, _: &Arc<Config>, _: Origin) -> Caller {
+            Caller {
+                workload: Some(0),
+                origin: "test".into(),
+                ..Caller::default()
+            }
+        }
+        fn owner(&self, _: &Config, _: &str) -> Option<Owner> {
+            None
+        }
+    }
+
+    /// A free loopback port (bound, then released).
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port")
+    }
+
+    fn settings(audit: &std::path::Path, rate: u32, burst: u32) -> Settings {
+        let text = format!(
+            "[proxy]\naudit_log = \"{}\"\nrate = {rate}\nburst = {burst}\n\n\
+             [[workload]]\nname = \"w\"\nbridges = [\"docker0\"]\nimds = \"proxy\"\n",
+            audit.display()
+        );
+        let c = Config::parse(&text, "test.toml").expect("valid config");
+        Settings::new(Arc::new(c)).expect("settings")
+    }
+
+    /// One request for a path the default IMDS policy denies (so nothing
+    /// is forwarded); its status code, or `None` when not connected.
+    fn status(addr: SocketAddr) -> Option<u16> {
+        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        s.write_all(
+            b"GET /latest/meta-data/iam/info HTTP/1.1\r\nHost: 169.254.169.254\r\n\
+              Connection: close\r\n\r\n",
+        )
+        .ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        out.get(9..12)?.parse().ok()
+    }
+
+    fn lines(p: &std::path::Path) -> usize {
+        std::fs::read_to_string(p).map_or(0, |t| t.lines().count())
+    }
+
+    #[test]
+    fn a_commit_swaps_settings_and_listeners_for_the_next_request() {
+        let dir = std::env::temp_dir().join(format!("mg-proxy-server-{}", std::process::id()));
+        let (audit_a, audit_b) = (dir.join("a.jsonl"), dir.join("b.jsonl"));
+        let metrics = ProxyMetrics::new(&prometheus::Registry::new()).expect("metrics");
+        let proxy = Proxy::new(Arc::new(First), metrics, settings(&audit_a, 40, 60));
+        let mut server = Server::new(proxy);
+        let a = l(&format!("127.0.0.1:{}", free_port()), Kind::Imds);
+        let b = l(&format!("127.0.0.1:{}", free_port()), Kind::Imds);
+        let p = server.prepare(&BTreeSet::from([a]), None).expect("bind a");
+        server.commit(p);
+        for _ in 0..3 {
+            assert_eq!(status(a.addr), Some(403), "denied by the path policy");
+        }
+        assert_eq!(lines(&audit_a), 3);
+
+        // A new audit log and a bucket of 1; a moves to b.
+        let p = server
+            .prepare(&BTreeSet::from([b]), Some(settings(&audit_b, 1, 1)))
+            .expect("bind b");
+        assert_eq!(
+            p.change(),
+            Change {
+                open: vec![b],
+                close: vec![a]
+            }
+        );
+        assert_eq!(status(a.addr), Some(403), "nothing in force changed yet");
+        server.commit(p);
+        assert_eq!(status(a.addr), None, "a is closed");
+        assert_eq!(status(b.addr), Some(403), "the one token");
+        assert_eq!(status(b.addr), Some(429), "throttled");
+        assert_eq!((lines(&audit_a), lines(&audit_b)), (4, 2));
+        assert_eq!(server.listening(), BTreeSet::from([b]));
+
+        // A bind that fails changes nothing: b keeps serving.
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let c = l(&taken.local_addr().expect("addr").to_string(), Kind::Relay);
+        let err = server
+            .prepare(&BTreeSet::from([b, c]), Some(settings(&audit_a, 40, 60)))
+            .expect_err("the port is taken");
+        assert!(err.to_string().contains(&c.addr.to_string()), "{err}");
+        assert!(matches!(status(b.addr), Some(403 | 429)));
+        assert_eq!(
+            (lines(&audit_a), lines(&audit_b)),
+            (4, 3),
+            "the old settings stay"
+        );
+        drop(server);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
