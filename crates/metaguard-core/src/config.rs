@@ -394,7 +394,35 @@ impl Ctx<'_> {
     }
 }
 
+/// A key whose value the host, not the parser, can find wrong (a path the
+/// daemon cannot write): [`Config::error_at`] points an error at it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Key {
+    /// `[proxy] audit_log`.
+    ProxyAuditLog,
+}
+
 impl Config {
+    /// An error about `key`'s value in `text` (the config's text, from
+    /// `origin`), located at that value — file, line, column, the line and
+    /// a caret — like every parse error; at the file's start when the key
+    /// is not in the text.
+    pub fn error_at(
+        text: &str,
+        origin: &str,
+        key: Key,
+        message: impl Into<String>,
+        hint: &str,
+    ) -> ConfigError {
+        let cx = Ctx { text, origin };
+        let span = toml::from_str::<RawConfig>(text)
+            .ok()
+            .and_then(|raw| match key {
+                Key::ProxyAuditLog => raw.proxy.and_then(|p| p.audit_log).map(|v| v.span()),
+            });
+        cx.err(span.unwrap_or(0..0), message, Some(hint))
+    }
+
     /// The built-in default policy (interface.md: used when no file exists).
     pub fn builtin_default() -> Config {
         // The default text is a constant of this crate and is covered by a

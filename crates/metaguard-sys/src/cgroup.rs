@@ -43,6 +43,20 @@ pub fn cgroup2_mounts(mountinfo: &str) -> Vec<PathBuf> {
         .collect()
 }
 
+/// The inode of the initial cgroup namespace (`PROC_CGROUP_INIT_INO`,
+/// include/linux/proc_ns.h): the host's own.
+pub const INIT_CGROUP_NS_INO: u64 = 0xEFFF_FFFB;
+
+/// Whether this process sees the cgroup hierarchy from the host's cgroup
+/// namespace. In another one (a container's private cgroup namespace, a
+/// systemd-nspawn machine) a cgroup2 mount's root is the namespace's root,
+/// so paths under it do not tell a cgroup's level counted from the real
+/// root — the level nft's `socket cgroupv2 level N` and BPF's ancestor
+/// helpers use.
+pub fn in_initial_namespace() -> io::Result<bool> {
+    Ok(std::fs::metadata("/proc/self/ns/cgroup")?.ino() == INIT_CGROUP_NS_INO)
+}
+
 /// mountinfo escapes space, tab, newline and backslash as `\ooo`.
 fn unescape_mountinfo(s: &str) -> String {
     let bytes = s.as_bytes();

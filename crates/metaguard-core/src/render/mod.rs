@@ -1,5 +1,6 @@
 //! Deployment files, rendered from a validated [`Config`]: the systemd
-//! unit, the cloud-init boothook, EC2 user data (MIME multipart) and the
+//! unit and the drop-in that holds container units back until it is
+//! ready, the cloud-init boothook, EC2 user data (MIME multipart) and the
 //! ECS agent's `ecs.config` lines.
 //!
 //! Pure text generation: the caller reads the config file and hands in its
@@ -24,7 +25,7 @@ use crate::ruleset::{self, HostFacts, PlanError};
 
 mod boothook;
 mod ecs_config;
-mod systemd;
+pub mod systemd;
 mod user_data;
 
 /// Where the Debian package (and the docs) install the binary.
@@ -42,14 +43,17 @@ pub enum Kind {
     Boothook,
     UserData,
     Systemd,
+    /// The drop-in for docker.service, containerd.service and ecs.service.
+    SystemdDropin,
     EcsConfig,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 4] = [
+    pub const ALL: [Kind; 5] = [
         Kind::Boothook,
         Kind::UserData,
         Kind::Systemd,
+        Kind::SystemdDropin,
         Kind::EcsConfig,
     ];
 
@@ -58,6 +62,7 @@ impl Kind {
             Kind::Boothook => "boothook",
             Kind::UserData => "user-data",
             Kind::Systemd => "systemd",
+            Kind::SystemdDropin => "systemd-dropin",
             Kind::EcsConfig => "ecs-config",
         }
     }
@@ -118,7 +123,9 @@ impl Options {
 /// Why something cannot be rendered. Every message says what to do.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RenderError {
-    #[error("unknown KIND {0:?}: use one of boothook, user-data, systemd, ecs-config")]
+    #[error(
+        "unknown KIND {0:?}: use one of boothook, user-data, systemd, systemd-dropin, ecs-config"
+    )]
     UnknownKind(String),
     #[error("{kind} needs the ECS cluster name: pass --cluster NAME")]
     ClusterRequired { kind: Kind },
@@ -210,6 +217,7 @@ pub fn render(kind: Kind, src: &Source<'_>, opts: &Options) -> Result<String, Re
     let stamp = Stamp::new(src, opts);
     match kind {
         Kind::Systemd => Ok(systemd::render(&stamp, opts)),
+        Kind::SystemdDropin => Ok(systemd::render_dropin(&stamp, opts)),
         Kind::EcsConfig => Ok(ecs_config::render(&stamp, src.config, opts)),
         Kind::Boothook => {
             let out = boothook::render(&stamp, src, opts)?;

@@ -69,6 +69,13 @@ fn systemd_golden() {
 }
 
 #[test]
+fn systemd_dropin_golden() {
+    let c = Config::builtin_default();
+    let out = render(Kind::SystemdDropin, &default_src(&c), &opts()).expect("render");
+    insta::assert_snapshot!("systemd_dropin_default", out);
+}
+
+#[test]
 fn boothook_golden() {
     let c = Config::builtin_default();
     let out = render(Kind::Boothook, &default_src(&c), &opts()).expect("render");
@@ -218,7 +225,7 @@ fn unknown_kind_is_refused() {
     let e = "helm-chart".parse::<Kind>().expect_err("unknown");
     assert_eq!(
         e.to_string(),
-        "unknown KIND \"helm-chart\": use one of boothook, user-data, systemd, ecs-config"
+        "unknown KIND \"helm-chart\": use one of boothook, user-data, systemd, systemd-dropin, ecs-config"
     );
     for k in Kind::ALL {
         assert_eq!(k.as_str().parse::<Kind>(), Ok(k));

@@ -4,13 +4,21 @@
 use std::path::Path;
 
 use anyhow::Context as _;
-use metaguard_core::config::DEFAULT_PATH;
+use metaguard_core::config::{BUILTIN_DEFAULT_TOML, DEFAULT_PATH};
 use metaguard_core::Config;
 
 use super::ConfigArg;
 
 /// Reads and validates the configuration named by `arg`.
 pub fn load(arg: &ConfigArg) -> anyhow::Result<Config> {
+    load_with_text(arg).map(|(config, _)| config)
+}
+
+/// Reads and validates the configuration named by `arg`, keeping its text
+/// (embedded and hashed by `render`; errors found later point into it):
+/// the default path falls back to the built-in policy (and its text) when
+/// absent; an explicit path must exist.
+pub fn load_with_text(arg: &ConfigArg) -> anyhow::Result<(Config, String)> {
     let (path, explicit) = match &arg.config {
         Some(p) => (p.as_path(), true),
         None => (Path::new(DEFAULT_PATH), false),
@@ -24,14 +32,15 @@ pub fn load(arg: &ConfigArg) -> anyhow::Result<Config> {
             )
         })?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
-            return Ok(Config::builtin_default());
+            return Ok((Config::builtin_default(), BUILTIN_DEFAULT_TOML.to_string()));
         }
         Err(e) => {
             return Err(e).with_context(|| format!("cannot read config {}", path.display()));
         }
     };
     // The error already names the file, line and column.
-    Ok(Config::parse(&text, &path.display().to_string())?)
+    let config = Config::parse(&text, &path.display().to_string())?;
+    Ok((config, text))
 }
 
 /// Fails with a clear message unless running as root.

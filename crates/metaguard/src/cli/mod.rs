@@ -16,8 +16,10 @@ mod daemon;
 mod demo;
 mod doctor;
 mod exec;
+mod gate;
 mod generate;
 mod lab_probe;
+mod reload;
 mod remove;
 mod render;
 mod verify;
@@ -89,7 +91,22 @@ enum Command {
         /// Log JSON lines instead of text.
         #[arg(long)]
         json: bool,
+        /// Check that the daemon can run here with this config — the config,
+        /// privileges, nft, the audit log's path, the BPF layer — and exit;
+        /// change nothing (the unit's ExecStartPre).
+        #[arg(long)]
+        check: bool,
     },
+    /// Have the running daemon apply its config again (SIGHUP) and wait for the outcome.
+    Reload {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Seconds to wait for the daemon's answer.
+        #[arg(long, value_name = "SECS", default_value_t = 60)]
+        timeout: u64,
+    },
+    /// Exit 0 when containers may start: metaguard's daemon is ready, or its unit is not enabled.
+    Gate,
     /// Diagnose this host for the known failure modes (F1…F17).
     Doctor {
         /// Print the findings as JSON.
@@ -113,9 +130,9 @@ enum Command {
         #[command(flatten)]
         config: ConfigArg,
     },
-    /// Print deployment files: boothook | user-data | systemd | ecs-config.
+    /// Print deployment files: boothook | user-data | systemd | systemd-dropin | ecs-config.
     Render {
-        /// What to render: boothook, user-data, systemd or ecs-config.
+        /// What to render: boothook, user-data, systemd, systemd-dropin or ecs-config.
         #[arg(value_name = "KIND")]
         kind: String,
         #[command(flatten)]
@@ -182,15 +199,25 @@ pub fn main() -> ExitCode {
             remove_on_exit,
             metrics,
             json,
-        } => daemon::run(
+            check,
+        } => {
+            let paths = daemon::Paths {
+                state_dir: &cli.state_dir,
+                docker_socket: &cli.docker_socket,
+                bpf_pin_dir: &cli.bpf_pin_dir,
+            };
+            if check {
+                daemon::check(&config, &metrics, &paths)
+            } else {
+                daemon::run(&config, remove_on_exit, &metrics, json, &paths)
+            }
+        }
+        Command::Reload { config, timeout } => reload::run(
             &config,
-            remove_on_exit,
-            &metrics,
-            json,
+            std::time::Duration::from_secs(timeout),
             &cli.state_dir,
-            &cli.docker_socket,
-            &cli.bpf_pin_dir,
         ),
+        Command::Gate => gate::run(&cli.state_dir),
         Command::Doctor {
             json,
             fix,

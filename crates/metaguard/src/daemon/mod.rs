@@ -33,22 +33,24 @@ mod bpf_events;
 mod identity;
 mod metrics;
 mod monitor;
+pub mod record;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use metaguard_core::config::Selector;
-use metaguard_core::ruleset::{Plan, FAMILY, TABLE};
+use metaguard_core::ruleset::{ContainerFact, Plan, FAMILY, TABLE};
 use metaguard_core::Config;
 use metaguard_proxy::server::Prepared;
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
-use crate::enforce::{canonical, Engine, State, Target};
+use crate::enforce::{canonical, needs_docker, Containers, Engine, Stale, State, Target};
 
 pub use metrics::DEFAULT_ADDR as DEFAULT_METRICS_ADDR;
 
@@ -75,6 +77,9 @@ pub enum Event {
     NetnsDir,
     /// A container started or stopped (Docker API events).
     Docker,
+    /// The Docker API answers (again): dockerd started or restarted, and
+    /// containers may have changed while nobody answered.
+    DockerUp,
     /// A directory holding a configured cgroup changed: one may have
     /// appeared or been re-created (with a new id the rules must use).
     Cgroup,
@@ -109,6 +114,19 @@ struct Daemon {
     /// The proxy's metrics, registered once (a refused first start and a
     /// later one share them).
     proxy_metrics: Option<metaguard_proxy::ProxyMetrics>,
+    /// The containers the Docker API last listed: the facts of plans made
+    /// while it does not answer (dockerd restarting), so that its task
+    /// namespaces stay in the plan. `None` until it first answered.
+    containers: Option<Vec<ContainerFact>>,
+    /// Whether the Docker API answers now (set by the watcher).
+    docker_up: Arc<AtomicBool>,
+    /// Whether the Docker watcher runs.
+    docker_watched: bool,
+    /// When the daemon started (Unix seconds): Docker events are replayed
+    /// from here.
+    started: u64,
+    /// `<state dir>/daemon.json`.
+    record: record::Record,
 }
 
 /// The running proxy: its threads, listeners and settings, and the view of
@@ -149,7 +167,10 @@ pub fn run(
     let config = load(opts.config_path.as_deref())?;
     let engine =
         Engine::new(&opts.state_dir, &opts.docker_socket)?.with_bpf_pin_dir(&opts.bpf_pin_dir);
-    let plan = engine.plan_present(&config)?;
+    // No Docker before READY (see `Containers::Unknown`): the first plan
+    // knows no containers, and keeps the task tables of an earlier run.
+    let plan = engine.plan_present(&config, Containers::Unknown)?;
+    let record = record::Record::for_this_process(&config.origin.to_string())?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -171,20 +192,30 @@ pub fn run(
             expected_cache: HashMap::new(),
             proxy: None,
             proxy_metrics: None,
+            containers: None,
+            docker_up: Arc::new(AtomicBool::new(false)),
+            docker_watched: false,
+            started,
+            record,
         };
         // Signals first: a SIGTERM right after "ready" must find its handler.
         let signals = Signals::new()?;
-        d.start(started)?;
+        d.start()?;
         d.run(rx, signals, load).await
     })
 }
 
 impl Daemon {
     /// The first apply, then monitors, watches and the metrics server.
-    fn start(&mut self, started: u64) -> anyhow::Result<()> {
+    fn start(&mut self) -> anyhow::Result<()> {
         let t = Instant::now();
         let proxy = self.prepare_proxy(&self.config.clone(), &self.plan.clone())?;
-        let report = self.engine.apply(&self.config, &self.plan)?;
+        let stale = if needs_docker(&self.config) {
+            Stale::Keep
+        } else {
+            Stale::Remove
+        };
+        let report = self.engine.apply_with(&self.config, &self.plan, stale)?;
         for w in &report.warnings {
             warn!(warning = %w, "plan");
         }
@@ -200,21 +231,98 @@ impl Daemon {
             );
         }
         self.watch_netns_dirs()?;
-        if self.opts.docker_socket.exists() {
-            tokio::spawn(crate::discovery::docker::watch(
-                self.opts.docker_socket.clone(),
-                started,
-                self.tx.clone(),
-            ));
-        }
+        self.watch_docker();
         info!(
             tables = report.tables.len(),
             ms = t.elapsed().as_millis() as u64,
             metrics = %self.opts.metrics_addr,
             "ready: rules applied; watching"
         );
-        let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+        self.record.ready = true;
+        self.save_record();
+        let status = self.status();
+        let _ = sd_notify::notify(&[
+            sd_notify::NotifyState::Ready,
+            sd_notify::NotifyState::Status(&status),
+        ]);
         Ok(())
+    }
+
+    /// Follows the Docker API when the config or the proxy needs it:
+    /// whenever its socket appears and answers (dockerd started or
+    /// restarted), the host is re-planned, and then on every container
+    /// event. Started once; a connection may start a socket-activated
+    /// dockerd, which is why it waits until the daemon is ready.
+    fn watch_docker(&mut self) {
+        if self.docker_watched || !(needs_docker(&self.config) || self.proxy.is_some()) {
+            return;
+        }
+        self.docker_watched = true;
+        tokio::spawn(crate::discovery::docker::watch(
+            self.opts.docker_socket.clone(),
+            self.started,
+            self.tx.clone(),
+            self.docker_up.clone(),
+        ));
+    }
+
+    /// The plan for `config` now: with the containers the Docker API lists
+    /// when it answers, else those it listed last (dockerd restarting);
+    /// before it ever answered, none — and then the tables of namespaces
+    /// guarded earlier are kept ([`Stale::Keep`]).
+    fn plan_now(&mut self, config: &Config) -> anyhow::Result<(Plan, Stale)> {
+        if !needs_docker(config) {
+            return Ok((
+                self.engine.plan_present(config, Containers::Unknown)?,
+                Stale::Remove,
+            ));
+        }
+        if self.docker_up.load(Ordering::Relaxed) {
+            match self.engine.containers() {
+                Ok(Some(cs)) => self.containers = Some(cs),
+                Ok(None) => {}
+                Err(e) => {
+                    warn!(error = %format!("{e:#}"), "the Docker API did not answer; planning with the containers it listed last")
+                }
+            }
+        }
+        match &self.containers {
+            Some(cs) => {
+                // Containers that stopped meanwhile took their namespace.
+                let live: Vec<ContainerFact> = cs
+                    .iter()
+                    .filter(|c| c.netns.as_ref().is_none_or(|p| Path::new(p).exists()))
+                    .cloned()
+                    .collect();
+                Ok((
+                    self.engine.plan_present(config, Containers::Known(&live))?,
+                    Stale::Remove,
+                ))
+            }
+            None => Ok((
+                self.engine.plan_present(config, Containers::Unknown)?,
+                Stale::Keep,
+            )),
+        }
+    }
+
+    fn save_record(&self) {
+        if let Err(e) = record::write(&self.opts.state_dir, &self.record) {
+            warn!(error = %format!("{e:#}"), "cannot write the daemon's record");
+        }
+    }
+
+    /// One line for `systemctl status`.
+    fn status(&self) -> String {
+        let proxy = match &self.proxy {
+            Some(p) if !p.server.listening().is_empty() => "; proxy serving",
+            _ => "",
+        };
+        format!(
+            "guarding: host + {} task namespace(s){proxy}; config {}",
+            self.plan.netns.len(),
+            self.config.origin
+        )
     }
 
     /// Opens the proxy settings `config` asks for and binds the listeners
@@ -390,6 +498,9 @@ impl Daemon {
     }
 
     fn stop(&mut self, signal: &str) -> anyhow::Result<()> {
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+        self.record.ready = false;
+        self.save_record();
         self.guarded.clear(); // ends the monitors
         if self.opts.remove_on_exit {
             let removed = self.engine.remove()?;
@@ -426,6 +537,10 @@ impl Daemon {
                 }
             }
             Event::NetnsDir => self.replan("namespace appeared or left"),
+            Event::DockerUp => {
+                info!(socket = %self.opts.docker_socket.display(), "the Docker API answers; following containers");
+                self.handle(Event::Docker);
+            }
             Event::Docker => {
                 if let Some(p) = &self.proxy {
                     p.directory.containers_changed();
@@ -506,7 +621,8 @@ impl Daemon {
             }
             std::thread::sleep(Duration::from_millis(2));
         }
-        let plan = match self.engine.plan_present(&self.config) {
+        let config = self.config.clone();
+        let (plan, stale) = match self.plan_now(&config) {
             Ok(p) => p,
             Err(e) => {
                 error!(error = %format!("{e:#}"), why, "cannot re-plan; the rules in force stay");
@@ -536,18 +652,27 @@ impl Daemon {
                 }
             }
         }
-        if let Err(e) = self.apply_new_namespaces(&before) {
+        if let Err(e) = self.apply_new_namespaces(&before, stale) {
             error!(error = %format!("{e:#}"), "cannot guard new namespaces");
         }
         self.update_gauges();
     }
 
-    fn apply_new_namespaces(&mut self, before: &[String]) -> anyhow::Result<()> {
+    /// Loads the tables of namespaces new to the plan and removes those of
+    /// namespaces it no longer selects (with [`Stale::Keep`] — no
+    /// container facts yet — those guarded earlier are kept).
+    fn apply_new_namespaces(&mut self, before: &[String], stale: Stale) -> anyhow::Result<()> {
         let started = Instant::now();
-        let state = State {
-            netns: self.plan.netns.iter().map(|n| n.path.clone()).collect(),
-            ..self.engine.load_state()
-        };
+        let previous = self.engine.load_state();
+        let mut netns: Vec<String> = self.plan.netns.iter().map(|n| n.path.clone()).collect();
+        if stale == Stale::Keep {
+            for p in &previous.netns {
+                if !netns.contains(p) && Path::new(p).exists() {
+                    netns.push(p.clone());
+                }
+            }
+        }
+        let state = State { netns, ..previous };
         self.engine.save_state(&state)?;
         let mut warnings = Vec::new();
         for t in self.engine.targets(&self.plan, &mut warnings)? {
@@ -558,7 +683,15 @@ impl Daemon {
             }
         }
         for gone in before.iter().filter(|p| !state.netns.contains(p)) {
-            info!(netns = %gone, "namespace gone; forgotten");
+            // Still there but no longer selected: its table goes too.
+            match metaguard_sys::netns::Netns::open(gone) {
+                Ok(ns) => {
+                    if self.engine.nft().delete_table(Some(&ns), FAMILY, TABLE)? {
+                        info!(netns = %gone, "namespace no longer selected; its table removed");
+                    }
+                }
+                Err(_) => info!(netns = %gone, "namespace gone; forgotten"),
+            }
         }
         self.sync_guarded()
     }
@@ -567,11 +700,18 @@ impl Daemon {
     /// settings opened and new listeners bound, then the rules applied;
     /// only then is the proxy switched over.
     fn reload(&mut self, load: &impl Fn(Option<&Path>) -> anyhow::Result<Config>) {
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Reloading]);
         let result = load(self.opts.config_path.as_deref()).and_then(|config| {
-            let plan = self.engine.plan_present(&config)?;
+            let (plan, stale) = self.plan_now(&config)?;
             let proxy = self.prepare_proxy(&config, &plan)?;
-            let report = self.engine.apply(&config, &plan)?;
+            let report = self.engine.apply_with(&config, &plan, stale)?;
             Ok((config, plan, proxy, report))
+        });
+        self.record.reloads += 1;
+        self.record.last_reload = Some(record::Reload {
+            at_unix_ms: record::now_unix_ms(),
+            applied: result.is_ok(),
+            error: result.as_ref().err().map(|e| format!("{e:#}")),
         });
         match result {
             Ok((config, plan, proxy, report)) => {
@@ -586,6 +726,8 @@ impl Daemon {
                     error!(error = %format!("{e:#}"), "after reload");
                 }
                 self.update_gauges();
+                self.record.config = self.config.origin.to_string();
+                self.watch_docker();
                 self.metrics.reloads.with_label_values(&["applied"]).inc();
                 info!(tables = report.tables.len(), "reloaded: new config applied");
             }
@@ -594,6 +736,12 @@ impl Daemon {
                 error!(error = %format!("{e:#}"), "reload refused; the previous rules and proxy stay in force");
             }
         }
+        self.save_record();
+        let status = self.status();
+        let _ = sd_notify::notify(&[
+            sd_notify::NotifyState::Ready,
+            sd_notify::NotifyState::Status(&status),
+        ]);
     }
 }
 

@@ -1,9 +1,9 @@
 //! Containers from the Docker Engine API (bollard, over the unix socket).
 //!
 //! For each running container: its name and labels, whether it shares the
-//! host's network stack, its network namespace (`NetworkSettings.SandboxKey`,
-//! else `/proc/<pid>/ns/net`) and its cgroup v2 path (from
-//! `/proc/<pid>/cgroup`). The ECS agent's awsvpc pause containers carry
+//! host's network stack, its network namespace (`NetworkSettings.SandboxKey`;
+//! for `container:<id>` network modes the other container's; else
+//! `/proc/<pid>/ns/net`) and its cgroup v2 path (from `/proc/<pid>/cgroup`). The ECS agent's awsvpc pause containers carry
 //! `com.amazonaws.ecs.container-name=~internal~ecs~pause`; core turns them
 //! into the `ecs-tasks` namespaces.
 
@@ -54,6 +54,7 @@ async fn list(socket: &Path, proc_root: &Path) -> anyhow::Result<Vec<ContainerFa
     .context("the Docker API did not answer within 10 s")?
     .with_context(|| format!("listing containers through {}", socket.display()))?;
     let mut out = Vec::with_capacity(summaries.len());
+    let mut modes = Vec::with_capacity(summaries.len());
     for s in summaries {
         let Some(id) = s.id else { continue };
         let inspect = match docker.inspect_container(&id, None).await {
@@ -113,8 +114,37 @@ async fn list(socket: &Path, proc_root: &Path) -> anyhow::Result<Vec<ContainerFa
             netns,
             env,
         });
+        modes.push(mode);
     }
+    share_joined_namespaces(&mut out, &modes);
     Ok(out)
+}
+
+/// A container in network mode `container:<id>` (an awsvpc task's
+/// application containers join the pause container) has no `SandboxKey`;
+/// its namespace is the other container's, so it gets that one's file
+/// rather than `/proc/<pid>/ns/net`. Opening a process's namespace file
+/// needs ptrace access to it, which metaguard.service's bounded
+/// capabilities do not give over a container's more privileged process.
+fn share_joined_namespaces(containers: &mut [ContainerFact], modes: &[String]) {
+    for (i, mode) in modes.iter().enumerate() {
+        let Some(target) = mode.strip_prefix("container:") else {
+            continue;
+        };
+        let shared = containers
+            .iter()
+            .find(|c| {
+                c.id == target
+                    || c.name == target
+                    || (target.len() >= 12 && c.id.starts_with(target))
+            })
+            .filter(|c| !c.host_network)
+            .and_then(|c| c.netns.clone())
+            .filter(|p| !p.starts_with("/proc/"));
+        if let Some(path) = shared {
+            containers[i].netns = Some(path);
+        }
+    }
 }
 
 /// A process's cgroup v2 path, relative to the hierarchy root.
@@ -126,43 +156,84 @@ fn own_cgroup(proc_root: &Path, pid: i64) -> Option<String> {
         .filter(|p| !p.is_empty())
 }
 
-/// Container start/stop events since `since` (Unix seconds: the daemon's
-/// start, taken before its first discovery), each forwarded as
-/// [`crate::daemon::Event::Docker`]. Docker replays events from `since`, so
-/// a container started between the first discovery and the (lazy)
-/// subscription is not missed; after a reconnect, replay starts at the last
-/// event seen.
+/// Follows the Docker API for the daemon: waits for its socket (inotify on
+/// its directory, so a dockerd that starts later is seen at once), checks
+/// that it answers (`/_ping`: a socket-activated socket exists before
+/// dockerd does), then sends [`crate::daemon::Event::DockerUp`] — containers
+/// may have changed while nobody answered — and an `Event::Docker` for every
+/// container start, stop or removal since `since` (Unix seconds: the
+/// daemon's start; Docker replays events from then, and after a reconnect
+/// from the last one seen). `up` says whether the API answers now.
+/// Retries every second at most; never returns while the daemon runs.
 pub async fn watch(
     socket: PathBuf,
     since: u64,
     tx: tokio::sync::mpsc::UnboundedSender<crate::daemon::Event>,
+    up: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) {
     use futures_util::StreamExt as _;
-    let mut backoff = Duration::from_millis(200);
+    use std::sync::atomic::Ordering;
+    let mut backoff = Duration::from_millis(100);
     let mut since = since;
+    let mut appeared = socket_appeared(&socket);
     loop {
-        if let Ok(docker) = connect(&socket) {
-            let filters = std::collections::HashMap::from([
-                ("type", vec!["container"]),
-                ("event", vec!["start", "die", "destroy"]),
-            ]);
-            let opts = EventsOptionsBuilder::new()
-                .since(&since.to_string())
-                .filters(&filters)
-                .build();
-            let mut events = docker.events(Some(opts));
-            while let Some(ev) = events.next().await {
-                let Ok(ev) = ev else { break };
-                if let Some(t) = ev.time.and_then(|t| u64::try_from(t).ok()) {
-                    since = since.max(t);
+        if !socket.exists() {
+            // Woken when something is created in the socket's directory;
+            // a second at most (a directory that did not exist yet).
+            match appeared.as_mut() {
+                Some(stream) => {
+                    let _ = tokio::time::timeout(Duration::from_secs(1), stream.next()).await;
                 }
-                backoff = Duration::from_millis(200);
-                if tx.send(crate::daemon::Event::Docker).is_err() {
+                None => {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    appeared = socket_appeared(&socket);
+                }
+            }
+            continue;
+        }
+        if let Ok(docker) = connect(&socket) {
+            if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(10), docker.ping()).await {
+                up.store(true, Ordering::Relaxed);
+                backoff = Duration::from_millis(100);
+                if tx.send(crate::daemon::Event::DockerUp).is_err() {
                     return;
                 }
+                let filters = std::collections::HashMap::from([
+                    ("type", vec!["container"]),
+                    ("event", vec!["start", "die", "destroy"]),
+                ]);
+                let opts = EventsOptionsBuilder::new()
+                    .since(&since.to_string())
+                    .filters(&filters)
+                    .build();
+                let mut events = docker.events(Some(opts));
+                while let Some(ev) = events.next().await {
+                    let Ok(ev) = ev else { break };
+                    if let Some(t) = ev.time.and_then(|t| u64::try_from(t).ok()) {
+                        since = since.max(t);
+                    }
+                    if tx.send(crate::daemon::Event::Docker).is_err() {
+                        return;
+                    }
+                }
+                up.store(false, Ordering::Relaxed);
             }
         }
         tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(10));
+        backoff = (backoff * 2).min(Duration::from_secs(1));
     }
+}
+
+/// Creations in the directory of `socket` (`/var/run` resolves to `/run`).
+fn socket_appeared(socket: &Path) -> Option<inotify::EventStream<Vec<u8>>> {
+    let dir = socket.parent()?;
+    let inotify = inotify::Inotify::init().ok()?;
+    inotify
+        .watches()
+        .add(
+            dir,
+            inotify::WatchMask::CREATE | inotify::WatchMask::MOVED_TO,
+        )
+        .ok()?;
+    inotify.into_event_stream(vec![0u8; 1024]).ok()
 }

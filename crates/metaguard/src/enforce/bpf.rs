@@ -74,6 +74,17 @@ impl Engine {
         self
     }
 
+    /// Why the layer the config asks for cannot be active here; `None`
+    /// when it can, or when the config turns it off or gives it nothing to
+    /// guard.
+    pub fn bpf_not_active(&self, config: &Config) -> Option<String> {
+        if !config.layers.bpf {
+            return None;
+        }
+        self.bpf_unavailable(config)
+            .filter(|why| why != "no workload selects cgroups")
+    }
+
     /// Why the layer cannot run here, if it cannot.
     fn bpf_unavailable(&self, config: &Config) -> Option<String> {
         if self.cgroup2.is_none() {

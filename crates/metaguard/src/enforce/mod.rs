@@ -26,7 +26,7 @@ use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context as _};
 use metaguard_core::config::{Action, NetnsSelector, Selector};
-use metaguard_core::ruleset::{self, HostFacts, Plan, FAMILY, TABLE};
+use metaguard_core::ruleset::{self, ContainerFact, HostFacts, Plan, FAMILY, TABLE};
 use metaguard_core::Config;
 use metaguard_sys::cgroup::Cgroup2;
 use metaguard_sys::netns::Netns;
@@ -116,7 +116,15 @@ impl Engine {
     /// not exist (yet) are left out of the plan with a warning instead of
     /// failing it — a cgroup that does not exist holds no process to guard.
     /// The daemon watches for them and re-plans when they appear.
-    pub fn plan_present(&self, config: &Config) -> anyhow::Result<Plan> {
+    ///
+    /// The containers are given (or asked for, with [`Containers::Ask`]);
+    /// with [`Containers::Unknown`] the plan has no task namespaces and no
+    /// `containers` matches, and says so.
+    pub fn plan_present(
+        &self,
+        config: &Config,
+        containers: Containers<'_>,
+    ) -> anyhow::Result<Plan> {
         let mut present = config.clone();
         let mut missing = Vec::new();
         if let Some(cg) = &self.cgroup2 {
@@ -135,8 +143,16 @@ impl Engine {
                 }
             }
         }
-        let mut plan = self.plan(&present)?;
+        self.check_cgroups(&present)?;
+        let unknown = matches!(containers, Containers::Unknown);
+        let facts = self.facts_with(&present, containers)?;
+        let mut plan = ruleset::plan(&present, &facts)?;
         plan.warnings.extend(missing);
+        if unknown && needs_docker(config) {
+            plan.warnings.push(
+                "the Docker API is asked once the daemon is ready (ecs-tasks and containers selectors are followed from then on); task namespaces guarded before keep their tables".into(),
+            );
+        }
         Ok(plan)
     }
 
@@ -180,6 +196,15 @@ impl Engine {
                     w.name
                 );
             };
+            // nft matches `socket cgroupv2 level N` counted from the real
+            // root, which a private cgroup namespace hides: the rules would
+            // silently match nothing.
+            if !metaguard_sys::cgroup::in_initial_namespace().unwrap_or(true) {
+                bail!(
+                    "workload {:?} selects cgroups, but metaguard runs in a cgroup namespace of its own, where cgroup paths do not show how deep a cgroup really is (nft's `socket cgroupv2 level` counts from the host's root); run metaguard in the host's cgroup namespace (a systemd unit on the host does; `docker run --cgroupns=host` for a container). Nothing was changed.",
+                    w.name
+                );
+            }
             for p in paths {
                 if !cg.exists(p) {
                     bail!(
@@ -247,6 +272,19 @@ impl Engine {
     /// Makes the kernel match `plan`. Checks everything before changing
     /// anything.
     pub fn apply(&self, config: &Config, plan: &Plan) -> anyhow::Result<ApplyReport> {
+        self.apply_with(config, plan, Stale::Remove)
+    }
+
+    /// [`Engine::apply`]; with [`Stale::Keep`] the tables in namespaces an
+    /// earlier apply guarded and `plan` does not list are left in place
+    /// (and stay in the state file): for a plan made before the Docker API
+    /// could be asked, which does not know the task namespaces yet.
+    pub fn apply_with(
+        &self,
+        config: &Config,
+        plan: &Plan,
+        stale: Stale,
+    ) -> anyhow::Result<ApplyReport> {
         let mut report = ApplyReport {
             warnings: plan.warnings.clone(),
             ..ApplyReport::default()
@@ -311,11 +349,23 @@ impl Engine {
                 }
             }
         }
-        for stale in previous.netns.iter().filter(|p| !state.netns.contains(p)) {
+        let unplanned: Vec<String> = previous
+            .netns
+            .iter()
+            .filter(|p| !state.netns.contains(p))
+            .cloned()
+            .collect();
+        for old in &unplanned {
+            if stale == Stale::Keep {
+                if Path::new(old).exists() {
+                    state.netns.push(old.clone());
+                }
+                continue;
+            }
             // A namespace that is gone took its table with it.
-            if let Ok(ns) = Netns::open(stale) {
+            if let Ok(ns) = Netns::open(old) {
                 if self.nft.delete_table(Some(&ns), FAMILY, TABLE)? {
-                    report.removed_stale.push(stale.clone());
+                    report.removed_stale.push(old.clone());
                 }
             }
         }
@@ -492,21 +542,56 @@ impl Engine {
     /// API. A Docker API that exists but fails is an error: planning
     /// without it would silently drop workloads.
     pub fn facts(&self, config: &Config) -> anyhow::Result<HostFacts> {
-        let needs_docker = config.workloads.iter().any(|w| match &w.selector {
-            Selector::Containers(_) => true,
-            Selector::Netns(sels) => sels.contains(&NetnsSelector::EcsTasks),
-            _ => false,
-        });
-        let containers = if needs_docker {
-            crate::discovery::docker::containers(&self.docker_socket, Path::new("/proc"))?
-        } else {
-            None
+        self.facts_with(config, Containers::Ask)
+    }
+
+    /// The running containers from the Docker API (`None`: no socket).
+    pub fn containers(&self) -> anyhow::Result<Option<Vec<ContainerFact>>> {
+        crate::discovery::docker::containers(&self.docker_socket, Path::new("/proc"))
+    }
+
+    fn facts_with(&self, config: &Config, containers: Containers<'_>) -> anyhow::Result<HostFacts> {
+        let containers = match containers {
+            _ if !needs_docker(config) => None,
+            Containers::Ask => self.containers()?,
+            Containers::Known(cs) => Some(cs.to_vec()),
+            Containers::Unknown => None,
         };
         Ok(HostFacts {
             netns_paths: netns_paths(config),
             containers,
         })
     }
+}
+
+/// Where a plan's container facts come from.
+#[derive(Debug, Clone, Copy)]
+pub enum Containers<'a> {
+    /// Ask the Docker API now.
+    Ask,
+    /// These (the daemon's last answer from the Docker API).
+    Known(&'a [ContainerFact]),
+    /// None known, and the API must not be asked now: at daemon start-up,
+    /// before READY. Docker is ordered after metaguard at boot, and on
+    /// hosts with `docker.socket` a connection would start dockerd, which
+    /// waits for metaguard: asking would stall the start until a timeout.
+    Unknown,
+}
+
+/// What apply does with tables in namespaces the plan no longer lists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stale {
+    Remove,
+    Keep,
+}
+
+/// Whether a selector of `config` needs the Docker API.
+pub fn needs_docker(config: &Config) -> bool {
+    config.workloads.iter().any(|w| match &w.selector {
+        Selector::Containers(_) => true,
+        Selector::Netns(sels) => sels.contains(&NetnsSelector::EcsTasks),
+        _ => false,
+    })
 }
 
 /// The directories `netns` path globs point into (the literal part before
