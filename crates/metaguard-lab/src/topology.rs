@@ -873,6 +873,18 @@ imds          = "deny"
         cmd::ip_batch(&ns, script)
     }
 
+    /// Runs a system tool inside a lab namespace given by name (e.g. `nft`
+    /// in a machine's container bound with [`Lab::bind_netns`]).
+    pub fn run_in_named(
+        &self,
+        netns_name: &str,
+        program: &str,
+        args: &[&str],
+    ) -> Result<String, LabError> {
+        let ns = self.lab_netns_by_name(netns_name)?;
+        cmd::run(Some(&ns), program, args, None)
+    }
+
     fn lab_netns_by_name(&self, netns_name: &str) -> Result<Netns, LabError> {
         if !self.record.netns.iter().any(|n| n == netns_name) {
             return Err(LabError::ProbeOutput(format!(

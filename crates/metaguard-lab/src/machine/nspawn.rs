@@ -203,7 +203,8 @@ impl Machine {
             ])?;
             // Until systemd has set up its private socket, systemctl cannot
             // ask it anything.
-            let early = String::from_utf8_lossy(&out.stderr).contains("Failed to connect to bus");
+            let early = String::from_utf8_lossy(&out.stderr).contains("Failed to connect to bus")
+                || String::from_utf8_lossy(&out.stdout).trim() == "offline";
             if !early || Instant::now() > deadline {
                 break out;
             }

@@ -1,8 +1,8 @@
 //! F5 in the lab: the boothook, run in the lab's host namespace twice (as
 //! cloud-init runs it on two boots), loads the same ruleset as
 //! `metaguard apply`, and bridge containers are blocked from their first
-//! packet. Also: the unit's capability bounding set is exactly what
-//! `apply` needs — measured by running it under `setpriv` with that set
+//! packet. Also: the unit's capability bounding set is exactly what the
+//! daemon needs — measured by starting it under `setpriv` with that set
 //! and with each capability taken away.
 
 use std::path::{Path, PathBuf};
@@ -28,9 +28,9 @@ pub const TESTS: &[(&str, Needs, crate::TestFn)] = &[
         f5_boothook_without_the_binary_loads_the_same_ruleset,
     ),
     (
-        "boot::unit_capability_set_is_what_apply_needs",
+        "boot::unit_capability_set_is_what_the_daemon_needs",
         Needs::Root,
-        unit_capability_set_is_what_apply_needs,
+        unit_capability_set_is_what_the_daemon_needs,
     ),
 ];
 
@@ -228,9 +228,12 @@ fn unit_capabilities() -> Result<Vec<String>, Failed> {
     Ok(line.split_whitespace().map(str::to_string).collect())
 }
 
-/// `setpriv` with only `caps` in the bounding set (and so in the permitted
-/// set of the exec'd root process), in the lab's host namespace.
-fn apply_with_caps(lab: &Lab, binary: &Path, config: &Path, caps: &[String]) -> Result<(), String> {
+/// Starts `metaguard daemon` under `setpriv` with only `caps` in the
+/// bounding set (and so in the permitted set of the exec'd root process),
+/// in the lab's host namespace; Ok once it reports ready (then it is
+/// stopped), Err with its output when it exits or stalls first.
+fn daemon_with_caps(lab: &Lab, config: &Path, caps: &[String]) -> Result<(), String> {
+    use std::io::Read as _;
     let mut set = String::from("-all");
     for c in caps {
         set.push_str(&format!(
@@ -238,31 +241,82 @@ fn apply_with_caps(lab: &Lab, binary: &Path, config: &Path, caps: &[String]) -> 
             c.trim_start_matches("CAP_").to_ascii_lowercase()
         ));
     }
-    let bounding = format!("--bounding-set={set}");
-    let inh = format!("--inh-caps={set}");
-    let binary = binary.display().to_string();
-    let config = config.display().to_string();
-    lab.run_in(
-        Role::Host,
-        "setpriv",
-        &[&bounding, &inh, "--", &binary, "apply", "--config", &config],
-    )
-    .map(drop)
-    .map_err(|e| e.to_string())
+    let mut cmd = std::process::Command::new("setpriv");
+    cmd.arg(format!("--bounding-set={set}"))
+        .arg(format!("--inh-caps={set}"))
+        .arg("--")
+        .arg(exe())
+        .arg("--state-dir")
+        .arg(state_dir(lab))
+        .arg("--docker-socket")
+        .arg(lab.work_dir().join("no-docker.sock"))
+        .arg("--bpf-pin-dir")
+        .arg(lab.work_dir().join("bpffs/metaguard"))
+        .args(["daemon", "--metrics", "127.0.0.1:0", "--config"])
+        .arg(config)
+        .env("NO_COLOR", "1")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    lab.netns(Role::Host)
+        .command(&mut cmd)
+        .map_err(|e| e.to_string())?;
+    let mut child = cmd.spawn().map_err(|e| format!("setpriv: {e}"))?;
+    let mut stderr = child.stderr.take().ok_or("no stderr")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text);
+        let _ = tx.send(text);
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let ready = loop {
+        if let Ok(Some(_)) = child.try_wait() {
+            break false;
+        }
+        if ready_file(lab).is_some() || std::time::Instant::now() > deadline {
+            break ready_file(lab).is_some();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    if let Some(pid) = rustix::process::Pid::from_raw(child.id() as i32) {
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+    }
+    let _ = child.wait();
+    let log = rx
+        .recv_timeout(std::time::Duration::from_secs(5))
+        .unwrap_or_default();
+    let _ = std::fs::remove_file(state_dir(lab).join("daemon.json"));
+    if ready {
+        Ok(())
+    } else {
+        Err(log)
+    }
 }
 
-fn unit_capability_set_is_what_apply_needs() -> Result<(), Failed> {
+fn state_dir(lab: &Lab) -> PathBuf {
+    lab.work_dir().join("caps-state")
+}
+
+/// The daemon's record once it reported ready.
+fn ready_file(lab: &Lab) -> Option<String> {
+    std::fs::read_to_string(state_dir(lab).join("daemon.json"))
+        .ok()
+        .filter(|t| t.contains("\"ready\": true"))
+}
+
+fn unit_capability_set_is_what_the_daemon_needs() -> Result<(), Failed> {
     let dir = Scratch::new("caps")?;
     let lab = lab()?;
-    let binary = wrapper(&dir)?;
-    // What the unit must cover: bridges, a task namespace to enter, and
-    // host processes by cgroup (on a hybrid host like this one, nft then
-    // runs in a private mount namespace with cgroup2 at /sys/fs/cgroup).
+    // What the unit must cover: bridges (with the credentials relay on
+    // 169.254.170.2:80), a task namespace to enter, and host processes by
+    // cgroup (on a hybrid host like this one, nft then runs in a private
+    // mount namespace with cgroup2 at /sys/fs/cgroup).
     let config = dir.join("caps.toml");
     std::fs::write(
         &config,
         format!(
-            "[[workload]]\nname = \"bridges\"\nbridges = [\"docker0\"]\nimds = \"deny\"\n\n\
+            "[[workload]]\nname = \"bridges\"\nbridges = [\"docker0\"]\nimds = \"deny\"\ntask_metadata = \"proxy\"\n\n\
              [[workload]]\nname = \"task\"\nnetns = [\"/run/netns/{}\"]\nimds = \"deny\"\n\n\
              [[workload]]\nname = \"hostnet\"\ncgroups = [\"{}\"]\nimds = \"deny\"\n",
             lab.netns_name(Role::Task1),
@@ -270,8 +324,8 @@ fn unit_capability_set_is_what_apply_needs() -> Result<(), Failed> {
         ),
     )?;
     let caps = unit_capabilities()?;
-    apply_with_caps(&lab, &binary, &config, &caps)
-        .map_err(|e| format!("apply fails with the unit's set {caps:?}: {e}"))?;
+    daemon_with_caps(&lab, &config, &caps)
+        .map_err(|e| format!("the daemon does not start with the unit's set {caps:?}: {e}"))?;
     let task = lab
         .run_in(Role::Task1, "nft", &["list", "table", "inet", "metaguard"])
         .map_err(|e| format!("no table in the task namespace: {e}"))?;
@@ -279,26 +333,25 @@ fn unit_capability_set_is_what_apply_needs() -> Result<(), Failed> {
     let mut needed = Vec::new();
     for drop in &caps {
         let fewer: Vec<String> = caps.iter().filter(|c| *c != drop).cloned().collect();
-        match apply_with_caps(&lab, &binary, &config, &fewer) {
-            Ok(()) => {}
-            Err(e) => needed.push((drop.clone(), e)),
+        if let Err(e) = daemon_with_caps(&lab, &config, &fewer) {
+            needed.push((drop.clone(), e));
         }
     }
     eprintln!(
-        "measured: apply needs {:?}",
+        "measured: the daemon needs {:?}",
         needed.iter().map(|(c, _)| c).collect::<Vec<_>>()
     );
     ensure!(
         needed.len() == caps.len(),
-        "the unit grants more than apply needs: apply works without {:?}",
+        "the unit grants more than the daemon needs: it starts without {:?}",
         caps.iter()
             .filter(|c| !needed.iter().any(|(n, _)| n == *c))
             .collect::<Vec<_>>()
     );
     // And nothing at all is not enough (the measurement is real).
     ensure!(
-        apply_with_caps(&lab, &binary, &config, &[]).is_err(),
-        "apply works without capabilities?"
+        daemon_with_caps(&lab, &config, &[]).is_err(),
+        "the daemon starts without capabilities?"
     );
     Ok(())
 }

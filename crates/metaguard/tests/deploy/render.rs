@@ -45,7 +45,7 @@ fn bad_input_exits_2_with_a_clear_message() -> Result<(), Failed> {
     let cases: &[(&[&str], &str)] = &[
         (
             &["helm-chart"],
-            "unknown KIND \"helm-chart\": use one of boothook, user-data, systemd, ecs-config",
+            "unknown KIND \"helm-chart\": use one of boothook, user-data, systemd, systemd-dropin, ecs-config",
         ),
         (
             &["user-data"],

@@ -90,8 +90,13 @@ fn shell_scripts_pass_shellcheck() -> Result<(), Failed> {
         std::fs::write(&p, text)?;
         paths.push(p);
     }
-    // The packaging script.
+    // The packaging script, the package's maintainer scripts and the
+    // machine lab's rootfs builder.
     paths.push(repo().join("scripts/package"));
+    paths.push(repo().join("scripts/init-rootfs"));
+    for script in ["postinst", "prerm", "postrm"] {
+        paths.push(repo().join("packaging/debian").join(script));
+    }
     for p in &paths {
         // bash completions are sourced, not executed: give the dialect.
         let mut cmd = Command::new("shellcheck");

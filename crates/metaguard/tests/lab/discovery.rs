@@ -173,9 +173,18 @@ fn daemon_guards_a_task_started_while_it_runs() -> Result<(), Failed> {
             .is_empty(),
         "the probe arrived"
     );
-    // The pause container stops: the namespace is forgotten.
+    // The pause container stops (the lab keeps its namespace file): the
+    // namespace is no longer selected and its table goes.
     docker.stop(name);
-    d.wait_log("namespace gone; forgotten", Duration::from_secs(3))?;
+    d.wait_log(
+        "namespace no longer selected; its table removed",
+        Duration::from_secs(3),
+    )?;
+    ensure!(
+        !lab.run_in_named(&ns, "nft", &["list", "tables"])?
+            .contains("metaguard"),
+        "the stopped task's table is still there"
+    );
     Ok(())
 }
 

@@ -6,12 +6,18 @@ use libtest_mimic::Failed;
 use metaguard_lab::standin::api::TaskSpec;
 
 use crate::ensure;
-use crate::support::booted;
+use crate::support::{booted, installed};
 
-pub const TESTS: &[(&str, crate::TestFn)] = &[(
-    "boot::without_metaguard_containers_and_tasks_reach_imds_and_credentials",
-    without_metaguard_containers_and_tasks_reach_imds_and_credentials,
-)];
+pub const TESTS: &[(&str, crate::TestFn)] = &[
+    (
+        "boot::without_metaguard_containers_and_tasks_reach_imds_and_credentials",
+        without_metaguard_containers_and_tasks_reach_imds_and_credentials,
+    ),
+    (
+        "boot::default_config_guards_what_starts_after_boot",
+        default_config_guards_what_starts_after_boot,
+    ),
+];
 
 fn without_metaguard_containers_and_tasks_reach_imds_and_credentials() -> Result<(), Failed> {
     let mut host = booted()?;
@@ -44,6 +50,77 @@ fn without_metaguard_containers_and_tasks_reach_imds_and_credentials() -> Result
                     .contains(&task.info.role_arn),
             "{mode}: task credentials: {r:?}"
         );
+    }
+    Ok(())
+}
+
+fn default_config_guards_what_starts_after_boot() -> Result<(), Failed> {
+    let mut host = installed(None)?;
+    let m = host.machine()?;
+    ensure!(
+        m.unit_state("metaguard.service")? == "active",
+        "metaguard: {}",
+        m.journal_text("metaguard.service")
+    );
+    // metaguard was READY ("Started") before Docker began to start.
+    let journal = m.journal(None)?;
+    let at = |unit: &str, prefix: &str| {
+        journal
+            .iter()
+            .find(|l| l.unit == unit && l.message.starts_with(prefix))
+            .map(|l| l.monotonic_us)
+    };
+    let ready = at("metaguard.service", "Started metaguard.service");
+    let docker = at("docker.service", "Starting docker.service");
+    ensure!(
+        matches!((ready, docker), (Some(r), Some(d)) if r < d),
+        "metaguard ready at {ready:?} µs, docker starting at {docker:?} µs"
+    );
+    let verify = m.exec(&["metaguard", "verify"])?;
+    ensure!(
+        verify.status.success(),
+        "verify: {}\n{}{}",
+        verify.status,
+        String::from_utf8_lossy(&verify.stdout),
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    let mut tasks = Vec::new();
+    for mode in ["bridge", "awsvpc"] {
+        let task = host.run_task(&TaskSpec::single(&format!("web-{mode}"), mode))?;
+        let lab = host.lab()?;
+        let c = task.first();
+        // The task's first connection ever.
+        let spec = lab.http_get("http://169.254.169.254/latest/meta-data/instance-id");
+        let r = host.probe(c, &spec)?;
+        ensure!(!r.ok(), "{mode}: reached IMDS with metaguard: {r:?}");
+        ensure!(
+            lab.imds()
+                .log()
+                .with_header("x-lab-probe", &spec.id)
+                .is_empty(),
+            "{mode}: IMDS logged the refused probe"
+        );
+        let spec = lab.http_get(&task.info.credentials_url());
+        let r = host.probe(c, &spec)?;
+        ensure!(
+            r.ok()
+                && r.body
+                    .as_deref()
+                    .unwrap_or("")
+                    .contains(&task.info.role_arn),
+            "{mode}: task credentials with metaguard: {r:?}"
+        );
+        tasks.push((mode, task));
+    }
+    // The control: without metaguard's rules the same probes pass.
+    let m = host.machine()?;
+    m.exec_ok(&["systemctl", "stop", "metaguard.service"])?;
+    m.exec_ok(&["metaguard", "remove"])?;
+    for (mode, task) in &tasks {
+        let lab = host.lab()?;
+        let spec = lab.http_get("http://169.254.169.254/latest/meta-data/instance-id");
+        let r = host.probe(task.first(), &spec)?;
+        ensure!(r.ok(), "{mode}: without metaguard's rules: {r:?}");
     }
     Ok(())
 }

@@ -15,6 +15,9 @@ use libtest_mimic::{Arguments, Failed, Trial};
 mod support;
 
 mod boot;
+mod failclosed;
+mod lifecycle;
+mod proxy;
 
 type TestFn = fn() -> Result<(), Failed>;
 
@@ -28,7 +31,12 @@ fn main() {
         }
     }
     let mut trials = Vec::new();
-    for (name, f) in boot::TESTS.iter() {
+    for (name, f) in boot::TESTS
+        .iter()
+        .chain(proxy::TESTS)
+        .chain(failclosed::TESTS)
+        .chain(lifecycle::TESTS)
+    {
         let f: TestFn = *f;
         let why = missing.clone();
         let trial = Trial::test(*name, move || {

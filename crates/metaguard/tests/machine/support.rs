@@ -1,14 +1,25 @@
 //! Helpers of the machine tests: the binary under test, its package, a
 //! booted host with metaguard installed, probes and assertions.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use libtest_mimic::Failed;
-use metaguard_lab::machine::{Host, HostOptions, Rootfs};
+use metaguard_lab::machine::{Host, HostOptions, Member, Rootfs};
+use metaguard_lab::probe::{ProbeKind, ProbeResult, ProbeSpec};
 
 /// The metaguard binary under test.
 pub fn exe() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_metaguard"))
+}
+
+/// The workspace root.
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
 pub fn host_options() -> HostOptions {
@@ -53,7 +64,8 @@ fn which_cargo(tool: &str) -> Option<PathBuf> {
 #[macro_export]
 macro_rules! ensure {
     ($cond:expr, $($arg:tt)+) => {
-        if !$cond {
+        let ok: bool = $cond;
+        if !ok {
             return Err(format!($($arg)+).into());
         }
     };
@@ -64,4 +76,183 @@ pub fn booted() -> Result<Host, Failed> {
     let mut host = Host::new(host_options()).map_err(|e| format!("machine host: {e}"))?;
     host.boot().map_err(|e| format!("boot: {e}"))?;
     Ok(host)
+}
+
+/// The package of the binary under test (scripts/package --profile dev
+/// --no-build), built once per test run; `version` names the Debian
+/// version (a newer build for upgrades).
+pub fn deb(version: &str) -> Result<PathBuf, Failed> {
+    static BUILT: OnceLock<std::sync::Mutex<Vec<(String, PathBuf)>>> = OnceLock::new();
+    let built = BUILT.get_or_init(Default::default);
+    let mut built = built
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some((_, p)) = built.iter().find(|(v, _)| v == version) {
+        return Ok(p.clone());
+    }
+    let out = std::env::temp_dir().join(format!(
+        "metaguard-machine-deb-{}-{version}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&out);
+    std::fs::create_dir_all(&out)?;
+    let status = Command::new("bash")
+        .arg(repo().join("scripts/package"))
+        .args([
+            "--profile",
+            "dev",
+            "--no-build",
+            "--deb-version",
+            version,
+            "--output",
+        ])
+        .arg(&out)
+        .output()?;
+    if !status.status.success() {
+        return Err(format!(
+            "scripts/package: {}\n{}",
+            status.status,
+            String::from_utf8_lossy(&status.stderr)
+        )
+        .into());
+    }
+    let deb = std::fs::read_dir(&out)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "deb"))
+        .ok_or_else(|| format!("no .deb in {}", out.display()))?;
+    built.push((version.to_string(), deb.clone()));
+    Ok(deb)
+}
+
+/// A booted host with the package installed (`dpkg -i` inside the
+/// machine), `config` (TOML) as /etc/metaguard/metaguard.toml (`None`:
+/// the package's own, the built-in default), the unit enabled, and
+/// rebooted: metaguard as a real boot starts it.
+pub fn installed(config: Option<&str>) -> Result<Host, Failed> {
+    let mut host = booted()?;
+    install(&host, &deb(DEB_VERSION)?)?;
+    if let Some(text) = config {
+        host.disk()
+            .write("/etc/metaguard/metaguard.toml", text, 0o644)?;
+    }
+    host.machine()?
+        .exec_ok(&["systemctl", "enable", "metaguard.service"])?;
+    host.reboot().map_err(|e| format!("reboot: {e}"))?;
+    Ok(host)
+}
+
+/// The version of the package under test; upgrades install a newer one.
+pub const DEB_VERSION: &str = "0.1.0-1";
+
+/// `dpkg -i` of `deb` inside the booted machine.
+pub fn install(host: &Host, deb: &Path) -> Result<String, Failed> {
+    let name = deb
+        .file_name()
+        .ok_or("deb without a name")?
+        .to_string_lossy()
+        .to_string();
+    std::fs::copy(deb, host.disk().path(&format!("/root/{name}")))?;
+    Ok(host
+        .machine()?
+        .exec_ok(&["dpkg", "-i", &format!("/root/{name}")])?)
+}
+
+/// What a bounded probe loop saw.
+#[derive(Debug, Default)]
+pub struct Looped {
+    /// Probes that got an HTTP 200 (must be none for a denied path).
+    pub answered: Vec<ProbeResult>,
+    /// Outcome → count ("refused", "403", "timeout", …).
+    pub outcomes: std::collections::BTreeMap<String, u32>,
+    pub probes: u32,
+}
+
+impl Looped {
+    pub fn summary(&self) -> String {
+        format!("{} probes: {:?}", self.probes, self.outcomes)
+    }
+}
+
+/// Probes `url` from `member` again and again (each its own process, a
+/// fresh connection, `timeout_ms` at most) until `stop` is set — at most
+/// `max_probes` probes and `max_time` in all (a bounded loop).
+pub fn probe_loop(
+    host: &Host,
+    member: &Member,
+    url: &str,
+    stop: &AtomicBool,
+    max_probes: u32,
+    max_time: Duration,
+) -> Result<Looped, String> {
+    let lab = host.lab().map_err(|e| e.to_string())?;
+    let deadline = Instant::now() + max_time;
+    let mut seen = Looped::default();
+    while !stop.load(Ordering::Relaxed) && seen.probes < max_probes && Instant::now() < deadline {
+        let mut spec = lab.http_get(url);
+        spec.timeout_ms = 500;
+        let r = host.probe(member, &spec).map_err(|e| e.to_string())?;
+        seen.probes += 1;
+        let key = match r.status {
+            Some(code) => code.to_string(),
+            None => r.outcome.as_str().to_string(),
+        };
+        *seen.outcomes.entry(key).or_default() += 1;
+        if r.ok() {
+            seen.answered.push(r);
+        }
+    }
+    Ok(seen)
+}
+
+/// An HTTP probe spec with method and headers.
+pub fn http(
+    host: &Host,
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+) -> Result<ProbeSpec, Failed> {
+    let lab = host.lab()?;
+    let mut spec = lab.http_get(url);
+    spec.kind = ProbeKind::Http {
+        url: url.into(),
+        method: method.into(),
+        headers: headers
+            .iter()
+            .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
+            .collect(),
+    };
+    Ok(spec)
+}
+
+/// IMDSv2 from `member`: the token PUT, then a GET of the instance id with
+/// it. The GET's result.
+pub fn imdsv2_instance_id(host: &Host, member: &Member) -> Result<ProbeResult, Failed> {
+    let put = http(
+        host,
+        "PUT",
+        "http://169.254.169.254/latest/api/token",
+        &[("x-aws-ec2-metadata-token-ttl-seconds", "21600")],
+    )?;
+    let token = host.probe(member, &put)?;
+    if !token.ok() {
+        return Err(format!("IMDSv2 token PUT: {token:?}").into());
+    }
+    let token = token.body.unwrap_or_default();
+    let get = http(
+        host,
+        "GET",
+        "http://169.254.169.254/latest/meta-data/instance-id",
+        &[("x-aws-ec2-metadata-token", token.trim())],
+    )?;
+    Ok(host.probe(member, &get)?)
+}
+
+/// The nft tables in the machine's network namespace, seen from outside.
+pub fn host_tables(host: &Host) -> Result<String, Failed> {
+    Ok(host.lab()?.run_in(
+        metaguard_lab::topology::Role::Host,
+        "nft",
+        &["list", "tables"],
+    )?)
 }
