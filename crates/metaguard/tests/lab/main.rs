@@ -9,6 +9,7 @@ use libtest_mimic::{Arguments, Failed, Trial};
 mod support;
 
 mod bpf;
+mod bpf_lifecycle;
 mod cli;
 mod daemon;
 mod discovery;
@@ -33,6 +34,7 @@ fn main() {
         .chain(discovery::TESTS)
         .chain(cli::TESTS)
         .chain(bpf::TESTS)
+        .chain(bpf_lifecycle::TESTS)
         .chain(proxy::TESTS)
     {
         let f: TestFn = *f;
