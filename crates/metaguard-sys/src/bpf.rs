@@ -67,7 +67,7 @@ const LINK_PREFIX: &str = "link-";
 
 #[derive(Debug, thiserror::Error)]
 pub enum BpfError {
-    #[error("this metaguard was built without its BPF object (clang was missing at build time)")]
+    #[error("BPF layer not built into this binary (clang was missing at build time)")]
     NoObject,
     #[error("{path} is not on a bpf filesystem (mount one: mount -t bpf bpf /sys/fs/bpf)")]
     NotBpffs { path: PathBuf },

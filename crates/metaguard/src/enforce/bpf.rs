@@ -230,7 +230,9 @@ impl Engine {
         let policy = bpf_policy::plan(config);
         if let Some(Inactive { why, .. }) = self.bpf_inactive(config, &policy) {
             if asked(config, &policy) {
-                warnings.push(format!("BPF layer not active ({why})"));
+                return Some(report(vec![format!(
+                    "the config asks for the BPF layer (a workload denies by cgroup), but it is not active: {why}"
+                )]));
             }
             if pins.exists() {
                 return Some(report(vec![
@@ -380,4 +382,64 @@ pub fn state(pin_dir: &Path) -> BpfState {
         Err(e) => out.detail = format!("cannot read the pinned links: {e}"),
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn asks(text: &str) -> bool {
+        let config = Config::parse(text, "test.toml").expect("valid config");
+        asked(&config, &bpf_policy::plan(&config))
+    }
+
+    #[test]
+    fn a_config_asks_for_the_layer_when_it_is_on_and_denies_by_cgroup() {
+        let deny = "[[workload]]\nname = \"c\"\ncgroups = [\"docker\"]\nimds = \"deny\"\n";
+        assert!(asks(deny), "on by default");
+        assert!(asks(&format!("[layers]\nbpf = true\n{deny}")));
+        assert!(!asks(&format!("[layers]\nbpf = false\n{deny}")));
+        let raw = "[[workload]]\nname = \"c\"\ncgroups = [\"docker\"]\nraw_sockets = \"deny\"\n";
+        assert!(asks(raw));
+        // Allow-only cgroups need no program; bridges and namespaces are
+        // the nft layer's.
+        assert!(!asks(
+            "[[workload]]\nname = \"agent\"\ncgroups = [\"docker/ecs-agent\"]\nimds = \"allow\"\n"
+        ));
+        assert!(!asks(
+            "[[workload]]\nname = \"b\"\nbridges = [\"docker0\"]\nimds = \"deny\"\n"
+        ));
+        let default = Config::builtin_default();
+        assert!(
+            !asked(&default, &bpf_policy::plan(&default)),
+            "the built-in default has nothing for the layer: verify passes without it"
+        );
+    }
+
+    #[test]
+    fn the_report_line_says_what_was_done_or_why_not() {
+        let active = BpfReport {
+            state: "active".into(),
+            pin_dir: "/sys/fs/bpf/metaguard".into(),
+            kept: vec!["a".into(), "b".into()],
+            updated: vec!["c".into()],
+            ..BpfReport::default()
+        };
+        assert_eq!(
+            active.summary(),
+            "bpf layer: active (/sys/fs/bpf/metaguard; attached 0, kept 2, updated 1, detached 0)"
+        );
+        let not_built = BpfReport {
+            state: "not built".into(),
+            reason: sys::BpfError::NoObject.to_string(),
+            ..BpfReport::default()
+        };
+        assert!(
+            not_built
+                .summary()
+                .starts_with("bpf layer: not built (BPF layer not built into this binary"),
+            "{}",
+            not_built.summary()
+        );
+    }
 }

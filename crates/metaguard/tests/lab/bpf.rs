@@ -41,9 +41,9 @@ pub const TESTS: &[(&str, bool, crate::TestFn)] = &[
         daemon_audits_refusals_and_restart_keeps_one_attachment,
     ),
     (
-        "bpf::without_a_bpf_filesystem_apply_warns_and_nft_still_guards",
+        "bpf::layer_asked_for_but_not_active_verify_exits_1_with_the_reason_nft_still_guards",
         true,
-        without_a_bpf_filesystem_apply_warns_and_nft_still_guards,
+        layer_asked_for_but_not_active_verify_exits_1_with_the_reason_nft_still_guards,
     ),
 ];
 
@@ -418,9 +418,11 @@ raw_sockets = "deny"
     Ok(())
 }
 
-fn without_a_bpf_filesystem_apply_warns_and_nft_still_guards() -> Result<(), Failed> {
+fn layer_asked_for_but_not_active_verify_exits_1_with_the_reason_nft_still_guards(
+) -> Result<(), Failed> {
     let lab = lab()?;
     expect_reached(&lab, Workload::BridgeC1, &http(&lab, "169.254.169.254"))?;
+    // No bpf filesystem at the lab's pin directory.
     let path = policy_file(&lab)?;
     let out = lab.metaguard(&["apply", "--config", &path])?;
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -438,8 +440,39 @@ fn without_a_bpf_filesystem_apply_warns_and_nft_still_guards() -> Result<(), Fai
         matches!(r.outcome, Outcome::Refused | Outcome::Unreachable) && !arrived(&lab, &spec),
         "host-network workload: {r:?}"
     );
+    // The config asks for the layer (on by default, a workload denies by
+    // cgroup): the host is not guarded as configured.
     let out = lab.metaguard(&["verify", "--config", &path])?;
-    ensure!(out.status.success(), "verify: {out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    ensure!(
+        out.status.code() == Some(1)
+            && stdout.contains("ok     host")
+            && stdout.contains("DRIFT  bpf ")
+            && stdout.contains("asks for the BPF layer")
+            && stdout.contains("is not on a bpf filesystem"),
+        "verify: {stdout}"
+    );
+    // Not asked for: turned off, or nothing for it to guard (the shape of
+    // the built-in default, bridges and namespaces only).
+    for (what, text) in [
+        (
+            "bpf = false",
+            format!("[layers]\nbpf = false\n{}", policy(&lab, "")),
+        ),
+        (
+            "bridges only",
+            "[[workload]]\nname = \"bridges\"\nbridges = [\"docker0\"]\nimds = \"deny\"\n".into(),
+        ),
+    ] {
+        let path = lab.write_file("policy.toml", &text)?.display().to_string();
+        apply(&lab, &text)?;
+        let out = lab.metaguard(&["verify", "--config", &path])?;
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        ensure!(
+            out.status.success() && !stdout.contains("bpf"),
+            "verify ({what}): {stdout}"
+        );
+    }
     Ok(())
 }
 

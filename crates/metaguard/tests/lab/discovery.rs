@@ -35,9 +35,14 @@ pub const TESTS: &[(&str, bool, crate::TestFn)] = &[
     ),
 ];
 
+/// The nft layer resolving containers and tasks (the BPF layer, which
+/// does not resolve `containers`, is off: no bpf filesystem in this lab).
 fn policy(lab: &Lab) -> String {
     format!(
-        r#"[[workload]]
+        r#"[layers]
+bpf = false
+
+[[workload]]
 name          = "ecs-agent"
 containers    = ["ecs-agent"]
 imds          = "allow"
