@@ -677,12 +677,6 @@ route add 169.254.170.2/32 via 169.254.172.1 dev ecs-eth0
     pub fn policy_toml(&self) -> String {
         format!(
             r#"# metaguard policy for lab {id}
-# The nft layer's policy: the BPF layer's tests mount a bpf filesystem and
-# write policies of their own; without one, a layer asked for would be a
-# difference `verify` reports.
-[layers]
-bpf = false
-
 [[workload]]
 name          = "ecs-agent"
 cgroups       = ["{agent}"]
@@ -703,6 +697,12 @@ imds          = "deny"
 name          = "host-network-containers"
 cgroups       = ["{docker}"]
 imds          = "deny"
+
+# The nft layer's policy: the BPF layer's tests mount a bpf filesystem and
+# write policies of their own; without one, a layer asked for would be a
+# difference `verify` reports.
+[layers]
+bpf = false
 "#,
             id = self.record.id,
             agent = self.cgroup_of(Workload::Agent),
