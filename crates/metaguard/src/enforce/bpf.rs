@@ -157,6 +157,23 @@ impl Engine {
         None
     }
 
+    /// What the layer should hold for `config` now — map contents and
+    /// attachments, with fresh cgroup ids — or `None` when it does not run.
+    /// The daemon compares successive answers to notice cgroups that were
+    /// re-created or removed.
+    pub fn bpf_desired(
+        &self,
+        config: &Config,
+        warnings: &mut Vec<String>,
+    ) -> Option<(MapContents, Vec<Attachment>)> {
+        let policy = bpf_policy::plan(config);
+        if self.bpf_inactive(config, &policy).is_some() {
+            return None;
+        }
+        let cg = self.cgroup2.as_ref()?;
+        Some(desired(cg, &policy, warnings))
+    }
+
     /// Makes the BPF layer match `config` (or removes it when the config
     /// turns it off or leaves it nothing to guard). Never fails the apply:
     /// problems become warnings — and the programs already attached stay

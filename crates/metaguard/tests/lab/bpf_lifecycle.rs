@@ -7,7 +7,7 @@
 
 use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use libtest_mimic::Failed;
 use metaguard_lab::probe::{ProbeKind, ProbeSpec};
@@ -16,11 +16,22 @@ use metaguard_lab::{Lab, Workload};
 use metaguard_sys::bpf::{self as sys, Attachment, Hook, MapContents, PinDir};
 
 use crate::bpf::{apply, denied, docker_dir, http, policy, policy_file, BpfFs};
-use crate::enforce::arrived;
+use crate::daemon::Daemon;
+use crate::enforce::{arrived, expect_reached};
 use crate::ensure;
 use crate::support::lab;
 
 pub const TESTS: &[(&str, bool, crate::TestFn)] = &[
+    (
+        "bpf_lifecycle::unpinned_link_is_restored_by_the_daemon_within_a_second",
+        true,
+        unpinned_link_is_restored_by_the_daemon_within_a_second,
+    ),
+    (
+        "bpf_lifecycle::detached_link_is_restored_by_the_daemon_within_a_second",
+        true,
+        detached_link_is_restored_by_the_daemon_within_a_second,
+    ),
     (
         "bpf_lifecycle::upgrade_swaps_programs_in_existing_links_without_a_window",
         true,
@@ -216,7 +227,7 @@ fn pinned_maps_of_another_shape_are_refused_naming_the_map_and_the_fix() -> Resu
     let lab = lab()?;
     let fs = BpfFs::mount(&lab)?;
     let w = Workload::BridgeC1;
-    crate::enforce::expect_reached(&lab, w, &http(&lab, "169.254.169.254"))?;
+    expect_reached(&lab, w, &http(&lab, "169.254.169.254"))?;
     // Another version's layer, whose policy map holds 1024 entries.
     let other = variant(&lab, "MG_POLICY_ENTRIES=1024")?;
     let pins = PinDir::new(fs.pin_dir());
@@ -260,6 +271,113 @@ fn pinned_maps_of_another_shape_are_refused_naming_the_map_and_the_fix() -> Resu
         "apply after remove: {applied}"
     );
     denied(&lab, w, &http(&lab, "169.254.169.254"))?;
+    let out = lab.metaguard(&["remove"])?;
+    ensure!(out.status.success(), "remove: {out:?}");
+    Ok(())
+}
+
+fn unpinned_link_is_restored_by_the_daemon_within_a_second() -> Result<(), Failed> {
+    daemon_restores("bpf-link-unpinned", |pin| {
+        std::fs::remove_file(pin).map_err(|e| format!("rm {}: {e}", pin.display()).into())
+    })
+}
+
+fn detached_link_is_restored_by_the_daemon_within_a_second() -> Result<(), Failed> {
+    daemon_restores("bpf-link-detached", |pin| {
+        sys::detach_pinned_link(pin).map_err(|e| e.to_string().into())
+    })
+}
+
+/// Runs the daemon with the BPF layer, disturbs c1's `connect4` link with
+/// `disturb` (given its pin), and checks that within a second the pin holds
+/// a new, live link — one program per hook, the probe refused again, the
+/// heal logged and counted with `cause`.
+fn daemon_restores(
+    cause: &str,
+    disturb: impl Fn(&Path) -> Result<(), Failed>,
+) -> Result<(), Failed> {
+    let lab = lab()?;
+    let fs = BpfFs::mount(&lab)?;
+    let w = Workload::BridgeC1;
+    let probe = || http(&lab, "169.254.169.254");
+    // Proof: the probe reaches without protection.
+    expect_reached(&lab, w, &probe())?;
+    let d = Daemon::start(&lab, &policy_file(&lab)?, &[])?;
+    denied(&lab, w, &probe())?;
+    let docker = docker_dir(&lab);
+    let docker_id = lab
+        .cgroup2()
+        .id(&(lab.cgroup_root() + "/docker"))
+        .map_err(|e| e.to_string())?;
+    let name = format!("link-{docker_id}-connect4");
+    let pins = PinDir::new(fs.pin_dir());
+    let link = |pins: &PinDir| -> Result<Option<sys::PinnedLink>, Failed> {
+        Ok(pins
+            .links()
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .find(|l| l.name() == name))
+    };
+    let before = link(&pins)?.ok_or("no connect4 link pinned")?;
+    ensure!(before.is_live(), "connect4 link not live: {before:?}");
+
+    // What the daemon spends while nothing happens (its periodic check).
+    let idle = Duration::from_secs(3);
+    let pid = d.pid() as u32;
+    let cpu0 = metaguard_lab::loadgen::cpu_ns(pid).ok_or("no schedstat")?;
+    std::thread::sleep(idle);
+    let cpu = metaguard_lab::loadgen::cpu_ns(pid).ok_or("no schedstat")? - cpu0;
+    let share = cpu as f64 / idle.as_nanos() as f64;
+    eprintln!(
+        "daemon CPU while idle with the BPF layer active: {:.2} ms in {idle:?} ({:.3}% of a CPU)",
+        cpu as f64 / 1e6,
+        share * 100.0
+    );
+    ensure!(
+        share < 0.01,
+        "the idle daemon used {:.2}% of a CPU",
+        share * 100.0
+    );
+
+    let start = Instant::now();
+    disturb(&before.pin)?;
+    let healed = loop {
+        if let Some(l) = link(&pins)? {
+            if l.is_live() && l.info.link_id != before.info.link_id {
+                break start.elapsed();
+            }
+        }
+        ensure!(
+            start.elapsed() < Duration::from_secs(1),
+            "{name} not restored within 1 s; daemon log:\n{}",
+            d.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    eprintln!("{cause}: link restored {healed:?} after the disturbance");
+    d.wait_log(&format!("\"cause\":\"{cause}\""), Duration::from_secs(1))?;
+    let log = d.log_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains("\"healed\"") && l.contains("\"layer\":\"bpf\"") && l.contains(&name))
+        .ok_or_else(|| format!("no healed line naming {name}:\n{log}"))?;
+    eprintln!("{line}");
+    for hook in Hook::ALL {
+        let ids = sys::attached_programs(&docker, hook).map_err(|e| e.to_string())?;
+        ensure!(ids.len() == 1, "{} after the heal: {ids:?}", hook.name());
+    }
+    denied(&lab, w, &probe())?;
+    let mut spec = lab.http_get("http://127.0.0.1:9469/metrics");
+    spec.timeout_ms = 1000;
+    let body = lab
+        .probe(Workload::HostOther, &spec)?
+        .body
+        .unwrap_or_default();
+    ensure!(
+        body.contains(&format!("metaguard_heals_total{{cause=\"{cause}\"}} 1")),
+        "metrics:\n{body}"
+    );
+    drop(d);
     let out = lab.metaguard(&["remove"])?;
     ensure!(out.status.success(), "remove: {out:?}");
     Ok(())
