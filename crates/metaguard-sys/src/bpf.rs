@@ -215,13 +215,6 @@ pub struct ProgInfo {
     pub map_ids: Vec<u32>,
 }
 
-impl ProgInfo {
-    /// The tag in hex, as `bpftool prog` prints it.
-    pub fn tag_hex(&self) -> String {
-        self.tag.iter().map(|b| format!("{b:02x}")).collect()
-    }
-}
-
 /// What a map is, from its definition: what must agree between a pinned
 /// map and the object that reuses it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -359,14 +352,12 @@ impl PinDir {
                     continue;
                 }
             };
-            let ours = program_fd(&mut ebpf, hook)?;
-            let want = prog_info(ours)
-                .map_err(|e| syscall("BPF_OBJ_GET_INFO_BY_FD", hook.program(), e))?;
-            let theirs = program_info(link.info.prog_id)?;
-            if is_current(&theirs, &want, &pinned_maps) {
+            let (current, theirs) = runs_current(&mut ebpf, hook, &link, &pinned_maps)?;
+            if current {
                 outcome.kept.push(name);
                 continue;
             }
+            let ours = program_fd(&mut ebpf, hook)?;
             let pin = link.pin.display().to_string();
             let link_fd = obj_get(&link.pin).map_err(|e| syscall("BPF_OBJ_GET", &pin, e))?;
             let old = prog_get_fd_by_id(theirs.id)
@@ -425,11 +416,7 @@ impl PinDir {
         let mut out = Vec::new();
         for link in links {
             let Some(hook) = link.hook else { continue };
-            let ours = program_fd(&mut ebpf, hook)?;
-            let want = prog_info(ours)
-                .map_err(|e| syscall("BPF_OBJ_GET_INFO_BY_FD", hook.program(), e))?;
-            let theirs = program_info(link.info.prog_id)?;
-            if !is_current(&theirs, &want, &pinned_maps) {
+            if !runs_current(&mut ebpf, hook, &link, &pinned_maps)?.0 {
                 out.push(link.name());
             }
         }
@@ -756,6 +743,20 @@ fn object_map_shapes(object: &[u8]) -> Result<BTreeMap<&'static str, MapShape>, 
             ))
         })
         .collect())
+}
+
+/// Whether `link` runs what `ebpf` loads for `hook` (see [`is_current`]),
+/// and the program it runs.
+fn runs_current(
+    ebpf: &mut Ebpf,
+    hook: Hook,
+    link: &PinnedLink,
+    pinned_maps: &[u32],
+) -> Result<(bool, ProgInfo), BpfError> {
+    let ours = program_fd(ebpf, hook)?;
+    let want = prog_info(ours).map_err(|e| syscall("BPF_OBJ_GET_INFO_BY_FD", hook.program(), e))?;
+    let theirs = program_info(link.info.prog_id)?;
+    Ok((is_current(&theirs, &want, pinned_maps), theirs))
 }
 
 /// Whether a link's program `theirs` is what `want` (the object's program
