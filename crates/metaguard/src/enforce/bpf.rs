@@ -50,11 +50,10 @@ impl BpfReport {
                 self.detached.len()
             )
         } else {
-            let mut s = format!("bpf layer: {} ({}", self.state, self.reason);
+            let mut s = format!("bpf layer: {}: {}", self.state, self.reason);
             if !self.detached.is_empty() {
-                s.push_str(&format!("; removed {} pin(s)", self.detached.len()));
+                s.push_str(&format!(" (removed {} pin(s))", self.detached.len()));
             }
-            s.push(')');
             s
         }
     }
@@ -454,7 +453,7 @@ mod tests {
         assert!(
             not_built
                 .summary()
-                .starts_with("bpf layer: not built (BPF layer not built into this binary"),
+                .starts_with("bpf layer: not built: BPF layer not built into this binary"),
             "{}",
             not_built.summary()
         );
