@@ -17,6 +17,7 @@ APT_PACKAGES+=(shellcheck systemd lintian man-db python3-yaml python3-jsonschema
 # The cgroup BPF layer: clang compiles crates/metaguard-sys/bpf/guard.bpf.c at
 # build time against libbpf's headers (bpf_helpers.h) and the kernel UAPI
 # headers (linux-libc-dev); aya loads the object, so no libbpf at run time.
+# Without them the build fails (cargo feature `bpf`, on by default).
 APT_PACKAGES+=(clang libbpf-dev linux-libc-dev)
 # The machine lab (tests/machine): a Debian root file system built once with
 # mmdebstrap (scripts/init-rootfs) and booted with systemd-nspawn; bpftool

@@ -659,6 +659,22 @@ pub fn cpu_ticks(pid: u32) -> Option<u64> {
     Some(field(14)? + field(15)?)
 }
 
+/// CPU time of every thread of process `pid` so far, in nanoseconds, from
+/// `/proc/<pid>/task/*/schedstat` (time on a CPU; nanosecond resolution,
+/// where [`cpu_ticks`] counts 10 ms ticks). Threads that ended are not
+/// counted.
+pub fn cpu_ns(pid: u32) -> Option<u64> {
+    let mut total = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .flatten()
+    {
+        let text = std::fs::read_to_string(task.path().join("schedstat")).ok()?;
+        total += text.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(total)
+}
+
 /// [`cpu_ticks`] in seconds. Resolution: one clock tick (10 ms).
 pub fn cpu_seconds(pid: u32) -> Option<f64> {
     Some(cpu_ticks(pid)? as f64 / rustix::param::clock_ticks_per_second() as f64)

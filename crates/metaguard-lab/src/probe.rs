@@ -56,6 +56,17 @@ pub enum ProbeKind {
         port: u16,
         max_ms: u64,
     },
+    /// Keeps trying TCP connects to host:port, back to back, for `max_ms`:
+    /// shows whether a guard had a gap while it was being changed. Each
+    /// attempt is counted as denied (EPERM/EACCES from a local filter),
+    /// connected (then `MGPROBE <id>` is sent, so the server logs it) or
+    /// other. The body reports `{"attempts": N, "denied": D, "connected":
+    /// C, "other": O}`.
+    ConnectWatch {
+        host: String,
+        port: u16,
+        max_ms: u64,
+    },
     /// A bounded load loop for benchmarks: up to `count` TCP connects
     /// (each closed at once), stopping after `max_ms`. The body reports
     /// `{"connects": N, "seconds": S}`.
@@ -367,6 +378,40 @@ async fn attempt(
                 .await
                 .map_err(|e| Attempt::Other(format!("connect loop: {e}")))??;
             Ok((None, format!("{{\"connects\": {n}, \"seconds\": {secs}}}")))
+        }
+        ProbeKind::ConnectWatch { host, port, max_ms } => {
+            let addr = resolve(host, *port, resolved).await?;
+            let (line, max) = (
+                format!("{PROBE_PREFIX}{}\n", spec.id),
+                Duration::from_millis(*max_ms),
+            );
+            // Blocking std sockets on a helper thread, back to back: as
+            // many attempts as the kernel path allows.
+            let run = tokio::task::spawn_blocking(move || {
+                use std::io::Write as _;
+                let start = Instant::now();
+                let [mut attempts, mut denied, mut connected, mut other] = [0u64; 4];
+                while start.elapsed() < max {
+                    attempts += 1;
+                    match std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(100)) {
+                        Ok(mut s) => {
+                            connected += 1;
+                            let _ = s.write_all(line.as_bytes());
+                        }
+                        Err(e) if matches!(e.raw_os_error(), Some(libc::EPERM | libc::EACCES)) => {
+                            denied += 1
+                        }
+                        Err(_) => other += 1,
+                    }
+                }
+                format!(
+                    "{{\"attempts\": {attempts}, \"denied\": {denied}, \"connected\": {connected}, \"other\": {other}}}"
+                )
+            });
+            let body = run
+                .await
+                .map_err(|e| Attempt::Other(format!("connect watch: {e}")))?;
+            Ok((None, body))
         }
         ProbeKind::Udp { host, port } => {
             let addr = resolve(host, *port, resolved).await?;

@@ -731,7 +731,8 @@ route add 169.254.170.2/32 via 169.254.172.1 dev ecs-eth0
     /// A realistic policy for this lab (interface.md's example, with the
     /// lab's cgroup and namespace names): the agent keeps IMDS; bridge
     /// containers, the awsvpc task and host-network containers are denied
-    /// it; everyone keeps task credentials.
+    /// it; everyone keeps task credentials. The BPF layer is off: this is
+    /// the nft layer's policy.
     pub fn policy_toml(&self) -> String {
         format!(
             r#"# metaguard policy for lab {id}
@@ -755,6 +756,12 @@ imds          = "deny"
 name          = "host-network-containers"
 cgroups       = ["{docker}"]
 imds          = "deny"
+
+# The nft layer's policy: the BPF layer's tests mount a bpf filesystem and
+# write policies of their own; without one, a layer asked for would be a
+# difference `verify` reports.
+[layers]
+bpf = false
 "#,
             id = self.record.id,
             agent = self.cgroup_of(Workload::Agent),

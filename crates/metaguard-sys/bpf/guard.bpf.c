@@ -41,8 +41,17 @@
 #define MG_SYSCALL_SENDMSG 2u
 #define MG_SYSCALL_SOCKET 3u
 
+/* Sizes. A build may override them (`clang -DMG_MAX_LEVELS=16`); the lab
+ * tests build such variants to stand for an older or newer metaguard: one
+ * changes the programs' instructions, the other a map's definition. */
 /* Deepest cgroup level looked at (the caller's own level is clamped to it). */
+#ifndef MG_MAX_LEVELS
 #define MG_MAX_LEVELS 32
+#endif
+/* Configured cgroups the policy map holds. */
+#ifndef MG_POLICY_ENTRIES
+#define MG_POLICY_ENTRIES 4096
+#endif
 
 struct mg_decision {
 	__u32 rule;
@@ -62,7 +71,7 @@ struct mg_event {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 4096);
+	__uint(max_entries, MG_POLICY_ENTRIES);
 	__type(key, __u64);
 	__type(value, struct mg_decision);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);

@@ -59,14 +59,7 @@ pub fn run(
         );
     }
     if let Some(b) = &report.bpf {
-        println!(
-            "bpf layer: {} ({}; attached {}, kept {}, detached {})",
-            b.state,
-            b.pin_dir,
-            b.attached.len(),
-            b.kept.len(),
-            b.detached.len()
-        );
+        println!("{}", b.summary());
     }
     if report.conntrack_deleted > 0 {
         println!(

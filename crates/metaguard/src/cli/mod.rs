@@ -29,10 +29,25 @@ pub const EXIT_PROBLEMS: u8 = 1;
 /// Exit code for usage, config or permission errors.
 pub const EXIT_ERROR: u8 = 2;
 
+/// `metaguard --version`: the version, then whether this binary carries
+/// the BPF layer (the cargo feature `bpf`), e.g. `metaguard 0.1.0 (bpf
+/// layer: built)`.
+fn version() -> String {
+    format!(
+        "{} (bpf layer: {})",
+        env!("CARGO_PKG_VERSION"),
+        if metaguard_sys::bpf::BUILT {
+            "built"
+        } else {
+            "not built"
+        }
+    )
+}
+
 #[derive(Debug, Parser)]
 #[command(
     name = "metaguard",
-    version,
+    version = version(),
     about = "Keeps containers away from the cloud instance metadata service without breaking what needs it.",
     propagate_version = true
 )]
@@ -272,4 +287,29 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
         c.downcast_ref::<std::io::Error>()
             .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory as _;
+
+    #[test]
+    fn version_says_whether_the_bpf_layer_is_built() {
+        let v = Cli::command().render_version();
+        let want = if metaguard_sys::bpf::BUILT {
+            "(bpf layer: built)"
+        } else {
+            "(bpf layer: not built)"
+        };
+        assert_eq!(
+            v.trim_end(),
+            format!("metaguard {} {want}", env!("CARGO_PKG_VERSION"))
+        );
+        // Subcommands print the same version.
+        let mut cmd = Cli::command();
+        cmd.build();
+        let apply = cmd.find_subcommand("apply").expect("apply");
+        assert_eq!(apply.get_version(), cmd.get_version());
+    }
 }

@@ -4,27 +4,46 @@
 //! `poll` on the ring buffer), never on the runtime.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use metaguard_sys::bpf::{Event, PinDir};
 use prometheus::IntCounterVec;
 use tracing::{info, warn};
 
-/// Starts the follower; it stops when the ring buffer fails (e.g. after
-/// `remove`) — the programs keep refusing either way.
-pub fn spawn(pin_dir: PathBuf, refusals: IntCounterVec) {
+/// A running follower; it stops (within a second) when dropped — e.g.
+/// when a heal re-created the ring buffer and a new follower takes over,
+/// since the old ring receives nothing any more.
+#[derive(Debug)]
+pub struct Follower {
+    stop: Arc<AtomicBool>,
+}
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Starts the follower; it also stops when the ring buffer fails — the
+/// programs keep refusing either way. `None` (with a warning) when the
+/// ring buffer cannot be opened.
+pub fn spawn(pin_dir: PathBuf, refusals: IntCounterVec) -> Option<Follower> {
     let mut reader = match PinDir::new(&pin_dir).events() {
         Ok(r) => r,
         Err(e) => {
             warn!(error = %e, "bpf layer: refusal events are not followed");
-            return;
+            return None;
         }
     };
+    let stop = Arc::new(AtomicBool::new(false));
+    let stopped = stop.clone();
     let started = std::thread::Builder::new()
         .name("bpf-events".into())
         .spawn(move || {
             info!(pin_dir = %pin_dir.display(), "bpf layer: following refusal events");
-            loop {
+            while !stopped.load(Ordering::Relaxed) {
                 match reader.wait(Duration::from_secs(1)) {
                     Ok(_) => {
                         for e in reader.drain() {
@@ -39,8 +58,12 @@ pub fn spawn(pin_dir: PathBuf, refusals: IntCounterVec) {
                 }
             }
         });
-    if let Err(e) = started {
-        warn!(error = %e, "bpf layer: refusal events are not followed");
+    match started {
+        Ok(_) => Some(Follower { stop }),
+        Err(e) => {
+            warn!(error = %e, "bpf layer: refusal events are not followed");
+            None
+        }
     }
 }
 

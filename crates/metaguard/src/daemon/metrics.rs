@@ -38,7 +38,7 @@ impl Metrics {
         let heals = IntCounterVec::new(
             Opts::new(
                 "metaguard_heals_total",
-                "Rulesets re-applied after someone changed them, by cause.",
+                "Rulesets (and the BPF layer) re-applied after someone changed them, by cause.",
             ),
             &["cause"],
         )?;
@@ -86,7 +86,10 @@ impl Metrics {
             "chain-altered",
             "set-altered",
             "monitor-restart",
-        ] {
+        ]
+        .into_iter()
+        .chain(super::bpf_heal::CAUSES)
+        {
             heals.with_label_values(&[cause]);
         }
         for result in ["applied", "refused"] {

@@ -1,6 +1,9 @@
 //! `metaguard daemon`: apply, then keep it true.
 //!
-//! One single-threaded tokio runtime drives everything; nothing polls.
+//! One single-threaded tokio runtime drives everything. It waits for
+//! events, with one exception: while the BPF layer is active its pinned
+//! links are read back every 250 ms, since the kernel reports no event
+//! when a link is detached (see [`bpf_heal`]).
 //!
 //! * **Heal.** An `nft monitor` per guarded namespace reports every ruleset
 //!   transaction, closed by `# new generation N by process PID (NAME)`. A
@@ -11,6 +14,13 @@
 //!   flushed, chain or set altered) and which process did it. metaguard's
 //!   own transactions compare equal and cause nothing. A monitor that dies
 //!   is restarted and followed by a full check (events may have been lost).
+//! * **Heal the BPF layer.** inotify on the pin directory (a link or map
+//!   unpinned), the periodic read-back (a link detached, replaced or given
+//!   another program) and cgroup events compare the pinned links with what
+//!   the last apply left; on any difference the layer is applied again
+//!   (`PinDir::apply`), logged as `healed` with `layer = "bpf"` and counted
+//!   with a `bpf-…` cause. A configured cgroup that appears, goes or is
+//!   re-created re-plans the layer instead.
 //! * **Follow.** inotify on the directories that `netns` globs point into:
 //!   a new matching namespace gets its table as soon as its nsfs mount
 //!   appears; a deleted one is forgotten (its monitor ended, so it does not
@@ -30,12 +40,13 @@
 //! * **Metrics and health** on a loopback address only (see [`metrics`]).
 
 mod bpf_events;
+mod bpf_heal;
 mod identity;
 mod metrics;
 mod monitor;
 pub mod record;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -47,6 +58,7 @@ use metaguard_core::config::Selector;
 use metaguard_core::ruleset::{ContainerFact, Plan, FAMILY, TABLE};
 use metaguard_core::Config;
 use metaguard_proxy::server::Prepared;
+use metaguard_sys::bpf::{Attachment, LinkInfo, MapContents};
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
@@ -83,7 +95,27 @@ pub enum Event {
     /// A directory holding a configured cgroup changed: one may have
     /// appeared or been re-created (with a new id the rules must use).
     Cgroup,
+    /// Something was unpinned from (or moved out of) the BPF layer's pin
+    /// directory, or the directory itself went.
+    BpfPins,
 }
+
+/// What the daemon keeps of an active BPF layer, to notice drift.
+struct BpfGuard {
+    /// Link pin name → the link as the last apply left it.
+    links: BTreeMap<String, LinkInfo>,
+    /// What the layer was asked to hold then (with the cgroup ids of the
+    /// time): when a cgroup is removed or re-created, this changes, and
+    /// the layer is re-planned rather than healed.
+    planned: Option<(MapContents, Vec<Attachment>)>,
+    /// The refusal events' follower.
+    follower: Option<bpf_events::Follower>,
+    /// After a failed heal, checks rest until then.
+    retry_at: Option<Instant>,
+}
+
+/// How long checks rest after a failed BPF heal.
+const BPF_RETRY: Duration = Duration::from_secs(5);
 
 /// A guarded namespace and what is expected in it.
 struct Guarded {
@@ -127,6 +159,10 @@ struct Daemon {
     started: u64,
     /// `<state dir>/daemon.json`.
     record: record::Record,
+    /// The BPF layer, while it is active.
+    bpf: Option<BpfGuard>,
+    /// inotify on the BPF pin directory (once the layer was active).
+    bpf_watches: Option<inotify::Watches>,
 }
 
 /// The running proxy: its threads, listeners and settings, and the view of
@@ -197,6 +233,8 @@ pub fn run(
             docker_watched: false,
             started,
             record,
+            bpf: None,
+            bpf_watches: None,
         };
         // Signals first: a SIGTERM right after "ready" must find its handler.
         let signals = Signals::new()?;
@@ -224,12 +262,7 @@ impl Daemon {
         self.update_gauges();
         metrics::serve(self.opts.metrics_addr, self.metrics.clone())?;
         self.commit_proxy(proxy);
-        if report.bpf.as_ref().is_some_and(|b| b.state == "active") {
-            bpf_events::spawn(
-                self.opts.bpf_pin_dir.clone(),
-                self.metrics.bpf_refusals.clone(),
-            );
-        }
+        self.sync_bpf(report.bpf.as_ref().is_some_and(|b| b.state == "active"));
         self.watch_netns_dirs()?;
         self.watch_docker();
         info!(
@@ -396,13 +429,13 @@ impl Daemon {
     fn watch_netns_dirs(&mut self) -> anyhow::Result<()> {
         for dir in self.netns_dirs.clone() {
             if !self.watched.contains(&dir) {
-                monitor::watch_dir(&dir, self.tx.clone(), Event::NetnsDir)?;
+                monitor::watch_dir(&dir, self.tx.clone(), || Event::NetnsDir)?;
                 self.watched.push(dir);
             }
         }
         for dir in self.engine.cgroup_watch_dirs(&self.config) {
             if !self.watched.contains(&dir) {
-                monitor::watch_dir(&dir, self.tx.clone(), Event::Cgroup)?;
+                monitor::watch_dir(&dir, self.tx.clone(), || Event::Cgroup)?;
                 self.watched.push(dir);
             }
         }
@@ -480,9 +513,15 @@ impl Daemon {
         mut sig: Signals,
         load: impl Fn(Option<&Path>) -> anyhow::Result<Config>,
     ) -> anyhow::Result<()> {
+        // The BPF links are also read back periodically while the layer is
+        // active: a detached link gives no event (see `bpf_heal`).
+        let period = bpf_heal::CHECK_PERIOD;
+        let mut bpf_tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        bpf_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 Some(ev) = rx.recv() => self.handle(ev),
+                _ = bpf_tick.tick(), if self.bpf.is_some() => self.check_bpf("periodic check"),
                 _ = sig.hup.recv() => self.reload(&load),
                 _ = sig.term.recv() => return self.stop("SIGTERM"),
                 _ = sig.int.recv() => return self.stop("SIGINT"),
@@ -552,8 +591,172 @@ impl Daemon {
                 // if its text is unchanged.
                 self.plan.host.clear();
                 self.replan("a configured cgroup appeared or was re-created");
+                self.follow_cgroups_bpf();
+            }
+            Event::BpfPins => self.check_bpf("pin directory changed"),
+        }
+    }
+
+    /// After an apply: remembers the BPF layer as it left it — or forgets
+    /// it when the layer is not active — watches its pin directory and
+    /// follows its refusal events.
+    fn sync_bpf(&mut self, active: bool) {
+        if !active {
+            self.bpf = None;
+            return;
+        }
+        let pins = self.engine.bpf_pins();
+        let links = match pins.links() {
+            Ok(l) => l,
+            Err(e) => {
+                error!(error = %e, "cannot read the BPF layer back; it is not watched");
+                self.bpf = None;
+                return;
+            }
+        };
+        let mut warnings = Vec::new();
+        let planned = self.engine.bpf_desired(&self.config, &mut warnings);
+        self.watch_bpf_pins(pins.path());
+        let follower = self.bpf.take().and_then(|g| g.follower).or_else(|| {
+            bpf_events::spawn(
+                self.opts.bpf_pin_dir.clone(),
+                self.metrics.bpf_refusals.clone(),
+            )
+        });
+        self.bpf = Some(BpfGuard {
+            links: links.into_iter().map(|l| (l.name(), l.info)).collect(),
+            planned,
+            follower,
+            retry_at: None,
+        });
+    }
+
+    /// inotify on the pin directory; added again after every apply, since
+    /// a directory that was removed and re-created is another inode.
+    fn watch_bpf_pins(&mut self, dir: &Path) {
+        use inotify::WatchMask;
+        let mask = WatchMask::DELETE
+            | WatchMask::MOVED_FROM
+            | WatchMask::DELETE_SELF
+            | WatchMask::MOVE_SELF;
+        let result = match &mut self.bpf_watches {
+            Some(w) => w.add(dir, mask).map(drop).map_err(anyhow::Error::from),
+            None => monitor::watch(dir, mask, self.tx.clone(), || Event::BpfPins)
+                .map(|w| self.bpf_watches = Some(w)),
+        };
+        if let Err(e) = result {
+            warn!(dir = %dir.display(), error = %format!("{e:#}"), "cannot watch the BPF pin directory; the periodic check still runs");
+        }
+    }
+
+    /// Reads the pinned links back and compares them with what the last
+    /// apply left; re-applies the layer on any difference.
+    fn check_bpf(&mut self, trigger: &'static str) {
+        let Some(g) = &self.bpf else {
+            return;
+        };
+        if g.retry_at.is_some_and(|t| Instant::now() < t) {
+            return;
+        }
+        let pins = self.engine.bpf_pins();
+        let found = match pins.links() {
+            Ok(actual) => bpf_heal::drift(&g.links, &actual, &pins.missing_maps()),
+            Err(e) => {
+                error!(error = %e, "cannot read the BPF links back");
+                return;
+            }
+        };
+        if found.is_empty() {
+            return;
+        }
+        // A configured cgroup that went or came back is a new plan (other
+        // links), not drift to undo.
+        let mut warnings = Vec::new();
+        if self.engine.bpf_desired(&self.config, &mut warnings) != g.planned {
+            self.replan_bpf("a configured cgroup was removed or re-created");
+            return;
+        }
+        self.heal_bpf(trigger, &found);
+    }
+
+    /// Puts the BPF layer back (one apply of it: links re-created, updated
+    /// or unpinned, maps re-filled) and says what had changed.
+    fn heal_bpf(&mut self, trigger: &'static str, found: &[bpf_heal::Drift]) {
+        let started = Instant::now();
+        let cause = found.first().map_or(bpf_heal::CAUSES[2], |d| d.cause());
+        let changes = found
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; ");
+        self.metrics.drift.inc();
+        let mut warnings = Vec::new();
+        let report = self.engine.apply_bpf(&self.config, &mut warnings);
+        for w in &warnings {
+            warn!(warning = %w, "bpf layer");
+        }
+        if report.state != "active" {
+            error!(layer = "bpf", cause, changes = %changes, reason = %report.reason, "heal failed; checking again in 5 s");
+            if let Some(g) = &mut self.bpf {
+                g.retry_at = Some(Instant::now() + BPF_RETRY);
+            }
+            return;
+        }
+        if found.contains(&bpf_heal::Drift::MapUnpinned("mg_events")) {
+            // A new ring buffer: the old follower reads one nobody writes.
+            if let Some(g) = &mut self.bpf {
+                g.follower = None;
             }
         }
+        self.sync_bpf(true);
+        let secs = started.elapsed().as_secs_f64();
+        self.metrics.heals.with_label_values(&[cause]).inc();
+        self.metrics.last_apply.set(secs);
+        info!(
+            layer = "bpf",
+            pin_dir = %report.pin_dir,
+            cause,
+            trigger,
+            changes = %changes,
+            attached = report.attached.len(),
+            updated = report.updated.len(),
+            detached = report.detached.len(),
+            ms = (secs * 1000.0) as u64,
+            "healed"
+        );
+    }
+
+    /// After cgroup events: a configured cgroup that appeared, went or was
+    /// re-created (new id) changes what the BPF layer should hold; anything
+    /// else is checked as drift.
+    fn follow_cgroups_bpf(&mut self) {
+        let Some(g) = &self.bpf else {
+            return;
+        };
+        let mut warnings = Vec::new();
+        if self.engine.bpf_desired(&self.config, &mut warnings) != g.planned {
+            self.replan_bpf("a configured cgroup appeared, was removed or re-created");
+        } else {
+            self.check_bpf("cgroup event");
+        }
+    }
+
+    /// Applies the BPF layer for a new plan (not a heal).
+    fn replan_bpf(&mut self, why: &str) {
+        let mut warnings = Vec::new();
+        let report = self.engine.apply_bpf(&self.config, &mut warnings);
+        for w in &warnings {
+            warn!(warning = %w, "bpf layer");
+        }
+        info!(
+            why,
+            state = %report.state,
+            attached = report.attached.len(),
+            updated = report.updated.len(),
+            detached = report.detached.len(),
+            "bpf layer updated"
+        );
+        self.sync_bpf(report.state == "active");
     }
 
     /// Compares one namespace's table with what is expected; heals drift.
@@ -722,6 +925,7 @@ impl Daemon {
                 self.config = config;
                 self.plan = plan;
                 self.commit_proxy(proxy);
+                self.sync_bpf(report.bpf.as_ref().is_some_and(|b| b.state == "active"));
                 if let Err(e) = self.sync_guarded() {
                     error!(error = %format!("{e:#}"), "after reload");
                 }

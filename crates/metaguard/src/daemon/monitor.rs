@@ -1,5 +1,6 @@
 //! Watching the kernel: `nft monitor` per guarded namespace, and inotify on
-//! the directories where namespaces appear.
+//! the directories where namespaces and cgroups appear and on the BPF
+//! layer's pin directory.
 
 use std::path::Path;
 
@@ -147,26 +148,39 @@ pub fn spawn(
     Ok(Handle { task })
 }
 
-/// inotify on `dir`: any entry created, deleted or moved sends `event`
-/// (which must be a unit variant: it is rebuilt for every change). A
-/// missing directory is created first (e.g. /run/netns before the first
+/// inotify on `dir`: any entry created, deleted or moved sends `make()`.
+/// A missing directory is created first (e.g. /run/netns before the first
 /// `ip netns add`).
-pub fn watch_dir(dir: &Path, tx: mpsc::UnboundedSender<Event>, event: Event) -> anyhow::Result<()> {
-    let make = move || match event {
-        Event::Cgroup => Event::Cgroup,
-        Event::Docker => Event::Docker,
-        _ => Event::NetnsDir,
-    };
-    use futures_util::StreamExt as _;
-    use inotify::{Inotify, WatchMask};
+pub fn watch_dir(
+    dir: &Path,
+    tx: mpsc::UnboundedSender<Event>,
+    make: fn() -> Event,
+) -> anyhow::Result<()> {
+    use inotify::WatchMask;
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let inotify = Inotify::init().context("inotify")?;
-    inotify
-        .watches()
-        .add(
-            dir,
-            WatchMask::CREATE | WatchMask::DELETE | WatchMask::MOVED_TO | WatchMask::MOVED_FROM,
-        )
+    watch(
+        dir,
+        WatchMask::CREATE | WatchMask::DELETE | WatchMask::MOVED_TO | WatchMask::MOVED_FROM,
+        tx,
+        make,
+    )
+    .map(drop)
+}
+
+/// inotify on `dir` for `mask`: every event sends `make()`. Returns the
+/// watch set, so that the caller can watch the directory again once it
+/// was removed and re-created (adding a watch that exists is a no-op).
+pub fn watch(
+    dir: &Path,
+    mask: inotify::WatchMask,
+    tx: mpsc::UnboundedSender<Event>,
+    make: fn() -> Event,
+) -> anyhow::Result<inotify::Watches> {
+    use futures_util::StreamExt as _;
+    let inotify = inotify::Inotify::init().context("inotify")?;
+    let mut watches = inotify.watches();
+    watches
+        .add(dir, mask)
         .with_context(|| format!("cannot watch {}", dir.display()))?;
     let mut stream = inotify
         .into_event_stream(vec![0u8; 4096])
@@ -178,7 +192,7 @@ pub fn watch_dir(dir: &Path, tx: mpsc::UnboundedSender<Event>, event: Event) -> 
             }
         }
     });
-    Ok(())
+    Ok(watches)
 }
 
 #[cfg(test)]

@@ -41,9 +41,9 @@ pub const TESTS: &[(&str, bool, crate::TestFn)] = &[
         daemon_audits_refusals_and_restart_keeps_one_attachment,
     ),
     (
-        "bpf::without_a_bpf_filesystem_apply_warns_and_nft_still_guards",
+        "bpf::layer_asked_for_but_not_active_verify_exits_1_with_the_reason_nft_still_guards",
         true,
-        without_a_bpf_filesystem_apply_warns_and_nft_still_guards,
+        layer_asked_for_but_not_active_verify_exits_1_with_the_reason_nft_still_guards,
     ),
 ];
 
@@ -51,12 +51,12 @@ pub const TESTS: &[(&str, bool, crate::TestFn)] = &[
 /// metaguard pins: `bpffs/metaguard`). Unmounting it releases every pin
 /// on it, so a failed test leaves nothing attached but its lab's cgroups
 /// (removed by the lab's teardown).
-struct BpfFs {
-    dir: PathBuf,
+pub struct BpfFs {
+    pub dir: PathBuf,
 }
 
 impl BpfFs {
-    fn mount(lab: &Lab) -> Result<BpfFs, Failed> {
+    pub fn mount(lab: &Lab) -> Result<BpfFs, Failed> {
         let dir = lab.work_dir().join("bpffs");
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         metaguard_lab::cmd::run(
@@ -69,7 +69,7 @@ impl BpfFs {
         Ok(BpfFs { dir })
     }
 
-    fn pin_dir(&self) -> PathBuf {
+    pub fn pin_dir(&self) -> PathBuf {
         self.dir.join("metaguard")
     }
 }
@@ -88,7 +88,7 @@ impl Drop for BpfFs {
 /// Cgroup workloads only (what the BPF layer acts on): the agent keeps
 /// IMDS, every other container (bridge, awsvpc, host network — all under
 /// `docker/`) is denied it. `extra` is appended.
-fn policy(lab: &Lab, extra: &str) -> String {
+pub fn policy(lab: &Lab, extra: &str) -> String {
     format!(
         r#"[[workload]]
 name    = "ecs-agent"
@@ -105,7 +105,15 @@ imds    = "deny"
     )
 }
 
-fn apply(lab: &Lab, text: &str) -> Result<String, Failed> {
+/// `policy(lab, "")` written to the lab's `policy.toml`; its path.
+pub fn policy_file(lab: &Lab) -> Result<String, Failed> {
+    Ok(lab
+        .write_file("policy.toml", &policy(lab, ""))?
+        .display()
+        .to_string())
+}
+
+pub fn apply(lab: &Lab, text: &str) -> Result<String, Failed> {
     let path = lab.write_file("policy.toml", text)?.display().to_string();
     let out = lab.metaguard(&["apply", "--config", &path])?;
     ensure!(
@@ -117,7 +125,7 @@ fn apply(lab: &Lab, text: &str) -> Result<String, Failed> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn http(lab: &Lab, host: &str) -> ProbeSpec {
+pub fn http(lab: &Lab, host: &str) -> ProbeSpec {
     let mut s = lab.http_get(&format!("http://{host}/latest/meta-data/"));
     s.timeout_ms = 2000;
     s
@@ -145,7 +153,7 @@ fn socket(lab: &Lab, family: &str) -> ProbeSpec {
 }
 
 /// EPERM from the local stack; nothing arrived.
-fn denied(lab: &Lab, w: Workload, spec: &ProbeSpec) -> Result<ProbeResult, Failed> {
+pub fn denied(lab: &Lab, w: Workload, spec: &ProbeSpec) -> Result<ProbeResult, Failed> {
     let r = lab.probe(w, spec)?;
     ensure!(
         r.outcome == Outcome::Denied,
@@ -166,7 +174,7 @@ fn cgroup_dir(lab: &Lab, rel: &str) -> PathBuf {
     lab.cgroup2().path(rel)
 }
 
-fn docker_dir(lab: &Lab) -> PathBuf {
+pub fn docker_dir(lab: &Lab) -> PathBuf {
     cgroup_dir(lab, &(lab.cgroup_root() + "/docker"))
 }
 
@@ -259,8 +267,13 @@ fn reapply_keeps_one_attachment_verify_sees_both_layers_remove_spares_foreign() 
     let docker = docker_dir(&lab);
     // Someone else's program on the same cgroup, before metaguard.
     std::fs::create_dir_all(fs.dir.join("foreign")).map_err(|e| e.to_string())?;
-    let foreign = sys::attach_unpinned(&docker, Hook::Connect4, &fs.dir.join("foreign"))
-        .map_err(|e| e.to_string())?;
+    let foreign = sys::attach_unpinned(
+        sys::OBJECT,
+        &docker,
+        Hook::Connect4,
+        &fs.dir.join("foreign"),
+    )
+    .map_err(|e| e.to_string())?;
     let foreign_ids = sys::attached_programs(&docker, Hook::Connect4).map_err(|e| e.to_string())?;
     ensure!(foreign_ids.len() == 1, "foreign program: {foreign_ids:?}");
     // The foreign program allows everything: c1 still reaches.
@@ -405,13 +418,12 @@ raw_sockets = "deny"
     Ok(())
 }
 
-fn without_a_bpf_filesystem_apply_warns_and_nft_still_guards() -> Result<(), Failed> {
+fn layer_asked_for_but_not_active_verify_exits_1_with_the_reason_nft_still_guards(
+) -> Result<(), Failed> {
     let lab = lab()?;
     expect_reached(&lab, Workload::BridgeC1, &http(&lab, "169.254.169.254"))?;
-    let path = lab
-        .write_file("policy.toml", &policy(&lab, ""))?
-        .display()
-        .to_string();
+    // No bpf filesystem at the lab's pin directory.
+    let path = policy_file(&lab)?;
     let out = lab.metaguard(&["apply", "--config", &path])?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -428,8 +440,39 @@ fn without_a_bpf_filesystem_apply_warns_and_nft_still_guards() -> Result<(), Fai
         matches!(r.outcome, Outcome::Refused | Outcome::Unreachable) && !arrived(&lab, &spec),
         "host-network workload: {r:?}"
     );
+    // The config asks for the layer (on by default, a workload denies by
+    // cgroup): the host is not guarded as configured.
     let out = lab.metaguard(&["verify", "--config", &path])?;
-    ensure!(out.status.success(), "verify: {out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    ensure!(
+        out.status.code() == Some(1)
+            && stdout.contains("ok     host")
+            && stdout.contains("DRIFT  bpf ")
+            && stdout.contains("asks for the BPF layer")
+            && stdout.contains("is not on a bpf filesystem"),
+        "verify: {stdout}"
+    );
+    // Not asked for: turned off, or nothing for it to guard (the shape of
+    // the built-in default, bridges and namespaces only).
+    for (what, text) in [
+        (
+            "bpf = false",
+            format!("[layers]\nbpf = false\n{}", policy(&lab, "")),
+        ),
+        (
+            "bridges only",
+            "[[workload]]\nname = \"bridges\"\nbridges = [\"docker0\"]\nimds = \"deny\"\n".into(),
+        ),
+    ] {
+        let path = lab.write_file("policy.toml", &text)?.display().to_string();
+        apply(&lab, &text)?;
+        let out = lab.metaguard(&["verify", "--config", &path])?;
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        ensure!(
+            out.status.success() && !stdout.contains("bpf"),
+            "verify ({what}): {stdout}"
+        );
+    }
     Ok(())
 }
 
@@ -444,10 +487,7 @@ fn daemon_audits_refusals_and_restart_keeps_one_attachment() -> Result<(), Faile
         Workload::HostNetwork,
         &sendto(&lab, "169.254.169.254"),
     )?;
-    let path = lab
-        .write_file("policy.toml", &policy(&lab, ""))?
-        .display()
-        .to_string();
+    let path = policy_file(&lab)?;
     let mut d = Daemon::start(&lab, &path, &[])?;
     d.wait_log("following refusal events", Duration::from_secs(5))?;
     denied(&lab, Workload::BridgeC1, &http(&lab, "169.254.169.254"))?;

@@ -35,9 +35,14 @@ pub const TESTS: &[(&str, bool, crate::TestFn)] = &[
     ),
 ];
 
+/// The nft layer resolving containers and tasks (the BPF layer, which
+/// does not resolve `containers`, is off: no bpf filesystem in this lab).
 fn policy(lab: &Lab) -> String {
     format!(
-        r#"[[workload]]
+        r#"[layers]
+bpf = false
+
+[[workload]]
 name          = "ecs-agent"
 containers    = ["ecs-agent"]
 imds          = "allow"
@@ -155,7 +160,12 @@ fn daemon_guards_a_task_started_while_it_runs() -> Result<(), Failed> {
         user: String::new(),
         running: true,
     });
-    d.wait_log("new namespace guarded", Duration::from_secs(3))?;
+    // Its own line: the daemon also guards task1 once Docker first answers
+    // (it never asks before it is ready).
+    d.wait_log(
+        &format!("\"netns\":\"/run/netns/{ns}\""),
+        Duration::from_secs(3),
+    )?;
     let vpc = lab.netns_name(Role::Vpc);
     lab.ip_in(&vpc, &format!("link add vpc-task3 type veth peer name eth0 netns {ns}\nlink set vpc-task3 master vpcbr up\n"))?;
     lab.ip_in(

@@ -9,6 +9,7 @@ use libtest_mimic::{Arguments, Failed, Trial};
 mod support;
 
 mod bpf;
+mod bpf_lifecycle;
 mod cli;
 mod daemon;
 mod discovery;
@@ -34,6 +35,7 @@ fn main() {
         .chain(discovery::TESTS)
         .chain(cli::TESTS)
         .chain(bpf::TESTS)
+        .chain(bpf_lifecycle::TESTS)
         .chain(proxy::TESTS)
         .chain(proxy_reload::TESTS)
     {
