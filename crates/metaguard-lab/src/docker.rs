@@ -44,6 +44,8 @@ pub struct FakeContainer {
     pub sandbox_key: String,
     /// `Config.User` (empty: root).
     pub user: String,
+    /// `HostConfig.CgroupParent` (empty: the default).
+    pub cgroup_parent: String,
     /// Running (listed by `/containers/json`), or created/stopped.
     pub running: bool,
 }
@@ -70,6 +72,8 @@ pub struct CreateRequest {
 pub struct CreateHostConfig {
     #[serde(default)]
     pub network_mode: String,
+    #[serde(default)]
+    pub cgroup_parent: String,
 }
 
 /// Makes containers real: their namespace, links and process.
@@ -130,7 +134,7 @@ impl FakeContainer {
             "Platform": "linux",
             "HostConfig": {
                 "NetworkMode": self.network_mode,
-                "CgroupParent": "",
+                "CgroupParent": self.cgroup_parent,
                 "Privileged": false
             },
             "Config": {
@@ -273,6 +277,7 @@ impl FakeDocker {
             pid: 0,
             sandbox_key: String::new(),
             user: req.user,
+            cgroup_parent: req.host_config.cgroup_parent,
             running: false,
         };
         st.containers.push(c.clone());

@@ -95,6 +95,13 @@ pub fn teardown(state_dir: &Path, rec: &LabRecord) -> Vec<String> {
         if let Err(e) = remove_dir_tree(tree) {
             problems.push(e);
         }
+        // Its "metaguard-lab" parent, when no other lab holds a subtree.
+        if let Some(parent) = tree
+            .parent()
+            .filter(|p| p.file_name().is_some_and(|n| n == "metaguard-lab"))
+        {
+            let _ = std::fs::remove_dir(parent);
+        }
     }
     for m in &rec.mounts {
         if let Err(e) = unmount(m) {

@@ -227,6 +227,9 @@ pub struct Lab {
     /// Long-running processes standing for containers (see
     /// [`Lab::start_docker_api`]); killed by pid on teardown.
     container_procs: Vec<std::process::Child>,
+    /// Cgroup subtrees besides the lab's own where its probes may run: a
+    /// machine disk's (owned and removed by the disk).
+    adopted_cgroups: Vec<String>,
     docker: Option<crate::docker::FakeDocker>,
 }
 
@@ -304,6 +307,7 @@ impl Lab {
             probe_seq: AtomicU32::new(0),
             torn_down: false,
             container_procs: Vec::new(),
+            adopted_cgroups: Vec::new(),
             docker: None,
             opts,
         };
@@ -827,12 +831,18 @@ bpf = false
         Ok(name)
     }
 
-    /// Records, before it is made, a cgroup directory outside the lab's
-    /// cgroup2 subtree that something will create on the lab's behalf
-    /// (removed with the lab, its processes ended first).
-    pub fn track_cgroup_tree(&mut self, dir: &Path) -> Result<(), LabError> {
-        self.record.extra_cgroup_trees.push(dir.to_path_buf());
-        self.save_record()
+    /// Lets the lab's probes run in cgroup subtree `root` (relative to the
+    /// cgroup2 root) too: one that something else made for the lab and
+    /// removes (a machine's disk). Never the hierarchy's root.
+    pub fn adopt_cgroup_root(&mut self, root: &str) -> Result<(), LabError> {
+        let root = root.trim_matches('/');
+        if !root.starts_with("metaguard-lab/") {
+            return Err(LabError::Machine(format!(
+                "cgroup {root:?} is not a lab subtree (metaguard-lab/…)"
+            )));
+        }
+        self.adopted_cgroups.push(root.to_string());
+        Ok(())
     }
 
     /// Binds namespace file `source` (e.g. `/proc/<pid>/ns/net` of a
@@ -1056,6 +1066,7 @@ bpf = false
                 pid,
                 sandbox_key,
                 user: String::new(),
+                cgroup_parent: String::new(),
                 running: true,
             });
         }
@@ -1225,7 +1236,10 @@ bpf = false
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         if let Some(cgroup) = cgroup {
-            if !cgroup.starts_with(&format!("{}/", self.cgroup_root())) {
+            let inside = std::iter::once(self.cgroup_root())
+                .chain(self.adopted_cgroups.iter().cloned())
+                .any(|root| cgroup.starts_with(&format!("{root}/")));
+            if !inside {
                 return Err(LabError::ProbeOutput(format!(
                     "{cgroup} is not inside lab {}",
                     self.record.id

@@ -2,10 +2,15 @@
 //! rootfs (never written) and whose upper layer holds everything the
 //! machine changes, across reboots. Recorded in the lab registry before it
 //! is mounted, so a crash leaves nothing behind.
+//!
+//! The disk also owns the machine's cgroup, `metaguard-lab/<disk id>/machine`,
+//! so that its paths stay the same across reboots (a config on the disk
+//! may name them) and everything that ran in it is ended with the disk.
 
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 
+use metaguard_sys::cgroup::Cgroup2;
 use metaguard_sys::process::ProcessId;
 
 use super::Rootfs;
@@ -18,6 +23,7 @@ pub struct Disk {
     record: LabRecord,
     state_dir: PathBuf,
     root: PathBuf,
+    cgroup2: Cgroup2,
 }
 
 fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> LabError + 'a {
@@ -40,23 +46,31 @@ impl Disk {
         let id = format!("disk-{:x}-{:x}", me.pid, nanos);
         let dir = state_dir.join(&id);
         let root = dir.join("root");
+        let cgroup2 = Cgroup2::discover(Path::new("/proc/self/mountinfo"))?;
+        let cgroup_root = format!("metaguard-lab/{id}");
         let record = LabRecord {
             id: id.clone(),
             owner_pid: me.pid,
             owner_start_time: me.start_time,
             netns: Vec::new(),
-            cgroup_mount: None,
-            cgroup_root: None,
+            cgroup_mount: Some(cgroup2.mount().to_path_buf()),
             etc_netns: Vec::new(),
             work_dir: Some(dir.clone()),
             mounts: vec![root.clone()],
-            extra_cgroup_trees: Vec::new(),
+            // nspawn mirrors its cgroup in the v1 name=systemd hierarchy on
+            // hybrid hosts.
+            extra_cgroup_trees: named_systemd_mount()
+                .map(|m| m.join(&cgroup_root))
+                .into_iter()
+                .collect(),
+            cgroup_root: Some(cgroup_root),
         };
         registry::record(state_dir, &record).map_err(io("write lab record in", state_dir))?;
         let disk = Disk {
             record,
             state_dir: state_dir.to_path_buf(),
             root: root.clone(),
+            cgroup2,
         };
         for d in ["upper", "work", "root"] {
             std::fs::create_dir_all(dir.join(d)).map_err(io("create", &dir))?;
@@ -82,6 +96,19 @@ impl Disk {
             source: e.into(),
         })?;
         Ok(disk)
+    }
+
+    /// The machine's cgroup (relative to the cgroup2 root), the same on
+    /// every boot of this disk.
+    pub fn machine_cgroup(&self) -> String {
+        format!(
+            "{}/machine",
+            self.record.cgroup_root.as_deref().unwrap_or_default()
+        )
+    }
+
+    pub fn cgroup2(&self) -> &Cgroup2 {
+        &self.cgroup2
     }
 
     /// The machine's `/`, as seen from outside.
@@ -130,6 +157,21 @@ impl Disk {
             _ => Ok(()),
         }
     }
+}
+
+/// The v1 `name=systemd` hierarchy's mount, on hybrid hosts.
+fn named_systemd_mount() -> Option<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    text.lines().find_map(|l| {
+        let (pre, post) = l.split_once(" - ")?;
+        let mut post = post.split_whitespace();
+        let fstype = post.next()?;
+        let _source = post.next()?;
+        let opts = post.next().unwrap_or("");
+        (fstype == "cgroup" && opts.split(',').any(|o| o == "name=systemd"))
+            .then(|| pre.split_whitespace().nth(4).map(PathBuf::from))
+            .flatten()
+    })
 }
 
 impl Drop for Disk {

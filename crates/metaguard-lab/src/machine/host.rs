@@ -240,7 +240,8 @@ impl Host {
         opts.bare_host = true;
         opts.state_dir = self.opts.state_dir.clone();
         let mut lab = Lab::start(opts)?;
-        let machine = Machine::boot(&mut lab, &self.disk, &self.opts.standin_exe);
+        lab.adopt_cgroup_root(&self.disk.machine_cgroup())?;
+        let machine = Machine::boot(&lab, &self.disk, &self.opts.standin_exe);
         self.lab = Some(lab);
         self.machine = Some(machine?);
         Ok(())
@@ -264,6 +265,13 @@ impl Host {
 
     pub fn disk(&self) -> &Disk {
         &self.disk
+    }
+
+    /// The machine's root cgroup as metaguard inside it names it (relative
+    /// to the cgroup2 root; the same on every boot): cgroups selectors in
+    /// test configs go below it, never above.
+    pub fn cgroup_root(&self) -> String {
+        format!("{}/payload", self.disk.machine_cgroup())
     }
 
     /// The booted machine (an error when not booted).
@@ -309,10 +317,15 @@ impl Host {
             return Err(LabError::Machine("not booted".into()));
         };
         let mut members = Vec::new();
+        let slice = spec
+            .cgroup_parent
+            .clone()
+            .filter(|p| p.ends_with(".slice"))
+            .unwrap_or_else(|| "system.slice".into());
         for (i, c) in info.containers.iter().enumerate() {
-            let scope = format!("system.slice/docker-{}.scope", c.docker_id);
+            let scope = format!("{slice}/docker-{}.scope", c.docker_id);
             let pid = *machine
-                .host_pids(lab, &scope)?
+                .host_pids(&self.disk, &scope)?
                 .first()
                 .ok_or_else(|| LabError::Machine(format!("no process in {scope}")))?;
             let netns = if info.network_mode == "host" {

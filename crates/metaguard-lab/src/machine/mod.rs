@@ -18,17 +18,21 @@
 //! * [`Rootfs`]: built once by `scripts/init-rootfs` (mmdebstrap, minbase,
 //!   systemd) under `target/init-lab/rootfs`, read-only from then on.
 //! * [`Disk`]: an overlay on the rootfs — the machine's disk, kept across
-//!   reboots, gone with the `Disk`.
+//!   reboots, gone with the `Disk` — and the machine's cgroup
+//!   (`metaguard-lab/<disk id>/machine`, the same on every boot, so a config
+//!   on the disk may name cgroups inside it).
 //! * [`Machine`]: one boot. Each boot gets a fresh lab (a fresh "kernel":
 //!   no rules, no addresses, no pins survive a reboot, as on a real host),
-//!   the machine's cgroup inside the lab's cgroup subtree, the stand-in
-//!   binary and a control directory bound in.
+//!   the stand-in binary and a control directory bound in.
 //! * [`Host`]: the three together, for tests and benchmarks.
 //!
 //! Safety: the machine has no network but the lab's host namespace, which
 //! has no link to the root namespace; `/proc/sys` is writable only for
-//! `net.*` (the lab's own namespace); nspawn runs in a cgroup of the lab's,
+//! `net.*` (the lab's own namespace); nspawn runs in the disk's cgroup,
 //! removed with everything in it (also after a crash, by the next lab).
+//! Configs in tests select cgroups only inside the machine's own
+//! (`Host::cgroup_root`): the machine sees the whole hierarchy, and a
+//! selector above it would reach other labs' processes.
 
 mod disk;
 mod host;

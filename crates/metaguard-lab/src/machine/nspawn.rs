@@ -1,5 +1,5 @@
 //! One boot of a machine: `systemd-nspawn --boot` in the lab's host
-//! namespace and a cgroup of the lab's.
+//! namespace, in the disk's cgroup.
 //!
 //! nspawn's settings, each for a reason found on these machines:
 //! * `--keep-unit --register=no`: the host has no system bus (or systemd).
@@ -54,33 +54,15 @@ pub struct JournalLine {
 
 const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
-/// The v1 `name=systemd` hierarchy's mount, on hybrid hosts.
-fn named_systemd_mount() -> Option<PathBuf> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    text.lines().find_map(|l| {
-        let (pre, post) = l.split_once(" - ")?;
-        let mut post = post.split_whitespace();
-        let fstype = post.next()?;
-        let _source = post.next()?;
-        let opts = post.next().unwrap_or("");
-        (fstype == "cgroup" && opts.split(',').any(|o| o == "name=systemd"))
-            .then(|| pre.split_whitespace().nth(4).map(PathBuf::from))
-            .flatten()
-    })
-}
-
 impl Machine {
     /// Boots `disk` in `lab`'s host namespace, with `standin` (the
     /// stand-ins' binary) bound in; returns once systemd reports the boot
     /// finished (`running` or `degraded`).
-    pub fn boot(lab: &mut Lab, disk: &Disk, standin: &Path) -> Result<Machine, LabError> {
+    pub fn boot(lab: &Lab, disk: &Disk, standin: &Path) -> Result<Machine, LabError> {
         let name = format!("mglab-{}", lab.id());
-        let cgroup = format!("{}/machine", lab.cgroup_root());
-        if let Some(v1) = named_systemd_mount() {
-            lab.track_cgroup_tree(&v1.join(lab.cgroup_root()))?;
-        }
-        lab.cgroup2().create(&cgroup)?;
-        let procs = lab.cgroup2().procs_writer(&cgroup)?;
+        let cgroup = disk.machine_cgroup();
+        disk.cgroup2().create(&cgroup)?;
+        let procs = disk.cgroup2().procs_writer(&cgroup)?;
         let control_dir = lab.work_dir().join("machine-control");
         std::fs::create_dir_all(&control_dir).map_err(|source| LabError::Io {
             what: "create",
@@ -377,12 +359,17 @@ impl Machine {
     /// The pids (as the host numbers them) of the processes in the
     /// machine's cgroup `rel` (relative to the machine's root cgroup,
     /// e.g. `system.slice/docker-<id>.scope`).
-    pub fn host_pids(&self, lab: &Lab, rel: &str) -> Result<Vec<u32>, LabError> {
-        Ok(lab.cgroup2().pids(&format!(
-            "{}/payload/{}",
-            self.cgroup,
-            rel.trim_matches('/')
-        ))?)
+    pub fn host_pids(&self, disk: &Disk, rel: &str) -> Result<Vec<u32>, LabError> {
+        Ok(disk
+            .cgroup2()
+            .pids(&format!("{}/{}", self.root_cgroup(), rel.trim_matches('/')))?)
+    }
+
+    /// The machine's root cgroup as the machine's own systemd (and so
+    /// metaguard inside it) names it: relative to the cgroup2 root, which
+    /// the machine sees whole (no cgroup namespace).
+    pub fn root_cgroup(&self) -> String {
+        format!("{}/payload", self.cgroup)
     }
 
     /// Powers the machine off (systemd's shutdown, as `poweroff` does) and

@@ -227,7 +227,10 @@ impl Agent {
                     &json!({
                         "Image": "amazon/amazon-ecs-pause:0.1.0",
                         "Labels": labels("~internal~ecs~pause"),
-                        "HostConfig": {"NetworkMode": "none"},
+                        "HostConfig": {
+                            "NetworkMode": "none",
+                            "CgroupParent": spec.cgroup_parent.clone().unwrap_or_default(),
+                        },
                     }),
                 )
                 .map_err(|e| e.to_string())?;
@@ -267,7 +270,10 @@ impl Agent {
                         "Env": env,
                         "User": c.user.map(|u| u.to_string()).unwrap_or_default(),
                         "Labels": labels(&c.name),
-                        "HostConfig": {"NetworkMode": mode},
+                        "HostConfig": {
+                            "NetworkMode": mode,
+                            "CgroupParent": spec.cgroup_parent.clone().unwrap_or_default(),
+                        },
                     }),
                 )
                 .map_err(|e| e.to_string())?;

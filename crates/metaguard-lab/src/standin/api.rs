@@ -11,6 +11,10 @@ pub struct TaskSpec {
     /// `bridge`, `awsvpc` or `host`.
     pub network_mode: String,
     pub containers: Vec<ContainerSpec>,
+    /// The containers' `--cgroup-parent` (a systemd slice, e.g.
+    /// `hostnet.slice`); none: Docker's default, `system.slice`.
+    #[serde(default)]
+    pub cgroup_parent: Option<String>,
 }
 
 /// One container of a task.
@@ -32,7 +36,14 @@ impl TaskSpec {
                 name: "app".into(),
                 user: None,
             }],
+            cgroup_parent: None,
         }
+    }
+
+    /// The same task with its containers under the slice `parent`.
+    pub fn in_slice(mut self, parent: &str) -> TaskSpec {
+        self.cgroup_parent = Some(parent.into());
+        self
     }
 }
 

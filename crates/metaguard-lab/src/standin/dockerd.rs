@@ -11,7 +11,7 @@
 //!   `/var/run/docker/netns/default`, as Docker reports it);
 //!   `container:<id>` joins that container's namespace.
 //! * **Process.** `systemd-run --scope --unit docker-<id>.scope
-//!   --slice system.slice`, then `nsenter --net=…` and `setpriv` for the
+//!   --slice system.slice` (or the container's `--cgroup-parent` slice), then `nsenter --net=…` and `setpriv` for the
 //!   container's user, then `mglab-standin pause` with the container's
 //!   environment — so `/proc/<pid>/cgroup`, `/proc/<pid>/environ` and the
 //!   namespace look like a real container's.
@@ -218,12 +218,19 @@ route add default via fd00:17::1
                 )?;
             }
         }
+        // The systemd cgroup driver: a scope in the container's
+        // `--cgroup-parent` slice, else in system.slice.
+        let slice = if c.cgroup_parent.ends_with(".slice") {
+            c.cgroup_parent.clone()
+        } else {
+            "system.slice".to_string()
+        };
         let mut cmd = Command::new("systemd-run");
         cmd.args([
             "--scope",
             "--quiet",
             "--collect",
-            "--slice=system.slice",
+            &format!("--slice={slice}"),
             &format!("--unit=docker-{}.scope", c.id),
             "--",
         ]);

@@ -158,6 +158,7 @@ fn daemon_guards_a_task_started_while_it_runs() -> Result<(), Failed> {
         pid: child.id(),
         sandbox_key: format!("/run/netns/{ns}"),
         user: String::new(),
+        cgroup_parent: String::new(),
         running: true,
     });
     // Its own line: the daemon also guards task1 once Docker first answers

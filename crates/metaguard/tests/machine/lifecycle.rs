@@ -37,7 +37,7 @@ const SENSITIVE: &str = "http://169.254.169.254/latest/meta-data/iam/security-cr
 
 /// Runs `during` while a bounded probe loop asks `url` from the first
 /// container of each task; returns what each loop saw.
-fn with_loops(
+pub fn with_loops(
     host: &Host,
     tasks: &[&RunningTask],
     url: &str,

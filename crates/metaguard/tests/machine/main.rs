@@ -15,8 +15,10 @@ use libtest_mimic::{Arguments, Failed, Trial};
 mod support;
 
 mod boot;
+mod bpf;
 mod failclosed;
 mod lifecycle;
+mod package;
 mod proxy;
 
 type TestFn = fn() -> Result<(), Failed>;
@@ -36,6 +38,8 @@ fn main() {
         .chain(proxy::TESTS)
         .chain(failclosed::TESTS)
         .chain(lifecycle::TESTS)
+        .chain(bpf::TESTS)
+        .chain(package::TESTS)
     {
         let f: TestFn = *f;
         let why = missing.clone();

@@ -130,11 +130,19 @@ pub fn deb(version: &str) -> Result<PathBuf, Failed> {
 /// the package's own, the built-in default), the unit enabled, and
 /// rebooted: metaguard as a real boot starts it.
 pub fn installed(config: Option<&str>) -> Result<Host, Failed> {
+    installed_with(|_| Ok(config.map(str::to_string)))
+}
+
+/// [`installed`] with a config made for this host (it may name cgroups
+/// below [`Host::cgroup_root`]).
+pub fn installed_with(
+    config: impl FnOnce(&Host) -> Result<Option<String>, Failed>,
+) -> Result<Host, Failed> {
     let mut host = booted()?;
     install(&host, &deb(DEB_VERSION)?)?;
-    if let Some(text) = config {
+    if let Some(text) = config(&host)? {
         host.disk()
-            .write("/etc/metaguard/metaguard.toml", text, 0o644)?;
+            .write("/etc/metaguard/metaguard.toml", &text, 0o644)?;
     }
     host.machine()?
         .exec_ok(&["systemctl", "enable", "metaguard.service"])?;
@@ -255,4 +263,28 @@ pub fn host_tables(host: &Host) -> Result<String, Failed> {
         "nft",
         &["list", "tables"],
     )?)
+}
+
+/// The slice host-network task containers run in ([`TaskSpec::in_slice`]),
+/// as a unit of the machine's, enabled so it exists from boot.
+pub const HOSTNET_SLICE: &str = "hostnet.slice";
+
+/// The default config, and host-network containers (those in
+/// [`HOSTNET_SLICE`]) denied IMDS — which the BPF layer guards. Writes the
+/// slice's unit to the host's disk.
+pub fn bpf_config(host: &Host) -> Result<String, Failed> {
+    host.disk().write(
+        &format!("/etc/systemd/system/{HOSTNET_SLICE}"),
+        "[Unit]\nDescription=host-network task containers (metaguard lab)\n\n[Install]\nWantedBy=slices.target\n",
+        0o644,
+    )?;
+    host.disk().symlink(
+        &format!("/etc/systemd/system/slices.target.wants/{HOSTNET_SLICE}"),
+        &format!("/etc/systemd/system/{HOSTNET_SLICE}"),
+    )?;
+    Ok(format!(
+        "{}\n[[workload]]\nname          = \"host-network-containers\"\ncgroups       = [\"{}/{HOSTNET_SLICE}\"]\nimds          = \"deny\"\n",
+        metaguard_core::config::BUILTIN_DEFAULT_TOML,
+        host.cgroup_root()
+    ))
 }
