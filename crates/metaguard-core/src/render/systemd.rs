@@ -121,8 +121,10 @@ LockPersonality=yes
 MemoryDenyWriteExecute=yes
 SystemCallArchitectures=native
 # bpf() is in @privileged, far wider than the BPF layer needs; @mount for
-# nft's private mount namespace on hybrid cgroup hosts.
+# nft's private mount namespace on hybrid cgroup hosts. Nothing it runs
+# sets priorities or resource limits (@resources).
 SystemCallFilter=@system-service @mount bpf
+SystemCallFilter=~@resources
 SystemCallErrorNumber=EPERM
 UMask=0077
 

@@ -233,6 +233,15 @@ impl Host {
     /// Boots: a fresh bare lab (nothing survives a reboot in the kernel)
     /// and the machine on this disk.
     pub fn boot(&mut self) -> Result<(), LabError> {
+        self.boot_with(|_| Ok(()))
+    }
+
+    /// [`Host::boot`], running `before_machine` on the fresh lab before the
+    /// machine starts (a benchmark's observer in the host namespace).
+    pub fn boot_with<T>(
+        &mut self,
+        before_machine: impl FnOnce(&Lab) -> Result<T, LabError>,
+    ) -> Result<T, LabError> {
         if self.machine.is_some() {
             return Err(LabError::Machine("already booted".into()));
         }
@@ -241,10 +250,11 @@ impl Host {
         opts.state_dir = self.opts.state_dir.clone();
         let mut lab = Lab::start(opts)?;
         lab.adopt_cgroup_root(&self.disk.machine_cgroup())?;
+        let observed = before_machine(&lab);
         let machine = Machine::boot(&lab, &self.disk, &self.opts.standin_exe);
         self.lab = Some(lab);
         self.machine = Some(machine?);
-        Ok(())
+        observed
     }
 
     /// Powers off (as `poweroff` does) and tears the lab down.
