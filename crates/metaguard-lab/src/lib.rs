@@ -22,6 +22,7 @@ pub mod cmd;
 pub mod daemon;
 pub mod docker;
 pub mod error;
+pub mod host_rules;
 pub mod matrix;
 pub mod probe;
 pub mod registry;

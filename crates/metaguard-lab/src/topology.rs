@@ -33,6 +33,7 @@ use metaguard_sys::process::ProcessId;
 
 use crate::agent::AgentEmulator;
 use crate::cmd;
+use crate::host_rules;
 use crate::imds::{ImdsEmulator, ImdsSettings};
 use crate::log::RequestLog;
 use crate::probe::{ProbeKind, ProbeResult, ProbeSpec};
@@ -523,87 +524,22 @@ route add 169.254.170.2/32 via 169.254.172.1 dev ecs-eth0
         Ok(())
     }
 
-    /// What ecs-init installs on an ECS container instance: the DNAT of the
-    /// credentials endpoint to the agent on 127.0.0.1:51679 (bridges), the
-    /// REDIRECT for host-network callers, and `route_localnet=1` without
-    /// which the DNATed packets are dropped as martians (F1).
+    /// What ecs-init installs on an ECS container instance
+    /// ([`host_rules::ECS_INIT`] and `route_localnet=1`).
     fn install_ecs_init(&self) -> Result<(), LabError> {
         let ns = self.netns(Role::Host);
-        for iface in ["docker0", "ecs-bridge"] {
-            cmd::run(
-                Some(ns),
-                "iptables",
-                &[
-                    "-w",
-                    "-t",
-                    "nat",
-                    "-A",
-                    "PREROUTING",
-                    "-i",
-                    iface,
-                    "-d",
-                    "169.254.170.2/32",
-                    "-p",
-                    "tcp",
-                    "-m",
-                    "tcp",
-                    "--dport",
-                    "80",
-                    "-j",
-                    "DNAT",
-                    "--to-destination",
-                    "127.0.0.1:51679",
-                ],
-                None,
-            )?;
+        for rule in &host_rules::ECS_INIT {
+            cmd::run(Some(ns), "iptables", &host_rules::args("-A", rule), None)?;
         }
-        cmd::run(
-            Some(ns),
-            "iptables",
-            &[
-                "-w",
-                "-t",
-                "nat",
-                "-A",
-                "OUTPUT",
-                "-d",
-                "169.254.170.2/32",
-                "-p",
-                "tcp",
-                "-m",
-                "tcp",
-                "--dport",
-                "80",
-                "-j",
-                "REDIRECT",
-                "--to-ports",
-                "51679",
-            ],
-            None,
-        )?;
         self.sysctl(Role::Host, &["net.ipv4.conf.all.route_localnet=1"])
     }
 
-    /// What dockerd installs for docker0: masquerade of container traffic
-    /// leaving the host (IPv4; IPv6 is routed, as with Docker's default).
+    /// What dockerd installs for docker0 ([`host_rules::DOCKER_NAT`]).
     pub fn install_docker_nat(&self) -> Result<(), LabError> {
         cmd::run(
             Some(self.netns(Role::Host)),
             "iptables",
-            &[
-                "-w",
-                "-t",
-                "nat",
-                "-A",
-                "POSTROUTING",
-                "-s",
-                "172.17.0.0/16",
-                "!",
-                "-o",
-                "docker0",
-                "-j",
-                "MASQUERADE",
-            ],
+            &host_rules::args("-A", &host_rules::DOCKER_NAT),
             None,
         )
         .map(drop)

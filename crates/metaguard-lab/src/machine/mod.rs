@@ -41,5 +41,5 @@ mod rootfs;
 
 pub use disk::Disk;
 pub use host::{Host, HostOptions, Member, Probed, RunningTask};
-pub use nspawn::{JournalLine, Machine};
+pub use nspawn::{first_at, JournalLine, Machine};
 pub use rootfs::Rootfs;

@@ -339,6 +339,17 @@ impl Machine {
         Ok(lines)
     }
 
+    /// When (CLOCK_MONOTONIC µs) `unit` first logged a line containing
+    /// `text` after `after_us`, in this boot's journal.
+    pub fn journal_at(
+        &self,
+        unit: &str,
+        text: &str,
+        after_us: u64,
+    ) -> Result<Option<u64>, LabError> {
+        Ok(first_at(&self.journal(Some(unit))?, unit, text, after_us))
+    }
+
     /// The journal of this boot as text (`journalctl -b -u UNIT`), for
     /// failure messages.
     pub fn journal_text(&self, unit: &str) -> String {
@@ -406,6 +417,14 @@ impl Machine {
         }
         let _ = child.wait();
     }
+}
+
+/// The first of `lines` from `unit` containing `text` after `after_us`.
+pub fn first_at(lines: &[JournalLine], unit: &str, text: &str, after_us: u64) -> Option<u64> {
+    lines
+        .iter()
+        .find(|l| l.unit == unit && l.message.contains(text) && l.monotonic_us > after_us)
+        .map(|l| l.monotonic_us)
 }
 
 impl Drop for Machine {

@@ -39,44 +39,9 @@ use crate::cmd;
 
 /// `ecs-init pre-start`.
 pub fn pre_start() -> Result<(), String> {
-    for iface in ["docker0", "ecs-bridge"] {
-        iptables_ensure(&[
-            "-t",
-            "nat",
-            "PREROUTING",
-            "-i",
-            iface,
-            "-d",
-            "169.254.170.2/32",
-            "-p",
-            "tcp",
-            "-m",
-            "tcp",
-            "--dport",
-            "80",
-            "-j",
-            "DNAT",
-            "--to-destination",
-            "127.0.0.1:51679",
-        ])?;
+    for rule in &crate::host_rules::ECS_INIT {
+        iptables_ensure(rule)?;
     }
-    iptables_ensure(&[
-        "-t",
-        "nat",
-        "OUTPUT",
-        "-d",
-        "169.254.170.2/32",
-        "-p",
-        "tcp",
-        "-m",
-        "tcp",
-        "--dport",
-        "80",
-        "-j",
-        "REDIRECT",
-        "--to-ports",
-        "51679",
-    ])?;
     write_sysctls(
         Path::new("/proc/self/ns/net"),
         &[("net/ipv4/conf/all/route_localnet", "1")],

@@ -320,37 +320,16 @@ link set docker0 up
             ("net/ipv6/conf/all/forwarding", "1"),
         ],
     )?;
-    let rule = [
-        "-t",
-        "nat",
-        "POSTROUTING",
-        "-s",
-        "172.17.0.0/16",
-        "!",
-        "-o",
-        "docker0",
-        "-j",
-        "MASQUERADE",
-    ];
-    iptables_ensure(&rule)
+    iptables_ensure(&crate::host_rules::DOCKER_NAT)
 }
 
 /// `iptables -C` then `-A` when missing: idempotent across restarts.
-pub fn iptables_ensure(rule: &[&str]) -> Result<(), String> {
-    // rule = ["-t", table, chain, match…]
-    let (table, rest) = rule.split_at(2);
-    let mut check: Vec<&str> = vec!["-w"];
-    check.extend_from_slice(table);
-    check.push("-C");
-    check.extend_from_slice(rest);
+pub fn iptables_ensure(rule: &(&str, &str, &[&str])) -> Result<(), String> {
+    let check = crate::host_rules::args("-C", rule);
     if cmd::run(None, "iptables", &check, None).is_ok() {
         return Ok(());
     }
-    let mut add: Vec<&str> = vec!["-w"];
-    add.extend_from_slice(table);
-    add.push("-A");
-    add.extend_from_slice(rest);
-    cmd::run(None, "iptables", &add, None)
+    cmd::run(None, "iptables", &crate::host_rules::args("-A", rule), None)
         .map(drop)
         .map_err(|e| e.to_string())
 }

@@ -6,7 +6,7 @@ use libtest_mimic::Failed;
 use metaguard_lab::standin::api::TaskSpec;
 
 use crate::ensure;
-use crate::support::{booted, installed};
+use crate::support::{booted, expect_active, expect_own_credentials, installed};
 
 pub const TESTS: &[(&str, crate::TestFn)] = &[
     (
@@ -40,38 +40,18 @@ fn without_metaguard_containers_and_tasks_reach_imds_and_credentials() -> Result
             lab.imds().log().with_header("x-lab-probe", &spec.id).len() == 1,
             "{mode}: the IMDS emulator did not log the probe"
         );
-        let spec = lab.http_get(&task.info.credentials_url());
-        let r = host.probe(c, &spec)?;
-        ensure!(
-            r.ok()
-                && r.body
-                    .as_deref()
-                    .unwrap_or("")
-                    .contains(&task.info.role_arn),
-            "{mode}: task credentials: {r:?}"
-        );
+        expect_own_credentials(&host, &task, "without metaguard")?;
     }
     Ok(())
 }
 
 fn default_config_guards_what_starts_after_boot() -> Result<(), Failed> {
     let mut host = installed(None)?;
+    expect_active(&host, "metaguard.service")?;
     let m = host.machine()?;
-    ensure!(
-        m.unit_state("metaguard.service")? == "active",
-        "metaguard: {}",
-        m.journal_text("metaguard.service")
-    );
     // metaguard was READY ("Started") before Docker began to start.
-    let journal = m.journal(None)?;
-    let at = |unit: &str, prefix: &str| {
-        journal
-            .iter()
-            .find(|l| l.unit == unit && l.message.starts_with(prefix))
-            .map(|l| l.monotonic_us)
-    };
-    let ready = at("metaguard.service", "Started metaguard.service");
-    let docker = at("docker.service", "Starting docker.service");
+    let ready = m.journal_at("metaguard.service", "Started metaguard.service", 0)?;
+    let docker = m.journal_at("docker.service", "Starting docker.service", 0)?;
     ensure!(
         matches!((ready, docker), (Some(r), Some(d)) if r < d),
         "metaguard ready at {ready:?} µs, docker starting at {docker:?} µs"
@@ -100,16 +80,7 @@ fn default_config_guards_what_starts_after_boot() -> Result<(), Failed> {
                 .is_empty(),
             "{mode}: IMDS logged the refused probe"
         );
-        let spec = lab.http_get(&task.info.credentials_url());
-        let r = host.probe(c, &spec)?;
-        ensure!(
-            r.ok()
-                && r.body
-                    .as_deref()
-                    .unwrap_or("")
-                    .contains(&task.info.role_arn),
-            "{mode}: task credentials with metaguard: {r:?}"
-        );
+        expect_own_credentials(&host, &task, "with metaguard")?;
         tasks.push((mode, task));
     }
     // The control: without metaguard's rules the same probes pass.

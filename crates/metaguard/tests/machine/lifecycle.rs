@@ -13,8 +13,8 @@ use metaguard_lab::standin::api::TaskSpec;
 use crate::ensure;
 use crate::proxy::PROXY_CONFIG;
 use crate::support::{
-    booted, deb, host_tables, http, imdsv2_instance_id, install, installed, probe_loop, Looped,
-    DEB_VERSION,
+    booted, deb, expect_active, expect_none_passed, host_tables, http, imdsv2_instance_id, install,
+    installed, probe_loop, Looped, DEB_VERSION,
 };
 
 pub const TESTS: &[(&str, crate::TestFn)] = &[
@@ -139,20 +139,12 @@ fn restart_kill_and_stop_leave_no_window_and_the_rules_stay() -> Result<(), Fail
         std::thread::sleep(Duration::from_millis(500));
         Ok(())
     })?;
-    for (task, looped) in [&bridge, &awsvpc].iter().zip(&seen) {
-        eprintln!("{}: {}", task.info.network_mode, looped.summary());
-        ensure!(
-            looped.probes > 20,
-            "too few probes to mean anything: {}",
-            looped.summary()
-        );
-        ensure!(
-            looped.answered.is_empty(),
-            "{}: reached IMDS across restart/kill/stop: {:?}",
-            task.info.network_mode,
-            looped.answered
-        );
-    }
+    expect_none_passed(
+        &[&bridge, &awsvpc],
+        &seen,
+        20,
+        "across restart, kill -9 and stop",
+    )?;
     let lab = host.lab()?;
     ensure!(
         lab.imds().log().is_empty(),
@@ -273,16 +265,7 @@ fn reload_changes_the_proxy_and_no_denied_request_passes() -> Result<(), Failed>
         std::thread::sleep(Duration::from_millis(500));
         Ok(())
     })?;
-    for (task, looped) in [&bridge, &awsvpc].iter().zip(&seen) {
-        eprintln!("{}: {}", task.info.network_mode, looped.summary());
-        ensure!(looped.probes > 20, "too few probes: {}", looped.summary());
-        ensure!(
-            looped.answered.is_empty(),
-            "{}: the role's credentials path passed across reloads: {:?}",
-            task.info.network_mode,
-            looped.answered
-        );
-    }
+    expect_none_passed(&[&bridge, &awsvpc], &seen, 20, "across reloads")?;
     let lab = host.lab()?;
     let leaked: Vec<_> = lab
         .imds()
@@ -301,17 +284,6 @@ fn reload_changes_the_proxy_and_no_denied_request_passes() -> Result<(), Failed>
     Ok(())
 }
 
-/// The journal time of the first line of `unit` starting with `prefix`
-/// after `after` (µs, CLOCK_MONOTONIC).
-fn journal_at(host: &Host, unit: &str, prefix: &str, after: u64) -> Result<Option<u64>, Failed> {
-    Ok(host
-        .machine()?
-        .journal(None)?
-        .into_iter()
-        .find(|l| l.unit == unit && l.message.contains(prefix) && l.monotonic_us > after)
-        .map(|l| l.monotonic_us))
-}
-
 fn docker_started_or_restarted_after_metaguard_is_followed() -> Result<(), Failed> {
     let mut host = booted()?;
     install(&host, &deb(DEB_VERSION)?)?;
@@ -325,12 +297,8 @@ fn docker_started_or_restarted_after_metaguard_is_followed() -> Result<(), Faile
         "ecs.service",
     ])?;
     host.reboot()?;
+    expect_active(&host, "metaguard.service")?;
     let m = host.machine()?;
-    ensure!(
-        m.unit_state("metaguard.service")? == "active",
-        "{}",
-        m.journal_text("metaguard.service")
-    );
     ensure!(
         m.unit_state("docker.service")? != "active",
         "docker started at boot"
@@ -355,9 +323,9 @@ fn docker_started_or_restarted_after_metaguard_is_followed() -> Result<(), Faile
             m.exec_ok(&["systemctl", "restart", "ecs.service"])?;
         }
         let socket = if round == "started" {
-            journal_at(&host, "docker.socket", "Listening on", after)?
+            m.journal_at("docker.socket", "Listening on", after)?
         } else {
-            journal_at(&host, "docker.service", "Started", after)?
+            m.journal_at("docker.service", "Started", after)?
         }
         .ok_or("no journal line for the socket / docker start")?;
         let task = host.run_task(&TaskSpec::single(&format!("late-{round}"), "awsvpc"))?;
@@ -373,20 +341,21 @@ fn docker_started_or_restarted_after_metaguard_is_followed() -> Result<(), Faile
             "{round}: IMDS saw {:?}",
             lab.imds().log().entries()
         );
-        let followed = journal_at(
-            &host,
-            "metaguard.service",
-            "the Docker API answers",
-            socket.saturating_sub(1),
-        )?
-        .ok_or_else(|| {
-            format!(
-                "{round}: metaguard never followed Docker:\n{}",
-                host.machine()
-                    .map(|m| m.journal_text("metaguard.service"))
-                    .unwrap_or_default()
-            )
-        })?;
+        let followed = host
+            .machine()?
+            .journal_at(
+                "metaguard.service",
+                "the Docker API answers",
+                socket.saturating_sub(1),
+            )?
+            .ok_or_else(|| {
+                format!(
+                    "{round}: metaguard never followed Docker:\n{}",
+                    host.machine()
+                        .map(|m| m.journal_text("metaguard.service"))
+                        .unwrap_or_default()
+                )
+            })?;
         let ms = followed.saturating_sub(socket) as f64 / 1000.0;
         eprintln!(
             "docker {round}: metaguard followed it {ms:.1} ms after {}",

@@ -11,7 +11,9 @@ use metaguard_lab::standin::api::TaskSpec;
 
 use crate::ensure;
 use crate::lifecycle::with_loops;
-use crate::support::{bpf_config, deb, host_tables, install, installed_with, HOSTNET_SLICE};
+use crate::support::{
+    bpf_config, deb, expect_none_passed, host_tables, install, installed_with, HOSTNET_SLICE,
+};
 
 pub const TESTS: &[(&str, crate::TestFn)] = &[(
     "package::upgrade_leaves_no_window_and_purge_leaves_nothing",
@@ -49,20 +51,12 @@ fn upgrade_leaves_no_window_and_purge_leaves_nothing() -> Result<(), Failed> {
         std::thread::sleep(Duration::from_millis(500));
         Ok(())
     })?;
-    for (task, looped) in [&bridge, &awsvpc, &hostnet].iter().zip(&seen) {
-        eprintln!(
-            "{} during the upgrade: {}",
-            task.info.network_mode,
-            looped.summary()
-        );
-        ensure!(looped.probes > 10, "too few probes: {}", looped.summary());
-        ensure!(
-            looped.answered.is_empty(),
-            "{}: reached IMDS during the upgrade: {:?}",
-            task.info.network_mode,
-            looped.answered
-        );
-    }
+    expect_none_passed(
+        &[&bridge, &awsvpc, &hostnet],
+        &seen,
+        10,
+        "during the upgrade",
+    )?;
     let lab = host.lab()?;
     ensure!(
         lab.imds().log().is_empty(),

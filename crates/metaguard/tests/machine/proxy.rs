@@ -9,7 +9,7 @@ use libtest_mimic::Failed;
 use metaguard_lab::standin::api::TaskSpec;
 
 use crate::ensure;
-use crate::support::{http, imdsv2_instance_id, installed};
+use crate::support::{expect_active, http, imdsv2_instance_id, installed};
 
 pub const TESTS: &[(&str, crate::TestFn)] = &[(
     "proxy::containers_get_imdsv2_and_their_own_credentials_through_the_shipped_unit",
@@ -40,12 +40,7 @@ const SENSITIVE: &str = "http://169.254.169.254/latest/meta-data/iam/security-cr
 fn containers_get_imdsv2_and_their_own_credentials_through_the_shipped_unit() -> Result<(), Failed>
 {
     let mut host = installed(Some(PROXY_CONFIG))?;
-    let m = host.machine()?;
-    ensure!(
-        m.unit_state("metaguard.service")? == "active",
-        "{}",
-        m.journal_text("metaguard.service")
-    );
+    expect_active(&host, "metaguard.service")?;
     let bridge = host.run_task(&TaskSpec::single("web", "bridge"))?;
     let awsvpc = host.run_task(&TaskSpec::single("api", "awsvpc"))?;
     let instance_id = host.lab()?.instance_id().to_string();

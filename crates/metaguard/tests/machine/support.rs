@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use libtest_mimic::Failed;
-use metaguard_lab::machine::{Host, HostOptions, Member, Rootfs};
+use metaguard_lab::machine::{Host, HostOptions, Member, Rootfs, RunningTask};
 use metaguard_lab::probe::{ProbeKind, ProbeResult, ProbeSpec};
 
 /// The metaguard binary under test.
@@ -287,4 +287,58 @@ pub fn bpf_config(host: &Host) -> Result<String, Failed> {
         metaguard_core::config::BUILTIN_DEFAULT_TOML,
         host.cgroup_root()
     ))
+}
+
+/// Fails unless `unit` is active in the host's machine (with its journal).
+pub fn expect_active(host: &Host, unit: &str) -> Result<(), Failed> {
+    let m = host.machine()?;
+    let state = m.unit_state(unit)?;
+    ensure!(
+        state == "active",
+        "{unit} is {state}:\n{}",
+        m.journal_text(unit)
+    );
+    Ok(())
+}
+
+/// A task's own credentials, fetched from its first container through
+/// 169.254.170.2; fails unless they are served (200, its role).
+pub fn expect_own_credentials(host: &Host, task: &RunningTask, what: &str) -> Result<(), Failed> {
+    let spec = host.lab()?.http_get(&task.info.credentials_url());
+    let r = host.probe(task.first(), &spec)?;
+    ensure!(
+        r.ok()
+            && r.body
+                .as_deref()
+                .unwrap_or("")
+                .contains(&task.info.role_arn),
+        "{what}: {}: task credentials: {r:?}",
+        task.info.network_mode
+    );
+    Ok(())
+}
+
+/// Fails unless every probe loop ran (at least `min_probes`) and none got
+/// through `during`; prints what each saw.
+pub fn expect_none_passed(
+    tasks: &[&RunningTask],
+    seen: &[Looped],
+    min_probes: u32,
+    during: &str,
+) -> Result<(), Failed> {
+    for (task, looped) in tasks.iter().zip(seen) {
+        let mode = &task.info.network_mode;
+        eprintln!("{mode} {during}: {}", looped.summary());
+        ensure!(
+            looped.probes >= min_probes,
+            "{mode} {during}: too few probes to mean anything: {}",
+            looped.summary()
+        );
+        ensure!(
+            looped.answered.is_empty(),
+            "{mode} {during}: got through: {:?}",
+            looped.answered
+        );
+    }
+    Ok(())
 }
