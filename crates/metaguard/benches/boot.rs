@@ -238,7 +238,7 @@ CLOCK_MONOTONIC. Machine: {}.
 {}
 
 `start` is systemd's \"Starting metaguard.service\" (before `ExecStartPre=metaguard daemon --check`,
-which loads the host ruleset into a scratch namespace); READY is \"Started\" (READY=1 after the
+which reads the config and plans); READY is \"Started\" (READY=1 after the
 first apply); the first rule is the first `add table inet metaguard` the outside observer sees;
 boot is the start of systemd-nspawn. Docker is ordered after READY (the drop-in's `metaguard gate`
 then passes).",

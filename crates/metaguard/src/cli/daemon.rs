@@ -86,8 +86,10 @@ pub fn check(arg: &ConfigArg, metrics: &str, paths: &Paths<'_>) -> anyhow::Resul
             "BPF layer not active ({why}); the nft layer guards alone"
         ));
     }
+    // Under systemd, with the journal's warning priority.
+    let prefix = if stderr_is_journal() { "<4>" } else { "" };
     for w in &warnings {
-        eprintln!("metaguard: warning: {w}");
+        eprintln!("{prefix}metaguard: warning: {w}");
     }
     println!(
         "metaguard: {} can run the daemon here: config, privileges, nft, plan and paths checked",

@@ -859,6 +859,8 @@ impl Daemon {
             error!(error = %format!("{e:#}"), "cannot guard new namespaces");
         }
         self.update_gauges();
+        let status = self.status();
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&status)]);
     }
 
     /// Loads the tables of namespaces new to the plan and removes those of
