@@ -525,21 +525,21 @@ route add 169.254.170.2/32 via 169.254.172.1 dev ecs-eth0
     }
 
     /// What ecs-init installs on an ECS container instance
-    /// ([`host_rules::ECS_INIT`] and `route_localnet=1`).
+    /// ([`host_rules::ecs_init`] and `route_localnet=1`).
     fn install_ecs_init(&self) -> Result<(), LabError> {
         let ns = self.netns(Role::Host);
-        for rule in &host_rules::ECS_INIT {
+        for rule in &host_rules::ecs_init() {
             cmd::run(Some(ns), "iptables", &host_rules::args("-A", rule), None)?;
         }
         self.sysctl(Role::Host, &["net.ipv4.conf.all.route_localnet=1"])
     }
 
-    /// What dockerd installs for docker0 ([`host_rules::DOCKER_NAT`]).
+    /// What dockerd installs for docker0 ([`host_rules::docker_nat`]).
     pub fn install_docker_nat(&self) -> Result<(), LabError> {
         cmd::run(
             Some(self.netns(Role::Host)),
             "iptables",
-            &host_rules::args("-A", &host_rules::DOCKER_NAT),
+            &host_rules::args("-A", &host_rules::docker_nat()),
             None,
         )
         .map(drop)

@@ -39,7 +39,7 @@ use crate::cmd;
 
 /// `ecs-init pre-start`.
 pub fn pre_start() -> Result<(), String> {
-    for rule in &crate::host_rules::ECS_INIT {
+    for rule in &crate::host_rules::ecs_init() {
         iptables_ensure(rule)?;
     }
     write_sysctls(

@@ -320,11 +320,11 @@ link set docker0 up
             ("net/ipv6/conf/all/forwarding", "1"),
         ],
     )?;
-    iptables_ensure(&crate::host_rules::DOCKER_NAT)
+    iptables_ensure(&crate::host_rules::docker_nat())
 }
 
 /// `iptables -C` then `-A` when missing: idempotent across restarts.
-pub fn iptables_ensure(rule: &(&str, &str, &[&str])) -> Result<(), String> {
+pub fn iptables_ensure(rule: &crate::host_rules::Rule) -> Result<(), String> {
     let check = crate::host_rules::args("-C", rule);
     if cmd::run(None, "iptables", &check, None).is_ok() {
         return Ok(());

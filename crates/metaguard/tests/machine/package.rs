@@ -12,7 +12,8 @@ use metaguard_lab::standin::api::TaskSpec;
 use crate::ensure;
 use crate::lifecycle::with_loops;
 use crate::support::{
-    bpf_config, deb, expect_none_passed, host_tables, install, installed_with, HOSTNET_SLICE,
+    bpf_config, deb, expect_imds_untouched, expect_none_passed, host_tables, install,
+    installed_with, main_pid, HOSTNET_SLICE,
 };
 
 pub const TESTS: &[(&str, crate::TestFn)] = &[(
@@ -37,14 +38,7 @@ fn upgrade_leaves_no_window_and_purge_leaves_nothing() -> Result<(), Failed> {
     let awsvpc = host.run_task(&TaskSpec::single("api", "awsvpc"))?;
     let hostnet = host.run_task(&TaskSpec::single("batch", "host").in_slice(HOSTNET_SLICE))?;
     let newer = deb("0.1.0-2")?;
-    let before = host.machine()?.exec_ok(&[
-        "systemctl",
-        "show",
-        "-p",
-        "MainPID",
-        "--value",
-        "metaguard.service",
-    ])?;
+    let before = main_pid(&host)?;
     let seen = with_loops(&host, &[&bridge, &awsvpc, &hostnet], INSTANCE_ID, || {
         std::thread::sleep(Duration::from_millis(300));
         install(&host, &newer)?;
@@ -57,25 +51,14 @@ fn upgrade_leaves_no_window_and_purge_leaves_nothing() -> Result<(), Failed> {
         10,
         "during the upgrade",
     )?;
+    expect_imds_untouched(&host)?;
     let lab = host.lab()?;
-    ensure!(
-        lab.imds().log().is_empty(),
-        "IMDS saw {:?}",
-        lab.imds().log().entries()
-    );
     let m = host.machine()?;
     let status = m.exec_ok(&["dpkg-query", "-W", "-f", "${Version}", "metaguard"])?;
     ensure!(status == "0.1.0-2", "installed: {status}");
-    let after = m.exec_ok(&[
-        "systemctl",
-        "show",
-        "-p",
-        "MainPID",
-        "--value",
-        "metaguard.service",
-    ])?;
+    let after = main_pid(&host)?;
     ensure!(
-        before.trim() != after.trim() && m.unit_state("metaguard.service")? == "active",
+        before != after && m.unit_state("metaguard.service")? == "active",
         "the upgrade did not restart the daemon ({before} → {after})"
     );
     let verify = m.exec(&["metaguard", "verify"])?;

@@ -342,3 +342,23 @@ pub fn expect_none_passed(
     }
     Ok(())
 }
+
+/// Fails unless the IMDS emulator received nothing at all.
+pub fn expect_imds_untouched(host: &Host) -> Result<(), Failed> {
+    let log = host.lab()?.imds().log();
+    ensure!(log.is_empty(), "IMDS saw {:?}", log.entries());
+    Ok(())
+}
+
+/// metaguard.service's main pid, as the machine numbers it.
+pub fn main_pid(host: &Host) -> Result<String, Failed> {
+    let out = host.machine()?.exec_ok(&[
+        "systemctl",
+        "show",
+        "-p",
+        "MainPID",
+        "--value",
+        "metaguard.service",
+    ])?;
+    Ok(out.trim().to_string())
+}
