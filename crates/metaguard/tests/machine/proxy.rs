@@ -42,7 +42,11 @@ fn containers_get_imdsv2_and_their_own_credentials_through_the_shipped_unit() ->
     let mut host = installed(Some(PROXY_CONFIG))?;
     expect_active(&host, "metaguard.service")?;
     let bridge = host.run_task(&TaskSpec::single("web", "bridge"))?;
-    let awsvpc = host.run_task(&TaskSpec::single("api", "awsvpc"))?;
+    // Its application container runs as an unprivileged user, as most
+    // images do: the daemon must not need to open its /proc files.
+    let mut spec = TaskSpec::single("api", "awsvpc");
+    spec.containers[0].user = Some(1000);
+    let awsvpc = host.run_task(&spec)?;
     let instance_id = host.lab()?.instance_id().to_string();
     for (task, other) in [(&bridge, &awsvpc), (&awsvpc, &bridge)] {
         let mode = &task.info.network_mode;
