@@ -9,7 +9,7 @@ use libtest_mimic::Failed;
 use metaguard_lab::standin::api::TaskSpec;
 
 use crate::ensure;
-use crate::support::{expect_active, http, imdsv2_instance_id, installed};
+use crate::support::{expect_active, expect_own_credentials, http, imdsv2_instance_id, installed};
 
 pub const TESTS: &[(&str, crate::TestFn)] = &[(
     "proxy::containers_get_imdsv2_and_their_own_credentials_through_the_shipped_unit",
@@ -70,19 +70,7 @@ fn containers_get_imdsv2_and_their_own_credentials_through_the_shipped_unit() ->
                 .is_empty(),
             "{mode}: IMDS saw the refused request"
         );
-        let spec = http(&host, "GET", &task.info.credentials_url(), &[])?;
-        let r = host.probe(c, &spec)?;
-        ensure!(
-            r.ok()
-                && r.body
-                    .as_deref()
-                    .unwrap_or("")
-                    .contains(&task.info.role_arn),
-            "{mode}: own credentials through the relay: {r:?}\naudit:\n{}",
-            host.disk()
-                .read("/var/log/metaguard/audit.log")
-                .unwrap_or_default()
-        );
+        expect_own_credentials(&host, task, "through the relay")?;
         let spec = http(&host, "GET", &other.info.credentials_url(), &[])?;
         let r = host.probe(c, &spec)?;
         ensure!(
