@@ -16,7 +16,7 @@ use serde_json::json;
 
 use crate::audit::Entry;
 use crate::settings::Settings;
-use crate::{Caller, Connection, Kind, Proxy, UPSTREAM_TIMEOUT};
+use crate::{Caller, Connection, IdKind, Kind, Ownership, Proxy, UPSTREAM_TIMEOUT};
 
 type Resp = Response<Full<Bytes>>;
 
@@ -405,31 +405,21 @@ impl Proxy {
                     wname,
                     path,
                 );
-            } else {
-                let dir = self.directory.clone();
-                let id2 = id.clone();
-                let config2 = config.clone();
-                let owner = tokio::task::spawn_blocking(move || dir.owner(&config2, &id2))
-                    .await
-                    .ok()
-                    .flatten();
-                if let Some(o) = owner {
-                    let owner_proxied = o.uncertain
-                        || o.workload
-                            .and_then(|i| config.workloads.get(i))
-                            .is_some_and(|ow| ow.task_metadata == Action::Proxy);
-                    if owner_proxied && o.container != caller.container {
-                        return refuse(
-                            StatusCode::FORBIDDEN,
-                            "deny",
-                            "credentials id owned by another, proxied workload (F13)",
-                            wname,
-                            path,
-                        );
-                    }
-                }
+            } else if let Some(why) = self
+                .foreign_id(config, caller, IdKind::Credentials, id)
+                .await
+            {
+                return refuse(StatusCode::FORBIDDEN, "deny", why, wname, path);
             }
         } else if let [v @ ("v3" | "v4"), eid, rest @ ..] = segs.as_slice() {
+            if !proxied && !caller.tmds_ids.iter().any(|i| i == eid) {
+                if let Some(why) = self
+                    .foreign_id(config, caller, IdKind::TaskMetadata, eid)
+                    .await
+                {
+                    return refuse(StatusCode::FORBIDDEN, "deny", why, wname, path);
+                }
+            }
             if proxied {
                 match w.tmds {
                     TmdsMode::Deny => {
@@ -486,6 +476,38 @@ impl Proxy {
             redact_for,
         )
         .await
+    }
+
+    /// For a caller of an `allow` workload asking for an id it does not
+    /// own: why it is refused — the id's owner is proxied (or could not be
+    /// placed), or its container has stopped — or `None` to forward it.
+    async fn foreign_id(
+        &self,
+        config: &Arc<Config>,
+        caller: &Caller,
+        kind: IdKind,
+        id: &str,
+    ) -> Option<String> {
+        let dir = self.directory.clone();
+        let (config2, id2) = (config.clone(), id.to_string());
+        let ownership = tokio::task::spawn_blocking(move || dir.owner(&config2, kind, &id2))
+            .await
+            .unwrap_or(Ownership::Unknown);
+        match ownership {
+            Ownership::Unknown => None,
+            Ownership::Revoked => Some(format!(
+                "{} of a container that has stopped (revoked)",
+                kind.as_str()
+            )),
+            Ownership::Owned(o) => {
+                let proxied = o.uncertain
+                    || o.workload
+                        .and_then(|i| config.workloads.get(i))
+                        .is_some_and(|ow| ow.task_metadata == Action::Proxy);
+                (proxied && o.container != caller.container)
+                    .then(|| format!("{} owned by another, proxied workload (F13)", kind.as_str()))
+            }
+        }
     }
 
     #[allow(clippy::too_many_arguments)]

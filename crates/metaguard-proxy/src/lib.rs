@@ -140,8 +140,39 @@ pub trait Directory: Send + Sync + 'static {
     fn identify_cached(&self, _config: &Arc<Config>, _origin: Origin) -> Option<Caller> {
         None
     }
-    /// The owner of a credentials id, if anyone known owns it.
-    fn owner(&self, config: &Config, credentials_id: &str) -> Option<Owner>;
+    /// Who owns credentials or task-metadata id `id`.
+    fn owner(&self, config: &Config, kind: IdKind, id: &str) -> Ownership;
+}
+
+/// The two kinds of id a container's environment holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum IdKind {
+    /// A task-credentials id (`/v2/credentials/<id>`, `?id=<id>`).
+    Credentials,
+    /// A task-metadata endpoint id (`/v3/<id>`, `/v4/<id>`).
+    TaskMetadata,
+}
+
+impl IdKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IdKind::Credentials => "credentials id",
+            IdKind::TaskMetadata => "task metadata endpoint id",
+        }
+    }
+}
+
+/// What is known of an id's owner.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ownership {
+    /// Nobody known: neither a running container nor a workload's
+    /// `credentials_ids`.
+    Unknown,
+    Owned(Owner),
+    /// It belonged to a container that has stopped: refused to everyone
+    /// (interface.md, "When the owning container stops, its ids are
+    /// refused to everyone").
+    Revoked,
 }
 
 /// Header read timeout (slowloris) and idle keep-alive limit.

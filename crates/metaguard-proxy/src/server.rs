@@ -303,7 +303,7 @@ mod tests {
     use metaguard_core::Config;
 
     use super::*;
-    use crate::{Caller, Directory, Origin, Owner, ProxyMetrics};
+    use crate::{Caller, Directory, IdKind, Origin, Ownership, ProxyMetrics};
 
     fn l(addr: &str, kind: Kind) -> Listener {
         Listener {
@@ -376,8 +376,8 @@ mod tests {
                 ..Caller::default()
             }
         }
-        fn owner(&self, _: &Config, _: &str) -> Option<Owner> {
-            None
+        fn owner(&self, _: &Config, _: IdKind, _: &str) -> Ownership {
+            Ownership::Unknown
         }
     }
 

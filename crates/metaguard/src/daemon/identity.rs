@@ -33,7 +33,7 @@
 //! event makes the next caller wait for one container listing and one
 //! `RTM_GETNSID` per container — no process is started.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -45,7 +45,7 @@ use metaguard_core::ruleset::{
     BRIDGE_MARK_BASE,
 };
 use metaguard_core::Config;
-use metaguard_proxy::{Caller, Origin, Owner};
+use metaguard_proxy::{Caller, IdKind, Origin, Owner, Ownership};
 use tracing::warn;
 
 /// One host link.
@@ -101,7 +101,21 @@ struct Cache {
     /// cgroup id → the container whose cgroup it is or lies under (none:
     /// no container's), built from `containers`; cleared with them.
     cgroup_containers: HashMap<u64, Option<ContainerFact>>,
+    /// The namespace files that `netns` selectors name (matched by their
+    /// globs, with or without a Docker API): path → the file's inode and
+    /// the id the host gives its namespace. A file whose inode changed is
+    /// read again.
+    netns_files: HashMap<String, (u64, Option<i32>)>,
+    /// Every id in the last listing's environments, with its container.
+    seen_ids: HashMap<(IdKind, String), String>,
+    /// Ids whose container has stopped, oldest first (bounded).
+    revoked: HashSet<(IdKind, String)>,
+    revoked_order: VecDeque<(IdKind, String)>,
 }
+
+/// The most revoked ids remembered: a stopped container's ids stay refused
+/// until this many newer ones have been revoked.
+const MAX_REVOKED: usize = 65_536;
 
 impl Cache {
     /// The containers changed: forget what was derived from them.
@@ -109,6 +123,50 @@ impl Cache {
         self.netns_ids = None;
         self.callers.clear();
         self.cgroup_containers.clear();
+    }
+
+    /// A new container listing: what was derived from the old one goes
+    /// when it differs, and the ids of containers no longer listed are
+    /// revoked.
+    fn take_listing(&mut self, list: Vec<ContainerFact>) {
+        let mut seen = HashMap::new();
+        for k in &list {
+            let (creds, tmds) = ids(&[k]);
+            for (kind, ids) in [(IdKind::Credentials, creds), (IdKind::TaskMetadata, tmds)] {
+                for id in ids {
+                    seen.insert((kind, id), k.id.clone());
+                }
+            }
+        }
+        let gone: Vec<(IdKind, String)> = self
+            .seen_ids
+            .keys()
+            .filter(|key| !seen.contains_key(*key))
+            .cloned()
+            .collect();
+        for key in gone {
+            if self.revoked.insert(key.clone()) {
+                self.revoked_order.push_back(key);
+            }
+        }
+        while self.revoked_order.len() > MAX_REVOKED {
+            if let Some(old) = self.revoked_order.pop_front() {
+                self.revoked.remove(&old);
+            }
+        }
+        // An id listed again (a restarted container keeps its
+        // environment) is its owner's again.
+        for key in seen.keys() {
+            if self.revoked.remove(key) {
+                self.revoked_order.retain(|k| k != key);
+            }
+        }
+        self.seen_ids = seen;
+        if list != self.containers {
+            self.containers = list;
+            self.forget_derived();
+        }
+        self.containers_at = Some(Instant::now());
     }
 }
 
@@ -136,6 +194,22 @@ impl Directory {
         c.forget_derived();
     }
 
+    /// The daemon's own fresh listing (it lists containers on every Docker
+    /// event to re-plan): taken as if this directory had listed them, so
+    /// the ids of a container that stopped are revoked at once, before the
+    /// next request.
+    pub fn containers_listed(&self, list: Vec<ContainerFact>) {
+        self.lock().take_listing(list);
+    }
+
+    /// Namespace files appeared or went (a `netns` selector's directory
+    /// changed): callers found through them are identified again.
+    pub fn namespaces_changed(&self) {
+        let mut c = self.lock();
+        c.netns_files.clear();
+        c.callers.clear();
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Cache> {
         self.cache.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -160,17 +234,63 @@ impl Directory {
             &self.docker_socket,
             std::path::Path::new("/proc"),
         ) {
-            Ok(list) => {
-                let list = list.unwrap_or_default();
-                // An unchanged listing keeps what was derived from it.
-                if list != c.containers {
-                    c.containers = list;
-                    c.forget_derived();
-                }
+            // An unchanged listing keeps what was derived from it.
+            Ok(list) => c.take_listing(list.unwrap_or_default()),
+            Err(e) => {
+                warn!(error = %format!("{e:#}"), "proxy: cannot list containers");
+                c.containers_at = Some(Instant::now());
             }
-            Err(e) => warn!(error = %format!("{e:#}"), "proxy: cannot list containers"),
         }
-        c.containers_at = Some(Instant::now());
+    }
+
+    /// The files `config`'s `netns` path selectors name (entries of their
+    /// directories that match a glob) whose namespace the host calls `id`.
+    /// Found by namespace identity, so a namespace no Docker API lists (a
+    /// CNI plugin's, containerd's) is matched as the selector says.
+    fn selected_files_in(&self, c: &mut Cache, config: &Config, id: i32) -> Vec<String> {
+        let globs: Vec<&str> = config
+            .workloads
+            .iter()
+            .filter_map(|w| match &w.selector {
+                Selector::Netns(sels) => Some(sels),
+                _ => None,
+            })
+            .flatten()
+            .filter_map(|s| match s {
+                NetnsSelector::Path(g) => Some(g.as_str()),
+                NetnsSelector::EcsTasks => None,
+            })
+            .collect();
+        if globs.is_empty() {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        for path in crate::enforce::netns_paths(config) {
+            if !globs.iter().any(|g| netns_glob_matches(g, &path)) {
+                continue;
+            }
+            let Ok(meta) = std::fs::metadata(&path) else {
+                continue;
+            };
+            let ino = std::os::unix::fs::MetadataExt::ino(&meta);
+            let known = c
+                .netns_files
+                .get(&path)
+                .filter(|(i, _)| *i == ino)
+                .map(|(_, n)| *n);
+            let nsid = match known {
+                Some(n) => n,
+                None => {
+                    let n = netns_id_of(&path);
+                    c.netns_files.insert(path.clone(), (ino, n));
+                    n
+                }
+            };
+            if nsid == Some(id) {
+                out.push(path);
+            }
+        }
+        out
     }
 
     fn port(&self, c: &mut Cache, mark: u32) -> Result<Link, String> {
@@ -215,9 +335,15 @@ impl Directory {
     /// The namespace files (sorted) of the listed containers whose
     /// namespace holds the peer of host port `port`: one namespace, whose
     /// containers' files may differ.
-    fn netns_of_port(&self, c: &mut Cache, port: &Link) -> Vec<String> {
-        port.peer_netns
-            .map_or_else(Vec::new, |peer| self.paths_in_netns(c, peer))
+    fn netns_of_port(&self, c: &mut Cache, config: &Config, port: &Link) -> Vec<String> {
+        let Some(peer) = port.peer_netns else {
+            return Vec::new();
+        };
+        let mut paths = self.paths_in_netns(c, peer);
+        paths.extend(self.selected_files_in(c, config, peer));
+        paths.sort();
+        paths.dedup();
+        paths
     }
 
     /// The namespace files (sorted) of the listed containers whose
@@ -277,7 +403,7 @@ impl Directory {
         if c.containers_at.is_none() {
             self.refresh_containers(&mut c);
         }
-        let mut netns = self.netns_of_port(&mut c, &port);
+        let mut netns = self.netns_of_port(&mut c, config, &port);
         if netns.is_empty() {
             // Perhaps a container that has just started: list again
             // (bounded) before answering that nobody is behind the port.
@@ -290,7 +416,7 @@ impl Directory {
             // the container started) was none. Once per mark: the answer
             // is remembered below.
             c.netns_ids = None;
-            netns = self.netns_of_port(&mut c, &port);
+            netns = self.netns_of_port(&mut c, config, &port);
         }
         let group: Vec<&ContainerFact> = c
             .containers
@@ -504,25 +630,36 @@ impl metaguard_proxy::Directory for Directory {
         self.identify_with(config, origin, false)
     }
 
-    fn owner(&self, config: &Config, credentials_id: &str) -> Option<Owner> {
-        if let Some(i) = config
-            .workloads
-            .iter()
-            .position(|w| w.credentials_ids.iter().any(|id| id == credentials_id))
-        {
-            return Some(Owner {
-                workload: Some(i),
-                container: None,
-                uncertain: false,
-            });
+    fn owner(&self, config: &Config, kind: IdKind, id: &str) -> Ownership {
+        if kind == IdKind::Credentials {
+            if let Some(i) = config
+                .workloads
+                .iter()
+                .position(|w| w.credentials_ids.iter().any(|x| x == id))
+            {
+                return Ownership::Owned(Owner {
+                    workload: Some(i),
+                    container: None,
+                    uncertain: false,
+                });
+            }
         }
         let mut c = self.lock();
         self.refresh_containers(&mut c);
-        let owner = c
-            .containers
-            .iter()
-            .find(|k| ids(&[*k]).0.iter().any(|id| id == credentials_id))?
-            .clone();
+        let held = |k: &ContainerFact| {
+            let (creds, tmds) = ids(&[k]);
+            match kind {
+                IdKind::Credentials => creds.iter().any(|x| x == id),
+                IdKind::TaskMetadata => tmds.iter().any(|x| x == id),
+            }
+        };
+        let Some(owner) = c.containers.iter().find(|k| held(k)).cloned() else {
+            return if c.revoked.contains(&(kind, id.to_string())) {
+                Ownership::Revoked
+            } else {
+                Ownership::Unknown
+            };
+        };
         // The bridge the owner hangs off (the master of the host port whose
         // peer is in the owner's namespace), and everyone in that namespace.
         // Host links first: listing them gives the peers' namespaces ids.
@@ -531,8 +668,8 @@ impl metaguard_proxy::Directory for Directory {
         let host = match host_links() {
             Ok(h) => h,
             Err(e) => {
-                warn!(error = %e, "proxy: cannot list links to place a credentials owner");
-                return Some(Owner {
+                warn!(error = %e, "proxy: cannot list links to place an id's owner");
+                return Ownership::Owned(Owner {
                     workload: None,
                     container: Some(owner.id.clone()),
                     uncertain: true,
@@ -555,6 +692,11 @@ impl metaguard_proxy::Directory for Directory {
         }
         netns.sort();
         netns.dedup();
+        // The namespace as its callers are found: `netns` selectors by
+        // namespace identity too.
+        let selected = owner_ns
+            .map(|id| self.selected_files_in(&mut c, config, id))
+            .unwrap_or_default();
         let group: Vec<&ContainerFact> = c
             .containers
             .iter()
@@ -565,7 +707,10 @@ impl metaguard_proxy::Directory for Directory {
         } else {
             group
         };
-        Some(Owner {
+        netns.extend(selected);
+        netns.sort();
+        netns.dedup();
+        Ownership::Owned(Owner {
             workload: Self::workload_for(config, master.as_deref(), &group, &netns),
             container: Some(owner.id.clone()),
             uncertain: false,
@@ -648,6 +793,42 @@ mod tests {
     }
 
     const PEER: &str = "172.17.0.2:40000";
+
+    #[test]
+    fn a_stopped_containers_ids_are_revoked_and_a_restarted_one_gets_them_back() {
+        let d = Directory::new(PathBuf::from("/nonexistent/docker.sock"));
+        let mut tmds = container("c1", "c1-creds");
+        tmds.env
+            .push("ECS_CONTAINER_METADATA_URI_V4=http://169.254.170.2/v4/c1-tmds".into());
+        d.containers_listed(vec![tmds.clone(), container("c2", "c2-creds")]);
+        let cfg = config(
+            "[[workload]]\nname = \"b\"\nbridges = [\"docker0\"]\ntask_metadata = \"proxy\"\n",
+        );
+        let revoked = |kind, id: &str| {
+            let c = d.lock();
+            c.revoked.contains(&(kind, id.to_string()))
+        };
+        assert!(!revoked(IdKind::Credentials, "c1-creds"));
+        // c1 stops.
+        d.containers_listed(vec![container("c2", "c2-creds")]);
+        assert!(revoked(IdKind::Credentials, "c1-creds"));
+        assert!(revoked(IdKind::TaskMetadata, "c1-tmds"));
+        assert!(!revoked(IdKind::Credentials, "c2-creds"));
+        // Nobody is asked again within 200 ms of a listing: the answer is
+        // the revoked set's.
+        assert_eq!(
+            d.owner(&cfg, IdKind::Credentials, "c1-creds"),
+            Ownership::Revoked
+        );
+        assert_eq!(
+            d.owner(&cfg, IdKind::Credentials, "never-seen"),
+            Ownership::Unknown
+        );
+        // Restarted with the same environment: its ids are its own again.
+        d.containers_listed(vec![tmds, container("c2", "c2-creds")]);
+        assert!(!revoked(IdKind::Credentials, "c1-creds"));
+        assert!(!revoked(IdKind::TaskMetadata, "c1-tmds"));
+    }
 
     #[test]
     fn a_remembered_caller_follows_container_and_config_changes() {

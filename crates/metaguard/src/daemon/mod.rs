@@ -304,7 +304,8 @@ impl Daemon {
     /// before it ever answered, none — and then the tables of namespaces
     /// guarded earlier are kept ([`Stale::Keep`]).
     fn plan_now(&mut self, config: &Config) -> anyhow::Result<(Plan, Stale)> {
-        if !needs_docker(config) {
+        let proxied = self.proxy.is_some();
+        if !needs_docker(config) && !proxied {
             return Ok((
                 self.engine.plan_present(config, Containers::Unknown)?,
                 Stale::Remove,
@@ -312,12 +313,25 @@ impl Daemon {
         }
         if self.docker_up.load(Ordering::Relaxed) {
             match self.engine.containers() {
-                Ok(Some(cs)) => self.containers = Some(cs),
+                Ok(Some(cs)) => {
+                    // The proxy takes the same listing: a stopped
+                    // container's ids are revoked before the next request.
+                    if let Some(p) = &self.proxy {
+                        p.directory.containers_listed(cs.clone());
+                    }
+                    self.containers = Some(cs);
+                }
                 Ok(None) => {}
                 Err(e) => {
                     warn!(error = %format!("{e:#}"), "the Docker API did not answer; planning with the containers it listed last")
                 }
             }
+        }
+        if !needs_docker(config) {
+            return Ok((
+                self.engine.plan_present(config, Containers::Unknown)?,
+                Stale::Remove,
+            ));
         }
         match &self.containers {
             Some(cs) => {
@@ -575,7 +589,12 @@ impl Daemon {
                     self.check(&key, None);
                 }
             }
-            Event::NetnsDir => self.replan("namespace appeared or left"),
+            Event::NetnsDir => {
+                if let Some(p) = &self.proxy {
+                    p.directory.namespaces_changed();
+                }
+                self.replan("namespace appeared or left")
+            }
             Event::DockerUp => {
                 info!(socket = %self.opts.docker_socket.display(), "the Docker API answers; following containers");
                 self.handle(Event::Docker);

@@ -16,6 +16,7 @@ mod discovery;
 mod enforce;
 mod foundation;
 mod proxy;
+mod proxy_identity;
 mod proxy_reload;
 
 type TestFn = fn() -> Result<(), Failed>;
@@ -37,6 +38,7 @@ fn main() {
         .chain(bpf::TESTS)
         .chain(bpf_lifecycle::TESTS)
         .chain(proxy::TESTS)
+        .chain(proxy_identity::TESTS)
         .chain(proxy_reload::TESTS)
     {
         let f: TestFn = *f;
