@@ -17,6 +17,7 @@ mod enforce;
 mod foundation;
 mod proxy;
 mod proxy_endpoints;
+mod proxy_policy;
 mod proxy_reload;
 
 type TestFn = fn() -> Result<(), Failed>;
@@ -40,6 +41,7 @@ fn main() {
         .chain(proxy::TESTS)
         .chain(proxy_reload::TESTS)
         .chain(proxy_endpoints::TESTS)
+        .chain(proxy_policy::TESTS)
     {
         let f: TestFn = *f;
         let trial = Trial::test(*name, move || {
