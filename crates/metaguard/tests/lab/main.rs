@@ -17,6 +17,7 @@ mod enforce;
 mod foundation;
 mod proxy;
 mod proxy_endpoints;
+mod proxy_metrics;
 mod proxy_policy;
 mod proxy_reload;
 
@@ -42,6 +43,7 @@ fn main() {
         .chain(proxy_reload::TESTS)
         .chain(proxy_endpoints::TESTS)
         .chain(proxy_policy::TESTS)
+        .chain(proxy_metrics::TESTS)
     {
         let f: TestFn = *f;
         let trial = Trial::test(*name, move || {

@@ -213,3 +213,70 @@ pub fn sdk_json(
         .into()
     })
 }
+
+/// promtool from Debian's prometheus package, extracted by scripts/test
+/// (`ensure_promtool`) into the workspace's .tools/.
+fn promtool() -> Option<PathBuf> {
+    let local =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.tools/promtool/usr/bin/promtool");
+    [local, PathBuf::from("/usr/bin/promtool")]
+        .into_iter()
+        .find(|p| p.is_file())
+}
+
+/// `promtool check metrics` on a scrape: an error when it complains, or
+/// when it is missing under METAGUARD_REQUIRE_ROOT=1 (skipped with a note
+/// otherwise).
+pub fn promtool_check(body: &str) -> Result<(), Failed> {
+    let Some(tool) = promtool() else {
+        if std::env::var("METAGUARD_REQUIRE_ROOT").is_ok_and(|v| v == "1") {
+            return Err("promtool not found (scripts/test extracts it into .tools/)".into());
+        }
+        eprintln!(
+            "skipped promtool check: promtool not found (scripts/test extracts it into .tools/)"
+        );
+        return Ok(());
+    };
+    let mut child = std::process::Command::new(tool)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    use std::io::Write as _;
+    child
+        .stdin
+        .take()
+        .ok_or("promtool's stdin")?
+        .write_all(body.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        return Err(format!(
+            "promtool check metrics: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+        .into());
+    }
+    Ok(())
+}
+
+/// `curl` as workload `w`, one request per URL back to back (one
+/// connection per host, kept alive), 3 s at most: each answer's status
+/// code, 0 where none came.
+pub fn curl_codes(
+    lab: &Lab,
+    w: metaguard_lab::Workload,
+    urls: &[String],
+) -> Result<Vec<u16>, Failed> {
+    let out = lab
+        .command_in(w, "curl")?
+        .args(["-s", "-m", "3", "-w", "\ncode=%{http_code}\n"])
+        .args(urls)
+        .output()?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.strip_prefix("code="))
+        .map(|c| c.parse().unwrap_or(0))
+        .collect())
+}
