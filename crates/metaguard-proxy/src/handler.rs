@@ -345,6 +345,7 @@ impl Proxy {
         self.forward(
             s,
             Kind::Imds,
+            wname,
             req,
             c.target(),
             &IMDS_REQUEST_HEADERS,
@@ -478,6 +479,7 @@ impl Proxy {
         self.forward(
             s,
             Kind::Relay,
+            wname,
             req,
             c.target(),
             &RELAY_REQUEST_HEADERS,
@@ -493,6 +495,7 @@ impl Proxy {
         &self,
         s: &Settings,
         kind: Kind,
+        wname: &str,
         req: Request<Incoming>,
         target: String,
         headers: &[HeaderName],
@@ -518,7 +521,7 @@ impl Proxy {
                 StatusCode::BAD_REQUEST,
                 "invalid",
                 "cannot build the upstream request",
-                "",
+                wname,
                 path,
             );
         };
@@ -528,7 +531,9 @@ impl Proxy {
         let elapsed = started.elapsed();
         let (parts, mut bytes) = match result {
             Ok(x) => x,
-            Err(e) => return self.upstream_failed(kind, format!("upstream error: {e}"), path),
+            Err(e) => {
+                return self.upstream_failed(kind, wname, format!("upstream error: {e}"), path)
+            }
         };
         self.metrics
             .upstream_seconds
@@ -548,7 +553,7 @@ impl Proxy {
                             StatusCode::BAD_GATEWAY,
                             "error",
                             "tmds answer is not JSON; not served in redact mode",
-                            "",
+                            wname,
                             path,
                         )
                     }
@@ -567,12 +572,12 @@ impl Proxy {
         }
     }
 
-    fn upstream_failed(&self, kind: Kind, why: String, path: String) -> Outcome {
+    fn upstream_failed(&self, kind: Kind, wname: &str, why: String, path: String) -> Outcome {
         self.metrics
             .upstream_errors
             .with_label_values(&[kind.as_str()])
             .inc();
-        let mut o = refuse(StatusCode::BAD_GATEWAY, "error", why, "", path);
+        let mut o = refuse(StatusCode::BAD_GATEWAY, "error", why, wname, path);
         o.decision = "error";
         o
     }

@@ -15,7 +15,7 @@ use metaguard_lab::{Lab, Workload};
 
 use crate::daemon::{Daemon, Signal};
 use crate::ensure;
-use crate::proxy::audit_lines;
+use crate::proxy::{audit_lines, json_body};
 use crate::support::{curl_codes, lab, promtool_check};
 
 pub const TESTS: &[(&str, bool, crate::TestFn)] = &[(
@@ -233,8 +233,12 @@ fn every_proxy_metric_counts_the_traffic_clients_saw_and_passes_promtool() -> Re
     std::fs::write(&path, config(&lab, &audit, "127.0.0.1:9"))?;
     daemon.signal(Signal::HUP)?;
     daemon.wait_log("reloaded: new config applied", Duration::from_secs(5))?;
-    let failed = curl_codes(&lab, one, &[creds(one)])?;
-    ensure!(failed == [502], "relay with the agent gone: {failed:?}");
+    // The 502 names the caller's workload, like every refusal.
+    let failed = lab.probe(one, &lab.http_get(&creds(one)))?;
+    ensure!(
+        failed.status == Some(502) && json_body(&failed)["workload"] == "one",
+        "relay with the agent gone: {failed:?}"
+    );
     *seen
         .entry(("one".into(), "task_metadata".into(), 502))
         .or_default() += 1;
