@@ -1,6 +1,5 @@
 //! Canonical request paths and the per-workload path policy of the metadata
-//! proxy (groundwork for the `proxy` action; the proxy server itself is not
-//! built yet).
+//! proxy (`imds = "proxy"`, `[workload.imds_policy]`).
 //!
 //! Every decision is made on the **canonical** form of the request target,
 //! and the proxy forwards exactly that canonical form upstream — so what was
@@ -19,6 +18,14 @@
 //! Policy: `deny` globs win over `allow` globs; anything matching neither
 //! is denied (IMDS grows new categories; unknown must not mean allowed).
 //! Globs match whole segments: `*` is one segment, `**` any number.
+//!
+//! The categories that hand out credentials or secrets — `meta-data/iam`,
+//! `meta-data/identity-credentials` and `user-data`, under any version —
+//! are served only through an allow glob that *names* them (writes their
+//! segments literally: `/latest/meta-data/iam/**`), never through a
+//! wildcard (`/latest/meta-data/**`, `/*/**`), in any policy: a custom
+//! policy that does not mention `iam` cannot let the instance role's
+//! credentials through by accident, and one that wants them must say so.
 
 use std::fmt;
 
@@ -258,6 +265,33 @@ impl PathGlob {
     }
 }
 
+/// The sensitive categories, as the segments after the version segment
+/// (`latest`, `2021-03-23`, …).
+const SENSITIVE: [&[&str]; 3] = [
+    &["meta-data", "iam"],
+    &["meta-data", "identity-credentials"],
+    &["user-data"],
+];
+
+/// The sensitive category `c` lies in (or is), if any.
+fn sensitive(c: &Canonical) -> Option<&'static [&'static str]> {
+    SENSITIVE
+        .into_iter()
+        .find(|cat| c.segments.get(1..=cat.len()).is_some_and(|s| s == *cat))
+}
+
+impl PathGlob {
+    /// Whether this glob writes category `cat` out: a version segment
+    /// (literal or `*`, not `**`) followed by the category's own segments.
+    fn names(&self, cat: &[&str]) -> bool {
+        self.segments.first().is_some_and(|v| v != "**")
+            && self
+                .segments
+                .get(1..=cat.len())
+                .is_some_and(|s| s.iter().zip(cat).all(|(g, c)| g == c))
+    }
+}
+
 /// What the proxy does with a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
@@ -301,11 +335,25 @@ impl PathPolicy {
         }
     }
 
-    /// Deny globs win; then allow globs; anything else is denied.
+    /// Deny globs win; then allow globs (for a sensitive category only
+    /// one that names it); anything else is denied.
     pub fn decide(&self, c: &Canonical) -> Decision {
         if let Some(g) = self.deny.iter().find(|g| g.matches(c)) {
             return Decision::Deny {
                 rule: format!("deny {}", g.as_str()),
+            };
+        }
+        if let Some(cat) = sensitive(c) {
+            return match self.allow.iter().find(|g| g.matches(c) && g.names(cat)) {
+                Some(g) => Decision::Allow {
+                    rule: format!("allow {}", g.as_str()),
+                },
+                None => Decision::Deny {
+                    rule: format!(
+                        "sensitive /*/{}/**: served only through an allow glob that names it",
+                        cat.join("/")
+                    ),
+                },
             };
         }
         if let Some(g) = self.allow.iter().find(|g| g.matches(c)) {

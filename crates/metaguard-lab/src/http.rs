@@ -14,6 +14,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::{AsFd as _, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -28,6 +29,30 @@ use tokio::task::JoinSet;
 
 /// The body type of every emulator response.
 pub type Body = Full<Bytes>;
+
+/// The socket a request arrived on, found in the request's extensions
+/// (every request [`serve`] hands a handler carries one): a handler may set
+/// options on it before its answer goes out — the IMDS emulator's hop limit
+/// on `PUT` answers.
+#[derive(Clone, Debug)]
+pub struct ConnSocket {
+    fd: Arc<OwnedFd>,
+    local: SocketAddr,
+}
+
+impl ConnSocket {
+    /// The IP TTL (IPv4) or unicast hop limit (IPv6) of every packet this
+    /// connection sends from now on, as `HttpPutResponseHopLimit` sets it
+    /// on IMDS's answers: each router on the way takes one off, and a
+    /// packet that reaches 0 is dropped there.
+    pub fn set_hop_limit(&self, hops: u8) -> io::Result<()> {
+        match self.local {
+            SocketAddr::V4(_) => rustix::net::sockopt::set_ip_ttl(&*self.fd, u32::from(hops)),
+            SocketAddr::V6(_) => rustix::net::sockopt::set_ipv6_unicast_hops(&*self.fd, Some(hops)),
+        }
+        .map_err(io::Error::from)
+    }
+}
 
 /// Answers one request. Implemented for every
 /// `Fn(peer, local, request) -> impl Future<Output = Response<Body>>`
@@ -86,9 +111,19 @@ pub async fn serve<S: Handler>(listener: TcpListener, handler: S) -> io::Result<
             continue;
         };
         let _ = stream.set_nodelay(true);
+        // A second descriptor of the connection's socket, for handlers
+        // that set options on it (the stream itself goes to hyper).
+        let Ok(fd) = stream.as_fd().try_clone_to_owned() else {
+            continue;
+        };
+        let socket = ConnSocket {
+            fd: Arc::new(fd),
+            local,
+        };
         let handler = Arc::clone(&handler);
         connections.spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
+            let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+                req.extensions_mut().insert(socket.clone());
                 let handler = Arc::clone(&handler);
                 async move { Ok::<_, Infallible>(handler.handle(peer, local, req).await) }
             });

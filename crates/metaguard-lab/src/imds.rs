@@ -41,15 +41,27 @@
 //!   guide's examples; botocore's `InstanceMetadataFetcher` is the client
 //!   the integration tests drive against it.
 //!
+//! - `HttpPutResponseHopLimit` (EC2 User Guide, "Instance metadata access
+//!   considerations", and `ModifyInstanceMetadataOptions`): "the desired
+//!   HTTP PUT response hop limit" — IMDS sends its answers to `PUT`s with
+//!   that IP TTL / IPv6 hop limit (1 by default on many AMIs; 2 on Amazon
+//!   Linux 2023), so from a bridge-mode container, one router hop behind
+//!   the host, a limit of 1 lets the token request through and drops the
+//!   token on the way back (F9). The emulator sets the same limit on the
+//!   connection's socket before it answers a `PUT`
+//!   ([`ImdsSettings::put_response_hop_limit`], switchable with
+//!   [`ImdsEmulator::set_put_response_hop_limit`]); `GET` answers keep the
+//!   namespace's default (64), as IMDSv1 from containers keeps working on
+//!   such instances.
+//!
 //! Deliberate differences: the redirect's `Location` is relative (the real
 //! one names `http://169.254.169.254`, which a test client following it
-//! must never be sent to); there is no user data, no throttling and no hop
-//! limit (a packet-level property the lab's topology provides).
+//! must never be sent to); there is no user data and no throttling.
 
 use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -133,7 +145,17 @@ pub struct ImdsSettings {
     pub account_id: String,
     /// The instance profile's role name, or none for an instance without one.
     pub role: Option<String>,
+    /// `HttpPutResponseHopLimit` (1–64): the IP TTL / IPv6 hop limit of the
+    /// answers to `PUT`s, i.e. how many hops an IMDSv2 token survives. The
+    /// default is 2 (Amazon Linux 2023's, with which bridge containers one
+    /// hop behind the host get tokens, as the lab's tests without a proxy
+    /// expect); 1 reproduces F9.
+    pub put_response_hop_limit: u8,
 }
+
+/// `HttpPutResponseHopLimit` on Amazon Linux 2023 (IMDSv2 usable from
+/// bridge containers); many older AMIs have 1.
+pub const DEFAULT_PUT_RESPONSE_HOP_LIMIT: u8 = 2;
 
 impl Default for ImdsSettings {
     fn default() -> Self {
@@ -148,6 +170,7 @@ impl Default for ImdsSettings {
             mac: "0e:49:61:0f:c3:11".to_string(),
             account_id: "111122223333".to_string(),
             role: Some("lab-instance-role".to_string()),
+            put_response_hop_limit: DEFAULT_PUT_RESPONSE_HOP_LIMIT,
         }
     }
 }
@@ -162,6 +185,8 @@ pub struct ImdsEmulator {
 struct Inner {
     settings: ImdsSettings,
     required: AtomicBool,
+    /// The hop limit of `PUT` answers now.
+    put_hop_limit: AtomicU8,
     /// token → the instant it expires.
     tokens: Mutex<HashMap<String, Instant>>,
     token_counter: AtomicU64,
@@ -230,6 +255,7 @@ impl ImdsEmulator {
         ImdsEmulator {
             inner: Arc::new(Inner {
                 required: AtomicBool::new(settings.tokens == TokenMode::Required),
+                put_hop_limit: AtomicU8::new(settings.put_response_hop_limit),
                 settings,
                 tokens: Mutex::new(HashMap::new()),
                 token_counter: AtomicU64::new(0),
@@ -267,6 +293,17 @@ impl ImdsEmulator {
         }
     }
 
+    /// Changes `HttpPutResponseHopLimit` (as `ModifyInstanceMetadataOptions`
+    /// does), effective for the next `PUT`.
+    pub fn set_put_response_hop_limit(&self, hops: u8) {
+        self.inner.put_hop_limit.store(hops, Ordering::SeqCst);
+    }
+
+    /// The hop limit of `PUT` answers now.
+    pub fn put_response_hop_limit(&self) -> u8 {
+        self.inner.put_hop_limit.load(Ordering::SeqCst)
+    }
+
     /// The JSON document `/latest/meta-data/iam/security-credentials/<role>`
     /// serves, or none when the instance has no role.
     pub fn role_credentials(&self) -> Option<Value> {
@@ -286,6 +323,24 @@ impl ImdsEmulator {
     }
 
     fn respond<B>(&self, req: &Request<B>) -> Response<Body> {
+        let resp = self.answer(req);
+        if req.method() == Method::PUT {
+            // Every answer to a PUT leaves with the instance's hop limit
+            // (requests that came without a socket — unit tests — have
+            // none to set).
+            if let Some(socket) = req.extensions().get::<http::ConnSocket>() {
+                if socket.set_hop_limit(self.put_response_hop_limit()).is_err() {
+                    return finish(html_error(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "500 - Internal Server Error",
+                    ));
+                }
+            }
+        }
+        resp
+    }
+
+    fn answer<B>(&self, req: &Request<B>) -> Response<Body> {
         let path = req.uri().path();
         let method = req.method();
         if path == TOKEN_PATH {

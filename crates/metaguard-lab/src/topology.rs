@@ -48,6 +48,11 @@ pub mod addr {
     pub const IMDS_V4: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
     pub const IMDS_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254);
     pub const TASK_METADATA_V4: Ipv4Addr = Ipv4Addr::new(169, 254, 170, 2);
+    /// EKS Pod Identity's credentials endpoint (IPv4 and IPv6): in the
+    /// default `[endpoints] task_metadata`, served by nothing in the lab
+    /// until metaguard's relay listens there.
+    pub const POD_IDENTITY_V4: Ipv4Addr = Ipv4Addr::new(169, 254, 170, 23);
+    pub const POD_IDENTITY_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x23);
     pub const AGENT_PORT: u16 = 51679;
     pub const VPC_GW_V4: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
     pub const VPC_GW_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0, 0, 0, 0, 0, 1);

@@ -478,6 +478,8 @@ async fn imds_values_come_from_settings() {
         account_id: "444455556666".into(),
         role: Some("web".into()),
         tokens: TokenMode::Optional,
+        // One hop is enough on loopback.
+        put_response_hop_limit: 1,
     };
     let (_imds, addr) = start_imds(settings.clone()).await;
     for (path, want) in [

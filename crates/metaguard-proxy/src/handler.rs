@@ -345,6 +345,7 @@ impl Proxy {
         self.forward(
             s,
             Kind::Imds,
+            wname,
             req,
             c.target(),
             &IMDS_REQUEST_HEADERS,
@@ -468,6 +469,7 @@ impl Proxy {
         self.forward(
             s,
             Kind::Relay,
+            wname,
             req,
             c.target(),
             &RELAY_REQUEST_HEADERS,
@@ -515,6 +517,7 @@ impl Proxy {
         &self,
         s: &Settings,
         kind: Kind,
+        wname: &str,
         req: Request<Incoming>,
         target: String,
         headers: &[HeaderName],
@@ -540,7 +543,7 @@ impl Proxy {
                 StatusCode::BAD_REQUEST,
                 "invalid",
                 "cannot build the upstream request",
-                "",
+                wname,
                 path,
             );
         };
@@ -550,7 +553,9 @@ impl Proxy {
         let elapsed = started.elapsed();
         let (parts, mut bytes) = match result {
             Ok(x) => x,
-            Err(e) => return self.upstream_failed(kind, format!("upstream error: {e}"), path),
+            Err(e) => {
+                return self.upstream_failed(kind, wname, format!("upstream error: {e}"), path)
+            }
         };
         self.metrics
             .upstream_seconds
@@ -570,7 +575,7 @@ impl Proxy {
                             StatusCode::BAD_GATEWAY,
                             "error",
                             "tmds answer is not JSON; not served in redact mode",
-                            "",
+                            wname,
                             path,
                         )
                     }
@@ -589,12 +594,12 @@ impl Proxy {
         }
     }
 
-    fn upstream_failed(&self, kind: Kind, why: String, path: String) -> Outcome {
+    fn upstream_failed(&self, kind: Kind, wname: &str, why: String, path: String) -> Outcome {
         self.metrics
             .upstream_errors
             .with_label_values(&[kind.as_str()])
             .inc();
-        let mut o = refuse(StatusCode::BAD_GATEWAY, "error", why, "", path);
+        let mut o = refuse(StatusCode::BAD_GATEWAY, "error", why, wname, path);
         o.decision = "error";
         o
     }

@@ -158,6 +158,13 @@ const BAD: &[(&str, &str, usize, usize, &str)] = &[
     ("netns escape", "[[workload]]\nname = \"a\"\nnetns = [\"../x\"]\n", 3, 10, "not a usable namespace"),
     ("bad label", "[[workload]]\nname = \"a\"\ncontainers = [\"label:=x\"]\n", 3, 15, "not a label selector"),
     ("bad container", "[[workload]]\nname = \"a\"\ncontainers = [\"a b\"]\n", 3, 15, "not a container name"),
+    ("glob inside a segment", "[[workload]]\nname = \"a\"\nbridges = [\"x\"]\nimds = \"proxy\"\n\n[workload.imds_policy]\nallow = [\"/latest/meta-data/inst*\"]\n", 7, 10, "is not a path glob"),
+    ("relative glob", "[[workload]]\nname = \"a\"\nbridges = [\"x\"]\nimds = \"proxy\"\n\n[workload.imds_policy]\nallow = [\"/latest/meta-data/\"]\ndeny = [\"latest/user-data\"]\n", 8, 9, "is not a path glob"),
+    ("dot-dot glob", "[[workload]]\nname = \"a\"\nbridges = [\"x\"]\nimds = \"proxy\"\nimds_policy = { allow = [\"/latest/../iam/**\"] }\n", 5, 26, "is not a path glob"),
+    ("query in a glob", "[[workload]]\nname = \"a\"\nbridges = [\"x\"]\nimds = \"proxy\"\n\n[workload.imds_policy]\nallow = [\"/latest/api/token?x=1\"]\n", 7, 10, "is not a path glob"),
+    ("imds_policy without proxy", "[[workload]]\nname = \"a\"\nbridges = [\"x\"]\nimds = \"deny\"\n\n[workload.imds_policy]\nallow = [\"/latest/meta-data/instance-id\"]\n", 6, 1, "imds_policy is only used with imds = \"proxy\""),
+    ("unknown imds_policy key", "[[workload]]\nname = \"a\"\nbridges = [\"x\"]\nimds = \"proxy\"\n\n[workload.imds_policy]\nalow = [\"/latest/meta-data/instance-id\"]\n", 7, 1, "unknown field `alow`"),
+    ("imds_policy not a list", "[[workload]]\nname = \"a\"\nbridges = [\"x\"]\nimds = \"proxy\"\n\n[workload.imds_policy]\nallow = \"/latest/meta-data/instance-id\"\n", 7, 9, "invalid type"),
     ("bad credentials id", "[[workload]]\nname = \"a\"\nbridges = [\"x\"]\ncredentials_ids = [\"../x\"]\n", 4, 20, "not a valid id"),
 ];
 
@@ -210,4 +217,76 @@ proptest::proptest! {
             let _ = Config::parse(&text, "p.toml");
         }
     }
+}
+
+#[test]
+fn imds_policy_replaces_the_catalogue_for_its_workload_only() {
+    let text = r#"
+[[workload]]
+name = "named-role"
+netns = ["/run/netns/a"]
+imds = "proxy"
+
+[workload.imds_policy]
+allow = ["/latest/meta-data/instance-id", "/latest/meta-data/iam/**"]
+deny  = ["/latest/meta-data/iam/info"]
+
+[[workload]]
+name = "broad"
+bridges = ["docker0"]
+imds = "proxy"
+imds_policy = { allow = ["/latest/meta-data/**", "/latest/api/token"] }
+
+[[workload]]
+name = "default"
+bridges = ["br-*"]
+imds = "proxy"
+"#;
+    let c = Config::parse(text, "p.toml").expect("valid");
+    let globs = |p: &PathPolicy| {
+        (
+            p.allow
+                .iter()
+                .map(|g| g.as_str().to_string())
+                .collect::<Vec<_>>(),
+            p.deny
+                .iter()
+                .map(|g| g.as_str().to_string())
+                .collect::<Vec<_>>(),
+        )
+    };
+    assert_eq!(
+        globs(&c.workloads[0].imds_policy),
+        (
+            vec![
+                "/latest/meta-data/instance-id".to_string(),
+                "/latest/meta-data/iam/**".to_string()
+            ],
+            vec!["/latest/meta-data/iam/info".to_string()]
+        )
+    );
+    assert_eq!(c.workloads[2].imds_policy, PathPolicy::default_imds());
+    // One path, three answers.
+    let decide = |i: usize, t: &str| {
+        let canon = crate::proxy_path::canonical(t, &[]).expect("canonical");
+        matches!(
+            c.workloads[i].imds_policy.decide(&canon),
+            crate::proxy_path::Decision::Allow { .. }
+        )
+    };
+    let role = "/latest/meta-data/iam/security-credentials/role";
+    assert_eq!(
+        [decide(0, role), decide(1, role), decide(2, role)],
+        [true, false, false]
+    );
+    let host = "/latest/meta-data/hostname";
+    assert_eq!(
+        [decide(0, host), decide(1, host), decide(2, host)],
+        [false, true, false]
+    );
+    let id = "/latest/meta-data/instance-id";
+    assert_eq!(
+        [decide(0, id), decide(1, id), decide(2, id)],
+        [true, true, true]
+    );
 }

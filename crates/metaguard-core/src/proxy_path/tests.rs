@@ -196,3 +196,140 @@ proptest! {
         }
     }
 }
+
+fn policy(allow: &[&str], deny: &[&str]) -> PathPolicy {
+    PathPolicy {
+        allow: allow.iter().map(|g| PathGlob::new(g)).collect(),
+        deny: deny.iter().map(|g| PathGlob::new(g)).collect(),
+    }
+}
+
+fn decide(p: &PathPolicy, target: &str) -> Decision {
+    p.decide(&canonical(target, &[]).expect("canonical"))
+}
+
+const SENSITIVE_PATHS: [&str; 8] = [
+    "/latest/meta-data/iam/security-credentials/",
+    "/latest/meta-data/iam/security-credentials/lab-instance-role",
+    "/latest/meta-data/iam/info",
+    "/latest/meta-data/iam",
+    "/2021-03-23/meta-data/iam/security-credentials/lab-instance-role",
+    "/latest/meta-data/identity-credentials/ec2/security-credentials/ec2-instance",
+    "/latest/user-data",
+    "/1.0/user-data/",
+];
+
+#[test]
+fn wildcards_never_reach_the_sensitive_categories() {
+    // Policies that omit iam/**: broad allows cover everything else.
+    for allow in [
+        &["/latest/meta-data/**"][..],
+        &["/**"],
+        &["/*/**"],
+        &["/*/*/**", "/latest/**"],
+        &["/latest/*/*/**", "/latest/*", "/latest/*/*"],
+    ] {
+        let p = policy(allow, &[]);
+        for t in SENSITIVE_PATHS {
+            match decide(&p, t) {
+                Decision::Deny { rule } => {
+                    assert!(rule.starts_with("sensitive /*/"), "{t}: {rule}")
+                }
+                d => panic!("{allow:?} let {t} through: {d:?}"),
+            }
+        }
+    }
+    // …while the same globs serve what is not sensitive.
+    let p = policy(&["/latest/meta-data/**"], &[]);
+    for t in [
+        "/latest/meta-data/hostname",
+        "/latest/meta-data/",
+        "/latest/meta-data/public-keys/",
+    ] {
+        assert!(matches!(decide(&p, t), Decision::Allow { .. }), "{t}");
+    }
+}
+
+#[test]
+fn a_sensitive_category_is_served_when_an_allow_glob_names_it() {
+    let p = policy(
+        &[
+            "/latest/meta-data/iam/**",
+            "/*/user-data",
+            "/latest/meta-data/instance-id",
+        ],
+        &["/latest/meta-data/iam/info"],
+    );
+    for t in [
+        "/latest/meta-data/iam/security-credentials/",
+        "/latest/meta-data/iam/security-credentials/lab-instance-role",
+        "/latest/user-data",
+        "/2021-03-23/user-data",
+    ] {
+        assert!(matches!(decide(&p, t), Decision::Allow { .. }), "{t}");
+    }
+    // Naming one category opens no other, nor other versions than named;
+    // deny still wins.
+    for (t, rule) in [
+        (
+            "/latest/meta-data/iam/info",
+            "deny /latest/meta-data/iam/info",
+        ),
+        (
+            "/2021-03-23/meta-data/iam/security-credentials/",
+            "sensitive /*/meta-data/iam/**",
+        ),
+        (
+            "/latest/meta-data/identity-credentials/ec2/info",
+            "sensitive /*/meta-data/identity-credentials/**",
+        ),
+        ("/latest/meta-data/instance-type", "default deny"),
+    ] {
+        match decide(&p, t) {
+            Decision::Deny { rule: r } => assert!(r.starts_with(rule), "{t}: {r}"),
+            d => panic!("{t}: {d:?}"),
+        }
+    }
+}
+
+#[test]
+fn the_default_policy_denies_sensitive_paths_under_every_version() {
+    for t in SENSITIVE_PATHS {
+        assert!(denied_or_refused(t), "{t}");
+    }
+}
+
+fn glob_without_sensitive_names() -> impl Strategy<Value = String> {
+    let seg = prop::sample::select(vec![
+        "*",
+        "**",
+        "latest",
+        "meta-data",
+        "1.0",
+        "placement",
+        "security-credentials",
+    ]);
+    (prop::collection::vec(seg, 1..6), any::<bool>()).prop_map(|(segs, dir)| {
+        let mut g = format!("/{}", segs.join("/"));
+        if dir {
+            g.push('/');
+        }
+        g
+    })
+}
+
+proptest! {
+    /// However broad, allow globs that do not write a sensitive category
+    /// out never serve one.
+    #[test]
+    fn no_policy_without_the_name_serves_a_sensitive_path(
+        allow in prop::collection::vec(glob_without_sensitive_names(), 1..5)
+    ) {
+        let globs: Vec<&str> = allow.iter().map(String::as_str).collect();
+        let p = policy(&globs, &[]);
+        for t in SENSITIVE_PATHS {
+            let allowed = matches!(decide(&p, t), Decision::Allow { .. });
+            prop_assert!(!allowed, "{:?} serves {}", allow, t);
+        }
+    }
+}

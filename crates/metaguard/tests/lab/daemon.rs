@@ -3,8 +3,7 @@
 //! packet, survives SIGKILL fail-closed, reloads on SIGHUP all or nothing,
 //! and serves metrics that pass promtool and no container can reach.
 
-use std::path::PathBuf;
-use std::process::{Child, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use libtest_mimic::Failed;
@@ -407,16 +406,6 @@ fn sighup_refuses_a_bad_config_and_applies_a_good_one() -> Result<(), Failed> {
     Ok(())
 }
 
-/// promtool from Debian's prometheus package, extracted by scripts/test
-/// (`ensure_promtool`) into the workspace's .tools/.
-fn promtool() -> Option<PathBuf> {
-    let local =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.tools/promtool/usr/bin/promtool");
-    [local, PathBuf::from("/usr/bin/promtool")]
-        .into_iter()
-        .find(|p| p.is_file())
-}
-
 fn metrics_pass_promtool_and_no_container_reaches_them() -> Result<(), Failed> {
     let lab = lab()?;
     let policy = lab
@@ -445,35 +434,7 @@ fn metrics_pass_promtool_and_no_container_reaches_them() -> Result<(), Failed> {
         &lab.http_get("http://127.0.0.1:9469/healthz"),
     )?;
     ensure!(health.ok(), "healthz: {health:?}");
-    match promtool() {
-        Some(tool) => {
-            let mut child = std::process::Command::new(tool)
-                .args(["check", "metrics"])
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()?;
-            use std::io::Write as _;
-            child
-                .stdin
-                .take()
-                .ok_or("stdin")?
-                .write_all(body.as_bytes())?;
-            let out = child.wait_with_output()?;
-            ensure!(
-                out.status.success(),
-                "promtool check metrics: {}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        None if std::env::var("METAGUARD_REQUIRE_ROOT").is_ok_and(|v| v == "1") => {
-            return Err("promtool not found (scripts/test extracts it into .tools/)".into())
-        }
-        None => eprintln!(
-            "skipped promtool check: promtool not found (scripts/test extracts it into .tools/)"
-        ),
-    }
+    crate::support::promtool_check(&body)?;
     // From a container: the host's bridge address (nothing listens there)…
     let r = lab.probe(
         Workload::BridgeC1,

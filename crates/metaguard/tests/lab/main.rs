@@ -16,7 +16,10 @@ mod discovery;
 mod enforce;
 mod foundation;
 mod proxy;
+mod proxy_endpoints;
 mod proxy_identity;
+mod proxy_metrics;
+mod proxy_policy;
 mod proxy_reload;
 
 type TestFn = fn() -> Result<(), Failed>;
@@ -40,6 +43,9 @@ fn main() {
         .chain(proxy::TESTS)
         .chain(proxy_identity::TESTS)
         .chain(proxy_reload::TESTS)
+        .chain(proxy_endpoints::TESTS)
+        .chain(proxy_policy::TESTS)
+        .chain(proxy_metrics::TESTS)
     {
         let f: TestFn = *f;
         let trial = Trial::test(*name, move || {

@@ -585,20 +585,15 @@ fn client_json(
     args: &[&str],
     what: &str,
 ) -> Result<Value, Failed> {
-    let mut cmd = lab.command_in(w, program)?;
-    cmd.args(args).env_clear().env(
-        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
-        format!("/v2/credentials/{}", w.credentials_id()),
-    );
-    let out = cmd.output()?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(stdout.lines().last().unwrap_or("")).map_err(|e| {
-        format!(
-            "{what}: {e}: {stdout} {}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-        .into()
-    })
+    let uri = format!("/v2/credentials/{}", w.credentials_id());
+    crate::support::sdk_json(
+        lab,
+        w,
+        program,
+        args,
+        &[("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", &uri)],
+        what,
+    )
 }
 
 fn real_sdk_clients_through_the_proxy() -> Result<(), Failed> {
@@ -628,11 +623,7 @@ except Exception as e:
 print(json.dumps({"token": bool(token), "instance_id": iid, "access_key": key}))
 "#;
     let run = |lab: &Lab, w: Workload| client_json(lab, w, &python, &["-c", botocore], "botocore");
-    let probe = crate::support::exe()
-        .parent()
-        .map(|d| d.join("mg-aws-probe"))
-        .filter(|p| p.is_file())
-        .ok_or("mg-aws-probe is not built (cargo build --workspace)")?;
+    let probe = crate::support::aws_probe()?;
     let rust =
         |lab: &Lab, w: Workload, args: &[&str]| client_json(lab, w, &probe, args, "mg-aws-probe");
     // Without metaguard, on this hardened host with a hop limit of 1 the

@@ -238,14 +238,10 @@ fn imdsv2_instance_id(lab: &Lab) -> Result<Option<(String, String)>, Failed> {
 /// `n` GETs of the instance id from c1, back to back on one connection;
 /// their status codes.
 fn burst_codes(lab: &Lab, n: usize) -> Result<Vec<String>, Failed> {
-    let url = Lab::imds_url_v4(INSTANCE_ID);
-    let mut args = vec!["-w", "\ncode=%{http_code}\n"];
-    args.extend(std::iter::repeat_n(url.as_str(), n));
-    let (_, out) = curl(lab, &args)?;
-    Ok(out
-        .lines()
-        .filter_map(|l| l.strip_prefix("code="))
-        .map(str::to_string)
+    let urls = vec![Lab::imds_url_v4(INSTANCE_ID); n];
+    Ok(crate::support::curl_codes(lab, Workload::BridgeC1, &urls)?
+        .iter()
+        .map(u16::to_string)
         .collect())
 }
 
