@@ -597,9 +597,10 @@ fn ids(group: &[&ContainerFact]) -> (Vec<String>, Vec<String>) {
     let mut tmds = Vec::new();
     for c in group {
         if let Some(uri) = c.env_var("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI") {
-            if let Some(id) = uri.trim_end_matches('/').rsplit('/').next() {
-                creds.push(id.to_string());
-            }
+            creds.extend(credentials_id(uri));
+        }
+        if let Some(uri) = c.env_var("AWS_CONTAINER_CREDENTIALS_FULL_URI") {
+            creds.extend(full_uri_path(uri).and_then(credentials_id));
         }
         for key in [
             "ECS_CONTAINER_METADATA_URI",
@@ -617,6 +618,48 @@ fn ids(group: &[&ContainerFact]) -> (Vec<String>, Vec<String>) {
     tmds.sort();
     tmds.dedup();
     (creds, tmds)
+}
+
+/// The credentials id a task-metadata credentials path names:
+/// `/v2/credentials/<id>` (ECS) or `/v1/credentials?id=<id>`; `None` for
+/// anything else, such as EKS Pod Identity's id-less `/v1/credentials`.
+fn credentials_id(path_and_query: &str) -> Option<String> {
+    let (path, query) = path_and_query
+        .split_once('?')
+        .unwrap_or((path_and_query, ""));
+    let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    let id = match segs.as_slice() {
+        ["v2", "credentials", id] => (*id).to_string(),
+        ["v1", "credentials"] => query
+            .split('&')
+            .find_map(|kv| kv.strip_prefix("id="))?
+            .to_string(),
+        _ => return None,
+    };
+    (!id.is_empty()).then_some(id)
+}
+
+/// The path and query of an `AWS_CONTAINER_CREDENTIALS_FULL_URI` whose host
+/// is a task-metadata address (`169.254.170.2`, `169.254.170.23`,
+/// `[fd00:ec2::23]`); a full URI elsewhere (a sidecar on loopback, Greengrass)
+/// never reaches the proxy, so its path says nothing about ownership here.
+fn full_uri_path(uri: &str) -> Option<&str> {
+    let rest = uri
+        .strip_prefix("http://")
+        .or_else(|| uri.strip_prefix("https://"))?;
+    let (authority, path) = match rest.find(['/', '?']) {
+        Some(i) => rest.split_at(i),
+        None => (rest, "/"),
+    };
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split_once(']')?.0,
+        None => authority.split(':').next()?,
+    };
+    let tmds: std::net::IpAddr = host.parse().ok()?;
+    let known = ["169.254.170.2", "169.254.170.23", "fd00:ec2::23"]
+        .iter()
+        .any(|a| a.parse::<std::net::IpAddr>().is_ok_and(|a| a == tmds));
+    known.then_some(path)
 }
 
 impl metaguard_proxy::Directory for Directory {
@@ -882,5 +925,41 @@ mod tests {
         let third = d.identify_cached(&only, origin).expect("same port");
         assert_eq!(third.workload, Some(0));
         assert_eq!(third.credentials_ids, second.credentials_ids);
+    }
+
+    #[test]
+    fn credentials_ids_come_from_relative_and_full_uris_on_task_metadata_addresses() {
+        let mut c = container("c1", "rel-id");
+        c.env.extend([
+            "AWS_CONTAINER_CREDENTIALS_FULL_URI=http://169.254.170.2/v2/credentials/full-id".into(),
+            "ECS_CONTAINER_METADATA_URI_V4=http://169.254.170.2/v4/tmds-id".into(),
+        ]);
+        let mut v6 = container("c2", "");
+        v6.env = vec![
+            "AWS_CONTAINER_CREDENTIALS_FULL_URI=http://[fd00:ec2::23]:80/v1/credentials?x=1&id=v6-id"
+                .into(),
+        ];
+        let mut elsewhere = container("c3", "");
+        elsewhere.env = vec![
+            "AWS_CONTAINER_CREDENTIALS_FULL_URI=http://127.0.0.1:8080/v2/credentials/loopback-id"
+                .into(),
+        ];
+        let mut eks = container("c4", "");
+        eks.env =
+            vec!["AWS_CONTAINER_CREDENTIALS_FULL_URI=http://169.254.170.23/v1/credentials".into()];
+        let (creds, tmds) = ids(&[&c, &v6, &elsewhere, &eks]);
+        assert_eq!(creds, vec!["full-id", "rel-id", "v6-id"]);
+        assert_eq!(tmds, vec!["tmds-id"]);
+        for bad in [
+            "",
+            "http://",
+            "http://[fd00:ec2::23/v2/credentials/x",
+            "ftp://169.254.170.2/v2/credentials/x",
+            "http://169.254.170.2",
+            "http://169.254.170.2/v2/credentials/",
+            "http://169.254.170.2/v1/credentials?id=",
+        ] {
+            assert_eq!(full_uri_path(bad).and_then(credentials_id), None, "{bad}");
+        }
     }
 }
