@@ -62,6 +62,19 @@ ensure_cargo() {
   command -v cargo >/dev/null 2>&1 || { echo "metaguard: cargo not found; install Rust (rustup) first." >&2; exit 2; }
 }
 
+# rustfmt and clippy (scripts/test checks style and lints); a rustup
+# "minimal" profile installs neither.
+ensure_cargo_lints() {
+  cargo fmt --version >/dev/null 2>&1 && cargo clippy --version >/dev/null 2>&1 && return 0
+  if command -v rustup >/dev/null 2>&1; then
+    echo "metaguard: adding the rustfmt and clippy components" >&2
+    rustup component add rustfmt clippy
+  else
+    echo "metaguard: cargo fmt and cargo clippy are missing; install them (Debian: apt-get install rustfmt rust-clippy)." >&2
+    exit 2
+  fi
+}
+
 ensure_python_venv() {
   local venv="$REPO/.venv"
   if ! "$venv/bin/python" -c "import botocore; assert botocore.__version__ == '$BOTOCORE_VERSION'" 2>/dev/null; then
@@ -103,6 +116,15 @@ ensure_cargo_deb() {
   command -v cargo-deb >/dev/null 2>&1 && return 0
   echo "metaguard: installing cargo-deb" >&2
   cargo install --locked --quiet cargo-deb
+}
+
+# cargo-deny (the dependency check of scripts/test: licences, duplicate
+# versions, sources; offline, see deny.toml). Built from crates.io once, in
+# about 5–7 minutes on 2 cores.
+ensure_cargo_deny() {
+  command -v cargo-deny >/dev/null 2>&1 && return 0
+  echo "metaguard: installing cargo-deny (once; a few minutes)" >&2
+  cargo install --locked --quiet cargo-deny
 }
 
 # promtool (to check the daemon's metrics) from Debian's prometheus package,
