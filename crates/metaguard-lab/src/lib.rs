@@ -14,11 +14,14 @@
 pub mod agent;
 pub mod http;
 pub mod imds;
+#[cfg(feature = "harness")]
 pub mod loadgen;
 pub mod log;
+#[cfg(feature = "harness")]
 pub mod machine;
 
 pub mod cmd;
+#[cfg(feature = "harness")]
 pub mod daemon;
 pub mod docker;
 pub mod error;
@@ -27,6 +30,7 @@ pub mod matrix;
 pub mod probe;
 pub mod registry;
 pub mod servers;
+#[cfg(feature = "harness")]
 pub mod standin;
 pub mod topology;
 

@@ -3,6 +3,8 @@
 //! (0 ok · 1 drift or problems found · 2 usage, config or permission
 //! error — and then nothing in the kernel changed).
 
+#![forbid(unsafe_code)]
+
 mod cli;
 mod daemon;
 mod discovery;
