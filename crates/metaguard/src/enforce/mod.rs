@@ -40,10 +40,15 @@ pub const DEFAULT_STATE_DIR: &str = "/run/metaguard";
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct State {
     pub netns: Vec<String>,
-    /// Addresses metaguard added to the host's `lo` for its proxy (never
-    /// ones that were there before).
+    /// Addresses an earlier version added to the host's `lo` for its
+    /// proxy (never ones that were there before); removed by the next
+    /// apply or `remove`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub addresses: Vec<IpAddr>,
+    /// Policy-routing rules and routes metaguard added for its proxy
+    /// (never ones that were there before).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routing: Vec<proxy::Routing>,
     /// `net.ipv4.tcp_fwmark_accept` before metaguard set it, restored by
     /// `remove`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -313,6 +318,7 @@ impl Engine {
                 .map(|t| t.label.clone())
                 .collect(),
             addresses: previous.addresses.clone(),
+            routing: previous.routing.clone(),
             fwmark_accept_was: previous.fwmark_accept_was.clone(),
         };
         // Record before touching: the union, so a crash midway still lets
@@ -324,8 +330,8 @@ impl Engine {
             }
         }
         self.save_state(&union)?;
-        // The proxy's addresses and identity sysctl before the rules that
-        // steer traffic to them; recorded as they are made.
+        // The proxy's policy routing and identity sysctl before the rules
+        // that steer traffic to it; recorded as they are made.
         if let Some(p) = &plan.proxy {
             proxy::install(p, &mut state, |s| self.save_state(s))?;
         }
@@ -370,7 +376,7 @@ impl Engine {
             }
         }
         if plan.proxy.is_none() {
-            // No proxy any more: its bridge table, addresses and sysctl go.
+            // No proxy any more: its bridge table, routing and sysctl go.
             self.nft.delete_table(None, "bridge", TABLE)?;
             proxy::uninstall(&mut state)?;
         }
