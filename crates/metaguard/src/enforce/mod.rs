@@ -509,6 +509,17 @@ impl Engine {
         Ok((out, warnings))
     }
 
+    /// Adds whatever of the proxy's policy routing (and sysctl) is
+    /// missing, recorded like apply's; returns what was added. The daemon
+    /// calls it when the kernel reports a deletion in the proxy's table.
+    pub fn heal_proxy(
+        &self,
+        plan: &metaguard_core::ruleset::ProxyPlan,
+    ) -> anyhow::Result<Vec<proxy::Routing>> {
+        let mut state = self.load_state();
+        proxy::install(plan, &mut state, |s| self.save_state(s))
+    }
+
     /// Deletes metaguard's tables: host, and every namespace in the state.
     pub fn remove(&self) -> anyhow::Result<Vec<String>> {
         let mut removed = Vec::new();
