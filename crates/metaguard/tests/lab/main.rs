@@ -16,6 +16,7 @@ mod discovery;
 mod enforce;
 mod foundation;
 mod proxy;
+mod proxy_datapath;
 mod proxy_reload;
 
 type TestFn = fn() -> Result<(), Failed>;
@@ -38,6 +39,7 @@ fn main() {
         .chain(bpf_lifecycle::TESTS)
         .chain(proxy::TESTS)
         .chain(proxy_reload::TESTS)
+        .chain(proxy_datapath::TESTS)
     {
         let f: TestFn = *f;
         let trial = Trial::test(*name, move || {
