@@ -26,6 +26,30 @@ use super::State;
 
 const FWMARK_ACCEPT: &str = "/proc/sys/net/ipv4/tcp_fwmark_accept";
 
+/// What `ip -j rule show` prints for a rule's other selectors and actions
+/// (iproute2 6.x): a rule with any of them is not the proxy's.
+const RULE_SELECTORS: [&str; 19] = [
+    "not",
+    "dst",
+    "tos",
+    "dsfield",
+    "iif",
+    "oif",
+    "l3mdev",
+    "uid_start",
+    "ipproto",
+    "sport",
+    "sport_start",
+    "dport",
+    "dport_start",
+    "tun_id",
+    "realms",
+    "goto",
+    "suppress_prefixlen",
+    "suppress_ifgroup",
+    "flowlabel",
+];
+
 /// A policy-routing object of a [`ProxyRoute`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
@@ -100,22 +124,7 @@ impl Routing {
                 mark, table, pref, ..
             } => {
                 let rules = ip_json(&[fam, "rule", "show"])?;
-                let hex = format!("0x{mark:x}");
-                Ok(rules.iter().any(|r| {
-                    let o = r.as_object();
-                    r["priority"].as_u64() == Some(u64::from(pref))
-                        && r["fwmark"].as_str() == Some(&hex)
-                        && r["fwmask"].as_str() == Some(&hex)
-                        && r["table"].as_str() == Some(&table.to_string())
-                        && r["src"].as_str() == Some("all")
-                        // Nothing else selects: not another rule.
-                        && o.is_some_and(|o| {
-                            o.keys().all(|k| {
-                                ["priority", "src", "fwmark", "fwmask", "table"]
-                                    .contains(&k.as_str())
-                            })
-                        })
-                }))
+                Ok(rules.iter().any(|r| is_rule(r, mark, table, pref)))
             }
             Routing::Route { table, .. } => {
                 let table = table.to_string();
@@ -132,6 +141,18 @@ impl Routing {
             }
         }
     }
+}
+
+/// Whether `r` (one rule of `ip -j rule show`) is exactly `fwmark
+/// mark/mark lookup table pref pref`: nothing else selects or acts.
+fn is_rule(r: &serde_json::Value, mark: u32, table: u32, pref: u32) -> bool {
+    let hex = format!("0x{mark:x}");
+    r["priority"].as_u64() == Some(u64::from(pref))
+        && r["fwmark"].as_str() == Some(&hex)
+        && r["fwmask"].as_str() == Some(&hex)
+        && r["table"].as_str() == Some(&table.to_string())
+        && r["src"].as_str() == Some("all")
+        && RULE_SELECTORS.iter().all(|k| r.get(k).is_none())
 }
 
 impl std::fmt::Display for Routing {
@@ -290,6 +311,27 @@ pub fn check(plan: &ProxyPlan) -> anyhow::Result<Vec<String>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_exact_rule_is_the_proxys() {
+        // What iproute2 6.1 prints (`-d` adds "protocol").
+        let rules: serde_json::Value = serde_json::from_str(
+            r#"[{"priority":0,"src":"all","table":"local","protocol":"kernel"},
+                {"priority":90,"src":"all","fwmark":"0x40000000","fwmask":"0x40000000","table":"19783","protocol":"unspec"},
+                {"priority":90,"src":"all","fwmark":"0x40000000","fwmask":"0x40000000","iif":"lo","ipproto":"tcp","dport":80,"table":"19783"},
+                {"priority":90,"not":null,"src":"all","fwmark":"0x40000000","fwmask":"0x40000000","table":"19783"},
+                {"priority":91,"src":"all","fwmark":"0x40000000","fwmask":"0x40000000","table":"19783"},
+                {"priority":90,"src":"all","fwmark":"0x40000000","table":"19783"}]"#,
+        )
+        .expect("json");
+        let found: Vec<bool> = rules
+            .as_array()
+            .expect("list")
+            .iter()
+            .map(|r| is_rule(r, 0x4000_0000, 19783, 90))
+            .collect();
+        assert_eq!(found, [false, true, false, false, false, false]);
+    }
 
     #[test]
     fn routing_objects_are_the_ip_commands_they_name() {
