@@ -332,19 +332,23 @@ impl Engine {
         self.save_state(&union)?;
         // The proxy's policy routing and identity sysctl before the rules
         // that steer traffic to it; recorded as they are made.
-        if let Some(p) = &plan.proxy {
-            proxy::install(p, &mut state, |s| self.save_state(s))?;
-        }
+        let added = match &plan.proxy {
+            Some(p) => proxy::install(p, &mut state, |s| self.save_state(s))?,
+            None => Vec::new(),
+        };
         for (i, t) in targets.iter().enumerate() {
             let loaded = self.nft.apply(t.netns.as_ref(), &t.script);
             match (i, loaded) {
                 (_, Ok(())) => report.tables.push(t.label.clone()),
-                // The host table comes first: nothing was changed yet.
+                // The host table comes first: nothing but the proxy's
+                // routing was changed yet, and that is taken back.
                 (0, Err(e)) => {
+                    proxy::undo(&mut state, &previous, &added)?;
+                    self.save_state(&state)?;
                     return Err(anyhow::Error::new(e).context(format!(
                         "the ruleset for {} does not load; nothing was changed",
                         t.label
-                    )))
+                    )));
                 }
                 (_, Err(e)) => {
                     return Err(anyhow::Error::new(e).context(format!(

@@ -288,6 +288,26 @@ pub fn uninstall(state: &mut State) -> anyhow::Result<Vec<String>> {
     Ok(done)
 }
 
+/// Takes back what [`install`] `added` (and the sysctl, when it set it)
+/// after the rules failed to load, so that a failed apply changes
+/// nothing.
+pub fn undo(state: &mut State, before: &State, added: &[Routing]) -> anyhow::Result<()> {
+    for obj in added.iter().rev() {
+        if obj.present()? {
+            obj.change("del")
+                .with_context(|| format!("cannot delete the proxy's policy routing ({obj})"))?;
+        }
+        state.routing.retain(|o| o != obj);
+    }
+    if before.fwmark_accept_was.is_none() {
+        if let Some(was) = state.fwmark_accept_was.take() {
+            std::fs::write(FWMARK_ACCEPT, &was)
+                .with_context(|| format!("cannot restore {FWMARK_ACCEPT} to {was}"))?;
+        }
+    }
+    Ok(())
+}
+
 /// What differs from the plan (for `verify`).
 pub fn check(plan: &ProxyPlan) -> anyhow::Result<Vec<String>> {
     let mut out = Vec::new();
