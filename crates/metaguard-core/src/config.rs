@@ -164,10 +164,12 @@ impl TmdsMode {
 }
 
 /// `[proxy]`: the metadata proxy and credentials relay (served by the
-/// daemon on metaguard's own addresses).
+/// daemon; see `ruleset::ProxyPlan` for where they listen).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProxySettings {
-    /// The port of the IMDS proxy on metaguard's addresses.
+    /// The port of the proxy's listeners: the IMDS proxy's on the IMDS
+    /// address, the credentials relay's on the task-metadata address
+    /// (neither address is the host's; rules DNAT callers there).
     pub imds_port: u16,
     /// Requests per second allowed per workload (token bucket, steady).
     pub rate: u32,
@@ -180,7 +182,8 @@ pub struct ProxySettings {
     pub audit_log: Option<String>,
 }
 
-/// Default port of the IMDS proxy (on metaguard's addresses, never 127/8).
+/// Default port of the proxy's listeners (on the endpoint addresses, never
+/// 127/8).
 pub const DEFAULT_IMDS_PROXY_PORT: u16 = 9470;
 
 impl Default for ProxySettings {
@@ -526,11 +529,12 @@ fn parse_proxy(cx: &Ctx<'_>, raw: Option<RawProxy>) -> Result<ProxySettings, Con
         Ok(n as u32)
     };
     if let Some(v) = raw.imds_port {
+        let span = v.span();
         p.imds_port = int("imds_port", v, 1, 65535)? as u16;
         if p.imds_port == 80 {
             return Err(cx.err(
-                0..0,
-                "proxy.imds_port: 80 is the credentials relay's port on the same addresses",
+                span,
+                "proxy.imds_port: 80 is the port callers ask for; the proxy's listeners must be on another",
                 Some("pick another port, e.g. 9470 (the default)"),
             ));
         }

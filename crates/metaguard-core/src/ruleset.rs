@@ -29,7 +29,7 @@
 //! prohibited.
 
 use std::fmt::Write as _;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use crate::config::{Action, Config, ContainerRef, NetnsSelector, Selector};
 
@@ -151,23 +151,50 @@ pub struct NetnsPlan {
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PlanError {
-    #[error("workload {workload:?} uses the proxy action, which needs an IPv4 task_metadata endpoint for metaguard's listeners (e.g. 169.254.170.2); [endpoints] task_metadata has none")]
+    #[error("workload {workload:?} uses the proxy action, which needs an IPv4 task_metadata endpoint (e.g. 169.254.170.2: the credentials relay listens there, and task namespaces reach the IMDS proxy through it); [endpoints] task_metadata has none")]
     ProxyWithoutAddress { workload: String },
 }
 
-/// Where the proxy listens and which addresses metaguard owns on the host's
-/// `lo` for it (every task-metadata endpoint, /32 or /128).
+/// Where the proxy listens and how the packets the rules send to it are
+/// delivered there.
+///
+/// The listeners sit on the endpoint addresses themselves, which are not
+/// the host's: bound with `IP_FREEBIND` and `IP_TRANSPARENT`, they are
+/// reachable only by packets that a rule DNATs to them (to
+/// `[proxy] imds_port`, never to 127/8) and that the [`ProxyRoute`]s then
+/// deliver locally. No port of the host's own addresses is taken (F10).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProxyPlan {
-    /// Addresses metaguard adds to `lo` (and removes).
-    pub addresses: Vec<IpAddr>,
-    /// Credentials relay: every address, port 80 (when a workload proxies
-    /// task metadata).
-    pub relay: Vec<std::net::SocketAddr>,
-    /// IMDS proxy: the first IPv4 (and IPv6) address, `[proxy] imds_port`
+    /// Credentials relay: the first task-metadata address of each family,
+    /// port `[proxy] imds_port` (when a workload proxies task metadata).
+    pub relay: Vec<SocketAddr>,
+    /// IMDS proxy: the first IMDS address of each family, the same port
     /// (when a workload proxies IMDS).
-    pub imds: Vec<std::net::SocketAddr>,
+    pub imds: Vec<SocketAddr>,
+    /// Policy routing for packets carrying [`PROXY_ROUTE_MARK`], one per
+    /// family that has a listener.
+    pub routes: Vec<ProxyRoute>,
 }
+
+/// The policy routing of one family that delivers packets marked for the
+/// proxy to the host itself: `ip rule add fwmark MARK/MARK lookup TABLE
+/// pref PREF` and `ip route add local default dev lo table TABLE`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProxyRoute {
+    pub v6: bool,
+    /// The rule matches `fwmark mark/mark`.
+    pub mark: u32,
+    pub table: u32,
+    pub pref: u32,
+}
+
+/// The routing table of [`ProxyRoute`]: 0x4d47, "MG", like the bridge
+/// hash's seed; an unusual number, so that no other program's table is
+/// shared.
+pub const PROXY_ROUTE_TABLE: u32 = 0x4d47;
+/// The priority of [`ProxyRoute`]'s rule: ahead of the rules other
+/// programs add (which match other marks or sources), after `local` (0).
+pub const PROXY_RULE_PREF: u32 = 90;
 
 /// The whole-table replacement prefix: `add` makes `delete` safe when the
 /// table does not exist yet (nft 1.0.6 has no `destroy`), all in the same
@@ -178,17 +205,29 @@ fn replace_prefix(out: &mut String) {
 }
 
 /// Marks that carry the caller's identity to the proxy (read back with
-/// `SO_MARK` on the accepted socket; `net.ipv4.tcp_fwmark_accept = 1`).
+/// `SO_MARK` on the accepted socket; `net.ipv4.tcp_fwmark_accept = 1`),
+/// and the bit that routes a packet to it.
 ///
-/// Bridge ports: the `bridge` table sets `jhash(iif) mod BRIDGE_MARK_MOD +
-/// BRIDGE_MARK_BASE` on packets to the proxy (nft cannot copy an ifindex
-/// into the mark; a hash of it it can, and [`bridge_mark`] computes the
-/// same hash, so the proxy maps a mark back to the port). Host processes:
-/// `HOST_MARK_TAG | workload index`, set by the workload's output chain.
+/// * Bridge ports: the `bridge` table sets `BRIDGE_MARK_BASE` plus
+///   `jhash(iif) mod BRIDGE_MARK_MOD` on packets to the endpoints (nft
+///   cannot copy an ifindex into the mark; a hash of it it can, and
+///   [`bridge_mark`] computes the same hash, so the proxy maps a mark back
+///   to the port): bit 31 set, the hash in bits 0–29, bit 30 clear.
+/// * Host processes: `HOST_MARK_TAG | workload index`, set by the
+///   workload's output chain.
+/// * [`PROXY_ROUTE_MARK`] (bit 30): the packet goes to the proxy. The
+///   policy rule of [`ProxyRoute`] matches it; the rules set it only on
+///   packets they DNAT to a listener. It is part of every host mark
+///   (`0x6e` = `0x2e | 0x40`: a host workload's marked packets always go to
+///   the proxy) and is cleared from bridge marks in `input`, after routing
+///   and before TCP reads the mark, so that a bridge caller's identity
+///   reads back exactly and the replies, which carry it
+///   (`tcp_fwmark_accept`), are routed normally.
 pub const BRIDGE_MARK_BASE: u32 = 0x8000_0000;
-pub const BRIDGE_MARK_MOD: u32 = 0x7fff_ffff;
+pub const BRIDGE_MARK_MOD: u32 = 0x3fff_ffff;
 pub const BRIDGE_MARK_SEED: u32 = 0x4d47;
-pub const HOST_MARK_TAG: u32 = 0x6e00_0000;
+pub const PROXY_ROUTE_MARK: u32 = 0x4000_0000;
+pub const HOST_MARK_TAG: u32 = 0x2e00_0000 | PROXY_ROUTE_MARK;
 /// The bits of a mark that hold [`HOST_MARK_TAG`].
 pub const HOST_MARK_MASK: u32 = 0xff00_0000;
 
@@ -199,6 +238,11 @@ pub fn is_host_mark(mark: u32) -> bool {
 /// nat chains hook just before ecs-init's and Docker's (dstnat, -100): the
 /// first NAT binding wins, so theirs never runs on proxied flows.
 const PROXY_NAT_PRIORITY: i32 = -110;
+/// After every DNAT (dstnat, -100): marks the packets of flows DNATed to a
+/// listener for the policy route, and clears unused bridge marks.
+const PROXY_ROUTE_PRIORITY: i32 = -90;
+/// A TCP SYN (the first packet of a connection).
+const SYN: &str = "tcp flags & (fin | syn | rst | ack) == syn";
 
 /// The mark the bridge table gives packets entering from port `ifindex`:
 /// the kernel's `jhash` (include/linux/jhash.h) of the 4-byte register,
@@ -302,6 +346,14 @@ pub fn plan(config: &Config, facts: &HostFacts) -> Result<Plan, PlanError> {
         .collect();
     host_workloads.sort_unstable();
     host_workloads.dedup();
+    // Host processes of a workload that proxies something: their packets
+    // are marked in `output` and rerouted through `lo` to the proxy.
+    let host_proxied = proxy.is_some()
+        && host_workloads.iter().any(|&i| {
+            let w = &config.workloads[i];
+            !matches!(w.selector, Selector::Bridges(_))
+                && (w.imds == Action::Proxy || w.task_metadata == Action::Proxy)
+        });
 
     let mut host = String::new();
     replace_prefix(&mut host);
@@ -328,8 +380,8 @@ pub fn plan(config: &Config, facts: &HostFacts) -> Result<Plan, PlanError> {
         write_decisions(&mut host, "\t\t", config, i, hook);
         let _ = writeln!(host, "\t}}");
     }
-    if proxy.is_some() {
-        write_host_proxy_nat(&mut host, config);
+    if let Some(p) = &proxy {
+        write_host_proxy_chains(&mut host, config, p, host_proxied);
     }
     // Per group, exact names go into a hash map and globs into an interval
     // map: within a group nothing overlaps, so the two lookups commute.
@@ -387,22 +439,62 @@ pub fn plan(config: &Config, facts: &HostFacts) -> Result<Plan, PlanError> {
         let _ = writeln!(host, "\t\telements = {{ {} }}", elems.join(", "));
         let _ = writeln!(host, "\t}}");
     }
-    if !bridge_groups.is_empty() {
+    let mut prerouting: Vec<String> = Vec::new();
+    if host_proxied {
+        // Host processes' connections come back through `lo`, already
+        // DNATed to a listener: a SYN nobody transparent listens for is
+        // refused (apply alone, a stopped daemon: fail closed, fast).
+        let host_mark = format!("meta mark & 0x{HOST_MARK_MASK:08x} == 0x{HOST_MARK_TAG:08x}");
+        prerouting.push(format!(
+            "\t\tiif \"lo\" {host_mark} {SYN} socket transparent 1 accept\n"
+        ));
+        prerouting.push(format!(
+            "\t\tiif \"lo\" {host_mark} {SYN} reject with tcp reset\n"
+        ));
+    }
+    for v6 in [false, true] {
+        // Task namespaces' tables send IMDS requests to the task-metadata
+        // address on the IMDS proxy's port, through whatever bridge they
+        // are plugged into: from any bridge port (a bridge mark), that
+        // port leads to the IMDS proxy, which serves each caller by its
+        // own workload. Nothing else listens there.
+        let Some(to) = task_path(config, v6) else {
+            continue;
+        };
+        let (fam, sfx) = family(v6);
+        let from_bridge =
+            format!("meta mark & 0x{BRIDGE_MARK_BASE:08x} == 0x{BRIDGE_MARK_BASE:08x} ");
+        let port = config.proxy.imds_port.to_string();
+        prerouting.push(probe_rule("\t\t", &from_bridge, "tmd", v6, &port, to));
+        prerouting.push(format!(
+            "\t\t{from_bridge}{fam} daddr @tmd{sfx} tcp dport {port} {SYN} reject with tcp reset\n"
+        ));
+        prerouting.push(format!(
+            "\t\t{from_bridge}{fam} daddr @tmd{sfx} tcp dport {port} accept\n"
+        ));
+    }
+    prerouting.extend(
+        bridge_maps
+            .iter()
+            .map(|name| format!("\t\tiifname vmap @{name}\n")),
+    );
+    if !prerouting.is_empty() {
         let _ = writeln!(host, "\tchain prerouting {{");
         let _ = writeln!(
             host,
             "\t\ttype filter hook prerouting priority raw; policy accept;"
         );
-        for name in &bridge_maps {
-            let _ = writeln!(host, "\t\tiifname vmap @{name}");
-        }
+        host.extend(prerouting);
         let _ = writeln!(host, "\t}}");
     }
     if !cgroup_maps.is_empty() {
+        // A route chain when host processes go to the proxy: the mark
+        // their workload's chain sets reroutes them (policy route).
+        let kind = if host_proxied { "route" } else { "filter" };
         let _ = writeln!(host, "\tchain output {{");
         let _ = writeln!(
             host,
-            "\t\ttype filter hook output priority raw; policy accept;"
+            "\t\ttype {kind} hook output priority raw; policy accept;"
         );
         for CgroupMap { name, depth: d, .. } in &cgroup_maps {
             let _ = writeln!(host, "\t\tsocket cgroupv2 level {d} vmap @{name}");
@@ -423,14 +515,13 @@ pub fn plan(config: &Config, facts: &HostFacts) -> Result<Plan, PlanError> {
     })
 }
 
-/// The proxy's addresses and listeners; `None` when nothing is proxied.
+/// The proxy's listeners and routes; `None` when nothing is proxied.
 fn proxy_plan(config: &Config) -> Result<Option<ProxyPlan>, PlanError> {
     let (imds, tmd) = config.proxies();
     if !imds && !tmd {
         return Ok(None);
     }
-    let addresses = config.endpoints.task_metadata.clone();
-    let Some(v4) = imds_proxy_addr(config, false) else {
+    if imds_proxy_addr(config, false).is_none() {
         let w = config
             .workloads
             .iter()
@@ -438,32 +529,58 @@ fn proxy_plan(config: &Config) -> Result<Option<ProxyPlan>, PlanError> {
             .map(|w| w.name.clone())
             .unwrap_or_default();
         return Err(PlanError::ProxyWithoutAddress { workload: w });
-    };
-    let relay = if tmd {
-        addresses
-            .iter()
-            .map(|a| std::net::SocketAddr::new(*a, 80))
+    }
+    let listeners = |service: Service, on: bool| -> Vec<SocketAddr> {
+        [false, true]
+            .into_iter()
+            .filter(|_| on)
+            .filter_map(|v6| listener(config, service, v6))
             .collect()
-    } else {
-        Vec::new()
     };
-    let imds = if imds {
-        let port = config.proxy.imds_port;
-        std::iter::once(v4)
-            .chain(imds_proxy_addr(config, true))
-            .map(|a| std::net::SocketAddr::new(a, port))
-            .collect()
-    } else {
-        Vec::new()
-    };
+    let relay = listeners(Service::Relay, tmd);
+    let imds = listeners(Service::Imds, imds);
+    let routes = [false, true]
+        .into_iter()
+        .filter(|v6| relay.iter().chain(&imds).any(|a| a.is_ipv6() == *v6))
+        .map(|v6| ProxyRoute {
+            v6,
+            mark: PROXY_ROUTE_MARK,
+            table: PROXY_ROUTE_TABLE,
+            pref: PROXY_RULE_PREF,
+        })
+        .collect();
     Ok(Some(ProxyPlan {
-        addresses,
         relay,
         imds,
+        routes,
     }))
 }
 
-/// The IMDS proxy's listen address of one family, if any.
+/// The two services of the proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Service {
+    Imds,
+    Relay,
+}
+
+/// Where `service` listens in one family: on the first endpoint address
+/// of that family (IMDS's for the IMDS proxy, task metadata's for the
+/// relay), port `[proxy] imds_port`. None without such an address.
+fn listener(config: &Config, service: Service, v6: bool) -> Option<SocketAddr> {
+    let endpoints = match service {
+        Service::Imds => &config.endpoints.imds,
+        Service::Relay => &config.endpoints.task_metadata,
+    };
+    endpoints
+        .iter()
+        .find(|a| a.is_ipv6() == v6)
+        .map(|a| SocketAddr::new(*a, config.proxy.imds_port))
+}
+
+/// Where a task namespace's table sends its IMDS requests, in one family:
+/// the first task-metadata address (its route to the host goes through
+/// ecs-bridge), port `[proxy] imds_port`; the host then DNATs them to the
+/// IMDS proxy.
 fn imds_proxy_addr(config: &Config, v6: bool) -> Option<IpAddr> {
     config
         .endpoints
@@ -473,68 +590,159 @@ fn imds_proxy_addr(config: &Config, v6: bool) -> Option<IpAddr> {
         .copied()
 }
 
-fn dnat_target(addr: IpAddr, port: Option<u16>) -> String {
-    match (addr, port) {
-        (IpAddr::V4(a), Some(p)) => format!("{a}:{p}"),
-        (IpAddr::V6(a), Some(p)) => format!("[{a}]:{p}"),
-        (a, None) => a.to_string(),
+/// Whether packets of one family to a task-metadata address on
+/// `[proxy] imds_port` can reach the IMDS proxy (task namespaces send their
+/// IMDS requests there).
+fn task_path(config: &Config, v6: bool) -> Option<SocketAddr> {
+    if !config.proxies().0 {
+        return None;
+    }
+    imds_proxy_addr(config, v6).and(listener(config, Service::Imds, v6))
+}
+
+fn dnat_target(addr: SocketAddr) -> String {
+    match addr {
+        SocketAddr::V4(a) => a.to_string(),
+        SocketAddr::V6(a) => format!("[{}]:{}", a.ip(), a.port()),
     }
 }
 
-/// nat rules of the host table: bridge traffic to IMDS of proxied bridges
-/// goes to the IMDS proxy; task-metadata traffic from any bridge port (it
-/// carries a bridge mark) and marked host processes keeps its address
-/// (an identity DNAT: the first NAT binding wins, so ecs-init's DNAT to
-/// 127.0.0.1 never happens and the relay on `lo` answers — F1, F2, F10).
-fn write_host_proxy_nat(out: &mut String, config: &Config) {
-    let (imds, tmd) = config.proxies();
+fn family(v6: bool) -> (&'static str, &'static str) {
+    if v6 {
+        ("ip6", "6")
+    } else {
+        ("ip", "4")
+    }
+}
+
+/// A SYN of a selected caller's connection to `set`:`dport`: sent to the
+/// proxy's `to` if it is listening (`tproxy` finds its transparent
+/// listener, else the rule does not match); then marked for the policy
+/// route, which the nat chain's DNAT to `to` and the route chain follow.
+fn probe_rule(
+    indent: &str,
+    prefix: &str,
+    set: &str,
+    v6: bool,
+    dport: &str,
+    to: SocketAddr,
+) -> String {
+    let (fam, sfx) = family(v6);
+    format!(
+        "{indent}{prefix}{fam} daddr @{set}{sfx} tcp dport {dport} {SYN} tproxy {fam} to {} meta mark set meta mark | 0x{PROXY_ROUTE_MARK:08x} accept\n",
+        dnat_target(to)
+    )
+}
+
+/// The host table's proxy chains besides the workloads' own rules:
+///
+/// * `proxy_prerouting` (nat, -110): a bridge caller's SYN that a probe
+///   rule marked is DNATed to the listener, so that ecs-init's DNAT to
+///   127.0.0.1 never runs (the first NAT binding wins) — F1, F2;
+/// * `proxy_output` (nat, -110): the same for host processes of proxied
+///   workloads (their output chain marked them; `output` is then a route
+///   chain, so the mark reroutes them through `lo`);
+/// * `proxy_route` (after every DNAT): every packet of a flow DNATed to a
+///   listener carries [`PROXY_ROUTE_MARK`] (the policy route delivers it
+///   locally), and bridge marks not used for that are cleared again;
+/// * `proxy_input`: [`PROXY_ROUTE_MARK`] is taken off bridge marks before
+///   TCP reads them.
+fn write_host_proxy_chains(out: &mut String, config: &Config, plan: &ProxyPlan, host: bool) {
     let port = config.proxy.imds_port;
-    let bridge_mark = format!("meta mark & 0x{BRIDGE_MARK_BASE:08x} == 0x{BRIDGE_MARK_BASE:08x}");
+    let routed = PROXY_ROUTE_MARK | BRIDGE_MARK_BASE;
+    let bridge_routed = format!("meta mark & 0x{routed:08x} == 0x{routed:08x}");
     let host_mark = format!("meta mark & 0x{HOST_MARK_MASK:08x} == 0x{HOST_MARK_TAG:08x}");
-    for (chain, hook, who) in [
-        ("proxy_prerouting", "prerouting", &bridge_mark),
-        ("proxy_output", "output", &host_mark),
-    ] {
-        let _ = writeln!(out, "\tchain {chain} {{");
+    let _ = writeln!(out, "\tchain proxy_prerouting {{");
+    let _ = writeln!(
+        out,
+        "\t\ttype nat hook prerouting priority {PROXY_NAT_PRIORITY}; policy accept;"
+    );
+    for v6 in [false, true] {
+        let (fam, sfx) = family(v6);
+        if let Some(to) = plan.imds.iter().find(|a| a.is_ipv6() == v6) {
+            let _ = writeln!(
+                out,
+                "\t\t{bridge_routed} {fam} daddr @imds{sfx} tcp dport 80 dnat {fam} to {}",
+                dnat_target(*to)
+            );
+        }
+        if let Some(to) = task_path(config, v6) {
+            let _ = writeln!(
+                out,
+                "\t\t{bridge_routed} {fam} daddr @tmd{sfx} tcp dport {port} dnat {fam} to {}",
+                dnat_target(to)
+            );
+        }
+        if let Some(to) = plan.relay.iter().find(|a| a.is_ipv6() == v6) {
+            let _ = writeln!(
+                out,
+                "\t\t{bridge_routed} {fam} daddr @tmd{sfx} tcp dport 80 dnat {fam} to {}",
+                dnat_target(*to)
+            );
+        }
+    }
+    let _ = writeln!(out, "\t}}");
+    if host {
+        let _ = writeln!(out, "\tchain proxy_output {{");
         let _ = writeln!(
             out,
-            "\t\ttype nat hook {hook} priority {PROXY_NAT_PRIORITY}; policy accept;"
+            "\t\ttype nat hook output priority {PROXY_NAT_PRIORITY}; policy accept;"
         );
-        if imds {
-            for (fam, v6) in [("ip", false), ("ip6", true)] {
-                let Some(p) = imds_proxy_addr(config, v6) else {
-                    continue;
-                };
-                let sfx = if v6 { "6" } else { "4" };
-                let to = dnat_target(p, Some(port));
-                if hook == "prerouting" {
-                    for g in imds_proxy_bridges(config) {
-                        let _ = writeln!(
-                            out,
-                            "\t\tiifname {} {fam} daddr @imds{sfx} tcp dport 80 dnat {fam} to {to}",
-                            quote(g)
-                        );
-                    }
-                } else {
+        for v6 in [false, true] {
+            let (fam, sfx) = family(v6);
+            for (set, listeners) in [("imds", &plan.imds), ("tmd", &plan.relay)] {
+                if let Some(to) = listeners.iter().find(|a| a.is_ipv6() == v6) {
                     let _ = writeln!(
                         out,
-                        "\t\t{who} {fam} daddr @imds{sfx} tcp dport 80 dnat {fam} to {to}"
+                        "\t\t{host_mark} {fam} daddr @{set}{sfx} tcp dport 80 dnat {fam} to {}",
+                        dnat_target(*to)
                     );
                 }
             }
         }
-        if tmd {
-            for a in &config.endpoints.task_metadata {
-                let fam = if a.is_ipv6() { "ip6" } else { "ip" };
-                let _ = writeln!(
-                    out,
-                    "\t\t{who} {fam} daddr {a} tcp dport 80 dnat {fam} to {}",
-                    dnat_target(*a, None)
-                );
-            }
-        }
         let _ = writeln!(out, "\t}}");
     }
+    let _ = writeln!(out, "\tchain proxy_route {{");
+    let _ = writeln!(
+        out,
+        "\t\ttype filter hook prerouting priority {PROXY_ROUTE_PRIORITY}; policy accept;"
+    );
+    for v6 in [false, true] {
+        let (fam, _) = family(v6);
+        let mut addrs: Vec<String> = plan
+            .imds
+            .iter()
+            .chain(&plan.relay)
+            .filter(|a| a.is_ipv6() == v6)
+            .map(|a| a.ip().to_string())
+            .collect();
+        addrs.sort();
+        addrs.dedup();
+        if addrs.is_empty() {
+            continue;
+        }
+        let _ = writeln!(
+            out,
+            "\t\tct direction original ct status dnat meta l4proto tcp ct reply proto-src {port} ct reply {fam} saddr {{ {} }} meta mark set meta mark | 0x{PROXY_ROUTE_MARK:08x}",
+            addrs.join(", ")
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\t\tmeta mark & 0x{routed:08x} == 0x{BRIDGE_MARK_BASE:08x} meta mark set 0x00000000"
+    );
+    let _ = writeln!(out, "\t}}");
+    let _ = writeln!(out, "\tchain proxy_input {{");
+    let _ = writeln!(
+        out,
+        "\t\ttype filter hook input priority raw; policy accept;"
+    );
+    let _ = writeln!(
+        out,
+        "\t\t{bridge_routed} meta mark set meta mark & 0x{:08x}",
+        !PROXY_ROUTE_MARK
+    );
+    let _ = writeln!(out, "\t}}");
 }
 
 /// Bridge globs of workloads that proxy IMDS, in file order.
@@ -717,20 +925,24 @@ fn task_script(config: &Config, i: usize) -> String {
     write_decisions(&mut s, "\t\t", config, i, Hook::Task);
     let _ = writeln!(s, "\t}}");
     if w.imds == Action::Proxy {
-        // To the IMDS proxy on the host, through ecs-bridge (the task's
-        // route to 169.254.170.2), never via 127/8.
+        // To the host through ecs-bridge (the task's route to
+        // 169.254.170.2), never via 127/8; the host DNATs it on to the
+        // IMDS proxy.
         let _ = writeln!(s, "\tchain proxy_output {{");
         let _ = writeln!(
             s,
             "\t\ttype nat hook output priority {PROXY_NAT_PRIORITY}; policy accept;"
         );
-        for (fam, v6) in [("ip", false), ("ip6", true)] {
+        for v6 in [false, true] {
+            if task_path(config, v6).is_none() {
+                continue;
+            }
             if let Some(p) = imds_proxy_addr(config, v6) {
-                let sfx = if v6 { "6" } else { "4" };
+                let (fam, sfx) = family(v6);
                 let _ = writeln!(
                     s,
                     "\t\t{fam} daddr @imds{sfx} tcp dport 80 dnat {fam} to {}",
-                    dnat_target(p, Some(config.proxy.imds_port))
+                    dnat_target(SocketAddr::new(p, config.proxy.imds_port))
                 );
             }
         }
@@ -789,20 +1001,31 @@ fn write_decisions(out: &mut String, indent: &str, config: &Config, i: usize, ho
     let (imds, tmd) = (w.imds, w.task_metadata);
     let bridge = hook == Hook::Bridge;
     let imds_port = config.proxy.imds_port;
-    let imds_proxied = config.proxies().0;
+    let (imds_proxied, tmd_proxied) = config.proxies();
     for (set, action) in [("imds", imds), ("tmd", tmd)] {
+        let service = if set == "imds" {
+            Service::Imds
+        } else {
+            Service::Relay
+        };
         if action == Action::Proxy {
-            // Only HTTP on port 80 goes on (to the proxy, via the nat
-            // chains); any other port or protocol is refused as with deny.
-            // The task-metadata addresses also carry the IMDS proxy's port.
+            // Only HTTP on port 80 goes on (to the proxy); any other port
+            // or protocol is refused as with deny. The task-metadata
+            // addresses also carry the IMDS proxy's port.
             let ports = if set == "tmd" && imds_proxied {
                 format!("{{ 80, {imds_port} }}")
             } else {
                 "80".to_string()
             };
-            for (fam, v6) in [("ip", false), ("ip6", true)] {
-                let sfx = if v6 { "6" } else { "4" };
-                if set == "imds" && imds_proxy_addr(config, v6).is_none() {
+            for v6 in [false, true] {
+                let (fam, sfx) = family(v6);
+                let to = match (set, hook) {
+                    // A task's table DNATs to the task-metadata address,
+                    // the host on to the IMDS proxy.
+                    ("imds", Hook::Task) => task_path(config, v6),
+                    _ => listener(config, service, v6),
+                };
+                let Some(to) = to else {
                     // No proxy listener in this family: fail closed.
                     let _ = writeln!(
                         out,
@@ -813,7 +1036,7 @@ fn write_decisions(out: &mut String, indent: &str, config: &Config, i: usize, ho
                         "{indent}{fam} daddr @{set}{sfx} reject with icmpx admin-prohibited"
                     );
                     continue;
-                }
+                };
                 let _ = writeln!(
                     out,
                     "{indent}{fam} daddr @{set}{sfx} tcp dport != {ports} reject with tcp reset"
@@ -822,24 +1045,40 @@ fn write_decisions(out: &mut String, indent: &str, config: &Config, i: usize, ho
                     out,
                     "{indent}{fam} daddr @{set}{sfx} meta l4proto != tcp reject with icmpx admin-prohibited"
                 );
-                if let Hook::HostOutput(idx) = hook {
-                    let _ = writeln!(
-                        out,
-                        "{indent}{fam} daddr @{set}{sfx} tcp dport 80 meta mark set 0x{:08x}",
-                        HOST_MARK_TAG | (idx as u32 & 0xffff)
-                    );
+                match hook {
+                    // To the proxy if it listens; refused at once if not.
+                    Hook::Bridge => {
+                        out.push_str(&probe_rule(indent, "", set, v6, "80", to));
+                        let _ = writeln!(
+                            out,
+                            "{indent}{fam} daddr @{set}{sfx} tcp dport 80 {SYN} reject with tcp reset"
+                        );
+                    }
+                    Hook::HostOutput(idx) => {
+                        let _ = writeln!(
+                            out,
+                            "{indent}{fam} daddr @{set}{sfx} tcp dport 80 meta mark set 0x{:08x}",
+                            HOST_MARK_TAG | (idx as u32 & 0xffff)
+                        );
+                    }
+                    Hook::Task => {}
+                }
+            }
+            continue;
+        }
+        if action == Action::Allow && set == "tmd" && tmd_proxied && bridge {
+            // Relayed while the relay listens, so that no id a proxied
+            // workload owns is handed to it (F13); straight on to the
+            // agent as without metaguard when it does not.
+            for v6 in [false, true] {
+                if let Some(to) = listener(config, Service::Relay, v6) {
+                    out.push_str(&probe_rule(indent, "", set, v6, "80", to));
                 }
             }
             continue;
         }
         if action != Action::Deny {
             continue;
-        }
-        if set == "tmd" && imds_proxied && bridge {
-            // Tasks reach the IMDS proxy on the task-metadata address
-            // (DNATed in their namespace before this bridge sees it).
-            let _ = writeln!(out, "{indent}ip daddr @tmd4 tcp dport {imds_port} return");
-            let _ = writeln!(out, "{indent}ip6 daddr @tmd6 tcp dport {imds_port} return");
         }
         for (fam, suffix) in [("ip", "4"), ("ip6", "6")] {
             let _ = writeln!(

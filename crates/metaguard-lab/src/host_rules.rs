@@ -12,24 +12,9 @@ pub type Rule = (&'static str, &'static str, Vec<&'static str>);
 /// `net.ipv4.conf.all.route_localnet=1`, without which the DNATed packets
 /// are dropped as martians (F1).
 pub fn ecs_init() -> Vec<Rule> {
-    const CREDENTIALS: [&str; 8] = [
-        "-d",
-        "169.254.170.2/32",
-        "-p",
-        "tcp",
-        "-m",
-        "tcp",
-        "--dport",
-        "80",
-    ];
     let mut rules: Vec<Rule> = ["docker0", "ecs-bridge"]
         .into_iter()
-        .map(|iface| {
-            let mut m = vec!["-i", iface];
-            m.extend(CREDENTIALS);
-            m.extend(["-j", "DNAT", "--to-destination", "127.0.0.1:51679"]);
-            ("nat", "PREROUTING", m)
-        })
+        .map(credentials_dnat)
         .collect();
     let mut redirect = CREDENTIALS.to_vec();
     redirect.extend(["-j", "REDIRECT", "--to-ports", "51679"]);
@@ -37,21 +22,40 @@ pub fn ecs_init() -> Vec<Rule> {
     rules
 }
 
+/// The credentials endpoint on TCP port 80.
+const CREDENTIALS: [&str; 8] = [
+    "-d",
+    "169.254.170.2/32",
+    "-p",
+    "tcp",
+    "-m",
+    "tcp",
+    "--dport",
+    "80",
+];
+
+/// ecs-init's DNAT of the credentials endpoint to the agent, for traffic
+/// entering from `iface`.
+pub fn credentials_dnat(iface: &'static str) -> Rule {
+    let mut m = vec!["-i", iface];
+    m.extend(CREDENTIALS);
+    m.extend(["-j", "DNAT", "--to-destination", "127.0.0.1:51679"]);
+    ("nat", "PREROUTING", m)
+}
+
 /// What dockerd installs for docker0: masquerade of container traffic
 /// leaving the host (IPv4; IPv6 is routed, as with Docker's default).
 pub fn docker_nat() -> Rule {
+    masquerade("172.17.0.0/16", "docker0")
+}
+
+/// What dockerd installs for a network on `bridge` with `subnet`:
+/// masquerade of its containers' traffic leaving the host.
+pub fn masquerade(subnet: &'static str, bridge: &'static str) -> Rule {
     (
         "nat",
         "POSTROUTING",
-        vec![
-            "-s",
-            "172.17.0.0/16",
-            "!",
-            "-o",
-            "docker0",
-            "-j",
-            "MASQUERADE",
-        ],
+        vec!["-s", subnet, "!", "-o", bridge, "-j", "MASQUERADE"],
     )
 }
 

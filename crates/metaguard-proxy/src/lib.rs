@@ -2,16 +2,22 @@
 //! "proxy"`) and the IMDS proxy (`imds = "proxy"`).
 //!
 //! ```text
-//!  container ──► 169.254.170.2:80 (relay)        ──► [agent] credentials (127.0.0.1:51679)
-//!            ──► 169.254.169.254:80 ─nft DNAT─► 169.254.170.2:9470 (IMDS proxy) ──► IMDS
+//!  container ──► 169.254.170.2:80   ─nft DNAT─► 169.254.170.2:9470 (relay)        ──► [agent] credentials (127.0.0.1:51679)
+//!            ──► 169.254.169.254:80 ─nft DNAT─► 169.254.169.254:9470 (IMDS proxy) ──► IMDS (169.254.169.254:80)
 //! ```
 //!
-//! * **Where.** Both listen on metaguard's own addresses on the host's `lo`
-//!   (the engine adds them); containers reach them by routing, so neither
-//!   `route_localnet` nor a CIS `127.0.0.0/8` drop rule matters (F1, F2),
-//!   and no port is published through Docker (F10). The proxy talks to
-//!   IMDS from the host, so the instance's hop limit of 1 no longer breaks
-//!   containers (F9).
+//! * **Where.** Each listens on the endpoint address it serves (the relay
+//!   on 169.254.170.2, the IMDS proxy on 169.254.169.254; IPv6 alike), on
+//!   `[proxy] imds_port`. Those addresses are not the host's: the sockets
+//!   are bound with `IP_FREEBIND` and `IP_TRANSPARENT`, and only the
+//!   connections the rules DNAT to them reach them (a policy route
+//!   delivers those locally), so no port of the host's own is taken — a
+//!   host-network service keeps `0.0.0.0:80` (F10) — and nothing is sent to
+//!   127/8, so neither `route_localnet` nor a CIS `127.0.0.0/8` drop rule
+//!   matters (F1, F2). The rules find out whether a listener is there
+//!   (`tproxy` finds only transparent sockets), which is why the sockets
+//!   are transparent. The proxy talks to IMDS from the host, so the
+//!   instance's hop limit of 1 no longer breaks containers (F9).
 //! * **Who.** Every accepted connection carries the mark of its SYN
 //!   (`tcp_fwmark_accept`): a hash of the bridge port it entered from, or a
 //!   host workload's tag. The [`Directory`] (the daemon's) turns it into a
@@ -358,11 +364,14 @@ pub fn workers() -> usize {
 pub const MAX_WORKERS: usize = 4;
 
 /// Binds `copies` listening sockets on `addr`, sharing the port through
-/// `SO_REUSEPORT`; one per worker. `IP_FREEBIND`: the address need not be
-/// on `lo` yet (a reload binds before its rules add it, so that a port
-/// someone else holds refuses the reload before anything changed). Only
-/// processes of the same user can join the group, and the first bind fails
-/// if another program holds the port without it (F10).
+/// `SO_REUSEPORT`; one per worker. `IP_FREEBIND`: the address is not the
+/// host's (an endpoint address; see the crate's "Where"). `IP_TRANSPARENT`
+/// (needs `CAP_NET_ADMIN`): the rules' `tproxy` probe finds only
+/// transparent listeners, and a transparent socket may answer from an
+/// address that is not the host's. Only processes of the same user can
+/// join the group, and the first bind fails if another program holds the
+/// port without it (F10) — a reload binds before its rules change, so that
+/// such a port refuses the reload before anything changed.
 pub fn bind(addr: SocketAddr, copies: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
     use nix::sys::socket::{self, sockopt, AddressFamily, Backlog, SockFlag, SockType};
     let family = match addr {
@@ -378,8 +387,14 @@ pub fn bind(addr: SocketAddr, copies: usize) -> std::io::Result<Vec<std::net::Tc
         )?;
         socket::setsockopt(&fd, sockopt::ReuseAddr, &true)?;
         socket::setsockopt(&fd, sockopt::ReusePort, &true)?;
-        // IPPROTO_IP level, which IPv6 sockets accept too (one flag).
+        // IPPROTO_IP level, which IPv6 sockets accept too (one flag each).
         socket::setsockopt(&fd, sockopt::IpFreebind, &true)?;
+        socket::setsockopt(&fd, sockopt::IpTransparent, &true).map_err(|e| {
+            std::io::Error::new(
+                std::io::Error::from(e).kind(),
+                format!("IP_TRANSPARENT: {e} (it needs CAP_NET_ADMIN)"),
+            )
+        })?;
         socket::bind(
             std::os::fd::AsRawFd::as_raw_fd(&fd),
             &socket::SockaddrStorage::from(addr),

@@ -11,6 +11,8 @@ use netlink_packet_core::{
 };
 use netlink_packet_route::link::{LinkAttribute, LinkMessage};
 use netlink_packet_route::nsid::{NsidAttribute, NsidMessage};
+use netlink_packet_route::route::RouteAttribute;
+use netlink_packet_route::rule::RuleAttribute;
 use netlink_packet_route::RouteNetlinkMessage;
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket};
 
@@ -169,6 +171,79 @@ pub fn netns_id(netns: BorrowedFd<'_>) -> io::Result<Option<i32>> {
     Ok(id)
 }
 
+/// Follows deletions of routing-policy rules and routes of routing table
+/// `table` in this namespace (both families; the multicast groups
+/// `RTNLGRP_IPV{4,6}_{RULE,ROUTE}`): `each` is called once per batch of
+/// notifications that holds one, and also when the kernel dropped some
+/// (`ENOBUFS`: one may have been lost). Blocks; returns when `each`
+/// returns false (after the next such batch), or on a socket error.
+pub fn follow_table_deletions(table: u32, mut each: impl FnMut() -> bool) -> io::Result<()> {
+    let socket = kernel_socket(NETLINK_ROUTE)?;
+    for group in [
+        libc::RTNLGRP_IPV4_ROUTE,
+        libc::RTNLGRP_IPV6_ROUTE,
+        libc::RTNLGRP_IPV4_RULE,
+        libc::RTNLGRP_IPV6_RULE,
+    ] {
+        socket.add_membership(group)?;
+    }
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match socket.recv(&mut &mut buf[..], 0) {
+            Ok(n) => n,
+            Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
+                if !each() {
+                    return Ok(());
+                }
+                continue;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        let mut offset = 0;
+        let mut hit = false;
+        while offset < n {
+            let Ok(msg) = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&buf[offset..n])
+            else {
+                // Not one we can read (a newer kernel's attribute): look.
+                hit = true;
+                break;
+            };
+            let len = msg.header.length as usize;
+            if let NetlinkPayload::InnerMessage(m) = msg.payload {
+                hit |= deletes_from(&m, table);
+            }
+            if len == 0 {
+                break;
+            }
+            offset += len;
+        }
+        if hit && !each() {
+            return Ok(());
+        }
+    }
+}
+
+/// Whether `m` deletes a rule or route of routing table `table` (ids above
+/// 255 travel as an attribute).
+fn deletes_from(m: &RouteNetlinkMessage, table: u32) -> bool {
+    match m {
+        RouteNetlinkMessage::DelRoute(r) => {
+            u32::from(r.header.table) == table
+                || r.attributes
+                    .iter()
+                    .any(|a| matches!(a, RouteAttribute::Table(t) if *t == table))
+        }
+        RouteNetlinkMessage::DelRule(r) => {
+            u32::from(r.header.table) == table
+                || r.attributes
+                    .iter()
+                    .any(|a| matches!(a, RuleAttribute::Table(t) if *t == table))
+        }
+        _ => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -185,5 +260,55 @@ mod tests {
         );
         let own = std::fs::File::open("/proc/self/ns/net").expect("own namespace");
         netns_id(std::os::fd::AsFd::as_fd(&own)).expect("RTM_GETNSID answers");
+    }
+
+    /// A rule of the followed table added and deleted in a scratch
+    /// namespace is reported; another table's is not.
+    #[test]
+    fn a_deleted_rule_of_the_table_is_reported() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::time::Duration;
+        if !crate::process::is_root() {
+            eprintln!("skipped: creating a network namespace needs root");
+            return;
+        }
+        let ns = crate::netns::Netns::new_anonymous().expect("scratch netns");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        let follower = ns
+            .spawn_thread("follow", move || {
+                follow_table_deletions(4711, || {
+                    let _ = tx.send(());
+                    !stopped.load(Ordering::Relaxed)
+                })
+            })
+            .expect("thread");
+        let ip = |args: &str| {
+            let mut cmd = std::process::Command::new("ip");
+            cmd.args(args.split_whitespace());
+            ns.command(&mut cmd).expect("netns");
+            assert!(cmd.status().expect("ip").success(), "ip {args}");
+        };
+        let cycle = |table: u32| {
+            ip(&format!("rule add fwmark 0x1 lookup {table} pref 91"));
+            ip(&format!("rule del fwmark 0x1 lookup {table} pref 91"));
+        };
+        // Until the follower (subscribing on its own thread) reports one;
+        // bounded.
+        let subscribed = (0..50).any(|_| {
+            cycle(4711);
+            rx.recv_timeout(Duration::from_millis(100)).is_ok()
+        });
+        assert!(subscribed, "no report of the deleted rule");
+        while rx.try_recv().is_ok() {}
+        cycle(4712);
+        assert!(
+            rx.recv_timeout(Duration::from_millis(300)).is_err(),
+            "another table's rule was reported"
+        );
+        stop.store(true, Ordering::Relaxed);
+        cycle(4711);
+        follower.join().expect("join").expect("follower");
     }
 }

@@ -13,7 +13,8 @@
 //!   loaded;
 //! * (b) metaguard's proxy: `metaguard daemon` in the lab host, c1 proxied
 //!   (see [`metaguard_variant`]); c1 → 169.254.169.254:80 → DNAT in c1 →
-//!   169.254.170.2:9470 → the emulator;
+//!   169.254.170.2:9470 → DNAT in the host to the IMDS proxy's listener on
+//!   169.254.169.254:9470 (policy route) → the emulator;
 //! * (c) nginx (Debian's binary, extracted by `scripts/common.sh`
 //!   `ensure_nginx`) in the lab host namespace on 172.17.0.1:8081 (docker0's
 //!   address, which c1 reaches on its own subnet), `proxy_pass` to
@@ -144,13 +145,14 @@ impl Proxy for Nginx {
 /// (b) metaguard's IMDS proxy: `metaguard daemon` in the lab host with
 /// c1's namespace as a proxied workload (`netns = [c1]`, `imds = "proxy"`,
 /// rate limits lifted so the load is not throttled), so c1's request to
-/// 169.254.169.254:80 is DNATed in c1's namespace to the proxy on
-/// 169.254.170.2:9470, identified by its bridge port, checked against the
-/// default path policy and forwarded. (a) runs from c2, which no workload
+/// 169.254.169.254:80 is DNATed in c1's namespace to 169.254.170.2:9470
+/// and in the host to the IMDS proxy's listener on 169.254.169.254:9470,
+/// identified by its bridge port, checked against the default path policy
+/// and forwarded. (a) runs from c2, which no workload
 /// selects: the same path to the emulator, untouched.
 fn metaguard_variant(lab: &Lab) -> Option<Result<Variant, String>> {
     Some(start_daemon(lab).map(|d| Variant {
-        label: "(b) metaguard proxy (169.254.170.2:9470)".to_string(),
+        label: "(b) metaguard proxy (169.254.169.254:9470)".to_string(),
         from: lab.netns_name(Role::C1),
         url: Lab::imds_url_v4(PATH),
         headers: Vec::new(),

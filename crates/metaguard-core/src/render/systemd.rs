@@ -19,12 +19,14 @@
 
 use super::{Kind, Options, Stamp};
 
-/// The capabilities the daemon needs: nft, conntrack, rtnetlink and
-/// sock_diag → `CAP_NET_ADMIN`; entering task network namespaces (setns),
-/// the private mount namespace that gives `nft` the cgroup2 hierarchy on
-/// hybrid hosts, and `bpf()` for the cgroup programs → `CAP_SYS_ADMIN`;
-/// the credentials relay on port 80 → `CAP_NET_BIND_SERVICE`.
-pub const CAPABILITIES: [&str; 3] = ["CAP_NET_ADMIN", "CAP_SYS_ADMIN", "CAP_NET_BIND_SERVICE"];
+/// The capabilities the daemon needs: nft, conntrack, rtnetlink (links,
+/// the proxy's policy routing), sock_diag and the proxy's transparent
+/// listeners (`IP_TRANSPARENT`) → `CAP_NET_ADMIN`; entering task network
+/// namespaces (setns), the private mount namespace that gives `nft` the
+/// cgroup2 hierarchy on hybrid hosts, and `bpf()` for the cgroup programs
+/// → `CAP_SYS_ADMIN`. No port below 1024 is bound (the proxy's listeners
+/// are on `[proxy] imds_port`), so not `CAP_NET_BIND_SERVICE`.
+pub const CAPABILITIES: [&str; 2] = ["CAP_NET_ADMIN", "CAP_SYS_ADMIN"];
 
 /// The units the drop-in goes into: whatever starts containers.
 pub const GATED_UNITS: [&str; 3] = ["docker.service", "containerd.service", "ecs.service"];
@@ -86,8 +88,9 @@ CapabilityBoundingSet={caps}
 NoNewPrivileges=yes
 ProtectSystem=strict
 ProtectHome=yes
-# Its state: the namespaces it wrote tables into, what it added to lo, its
-# daemon record (for `metaguard gate` and `metaguard reload`).
+# Its state: the namespaces it wrote tables into, the policy routing it
+# added for its proxy, its daemon record (for `metaguard gate` and
+# `metaguard reload`).
 RuntimeDirectory=metaguard
 RuntimeDirectoryMode=0700
 RuntimeDirectoryPreserve=yes

@@ -406,12 +406,105 @@ fn proxy_golden() {
     insta::assert_snapshot!("proxy_host", p.host);
     insta::assert_snapshot!("proxy_task", p.netns[0].script);
     let proxy = p.proxy.expect("proxy plan");
-    assert_eq!(proxy.imds.len(), 2, "{proxy:?}");
-    assert_eq!(proxy.relay.len(), 3, "{proxy:?}");
+    let addrs = |v: &[std::net::SocketAddr]| v.iter().map(|a| a.to_string()).collect::<Vec<_>>();
+    // On the endpoint addresses themselves, never on port 80 (F10).
+    assert_eq!(
+        addrs(&proxy.imds),
+        ["169.254.169.254:9470", "[fd00:ec2::254]:9470"]
+    );
+    assert_eq!(
+        addrs(&proxy.relay),
+        ["169.254.170.2:9470", "[fd00:ec2::23]:9470"]
+    );
+    assert_eq!(
+        proxy.routes,
+        [false, true].map(|v6| ProxyRoute {
+            v6,
+            mark: PROXY_ROUTE_MARK,
+            table: PROXY_ROUTE_TABLE,
+            pref: PROXY_RULE_PREF
+        })
+    );
     assert!(plan(&Config::builtin_default(), &facts)
         .expect("plan")
         .proxy
         .is_none());
+}
+
+/// The chain of workload `name` in a host table.
+fn chain<'a>(host: &'a str, name: &str) -> Vec<&'a str> {
+    let start = format!("\t\tcomment \"workload {name}\"");
+    host.lines()
+        .skip_while(|l| *l != start)
+        .skip(1)
+        .take_while(|l| *l != "\t}")
+        .map(str::trim)
+        .collect()
+}
+
+#[test]
+fn the_relay_takes_only_callers_of_workloads_that_use_it() {
+    let text = r#"
+[[workload]]
+name          = "proxied"
+bridges       = ["docker0"]
+task_metadata = "proxy"
+
+[[workload]]
+name          = "allowed"
+bridges       = ["br-allow"]
+
+[[workload]]
+name          = "denied"
+bridges       = ["br-deny"]
+task_metadata = "deny"
+"#;
+    let p = plan(&cfg(text), &HostFacts::default()).expect("plan");
+    let relay = "tproxy ip to 169.254.170.2:9470 meta mark set meta mark | 0x40000000 accept";
+    // proxy: to the relay if it listens, else refused at once.
+    let proxied = chain(&p.host, "proxied");
+    let probe = proxied
+        .iter()
+        .position(|r| r.contains(relay))
+        .expect("a probe rule");
+    assert!(
+        proxied[probe + 1].ends_with(
+            "tcp dport 80 tcp flags & (fin | syn | rst | ack) == syn reject with tcp reset"
+        ),
+        "{proxied:#?}"
+    );
+    // allow: to the relay if it listens (ownership, F13), else on to the
+    // agent untouched: no rule refuses anything.
+    let allowed = chain(&p.host, "allowed");
+    assert!(allowed.iter().any(|r| r.contains(relay)), "{allowed:#?}");
+    assert!(
+        !allowed.iter().any(|r| r.contains("reject")),
+        "{allowed:#?}"
+    );
+    // deny: refused, never relayed.
+    let denied = chain(&p.host, "denied");
+    assert!(!denied.iter().any(|r| r.contains("tproxy")), "{denied:#?}");
+    // Nothing reaches the proxy's route but what a probe or a host
+    // workload marked: the nat chain DNATs only marked packets, and no
+    // rule matches on other bridges (br-other is nobody's).
+    assert!(!p.host.contains("br-other"));
+    for line in p.host.lines().filter(|l| l.contains(" dnat ip")) {
+        assert!(
+            line.contains("meta mark & 0xc0000000 == 0xc0000000"),
+            "{line}"
+        );
+    }
+    // No host workload proxies: no output chain, no lo rules.
+    assert!(!p.host.contains("iif \"lo\"") && !p.host.contains("proxy_output"));
+}
+
+#[test]
+fn without_an_allow_workload_or_a_proxy_nothing_is_relayed() {
+    let allow_only = "[[workload]]\nname = \"a\"\nbridges = [\"docker0\"]\nimds = \"deny\"\n";
+    let p = plan(&cfg(allow_only), &HostFacts::default()).expect("plan");
+    assert!(
+        p.proxy.is_none() && !p.host.contains("tproxy") && !p.host.contains("bridge metaguard")
+    );
 }
 
 #[test]
@@ -424,9 +517,26 @@ fn proxy_needs_an_ipv4_address() {
 #[test]
 fn bridge_mark_is_the_kernels_jhash() {
     // Measured in a namespace: a SYN entering from port ifindex 3 through
-    // the bridge table's rule arrived with SO_MARK 0xf9e49469.
-    assert_eq!(bridge_mark(3), 0xf9e4_9469);
-    for i in [1u32, 2, 1000, 1 << 20, u32::MAX] {
+    // the bridge table's rule (mod 0x3fffffff) arrived with SO_MARK
+    // 0xbcf24a34.
+    assert_eq!(bridge_mark(3), 0xbcf2_4a34);
+    for i in [1u32, 2, 3, 1000, 1 << 20, u32::MAX] {
         assert!(bridge_mark(i) >= BRIDGE_MARK_BASE);
     }
+}
+
+#[test]
+fn identity_marks_and_the_route_mark_do_not_overlap() {
+    // Bridge marks leave the route bit free (it is added for the policy
+    // route and taken off again before TCP reads the mark) and never look
+    // like a host mark; host marks carry it.
+    for i in (1u32..5000).chain([1 << 20, u32::MAX]) {
+        let m = bridge_mark(i);
+        assert_eq!(m & PROXY_ROUTE_MARK, 0, "ifindex {i}: 0x{m:08x}");
+        assert!(!is_host_mark(m) && !is_host_mark(m | PROXY_ROUTE_MARK));
+    }
+    assert_eq!(HOST_MARK_TAG, 0x6e00_0000);
+    assert_eq!(HOST_MARK_TAG & PROXY_ROUTE_MARK, PROXY_ROUTE_MARK);
+    assert_eq!(HOST_MARK_TAG & BRIDGE_MARK_BASE, 0);
+    assert!(is_host_mark(HOST_MARK_TAG | 3));
 }

@@ -89,6 +89,7 @@ impl Metrics {
         ]
         .into_iter()
         .chain(super::bpf_heal::CAUSES)
+        .chain([super::ROUTING_CAUSE])
         {
             heals.with_label_values(&[cause]);
         }

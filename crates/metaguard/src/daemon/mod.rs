@@ -31,6 +31,11 @@
 //!   line and column and the rules in force stay. SIGTERM/SIGINT leave the
 //!   rules in place (fail-closed) unless `--remove-on-exit`. SIGKILL leaves
 //!   them too, of course: a restart finds and replaces them.
+//! * **Heal the proxy's policy routing.** rtnetlink notifications of
+//!   deleted rules and routes in the proxy's routing table (a thread
+//!   blocked on the socket; no polling) are followed by a read-back and
+//!   the missing ones added again, logged as `healed` with `layer =
+//!   "routing"`.
 //! * **Proxy.** Started by the first config that proxies anything, and
 //!   reconfigured by every reload in two steps around the rules: before
 //!   them its new listeners are bound and its new settings (audit log,
@@ -55,7 +60,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use metaguard_core::config::Selector;
-use metaguard_core::ruleset::{ContainerFact, Plan, FAMILY, TABLE};
+use metaguard_core::ruleset::{ContainerFact, Plan, FAMILY, PROXY_ROUTE_TABLE, TABLE};
 use metaguard_core::Config;
 use metaguard_proxy::server::Prepared;
 use metaguard_sys::bpf::{Attachment, LinkInfo, MapContents};
@@ -98,6 +103,8 @@ pub enum Event {
     /// Something was unpinned from (or moved out of) the BPF layer's pin
     /// directory, or the directory itself went.
     BpfPins,
+    /// A rule or route of the proxy's routing table was deleted.
+    Routing,
 }
 
 /// What the daemon keeps of an active BPF layer, to notice drift.
@@ -116,6 +123,8 @@ struct BpfGuard {
 
 /// How long checks rest after a failed BPF heal.
 const BPF_RETRY: Duration = Duration::from_secs(5);
+/// The `cause` of a heal of the proxy's policy routing.
+pub const ROUTING_CAUSE: &str = "policy-routing-deleted";
 
 /// A guarded namespace and what is expected in it.
 struct Guarded {
@@ -163,6 +172,9 @@ struct Daemon {
     bpf: Option<BpfGuard>,
     /// inotify on the BPF pin directory (once the layer was active).
     bpf_watches: Option<inotify::Watches>,
+    /// Whether the proxy's routing table is followed (from the first plan
+    /// with a proxy on).
+    routing_followed: bool,
 }
 
 /// The running proxy: its threads, listeners and settings, and the view of
@@ -235,6 +247,7 @@ pub fn run(
             record,
             bpf: None,
             bpf_watches: None,
+            routing_followed: false,
         };
         // Signals first: a SIGTERM right after "ready" must find its handler.
         let signals = Signals::new()?;
@@ -262,6 +275,7 @@ impl Daemon {
         self.update_gauges();
         metrics::serve(self.opts.metrics_addr, self.metrics.clone())?;
         self.commit_proxy(proxy);
+        self.follow_routing();
         self.sync_bpf(report.bpf.as_ref().is_some_and(|b| b.state == "active"));
         self.watch_netns_dirs()?;
         self.watch_docker();
@@ -613,6 +627,59 @@ impl Daemon {
                 self.follow_cgroups_bpf();
             }
             Event::BpfPins => self.check_bpf("pin directory changed"),
+            Event::Routing => self.heal_routing(),
+        }
+    }
+
+    /// Follows deletions in the proxy's routing table (rtnetlink, on a
+    /// thread of its own) once a plan has a proxy.
+    fn follow_routing(&mut self) {
+        if self.routing_followed || self.plan.proxy.is_none() {
+            return;
+        }
+        let tx = self.tx.clone();
+        let spawned = std::thread::Builder::new()
+            .name("metaguard-routing".into())
+            .spawn(move || {
+                let r = metaguard_sys::rtnl::follow_table_deletions(PROXY_ROUTE_TABLE, || {
+                    tx.send(Event::Routing).is_ok()
+                });
+                if let Err(e) = r {
+                    error!(error = %e, "cannot follow the proxy's policy routing; it is checked only by verify");
+                }
+            });
+        match spawned {
+            Ok(_) => self.routing_followed = true,
+            Err(e) => error!(error = %e, "cannot start the policy routing follower"),
+        }
+    }
+
+    /// Puts back the proxy's policy routing after someone deleted some.
+    fn heal_routing(&mut self) {
+        let Some(p) = &self.plan.proxy else {
+            return;
+        };
+        let started = Instant::now();
+        match self.engine.heal_proxy(p) {
+            Ok(added) if added.is_empty() => {}
+            Ok(added) => {
+                let secs = started.elapsed().as_secs_f64();
+                self.metrics.drift.inc();
+                self.metrics.heals.with_label_values(&[ROUTING_CAUSE]).inc();
+                let changes = added
+                    .iter()
+                    .map(|o| format!("{o} deleted"))
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                info!(
+                    layer = "routing",
+                    cause = ROUTING_CAUSE,
+                    changes = %changes,
+                    ms = (secs * 1000.0) as u64,
+                    "healed"
+                );
+            }
+            Err(e) => error!(layer = "routing", error = %format!("{e:#}"), "heal failed"),
         }
     }
 
@@ -946,6 +1013,7 @@ impl Daemon {
                 self.config = config;
                 self.plan = plan;
                 self.commit_proxy(proxy);
+                self.follow_routing();
                 self.sync_bpf(report.bpf.as_ref().is_some_and(|b| b.state == "active"));
                 if let Err(e) = self.sync_guarded() {
                     error!(error = %format!("{e:#}"), "after reload");

@@ -40,10 +40,15 @@ pub const DEFAULT_STATE_DIR: &str = "/run/metaguard";
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct State {
     pub netns: Vec<String>,
-    /// Addresses metaguard added to the host's `lo` for its proxy (never
-    /// ones that were there before).
+    /// Addresses an earlier version added to the host's `lo` for its
+    /// proxy (never ones that were there before); removed by the next
+    /// apply or `remove`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub addresses: Vec<IpAddr>,
+    /// Policy-routing rules and routes metaguard added for its proxy
+    /// (never ones that were there before).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routing: Vec<proxy::Routing>,
     /// `net.ipv4.tcp_fwmark_accept` before metaguard set it, restored by
     /// `remove`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -313,6 +318,7 @@ impl Engine {
                 .map(|t| t.label.clone())
                 .collect(),
             addresses: previous.addresses.clone(),
+            routing: previous.routing.clone(),
             fwmark_accept_was: previous.fwmark_accept_was.clone(),
         };
         // Record before touching: the union, so a crash midway still lets
@@ -324,21 +330,25 @@ impl Engine {
             }
         }
         self.save_state(&union)?;
-        // The proxy's addresses and identity sysctl before the rules that
-        // steer traffic to them; recorded as they are made.
-        if let Some(p) = &plan.proxy {
-            proxy::install(p, &mut state, |s| self.save_state(s))?;
-        }
+        // The proxy's policy routing and identity sysctl before the rules
+        // that steer traffic to it; recorded as they are made.
+        let added = match &plan.proxy {
+            Some(p) => proxy::install(p, &mut state, |s| self.save_state(s))?,
+            None => Vec::new(),
+        };
         for (i, t) in targets.iter().enumerate() {
             let loaded = self.nft.apply(t.netns.as_ref(), &t.script);
             match (i, loaded) {
                 (_, Ok(())) => report.tables.push(t.label.clone()),
-                // The host table comes first: nothing was changed yet.
+                // The host table comes first: nothing but the proxy's
+                // routing was changed yet, and that is taken back.
                 (0, Err(e)) => {
+                    proxy::undo(&mut state, &previous, &added)?;
+                    self.save_state(&state)?;
                     return Err(anyhow::Error::new(e).context(format!(
                         "the ruleset for {} does not load; nothing was changed",
                         t.label
-                    )))
+                    )));
                 }
                 (_, Err(e)) => {
                     return Err(anyhow::Error::new(e).context(format!(
@@ -370,7 +380,7 @@ impl Engine {
             }
         }
         if plan.proxy.is_none() {
-            // No proxy any more: its bridge table, addresses and sysctl go.
+            // No proxy any more: its bridge table, routing and sysctl go.
             self.nft.delete_table(None, "bridge", TABLE)?;
             proxy::uninstall(&mut state)?;
         }
@@ -501,6 +511,17 @@ impl Engine {
             }
         }
         Ok((out, warnings))
+    }
+
+    /// Adds whatever of the proxy's policy routing (and sysctl) is
+    /// missing, recorded like apply's; returns what was added. The daemon
+    /// calls it when the kernel reports a deletion in the proxy's table.
+    pub fn heal_proxy(
+        &self,
+        plan: &metaguard_core::ruleset::ProxyPlan,
+    ) -> anyhow::Result<Vec<proxy::Routing>> {
+        let mut state = self.load_state();
+        proxy::install(plan, &mut state, |s| self.save_state(s))
     }
 
     /// Deletes metaguard's tables: host, and every namespace in the state.

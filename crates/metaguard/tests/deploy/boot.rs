@@ -308,8 +308,9 @@ fn ready_file(lab: &Lab) -> Option<String> {
 fn unit_capability_set_is_what_the_daemon_needs() -> Result<(), Failed> {
     let dir = Scratch::new("caps")?;
     let lab = lab()?;
-    // What the unit must cover: bridges (with the credentials relay on
-    // 169.254.170.2:80), a task namespace to enter, and host processes by
+    // What the unit must cover: bridges (with the credentials relay: a
+    // transparent listener on 169.254.170.2:9470 and the policy routing
+    // that leads to it), a task namespace to enter, and host processes by
     // cgroup (on a hybrid host like this one, nft then runs in a private
     // mount namespace with cgroup2 at /sys/fs/cgroup).
     let config = dir.join("caps.toml");

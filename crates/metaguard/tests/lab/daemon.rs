@@ -7,6 +7,7 @@ use std::process::Child;
 use std::time::{Duration, Instant};
 
 use libtest_mimic::Failed;
+use metaguard_lab::host_rules;
 use metaguard_lab::probe::{Outcome, ProbeKind, ProbeSpec};
 use metaguard_lab::topology::{addr, Role};
 use metaguard_lab::{Lab, Workload};
@@ -247,20 +248,7 @@ fn new_bridge_ports_and_bridges_are_blocked_from_the_first_packet() -> Result<()
             lab.run_in(
                 Role::Host,
                 "iptables",
-                &[
-                    "-w",
-                    "-t",
-                    "nat",
-                    "-A",
-                    "POSTROUTING",
-                    "-s",
-                    "172.18.0.0/16",
-                    "!",
-                    "-o",
-                    bridge,
-                    "-j",
-                    "MASQUERADE",
-                ],
+                &host_rules::args("-A", &host_rules::masquerade("172.18.0.0/16", bridge)),
             )?;
         }
         lab.ip_in(

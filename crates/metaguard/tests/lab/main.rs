@@ -16,6 +16,7 @@ mod discovery;
 mod enforce;
 mod foundation;
 mod proxy;
+mod proxy_datapath;
 mod proxy_endpoints;
 mod proxy_identity;
 mod proxy_metrics;
@@ -46,6 +47,7 @@ fn main() {
         .chain(proxy_endpoints::TESTS)
         .chain(proxy_policy::TESTS)
         .chain(proxy_metrics::TESTS)
+        .chain(proxy_datapath::TESTS)
     {
         let f: TestFn = *f;
         let trial = Trial::test(*name, move || {

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use libtest_mimic::Failed;
 use metaguard_lab::agent::AgentEmulator;
-use metaguard_lab::probe::{Outcome, ProbeKind, ProbeResult, ProbeSpec};
+use metaguard_lab::probe::ProbeResult;
 use metaguard_lab::servers::{Bind, ServerThread};
 use metaguard_lab::topology::{addr, Role};
 use metaguard_lab::{Lab, Workload};
@@ -42,8 +42,10 @@ const INSTANCE_ID: &str = "/latest/meta-data/instance-id";
 /// Where the second ECS agent emulator listens (the lab's is on 51679).
 const SECOND_AGENT_PORT: u16 = 51680;
 const SECOND_ROLE: &str = "arn:aws:iam::111122223333:role/lab-second-agent";
-/// Where metaguard's own listeners are (its task-metadata address).
-const PROXY_ADDR: &str = "169.254.170.2";
+/// Where the proxy's listeners are: the IMDS proxy on the IMDS address,
+/// the relay on the task-metadata address (IPv4).
+const IMDS_LISTENER: &str = "169.254.169.254";
+const RELAY_LISTENER: &str = "169.254.170.2";
 
 /// What the configs of these tests vary; one bridge workload.
 #[derive(Debug, Clone)]
@@ -191,10 +193,10 @@ fn denied_arrivals(lab: &Lab) -> Vec<String> {
         .collect()
 }
 
-/// curl as c1: whether it succeeded, and what it printed.
-fn curl(lab: &Lab, args: &[&str]) -> Result<(bool, String), Failed> {
+/// curl as `w`: whether it succeeded, and what it printed.
+pub fn curl(lab: &Lab, w: Workload, args: &[&str]) -> Result<(bool, String), Failed> {
     let out = lab
-        .command_in(Workload::BridgeC1, "curl")?
+        .command_in(w, "curl")?
         .args(["-s", "-m", "3"])
         .args(args)
         .output()?;
@@ -204,11 +206,12 @@ fn curl(lab: &Lab, args: &[&str]) -> Result<(bool, String), Failed> {
     ))
 }
 
-/// IMDSv2 from c1: a token PUT, then the instance id with that token.
+/// IMDSv2 from `w`: a token PUT, then the instance id with that token.
 /// `None` when no token was issued.
-fn imdsv2_instance_id(lab: &Lab) -> Result<Option<(String, String)>, Failed> {
+pub fn imdsv2_instance_id(lab: &Lab, w: Workload) -> Result<Option<(String, String)>, Failed> {
     let (ok, token) = curl(
         lab,
+        w,
         &[
             "-f",
             "-X",
@@ -223,6 +226,7 @@ fn imdsv2_instance_id(lab: &Lab) -> Result<Option<(String, String)>, Failed> {
     }
     let (_, out) = curl(
         lab,
+        w,
         &[
             "-H",
             &format!("X-aws-ec2-metadata-token: {token}"),
@@ -245,28 +249,25 @@ fn burst_codes(lab: &Lab, n: usize) -> Result<Vec<String>, Failed> {
         .collect())
 }
 
-/// A TCP connection from a host process straight to metaguard's address.
-fn direct_to_proxy(lab: &Lab, port: u16) -> Result<ProbeResult, Failed> {
-    let spec = ProbeSpec {
-        id: lab.probe_id("direct"),
-        kind: ProbeKind::Tcp {
-            host: PROXY_ADDR.into(),
-            port,
-        },
-        timeout_ms: 1000,
-    };
-    Ok(lab.probe(Workload::HostOther, &spec)?)
-}
-
-/// The host's listening TCP sockets on metaguard's address.
+/// The host's listening TCP sockets on the endpoint addresses (the
+/// proxy's listeners; IPv4 and IPv6).
 fn proxy_sockets(lab: &Lab) -> Result<Vec<String>, Failed> {
     Ok(lab
         .run_in(Role::Host, "ss", &["-Hltn"])?
         .lines()
         .filter_map(|l| l.split_whitespace().nth(3))
-        .filter(|local| local.starts_with(&format!("{PROXY_ADDR}:")))
+        .filter(|local| {
+            [IMDS_LISTENER, RELAY_LISTENER, "[fd00:ec2::"]
+                .iter()
+                .any(|a| local.starts_with(a))
+        })
         .map(str::to_string)
         .collect())
+}
+
+/// Whether the proxy listens on `addr` (as `ss` prints it).
+fn listens_on(lab: &Lab, addr: &str) -> Result<bool, Failed> {
+    Ok(proxy_sockets(lab)?.iter().any(|l| l == addr))
 }
 
 /// c1's own task credentials through 169.254.170.2: the role they are
@@ -362,20 +363,20 @@ fn reload_phases(
 ) -> Result<(), Failed> {
     // (a) deny → proxy: IMDSv2 through the proxy, where deny gave nothing.
     ensure!(
-        imdsv2_instance_id(lab)?.is_none(),
+        imdsv2_instance_id(lab, Workload::BridgeC1)?.is_none(),
         "deny: c1 got an IMDSv2 token"
     );
     cfg.imds = "proxy";
     reloads.apply(&cfg)?;
-    let got = imdsv2_instance_id(lab)?;
+    let got = imdsv2_instance_id(lab, Workload::BridgeC1)?;
     ensure!(
         got == Some(("200".to_string(), lab.instance_id().to_string())),
         "proxy: IMDSv2 instance id through the proxy: {got:?}"
     );
-    let direct = direct_to_proxy(lab, 9470)?;
     ensure!(
-        direct.outcome != Outcome::Refused,
-        "proxy: nothing listens on {PROXY_ADDR}:9470: {direct:?}"
+        listens_on(lab, &format!("{IMDS_LISTENER}:9470"))?,
+        "proxy: nothing listens on {IMDS_LISTENER}:9470: {:?}",
+        proxy_sockets(lab)?
     );
 
     // (b) a small bucket throttles; the defaults again do not.
@@ -448,10 +449,11 @@ fn reload_phases(
     // and c1 is rejected at once.
     cfg.imds = "deny";
     reloads.apply(&cfg)?;
-    let direct = direct_to_proxy(lab, 9470)?;
+    let sockets = proxy_sockets(lab)?;
     ensure!(
-        direct.outcome == Outcome::Refused,
-        "deny: {PROXY_ADDR}:9470 still accepts: {direct:?}"
+        !sockets.contains(&format!("{IMDS_LISTENER}:9470"))
+            && sockets.contains(&format!("{RELAY_LISTENER}:9470")),
+        "deny: the IMDS proxy should be closed, the relay open: {sockets:?}"
     );
     ensure!(
         blocked_now(lab, Workload::BridgeC1, &Lab::imds_url_v4(INSTANCE_ID))?,
@@ -517,7 +519,7 @@ fn a_reload_that_cannot_open_its_audit_log_or_bind_changes_nothing() -> Result<(
     )?;
     let line = reloads.refuse(&bad(lab.work_dir().join("audit-new.jsonl")))?;
     ensure!(
-        line.contains(&format!("cannot listen on {PROXY_ADDR}:9471")),
+        line.contains(&format!("cannot listen on {IMDS_LISTENER}:9471")),
         "the refusal does not say why: {line}"
     );
 

@@ -170,13 +170,15 @@ fn reload_changes_the_proxy_and_no_denied_request_passes() -> Result<(), Failed>
     let awsvpc = host.run_task(&TaskSpec::single("api", "awsvpc"))?;
     let seen = with_loops(&host, &[&bridge, &awsvpc], SENSITIVE, || {
         std::thread::sleep(Duration::from_millis(300));
-        // deny → proxy: listeners bound, IMDSv2 through them, audit log.
+        // deny → proxy: listeners bound (the IMDS proxy's on the IMDS
+        // address, the relay's on the task-metadata one, never port 80),
+        // IMDSv2 through them, audit log.
         let out = reload(&host, PROXY_CONFIG)?;
         ensure!(out.status.success(), "reload to proxy: {out:?}");
+        let ss = listening(&host)?;
         ensure!(
-            listening(&host)?.contains("169.254.170.2:9470"),
-            "{}",
-            listening(&host)?
+            ss.contains("169.254.169.254:9470") && ss.contains("169.254.170.2:9470"),
+            "{ss}"
         );
         for t in [&bridge, &awsvpc] {
             let r = imdsv2_instance_id(&host, t.first())?;
@@ -202,7 +204,9 @@ fn reload_changes_the_proxy_and_no_denied_request_passes() -> Result<(), Failed>
         ensure!(out.status.success(), "reload of [proxy] keys: {out:?}");
         let ss = listening(&host)?;
         ensure!(
-            ss.contains("169.254.170.2:9471") && !ss.contains("169.254.170.2:9470"),
+            ss.contains("169.254.169.254:9471")
+                && ss.contains("169.254.170.2:9471")
+                && !ss.contains(":9470 "),
             "{ss}"
         );
         let mut statuses = Vec::new();
@@ -245,7 +249,10 @@ fn reload_changes_the_proxy_and_no_denied_request_passes() -> Result<(), Failed>
         let out = reload(&host, metaguard_core::config::BUILTIN_DEFAULT_TOML)?;
         ensure!(out.status.success(), "reload back to the default: {out:?}");
         let ss = listening(&host)?;
-        ensure!(!ss.contains("169.254.170.2:"), "listeners left: {ss}");
+        ensure!(
+            !ss.contains("169.254.170.2:") && !ss.contains("169.254.169.254:"),
+            "listeners left: {ss}"
+        );
         std::thread::sleep(Duration::from_millis(500));
         Ok(())
     })?;

@@ -25,7 +25,7 @@ const INSTANCE_ID: &str = "http://169.254.169.254/latest/meta-data/instance-id";
 
 fn upgrade_leaves_no_window_and_purge_leaves_nothing() -> Result<(), Failed> {
     // Everything metaguard can put into the kernel: tables in the host and
-    // in task namespaces, the proxy's addresses on lo and its sysctl, the
+    // in task namespaces, the proxy's policy routing and its sysctl, the
     // BPF layer's links and pins.
     let mut host = installed_with(|h| {
         Ok(Some(bpf_config(h)?.replacen(
@@ -68,6 +68,12 @@ fn upgrade_leaves_no_window_and_purge_leaves_nothing() -> Result<(), Failed> {
         String::from_utf8_lossy(&verify.stdout)
     );
 
+    let rules = m.exec_ok(&["ip", "-4", "rule", "show"])?;
+    ensure!(
+        rules.contains("lookup 19783"),
+        "no policy rule before the purge: {rules}"
+    );
+
     // Purge.
     let cgroups = format!("/sys/fs/cgroup/{}", host.cgroup_root());
     let programs_before = m.exec_ok(&["bpftool", "cgroup", "tree", &cgroups])?;
@@ -86,6 +92,12 @@ fn upgrade_leaves_no_window_and_purge_leaves_nothing() -> Result<(), Failed> {
             let inside = lab.run_in_named(&t.first().netns, "nft", &["list", "tables"])?;
             ensure!(!inside.contains("metaguard"), "task table left: {inside}");
         }
+    }
+    for family in ["-4", "-6"] {
+        let rules = m.exec_ok(&["ip", family, "rule", "show"])?;
+        ensure!(!rules.contains("19783"), "policy rules left: {rules}");
+        let routes = m.exec_ok(&["ip", family, "route", "show", "table", "all"])?;
+        ensure!(!routes.contains("table 19783"), "routes left: {routes}");
     }
     let lo = m.exec_ok(&["ip", "-br", "addr", "show", "dev", "lo"])?;
     ensure!(

@@ -48,6 +48,13 @@ fn containers_get_imdsv2_and_their_own_credentials_through_the_shipped_unit() ->
     spec.containers[0].user = Some(1000);
     let awsvpc = host.run_task(&spec)?;
     let instance_id = host.lab()?.instance_id().to_string();
+    // The proxy listens on [proxy] imds_port of the endpoint addresses:
+    // port 80 stays free for the host's own services (F10).
+    let ss = host.machine()?.exec_ok(&["ss", "-Htln"])?;
+    ensure!(
+        ss.contains("169.254.170.2:9470") && !ss.contains(":80 "),
+        "listening in the machine:\n{ss}"
+    );
     for (task, other) in [(&bridge, &awsvpc), (&awsvpc, &bridge)] {
         let mode = &task.info.network_mode;
         let c = task.first();
