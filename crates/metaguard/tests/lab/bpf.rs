@@ -222,11 +222,13 @@ fn f4_f5_nft_flushed_and_no_daemon_every_container_kind_still_gets_eperm() -> Re
         denied(&lab, w, &sendto(&lab, "169.254.169.254"))?;
         denied(&lab, w, &sendto(&lab, "fd00:ec2::254"))?;
     }
-    // The whole probe (runtime start, resolve, socket, connect) stays far
-    // below a network round trip; the connect itself is measured in
+    // A refusal, not a drop: the whole probe (runtime start, resolve,
+    // socket, connect) ends well before TCP's first SYN retransmission
+    // (1 s) would. The bound leaves room for a loaded machine (48 ms was
+    // seen with four builds running); the connect itself is measured in
     // benches/bpf.rs.
     ensure!(
-        slowest < Duration::from_millis(20),
+        slowest < Duration::from_millis(500),
         "slowest refusal took {slowest:?}"
     );
     eprintln!("slowest refused probe (whole process-side attempt): {slowest:?}");
