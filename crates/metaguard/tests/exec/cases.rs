@@ -278,29 +278,41 @@ fn race(lab: &Lab, exec: bool, kind: &str, iters: u32, marker: &str) -> Result<V
 fn f12_toctou_racer_never_reaches_metadata() -> Result<(), Failed> {
     let lab = lab()?;
     for kind in ["connect", "sendto", "sendmsg"] {
-        // Control: without exec the racer does reach the target.
-        let ctl = race(&lab, false, kind, 300, &format!("ctl-{kind}"))?;
+        // Control: without exec the racer does reach the target. Whether
+        // a run of 300 lands on the metadata address depends on the
+        // flipping thread being scheduled beside the sender; on a loaded
+        // 2-core machine it sometimes is not, so the control gets up to
+        // five runs (it proves the probe can reach, not how often).
+        let mut ctl = serde_json::Value::Null;
+        let mut reached_ctl = 0;
+        for attempt in 0..5 {
+            let prefix = format!("ctl-{kind}-{attempt}");
+            ctl = race(&lab, false, kind, 300, &prefix)?;
+            // UDP is asynchronous (and the first datagrams wait for the
+            // neighbour to resolve): give them up to 2 s to be logged.
+            let reached = || {
+                marked(lab.echo_log(), &format!("{prefix}-"))
+                    .iter()
+                    .filter(|e| is_metadata(e.local.ip()))
+                    .count()
+            };
+            let deadline = std::time::Instant::now() + Duration::from_secs(2);
+            reached_ctl = reached();
+            while reached_ctl == 0 && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+                reached_ctl = reached();
+            }
+            if reached_ctl > 0 {
+                break;
+            }
+        }
         ensure!(
             kind != "connect" || ctl["reached_target"].as_u64().unwrap_or(0) > 0,
             "without exec the racer never reached the target: {ctl}"
         );
-        // UDP is asynchronous (and the first datagrams wait for the
-        // neighbour to resolve): give them up to 2 s to be logged.
-        let reached = || {
-            marked(lab.echo_log(), &format!("ctl-{kind}-"))
-                .iter()
-                .filter(|e| is_metadata(e.local.ip()))
-                .count()
-        };
-        let deadline = std::time::Instant::now() + Duration::from_secs(2);
-        let mut reached_ctl = reached();
-        while reached_ctl == 0 && std::time::Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-            reached_ctl = reached();
-        }
         ensure!(
             reached_ctl > 0,
-            "{kind}: without exec nothing arrived at the metadata echo: {ctl}"
+            "{kind}: without exec nothing arrived at the metadata echo in five runs: {ctl}"
         );
 
         let marker = format!("race-{kind}");
