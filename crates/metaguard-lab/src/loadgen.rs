@@ -686,15 +686,21 @@ mod tests {
 
     #[test]
     fn cpu_seconds_counts_this_process() {
+        // Spin until the counter shows 50 ms of CPU, 10 s of wall time at
+        // most: on a loaded machine 120 ms of wall time gave 40 ms of CPU.
+        // A counter that does not move fails at the deadline.
         let before = cpu_seconds(std::process::id()).expect("own stat");
-        let end = std::time::Instant::now() + std::time::Duration::from_millis(120);
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
         let mut x = 1u64;
-        while std::time::Instant::now() < end {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+        let mut after = before;
+        while after - before < 0.05 && std::time::Instant::now() < end {
+            for _ in 0..100_000 {
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+            }
+            after = cpu_seconds(std::process::id()).expect("own stat");
         }
         std::hint::black_box(x);
-        let after = cpu_seconds(std::process::id()).expect("own stat");
-        assert!(after - before >= 0.05, "{before} → {after}");
+        assert!(after - before >= 0.05, "{before} → {after} in 10 s");
         assert_eq!(cpu_seconds(u32::MAX), None);
     }
 
