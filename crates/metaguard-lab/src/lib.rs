@@ -32,6 +32,8 @@ pub mod registry;
 pub mod servers;
 #[cfg(feature = "harness")]
 pub mod standin;
+#[cfg(feature = "harness")]
+pub mod testing;
 pub mod topology;
 
 pub use error::LabError;

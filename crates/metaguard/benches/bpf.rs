@@ -23,15 +23,7 @@ use metaguard_lab::{Lab, LabOptions, Workload};
 mod common;
 
 fn main() {
-    let full = std::env::args().any(|a| a == "--bench");
-    if !metaguard_sys::process::is_root() {
-        println!("bpf bench skipped: needs root (network namespaces, bpf)");
-        return;
-    }
-    if let Err(e) = run(full) {
-        eprintln!("bpf bench failed: {e}");
-        std::process::exit(1);
-    }
+    common::main_as_root("bpf", "network namespaces, bpf", run);
 }
 
 /// bpffs at `<lab>/bpffs`, unmounted (releasing every pin) on drop.

@@ -28,15 +28,7 @@ use metaguard_lab::{Lab, LabOptions};
 mod common;
 
 fn main() {
-    let full = std::env::args().any(|a| a == "--bench");
-    if !metaguard_sys::process::is_root() {
-        println!("daemon bench skipped: needs root (network namespaces)");
-        return;
-    }
-    if let Err(e) = run(full) {
-        eprintln!("daemon bench failed: {e}");
-        std::process::exit(1);
-    }
+    common::main_as_root("daemon", "network namespaces", run);
 }
 
 struct Killed(Child);

@@ -21,15 +21,7 @@ mod common;
 use common::stats;
 
 fn main() {
-    let full = std::env::args().any(|a| a == "--bench");
-    if !metaguard_sys::process::is_root() {
-        println!("enforce bench skipped: needs root (network namespaces)");
-        return;
-    }
-    if let Err(e) = run(full) {
-        eprintln!("enforce bench failed: {e}");
-        std::process::exit(1);
-    }
+    common::main_as_root("enforce", "network namespaces", run);
 }
 
 fn config(n: usize) -> String {

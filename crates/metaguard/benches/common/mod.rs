@@ -9,6 +9,24 @@ use std::path::PathBuf;
 use metaguard_lab::probe::{ProbeKind, ProbeSpec};
 use metaguard_lab::{Lab, Workload};
 
+/// A root-only bench's `main`: skipped, saying why, when not root; else
+/// `run(full)` (`full` with `--bench`), a failure exiting 1.
+pub fn main_as_root<E: std::fmt::Display>(
+    bench: &str,
+    needs: &str,
+    run: impl FnOnce(bool) -> Result<(), E>,
+) {
+    let full = std::env::args().any(|a| a == "--bench");
+    if !metaguard_sys::process::is_root() {
+        println!("{bench} bench skipped: needs root ({needs})");
+        return;
+    }
+    if let Err(e) = run(full) {
+        eprintln!("{bench} bench failed: {e}");
+        std::process::exit(1);
+    }
+}
+
 /// "CPU model, N cores".
 pub fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")

@@ -8,7 +8,8 @@
 //! the way to install it; under METAGUARD_REQUIRE_ROOT=1 (./scripts/test,
 //! which installs every tool) it fails instead, like the root-only tests.
 
-use libtest_mimic::{Arguments, Failed, Trial};
+use libtest_mimic::Arguments;
+use metaguard_lab::testing::{self, TestFn};
 
 mod support;
 
@@ -16,8 +17,6 @@ mod boot;
 mod package;
 mod render;
 mod validate;
-
-type TestFn = fn() -> Result<(), Failed>;
 
 /// What a test needs besides itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,7 +29,6 @@ pub enum Needs {
 fn main() {
     let args = Arguments::from_args();
     let is_root = metaguard_sys::process::is_root();
-    let require = std::env::var("METAGUARD_REQUIRE_ROOT").is_ok_and(|v| v == "1");
     if !is_root {
         eprintln!("note: not root: tests that build network namespaces are ignored (run ./scripts/test as root)");
     }
@@ -41,30 +39,17 @@ fn main() {
         .chain(package::TESTS.iter())
         .chain(boot::TESTS.iter());
     for (name, needs, f) in tests {
-        let f: TestFn = *f;
         let missing: Option<String> = match needs {
             Needs::Nothing => None,
             Needs::Root => (!is_root).then(|| "needs root".to_string()),
             Needs::Tool(t) => t.missing(),
         };
         if let Some(why) = &missing {
-            if !require {
+            if !testing::required() {
                 eprintln!("note: {name} ignored: {why}");
             }
         }
-        let why = missing.clone();
-        let trial = Trial::test(*name, move || {
-            if let (true, Some(why)) = (require, &why) {
-                return Err(format!("METAGUARD_REQUIRE_ROOT=1 but {why}").into());
-            }
-            f()
-        });
-        trials.push(trial.with_ignored_flag(missing.is_some() && !require));
+        trials.push(testing::trial(name, missing, *f));
     }
-    // Ctrl-C during a test run still removes the labs.
-    let _ = ctrlc::set_handler(|| {
-        metaguard_lab::registry::teardown_live();
-        std::process::exit(130);
-    });
-    libtest_mimic::run(&args, trials).exit();
+    testing::run(&args, trials)
 }

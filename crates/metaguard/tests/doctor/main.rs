@@ -10,13 +10,12 @@
 //!   confirm, doctor is clean again. Root tests fail instead of being
 //!   ignored when METAGUARD_REQUIRE_ROOT=1.
 
-use libtest_mimic::{Arguments, Failed, Trial};
+use libtest_mimic::{Arguments, Trial};
+use metaguard_lab::testing::{self, TestFn};
 
 mod bad_input;
 mod fixtures;
 mod live;
-
-type TestFn = fn() -> Result<(), Failed>;
 
 /// The metaguard binary under test.
 pub fn exe() -> std::path::PathBuf {
@@ -40,31 +39,22 @@ macro_rules! ensure {
 
 fn main() {
     let args = Arguments::from_args();
-    let is_root = metaguard_sys::process::is_root();
-    let require_root = std::env::var("METAGUARD_REQUIRE_ROOT").is_ok_and(|v| v == "1");
-    if !is_root {
+    if testing::root_missing().is_some() {
         eprintln!("note: not root: live doctor tests (network namespaces) are ignored (run ./scripts/test as root)");
     }
     let mut trials = fixtures::trials();
     for (name, needs_root, f) in bad_input::TESTS.iter().chain(live::TESTS) {
-        let f: TestFn = *f;
-        let needs_root = *needs_root;
-        let trial = Trial::test(*name, move || {
-            if needs_root && require_root && !metaguard_sys::process::is_root() {
-                return Err("METAGUARD_REQUIRE_ROOT=1 but not running as root".into());
-            }
-            f()
-        });
-        trials.push(trial.with_ignored_flag(needs_root && !is_root && !require_root));
+        let missing = if *needs_root {
+            testing::root_missing()
+        } else {
+            None
+        };
+        trials.push(testing::trial(name, missing, *f));
     }
     // Regenerates the lab-made fixtures; run on purpose only:
     // `cargo test -p metaguard --test doctor -- --ignored live::generate_fixtures`.
     trials.push(
         Trial::test("live::generate_fixtures", live::generate_fixtures).with_ignored_flag(true),
     );
-    let _ = ctrlc::set_handler(|| {
-        metaguard_lab::registry::teardown_live();
-        std::process::exit(130);
-    });
-    libtest_mimic::run(&args, trials).exit();
+    testing::run(&args, trials)
 }

@@ -129,30 +129,7 @@ pub fn run(mut cmd: Command, limit: Duration) -> Result<Ran, Failed> {
     })
 }
 
-/// The Python with botocore: `METAGUARD_PYTHON`, else the workspace venv.
-/// `Ok(None)` (with a printed reason) when absent — an error instead when
-/// METAGUARD_REQUIRE_PYTHON=1.
-pub fn python() -> Result<Option<PathBuf>, Failed> {
-    let python = std::env::var_os("METAGUARD_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python")
-        });
-    let ok = Command::new(&python)
-        .args(["-c", "import botocore"])
-        .env_clear()
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if ok {
-        return Ok(Some(python));
-    }
-    let reason = format!("no python with botocore at {}", python.display());
-    if std::env::var("METAGUARD_REQUIRE_PYTHON").is_ok_and(|v| v == "1") {
-        return Err(format!("METAGUARD_REQUIRE_PYTHON=1 but {reason}").into());
-    }
-    eprintln!("skipped: {reason} (./scripts/test creates it)");
-    Ok(None)
-}
+pub use metaguard_lab::testing::python;
 
 /// The exec tests' own files (`tests/exec/…`).
 pub fn test_file(rel: &str) -> String {

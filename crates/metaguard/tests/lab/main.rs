@@ -4,7 +4,8 @@
 //! printed, when not root — and fail instead when METAGUARD_REQUIRE_ROOT=1
 //! (the README's test command sets it), so CI can never pass by skipping.
 
-use libtest_mimic::{Arguments, Failed, Trial};
+use libtest_mimic::Arguments;
+use metaguard_lab::testing::{self, TestFn};
 
 mod support;
 
@@ -23,13 +24,9 @@ mod proxy_metrics;
 mod proxy_policy;
 mod proxy_reload;
 
-type TestFn = fn() -> Result<(), Failed>;
-
 fn main() {
     let args = Arguments::from_args();
-    let is_root = metaguard_sys::process::is_root();
-    let require_root = std::env::var("METAGUARD_REQUIRE_ROOT").is_ok_and(|v| v == "1");
-    if !is_root {
+    if testing::root_missing().is_some() {
         eprintln!("note: not root: tests that build network namespaces are ignored (run ./scripts/test as root)");
     }
     let mut trials = Vec::new();
@@ -49,19 +46,12 @@ fn main() {
         .chain(proxy_metrics::TESTS)
         .chain(proxy_datapath::TESTS)
     {
-        let f: TestFn = *f;
-        let trial = Trial::test(*name, move || {
-            if require_root && !metaguard_sys::process::is_root() {
-                return Err("METAGUARD_REQUIRE_ROOT=1 but not running as root".into());
-            }
-            f()
-        });
-        trials.push(trial.with_ignored_flag(*needs_root && !is_root && !require_root));
+        let missing = if *needs_root {
+            testing::root_missing()
+        } else {
+            None
+        };
+        trials.push(testing::trial(name, missing, *f));
     }
-    // Ctrl-C during a test run still removes the labs.
-    let _ = ctrlc::set_handler(|| {
-        metaguard_lab::registry::teardown_live();
-        std::process::exit(130);
-    });
-    libtest_mimic::run(&args, trials).exit();
+    testing::run(&args, trials)
 }

@@ -10,7 +10,8 @@
 //! failing instead under METAGUARD_REQUIRE_ROOT=1 (./scripts/test, which
 //! builds it).
 
-use libtest_mimic::{Arguments, Failed, Trial};
+use libtest_mimic::Arguments;
+use metaguard_lab::testing::{self, TestFn};
 
 mod support;
 
@@ -21,14 +22,11 @@ mod lifecycle;
 mod package;
 mod proxy;
 
-type TestFn = fn() -> Result<(), Failed>;
-
 fn main() {
     let args = Arguments::from_args();
-    let require = std::env::var("METAGUARD_REQUIRE_ROOT").is_ok_and(|v| v == "1");
     let missing = support::missing();
     if let Some(why) = &missing {
-        if !require {
+        if !testing::required() {
             eprintln!("note: machine tests ignored: {why}");
         }
     }
@@ -41,20 +39,9 @@ fn main() {
         .chain(bpf::TESTS)
         .chain(package::TESTS)
     {
-        let f: TestFn = *f;
-        let why = missing.clone();
-        let trial = Trial::test(*name, move || {
-            if let (true, Some(why)) = (require, &why) {
-                return Err(format!("METAGUARD_REQUIRE_ROOT=1 but {why}").into());
-            }
-            f()
-        });
-        trials.push(trial.with_ignored_flag(missing.is_some() && !require));
+        trials.push(testing::trial(name, missing.clone(), *f));
     }
-    // Ctrl-C during a test run still removes the labs, machines and disks.
-    let _ = ctrlc::set_handler(|| {
-        metaguard_lab::registry::teardown_live();
-        std::process::exit(130);
-    });
-    libtest_mimic::run(&args, trials).exit();
+    // Ctrl-C during a test run still removes the labs, machines and disks
+    // (testing::run).
+    testing::run(&args, trials)
 }
