@@ -58,6 +58,8 @@
 //! one names `http://169.254.169.254`, which a test client following it
 //! must never be sent to); there is no user data and no throttling.
 
+mod tree;
+
 use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
@@ -67,11 +69,16 @@ use std::time::{Duration, Instant, SystemTime};
 
 use hyper::header::{HeaderMap, HeaderName, HeaderValue, ALLOW, LOCATION};
 use hyper::{Method, Request, Response, StatusCode};
-use serde_json::{json, Value};
+use serde_json::Value;
 use tokio::net::TcpListener;
 
 use crate::http::{self, Body};
 use crate::log::RequestLog;
+// What the tests (`use super::*`) name besides this module's own items.
+#[cfg(test)]
+use self::tree::{aws_json, fields};
+#[cfg(test)]
+use serde_json::json;
 
 /// The only path that issues tokens.
 pub const TOKEN_PATH: &str = "/latest/api/token";
@@ -474,195 +481,6 @@ impl ImdsEmulator {
         }
         base64url(&bytes)
     }
-
-    fn route(&self, path: &str) -> Routed {
-        if path == "/" {
-            return Routed::Body(VERSIONS.join("\n"));
-        }
-        let Some(rest) = path.strip_prefix('/') else {
-            return Routed::NotFound;
-        };
-        let (version, below) = match rest.split_once('/') {
-            Some((v, below)) => (v, Some(below)),
-            None => (rest, None),
-        };
-        if !VERSIONS.contains(&version) {
-            return Routed::NotFound;
-        }
-        let Some(below) = below else {
-            return Routed::Redirect(format!("{path}/"));
-        };
-        if below.is_empty() {
-            // The version root lists its categories without trailing slashes.
-            return Routed::Body("dynamic\nmeta-data".to_string());
-        }
-        let (below, trailing_slash) = match below.strip_suffix('/') {
-            Some(b) => (b, true),
-            None => (below, false),
-        };
-        let mut node = self.version_tree();
-        for segment in below.split('/') {
-            let Node::Dir(children) = node else {
-                return Routed::NotFound;
-            };
-            match children.into_iter().find(|(name, _)| name == segment) {
-                Some((_, child)) => node = child,
-                None => return Routed::NotFound,
-            }
-        }
-        match node {
-            Node::Dir(children) if trailing_slash => Routed::Body(listing(&children)),
-            Node::Dir(_) => Routed::Redirect(format!("{path}/")),
-            // A leaf answers with or without a trailing slash.
-            Node::Leaf(value) => Routed::Body(value),
-        }
-    }
-
-    /// Everything under `/<version>/`.
-    fn version_tree(&self) -> Node {
-        let s = &self.inner.settings;
-        let hostname = local_hostname(&s.local_ipv4, &s.region);
-        let mut meta = vec![
-            leaf("ami-id", &s.ami_id),
-            leaf("ami-launch-index", "0"),
-            leaf("hostname", &hostname),
-        ];
-        if let Some(c) = &self.inner.credentials {
-            meta.push((
-                "iam".to_string(),
-                Node::Dir(vec![
-                    leaf("info", &self.iam_info(&c.role)),
-                    (
-                        "security-credentials".to_string(),
-                        Node::Dir(vec![leaf(&c.role, &aws_json(&self.credentials_fields(c)))]),
-                    ),
-                ]),
-            ));
-        }
-        meta.extend([
-            leaf("instance-id", &s.instance_id),
-            leaf("instance-life-cycle", "on-demand"),
-            leaf("instance-type", &s.instance_type),
-            leaf("local-hostname", &hostname),
-            leaf("local-ipv4", &s.local_ipv4),
-            leaf("mac", &s.mac),
-            (
-                "placement".to_string(),
-                Node::Dir(vec![
-                    leaf("availability-zone", &s.availability_zone),
-                    leaf("region", &s.region),
-                ]),
-            ),
-        ]);
-        let dynamic = Node::Dir(vec![(
-            "instance-identity".to_string(),
-            Node::Dir(vec![leaf("document", &self.identity_document())]),
-        )]);
-        Node::Dir(vec![
-            ("dynamic".to_string(), dynamic),
-            ("meta-data".to_string(), Node::Dir(meta)),
-        ])
-    }
-
-    fn credentials_fields(&self, c: &RoleCredentials) -> Vec<(String, Value)> {
-        fields(&[
-            ("Code", json!("Success")),
-            ("LastUpdated", json!(http::rfc3339(self.inner.started))),
-            ("Type", json!("AWS-HMAC")),
-            ("AccessKeyId", json!(c.access_key_id)),
-            ("SecretAccessKey", json!(c.secret_access_key)),
-            ("Token", json!(c.token)),
-            ("Expiration", json!(c.expiration)),
-        ])
-    }
-
-    fn iam_info(&self, role: &str) -> String {
-        let s = &self.inner.settings;
-        let id = http::fake_chars(
-            &format!("{}/{role}/profile", s.instance_id),
-            http::KEY_ID_ALPHABET,
-            17,
-        );
-        aws_json(&fields(&[
-            ("Code", json!("Success")),
-            ("LastUpdated", json!(http::rfc3339(self.inner.started))),
-            (
-                "InstanceProfileArn",
-                json!(format!(
-                    "arn:aws:iam::{}:instance-profile/{role}",
-                    s.account_id
-                )),
-            ),
-            ("InstanceProfileId", json!(format!("AIPA{id}"))),
-        ]))
-    }
-
-    fn identity_document(&self) -> String {
-        let s = &self.inner.settings;
-        aws_json(&fields(&[
-            ("accountId", json!(s.account_id)),
-            ("architecture", json!("x86_64")),
-            ("availabilityZone", json!(s.availability_zone)),
-            ("billingProducts", Value::Null),
-            ("devpayProductCodes", Value::Null),
-            ("marketplaceProductCodes", Value::Null),
-            ("imageId", json!(s.ami_id)),
-            ("instanceId", json!(s.instance_id)),
-            ("instanceType", json!(s.instance_type)),
-            ("kernelId", Value::Null),
-            ("pendingTime", json!(http::rfc3339(self.inner.started))),
-            ("privateIp", json!(s.local_ipv4)),
-            ("ramdiskId", Value::Null),
-            ("region", json!(s.region)),
-            ("version", json!("2017-09-30")),
-        ]))
-    }
-}
-
-fn fields(pairs: &[(&str, Value)]) -> Vec<(String, Value)> {
-    pairs
-        .iter()
-        .map(|(k, v)| ((*k).to_string(), v.clone()))
-        .collect()
-}
-
-fn leaf(name: &str, value: &str) -> (String, Node) {
-    (name.to_string(), Node::Leaf(value.to_string()))
-}
-
-/// A directory listing: one entry a line, directories with a trailing `/`,
-/// no final newline.
-fn listing(children: &[(String, Node)]) -> String {
-    children
-        .iter()
-        .map(|(name, node)| match node {
-            Node::Dir(_) => format!("{name}/"),
-            Node::Leaf(_) => name.clone(),
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
-/// A flat JSON object laid out the way IMDS does: `"Key" : value`, two
-/// spaces of indent, no final newline.
-fn aws_json(fields: &[(String, Value)]) -> String {
-    let body = fields
-        .iter()
-        .map(|(k, v)| format!("  {} : {v}", Value::String(k.clone())))
-        .collect::<Vec<_>>()
-        .join(",\n");
-    format!("{{\n{body}\n}}")
-}
-
-/// `ip-10-0-0-10.ec2.internal` in us-east-1, `ip-….<region>.compute.internal`
-/// elsewhere.
-fn local_hostname(ipv4: &str, region: &str) -> String {
-    let host = format!("ip-{}", ipv4.replace('.', "-"));
-    if region == "us-east-1" {
-        format!("{host}.ec2.internal")
-    } else {
-        format!("{host}.{region}.compute.internal")
-    }
 }
 
 /// A TTL is 1 – 21 600 written in decimal digits; anything else (absent,
@@ -740,120 +558,4 @@ fn html_error(status: StatusCode, title: &str) -> Response<Body> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn ttl(v: &str) -> Option<u64> {
-        parse_ttl(HeaderValue::from_str(v).ok().as_ref())
-    }
-
-    #[test]
-    fn ttl_bounds_and_garbage() {
-        assert_eq!(ttl("1"), Some(1));
-        assert_eq!(ttl("21600"), Some(21_600));
-        assert_eq!(ttl("0060"), Some(60));
-        for bad in [
-            "",
-            "0",
-            "21601",
-            "-1",
-            "+5",
-            "1.5",
-            "abc",
-            " 5x",
-            "99999999999999999999999999",
-        ] {
-            assert_eq!(ttl(bad), None, "{bad:?}");
-        }
-        assert_eq!(parse_ttl(None), None);
-        let non_utf8 = HeaderValue::from_bytes(b"\xff\xfe").ok();
-        assert_eq!(parse_ttl(non_utf8.as_ref()), None);
-    }
-
-    #[test]
-    fn base64url_matches_known_vectors() {
-        assert_eq!(base64url(b""), "");
-        assert_eq!(base64url(b"f"), "Zg==");
-        assert_eq!(base64url(b"fo"), "Zm8=");
-        assert_eq!(base64url(b"foo"), "Zm9v");
-        assert_eq!(base64url(&[0xfb, 0xff]), "-_8=");
-    }
-
-    #[test]
-    fn tokens_look_real_and_differ() {
-        let imds = ImdsEmulator::new(ImdsSettings::default());
-        let a = imds.new_token();
-        let b = imds.new_token();
-        assert!(a.starts_with("AQAEA"), "{a}");
-        assert_eq!(a.len(), 56);
-        assert_ne!(a, b);
-    }
-
-    #[test]
-    fn routing() {
-        let imds = ImdsEmulator::new(ImdsSettings::default());
-        let body = |p: &str| match imds.route(p) {
-            Routed::Body(b) => b,
-            Routed::Redirect(l) => format!("redirect {l}"),
-            Routed::NotFound => "404".to_string(),
-        };
-        assert!(body("/").ends_with("2021-03-23\nlatest"));
-        assert_eq!(body("/latest"), "redirect /latest/");
-        assert_eq!(body("/latest/"), "dynamic\nmeta-data");
-        assert_eq!(body("/latest/meta-data"), "redirect /latest/meta-data/");
-        assert!(body("/latest/meta-data/").contains("\niam/\n"));
-        assert_eq!(body("/latest/meta-data/instance-id"), "i-0123456789abcdef0");
-        assert_eq!(
-            body("/latest/meta-data/instance-id/"),
-            "i-0123456789abcdef0"
-        );
-        assert_eq!(
-            body("/2021-03-23/meta-data/instance-id"),
-            "i-0123456789abcdef0"
-        );
-        assert_eq!(
-            body("/latest/meta-data/placement/"),
-            "availability-zone\nregion"
-        );
-        assert_eq!(
-            body("/latest/meta-data/iam/security-credentials/"),
-            "lab-instance-role"
-        );
-        assert_eq!(body("/latest/meta-data//instance-id"), "404");
-        assert_eq!(body("/latest/meta-data/instance-id/x"), "404");
-        assert_eq!(body("/latest/user-data"), "404");
-        assert_eq!(body("/nope/meta-data/"), "404");
-        assert_eq!(
-            body("/latest/meta-data/local-hostname"),
-            "ip-10-0-0-10.ec2.internal"
-        );
-    }
-
-    #[test]
-    fn no_role_no_iam() {
-        let imds = ImdsEmulator::new(ImdsSettings {
-            role: None,
-            region: "eu-west-1".into(),
-            ..ImdsSettings::default()
-        });
-        assert!(imds.role_credentials().is_none());
-        match imds.route("/latest/meta-data/") {
-            Routed::Body(b) => assert!(!b.contains("iam")),
-            _ => panic!("listing expected"),
-        }
-        assert!(matches!(
-            imds.route("/latest/meta-data/iam/"),
-            Routed::NotFound
-        ));
-        match imds.route("/latest/meta-data/hostname") {
-            Routed::Body(b) => assert_eq!(b, "ip-10-0-0-10.eu-west-1.compute.internal"),
-            _ => panic!("hostname expected"),
-        }
-    }
-
-    #[test]
-    fn aws_json_layout() {
-        let s = aws_json(&fields(&[("Code", json!("Success")), ("x", Value::Null)]));
-        assert_eq!(s, "{\n  \"Code\" : \"Success\",\n  \"x\" : null\n}");
-    }
-}
+mod tests;
