@@ -11,8 +11,9 @@
 //! pass — unless `METAGUARD_REQUIRE_ROOT=1`, when they fail. They need
 //! `target/<profile>/mg-aws-probe` (`cargo build --workspace`).
 //!
-//! The botocore tests look for Python in `METAGUARD_PYTHON`, else
-//! `<workspace>/.venv/bin/python`. Without it (or without botocore) they
+//! The botocore tests look for Python as every test binary does
+//! (`metaguard_lab::testing::python`: `METAGUARD_PYTHON`, else
+//! `<workspace>/.venv/bin/python`). Without it (or without botocore) they
 //! print `skipped: <reason>` and pass — unless `METAGUARD_REQUIRE_PYTHON=1`,
 //! when they fail.
 
@@ -996,49 +997,17 @@ impl Drop for Background {
     }
 }
 
-/// Python with botocore, or the reason there is none.
-fn python() -> Result<PathBuf, String> {
-    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let python = match std::env::var_os("METAGUARD_PYTHON") {
-        Some(p) => PathBuf::from(p),
-        None => manifest.join("../../.venv/bin/python"),
-    };
-    if !python.exists() {
-        return Err(format!("no python at {}", python.display()));
-    }
-    let out = Command::new(&python)
-        .args([
-            "-c",
-            "import botocore, sys; sys.stdout.write(botocore.__version__)",
-        ])
-        .env_clear()
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("cannot run {}: {e}", python.display()))?;
-    if !out.status.success() {
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        return Err(format!(
-            "{} cannot import botocore: {}",
-            python.display(),
-            stderr.trim().lines().last().unwrap_or("")
-        ));
-    }
-    Ok(python)
-}
-
-/// Runs the python check or says why not; fails instead when
+/// Python with botocore ([`metaguard_lab::testing::python`]: skipped with
+/// the reason printed when there is none); fails instead when
 /// `METAGUARD_REQUIRE_PYTHON=1`.
 fn python_or_skip(test: &str) -> Option<PathBuf> {
-    match python() {
-        Ok(p) => Some(p),
-        Err(reason) => {
-            assert!(
-                std::env::var("METAGUARD_REQUIRE_PYTHON").as_deref() != Ok("1"),
-                "{test}: METAGUARD_REQUIRE_PYTHON=1 but {reason}"
-            );
-            println!("{test} skipped: {reason}");
+    match metaguard_lab::testing::python() {
+        Ok(Some(p)) => Some(p),
+        Ok(None) => {
+            println!("{test} skipped: no python with botocore");
             None
         }
+        Err(e) => panic!("{test}: {}", e.message().unwrap_or("no python")),
     }
 }
 
