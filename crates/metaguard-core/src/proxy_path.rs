@@ -251,17 +251,30 @@ impl PathGlob {
         if self.dir && !c.dir {
             return false;
         }
-        fn go(pat: &[String], segs: &[String]) -> bool {
-            match pat.split_first() {
-                None => segs.is_empty(),
-                Some((p, rest)) if p == "**" => (0..=segs.len()).any(|i| go(rest, &segs[i..])),
-                Some((p, rest)) => match segs.split_first() {
-                    Some((s, srest)) => (p == "*" || p == s) && go(rest, srest),
-                    None => false,
-                },
+        // `reach[j]`: the glob's segments so far match the path's first
+        // `j` segments. One pass per glob segment, so matching costs
+        // O(glob × path) segments; trying every split of every `**`
+        // recursively was exponential in the number of `**` (a policy glob
+        // like `/**/**/**/…/x` took seconds on a 30-segment request).
+        let segs = &c.segments;
+        let mut reach = vec![false; segs.len() + 1];
+        reach[0] = true;
+        for p in &self.segments {
+            if p == "**" {
+                // Any number of segments: reachable from any earlier j.
+                let mut any = false;
+                for r in reach.iter_mut() {
+                    any |= *r;
+                    *r = any;
+                }
+            } else {
+                for j in (0..segs.len()).rev() {
+                    reach[j + 1] = reach[j] && (p == "*" || *p == segs[j]);
+                }
+                reach[0] = false;
             }
         }
-        go(&self.segments, &c.segments)
+        reach[segs.len()]
     }
 }
 
