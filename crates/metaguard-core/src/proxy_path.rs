@@ -69,7 +69,7 @@ impl Canonical {
             &self
                 .segments
                 .iter()
-                .map(|seg| encode(seg))
+                .map(|seg| encode(seg, b""))
                 .collect::<Vec<_>>()
                 .join("/"),
         );
@@ -87,7 +87,7 @@ impl Canonical {
             let q: Vec<String> = self
                 .query
                 .iter()
-                .map(|(k, v)| format!("{}={}", encode(k), encode(v)))
+                .map(|(k, v)| format!("{}={}", encode(k, b"/?"), encode(v, b"/?=")))
                 .collect();
             t.push_str(&q.join("&"));
         }
@@ -101,11 +101,18 @@ impl fmt::Display for Canonical {
     }
 }
 
-/// Unreserved characters (RFC 3986) pass; everything else is encoded.
-fn encode(s: &str) -> String {
+/// Unreserved characters (RFC 3986) and those in `keep` pass; everything
+/// else is encoded.
+///
+/// A query keeps `/` and `?` (and a value `=`) as they arrived: decoding
+/// refuses them encoded (they are structure there), so encoding them would
+/// make the forwarded target one that canonicalisation refuses, not the
+/// fixed point it must be (`?id=a/b` became `?id=a%2Fb`).
+fn encode(s: &str, keep: &[u8]) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') || keep.contains(&b)
+        {
             out.push(b as char);
         } else {
             out.push_str(&format!("%{b:02X}"));

@@ -379,3 +379,30 @@ fn glob_semantics_are_kept() {
     assert!(m("/**/*/**", "/a"));
     assert!(!m("/**/*/**", "/"));
 }
+
+/// Regression (fuzz target `proxy_target`): a query key or value holding a
+/// raw `/`, `?` or (in a value) `=` was forwarded encoded (`%2F`), a form
+/// canonicalisation itself refuses, so the forwarded target was not the
+/// fixed point `canonical_is_total_and_idempotent` promises.
+#[test]
+fn query_with_raw_structure_characters_is_a_fixed_point() {
+    for t in [
+        "/x?id=a/b",
+        "/x?id=a?b",
+        "/x?id=a=b",
+        "/x?id=/?=&id=",
+        "/?id=%41/%3A",
+    ] {
+        let c = canonical(t, &["id"]).expect("accepted");
+        let again = canonical(&c.target(), &["id"]);
+        assert_eq!(again.as_ref(), Ok(&c), "{t} -> {}", c.target());
+    }
+    // Encoded structure stays refused, and what is decoded is forwarded
+    // encoded, as before.
+    assert_eq!(
+        canonical("/x?id=a%2Fb", &["id"]),
+        Err(PathError::EncodedStructure('/'))
+    );
+    let c = canonical("/x?id=a%20b", &["id"]).expect("accepted");
+    assert_eq!(c.target(), "/x?id=a%20b");
+}
