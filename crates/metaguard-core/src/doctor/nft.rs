@@ -97,17 +97,19 @@ impl Ruleset {
     }
 }
 
-/// Named chain priorities as nft prints them.
+/// Named chain priorities as nft prints them. A sum past `i32` (nft
+/// itself keeps priorities in an `int`) is not a priority: `None`, as for
+/// any other unreadable one.
 fn named_prio(s: &str) -> Option<i32> {
     let s = s.trim();
     let (name, delta) = if let Some((a, b)) = s.split_once(" + ") {
         (a, b.trim().parse::<i32>().ok()?)
     } else if let Some((a, b)) = s.split_once(" - ") {
-        (a, -b.trim().parse::<i32>().ok()?)
+        (a, b.trim().parse::<i32>().ok()?.checked_neg()?)
     } else {
         (s, 0)
     };
-    let base = match name.trim() {
+    let base: i32 = match name.trim() {
         "raw" => -300,
         "mangle" => -150,
         "dstnat" => -100,
@@ -116,7 +118,7 @@ fn named_prio(s: &str) -> Option<i32> {
         "srcnat" => 100,
         n => n.parse().ok()?,
     };
-    Some(base + delta)
+    base.checked_add(delta)
 }
 
 fn str_of<'a>(o: &'a Value, key: &str) -> Option<&'a str> {
@@ -383,4 +385,33 @@ pub fn render_stmt(v: &Value) -> String {
 /// Parses a chain priority as nft prints it (number or `filter - 10`).
 pub fn parse_prio(s: &str) -> Option<i32> {
     named_prio(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn named_priorities() {
+        assert_eq!(parse_prio("filter"), Some(0));
+        assert_eq!(parse_prio("dstnat - 10"), Some(-110));
+        assert_eq!(parse_prio("srcnat + 5"), Some(105));
+        assert_eq!(parse_prio("-150"), Some(-150));
+        assert_eq!(parse_prio("bogus"), None);
+    }
+
+    /// Regression (fuzz target `nft_json`): a priority whose sum leaves
+    /// `i32` panicked ("attempt to add with overflow") in debug builds and
+    /// wrapped to a wrong priority in release builds.
+    #[test]
+    fn out_of_range_priorities_are_unreadable_not_a_panic() {
+        assert_eq!(parse_prio("srcnat + 2147483647"), None);
+        assert_eq!(parse_prio("raw - 2147483647"), None);
+        assert_eq!(parse_prio("filter - -2147483648"), None);
+        assert_eq!(parse_prio("filter + 2147483647"), Some(i32::MAX));
+        let text = r#"{"nftables":[{"table":{"family":"ip","name":"t"}},
+            {"chain":{"family":"ip","table":"t","name":"c","prio":"srcnat + 2147483647"}}]}"#;
+        let rs = parse(text).expect("parses");
+        assert_eq!(rs.tables[0].chains[0].prio, None);
+    }
 }
