@@ -13,6 +13,7 @@ pub mod config;
 pub mod doctor;
 pub mod exec_policy;
 pub mod location;
+pub mod proxy_decision;
 pub mod proxy_path;
 pub mod render;
 pub mod ruleset;
