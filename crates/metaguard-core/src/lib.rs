@@ -12,6 +12,7 @@ pub mod bpf_policy;
 pub mod config;
 pub mod doctor;
 pub mod exec_policy;
+pub mod identify;
 pub mod location;
 pub mod proxy_decision;
 pub mod proxy_path;

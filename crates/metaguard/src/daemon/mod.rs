@@ -419,7 +419,10 @@ impl Daemon {
                 self.proxy_metrics.insert(m).clone()
             }
         };
-        let directory = Arc::new(identity::Directory::new(self.opts.docker_socket.clone()));
+        let directory = Arc::new(identity::Directory::new(
+            self.opts.docker_socket.clone(),
+            Path::new("/proc"),
+        ));
         let mut server = Server::new(Proxy::new(directory.clone(), metrics, settings));
         let prepared = server.prepare(&wanted, None)?;
         Ok(ProxyStep::Start(
