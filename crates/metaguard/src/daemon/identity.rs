@@ -367,7 +367,8 @@ impl Directory {
     }
 
     /// A host process (host mark `idx`): its container from the cgroup
-    /// that created its socket.
+    /// that created its socket, looked up and answered under one hold of
+    /// the cache (a listing in between would forget the cgroup index).
     fn identify_host(
         &self,
         config: &Config,
@@ -376,52 +377,39 @@ impl Directory {
         may_block: bool,
     ) -> Option<Caller> {
         let socket_cgroup = match o.dst {
-            Some(dst) if identify::host_workload(config, idx) => {
-                self.host_socket_cgroup(o.peer, dst, may_block)?
-            }
+            Some(dst) if identify::host_workload(config, idx) => socket_cgroup(o.peer, dst),
             _ => None,
         };
         let Some(id) = socket_cgroup else {
             return Some(identify::host_caller(config, o, idx, None));
         };
-        let c = self.cache(may_block)?;
+        let mut c = self.cache(may_block)?;
+        if !c.cgroup_containers.contains_key(&id) {
+            if !may_block {
+                return None;
+            }
+            // A new container, or a new cgroup below a known one's: list
+            // the containers again (bounded) and re-read their cgroup
+            // trees. What is still unknown is remembered as no container's
+            // until the containers change.
+            self.refresh_containers(&mut c);
+            let mut index = cgroup_index(&self.proc_root, &c.containers);
+            index.entry(id).or_insert(None);
+            c.cgroup_containers = index;
+        }
         Some(identify::identify(config, &c.snapshot(&[]), o, Some(id)))
     }
+}
 
-    /// The cgroup id of the host socket `local` → `remote`, with the
-    /// containers' cgroups indexed so that the snapshot knows it: `Some(None)`
-    /// when the socket is not found (or is gone), `None` when answering
-    /// needs the host and `may_block` is false.
-    fn host_socket_cgroup(
-        &self,
-        local: SocketAddr,
-        remote: SocketAddr,
-        may_block: bool,
-    ) -> Option<Option<u64>> {
-        let id = match metaguard_sys::sockdiag::tcp_socket_cgroup(local, remote) {
-            Ok(Some(id)) => id,
-            Ok(None) => return Some(None),
-            Err(e) => {
-                warn!(error = %e, %local, "proxy: cannot look up a host caller's socket");
-                return Some(None);
-            }
-        };
-        let mut c = self.cache(may_block)?;
-        if c.cgroup_containers.contains_key(&id) {
-            return Some(Some(id));
+/// The cgroup id of the host socket `local` → `remote` (none: not found,
+/// gone, or the lookup failed).
+fn socket_cgroup(local: SocketAddr, remote: SocketAddr) -> Option<u64> {
+    match metaguard_sys::sockdiag::tcp_socket_cgroup(local, remote) {
+        Ok(id) => id,
+        Err(e) => {
+            warn!(error = %e, %local, "proxy: cannot look up a host caller's socket");
+            None
         }
-        if !may_block {
-            return None;
-        }
-        // A new container, or a new cgroup below a known one's: list the
-        // containers again (bounded) and re-read their cgroup trees. What
-        // is still unknown is remembered as no container's until the
-        // containers change.
-        self.refresh_containers(&mut c);
-        let mut index = cgroup_index(&self.proc_root, &c.containers);
-        index.entry(id).or_insert(None);
-        c.cgroup_containers = index;
-        Some(Some(id))
     }
 }
 
