@@ -1,63 +1,31 @@
-//! Who is calling the proxy: the mark of the connection's SYN → a bridge
-//! port or a host workload → a container and a workload (F15: never the
-//! source address).
+//! The proxy's directory: gathers what identification needs from the host
+//! and caches it; the decisions are `core::identify`'s, pure functions of
+//! the [`Snapshot`] kept here (mark → port → namespace → containers →
+//! workload, F15). Read from the host: links and their peers' namespace
+//! ids (`sys::rtnl`), the containers (Docker API) and the id the host gives
+//! each one's namespace file (`RTM_GETNSID`), the files `netns` selectors
+//! name (read again when an inode changes), and for host callers the
+//! cgroup id of the client's socket (`sock_diag`, by the client's own
+//! address pair) and the cgroup ids below each container's cgroup (under
+//! the injectable `/proc` root's cgroup2 mount).
 //!
-//! * A **bridge mark** is `ruleset::bridge_mark(ifindex)` of the port the
-//!   SYN entered from. The host's links (rtnetlink, `sys::rtnl`, in this
-//!   process's namespace) are hashed the same way; exactly one port must
-//!   match, else the caller is unidentified (refused).
-//! * The **containers** behind a port are those whose namespace holds the
-//!   port's peer, as the kernel reports it: the port's `link_netnsid` (the
-//!   id the host gives the peer's namespace) equals the id the host gives
-//!   the container's namespace file (`RTM_GETNSID`). Nothing inside a
-//!   container can change either. Containers come from the Docker API;
-//!   all containers sharing that namespace (an awsvpc task's pause and
-//!   application containers, whose namespace files differ) are one
-//!   caller.
-//! * A **host mark** (`HOST_MARK_TAG | index`) names the cgroup workload
-//!   whose output chain set it. The container is the one whose cgroup (or
-//!   a cgroup below it) created the client's socket: the kernel reports
-//!   that socket's cgroup id through `sock_diag`, looked up by the
-//!   client's own address pair (the proxy passes the pre-DNAT
-//!   destination), so each container on the host network owns the ids in
-//!   its own environment; a host process in no container owns only its
-//!   workload's configured `credentials_ids`.
-//! * The **workload** is the first in file order whose selector matches
-//!   the port's bridge, the namespace, the containers or their cgroups.
-//!
-//! Lookups are cached: ports by mark, the containers' namespace ids per
-//! container listing, and the whole answer by mark for one config — the
-//! one in the proxy's settings, which every call passes (a caller
-//! identified once costs a hash lookup per connection); a miss
-//! refreshes (bounded: at most one Docker listing per 200 ms). A Docker
-//! event makes the next caller wait for one container listing and one
-//! `RTM_GETNSID` per container — no process is started.
+//! Cached: ports by mark, namespace ids per container listing, and the
+//! whole answer by mark for one config (a known caller costs a hash lookup
+//! per connection); a miss refreshes, at most one Docker listing per
+//! 200 ms. A Docker event makes the next caller wait for one listing and
+//! one `RTM_GETNSID` per container. A stopped container's ids are revoked.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use metaguard_core::config::{NetnsSelector, Selector};
-use metaguard_core::ruleset::{
-    bridge_mark, ifname_glob_matches, is_host_mark, netns_glob_matches, ContainerFact,
-    BRIDGE_MARK_BASE,
-};
+use metaguard_core::identify::{self, ids, Link, Mark, Snapshot};
+use metaguard_core::ruleset::{bridge_mark, netns_glob_matches, ContainerFact};
 use metaguard_core::Config;
 use metaguard_proxy::{Caller, IdKind, Origin, Owner, Ownership};
 use tracing::warn;
-
-/// One host link.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Link {
-    ifindex: u32,
-    name: String,
-    master: Option<String>,
-    /// The id the host gives the namespace of its peer (a veth's other
-    /// end), when that is another namespace.
-    peer_netns: Option<i32>,
-}
 
 /// The host's links, with their masters' names.
 fn host_links() -> std::io::Result<Vec<Link>> {
@@ -125,6 +93,21 @@ impl Cache {
         self.cgroup_containers.clear();
     }
 
+    /// The snapshot of what is cached, with `selected` as the namespace
+    /// files of `netns` selectors.
+    fn snapshot<'a>(&'a self, selected: &'a [(String, Option<i32>)]) -> Snapshot<'a> {
+        Snapshot {
+            ports: &self.ports,
+            containers: &self.containers,
+            netns_ids: self.netns_ids.as_ref().unwrap_or_else(|| {
+                static EMPTY: OnceLock<HashMap<String, Option<i32>>> = OnceLock::new();
+                EMPTY.get_or_init(HashMap::new)
+            }),
+            selected,
+            cgroups: &self.cgroup_containers,
+        }
+    }
+
     /// A new container listing: what was derived from the old one goes
     /// when it differs, and the ids of containers no longer listed are
     /// revoked.
@@ -174,13 +157,17 @@ impl Cache {
 #[derive(Debug)]
 pub struct Directory {
     docker_socket: PathBuf,
+    /// Where `/proc` is (containers' namespace files and cgroups, the
+    /// cgroup2 mount).
+    proc_root: PathBuf,
     cache: Mutex<Cache>,
 }
 
 impl Directory {
-    pub fn new(docker_socket: PathBuf) -> Directory {
+    pub fn new(docker_socket: PathBuf, proc_root: &Path) -> Directory {
         Directory {
             docker_socket,
+            proc_root: proc_root.to_path_buf(),
             cache: Mutex::new(Cache::default()),
         }
     }
@@ -230,10 +217,7 @@ impl Directory {
         {
             return;
         }
-        match crate::discovery::docker::containers(
-            &self.docker_socket,
-            std::path::Path::new("/proc"),
-        ) {
+        match crate::discovery::docker::containers(&self.docker_socket, &self.proc_root) {
             // An unchanged listing keeps what was derived from it.
             Ok(list) => c.take_listing(list.unwrap_or_default()),
             Err(e) => {
@@ -244,23 +228,11 @@ impl Directory {
     }
 
     /// The files `config`'s `netns` path selectors name (entries of their
-    /// directories that match a glob) whose namespace the host calls `id`.
-    /// Found by namespace identity, so a namespace no Docker API lists (a
-    /// CNI plugin's, containerd's) is matched as the selector says.
-    fn selected_files_in(&self, c: &mut Cache, config: &Config, id: i32) -> Vec<String> {
-        let globs: Vec<&str> = config
-            .workloads
-            .iter()
-            .filter_map(|w| match &w.selector {
-                Selector::Netns(sels) => Some(sels),
-                _ => None,
-            })
-            .flatten()
-            .filter_map(|s| match s {
-                NetnsSelector::Path(g) => Some(g.as_str()),
-                NetnsSelector::EcsTasks => None,
-            })
-            .collect();
+    /// directories that match a glob), with the id the host gives their
+    /// namespace. Found by namespace identity, so a namespace no Docker API
+    /// lists (a CNI plugin's, containerd's) is matched as the selector says.
+    fn selected_files(&self, c: &mut Cache, config: &Config) -> Vec<(String, Option<i32>)> {
+        let globs = identify::netns_globs(config);
         if globs.is_empty() {
             return Vec::new();
         }
@@ -286,38 +258,27 @@ impl Directory {
                     n
                 }
             };
-            if nsid == Some(id) {
-                out.push(path);
-            }
+            out.push((path, nsid));
         }
         out
     }
 
-    fn port(&self, c: &mut Cache, mark: u32) -> Result<Link, String> {
-        if !c.ports.contains_key(&mark) {
-            c.ports.clear();
-            c.callers.clear();
-            match host_links() {
-                Ok(ls) => {
-                    for l in ls.into_iter().filter(|l| l.master.is_some()) {
-                        c.ports.entry(bridge_mark(l.ifindex)).or_default().push(l);
-                    }
-                }
-                Err(e) => return Err(format!("cannot list links: {e}")),
-            }
+    /// The ports by mark, read again when `mark` is not among them.
+    fn ensure_port(&self, c: &mut Cache, mark: u32) -> Result<(), String> {
+        if c.ports.contains_key(&mark) {
+            return Ok(());
         }
-        match c.ports.get(&mark).map(Vec::as_slice) {
-            Some([one]) => Ok(one.clone()),
-            Some([]) | None => Err(format!("no bridge port has mark 0x{mark:08x}")),
-            Some(many) => Err(format!(
-                "mark 0x{mark:08x} is ambiguous ({} ports)",
-                many.len()
-            )),
+        c.ports.clear();
+        c.callers.clear();
+        let links = host_links().map_err(|e| format!("cannot list links: {e}"))?;
+        for l in links.into_iter().filter(|l| l.master.is_some()) {
+            c.ports.entry(bridge_mark(l.ifindex)).or_default().push(l);
         }
+        Ok(())
     }
 
-    /// The listed containers' namespace ids, computed once per listing.
-    fn netns_ids<'c>(&self, c: &'c mut Cache) -> &'c HashMap<String, Option<i32>> {
+    /// The listed containers' namespace ids, read once per listing.
+    fn ensure_netns_ids(c: &mut Cache) {
         let containers = &c.containers;
         c.netns_ids.get_or_insert_with(|| {
             containers
@@ -329,34 +290,7 @@ impl Directory {
                     (p, id)
                 })
                 .collect()
-        })
-    }
-
-    /// The namespace files (sorted) of the listed containers whose
-    /// namespace holds the peer of host port `port`: one namespace, whose
-    /// containers' files may differ.
-    fn netns_of_port(&self, c: &mut Cache, config: &Config, port: &Link) -> Vec<String> {
-        let Some(peer) = port.peer_netns else {
-            return Vec::new();
-        };
-        let mut paths = self.paths_in_netns(c, peer);
-        paths.extend(self.selected_files_in(c, config, peer));
-        paths.sort();
-        paths.dedup();
-        paths
-    }
-
-    /// The namespace files (sorted) of the listed containers whose
-    /// namespace has id `id`.
-    fn paths_in_netns(&self, c: &mut Cache, id: i32) -> Vec<String> {
-        let mut paths: Vec<String> = self
-            .netns_ids(c)
-            .iter()
-            .filter(|(_, i)| **i == Some(id))
-            .map(|(p, _)| p.clone())
-            .collect();
-        paths.sort();
-        paths
+        });
     }
 
     /// `identify`; with `may_block` false, `None` whenever answering would
@@ -367,15 +301,18 @@ impl Directory {
         origin: Origin,
         may_block: bool,
     ) -> Option<Caller> {
-        let Origin { mark, peer, .. } = origin;
-        if is_host_mark(mark) {
-            return self.identify_host(config, origin, may_block);
-        }
-        if mark & BRIDGE_MARK_BASE == 0 {
-            return Some(Caller {
-                origin: format!("no metaguard mark (0x{mark:08x}) from {peer}"),
-                ..Caller::default()
-            });
+        let mark = origin.mark;
+        match Mark::of(mark) {
+            Mark::None => {
+                return Some(identify::identify(
+                    config,
+                    &Cache::default().snapshot(&[]),
+                    origin,
+                    None,
+                ))
+            }
+            Mark::Host(idx) => return self.identify_host(config, origin, idx, may_block),
+            Mark::Bridge(_) => {}
         }
         let mut c = self.cache(may_block)?;
         if let Some((seen, caller)) = c.callers.get(&mark) {
@@ -386,11 +323,15 @@ impl Directory {
         if !may_block && !c.ports.contains_key(&mark) {
             return None;
         }
-        let port = match self.port(&mut c, mark) {
+        let port = match self.ensure_port(&mut c, mark) {
+            Ok(()) => identify::port(&c.ports, mark).cloned(),
+            Err(why) => Err(why),
+        };
+        let port = match port {
             Ok(p) => p,
             Err(why) => {
                 return Some(Caller {
-                    origin: format!("{why} (from {peer})"),
+                    origin: format!("{why} (from {})", origin.peer),
                     ..Caller::default()
                 })
             }
@@ -403,8 +344,9 @@ impl Directory {
         if c.containers_at.is_none() {
             self.refresh_containers(&mut c);
         }
-        let mut netns = self.netns_of_port(&mut c, config, &port);
-        if netns.is_empty() {
+        Self::ensure_netns_ids(&mut c);
+        let mut selected = self.selected_files(&mut c, config);
+        if identify::netns_of_port(&c.snapshot(&selected), &port).is_empty() {
             // Perhaps a container that has just started: list again
             // (bounded) before answering that nobody is behind the port.
             if !may_block {
@@ -416,149 +358,71 @@ impl Directory {
             // the container started) was none. Once per mark: the answer
             // is remembered below.
             c.netns_ids = None;
-            netns = self.netns_of_port(&mut c, config, &port);
+            Self::ensure_netns_ids(&mut c);
+            selected = self.selected_files(&mut c, config);
         }
-        let group: Vec<&ContainerFact> = c
-            .containers
-            .iter()
-            .filter(|k| k.netns.as_ref().is_some_and(|p| netns.contains(p)))
-            .collect();
-        let workload = Self::workload_for(config, port.master.as_deref(), &group, &netns);
-        let (credentials_ids, tmds_ids) = ids(&group);
-        // The caller's own container: the first that is not a task's pause
-        // container, else the pause container.
-        let own_container = group
-            .iter()
-            .find(|k| !k.is_ecs_pause())
-            .or(group.first())
-            .map(|k| k.id.clone());
-        let caller = Caller {
-            workload,
-            container: own_container,
-            credentials_ids,
-            tmds_ids,
-            origin: format!(
-                "port {} on {}{}",
-                port.name,
-                port.master.as_deref().unwrap_or("?"),
-                netns
-                    .first()
-                    .map(|n| format!(", netns {n}"))
-                    .unwrap_or_default()
-            ),
-        };
+        let caller = identify::identify(config, &c.snapshot(&selected), origin, None);
         c.callers.insert(mark, (config.clone(), caller.clone()));
         Some(caller)
     }
 
-    /// A host process (host mark): its workload from the mark, its
-    /// container from the cgroup that created its socket.
-    fn identify_host(&self, config: &Config, o: Origin, may_block: bool) -> Option<Caller> {
-        let mark = o.mark;
-        let idx = (mark & 0xffff) as usize;
-        let Some(w) = config
-            .workloads
-            .get(idx)
-            .filter(|w| matches!(w.selector, Selector::Cgroups(_) | Selector::Containers(_)))
-        else {
-            return Some(Caller {
-                origin: format!("host mark 0x{mark:08x} names no cgroup workload"),
-                ..Caller::default()
-            });
-        };
-        let container = match o.dst {
-            Some(dst) => self.host_container(o.peer, dst, may_block)?,
-            None => None,
-        };
-        let (credentials_ids, tmds_ids) = container.as_ref().map(|k| ids(&[k])).unwrap_or_default();
-        Some(Caller {
-            workload: Some(idx),
-            origin: format!(
-                "host process of workload {:?} (mark 0x{mark:08x}{}) from {}",
-                w.name,
-                container
-                    .as_ref()
-                    .map(|k| format!(", container {}", k.name))
-                    .unwrap_or_default(),
-                o.peer
-            ),
-            container: container.map(|k| k.id),
-            credentials_ids,
-            tmds_ids,
-        })
-    }
-
-    /// The container whose cgroup created the host socket `local` →
-    /// `remote`: `Some(None)` when it is no container's (or is gone),
-    /// `None` when answering needs the host and `may_block` is false.
-    fn host_container(
+    /// A host process (host mark `idx`): its container from the cgroup
+    /// that created its socket, looked up and answered under one hold of
+    /// the cache (a listing in between would forget the cgroup index).
+    fn identify_host(
         &self,
-        local: SocketAddr,
-        remote: SocketAddr,
+        config: &Config,
+        o: Origin,
+        idx: usize,
         may_block: bool,
-    ) -> Option<Option<ContainerFact>> {
-        let id = match metaguard_sys::sockdiag::tcp_socket_cgroup(local, remote) {
-            Ok(Some(id)) => id,
-            Ok(None) => return Some(None),
-            Err(e) => {
-                warn!(error = %e, %local, "proxy: cannot look up a host caller's socket");
-                return Some(None);
-            }
+    ) -> Option<Caller> {
+        let socket_cgroup = match o.dst {
+            Some(dst) if identify::host_workload(config, idx) => socket_cgroup(o.peer, dst),
+            _ => None,
+        };
+        let Some(id) = socket_cgroup else {
+            return Some(identify::host_caller(config, o, idx, None));
         };
         let mut c = self.cache(may_block)?;
-        if let Some(hit) = c.cgroup_containers.get(&id) {
-            return Some(hit.clone());
-        }
-        if !may_block {
-            return None;
-        }
-        // A new container, or a new cgroup below a known one's: list the
-        // containers again (bounded) and re-read their cgroup trees. What
-        // is still unknown is remembered as no container's until the
-        // containers change.
-        self.refresh_containers(&mut c);
-        let mut index = cgroup_index(&c.containers);
-        let hit = index.entry(id).or_insert(None).clone();
-        c.cgroup_containers = index;
-        Some(hit)
-    }
-
-    /// The first workload matching a bridge and/or a group of containers.
-    fn workload_for(
-        config: &Config,
-        master: Option<&str>,
-        group: &[&ContainerFact],
-        netns: &[String],
-    ) -> Option<usize> {
-        config.workloads.iter().position(|w| match &w.selector {
-            Selector::Bridges(globs) => {
-                master.is_some_and(|m| globs.iter().any(|g| ifname_glob_matches(g, m)))
+        if !c.cgroup_containers.contains_key(&id) {
+            if !may_block {
+                return None;
             }
-            Selector::Netns(sels) => sels.iter().any(|s| match s {
-                NetnsSelector::EcsTasks => group.iter().any(|c| c.is_ecs_pause()),
-                NetnsSelector::Path(g) => netns.iter().any(|p| netns_glob_matches(g, p)),
-            }),
-            Selector::Containers(refs) => group.iter().any(|c| refs.iter().any(|r| c.matches(r))),
-            Selector::Cgroups(paths) => group.iter().any(|c| {
-                c.cgroup.as_deref().is_some_and(|cg| {
-                    paths
-                        .iter()
-                        .any(|p| cg == p || cg.starts_with(&format!("{p}/")))
-                })
-            }),
-        })
+            // A new container, or a new cgroup below a known one's: list
+            // the containers again (bounded) and re-read their cgroup
+            // trees. What is still unknown is remembered as no container's
+            // until the containers change.
+            self.refresh_containers(&mut c);
+            let mut index = cgroup_index(&self.proc_root, &c.containers);
+            index.entry(id).or_insert(None);
+            c.cgroup_containers = index;
+        }
+        Some(identify::identify(config, &c.snapshot(&[]), o, Some(id)))
+    }
+}
+
+/// The cgroup id of the host socket `local` → `remote` (none: not found,
+/// gone, or the lookup failed).
+fn socket_cgroup(local: SocketAddr, remote: SocketAddr) -> Option<u64> {
+    match metaguard_sys::sockdiag::tcp_socket_cgroup(local, remote) {
+        Ok(id) => id,
+        Err(e) => {
+            warn!(error = %e, %local, "proxy: cannot look up a host caller's socket");
+            None
+        }
     }
 }
 
 /// Every cgroup id at or below a container's cgroup (a container's
 /// processes may sit in sub-cgroups), mapped to that container; bounded
 /// walk. Empty when there is no cgroup v2 hierarchy.
-fn cgroup_index(containers: &[ContainerFact]) -> HashMap<u64, Option<ContainerFact>> {
+fn cgroup_index(
+    proc_root: &Path,
+    containers: &[ContainerFact],
+) -> HashMap<u64, Option<ContainerFact>> {
     const MAX_DIRS: usize = 4096;
     let mut out = HashMap::new();
-    let Ok(cg) =
-        metaguard_sys::cgroup::Cgroup2::discover(std::path::Path::new("/proc/self/mountinfo"))
-    else {
+    let Ok(cg) = metaguard_sys::cgroup::Cgroup2::discover(&proc_root.join("self/mountinfo")) else {
         return out;
     };
     // Deepest cgroups first: a container whose cgroup lies inside
@@ -591,77 +455,6 @@ fn cgroup_index(containers: &[ContainerFact]) -> HashMap<u64, Option<ContainerFa
     out
 }
 
-/// The ids a container's environment names.
-fn ids(group: &[&ContainerFact]) -> (Vec<String>, Vec<String>) {
-    let mut creds = Vec::new();
-    let mut tmds = Vec::new();
-    for c in group {
-        if let Some(uri) = c.env_var("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI") {
-            creds.extend(credentials_id(uri));
-        }
-        if let Some(uri) = c.env_var("AWS_CONTAINER_CREDENTIALS_FULL_URI") {
-            creds.extend(full_uri_path(uri).and_then(credentials_id));
-        }
-        for key in [
-            "ECS_CONTAINER_METADATA_URI",
-            "ECS_CONTAINER_METADATA_URI_V4",
-        ] {
-            if let Some(uri) = c.env_var(key) {
-                if let Some(id) = uri.trim_end_matches('/').rsplit('/').next() {
-                    tmds.push(id.to_string());
-                }
-            }
-        }
-    }
-    creds.sort();
-    creds.dedup();
-    tmds.sort();
-    tmds.dedup();
-    (creds, tmds)
-}
-
-/// The credentials id a task-metadata credentials path names:
-/// `/v2/credentials/<id>` (ECS) or `/v1/credentials?id=<id>`; `None` for
-/// anything else, such as EKS Pod Identity's id-less `/v1/credentials`.
-fn credentials_id(path_and_query: &str) -> Option<String> {
-    let (path, query) = path_and_query
-        .split_once('?')
-        .unwrap_or((path_and_query, ""));
-    let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
-    let id = match segs.as_slice() {
-        ["v2", "credentials", id] => (*id).to_string(),
-        ["v1", "credentials"] => query
-            .split('&')
-            .find_map(|kv| kv.strip_prefix("id="))?
-            .to_string(),
-        _ => return None,
-    };
-    (!id.is_empty()).then_some(id)
-}
-
-/// The path and query of an `AWS_CONTAINER_CREDENTIALS_FULL_URI` whose host
-/// is a task-metadata address (`169.254.170.2`, `169.254.170.23`,
-/// `[fd00:ec2::23]`); a full URI elsewhere (a sidecar on loopback, Greengrass)
-/// never reaches the proxy, so its path says nothing about ownership here.
-fn full_uri_path(uri: &str) -> Option<&str> {
-    let rest = uri
-        .strip_prefix("http://")
-        .or_else(|| uri.strip_prefix("https://"))?;
-    let (authority, path) = match rest.find(['/', '?']) {
-        Some(i) => rest.split_at(i),
-        None => (rest, "/"),
-    };
-    let host = match authority.strip_prefix('[') {
-        Some(v6) => v6.split_once(']')?.0,
-        None => authority.split(':').next()?,
-    };
-    let tmds: std::net::IpAddr = host.parse().ok()?;
-    let known = ["169.254.170.2", "169.254.170.23", "fd00:ec2::23"]
-        .iter()
-        .any(|a| a.parse::<std::net::IpAddr>().is_ok_and(|a| a == tmds));
-    known.then_some(path)
-}
-
 impl metaguard_proxy::Directory for Directory {
     fn identify(&self, config: &Arc<Config>, origin: Origin) -> Caller {
         // With `may_block`, identify_with always answers.
@@ -674,41 +467,27 @@ impl metaguard_proxy::Directory for Directory {
     }
 
     fn owner(&self, config: &Config, kind: IdKind, id: &str) -> Ownership {
-        if kind == IdKind::Credentials {
-            if let Some(i) = config
-                .workloads
-                .iter()
-                .position(|w| w.credentials_ids.iter().any(|x| x == id))
-            {
-                return Ownership::Owned(Owner {
-                    workload: Some(i),
-                    container: None,
-                    uncertain: false,
-                });
-            }
+        if let Some(i) = identify::listed_owner(config, kind, id) {
+            return Ownership::Owned(Owner {
+                workload: Some(i),
+                container: None,
+                uncertain: false,
+            });
         }
         let mut c = self.lock();
         self.refresh_containers(&mut c);
-        let held = |k: &ContainerFact| {
-            let (creds, tmds) = ids(&[k]);
-            match kind {
-                IdKind::Credentials => creds.iter().any(|x| x == id),
-                IdKind::TaskMetadata => tmds.iter().any(|x| x == id),
-            }
-        };
-        let Some(owner) = c.containers.iter().find(|k| held(k)).cloned() else {
+        let Some(owner) = identify::holder(&c.containers, kind, id).cloned() else {
             return if c.revoked.contains(&(kind, id.to_string())) {
                 Ownership::Revoked
             } else {
                 Ownership::Unknown
             };
         };
-        // The bridge the owner hangs off (the master of the host port whose
-        // peer is in the owner's namespace), and everyone in that namespace.
-        // Host links first: listing them gives the peers' namespaces ids.
+        // The bridge the owner hangs off and everyone in its namespace:
+        // host links first (listing them gives the peers' namespace ids).
         // Not knowing is not an answer: the owner is then treated as
         // proxied (the request refused).
-        let host = match host_links() {
+        let links = match host_links() {
             Ok(h) => h,
             Err(e) => {
                 warn!(error = %e, "proxy: cannot list links to place an id's owner");
@@ -719,45 +498,14 @@ impl metaguard_proxy::Directory for Directory {
                 });
             }
         };
-        let owner_ns = owner
-            .netns
-            .as_ref()
-            .and_then(|p| self.netns_ids(&mut c).get(p).copied().flatten());
-        let master = owner_ns.and_then(|id| {
-            host.iter()
-                .find(|l| l.master.is_some() && l.peer_netns == Some(id))?
-                .master
-                .clone()
-        });
-        let mut netns: Vec<String> = owner.netns.iter().cloned().collect();
-        if let Some(id) = owner_ns {
-            netns.extend(self.paths_in_netns(&mut c, id));
-        }
-        netns.sort();
-        netns.dedup();
-        // The namespace as its callers are found: `netns` selectors by
-        // namespace identity too.
-        let selected = owner_ns
-            .map(|id| self.selected_files_in(&mut c, config, id))
-            .unwrap_or_default();
-        let group: Vec<&ContainerFact> = c
-            .containers
-            .iter()
-            .filter(|k| !k.host_network && k.netns.as_ref().is_some_and(|p| netns.contains(p)))
-            .collect();
-        let group = if group.is_empty() {
-            vec![&owner]
-        } else {
-            group
-        };
-        netns.extend(selected);
-        netns.sort();
-        netns.dedup();
-        Ownership::Owned(Owner {
-            workload: Self::workload_for(config, master.as_deref(), &group, &netns),
-            container: Some(owner.id.clone()),
-            uncertain: false,
-        })
+        Self::ensure_netns_ids(&mut c);
+        let selected = self.selected_files(&mut c, config);
+        Ownership::Owned(identify::place(
+            config,
+            &c.snapshot(&selected),
+            &links,
+            &owner,
+        ))
     }
 }
 
@@ -793,7 +541,10 @@ mod tests {
     /// A directory whose cache already knows port 7 on docker0 and the
     /// namespace and containers behind it (no host lookups).
     fn directory(containers: Vec<ContainerFact>) -> (Directory, u32) {
-        let d = Directory::new(PathBuf::from("/nonexistent/docker.sock"));
+        let d = Directory::new(
+            PathBuf::from("/nonexistent/docker.sock"),
+            Path::new("/proc"),
+        );
         let mark = bridge_mark(7);
         d.learn(mark, containers);
         (d, mark)
@@ -839,7 +590,10 @@ mod tests {
 
     #[test]
     fn a_stopped_containers_ids_are_revoked_and_a_restarted_one_gets_them_back() {
-        let d = Directory::new(PathBuf::from("/nonexistent/docker.sock"));
+        let d = Directory::new(
+            PathBuf::from("/nonexistent/docker.sock"),
+            Path::new("/proc"),
+        );
         let mut tmds = container("c1", "c1-creds");
         tmds.env
             .push("ECS_CONTAINER_METADATA_URI_V4=http://169.254.170.2/v4/c1-tmds".into());
@@ -925,41 +679,5 @@ mod tests {
         let third = d.identify_cached(&only, origin).expect("same port");
         assert_eq!(third.workload, Some(0));
         assert_eq!(third.credentials_ids, second.credentials_ids);
-    }
-
-    #[test]
-    fn credentials_ids_come_from_relative_and_full_uris_on_task_metadata_addresses() {
-        let mut c = container("c1", "rel-id");
-        c.env.extend([
-            "AWS_CONTAINER_CREDENTIALS_FULL_URI=http://169.254.170.2/v2/credentials/full-id".into(),
-            "ECS_CONTAINER_METADATA_URI_V4=http://169.254.170.2/v4/tmds-id".into(),
-        ]);
-        let mut v6 = container("c2", "");
-        v6.env = vec![
-            "AWS_CONTAINER_CREDENTIALS_FULL_URI=http://[fd00:ec2::23]:80/v1/credentials?x=1&id=v6-id"
-                .into(),
-        ];
-        let mut elsewhere = container("c3", "");
-        elsewhere.env = vec![
-            "AWS_CONTAINER_CREDENTIALS_FULL_URI=http://127.0.0.1:8080/v2/credentials/loopback-id"
-                .into(),
-        ];
-        let mut eks = container("c4", "");
-        eks.env =
-            vec!["AWS_CONTAINER_CREDENTIALS_FULL_URI=http://169.254.170.23/v1/credentials".into()];
-        let (creds, tmds) = ids(&[&c, &v6, &elsewhere, &eks]);
-        assert_eq!(creds, vec!["full-id", "rel-id", "v6-id"]);
-        assert_eq!(tmds, vec!["tmds-id"]);
-        for bad in [
-            "",
-            "http://",
-            "http://[fd00:ec2::23/v2/credentials/x",
-            "ftp://169.254.170.2/v2/credentials/x",
-            "http://169.254.170.2",
-            "http://169.254.170.2/v2/credentials/",
-            "http://169.254.170.2/v1/credentials?id=",
-        ] {
-            assert_eq!(full_uri_path(bad).and_then(credentials_id), None, "{bad}");
-        }
     }
 }

@@ -67,6 +67,7 @@ use metaguard_sys::bpf::{Attachment, LinkInfo, MapContents};
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
+use crate::discovery::docker::DockerEvent;
 use crate::enforce::{canonical, needs_docker, Containers, Engine, Stale, State, Target};
 
 pub use metrics::DEFAULT_ADDR as DEFAULT_METRICS_ADDR;
@@ -305,10 +306,17 @@ impl Daemon {
             return;
         }
         self.docker_watched = true;
+        let tx = self.tx.clone();
         tokio::spawn(crate::discovery::docker::watch(
             self.opts.docker_socket.clone(),
             self.started,
-            self.tx.clone(),
+            move |e| {
+                tx.send(match e {
+                    DockerEvent::Up => Event::DockerUp,
+                    DockerEvent::Changed => Event::Docker,
+                })
+                .is_ok()
+            },
             self.docker_up.clone(),
         ));
     }
@@ -411,7 +419,10 @@ impl Daemon {
                 self.proxy_metrics.insert(m).clone()
             }
         };
-        let directory = Arc::new(identity::Directory::new(self.opts.docker_socket.clone()));
+        let directory = Arc::new(identity::Directory::new(
+            self.opts.docker_socket.clone(),
+            Path::new("/proc"),
+        ));
         let mut server = Server::new(Proxy::new(directory.clone(), metrics, settings));
         let prepared = server.prepare(&wanted, None)?;
         Ok(ProxyStep::Start(

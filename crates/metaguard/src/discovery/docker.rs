@@ -8,6 +8,7 @@
 //! into the `ecs-tasks` namespaces.
 
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -24,23 +25,83 @@ fn connect(socket: &Path) -> anyhow::Result<Docker> {
 }
 
 /// The running containers, or `None` when there is no socket (no Docker on
-/// this host). Runs on its own thread and runtime, so it can be called from
-/// synchronous code and from inside the daemon's runtime alike.
+/// this host). For async callers.
+pub async fn list_containers(
+    socket: &Path,
+    proc_root: &Path,
+) -> anyhow::Result<Option<Vec<ContainerFact>>> {
+    if !socket.exists() {
+        return Ok(None);
+    }
+    list(socket, proc_root).await.map(Some)
+}
+
+/// [`list_containers`] for synchronous callers (the CLI's apply and verify,
+/// the engine, the proxy's identification on its blocking threads). The
+/// listing runs on one discovery thread with its own runtime, started on
+/// the first call and kept: nothing is started per call, and it may be
+/// called from a thread inside another runtime alike (it only blocks the
+/// calling thread).
 pub fn containers(socket: &Path, proc_root: &Path) -> anyhow::Result<Option<Vec<ContainerFact>>> {
     if !socket.exists() {
         return Ok(None);
     }
-    let (socket, proc_root) = (socket.to_path_buf(), proc_root.to_path_buf());
-    std::thread::scope(|s| {
-        s.spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
+    let (reply, answer) = std::sync::mpsc::sync_channel(1);
+    let job = Job {
+        socket: socket.to_path_buf(),
+        proc_root: proc_root.to_path_buf(),
+        reply,
+    };
+    worker()
+        .send(job)
+        .map_err(|_| anyhow::anyhow!("the Docker discovery thread has stopped"))?;
+    answer
+        .recv()
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("the Docker discovery thread has stopped")))
+}
+
+/// One listing asked of the discovery thread.
+struct Job {
+    socket: PathBuf,
+    proc_root: PathBuf,
+    reply: std::sync::mpsc::SyncSender<anyhow::Result<Option<Vec<ContainerFact>>>>,
+}
+
+/// The discovery thread's queue: started once; each job runs as its own
+/// task there, so concurrent callers do not wait for each other.
+fn worker() -> &'static tokio::sync::mpsc::UnboundedSender<Job> {
+    static WORKER: OnceLock<tokio::sync::mpsc::UnboundedSender<Job>> = OnceLock::new();
+    WORKER.get_or_init(|| {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Job>();
+        let run = move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
-                .context("cannot start a runtime for the Docker API")?;
-            rt.block_on(list(&socket, &proc_root)).map(Some)
-        })
-        .join()
-        .unwrap_or_else(|_| Err(anyhow::anyhow!("Docker discovery thread panicked")))
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let why = format!("cannot start a runtime for the Docker API: {e}");
+                    while let Some(job) = rx.blocking_recv() {
+                        let _ = job.reply.send(Err(anyhow::anyhow!("{why}")));
+                    }
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                while let Some(job) = rx.recv().await {
+                    tokio::spawn(async move {
+                        let got = list_containers(&job.socket, &job.proc_root).await;
+                        let _ = job.reply.send(got);
+                    });
+                }
+            });
+        };
+        // A thread that cannot be started leaves the queue's receiver
+        // dropped: every call then says the thread has stopped.
+        let _ = std::thread::Builder::new()
+            .name("metaguard-docker".into())
+            .spawn(run);
+        tx
     })
 }
 
@@ -156,19 +217,29 @@ fn own_cgroup(proc_root: &Path, pid: i64) -> Option<String> {
         .filter(|p| !p.is_empty())
 }
 
-/// Follows the Docker API for the daemon: waits for its socket (inotify on
-/// its directory, so a dockerd that starts later is seen at once), checks
-/// that it answers (`/_ping`: a socket-activated socket exists before
-/// dockerd does), then sends [`crate::daemon::Event::DockerUp`] — containers
-/// may have changed while nobody answered — and an `Event::Docker` for every
+/// What [`watch`] reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DockerEvent {
+    /// The Docker API answers (again): dockerd started or restarted, and
+    /// containers may have changed while nobody answered.
+    Up,
+    /// A container started, stopped or was removed.
+    Changed,
+}
+
+/// Follows the Docker API: waits for its socket (inotify on its directory,
+/// so a dockerd that starts later is seen at once), checks that it answers
+/// (`/_ping`: a socket-activated socket exists before dockerd does), then
+/// reports [`DockerEvent::Up`] and a [`DockerEvent::Changed`] for every
 /// container start, stop or removal since `since` (Unix seconds: the
 /// daemon's start; Docker replays events from then, and after a reconnect
-/// from the last one seen). `up` says whether the API answers now.
-/// Retries every second at most; never returns while the daemon runs.
+/// from the last one seen). `up` says whether the API answers now. `send`
+/// returns false when nobody listens any more, which ends the watch;
+/// otherwise it retries every second at most and never returns.
 pub async fn watch(
     socket: PathBuf,
     since: u64,
-    tx: tokio::sync::mpsc::UnboundedSender<crate::daemon::Event>,
+    mut send: impl FnMut(DockerEvent) -> bool + Send,
     up: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) {
     use futures_util::StreamExt as _;
@@ -195,7 +266,7 @@ pub async fn watch(
             if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(10), docker.ping()).await {
                 up.store(true, Ordering::Relaxed);
                 backoff = Duration::from_millis(100);
-                if tx.send(crate::daemon::Event::DockerUp).is_err() {
+                if !send(DockerEvent::Up) {
                     return;
                 }
                 let filters = std::collections::HashMap::from([
@@ -212,7 +283,7 @@ pub async fn watch(
                     if let Some(t) = ev.time.and_then(|t| u64::try_from(t).ok()) {
                         since = since.max(t);
                     }
-                    if tx.send(crate::daemon::Event::Docker).is_err() {
+                    if !send(DockerEvent::Changed) {
                         return;
                     }
                 }
