@@ -16,7 +16,9 @@
 //!   gone), F5 (boot window), F8 (IPv6), F11 (established connections);
 //! * `workloads` — senders the host's address rules cannot see or tell
 //!   apart: F6 (awsvpc), F7 (host network), F9 (hop limit), F15 (IP-keyed
-//!   proxy).
+//!   proxy);
+//! * `localnet` — the route_localnet reach-around: F17, and the guard
+//!   F1's fix puts in first so that it never opens F17.
 
 use serde::Serialize;
 
@@ -27,12 +29,14 @@ mod credentials;
 mod evidence;
 mod fix;
 mod guard;
+mod localnet;
 #[cfg(test)]
 mod tests;
 mod workloads;
 
 use credentials::{f1, f10, f2, f3};
 use guard::{f11, f4, f5, f8};
+use localnet::f17;
 use workloads::{f15, f6, f7, f9};
 
 pub use fix::{Fix, FixAction};
@@ -69,8 +73,8 @@ const DURABLE: &str = "`metaguard apply` (or the daemon) keeps the guard in a ta
 pub fn check(snap: &Snapshot, flows: &[Flow]) -> Vec<Finding> {
     let ep = Endpoints::of(snap);
     let mut out = Vec::new();
-    let checks: [&dyn Fn() -> Option<Finding>; 12] = [
-        &|| f1(flows),
+    let checks: [&dyn Fn() -> Option<Finding>; 13] = [
+        &|| f1(snap, flows),
         &|| f2(snap, flows, &ep),
         &|| f3(snap, flows, &ep),
         &|| f4(snap, flows, &ep),
@@ -82,6 +86,7 @@ pub fn check(snap: &Snapshot, flows: &[Flow]) -> Vec<Finding> {
         &|| f10(snap, &ep),
         &|| f11(flows, &ep),
         &|| f15(flows),
+        &|| f17(snap, flows),
     ];
     for c in checks {
         if let Some(f) = c() {

@@ -17,4 +17,4 @@ pub mod path;
 pub mod report;
 pub mod snapshot;
 
-pub use report::{analyze, Report};
+pub use report::{analyze, new_findings, Report};

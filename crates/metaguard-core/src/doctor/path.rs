@@ -61,10 +61,13 @@
 //! * `nft` — the nftables dialect (nft JSON rules);
 //! * `route` — the kernel's part: locality, route lookup, martians,
 //!   forwarding, and the order of hooks;
-//! * `flows` — the sources, the config's intent, and every flow.
+//! * `flows` — the sources, the config's intent, and every flow;
+//! * `localnet` — the direct-to-127.0.0.1 flows from container bridges
+//!   that the route_localnet reach-around (F17) opens.
 
 mod flows;
 mod ipt;
+mod localnet;
 mod model;
 mod nft;
 mod route;
@@ -73,6 +76,7 @@ mod test_support;
 mod walk;
 
 pub use flows::{container_bridges, evaluate, has_awsvpc};
+pub use localnet::loopback_flows;
 pub use model::{
     Backend, Endpoints, Expect, Flow, Hook, RuleRef, Source, Step, TargetKind, Verdict,
 };

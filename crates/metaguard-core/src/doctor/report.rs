@@ -96,6 +96,17 @@ pub fn analyze(snap: &Snapshot, source: &str) -> Report {
     }
 }
 
+/// The finding ids of `after` that `before` did not have: what a fix
+/// opened. `--fix` shows them and fails when there are any.
+pub fn new_findings(before: &Report, after: &Report) -> Vec<&'static str> {
+    after
+        .findings
+        .iter()
+        .map(|f| f.id)
+        .filter(|id| !before.findings.iter().any(|b| b.id == *id))
+        .collect()
+}
+
 const RED: &str = "\x1b[31m";
 const GREEN: &str = "\x1b[32m";
 const YELLOW: &str = "\x1b[33m";

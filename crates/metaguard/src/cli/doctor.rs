@@ -1,8 +1,8 @@
 //! `metaguard doctor [--json] [--fix [--dry-run]] [--probe] [--from DIR | --collect DIR]`:
 //! diagnose this host (or a snapshot) for the known failure modes.
 //!
-//! Exit codes: 0 no findings · 1 findings (after `--fix`: findings left) ·
-//! 2 bad input (a snapshot file names its line), usage or permission error.
+//! Exit codes: 0 no findings · 1 findings (after `--fix`: findings left, or a new
+//! id appeared) · 2 bad input (a snapshot file names its line), usage or permission error.
 
 use std::io::IsTerminal as _;
 use std::path::{Path, PathBuf};
@@ -10,7 +10,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context as _};
 use metaguard_core::doctor::snapshot::Snapshot;
-use metaguard_core::doctor::{analyze, Report};
+use metaguard_core::doctor::{analyze, new_findings, Report};
 
 use super::{config, ConfigArg, EXIT_PROBLEMS};
 use crate::doctor::{collect, fix, probe};
@@ -133,8 +133,10 @@ pub fn run(a: &Args<'_>) -> anyhow::Result<ExitCode> {
     }
     let after_files = live(a.config)?;
     let after = analyze(&parse(&after_files, None)?, &source);
+    // A fix must never open another failure mode: the ids that appeared.
+    let opened = new_findings(&report, &after);
     if a.json {
-        let doc = serde_json::json!({"schema": "metaguard.doctor-fix/v1", "dry_run": false, "before": report, "applied": actions, "skipped": skipped, "after": after});
+        let doc = serde_json::json!({"schema": "metaguard.doctor-fix/v1", "dry_run": false, "before": report, "applied": actions, "skipped": skipped, "after": after, "new_after_fix": opened});
         println!("{}", serde_json::to_string_pretty(&doc)?);
     } else {
         for s in &skipped {
@@ -143,7 +145,19 @@ pub fn run(a: &Args<'_>) -> anyhow::Result<ExitCode> {
         println!();
         println!("after the fix:");
         print!("{}", after.human(color));
+        println!();
+        if opened.is_empty() {
+            println!("No finding appeared that was not there before the fix.");
+        } else {
+            println!(
+                "NEW after the fix (the fix opened them; report this): {}",
+                opened.join(", ")
+            );
+        }
         println!("These fixes are in tables others own and may be undone (dockerd restarts, iptables-restore); the durable fix is `metaguard apply` (or the daemon, with proxy mode).");
+    }
+    if !opened.is_empty() {
+        return Ok(ExitCode::from(EXIT_PROBLEMS));
     }
     Ok(code(&after, None))
 }

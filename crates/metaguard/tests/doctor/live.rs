@@ -41,7 +41,22 @@ pub const TESTS: &[(&str, bool, crate::TestFn)] = &[
         f6_awsvpc_task_bypasses_docker_user,
     ),
     ("live::f8_ipv6_bypass", true, f8_ipv6_bypass),
+    (
+        "live::f1_fix_does_not_open_f17",
+        true,
+        f1_fix_does_not_open_f17,
+    ),
+    (
+        "live::f17_route_localnet_reach_around",
+        true,
+        f17_route_localnet_reach_around,
+    ),
 ];
+
+/// The F17 guard a careful operator adds on a host ecs-init set up: drop
+/// 127/8 arriving off `lo` unless it was DNATed (ecs-init's DNAT of
+/// 169.254.170.2 to 127.0.0.1:51679 keeps working).
+const F17_GUARD: &str = "-d 127.0.0.0/8 ! -i lo -m conntrack ! --ctstate DNAT -j DROP";
 
 struct Guarded {
     lab: Lab,
@@ -56,8 +71,8 @@ fn sh(lab: &Lab, role: Role, prog: &str, args: &str) -> Result<(), Failed> {
 }
 
 /// A lab guarded the way a careful operator would without metaguard: the
-/// AWS DOCKER-USER rule in both families (in `backend`'s iptables) and
-/// blackhole routes in the awsvpc task. Doctor knows the task namespace
+/// AWS DOCKER-USER rule in both families and the F17 guard (in `backend`'s
+/// iptables), and blackhole routes in the awsvpc task. Doctor knows the task namespace
 /// from the config.
 fn guarded(legacy: bool) -> Result<Guarded, Failed> {
     let lab = Lab::start(LabOptions::new(exe())).map_err(|e| format!("lab: {e}"))?;
@@ -66,6 +81,7 @@ fn guarded(legacy: bool) -> Result<Guarded, Failed> {
     } else {
         ("iptables", "ip6tables")
     };
+    sh(&lab, Role::Host, v4, &format!("-w -I INPUT 1 {F17_GUARD}"))?;
     sh(&lab, Role::Host, v4, "-w -N DOCKER-USER")?;
     sh(&lab, Role::Host, v4, "-w -A FORWARD -j DOCKER-USER")?;
     sh(
@@ -358,12 +374,150 @@ fn f8_ipv6_bypass() -> Result<(), Failed> {
     )
 }
 
-/// Writes the lab-made fixtures (run on purpose, see main.rs).
+/// Removes the F17 guard `guarded` added (the host as ecs-init leaves it).
+fn unguard_f17(g: &Guarded, legacy: bool) -> Result<(), Failed> {
+    let v4 = if legacy {
+        "iptables-legacy"
+    } else {
+        "iptables"
+    };
+    sh(&g.lab, Role::Host, v4, &format!("-w -D INPUT {F17_GUARD}"))
+}
+
+/// F1's fix on a host without the F17 guard: it puts the guard in before it
+/// turns route_localnet on, so credentials come back and F17 stays closed.
+fn f1_fix_does_not_open_f17() -> Result<(), Failed> {
+    cycle(
+        false,
+        |g| {
+            unguard_f17(g, false)?;
+            sh(
+                &g.lab,
+                Role::Host,
+                "sysctl",
+                "-q -w net.ipv4.conf.all.route_localnet=0",
+            )
+        },
+        &["F1"],
+        &[(
+            Workload::BridgeC1,
+            Target::TaskCredentials,
+            Verdict::Blocked,
+        )],
+    )
+}
+
+/// Makes `role` route 127.0.0.0/8 through its gateway (the F17 attack; the
+/// container has NET_ADMIN in its own namespace). Bridge containers use the
+/// lab's helper; the awsvpc task routes via ecs-bridge.
+fn route_loopback_via_gateway(g: &Guarded, role: Role) -> Result<(), Failed> {
+    if role != Role::Task1 {
+        return g
+            .lab
+            .route_loopback_via_gateway(role)
+            .map_err(|e| e.to_string().into());
+    }
+    for args in [
+        "route add 127.0.0.0/8 via 169.254.172.1 dev ecs-eth0 table 100",
+        "rule add to 127.0.0.0/8 lookup 100 pref 100",
+        "rule add lookup local pref 1000",
+        "rule del pref 0",
+    ] {
+        sh(&g.lab, role, "ip", args)?;
+    }
+    sh(
+        &g.lab,
+        role,
+        "sysctl",
+        "-q -w net.ipv4.conf.all.route_localnet=1 net.ipv4.conf.ecs-eth0.route_localnet=1",
+    )
+}
+
+/// Whether `w` gets an HTTP answer from `url`.
+fn answers(g: &Guarded, w: Workload, url: &str) -> Result<bool, Failed> {
+    let mut spec = g.lab.http_get(url);
+    spec.timeout_ms = 1500;
+    let r = g.lab.probe(w, &spec).map_err(|e| e.to_string())?;
+    Ok(r.ok())
+}
+
+/// The lab as ecs-init leaves it (DNAT to 127.0.0.1:51679, route_localnet=1,
+/// no guard): a bridge container and an awsvpc task that route 127.0.0.1 via
+/// their gateway reach the agent's port directly. Doctor names F17; `--fix`
+/// blocks that route and keeps task credentials working, and names nothing new.
+fn f17_route_localnet_reach_around() -> Result<(), Failed> {
+    let before = root_state()?;
+    let g = guarded(false)?;
+    unguard_f17(&g, false)?;
+    let (code, found, out) = doctor(&g, &[])?;
+    ensure!(
+        code == Some(1) && found == ["F17"],
+        "ecs-init lab: expected [F17], got {found:?} (exit {code:?})\n{out}"
+    );
+    let workloads = [
+        (Workload::BridgeC1, Role::C1),
+        (Workload::AwsvpcTask, Role::Task1),
+    ];
+    for (w, role) in workloads {
+        route_loopback_via_gateway(&g, role)?;
+        let direct = format!(
+            "http://127.0.0.1:{}/v2/credentials/{}",
+            metaguard_lab::topology::addr::AGENT_PORT,
+            w.credentials_id()
+        );
+        ensure!(
+            answers(&g, w, &direct)?,
+            "{w:?}: the direct route to {direct} does not answer before the fix"
+        );
+    }
+    let (code, after, out) = doctor(&g, &["--fix"])?;
+    ensure!(
+        code == Some(0) && after.is_empty(),
+        "--fix left {after:?} (exit {code:?})\n{out}"
+    );
+    let v: serde_json::Value = serde_json::from_str(&out).map_err(|e| e.to_string())?;
+    ensure!(
+        v["new_after_fix"].as_array().is_some_and(Vec::is_empty),
+        "--fix opened new findings: {}",
+        v["new_after_fix"]
+    );
+    for (w, _) in workloads {
+        let direct = format!(
+            "http://127.0.0.1:{}/v2/credentials/{}",
+            metaguard_lab::topology::addr::AGENT_PORT,
+            w.credentials_id()
+        );
+        ensure!(
+            !answers(&g, w, &direct)?,
+            "{w:?}: {direct} still answers after --fix"
+        );
+        let creds = Lab::credentials_url(w);
+        ensure!(
+            answers(&g, w, &creds)?,
+            "{w:?}: task credentials ({creds}) broken by --fix"
+        );
+    }
+    let (code, again, out) = doctor(&g, &[])?;
+    ensure!(
+        code == Some(0) && again.is_empty(),
+        "doctor after --fix: {again:?}\n{out}"
+    );
+    drop(g);
+    ensure!(
+        root_state()? == before,
+        "the root network namespace changed during a doctor test"
+    );
+    Ok(())
+}
+
+/// Writes the lab-made fixtures (run on purpose, see main.rs). With
+/// `METAGUARD_FIXTURES=name,name` only those are written.
 pub fn generate_fixtures() -> Result<(), Failed> {
     type Break = fn(&Guarded) -> Result<(), Failed>;
     let scenarios: &[(&str, bool, &str, Break)] = &[
         ("clean", false, "", |_| Ok(())),
         ("f1-route-localnet-off", false, "F1", |g| {
+            unguard_f17(g, false)?;
             sh(
                 &g.lab,
                 Role::Host,
@@ -434,8 +588,21 @@ pub fn generate_fixtures() -> Result<(), Failed> {
             sh(&g.lab, Role::Host, "iptables-nft", "-w -t nat -I PREROUTING 1 -i docker0 -d 169.254.169.254/32 -p tcp -m tcp --dport 80 -j DNAT --to-destination 172.17.0.1:8181")?;
             sh(&g.lab, Role::Host, "iptables-nft", "-w -D DOCKER-USER -d 169.254.169.254/32 -j REJECT --reject-with icmp-admin-prohibited")
         }),
+        ("f17-route-localnet-reach-around-nft", false, "F17", |g| {
+            unguard_f17(g, false)
+        }),
+        ("f17-route-localnet-reach-around-legacy", true, "F17", |g| {
+            unguard_f17(g, true)
+        }),
     ];
+    let only = std::env::var("METAGUARD_FIXTURES").ok();
     for (name, legacy, expected, brk) in scenarios {
+        if only
+            .as_deref()
+            .is_some_and(|o| !o.split(',').any(|n| n == *name))
+        {
+            continue;
+        }
         let g = guarded(*legacy)?;
         brk(&g)?;
         let dir = fixtures_dir().join(name);

@@ -9,9 +9,9 @@ use super::super::iptables_save::{Cond, Target};
 use super::super::path::{Backend, Endpoints, Expect, Flow, Hook, RuleRef};
 use super::super::snapshot::Snapshot;
 use super::evidence::{creds_should_reach, dedup, delivered_loopback, is_martian, names, Evidence};
-use super::{Finding, Fix, FixAction, Severity, DURABLE};
+use super::{localnet, Finding, Fix, FixAction, Severity, DURABLE};
 
-pub(super) fn f1(flows: &[Flow]) -> Option<Finding> {
+pub(super) fn f1(snap: &Snapshot, flows: &[Flow]) -> Option<Finding> {
     let hit: Vec<&Flow> = flows
         .iter()
         .filter(|f| creds_should_reach(f) && is_martian(f))
@@ -33,15 +33,37 @@ pub(super) fn f1(flows: &[Flow]) -> Option<Finding> {
         flows: names(&hit),
         evidence: evidence.into_lines(),
         explanation: "169.254.170.2:80 is DNATed to the agent on 127.0.0.1, but net.ipv4.conf.all.route_localnet is 0, so the kernel drops packets to 127/8 that arrive on a bridge. Containers wait for their timeout and the agent logs nothing.".into(),
-        fix: Fix::new(
-            "set net.ipv4.conf.all.route_localnet=1 (what ecs-init does)",
-            vec![FixAction::Sysctl { key: "net.ipv4.conf.all.route_localnet".into(), value: "1".into() }],
-            "persist it in /etc/sysctl.d/, or avoid DNAT to 127/8 (metaguard's proxy listens on 169.254.170.2 itself); route_localnet=1 also exposes 127.0.0.1 services to containers (F17): `metaguard apply` closes that",
-        ),
+        fix: f1_fix(snap, flows),
     })
 }
 
-/// The ACCEPT that lets credentials past `drop` for a flow entering on `iface`.
+/// F1's fix: route_localnet=1, preceded by the F17 guard whenever
+/// route_localnet=1 would let containers reach 127.0.0.1 directly, so the
+/// fix never opens F17.
+fn f1_fix(snap: &Snapshot, flows: &[Flow]) -> Fix {
+    let sysctl = FixAction::Sysctl {
+        key: "net.ipv4.conf.all.route_localnet".into(),
+        value: "1".into(),
+    };
+    let durable = "persist both in /etc/sysctl.d/ and your firewall config, or avoid DNAT to 127/8 altogether (metaguard's proxy listens on 169.254.170.2 itself; `metaguard apply` keeps the guard)";
+    match localnet::guard_for_f1(snap, flows) {
+        Some(guard) => Fix::new(
+            "first drop 127.0.0.0/8 arriving on any interface but lo unless DNATed (else route_localnet=1 opens F17), then set net.ipv4.conf.all.route_localnet=1 (what ecs-init does)",
+            vec![guard, sysctl],
+            durable,
+        ),
+        None => Fix::new(
+            "set net.ipv4.conf.all.route_localnet=1 (what ecs-init does); a rule already drops 127.0.0.0/8 that was not DNATed, so F17 stays closed",
+            vec![sysctl],
+            durable,
+        ),
+    }
+}
+
+/// The ACCEPT that lets credentials past `drop` for a flow entering on
+/// `iface` — only what a DNAT rule rewrote (`ct status dnat`): an accept of
+/// any packet to 127/8 from a bridge, inserted above an F17 guard, would
+/// reopen F17.
 fn accept_before(
     snap: &Snapshot,
     drop: &RuleRef,
@@ -77,6 +99,10 @@ fn accept_before(
                     "tcp",
                     "--dport",
                     &port.to_string(),
+                    "-m",
+                    "conntrack",
+                    "--ctstate",
+                    "DNAT",
                     "-j",
                     "ACCEPT",
                 ]
@@ -91,7 +117,9 @@ fn accept_before(
             table: drop.table.clone(),
             chain: drop.chain.clone(),
             before_handle: drop.handle,
-            rule: format!("iifname \"{iface}\" ip daddr 127.0.0.0/8 tcp dport {port} accept"),
+            rule: format!(
+                "iifname \"{iface}\" ip daddr 127.0.0.0/8 tcp dport {port} ct status dnat accept"
+            ),
             netns: None,
         }),
         Backend::Kernel => Err("the packet is dropped by the kernel, not by a rule".into()),
@@ -146,7 +174,7 @@ pub(super) fn f2(snap: &Snapshot, flows: &[Flow], ep: &Endpoints) -> Option<Find
     let mut evidence = Evidence::default();
     evidence.deciders("", hit.iter().copied());
     let fix = Fix::new(
-        "accept tcp to 127.0.0.0/8 port 51679 from each bridge, before the drop, in the backend and chain that hold it",
+        "accept DNATed tcp to 127.0.0.0/8 port 51679 from each bridge (`ct status dnat`, so F17 stays closed), before the drop, in the backend and chain that hold it",
         Vec::new(),
         DURABLE,
     );

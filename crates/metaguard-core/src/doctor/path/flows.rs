@@ -227,6 +227,7 @@ fn flow_one(
         TargetKind::ImdsV4 => (IpAddr::V4(ep.imds4), 80),
         TargetKind::ImdsV6 => (IpAddr::V6(ep.imds6), 80),
         TargetKind::TaskCredentials => (IpAddr::V4(ep.creds), 80),
+        TargetKind::HostLoopback => (IpAddr::V4(Ipv4Addr::LOCALHOST), ep.agent_port),
     };
     let mut flow = Flow {
         source: s.source,

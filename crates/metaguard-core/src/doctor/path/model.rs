@@ -164,6 +164,9 @@ pub enum TargetKind {
     ImdsV4,
     ImdsV6,
     TaskCredentials,
+    /// The host's 127.0.0.1 services addressed directly, without DNAT
+    /// (F17; not in [`TargetKind::ALL`]: not a column of the flow table).
+    HostLoopback,
 }
 
 impl TargetKind {
@@ -179,6 +182,7 @@ impl TargetKind {
             TargetKind::ImdsV4 => "IMDS v4",
             TargetKind::ImdsV6 => "IMDS v6",
             TargetKind::TaskCredentials => "task credentials",
+            TargetKind::HostLoopback => "host 127.0.0.1 (no DNAT)",
         }
     }
 }
