@@ -54,17 +54,21 @@ impl Cidr {
         Some(Cidr { addr, len })
     }
 
-    /// Whether `ip` lies inside (families must agree).
+    /// Whether `ip` lies inside (families must agree). A prefix longer
+    /// than the family's width (`len` is public; nft JSON can say
+    /// `"len": 200`) contains nothing.
     pub fn contains(&self, ip: IpAddr) -> bool {
+        let width = if self.addr.is_ipv4() { 32 } else { 128 };
+        let Some(host_bits) = u32::checked_sub(width, u32::from(self.len)) else {
+            return false;
+        };
         match (self.addr, ip) {
             (IpAddr::V4(n), IpAddr::V4(a)) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(self.len)).unwrap_or(0);
+                let mask = u32::MAX.checked_shl(host_bits).unwrap_or(0);
                 u32::from(n) & mask == u32::from(a) & mask
             }
             (IpAddr::V6(n), IpAddr::V6(a)) => {
-                let mask = u128::MAX
-                    .checked_shl(128 - u32::from(self.len))
-                    .unwrap_or(0);
+                let mask = u128::MAX.checked_shl(host_bits).unwrap_or(0);
                 u128::from(n) & mask == u128::from(a) & mask
             }
             _ => false,

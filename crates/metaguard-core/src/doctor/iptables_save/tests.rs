@@ -213,3 +213,27 @@ proptest! {
         }
     }
 }
+
+/// Regression (fuzz target `snapshot`, after 5 M executions): a prefix
+/// longer than the address (nft JSON `"len": 200`) overflowed `32 - len`:
+/// a panic in debug builds, a mask of 0 that contained every address in
+/// release builds.
+#[test]
+fn an_impossible_prefix_contains_nothing() {
+    let v4 = Cidr {
+        addr: "169.254.169.254".parse().expect("ip"),
+        len: 200,
+    };
+    assert!(!v4.contains("169.254.169.254".parse().expect("ip")));
+    assert!(!v4.contains("10.0.0.1".parse().expect("ip")));
+    let v6 = Cidr {
+        addr: "fd00:ec2::254".parse().expect("ip"),
+        len: 129,
+    };
+    assert!(!v6.contains("fd00:ec2::254".parse().expect("ip")));
+    let ok = Cidr::parse("169.254.0.0/16").expect("cidr");
+    assert!(ok.contains("169.254.169.254".parse().expect("ip")));
+    assert!(Cidr::parse("0.0.0.0/0")
+        .expect("cidr")
+        .contains("1.2.3.4".parse().expect("ip")));
+}

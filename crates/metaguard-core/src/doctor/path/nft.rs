@@ -372,7 +372,16 @@ fn elem_eq(v: &PacketValue, right: &Value) -> Truth {
                 let len = p
                     .get("len")
                     .and_then(Value::as_u64)
-                    .and_then(|l| u8::try_from(l).ok());
+                    .and_then(|l| u8::try_from(l).ok())
+                    // A prefix longer than the address is not one nft
+                    // prints: unknown, not "contains nothing".
+                    .filter(|l| {
+                        *l <= if addr.is_some_and(|a| a.is_ipv4()) {
+                            32
+                        } else {
+                            128
+                        }
+                    });
                 return match (addr, len) {
                     (Some(addr), Some(len)) => Truth::from(Cidr { addr, len }.contains(*a)),
                     _ => Truth::Maybe,
