@@ -14,11 +14,22 @@
 //!
 //! `proxy` is not a BPF decision (the nft layer redirects those flows), so
 //! it sets no bit here.
+//!
+//! **Namespaces** (groundwork for guarding what bridge and `netns`
+//! workloads select, issue 20): the programs also look up the socket's
+//! network namespace cookie in `mg_netns`. [`classify`] gives a namespace
+//! the engine found its workload's decision; a namespace nobody has
+//! classified yet takes [`BpfPolicy::netns_default`] — every class that
+//! some bridge, `netns` or `containers` workload denies or proxies, so
+//! unknown means denied. Rule indices are shared with the cgroup entries
+//! ([`rule_index`]: file order), so the first match in the file decides
+//! between a cgroup entry and a namespace.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use crate::config::{Action, Config, Selector};
+use crate::config::{Action, Config, NetnsSelector, Selector, Workload};
+use crate::ruleset::{ifname_glob_matches, netns_glob_matches, ContainerFact};
 
 /// Endpoint class bits and the raw-socket bit (as in `guard.bpf.c`).
 pub const CLASS_IMDS: u32 = 1;
@@ -44,7 +55,81 @@ pub struct BpfPolicy {
     pub ep4: BTreeMap<[u8; 4], u32>,
     pub ep6: BTreeMap<[u8; 16], u32>,
     pub cgroups: Vec<CgroupRule>,
+    /// (rule index, deny bits) for a network namespace other than the
+    /// host's that nobody has classified; `None` when no bridge, `netns`
+    /// or `containers` workload denies or proxies anything.
+    pub netns_default: Option<(u32, u32)>,
     pub warnings: Vec<String>,
+}
+
+/// A rule index in file order: the workload's position, then the entry's
+/// within it (lower wins, as in the nft layer).
+pub fn rule_index(workload: usize, entry: usize) -> u32 {
+    let w = u32::try_from(workload)
+        .unwrap_or(u32::MAX >> 16)
+        .min(0xfffe);
+    let e = u32::try_from(entry).unwrap_or(0xffff).min(0xffff);
+    (w << 16) | e
+}
+
+/// The rule index of "no workload": loses to every configured entry.
+pub const NO_RULE: u32 = u32::MAX;
+
+/// A network namespace other than the host's, as the engine found it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NamespaceFact<'a> {
+    /// Its namespace file (`/run/netns/…`, `/var/run/docker/netns/…`).
+    pub path: &'a str,
+    /// The bridge its host-side port is plugged into, if any.
+    pub bridge: Option<&'a str>,
+    /// The container that owns it (an awsvpc task's: the pause container).
+    pub container: Option<&'a ContainerFact>,
+}
+
+/// The classes a workload's actions keep from the programs: `deny`, and
+/// with `proxy_too` also `proxy` (for a namespace not classified yet,
+/// which must not reach an endpoint before its workload is known).
+fn class_bits(w: &Workload, proxy_too: bool) -> u32 {
+    let blocks = |a: Action| a == Action::Deny || (proxy_too && a == Action::Proxy);
+    let mut bits = 0;
+    if blocks(w.imds) {
+        bits |= CLASS_IMDS;
+    }
+    if blocks(w.task_metadata) {
+        bits |= CLASS_TASK_METADATA;
+    }
+    bits
+}
+
+/// Whether a bridge, `netns` or `containers` workload selects `ns`.
+fn selects(w: &Workload, ns: &NamespaceFact<'_>) -> bool {
+    match &w.selector {
+        Selector::Bridges(globs) => ns
+            .bridge
+            .is_some_and(|b| globs.iter().any(|g| ifname_glob_matches(g, b))),
+        Selector::Netns(sels) => sels.iter().any(|s| match s {
+            NetnsSelector::EcsTasks => ns.container.is_some_and(ContainerFact::is_ecs_pause),
+            NetnsSelector::Path(glob) => netns_glob_matches(glob, ns.path),
+        }),
+        Selector::Containers(refs) => ns
+            .container
+            .is_some_and(|c| refs.iter().any(|r| c.matches(r))),
+        Selector::Cgroups(_) => false,
+    }
+}
+
+/// The decision for a namespace the engine found: (rule index, deny bits)
+/// of the first workload that selects it, or ([`NO_RULE`], 0) when none
+/// does (a container no workload selects is untouched).
+pub fn classify(config: &Config, ns: &NamespaceFact<'_>) -> (u32, u32) {
+    config
+        .workloads
+        .iter()
+        .enumerate()
+        .find(|(_, w)| selects(w, ns))
+        .map_or((NO_RULE, 0), |(i, w)| {
+            (rule_index(i, 0), class_bits(w, false))
+        })
 }
 
 impl BpfPolicy {
@@ -91,16 +176,16 @@ pub fn plan(config: &Config) -> BpfPolicy {
             }
         }
     }
-    let mut rule = 0u32;
-    for w in &config.workloads {
+    let mut default: Option<(u32, u32)> = None;
+    for (i, w) in config.workloads.iter().enumerate() {
         if let Selector::Containers(_) = w.selector {
             out.warnings.push(format!(
                 "workload {:?}: containers selectors are not resolved by the BPF layer; only the nft layer guards it",
                 w.name
             ));
-            continue;
         }
         let Selector::Cgroups(paths) = &w.selector else {
+            default.get_or_insert((rule_index(i, 0), 0)).1 |= class_bits(w, true);
             continue;
         };
         let mut bits = 0;
@@ -113,20 +198,20 @@ pub fn plan(config: &Config) -> BpfPolicy {
         if w.raw_sockets == Action::Deny {
             bits |= DENY_RAW;
         }
-        for p in paths {
+        for (entry, p) in paths.iter().enumerate() {
             if out.cgroups.iter().any(|c| &c.path == p) {
                 continue; // an earlier entry for the same cgroup wins
             }
             out.cgroups.push(CgroupRule {
                 path: p.clone(),
                 workload: w.name.clone(),
-                rule,
+                rule: rule_index(i, entry),
                 bits,
                 attach: false,
             });
-            rule += 1;
         }
     }
+    out.netns_default = default.filter(|(_, bits)| *bits != 0);
     let denying: Vec<String> = out
         .cgroups
         .iter()
@@ -221,6 +306,111 @@ imds = "allow"
             .map(|c| c.path.as_str())
             .collect();
         assert_eq!(attached, ["x"]);
+    }
+
+    fn container(name: &str, pause: bool) -> ContainerFact {
+        let mut c = ContainerFact {
+            name: name.into(),
+            id: format!("{name}-id"),
+            ..ContainerFact::default()
+        };
+        if pause {
+            c.labels.insert(
+                crate::ruleset::ECS_PAUSE_LABEL.0.into(),
+                crate::ruleset::ECS_PAUSE_LABEL.1.into(),
+            );
+        }
+        c
+    }
+
+    #[test]
+    fn the_default_config_denies_imds_to_unclassified_namespaces() {
+        let c = Config::builtin_default();
+        let p = plan(&c);
+        assert_eq!(p.netns_default, Some((rule_index(0, 0), CLASS_IMDS)));
+        assert!(p.cgroups.is_empty());
+        // A bridge container and an awsvpc task: IMDS denied, task
+        // credentials kept.
+        let on_docker0 = NamespaceFact {
+            path: "/var/run/docker/netns/abc",
+            bridge: Some("docker0"),
+            container: None,
+        };
+        assert_eq!(classify(&c, &on_docker0), (rule_index(0, 0), CLASS_IMDS));
+        let pause = container("ecs-pause", true);
+        let task = NamespaceFact {
+            path: "/var/run/docker/netns/def",
+            bridge: None,
+            container: Some(&pause),
+        };
+        assert_eq!(classify(&c, &task), (rule_index(1, 0), CLASS_IMDS));
+        // A container on a bridge no workload names is left alone.
+        let other = NamespaceFact {
+            bridge: Some("mybridge"),
+            ..on_docker0
+        };
+        assert_eq!(classify(&c, &other), (NO_RULE, 0));
+    }
+
+    #[test]
+    fn first_match_decides_between_namespaces_and_cgroups() {
+        let c = cfg(r#"
+[[workload]]
+name = "agent"
+containers = ["ecs-agent"]
+imds = "allow"
+
+[[workload]]
+name = "proxied"
+bridges = ["br-p*"]
+imds = "proxy"
+
+[[workload]]
+name = "host"
+cgroups = ["system.slice/x", "system.slice/y"]
+imds = "deny"
+
+[[workload]]
+name = "rest"
+bridges = ["docker0"]
+task_metadata = "deny"
+"#);
+        let p = plan(&c);
+        // Unknown: everything some namespace workload denies or proxies.
+        assert_eq!(
+            p.netns_default,
+            Some((rule_index(0, 0), CLASS_IMDS | CLASS_TASK_METADATA))
+        );
+        let agent = container("ecs-agent", false);
+        let ns = |bridge, container| NamespaceFact {
+            path: "/x",
+            bridge,
+            container,
+        };
+        assert_eq!(
+            classify(&c, &ns(Some("docker0"), Some(&agent))),
+            (rule_index(0, 0), 0)
+        );
+        // A proxied namespace, once known, passes to the nft redirect.
+        assert_eq!(
+            classify(&c, &ns(Some("br-p1"), None)),
+            (rule_index(1, 0), 0)
+        );
+        assert_eq!(
+            classify(&c, &ns(Some("docker0"), None)),
+            (rule_index(3, 0), CLASS_TASK_METADATA)
+        );
+        let rules: Vec<u32> = p.cgroups.iter().map(|r| r.rule).collect();
+        assert_eq!(rules, [rule_index(2, 0), rule_index(2, 1)]);
+        assert!(rule_index(1, 0) < rules[0] && rules[1] < rule_index(3, 0));
+    }
+
+    #[test]
+    fn cgroup_only_configs_have_no_namespace_default() {
+        assert_eq!(plan(&cfg(AGENT_FIRST)).netns_default, None);
+        let allow_only =
+            cfg("[[workload]]\nname = \"b\"\nbridges = [\"docker0\"]\nimds = \"allow\"\n");
+        assert_eq!(plan(&allow_only).netns_default, None);
     }
 
     #[test]

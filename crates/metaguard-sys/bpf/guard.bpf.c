@@ -8,10 +8,15 @@
 //   mg_policy  cgroup id -> { rule index, deny bits }   (configured cgroups)
 //   mg_ep4     IPv4 address (network order) -> endpoint class bits
 //   mg_ep6     IPv6 address (16 bytes)      -> endpoint class bits
+//   mg_netns   network namespace cookie     -> { rule index, deny bits }
+//              (namespaces the daemon classified; key 0: any other
+//              namespace but the host's, which has its own entry)
 // The programs walk the caller's cgroup and its ancestors; of the configured
-// cgroups found, the one with the lowest rule index wins (first match in
-// file order, like the nft layer). A refusal returns 0 (the kernel answers
-// EPERM) and emits an event on mg_events.
+// cgroups found, and the socket's network namespace, the one with the
+// lowest rule index wins (first match in file order, like the nft layer).
+// A namespace nobody has classified yet takes key 0's decision: unknown
+// means denied. A refusal returns 0 (the kernel answers EPERM) and emits an
+// event on mg_events.
 #include <linux/bpf.h>
 #include <linux/in.h>
 #include <linux/if_ether.h>
@@ -52,6 +57,10 @@
 #ifndef MG_POLICY_ENTRIES
 #define MG_POLICY_ENTRIES 4096
 #endif
+/* Network namespaces the netns map holds (containers and tasks on a host). */
+#ifndef MG_NETNS_ENTRIES
+#define MG_NETNS_ENTRIES 16384
+#endif
 
 struct mg_decision {
 	__u32 rule;
@@ -79,6 +88,14 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MG_NETNS_ENTRIES);
+	__type(key, __u64);
+	__type(value, struct mg_decision);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} mg_netns SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 256);
 	__type(key, __u32);
 	__type(value, __u32);
@@ -103,17 +120,28 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } mg_events SEC(".maps");
 
-/* The deny bits of the first configured cgroup (lowest rule index) among
- * the caller's cgroup and its ancestors; 0 when none is configured. */
-static __always_inline __u32 caller_bits(void)
+/* The deny bits of the first match (lowest rule index) among the caller's
+ * cgroup and its ancestors and, for a socket outside the host's network
+ * namespace, that namespace's decision; 0 when nothing matches. */
+static __always_inline __u32 caller_bits(__u64 netns_cookie)
 {
 	__u32 best_rule = 0xffffffffu;
 	__u32 bits = 0;
+	struct mg_decision *d;
+	__u64 any = 0;
 	int level;
 
+	if (netns_cookie) {
+		d = bpf_map_lookup_elem(&mg_netns, &netns_cookie);
+		if (!d)
+			d = bpf_map_lookup_elem(&mg_netns, &any);
+		if (d) {
+			best_rule = d->rule;
+			bits = d->bits;
+		}
+	}
 	for (level = 0; level < MG_MAX_LEVELS; level++) {
 		__u64 id = bpf_get_current_ancestor_cgroup_id(level);
-		struct mg_decision *d;
 
 		if (id == 0)
 			break;
@@ -151,7 +179,7 @@ static __always_inline void emit(__u32 syscall, __u32 family, __u32 port,
 
 static __always_inline int check4(struct bpf_sock_addr *ctx, __u32 syscall)
 {
-	__u32 bits = caller_bits();
+	__u32 bits = caller_bits(bpf_get_netns_cookie(ctx));
 	__u32 ip, *class;
 
 	if (!(bits & (MG_CLASS_IMDS | MG_CLASS_TASK_METADATA)))
@@ -168,7 +196,7 @@ static __always_inline int check4(struct bpf_sock_addr *ctx, __u32 syscall)
 
 static __always_inline int check6(struct bpf_sock_addr *ctx, __u32 syscall)
 {
-	__u32 bits = caller_bits();
+	__u32 bits = caller_bits(bpf_get_netns_cookie(ctx));
 	struct mg_ip6 ip;
 	__u32 *class;
 
@@ -225,7 +253,8 @@ int mg_sock_create(struct bpf_sock *ctx)
 
 	if (family != AF_PACKET && type != SOCK_RAW && type != SOCK_PACKET)
 		return 1;
-	if (!(caller_bits() & MG_DENY_RAW))
+	/* raw_sockets is a cgroups decision only (0: no namespace lookup). */
+	if (!(caller_bits(0) & MG_DENY_RAW))
 		return 1;
 	emit(MG_SYSCALL_SOCKET, family, 0, 0, 0, type, protocol);
 	return 0;

@@ -50,6 +50,39 @@ pub enum NetnsError {
     InRoot,
     #[error("cannot start a thread in network namespace {path}: {source}")]
     Thread { path: PathBuf, source: io::Error },
+    #[error("cannot read the cookie of network namespace {path}: {source}")]
+    Cookie { path: PathBuf, source: io::Error },
+}
+
+/// The cookie of the calling thread's network namespace: `SO_NETNS_COOKIE`
+/// (Linux 5.14) of a fresh UDP socket, the value the BPF programs'
+/// `bpf_get_netns_cookie` gives for sockets of that namespace.
+pub fn current_cookie() -> io::Result<u64> {
+    use std::os::fd::AsRawFd;
+    let sock = rustix::net::socket(
+        rustix::net::AddressFamily::INET,
+        rustix::net::SocketType::DGRAM,
+        None,
+    )?;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: `sock` is an open socket owned for the whole call; `cookie`
+    // and `len` are valid, writable and live across it, and `len` says
+    // exactly how many bytes `cookie` holds, so the kernel writes at most
+    // that many.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cookie)
 }
 
 /// Inode of the kernel's initial network namespace (`init_net`): fixed by
@@ -192,6 +225,20 @@ impl Netns {
                 source: e.into(),
             }
         })
+    }
+
+    /// The kernel's cookie for this namespace: what `bpf_get_netns_cookie`
+    /// gives the BPF programs for a socket in it. Read on a thread that
+    /// enters the namespace (see [`current_cookie`]).
+    pub fn cookie(&self) -> Result<u64, NetnsError> {
+        let thread = self.spawn_thread("mg-netns-cookie", current_cookie)?;
+        thread
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("cookie thread panicked")))
+            .map_err(|source| NetnsError::Cookie {
+                path: self.path.clone(),
+                source,
+            })
     }
 
     /// Runs `f` on a new thread that has entered this namespace first.

@@ -4,7 +4,7 @@
 //!
 //! Everything metaguard creates lives under one *pin directory* on a bpf
 //! filesystem (default `/sys/fs/bpf/metaguard`): the maps `mg_policy`,
-//! `mg_ep4`, `mg_ep6`, `mg_events` (pinned by name, so a later load reuses
+//! `mg_ep4`, `mg_ep6`, `mg_netns`, `mg_events` (pinned by name, so a later load reuses
 //! them) and one link per (cgroup, hook), `link-<cgroup id>-<hook>`. A
 //! pinned link keeps its program attached after the process exits
 //! (fail-closed); unpinning it detaches exactly that program. Links are
@@ -72,7 +72,7 @@ pub const DENY_RAW: u32 = 4;
 
 const BPF_FS_MAGIC: u64 = 0xcafe_4a11;
 
-const MAPS: [&str; 4] = ["mg_policy", "mg_ep4", "mg_ep6", "mg_events"];
+const MAPS: [&str; 5] = ["mg_policy", "mg_ep4", "mg_ep6", "mg_netns", "mg_events"];
 const LINK_PREFIX: &str = "link-";
 
 #[derive(Debug, thiserror::Error)]
@@ -170,6 +170,10 @@ pub struct MapContents {
     pub ep6: BTreeMap<[u8; 16], u32>,
     /// cgroup id → (rule index, deny bits).
     pub policy: BTreeMap<u64, (u32, u32)>,
+    /// Network namespace cookie → (rule index, deny bits); key 0 is the
+    /// decision for a namespace not listed (other than the host's, which
+    /// must be listed whenever key 0 is).
+    pub netns: BTreeMap<u64, (u32, u32)>,
 }
 
 /// One attachment: a cgroup (by directory) and a hook.
@@ -412,6 +416,7 @@ mod tests {
         assert_eq!(shapes["mg_policy"], shape(1, 8, 8, 4096));
         assert_eq!(shapes["mg_ep4"], shape(1, 4, 4, 256));
         assert_eq!(shapes["mg_ep6"], shape(1, 16, 4, 256));
+        assert_eq!(shapes["mg_netns"], shape(1, 8, 8, 16384));
         assert_eq!(shapes["mg_events"], shape(27, 0, 0, 256 * 1024));
         assert_eq!(
             shapes["mg_policy"].to_string(),

@@ -247,7 +247,22 @@ impl PinDir {
             let (k, v) = kv.map_err(|e| map_err("mg_ep6", e))?;
             out.ep6.insert(k, v);
         }
+        let netns = open_hash::<u64, [u32; 2]>(&self.dir, "mg_netns")?;
+        for kv in netns.iter() {
+            let (k, v) = kv.map_err(|e| map_err("mg_netns", e))?;
+            out.netns.insert(k, (v[0], v[1]));
+        }
         Ok(out)
+    }
+
+    /// Makes the pinned `mg_netns` map hold exactly `want`, without loading
+    /// anything: the daemon's answer to a namespace that appeared or went.
+    /// Listed namespaces are written before the default (key 0), and the
+    /// default removed before them, so the host's namespace is never
+    /// without its entry while a default applies.
+    pub fn set_netns(&self, want: &BTreeMap<u64, (u32, u32)>) -> Result<(), BpfError> {
+        let mut map = open_hash::<u64, [u32; 2]>(&self.dir, "mg_netns")?;
+        sync_netns(&mut map, want)
     }
 
     /// Unpins every link (detaching exactly metaguard's programs) and map,
@@ -425,5 +440,38 @@ pub(super) fn sync_maps(ebpf: &mut Ebpf, want: &MapContents) -> Result<(), BpfEr
     // endpoint set older than its decision.
     sync(ebpf, "mg_ep4", &want.ep4)?;
     sync(ebpf, "mg_ep6", &want.ep6)?;
-    sync(ebpf, "mg_policy", &policy)
+    sync(ebpf, "mg_policy", &policy)?;
+    let map = ebpf
+        .map_mut("mg_netns")
+        .ok_or_else(|| map_err("mg_netns", "missing from the object"))?;
+    let mut map: BpfHashMap<&mut MapData, u64, [u32; 2]> =
+        BpfHashMap::try_from(map).map_err(|e| map_err("mg_netns", e))?;
+    sync_netns(&mut map, &want.netns)
+}
+
+/// `mg_netns` made equal to `want`, in an order that never leaves the
+/// default (key 0) in force without the namespaces listed beside it (the
+/// host's above all): listed entries are inserted first and the default
+/// last; a default that goes is removed first.
+fn sync_netns<T: std::borrow::BorrowMut<MapData>>(
+    map: &mut BpfHashMap<T, u64, [u32; 2]>,
+    want: &BTreeMap<u64, (u32, u32)>,
+) -> Result<(), BpfError> {
+    let err = |e| map_err("mg_netns", e);
+    if !want.contains_key(&0) && map.get(&0, 0).is_ok() {
+        map.remove(&0).map_err(err)?;
+    }
+    let listed = want.iter().filter(|(k, _)| **k != 0);
+    for (k, (rule, bits)) in listed.chain(want.get_key_value(&0)) {
+        map.insert(k, [*rule, *bits], 0).map_err(err)?;
+    }
+    let stale: Vec<u64> = map
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| !want.contains_key(k))
+        .collect();
+    for k in stale {
+        map.remove(&k).map_err(err)?;
+    }
+    Ok(())
 }

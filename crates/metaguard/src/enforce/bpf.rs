@@ -90,6 +90,7 @@ pub fn desired(
         ep4: policy.ep4.clone(),
         ep6: policy.ep6.clone(),
         policy: Default::default(),
+        netns: Default::default(),
     };
     let mut attachments = Vec::new();
     for c in &policy.cgroups {

@@ -45,6 +45,11 @@ pub const TESTS: &[(&str, bool, crate::TestFn)] = &[
         true,
         layer_asked_for_but_not_active_verify_exits_1_with_the_reason_nft_still_guards,
     ),
+    (
+        "bpf::netns_map_unknown_namespaces_denied_host_and_classified_ones_reach",
+        true,
+        netns_map_unknown_namespaces_denied_host_and_classified_ones_reach,
+    ),
 ];
 
 /// A bpf filesystem mounted at `<lab work dir>/bpffs` (where the lab's
@@ -544,6 +549,80 @@ fn daemon_audits_refusals_and_restart_keeps_one_attachment() -> Result<(), Faile
         "verify with the daemon: {stdout}"
     );
     drop(d2);
+    let out = lab.metaguard(&["remove"])?;
+    ensure!(out.status.success(), "remove: {out:?}");
+    Ok(())
+}
+
+/// The programs' namespace lookup (`mg_netns`, groundwork for issue 20),
+/// driven through the pinned map: with a default entry (key 0) denying
+/// IMDS and the lab host's namespace listed, a bridge container and an
+/// awsvpc task (each in a namespace of its own) are refused IMDS — over
+/// IPv4, IPv6 and IPv4-mapped IPv6, TCP and UDP — although their cgroup
+/// allows it, while the agent and other processes of the lab's host
+/// namespace still reach it; once c1's namespace is classified as allowed
+/// it reaches again. No daemon runs.
+fn netns_map_unknown_namespaces_denied_host_and_classified_ones_reach() -> Result<(), Failed> {
+    use metaguard_core::bpf_policy::{rule_index, CLASS_IMDS, NO_RULE};
+    let lab = lab()?;
+    let fs = BpfFs::mount(&lab)?;
+    let hosts = [
+        "169.254.169.254",
+        "[fd00:ec2::254]",
+        "[::ffff:169.254.169.254]",
+    ];
+    let foreign = [Workload::BridgeC1, Workload::AwsvpcTask];
+    for w in foreign {
+        for h in hosts {
+            expect_reached(&lab, w, &http(&lab, h))?;
+        }
+    }
+    // Programs attached on the lab's docker cgroup, whose rule allows IMDS
+    // (only raw sockets are denied there): the cgroups alone let it through.
+    let text = format!(
+        "[[workload]]\nname = \"containers\"\ncgroups = [\"{}/docker\"]\nraw_sockets = \"deny\"\n",
+        lab.cgroup_root()
+    );
+    let out = apply(&lab, &text)?;
+    ensure!(out.contains("bpf layer: active"), "apply: {out}");
+    // This config's nft rules deny nobody anything (and the bridge
+    // containers need Docker's NAT, so nft is not flushed here): every
+    // refusal below is the programs'.
+    for w in foreign {
+        expect_reached(&lab, w, &http(&lab, "169.254.169.254"))?;
+    }
+    let cookie = |role| lab.netns(role).cookie().map_err(|e| e.to_string());
+    let (host, c1) = (cookie(Role::Host)?, cookie(Role::C1)?);
+    ensure!(host != c1 && host != 0, "cookies: host {host}, c1 {c1}");
+    let pins = sys::PinDir::new(fs.pin_dir());
+    let mut netns = std::collections::BTreeMap::new();
+    netns.insert(host, (NO_RULE, 0));
+    netns.insert(0, (rule_index(0, 0), CLASS_IMDS));
+    pins.set_netns(&netns).map_err(|e| e.to_string())?;
+    ensure!(
+        pins.read_maps().map_err(|e| e.to_string())?.netns == netns,
+        "mg_netns does not read back as written"
+    );
+    for w in foreign {
+        for h in hosts {
+            denied(&lab, w, &http(&lab, h))?;
+        }
+        denied(&lab, w, &sendto(&lab, "169.254.169.254"))?;
+        denied(&lab, w, &sendto(&lab, "fd00:ec2::254"))?;
+    }
+    for w in [Workload::Agent, Workload::HostNetwork, Workload::HostOther] {
+        expect_reached(&lab, w, &http(&lab, "169.254.169.254"))?;
+        expect_reached(&lab, w, &http(&lab, "[fd00:ec2::254]"))?;
+    }
+    // Classified: c1's namespace belongs to a workload that allows IMDS.
+    netns.insert(c1, (rule_index(0, 0), 0));
+    pins.set_netns(&netns).map_err(|e| e.to_string())?;
+    expect_reached(&lab, Workload::BridgeC1, &http(&lab, "169.254.169.254"))?;
+    denied(&lab, Workload::AwsvpcTask, &http(&lab, "169.254.169.254"))?;
+    // Taking the default away removes it before the listed entries.
+    pins.set_netns(&std::collections::BTreeMap::new())
+        .map_err(|e| e.to_string())?;
+    expect_reached(&lab, Workload::AwsvpcTask, &http(&lab, "169.254.169.254"))?;
     let out = lab.metaguard(&["remove"])?;
     ensure!(out.status.success(), "remove: {out:?}");
     Ok(())
