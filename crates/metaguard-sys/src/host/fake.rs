@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::{Host, HostError, Listing};
 use crate::netns::{Netns, NsId};
@@ -42,10 +42,11 @@ struct Inner {
     next_pid: u32,
 }
 
-/// The recording fake.
-#[derive(Debug)]
+/// The recording fake. Clones share one host: a test keeps one while the
+/// code under test owns another.
+#[derive(Debug, Clone)]
 pub struct FakeHost {
-    inner: Mutex<Inner>,
+    inner: Arc<Mutex<Inner>>,
     proc_root: PathBuf,
 }
 
@@ -82,11 +83,11 @@ fn tables_of(script: &str) -> Vec<(String, String)> {
 impl FakeHost {
     pub fn new(world: World) -> FakeHost {
         FakeHost {
-            inner: Mutex::new(Inner {
+            inner: Arc::new(Mutex::new(Inner {
                 world,
                 next_pid: 1000,
                 ..Inner::default()
-            }),
+            })),
             proc_root: PathBuf::from("/fake/proc"),
         }
     }

@@ -68,7 +68,7 @@ use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
 use crate::discovery::docker::DockerEvent;
-use crate::enforce::{canonical, needs_docker, Containers, Engine, Stale, State, Target};
+use crate::enforce::{canonical, needs_docker, Containers, Engine, Guarding, Stale, Target};
 
 pub use metrics::DEFAULT_ADDR as DEFAULT_METRICS_ADDR;
 
@@ -507,7 +507,7 @@ impl Daemon {
                 }
                 None => {
                     let monitor = monitor::spawn(
-                        self.engine.nft(),
+                        self.engine.host(),
                         t.netns.as_ref(),
                         &t.label,
                         self.tx.clone(),
@@ -601,7 +601,7 @@ impl Daemon {
                 warn!(netns = %key, "nft monitor ended; restarting it and checking the table");
                 if let Some(g) = self.guarded.get_mut(&key) {
                     match monitor::spawn(
-                        self.engine.nft(),
+                        self.engine.host(),
                         g.target.netns.as_ref(),
                         &key,
                         self.tx.clone(),
@@ -965,36 +965,21 @@ impl Daemon {
     /// container facts yet — those guarded earlier are kept).
     fn apply_new_namespaces(&mut self, before: &[String], stale: Stale) -> anyhow::Result<()> {
         let started = Instant::now();
-        let previous = self.engine.load_state();
-        let mut netns: Vec<String> = self.plan.netns.iter().map(|n| n.path.clone()).collect();
-        if stale == Stale::Keep {
-            for p in &previous.netns {
-                if !netns.contains(p) && Path::new(p).exists() {
-                    netns.push(p.clone());
-                }
+        let mut own = Vec::new();
+        let done = self.engine.guard_new(&self.plan, before, stale, |g| match g {
+            Guarding::Loaded { netns, pid } => {
+                own.push(pid);
+                info!(netns = %netns, ms = started.elapsed().as_millis() as u64, "new namespace guarded");
             }
-        }
-        let state = State { netns, ..previous };
-        self.engine.save_state(&state)?;
-        let mut warnings = Vec::new();
-        for t in self.engine.targets(&self.plan, &mut warnings)? {
-            if t.netns.is_some() && !before.contains(&t.label) {
-                let pid = self.engine.load(&t)?;
-                self.remember_own(pid);
-                info!(netns = %t.label, ms = started.elapsed().as_millis() as u64, "new namespace guarded");
+            Guarding::Removed(netns) => {
+                info!(netns = %netns, "namespace no longer selected; its table removed")
             }
+            Guarding::Forgotten(netns) => info!(netns = %netns, "namespace gone; forgotten"),
+        });
+        for pid in own {
+            self.remember_own(pid);
         }
-        for gone in before.iter().filter(|p| !state.netns.contains(p)) {
-            // Still there but no longer selected: its table goes too.
-            match metaguard_sys::netns::Netns::open(gone) {
-                Ok(ns) => {
-                    if self.engine.nft().delete_table(Some(&ns), FAMILY, TABLE)? {
-                        info!(netns = %gone, "namespace no longer selected; its table removed");
-                    }
-                }
-                Err(_) => info!(netns = %gone, "namespace gone; forgotten"),
-            }
-        }
+        done?;
         self.sync_guarded()
     }
 
