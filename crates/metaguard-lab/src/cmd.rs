@@ -16,13 +16,10 @@ pub const REQUIRED_TOOLS: &[(&str, &str)] = &[
     ("sysctl", "procps"),
 ];
 
-/// Whether `tool` is on PATH (or one of the sbin directories root has).
+/// Where `tool` is: the product's one search path
+/// ([`metaguard_sys::tool::find`]: root's sbin directories, then `PATH`).
 pub fn find_tool(tool: &str) -> Option<std::path::PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(Into::into))
-        .map(|d| d.join(tool))
-        .find(|p| p.is_file())
+    metaguard_sys::tool::find(tool)
 }
 
 /// Fails with the package to install when a required tool is missing.

@@ -9,7 +9,6 @@
 //! touched: the bind exists only for that one `nft` process.
 
 use std::ffi::CString;
-use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -22,8 +21,8 @@ use crate::netns::Netns;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NftError {
-    #[error("`nft` is not installed (apt-get install nftables)")]
-    NotInstalled,
+    #[error(transparent)]
+    Tool(#[from] crate::tool::ToolError),
     #[error("cannot run nft in {netns}: {source}")]
     Spawn {
         netns: String,
@@ -55,11 +54,7 @@ impl Nft {
     /// `cgroup2_mount`: where the hierarchy is mounted (None when unknown:
     /// cgroupv2 rules then resolve against `/sys/fs/cgroup` as nft does).
     pub fn new(cgroup2_mount: Option<&Path>) -> Result<Nft, NftError> {
-        let exe = ["/usr/sbin/nft", "/sbin/nft", "/usr/bin/nft"]
-            .iter()
-            .map(PathBuf::from)
-            .find(|p| p.is_file())
-            .ok_or(NftError::NotInstalled)?;
+        let exe = crate::tool::require("nft")?;
         Ok(Nft {
             exe,
             cgroup2_elsewhere: cgroup2_mount
@@ -76,22 +71,28 @@ impl Nft {
         cmd.arg("monitor")
             .stdin(Stdio::null())
             .stderr(Stdio::null());
+        if let Some(ns) = ns {
+            ns.command(&mut cmd)?;
+        }
         Ok(cmd)
     }
 
     fn command(&self, ns: Option<&Netns>) -> Result<Command, NftError> {
         let mut cmd = Command::new(&self.exe);
-        cmd.stdin(Stdio::piped())
+        cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .env("LC_ALL", "C");
         if let Some(src) = &self.cgroup2_elsewhere {
-            let src = CString::new(src.as_os_str().as_bytes()).map_err(|_| NftError::Spawn {
-                netns: where_(ns),
-                source: std::io::Error::other("cgroup2 mount path holds a NUL byte"),
-            })?;
-            let dst = CString::new(SYS_FS_CGROUP).map_err(|_| NftError::NotInstalled)?;
-            let root = CString::new("/").map_err(|_| NftError::NotInstalled)?;
+            let c_path = |p: &[u8]| {
+                CString::new(p).map_err(|_| NftError::Spawn {
+                    netns: where_(ns),
+                    source: std::io::Error::other("a mount path holds a NUL byte"),
+                })
+            };
+            let src = c_path(src.as_os_str().as_bytes())?;
+            let dst = c_path(SYS_FS_CGROUP.as_bytes())?;
+            let root = c_path(b"/")?;
             // SAFETY: runs in the forked child before exec, where only this
             // thread exists, so unsharing the mount namespace (and with it
             // the fs struct) cannot affect other threads. The closure only
@@ -108,9 +109,6 @@ impl Nft {
                     Ok(())
                 });
             }
-        }
-        if let Some(ns) = ns {
-            ns.command(&mut cmd)?;
         }
         Ok(cmd)
     }
@@ -133,24 +131,12 @@ impl Nft {
     ) -> Result<(bool, u32, String, String), NftError> {
         let mut cmd = self.command(ns)?;
         cmd.args(args);
-        let spawn_err = |source| NftError::Spawn {
-            netns: where_(ns),
-            source,
-        };
-        let mut child = cmd.spawn().map_err(spawn_err)?;
-        let pid = child.id();
-        if let Some(pipe) = child.stdin.as_mut() {
-            if let Some(text) = stdin {
-                pipe.write_all(text.as_bytes()).map_err(spawn_err)?;
-            }
-        }
-        drop(child.stdin.take());
-        let out = child.wait_with_output().map_err(spawn_err)?;
+        let out = crate::tool::run(cmd, ns, stdin)?;
         Ok((
             out.status.success(),
-            pid,
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            out.pid,
+            out.stdout,
+            out.stderr.trim().to_string(),
         ))
     }
 
@@ -243,8 +229,5 @@ impl Nft {
 }
 
 fn where_(ns: Option<&Netns>) -> String {
-    ns.map_or_else(
-        || "the host network namespace".to_string(),
-        |n| n.path().display().to_string(),
-    )
+    crate::tool::where_(ns)
 }

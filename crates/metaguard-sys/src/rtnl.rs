@@ -59,7 +59,7 @@ pub(crate) fn send<T: NetlinkSerializable>(socket: &Socket, flags: u16, msg: T) 
 
 /// Receives answers until `NLMSG_DONE` (a dump) or the first answer
 /// (`single`), handing each inner message to `each`.
-fn receive(
+pub(crate) fn receive(
     socket: &Socket,
     single: bool,
     mut each: impl FnMut(RouteNetlinkMessage),

@@ -12,7 +12,7 @@
 //!   (fail-closed, F5).
 
 use std::path::Path;
-use std::process::{Command, ExitCode, Stdio};
+use std::process::ExitCode;
 
 use super::EXIT_PROBLEMS;
 use crate::daemon::record;
@@ -57,11 +57,7 @@ pub fn run(state_dir: &Path) -> anyhow::Result<ExitCode> {
 /// `systemctl is-enabled --quiet UNIT` (enabled, enabled-runtime, static,
 /// …); false without systemctl.
 fn enabled(unit: &str) -> bool {
-    Command::new("systemctl")
-        .args(["is-enabled", "--quiet", unit])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
+    metaguard_sys::tool::command("systemctl", &["is-enabled", "--quiet", unit])
+        .and_then(|cmd| metaguard_sys::tool::run(cmd, None, None))
+        .is_ok_and(|out| out.status.success())
 }

@@ -5,8 +5,8 @@
 use std::path::Path;
 
 use anyhow::Context as _;
+use metaguard_sys::host::Host;
 use metaguard_sys::netns::Netns;
-use metaguard_sys::nft::Nft;
 use tokio::io::AsyncBufReadExt;
 use tokio::sync::mpsc;
 
@@ -91,12 +91,12 @@ impl Drop for Handle {
 /// Starts `nft monitor` in `ns` and forwards each transaction as
 /// [`Event::Nft`]; [`Event::MonitorEnded`] when it exits.
 pub fn spawn(
-    nft: &Nft,
+    host: &dyn Host,
     ns: Option<&Netns>,
     key: &str,
     tx: mpsc::UnboundedSender<Event>,
 ) -> anyhow::Result<Handle> {
-    let mut cmd: tokio::process::Command = nft.monitor_command(ns)?.into();
+    let mut cmd: tokio::process::Command = host.nft_monitor(ns)?.into();
     cmd.stdout(std::process::Stdio::piped()).kill_on_drop(true);
     let mut child = cmd
         .spawn()

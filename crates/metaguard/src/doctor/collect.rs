@@ -7,39 +7,20 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
 use anyhow::Context as _;
 use metaguard_core::config::{NetnsSelector, Selector};
 use metaguard_core::Config;
 use metaguard_sys::netns::Netns;
-
-fn find_tool(tool: &str) -> Option<PathBuf> {
-    ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
-        .iter()
-        .map(|d| Path::new(d).join(tool))
-        .find(|p| p.is_file())
-}
+use metaguard_sys::tool;
 
 /// Runs `tool args` (inside `ns`), returning stdout when it succeeded.
 fn run(ns: Option<&Netns>, tool: &str, args: &[&str]) -> anyhow::Result<Option<String>> {
-    let Some(exe) = find_tool(tool) else {
+    let Ok(cmd) = tool::command(tool, args) else {
         return Ok(None);
     };
-    let mut cmd = Command::new(exe);
-    cmd.args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .env("LC_ALL", "C");
-    if let Some(ns) = ns {
-        ns.command(&mut cmd)?;
-    }
-    let out = cmd.output().with_context(|| format!("cannot run {tool}"))?;
-    if !out.status.success() {
-        return Ok(None);
-    }
-    Ok(Some(String::from_utf8_lossy(&out.stdout).into_owned()))
+    let out = tool::run(cmd, ns, None)?;
+    Ok(out.status.success().then_some(out.stdout))
 }
 
 /// The state of one namespace (`ns` None: this process's).

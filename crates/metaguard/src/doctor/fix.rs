@@ -2,12 +2,11 @@
 //! namespace each names, in finding order, each command shown first.
 //! Findings whose fix core refused (ambiguous) are listed, not touched.
 
-use std::process::{Command, Stdio};
-
 use anyhow::{bail, Context as _};
 use metaguard_core::doctor::findings::FixAction;
 use metaguard_core::doctor::Report;
 use metaguard_sys::netns::Netns;
+use metaguard_sys::tool;
 
 /// The actions to run (deduplicated: F2 and F3 may propose the same
 /// ACCEPT) and the findings `--fix` leaves alone, with the reason.
@@ -45,28 +44,16 @@ pub fn apply(action: &FixAction) -> anyhow::Result<()> {
     let Some((prog, args)) = argv.split_first() else {
         bail!("empty fix command")
     };
-    let mut cmd = Command::new(prog);
-    cmd.args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .env("LC_ALL", "C");
-    if let Some(ns) = action.netns() {
-        Netns::open_not_root(ns)?.command(&mut cmd)?;
-    }
-    let out = cmd
-        .output()
+    let cmd = tool::command(prog, args)?;
+    let ns = action.netns().map(Netns::open_not_root).transpose()?;
+    let out = tool::run(cmd, ns.as_ref(), None)
         .with_context(|| format!("cannot run {}", action.shell()))?;
     if !out.status.success() {
         // conntrack -D exits 1 when there was nothing to delete.
         if matches!(action, FixAction::ConntrackDelete { .. }) {
             return Ok(());
         }
-        bail!(
-            "`{}` failed: {}",
-            action.shell(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        bail!("`{}` failed: {}", action.shell(), out.stderr.trim());
     }
     Ok(())
 }

@@ -9,7 +9,6 @@
 //! veth are deleted before returning, also on error.
 
 use std::net::{IpAddr, SocketAddr, TcpStream};
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
@@ -17,6 +16,7 @@ use metaguard_core::doctor::path::{Source, TargetKind, Verdict};
 use metaguard_core::doctor::snapshot::Snapshot;
 use metaguard_core::doctor::Report;
 use metaguard_sys::netns::Netns;
+use metaguard_sys::tool;
 use serde::Serialize;
 
 /// One probe's outcome next to the static verdict.
@@ -33,30 +33,14 @@ struct Cleanup(String);
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.0])
-            .stderr(Stdio::null())
-            .status();
+        if let Ok(cmd) = tool::command("ip", &["netns", "del", &self.0]) {
+            let _ = tool::run(cmd, None, None);
+        }
     }
 }
 
 fn ip(ns: Option<&Netns>, args: &[&str]) -> anyhow::Result<()> {
-    let mut cmd = Command::new("ip");
-    cmd.args(args)
-        .stdin(Stdio::null())
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null());
-    if let Some(ns) = ns {
-        ns.command(&mut cmd)?;
-    }
-    let out = cmd.output().context("cannot run ip")?;
-    if !out.status.success() {
-        bail!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
+    tool::run(tool::command("ip", args)?, ns, None)?.success()?;
     Ok(())
 }
 

@@ -15,23 +15,30 @@
 //!
 //! The state file (`<state dir>/state.json`) lists the task namespaces
 //! metaguard wrote to; it is written before they are touched.
+//!
+//! Every kernel operation goes through the [`Host`] seam
+//! ([`metaguard_sys::host`]): the real host in production, the recording
+//! fake in this module's unit tests, which pin the order of operations.
 
 pub mod bpf;
 pub mod canonical;
-pub mod proxy;
+mod facts;
+pub mod redirect;
+#[cfg(test)]
+mod tests;
 
-use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context as _};
-use metaguard_core::config::{Action, NetnsSelector, Selector};
-use metaguard_core::ruleset::{self, ContainerFact, HostFacts, Plan, FAMILY, TABLE};
+use metaguard_core::config::Selector;
+use metaguard_core::ruleset::{self, Plan, FAMILY, TABLE};
 use metaguard_core::Config;
 use metaguard_sys::cgroup::Cgroup2;
+use metaguard_sys::host::{Host, Listing, RealHost};
 use metaguard_sys::netns::Netns;
-use metaguard_sys::nft::Nft;
 use serde::{Deserialize, Serialize};
+
+pub use facts::{needs_docker, netns_dirs, netns_paths, Containers};
 
 /// Default directory of metaguard's run-time state.
 pub const DEFAULT_STATE_DIR: &str = "/run/metaguard";
@@ -44,11 +51,11 @@ pub struct State {
     /// proxy (never ones that were there before); removed by the next
     /// apply or `remove`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub addresses: Vec<IpAddr>,
+    pub addresses: Vec<std::net::IpAddr>,
     /// Policy-routing rules and routes metaguard added for its proxy
     /// (never ones that were there before).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub routing: Vec<proxy::Routing>,
+    pub routing: Vec<redirect::Routing>,
     /// `net.ipv4.tcp_fwmark_accept` before metaguard set it, restored by
     /// `remove`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -58,7 +65,10 @@ pub struct State {
 /// Host context for the engine.
 #[derive(Debug)]
 pub struct Engine {
-    nft: Nft,
+    /// The kernel, or the recording fake in tests (`dyn`: every call
+    /// starts a process or talks netlink, so dispatch costs nothing, and
+    /// the CLI and the daemon keep one concrete `Engine`).
+    host: Box<dyn Host>,
     cgroup2: Option<Cgroup2>,
     state_dir: PathBuf,
     docker_socket: PathBuf,
@@ -98,14 +108,27 @@ impl Engine {
     /// /proc/self/mountinfo (absent is fine unless the config needs it).
     pub fn new(state_dir: &Path, docker_socket: &Path) -> anyhow::Result<Engine> {
         let cgroup2 = Cgroup2::discover(Path::new("/proc/self/mountinfo")).ok();
-        let nft = Nft::new(cgroup2.as_ref().map(Cgroup2::mount))?;
-        Ok(Engine {
-            nft,
-            cgroup2,
+        let host = RealHost::new(cgroup2.as_ref().map(Cgroup2::mount))?;
+        let mut engine = Engine::with_host(Box::new(host), state_dir, docker_socket);
+        engine.cgroup2 = cgroup2;
+        Ok(engine)
+    }
+
+    /// An engine on `host` (the fake, in tests), without a cgroup2
+    /// hierarchy.
+    pub fn with_host(host: Box<dyn Host>, state_dir: &Path, docker_socket: &Path) -> Engine {
+        Engine {
+            host,
+            cgroup2: None,
             state_dir: state_dir.to_path_buf(),
             docker_socket: docker_socket.to_path_buf(),
             bpf_pin_dir: PathBuf::from(metaguard_sys::bpf::DEFAULT_PIN_DIR),
-        })
+        }
+    }
+
+    /// The host seam this engine runs on.
+    pub fn host(&self) -> &dyn Host {
+        self.host.as_ref()
     }
 
     /// Discovers what the config needs from the host and builds the plan.
@@ -227,7 +250,9 @@ impl Engine {
     /// process's own (which would overwrite the host table) is skipped with
     /// a warning.
     pub fn targets(&self, plan: &Plan, warnings: &mut Vec<String>) -> anyhow::Result<Vec<Target>> {
-        let own = metaguard_sys::netns::current_thread_id()
+        let own = self
+            .host
+            .own_netns()
             .context("cannot identify this network namespace")?;
         let mut out = vec![Target {
             netns: None,
@@ -235,7 +260,10 @@ impl Engine {
             script: plan.host.clone(),
         }];
         for n in &plan.netns {
-            let ns = Netns::open(&n.path).with_context(|| format!("workload {:?}", n.workload))?;
+            let ns = self
+                .host
+                .open_netns(Path::new(&n.path))
+                .with_context(|| format!("workload {:?}", n.workload))?;
             if ns.id() == own {
                 warnings.push(format!(
                     "{} (workload {:?}) is metaguard's own network namespace; its rules are the host table, skipped",
@@ -295,20 +323,22 @@ impl Engine {
             ..ApplyReport::default()
         };
         let targets = self.targets(plan, &mut report.warnings)?;
-        // All or nothing across namespaces: the task tables are checked
-        // against their kernels first; the host table is loaded next as one
-        // transaction (which itself changes nothing when it fails); the
-        // checked task tables follow. The host table, the big one, is thus
-        // parsed once rather than twice.
-        for t in targets.iter().filter(|t| t.netns.is_some()) {
-            self.nft
-                .check(t.netns.as_ref(), &t.script)
-                .with_context(|| {
-                    format!(
-                        "the ruleset for {} does not load; nothing was changed",
-                        t.label
-                    )
-                })?;
+        // All or nothing across namespaces: every table is checked against
+        // its kernel before anything changes. The host table, the big one,
+        // is checked apart from its load only when the proxy's routing and
+        // sysctl are changed before it; otherwise its load (one transaction,
+        // which changes nothing when it fails) is its check.
+        for t in &targets {
+            if t.netns.is_some() || plan.proxy.is_some() {
+                self.host
+                    .nft_check(t.netns.as_ref(), &t.script)
+                    .with_context(|| {
+                        format!(
+                            "the ruleset for {} does not load; nothing was changed",
+                            t.label
+                        )
+                    })?;
+            }
         }
         let previous = self.load_state();
         let mut state = State {
@@ -331,33 +361,42 @@ impl Engine {
         }
         self.save_state(&union)?;
         // The proxy's policy routing and identity sysctl before the rules
-        // that steer traffic to it; recorded as they are made.
-        let added = match &plan.proxy {
-            Some(p) => proxy::install(p, &mut state, |s| self.save_state(s))?,
-            None => Vec::new(),
-        };
-        for (i, t) in targets.iter().enumerate() {
-            let loaded = self.nft.apply(t.netns.as_ref(), &t.script);
-            match (i, loaded) {
-                (_, Ok(())) => report.tables.push(t.label.clone()),
-                // The host table comes first: nothing but the proxy's
-                // routing was changed yet, and that is taken back.
-                (0, Err(e)) => {
-                    proxy::undo(&mut state, &previous, &added)?;
-                    self.save_state(&state)?;
-                    return Err(anyhow::Error::new(e).context(format!(
-                        "the ruleset for {} does not load; nothing was changed",
-                        t.label
-                    )));
-                }
-                (_, Err(e)) => {
-                    return Err(anyhow::Error::new(e).context(format!(
+        // that steer traffic to it; recorded as they are made, taken back
+        // when it or the host table fails.
+        let mut added = Vec::new();
+        let host_first = match &plan.proxy {
+            Some(p) => redirect::install(self.host(), p, &mut state, &mut added, |s| {
+                self.save_state(s)
+            }),
+            None => Ok(()),
+        }
+        .and_then(|()| match targets.first() {
+            Some(t) => self
+                .host
+                .nft_apply(t.netns.as_ref(), &t.script)
+                .map(|_| report.tables.push(t.label.clone()))
+                .map_err(anyhow::Error::new),
+            None => Ok(()),
+        });
+        if let Err(e) = host_first {
+            redirect::undo(self.host(), &mut state, &previous, &added)?;
+            self.save_state(&state)?;
+            return Err(e.context(format!(
+                "the ruleset for {} does not load; nothing was changed",
+                targets.first().map_or("host", |t| t.label.as_str())
+            )));
+        }
+        for t in targets.iter().skip(1) {
+            self.host
+                .nft_apply(t.netns.as_ref(), &t.script)
+                .with_context(|| {
+                    format!(
                         "loading the ruleset for {} failed after {} was loaded",
                         t.label,
                         report.tables.join(", ")
-                    )))
-                }
-            }
+                    )
+                })?;
+            report.tables.push(t.label.clone());
         }
         let unplanned: Vec<String> = previous
             .netns
@@ -373,22 +412,24 @@ impl Engine {
                 continue;
             }
             // A namespace that is gone took its table with it.
-            if let Ok(ns) = Netns::open(old) {
-                if self.nft.delete_table(Some(&ns), FAMILY, TABLE)? {
+            if let Ok(ns) = self.host.open_netns(Path::new(old)) {
+                if self.host.nft_delete(Some(&ns), FAMILY, TABLE)? {
                     report.removed_stale.push(old.clone());
                 }
             }
         }
         if plan.proxy.is_none() {
             // No proxy any more: its bridge table, routing and sysctl go.
-            self.nft.delete_table(None, "bridge", TABLE)?;
-            proxy::uninstall(&mut state)?;
+            self.host.nft_delete(None, "bridge", TABLE)?;
+            redirect::uninstall(self.host(), &mut state)?;
+        } else {
+            redirect::remove_old_addresses(self.host(), &mut state, &|s| self.save_state(s))?;
         }
         state.netns.sort();
         self.save_state(&state)?;
-        let endpoints = denied_endpoints(config);
+        let endpoints = facts::denied_endpoints(config);
         for t in &targets {
-            match conntrack_delete(t.netns.as_ref(), &endpoints) {
+            match facts::conntrack_delete(self.host(), t.netns.as_ref(), &endpoints) {
                 Ok(n) => report.conntrack_deleted += n,
                 Err(e) => report.warnings.push(format!(
                     "{}: existing connections to the endpoints were not cut (F11): {e:#}",
@@ -401,13 +442,62 @@ impl Engine {
         Ok(report)
     }
 
+    /// The daemon's re-plan: loads the tables of namespaces new to `plan`
+    /// (not in `before`) and removes those of namespaces it no longer
+    /// selects — with [`Stale::Keep`] (no container facts yet) those an
+    /// earlier apply guarded are kept. The state file is written first.
+    /// `each` hears of every change as it is made.
+    pub fn guard_new(
+        &self,
+        plan: &Plan,
+        before: &[String],
+        stale: Stale,
+        mut each: impl FnMut(Guarding),
+    ) -> anyhow::Result<()> {
+        let previous = self.load_state();
+        let mut netns: Vec<String> = plan.netns.iter().map(|n| n.path.clone()).collect();
+        if stale == Stale::Keep {
+            for p in &previous.netns {
+                if !netns.contains(p) && Path::new(p).exists() {
+                    netns.push(p.clone());
+                }
+            }
+        }
+        let state = State { netns, ..previous };
+        self.save_state(&state)?;
+        let mut warnings = Vec::new();
+        for t in self.targets(plan, &mut warnings)? {
+            if t.netns.is_some() && !before.contains(&t.label) {
+                let pid = self.load(&t)?;
+                each(Guarding::Loaded {
+                    netns: t.label,
+                    pid,
+                });
+            }
+        }
+        for gone in before.iter().filter(|p| !state.netns.contains(p)) {
+            // Still there but no longer selected: its table goes too.
+            match self.host.open_netns(Path::new(gone)) {
+                Ok(ns) => {
+                    if self.host.nft_delete(Some(&ns), FAMILY, TABLE)? {
+                        each(Guarding::Removed(gone.clone()));
+                    }
+                }
+                Err(_) => each(Guarding::Forgotten(gone.clone())),
+            }
+        }
+        Ok(())
+    }
+
     /// What the kernel makes of each distinct script: loaded into a scratch
     /// namespace and read back.
     pub fn expected(&self, script: &str) -> anyhow::Result<canonical::Table> {
-        let scratch =
-            Netns::new_anonymous().context("cannot create a scratch network namespace")?;
-        self.nft
-            .apply(Some(&scratch), script)
+        let scratch = self
+            .host
+            .scratch_netns()
+            .context("cannot create a scratch network namespace")?;
+        self.host
+            .nft_apply(Some(&scratch), script)
             .context("loading the expected ruleset into a scratch namespace")?;
         self.read(Some(&scratch), script.contains("\ntable bridge "))?
             .context("the scratch namespace has no metaguard table after loading it")
@@ -421,12 +511,12 @@ impl Engine {
         bridge: bool,
     ) -> anyhow::Result<Option<canonical::Table>> {
         let read_one = |family: &str| -> anyhow::Result<Option<canonical::Table>> {
-            let Some(json) = self.nft.list_table_json(ns, family, TABLE)? else {
+            let Some(json) = self.host.nft_list(ns, family, TABLE, Listing::Json)? else {
                 return Ok(None);
             };
             let text = self
-                .nft
-                .list_table_text(ns, family, TABLE)?
+                .host
+                .nft_list(ns, family, TABLE, Listing::Text)?
                 .unwrap_or_default();
             Ok(Some(
                 canonical::parse(&json, &text).map_err(anyhow::Error::msg)?,
@@ -447,13 +537,9 @@ impl Engine {
     /// Loads one target's table (one transaction); returns the pid of the
     /// `nft` process that committed it.
     pub fn load(&self, t: &Target) -> anyhow::Result<u32> {
-        self.nft
-            .apply_as(t.netns.as_ref(), &t.script)
+        self.host
+            .nft_apply(t.netns.as_ref(), &t.script)
             .with_context(|| format!("loading the ruleset for {}", t.label))
-    }
-
-    pub fn nft(&self) -> &Nft {
-        &self.nft
     }
 
     /// Compares the kernel with `plan`, namespace by namespace.
@@ -477,7 +563,7 @@ impl Engine {
             };
             if t.netns.is_none() {
                 if let Some(p) = &plan.proxy {
-                    differences.extend(proxy::check(p)?);
+                    differences.extend(redirect::check(self.host(), p)?);
                 }
             }
             out.push(NamespaceReport {
@@ -494,10 +580,10 @@ impl Engine {
             .iter()
             .filter(|p| !selected.contains(p))
         {
-            if let Ok(ns) = Netns::open(stale) {
+            if let Ok(ns) = self.host.open_netns(Path::new(stale)) {
                 if self
-                    .nft
-                    .list_table_json(Some(&ns), FAMILY, TABLE)?
+                    .host
+                    .nft_list(Some(&ns), FAMILY, TABLE, Listing::Json)?
                     .is_some()
                 {
                     out.push(NamespaceReport {
@@ -519,9 +605,13 @@ impl Engine {
     pub fn heal_proxy(
         &self,
         plan: &metaguard_core::ruleset::ProxyPlan,
-    ) -> anyhow::Result<Vec<proxy::Routing>> {
+    ) -> anyhow::Result<Vec<redirect::Routing>> {
         let mut state = self.load_state();
-        proxy::install(plan, &mut state, |s| self.save_state(s))
+        let mut added = Vec::new();
+        redirect::install(self.host(), plan, &mut state, &mut added, |s| {
+            self.save_state(s)
+        })?;
+        Ok(added)
     }
 
     /// Deletes metaguard's tables: host, and every namespace in the state.
@@ -530,17 +620,17 @@ impl Engine {
         if let Some(b) = self.remove_bpf()? {
             removed.push(b);
         }
-        if self.nft.delete_table(None, FAMILY, TABLE)? {
+        if self.host.nft_delete(None, FAMILY, TABLE)? {
             removed.push("host".to_string());
         }
-        if self.nft.delete_table(None, "bridge", TABLE)? {
+        if self.host.nft_delete(None, "bridge", TABLE)? {
             removed.push("host bridge table".to_string());
         }
         let mut state = self.load_state();
-        removed.extend(proxy::uninstall(&mut state)?);
+        removed.extend(redirect::uninstall(self.host(), &mut state)?);
         for p in state.netns {
-            if let Ok(ns) = Netns::open(&p) {
-                if self.nft.delete_table(Some(&ns), FAMILY, TABLE)? {
+            if let Ok(ns) = self.host.open_netns(Path::new(&p)) {
+                if self.host.nft_delete(Some(&ns), FAMILY, TABLE)? {
                     removed.push(p);
                 }
             }
@@ -557,46 +647,15 @@ impl Engine {
     }
 }
 
-impl Engine {
-    /// Host facts for the plan: namespace files (see [`netns_paths`]) and,
-    /// when a selector needs them, the running containers from the Docker
-    /// API. A Docker API that exists but fails is an error: planning
-    /// without it would silently drop workloads.
-    pub fn facts(&self, config: &Config) -> anyhow::Result<HostFacts> {
-        self.facts_with(config, Containers::Ask)
-    }
-
-    /// The running containers from the Docker API (`None`: no socket).
-    pub fn containers(&self) -> anyhow::Result<Option<Vec<ContainerFact>>> {
-        crate::discovery::docker::containers(&self.docker_socket, Path::new("/proc"))
-    }
-
-    fn facts_with(&self, config: &Config, containers: Containers<'_>) -> anyhow::Result<HostFacts> {
-        let containers = match containers {
-            _ if !needs_docker(config) => None,
-            Containers::Ask => self.containers()?,
-            Containers::Known(cs) => Some(cs.to_vec()),
-            Containers::Unknown => None,
-        };
-        Ok(HostFacts {
-            netns_paths: netns_paths(config),
-            containers,
-        })
-    }
-}
-
-/// Where a plan's container facts come from.
-#[derive(Debug, Clone, Copy)]
-pub enum Containers<'a> {
-    /// Ask the Docker API now.
-    Ask,
-    /// These (the daemon's last answer from the Docker API).
-    Known(&'a [ContainerFact]),
-    /// None known, and the API must not be asked now: at daemon start-up,
-    /// before READY. Docker is ordered after metaguard at boot, and on
-    /// hosts with `docker.socket` a connection would start dockerd, which
-    /// waits for metaguard: asking would stall the start until a timeout.
-    Unknown,
+/// A change [`Engine::guard_new`] made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Guarding {
+    /// A new namespace's table loaded, by the `nft` process `pid`.
+    Loaded { netns: String, pid: u32 },
+    /// A namespace no longer selected: its table removed.
+    Removed(String),
+    /// A namespace that is gone: forgotten.
+    Forgotten(String),
 }
 
 /// What apply does with tables in namespaces the plan no longer lists.
@@ -604,115 +663,4 @@ pub enum Containers<'a> {
 pub enum Stale {
     Remove,
     Keep,
-}
-
-/// Whether a selector of `config` needs the Docker API.
-pub fn needs_docker(config: &Config) -> bool {
-    config.workloads.iter().any(|w| match &w.selector {
-        Selector::Containers(_) => true,
-        Selector::Netns(sels) => sels.contains(&NetnsSelector::EcsTasks),
-        _ => false,
-    })
-}
-
-/// The directories `netns` path globs point into (the literal part before
-/// the first wildcard, up to its last `/`), each once, in config order.
-pub fn netns_dirs(config: &Config) -> Vec<PathBuf> {
-    let mut dirs: Vec<PathBuf> = Vec::new();
-    for w in &config.workloads {
-        let Selector::Netns(sels) = &w.selector else {
-            continue;
-        };
-        for s in sels {
-            if let NetnsSelector::Path(glob) = s {
-                let literal: String = glob
-                    .chars()
-                    .take_while(|c| !matches!(c, '*' | '?' | '[' | '{'))
-                    .collect();
-                let dir = match literal.rfind('/') {
-                    Some(i) => PathBuf::from(&literal[..i.max(1)]),
-                    None => continue,
-                };
-                if !dirs.contains(&dir) {
-                    dirs.push(dir);
-                }
-            }
-        }
-    }
-    dirs
-}
-
-/// The entries of every directory a `netns` glob points into. Unreadable
-/// directories contribute nothing (the plan then warns that the selector
-/// matched nothing).
-pub fn netns_paths(config: &Config) -> Vec<String> {
-    let dirs = netns_dirs(config);
-    let mut netns_paths = Vec::new();
-    for d in dirs {
-        if let Ok(rd) = std::fs::read_dir(&d) {
-            let mut entries: Vec<String> = rd
-                .flatten()
-                .map(|e| e.path().display().to_string())
-                .collect();
-            entries.sort();
-            netns_paths.extend(entries);
-        }
-    }
-    netns_paths
-}
-
-/// Endpoints of every class some workload denies.
-fn denied_endpoints(config: &Config) -> Vec<IpAddr> {
-    let mut out = Vec::new();
-    if config.workloads.iter().any(|w| w.imds == Action::Deny) {
-        out.extend(config.endpoints.imds.iter().copied());
-    }
-    if config
-        .workloads
-        .iter()
-        .any(|w| w.task_metadata == Action::Deny)
-    {
-        out.extend(config.endpoints.task_metadata.iter().copied());
-    }
-    out
-}
-
-/// `conntrack -D` for flows whose original destination is one of `ips`;
-/// returns how many were deleted.
-fn conntrack_delete(ns: Option<&Netns>, ips: &[IpAddr]) -> anyhow::Result<u64> {
-    let Some(exe) = [
-        "/usr/sbin/conntrack",
-        "/sbin/conntrack",
-        "/usr/bin/conntrack",
-    ]
-    .iter()
-    .map(Path::new)
-    .find(|p| p.is_file()) else {
-        bail!("`conntrack` is not installed (apt-get install conntrack)");
-    };
-    let mut total = 0;
-    for ip in ips {
-        let family = if ip.is_ipv4() { "ipv4" } else { "ipv6" };
-        let mut cmd = Command::new(exe);
-        cmd.args(["-D", "-f", family, "-d", &ip.to_string()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        if let Some(ns) = ns {
-            ns.command(&mut cmd)?;
-        }
-        let out = cmd.output().context("cannot run conntrack")?;
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        // "conntrack v1.4.7 (conntrack-tools): N flow entries have been deleted."
-        let n = stderr
-            .split("): ")
-            .nth(1)
-            .and_then(|s| s.split_whitespace().next())
-            .and_then(|n| n.parse::<u64>().ok());
-        match n {
-            Some(n) => total += n,
-            None => bail!("conntrack -D failed: {}", stderr.trim()),
-        }
-    }
-    Ok(total)
 }
