@@ -229,20 +229,7 @@ fn flow_one(
         TargetKind::TaskCredentials => (IpAddr::V4(ep.creds), 80),
         TargetKind::HostLoopback => (IpAddr::V4(Ipv4Addr::LOCALHOST), ep.agent_port),
     };
-    let mut flow = Flow {
-        source: s.source,
-        interface: s.iface.clone(),
-        target,
-        destination: sockaddr(dst, dport),
-        verdict: Verdict::NotApplicable,
-        expect: None,
-        decided_by: None,
-        steps: Vec::new(),
-        assumed_not_matching: Vec::new(),
-        delivered_to: None,
-        established: None,
-        notes: Vec::new(),
-    };
+    let mut flow = Flow::new(s.source, s.iface.clone(), target, sockaddr(dst, dport));
     let local_service = target == TargetKind::TaskCredentials;
     // awsvpc IMDS: inside the task namespace, not through the host.
     if s.source == Source::AwsvpcTask && target != TargetKind::TaskCredentials {

@@ -14,7 +14,7 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use super::super::snapshot::Snapshot;
 use super::flows::{container_bridges, has_awsvpc};
-use super::model::{sockaddr, Endpoints, Flow, Packet, Source, TargetKind, Trace, Verdict};
+use super::model::{sockaddr, Endpoints, Flow, Packet, Source, TargetKind, Trace};
 use super::route::{iface_addr, settle};
 use super::walk::Netns;
 
@@ -34,20 +34,12 @@ pub fn loopback_flows(snap: &Snapshot) -> Vec<Flow> {
     let dst = IpAddr::V4(Ipv4Addr::LOCALHOST);
     let mut out = Vec::new();
     for (source, iface) in bridges {
-        let mut flow = Flow {
+        let mut flow = Flow::new(
             source,
-            interface: Some(iface.clone()),
-            target: TargetKind::HostLoopback,
-            destination: sockaddr(dst, ep.agent_port),
-            verdict: Verdict::NotApplicable,
-            expect: None,
-            decided_by: None,
-            steps: Vec::new(),
-            assumed_not_matching: Vec::new(),
-            delivered_to: None,
-            established: None,
-            notes: Vec::new(),
-        };
+            Some(iface.clone()),
+            TargetKind::HostLoopback,
+            sockaddr(dst, ep.agent_port),
+        );
         let src = match iface_addr(&snap.host, &iface, false) {
             Some(IpAddr::V4(v)) => IpAddr::V4(Ipv4Addr::from(u32::from(v).wrapping_add(1))),
             _ => {

@@ -270,6 +270,29 @@ pub struct Flow {
 }
 
 impl Flow {
+    /// A flow not evaluated yet: no verdict, steps or notes.
+    pub(super) fn new(
+        source: Source,
+        interface: Option<String>,
+        target: TargetKind,
+        destination: String,
+    ) -> Flow {
+        Flow {
+            source,
+            interface,
+            target,
+            destination,
+            verdict: Verdict::NotApplicable,
+            expect: None,
+            decided_by: None,
+            steps: Vec::new(),
+            assumed_not_matching: Vec::new(),
+            delivered_to: None,
+            established: None,
+            notes: Vec::new(),
+        }
+    }
+
     /// `bridge container (docker0) → IMDS v4`.
     pub fn name(&self) -> String {
         match &self.interface {

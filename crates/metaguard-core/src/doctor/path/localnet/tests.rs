@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use super::*;
 use crate::config::Config;
 use crate::doctor::path::evaluate;
+use crate::doctor::path::model::Verdict;
 use crate::doctor::path::test_support::{host, save4};
 use crate::doctor::snapshot::{Docker, Link, NetState};
 
