@@ -9,9 +9,7 @@
 use std::io;
 use std::net::IpAddr;
 
-use netlink_packet_core::{
-    NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REQUEST,
-};
+use netlink_packet_core::{NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REQUEST};
 use netlink_packet_route::address::{AddressAttribute, AddressMessage};
 use netlink_packet_route::route::{
     RouteAttribute, RouteMessage, RouteProtocol, RouteScope, RouteType,
@@ -282,27 +280,7 @@ fn open() -> io::Result<Socket> {
 fn request(flags: u16, msg: RouteNetlinkMessage) -> io::Result<()> {
     let socket = open()?;
     send(&socket, flags, msg)?;
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let n = socket.recv(&mut &mut buf[..], 0)?;
-        let mut offset = 0;
-        while offset < n {
-            let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&buf[offset..n]).map_err(
-                |e| io::Error::new(io::ErrorKind::InvalidData, format!("rtnetlink: {e}")),
-            )?;
-            if let NetlinkPayload::Error(e) = msg.payload {
-                return match e.code {
-                    None => Ok(()),
-                    Some(_) => Err(io::Error::from_raw_os_error(-e.raw_code())),
-                };
-            }
-            let len = msg.header.length as usize;
-            if len == 0 {
-                break;
-            }
-            offset += len;
-        }
-    }
+    crate::rtnl::receive(&socket, false, |_| {})
 }
 
 /// A dump request, retried (three times) when the kernel's table changed

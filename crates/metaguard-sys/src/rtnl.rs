@@ -57,8 +57,9 @@ pub(crate) fn send<T: NetlinkSerializable>(socket: &Socket, flags: u16, msg: T) 
     Ok(())
 }
 
-/// Receives answers until `NLMSG_DONE` (a dump) or the first answer
-/// (`single`), handing each inner message to `each`.
+/// Receives answers until `NLMSG_DONE` (a dump), an acknowledgement (a
+/// change sent with `NLM_F_ACK`) or the first answer (`single`), handing
+/// each inner message to `each`.
 pub(crate) fn receive(
     socket: &Socket,
     single: bool,
@@ -89,8 +90,13 @@ pub(crate) fn receive(
                     return Err(io::Error::from_raw_os_error(-d.code))
                 }
                 NetlinkPayload::Done(_) => return Ok(()),
-                NetlinkPayload::Error(e) if e.code.is_some() => {
-                    return Err(io::Error::from_raw_os_error(-e.raw_code()))
+                // An error, or (code 0) the acknowledgement of a change
+                // sent with NLM_F_ACK: either way the answer is complete.
+                NetlinkPayload::Error(e) => {
+                    return match e.code {
+                        None => Ok(()),
+                        Some(_) => Err(io::Error::from_raw_os_error(-e.raw_code())),
+                    }
                 }
                 _ => {}
             }
