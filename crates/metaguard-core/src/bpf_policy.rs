@@ -59,6 +59,11 @@ pub struct BpfPolicy {
     /// host's that nobody has classified; `None` when no bridge, `netns`
     /// or `containers` workload denies or proxies anything.
     pub netns_default: Option<(u32, u32)>,
+    /// Where the programs are attached, relative to the cgroup2 root: every
+    /// denying `cgroups` entry and, when [`BpfPolicy::netns_default`] is
+    /// set, every `[layers] container_cgroups` subtree — each without an
+    /// ancestor in the list (a program runs for its whole subtree).
+    pub attach: Vec<String>,
     pub warnings: Vec<String>,
 }
 
@@ -145,9 +150,7 @@ impl BpfPolicy {
 
     /// Whether any attached program would run for `path`.
     pub fn guarded(&self, path: &str) -> bool {
-        self.cgroups
-            .iter()
-            .any(|c| c.attach && is_ancestor_or_self(&c.path, path))
+        self.attach.iter().any(|a| is_ancestor_or_self(a, path))
     }
 }
 
@@ -159,8 +162,12 @@ fn is_ancestor_or_self(ancestor: &str, path: &str) -> bool {
         || ancestor.is_empty()
 }
 
-/// Builds the policy from a validated config.
-pub fn plan(config: &Config) -> BpfPolicy {
+/// Builds the policy from a validated config and, when the Docker API
+/// answered, the running containers: a `containers` workload's
+/// host-network containers are decided by their cgroups (as a `cgroups`
+/// entry in the workload's place), the others by their namespaces
+/// ([`classify`]).
+pub fn plan(config: &Config, containers: Option<&[ContainerFact]>) -> BpfPolicy {
     let mut out = BpfPolicy::default();
     for (ips, class) in [
         (&config.endpoints.imds, CLASS_IMDS),
@@ -178,15 +185,20 @@ pub fn plan(config: &Config) -> BpfPolicy {
     }
     let mut default: Option<(u32, u32)> = None;
     for (i, w) in config.workloads.iter().enumerate() {
-        if let Selector::Containers(_) = w.selector {
-            out.warnings.push(format!(
-                "workload {:?}: containers selectors are not resolved by the BPF layer; only the nft layer guards it",
-                w.name
-            ));
-        }
-        let Selector::Cgroups(paths) = &w.selector else {
+        if !matches!(w.selector, Selector::Cgroups(_)) {
+            // Its namespaces, until classified, must not reach what it
+            // denies or proxies.
             default.get_or_insert((rule_index(i, 0), 0)).1 |= class_bits(w, true);
-            continue;
+        }
+        let paths: Vec<String> = match &w.selector {
+            Selector::Cgroups(paths) => paths.clone(),
+            Selector::Containers(refs) => containers
+                .unwrap_or_default()
+                .iter()
+                .filter(|c| c.host_network && refs.iter().any(|r| c.matches(r)))
+                .filter_map(|c| c.cgroup.clone())
+                .collect(),
+            _ => continue,
         };
         let mut bits = 0;
         if w.imds == Action::Deny {
@@ -224,6 +236,21 @@ pub fn plan(config: &Config) -> BpfPolicy {
                 .iter()
                 .any(|d| d != &c.path && is_ancestor_or_self(d, &c.path));
     }
+    let mut wanted: Vec<&String> = out
+        .cgroups
+        .iter()
+        .filter(|c| c.attach)
+        .map(|c| &c.path)
+        .collect();
+    if out.netns_default.is_some() {
+        wanted.extend(&config.layers.container_cgroups);
+    }
+    for p in &wanted {
+        let covered = wanted.iter().any(|a| a != p && is_ancestor_or_self(a, p));
+        if !covered && !out.attach.contains(p) {
+            out.attach.push((*p).clone());
+        }
+    }
     out
 }
 
@@ -233,6 +260,10 @@ mod tests {
 
     fn cfg(text: &str) -> Config {
         Config::parse(text, "t.toml").expect("valid config")
+    }
+
+    fn plan_of(c: &Config) -> BpfPolicy {
+        plan(c, None)
     }
 
     const AGENT_FIRST: &str = r#"
@@ -256,7 +287,7 @@ imds = "allow"
 
     #[test]
     fn first_match_keeps_the_agent_and_attaches_once() {
-        let p = plan(&cfg(AGENT_FIRST));
+        let p = plan_of(&cfg(AGENT_FIRST));
         assert_eq!(p.bits_for("docker/ecs-agent"), 0);
         assert_eq!(p.bits_for("docker/ecs-agent/sub"), 0);
         let all = CLASS_IMDS | CLASS_TASK_METADATA | DENY_RAW;
@@ -280,7 +311,7 @@ imds = "allow"
 
     #[test]
     fn endpoints_cover_both_families_and_fold_mapped() {
-        let p = plan(&cfg(
+        let p = plan_of(&cfg(
             "[endpoints]\nimds = [\"169.254.169.254\", \"fd00:ec2::254\", \"::ffff:10.1.2.3\"]\n",
         ));
         assert_eq!(p.ep4.get(&[169, 254, 169, 254]), Some(&CLASS_IMDS));
@@ -294,7 +325,7 @@ imds = "allow"
 
     #[test]
     fn nested_deny_entries_attach_at_the_top_only() {
-        let p = plan(&cfg(
+        let p = plan_of(&cfg(
             "[[workload]]\nname = \"a\"\ncgroups = [\"x/y\"]\nraw_sockets = \"deny\"\n\n[[workload]]\nname = \"b\"\ncgroups = [\"x\"]\nimds = \"deny\"\n",
         ));
         assert_eq!(p.bits_for("x/y/z"), DENY_RAW);
@@ -326,7 +357,7 @@ imds = "allow"
     #[test]
     fn the_default_config_denies_imds_to_unclassified_namespaces() {
         let c = Config::builtin_default();
-        let p = plan(&c);
+        let p = plan_of(&c);
         assert_eq!(p.netns_default, Some((rule_index(0, 0), CLASS_IMDS)));
         assert!(p.cgroups.is_empty());
         // A bridge container and an awsvpc task: IMDS denied, task
@@ -375,7 +406,7 @@ name = "rest"
 bridges = ["docker0"]
 task_metadata = "deny"
 "#);
-        let p = plan(&c);
+        let p = plan_of(&c);
         // Unknown: everything some namespace workload denies or proxies.
         assert_eq!(
             p.netns_default,
@@ -407,10 +438,59 @@ task_metadata = "deny"
 
     #[test]
     fn cgroup_only_configs_have_no_namespace_default() {
-        assert_eq!(plan(&cfg(AGENT_FIRST)).netns_default, None);
+        assert_eq!(plan_of(&cfg(AGENT_FIRST)).netns_default, None);
         let allow_only =
             cfg("[[workload]]\nname = \"b\"\nbridges = [\"docker0\"]\nimds = \"allow\"\n");
-        assert_eq!(plan(&allow_only).netns_default, None);
+        assert_eq!(plan_of(&allow_only).netns_default, None);
+    }
+
+    #[test]
+    fn container_cgroups_are_attach_points_only_when_namespaces_can_be_refused() {
+        let p = plan_of(&Config::builtin_default());
+        assert_eq!(
+            p.attach,
+            ["system.slice", "docker", "ecs", "ecstasks.slice"]
+        );
+        assert!(p.guarded("system.slice/docker-abc.scope") && !p.guarded("user.slice/x"));
+        // A denying cgroup below a container cgroup runs under its program.
+        let c = cfg(
+            "[[workload]]\nname = \"h\"\ncgroups = [\"docker/hostnet\", \"init.scope\"]\nimds = \"deny\"\n\n[[workload]]\nname = \"b\"\nbridges = [\"docker0\"]\nimds = \"deny\"\n\n[layers]\ncontainer_cgroups = [\"docker\", \"/docker/\"]\n",
+        );
+        assert_eq!(c.layers.container_cgroups, ["docker"]);
+        assert_eq!(plan_of(&c).attach, ["init.scope", "docker"]);
+        // Allow-only bridges: nothing for namespaces, no container cgroups.
+        let allow = cfg("[[workload]]\nname = \"b\"\nbridges = [\"docker0\"]\nimds = \"allow\"\n");
+        assert!(plan_of(&allow).attach.is_empty());
+        let e = Config::parse(
+            "[layers]\ncontainer_cgroups = [\"docker\", \"a/../b\"]\n",
+            "t.toml",
+        )
+        .expect_err("`..` refused");
+        assert_eq!((e.line, e.column), (2, 32), "{e}");
+    }
+
+    #[test]
+    fn containers_selectors_resolve_host_network_containers_to_their_cgroups() {
+        let c = cfg(
+            "[[workload]]\nname = \"agent\"\ncontainers = [\"ecs-agent\"]\nimds = \"allow\"\n\n[[workload]]\nname = \"hostnet\"\ncontainers = [\"label:role=web\"]\nimds = \"deny\"\n",
+        );
+        let mut agent = container("ecs-agent", false);
+        agent.host_network = true;
+        agent.cgroup = Some("system.slice/docker-a.scope".into());
+        let mut web = container("web", false);
+        web.host_network = true;
+        web.cgroup = Some("system.slice/docker-w.scope".into());
+        web.labels.insert("role".into(), "web".into());
+        // Bridged: decided by its namespace, not its cgroup.
+        let mut bridged = container("web2", false);
+        bridged.labels.insert("role".into(), "web".into());
+        bridged.cgroup = Some("system.slice/docker-b.scope".into());
+        let p = plan(&c, Some(&[agent, web, bridged]));
+        assert_eq!(p.bits_for("system.slice/docker-a.scope"), 0);
+        assert_eq!(p.bits_for("system.slice/docker-w.scope"), CLASS_IMDS);
+        assert_eq!(p.bits_for("system.slice/docker-b.scope"), 0);
+        assert_eq!(p.netns_default, Some((rule_index(0, 0), CLASS_IMDS)));
+        assert!(p.warnings.is_empty(), "{:?}", p.warnings);
     }
 
     #[test]

@@ -135,6 +135,13 @@ pub struct Netns {
     id: NsId,
 }
 
+impl AsFd for Netns {
+    /// The namespace file's descriptor (for `RTM_GETNSID`).
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
 impl Netns {
     /// Opens the namespace file at `path` (`/run/netns/NAME`,
     /// `/proc/PID/ns/net`, or a bind mount of one).

@@ -7,6 +7,10 @@
 //!   programs walk up to) versus the same policy with `[layers] bpf =
 //!   false`. The nft table is the same in both, and UDP connect sends no
 //!   packet, so the difference is the hook.
+//! * the built-in default policy (bridges and task namespaces): programs
+//!   on the container cgroup that also look up the socket's network
+//!   namespace (`bpf_get_netns_cookie` + one hash lookup) — the check
+//!   issue 20 adds — in the same rounds.
 //! * the refusal itself: `connect()` to 169.254.169.254 (EPERM).
 //! * TCP connects/s to 10.0.0.1:8080 with and without the hook.
 //!
@@ -42,6 +46,15 @@ fn policy(lab: &Lab, bpf: bool) -> String {
          [[workload]]\nname = \"containers\"\ncgroups = [\"{docker}\"]\nimds = \"deny\"\n",
         agent = lab.cgroup_of(Workload::Agent),
         docker = lab.cgroup_root() + "/docker",
+    )
+}
+
+/// The built-in default policy, its container cgroups the lab's `docker`.
+fn default_policy(lab: &Lab) -> String {
+    format!(
+        "{}\n[layers]\ncontainer_cgroups = [\"{}/docker\"]\n",
+        metaguard_core::config::BUILTIN_DEFAULT_TOML,
+        lab.cgroup_root()
     )
 }
 
@@ -117,6 +130,7 @@ fn run(full: bool) -> Result<(), String> {
     let tcp = if full { 3000 } else { 50 };
     let (mut off, mut on, mut added, mut denied) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut off_mean, mut on_mean) = (Vec::new(), Vec::new());
+    let (mut ns, mut ns_added) = (Vec::new(), Vec::new());
     let (mut tcp_off, mut tcp_on, mut tcp_ratio) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..rounds {
         apply(&lab, &policy(&lab, false), "bpf layer: disabled")?;
@@ -126,9 +140,16 @@ fn run(full: bool) -> Result<(), String> {
         let (m1, a1, e1) = connect_cost(&lab, "10.0.0.1", count)?;
         let (md, _, ed) = connect_cost(&lab, "169.254.169.254", count / 10)?;
         let t1 = common::connect_rate(&lab, tcp)?;
-        if e0 + e1 > 0.0 || ed < f64::from(count / 10) {
-            return Err(format!("unexpected results: errors {e0}/{e1}, denied {ed}"));
+        apply(&lab, &default_policy(&lab), "bpf layer: active")?;
+        let (m2, _, e2) = connect_cost(&lab, "10.0.0.1", count)?;
+        let (_, _, ed2) = connect_cost(&lab, "169.254.169.254", count / 10)?;
+        if e0 + e1 + e2 > 0.0 || ed < f64::from(count / 10) || ed2 < f64::from(count / 10) {
+            return Err(format!(
+                "unexpected results: errors {e0}/{e1}/{e2}, denied {ed}/{ed2}"
+            ));
         }
+        ns.push(m2);
+        ns_added.push(m2 - m0);
         off.push(m0);
         on.push(m1);
         off_mean.push(a0);
@@ -151,6 +172,16 @@ fn run(full: bool) -> Result<(), String> {
     report += &row("hook attached → 10.0.0.1 (allowed)", &on, " ns");
     report += &row("**added by the hook** (per round)", &added, " ns");
     report += &row("hook → 169.254.169.254 (EPERM)", &denied, " ns");
+    report += &row(
+        "default policy: namespace + cgroup check → 10.0.0.1 (allowed)",
+        &ns,
+        " ns",
+    );
+    report += &row(
+        "**added by the default policy's check** (per round)",
+        &ns_added,
+        " ns",
+    );
     report += &row("mean, no hook", &off_mean, " ns");
     report += &row("mean, hook", &on_mean, " ns");
     report +=
@@ -172,7 +203,9 @@ fn run(full: bool) -> Result<(), String> {
                  Lab: bridge container c1 (its own network namespace; cgroup `…/docker/c1`). Policy: the agent's cgroup \
                  allowed, `…/docker` denied IMDS; programs attached to `…/docker` (they walk the caller's ancestors, \
                  3 levels here). {rounds} alternating rounds: the same policy with `[layers] bpf = false` (no \
-                 programs), then `true`; {count} timed UDP `connect()` calls each (no packet is sent: the call is the \
+                 programs), then `true`, then the built-in default policy (bridges, task namespaces) with \
+                 `container_cgroups = [\"…/docker\"]`, whose programs also look up c1's network namespace \
+                 (c1 is listed: docker0, IMDS denied; 10.0.0.1 passes); {count} timed UDP `connect()` calls each (no packet is sent: the call is the \
                  route lookup plus the hook), then {tcp} TCP connects. Timing includes ~20–40 ns of `Instant::now`. \
                  Goal: ≤ 1 µs added per `connect()`. Machine: {}.\n\n{report}",
                 common::machine()

@@ -208,16 +208,33 @@ impl Default for ProxySettings {
 }
 
 /// `[layers]`: which enforcement layers run besides the nft rules.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Layers {
     /// cgroup BPF programs on the configured cgroups (default on; a host
     /// without BPF support falls back to nft alone with a warning).
     pub bpf: bool,
+    /// `container_cgroups`: the cgroup subtrees (relative to the cgroup2
+    /// root) where containers live. When a bridge, `netns` or `containers`
+    /// workload denies or proxies something, the BPF programs are attached
+    /// here too and refuse those endpoints to every socket outside the
+    /// host's network namespace whose namespace is not classified yet.
+    /// Subtrees that do not exist are skipped.
+    pub container_cgroups: Vec<String>,
 }
+
+/// Where container runtimes put containers' cgroups: Docker with the
+/// systemd driver (`system.slice/docker-<id>.scope`) or the cgroupfs driver
+/// (`docker/<id>`), and the ECS agent's task cgroups (cgroupfs: `ecs/<task>`;
+/// systemd: `ecstasks.slice`).
+pub const DEFAULT_CONTAINER_CGROUPS: [&str; 4] =
+    ["system.slice", "docker", "ecs", "ecstasks.slice"];
 
 impl Default for Layers {
     fn default() -> Layers {
-        Layers { bpf: true }
+        Layers {
+            bpf: true,
+            container_cgroups: DEFAULT_CONTAINER_CGROUPS.map(String::from).to_vec(),
+        }
     }
 }
 

@@ -11,7 +11,7 @@ use serde_spanned::Spanned;
 use crate::location::{line_at, Position};
 use crate::proxy_path::PathGlob;
 
-use super::validate::validate_workload;
+use super::validate::{check_cgroup, validate_workload};
 use super::{
     Action, Config, ConfigError, Endpoints, Layers, Origin, ProxySettings,
     DEFAULT_AGENT_CREDENTIALS, DEFAULT_IMDS, DEFAULT_TASK_METADATA,
@@ -61,6 +61,7 @@ pub(super) struct RawEndpoints {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawLayers {
     pub(super) bpf: Option<bool>,
+    pub(super) container_cgroups: Option<SpannedList>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -184,12 +185,26 @@ impl Config {
             endpoints,
             agent_credentials,
             workloads,
-            layers: Layers {
-                bpf: raw.layers.and_then(|l| l.bpf).unwrap_or(true),
-            },
+            layers: parse_layers(&cx, raw.layers)?,
             proxy: parse_proxy(&cx, raw.proxy)?,
         })
     }
+}
+
+pub(super) fn parse_layers(cx: &Ctx<'_>, raw: Option<RawLayers>) -> Result<Layers, ConfigError> {
+    let mut layers = Layers::default();
+    let Some(raw) = raw else { return Ok(layers) };
+    layers.bpf = raw.bpf.unwrap_or(true);
+    if let Some(list) = raw.container_cgroups {
+        layers.container_cgroups.clear();
+        for item in list.get_ref() {
+            let path = check_cgroup(cx, "container_cgroups", item)?;
+            if !layers.container_cgroups.contains(&path) {
+                layers.container_cgroups.push(path);
+            }
+        }
+    }
+    Ok(layers)
 }
 
 pub(super) fn parse_proxy(

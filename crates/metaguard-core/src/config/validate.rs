@@ -89,7 +89,7 @@ pub(super) fn validate_workload(
         "cgroups" => Selector::Cgroups(
             items
                 .iter()
-                .map(|i| check_cgroup(cx, i))
+                .map(|i| check_cgroup(cx, "cgroups", i))
                 .collect::<Result<_, _>>()?,
         ),
         _ => Selector::Containers(
@@ -256,7 +256,11 @@ pub(super) fn check_netns(
     Ok(NetnsSelector::Path(path))
 }
 
-pub(super) fn check_cgroup(cx: &Ctx<'_>, item: &Spanned<String>) -> Result<String, ConfigError> {
+pub(super) fn check_cgroup(
+    cx: &Ctx<'_>,
+    key: &str,
+    item: &Spanned<String>,
+) -> Result<String, ConfigError> {
     let s = item.get_ref();
     let trimmed = s.trim_matches('/');
     let bad = trimmed.is_empty()
@@ -269,7 +273,7 @@ pub(super) fn check_cgroup(cx: &Ctx<'_>, item: &Spanned<String>) -> Result<Strin
     if bad {
         return Err(cx.err(
             item.span(),
-            format!("cgroups: {s:?} is not a usable cgroup v2 path"),
+            format!("{key}: {s:?} is not a usable cgroup v2 path"),
             Some("write a subtree relative to the cgroup2 root, like \"docker\" or \"system.slice/docker-abc.scope\" (the root itself cannot be selected)"),
         ));
     }

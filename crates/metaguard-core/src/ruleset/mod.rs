@@ -160,6 +160,9 @@ pub struct Plan {
     pub warnings: Vec<String>,
     /// The proxy's listeners and addresses, when any workload proxies.
     pub proxy: Option<ProxyPlan>,
+    /// The containers the plan was made with (the BPF layer classifies
+    /// their namespaces); `None`: not asked, or no Docker API.
+    pub containers: Option<Vec<ContainerFact>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -188,6 +191,7 @@ pub fn plan(config: &Config, facts: &HostFacts) -> Result<Plan, PlanError> {
         netns,
         warnings,
         proxy,
+        containers: facts.containers.clone(),
     })
 }
 

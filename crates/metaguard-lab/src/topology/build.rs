@@ -308,6 +308,28 @@ route add 169.254.170.2/32 via 169.254.172.1 dev ecs-eth0
         Ok(name)
     }
 
+    /// Mounts a bpf filesystem at `<work dir>/bpffs`, where the lab's
+    /// metaguard pins the BPF layer (`bpffs/metaguard`), and returns that
+    /// pin directory. Recorded, so the lab's teardown unmounts it, which
+    /// releases every pin on it (never /sys/fs/bpf).
+    pub fn mount_bpffs(&mut self) -> Result<std::path::PathBuf, LabError> {
+        let dir = self.work_dir().join("bpffs");
+        std::fs::create_dir_all(&dir).map_err(|source| LabError::Io {
+            what: "create",
+            path: dir.clone(),
+            source,
+        })?;
+        self.record.mounts.push(dir.clone());
+        self.save_record()?;
+        cmd::run(
+            None,
+            "mount",
+            &["-t", "bpf", "bpf", &dir.display().to_string()],
+            None,
+        )?;
+        Ok(dir.join("metaguard"))
+    }
+
     /// Lets the lab's probes run in cgroup subtree `root` (relative to the
     /// cgroup2 root) too: one that something else made for the lab and
     /// removes (a machine's disk). Never the hierarchy's root.

@@ -438,6 +438,19 @@ bpf = false
         )
     }
 
+    /// [`Lab::policy_toml`] with the BPF layer on, its container cgroups
+    /// the lab's own `docker` and `system.slice` subtrees (for a lab with a
+    /// bpf filesystem, see [`Lab::mount_bpffs`]).
+    pub fn bpf_policy_toml(&self) -> String {
+        let nft = self.policy_toml();
+        let cut = nft.find("# The nft layer's policy").unwrap_or(nft.len());
+        format!(
+            "{}# Both layers: the BPF programs on the lab's container cgroups.\n[layers]\ncontainer_cgroups = [\"{root}/docker\", \"{root}/system.slice\"]\n",
+            &nft[..cut],
+            root = self.cgroup_root()
+        )
+    }
+
     /// Writes `text` to a file in the lab's work dir and returns its path.
     pub fn write_file(&self, name: &str, text: &str) -> Result<PathBuf, LabError> {
         let p = self.work_dir().join(name);
@@ -476,6 +489,9 @@ bpf = false
             // active when a test mounts a bpf filesystem at `bpffs/`.
             .arg("--bpf-pin-dir")
             .arg(self.work_dir().join("bpffs").join("metaguard"))
+            // …and attaches programs only inside the lab's cgroup subtree.
+            .arg("--bpf-attach-within")
+            .arg(self.cgroup_root())
             .args(args)
             .env("NO_COLOR", "1");
         self.netns(Role::Host).command(&mut cmd)?;

@@ -35,6 +35,10 @@ pub fn run(
             );
             print!("{}", n.script);
         }
+        print!(
+            "{}",
+            engine.bpf_dry_run(&config, plan.containers.as_deref())
+        );
         return Ok(ExitCode::SUCCESS);
     }
     let started = std::time::Instant::now();

@@ -37,7 +37,21 @@ pub fn run(json: bool, color: &str) -> anyhow::Result<ExitCode> {
         lab.id()
     );
     let before = Matrix::measure(&lab, &ROWS)?;
-    let policy = lab.write_file("metaguard.toml", &lab.policy_toml())?;
+    // Both layers where this kernel can run the BPF one: a bpf filesystem
+    // in the lab's work dir, programs on the lab's own cgroups only.
+    let bpf = match lab.mount_bpffs() {
+        Ok(_) => true,
+        Err(e) => {
+            eprintln!("metaguard demo: no bpf filesystem ({e}); showing the nft layer alone");
+            false
+        }
+    };
+    let text = if bpf {
+        lab.bpf_policy_toml()
+    } else {
+        lab.policy_toml()
+    };
+    let policy = lab.write_file("metaguard.toml", &text)?;
     eprintln!(
         "metaguard demo: metaguard apply --config {} (inside the lab's host namespace)…",
         policy.display()
@@ -52,14 +66,26 @@ pub fn run(json: bool, color: &str) -> anyhow::Result<ExitCode> {
     }
     eprint!("metaguard demo: {}", String::from_utf8_lossy(&out.stdout));
     let after = Some(Matrix::measure(&lab, &ROWS)?);
+    // The BPF layer alone: metaguard's nft tables deleted (F4), no
+    // metaguard process running (F5).
+    let bpf_alone = if bpf && after.as_ref().is_some() {
+        eprintln!("metaguard demo: deleting metaguard's nft tables (nft delete table inet metaguard), no daemon…");
+        delete_nft_layer(&lab)?;
+        Some(Matrix::measure(&lab, &ROWS)?)
+    } else {
+        None
+    };
 
     if json {
-        let doc = serde_json::json!({ "lab": lab.id(), "before": before, "after": after });
+        let doc = serde_json::json!({ "lab": lab.id(), "before": before, "after": after, "bpf_alone": bpf_alone });
         println!("{}", serde_json::to_string_pretty(&doc)?);
     } else {
         let mut tables = vec![("without metaguard", &before)];
         if let Some(a) = &after {
             tables.push(("with metaguard apply", a));
+        }
+        if let Some(b) = &bpf_alone {
+            tables.push(("nft tables deleted, no daemon: the BPF layer alone", b));
         }
         print!("{}", matrix::render(&tables, color));
         println!();
@@ -80,6 +106,23 @@ pub fn run(json: bool, color: &str) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::from(super::EXIT_PROBLEMS)
     })
+}
+
+/// Deletes the tables metaguard loaded into the lab's host and task
+/// namespaces (Docker's and ecs-init's rules stay).
+fn delete_nft_layer(lab: &Lab) -> anyhow::Result<()> {
+    use metaguard_lab::topology::Role;
+    for role in [Role::Host, Role::Task1] {
+        let tables = lab.run_in(role, "nft", &["list", "tables"])?;
+        for line in tables.lines() {
+            if let ["table", family, "metaguard"] =
+                line.split_whitespace().collect::<Vec<_>>().as_slice()
+            {
+                lab.run_in(role, "nft", &["delete", "table", family, "metaguard"])?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Ctrl-C and SIGTERM tear down every lab of this process, then exit 130.

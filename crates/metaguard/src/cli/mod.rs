@@ -61,6 +61,10 @@ pub struct Cli {
     /// Where the BPF layer pins its maps and links (on a bpf filesystem).
     #[arg(long, global = true, hide = true, value_name = "DIR", default_value = metaguard_sys::bpf::DEFAULT_PIN_DIR)]
     bpf_pin_dir: PathBuf,
+    /// The only cgroup subtree (relative to the cgroup2 root) where the BPF
+    /// layer may attach programs; the lab passes its own.
+    #[arg(long, global = true, hide = true, value_name = "CGROUP")]
+    bpf_attach_within: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -193,6 +197,7 @@ enum Command {
 /// an error.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    crate::enforce::bpf::set_fence(cli.bpf_attach_within.clone());
     let result = match cli.command {
         Command::Apply { config, dry_run } => apply::run(
             &config,

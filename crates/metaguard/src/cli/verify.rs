@@ -19,7 +19,7 @@ pub fn run(
     let engine = Engine::new(state_dir, docker)?.with_bpf_pin_dir(bpf_pin_dir);
     let plan = engine.plan(&config)?;
     let (mut reports, mut warnings) = engine.verify(&plan)?;
-    reports.extend(engine.verify_bpf(&config, &mut warnings));
+    reports.extend(engine.verify_bpf(&config, plan.containers.as_deref(), &mut warnings));
     let ok = reports.iter().all(|r| r.ok);
     if json {
         let doc = serde_json::json!({ "ok": ok, "namespaces": reports, "warnings": warnings });

@@ -23,7 +23,9 @@ impl Daemon {
             }
         };
         let mut warnings = Vec::new();
-        let planned = self.engine.bpf_desired(&self.config, &mut warnings);
+        let planned =
+            self.engine
+                .bpf_desired(&self.config, self.containers.as_deref(), &mut warnings);
         self.watch_bpf_pins(pins.path());
         let follower = self.bpf.take().and_then(|g| g.follower).or_else(|| {
             bpf_events::spawn(
@@ -31,12 +33,49 @@ impl Daemon {
                 self.metrics.bpf_refusals.clone(),
             )
         });
+        let netns = pins.read_maps().map(|m| m.netns).unwrap_or_default();
         self.bpf = Some(BpfGuard {
             links: links.into_iter().map(|l| (l.name(), l.info)).collect(),
             planned,
             follower,
             retry_at: None,
+            netns,
         });
+    }
+
+    /// Rewrites the namespace map (`mg_netns`) for the containers and
+    /// namespaces there are now; says so when it changed.
+    pub(super) fn sync_bpf_namespaces(&mut self, why: &str) {
+        if self.bpf.is_none() {
+            return;
+        }
+        let started = Instant::now();
+        let mut warnings = Vec::new();
+        let result =
+            self.engine
+                .sync_bpf_netns(&self.config, self.containers.as_deref(), &mut warnings);
+        for w in &warnings {
+            warn!(warning = %w, "bpf layer");
+        }
+        match result {
+            Ok(Some(map)) => {
+                let Some(g) = &mut self.bpf else { return };
+                if g.netns != map {
+                    info!(
+                        layer = "bpf",
+                        why,
+                        entries = map.len(),
+                        us = started.elapsed().as_micros() as u64,
+                        "bpf namespace map updated"
+                    );
+                    g.netns = map;
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                error!(layer = "bpf", why, error = %format!("{e:#}"), "cannot update the bpf namespace map; new namespaces stay refused")
+            }
+        }
     }
 
     /// inotify on the pin directory; added again after every apply, since
@@ -80,7 +119,11 @@ impl Daemon {
         // A configured cgroup that went or came back is a new plan (other
         // links), not drift to undo.
         let mut warnings = Vec::new();
-        if self.engine.bpf_desired(&self.config, &mut warnings) != g.planned {
+        if self
+            .engine
+            .bpf_desired(&self.config, self.containers.as_deref(), &mut warnings)
+            != g.planned
+        {
             self.replan_bpf("a configured cgroup was removed or re-created");
             return;
         }
@@ -99,7 +142,9 @@ impl Daemon {
             .join("; ");
         self.metrics.drift.inc();
         let mut warnings = Vec::new();
-        let report = self.engine.apply_bpf(&self.config, &mut warnings);
+        let report = self
+            .engine
+            .apply_bpf(&self.config, self.containers.as_deref(), &mut warnings);
         for w in &warnings {
             warn!(warning = %w, "bpf layer");
         }
@@ -142,7 +187,11 @@ impl Daemon {
             return;
         };
         let mut warnings = Vec::new();
-        if self.engine.bpf_desired(&self.config, &mut warnings) != g.planned {
+        if self
+            .engine
+            .bpf_desired(&self.config, self.containers.as_deref(), &mut warnings)
+            != g.planned
+        {
             self.replan_bpf("a configured cgroup appeared, was removed or re-created");
         } else {
             self.check_bpf("cgroup event");
@@ -152,7 +201,9 @@ impl Daemon {
     /// Applies the BPF layer for a new plan (not a heal).
     pub(super) fn replan_bpf(&mut self, why: &str) {
         let mut warnings = Vec::new();
-        let report = self.engine.apply_bpf(&self.config, &mut warnings);
+        let report = self
+            .engine
+            .apply_bpf(&self.config, self.containers.as_deref(), &mut warnings);
         for w in &warnings {
             warn!(warning = %w, "bpf layer");
         }

@@ -122,6 +122,8 @@ struct BpfGuard {
     follower: Option<bpf_events::Follower>,
     /// After a failed heal, checks rest until then.
     retry_at: Option<Instant>,
+    /// The namespace map (`mg_netns`) as last written.
+    netns: BTreeMap<u64, (u32, u32)>,
 }
 
 /// How long checks rest after a failed BPF heal.

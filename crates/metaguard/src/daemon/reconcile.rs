@@ -186,6 +186,9 @@ impl Daemon {
                 return;
             }
         };
+        // The BPF layer's namespace map first: a new namespace is refused
+        // until it is classified, so an allowing workload's waits on this.
+        self.sync_bpf_namespaces(why);
         let before: Vec<String> = self.plan.netns.iter().map(|n| n.path.clone()).collect();
         let after: Vec<String> = plan.netns.iter().map(|n| n.path.clone()).collect();
         let host_changed = plan.host != self.plan.host;

@@ -9,15 +9,17 @@
 //! when the config asks for the layer (it is on and some workload denies
 //! by cgroup). The object is always the embedded [`sys::OBJECT`].
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use metaguard_core::bpf_policy::{self, BpfPolicy};
+use metaguard_core::ruleset::ContainerFact;
 use metaguard_core::Config;
 use metaguard_sys::bpf::{self as sys, Attachment, Hook, MapContents, PinDir};
 use metaguard_sys::cgroup::Cgroup2;
 use serde::Serialize;
 
-use super::{Engine, NamespaceReport};
+use super::{facts, namespaces, Engine, NamespaceReport};
 
 /// The layer's state, for `apply`/`verify` reports.
 #[derive(Debug, Default, Serialize, Clone, PartialEq, Eq)]
@@ -35,6 +37,10 @@ pub struct BpfReport {
     /// given this one's in place.
     pub updated: Vec<String>,
     pub detached: Vec<String>,
+    /// Entries of the namespace map (`mg_netns`): the host's, the
+    /// classified namespaces' and the default for the others (0: the
+    /// layer guards by cgroup only).
+    pub namespaces: usize,
 }
 
 impl BpfReport {
@@ -42,12 +48,13 @@ impl BpfReport {
     pub fn summary(&self) -> String {
         if self.state == "active" {
             format!(
-                "bpf layer: active ({}; attached {}, kept {}, updated {}, detached {})",
+                "bpf layer: active ({}; attached {}, kept {}, updated {}, detached {}; namespace entries {})",
                 self.pin_dir,
                 self.attached.len(),
                 self.kept.len(),
                 self.updated.len(),
-                self.detached.len()
+                self.detached.len(),
+                self.namespaces
             )
         } else {
             let mut s = format!("bpf layer: {}: {}", self.state, self.reason);
@@ -59,6 +66,21 @@ impl BpfReport {
     }
 }
 
+/// `--bpf-attach-within`: the only cgroup subtree where programs may be
+/// attached (the lab's, so that no test ever attaches to a cgroup it did
+/// not make). Set once by the command line, before any engine exists.
+static FENCE: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+
+/// Sets the attach fence for every engine this process makes.
+pub fn set_fence(fence: Option<String>) {
+    let _ = FENCE.set(fence.map(|f| f.trim_matches('/').to_string()));
+}
+
+/// The attach fence, if one was set.
+pub(super) fn fence() -> Option<String> {
+    FENCE.get().cloned().flatten()
+}
+
 /// Why the layer does not run: a report state and the reason.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Inactive {
@@ -67,9 +89,11 @@ struct Inactive {
 }
 
 /// Whether `policy` has anything for the programs to do: some configured
-/// cgroup denies something (an allow-only entry needs no program).
+/// cgroup denies something (an allow-only entry needs no program), or some
+/// bridge, `netns` or `containers` workload denies or proxies something
+/// (the programs then guard the container cgroups by namespace).
 fn guards_anything(policy: &BpfPolicy) -> bool {
-    policy.cgroups.iter().any(|c| c.attach)
+    !policy.attach.is_empty()
 }
 
 /// Whether `config` asks for the layer: it is on (the default) and has
@@ -79,11 +103,15 @@ fn asked(config: &Config, policy: &BpfPolicy) -> bool {
     config.layers.bpf && guards_anything(policy)
 }
 
-/// What the kernel should hold for `config`: map contents and attachments.
-/// Cgroups that do not exist are left out (the caller warns).
+/// What the kernel should hold for `config`, but the namespace map (see
+/// [`Engine::bpf_netns`]): map contents and attachments. Configured cgroups
+/// that do not exist are left out with a warning; container cgroups that
+/// do not exist (a runtime this host does not use) silently. `fence`: the
+/// only subtree programs may be attached in (the lab's).
 pub fn desired(
     cg: &Cgroup2,
     policy: &BpfPolicy,
+    fence: Option<&str>,
     warnings: &mut Vec<String>,
 ) -> (MapContents, Vec<Attachment>) {
     let mut contents = MapContents {
@@ -92,7 +120,6 @@ pub fn desired(
         policy: Default::default(),
         netns: Default::default(),
     };
-    let mut attachments = Vec::new();
     for c in &policy.cgroups {
         let id = match cg.id(&c.path) {
             Ok(id) => id,
@@ -105,14 +132,26 @@ pub fn desired(
             }
         };
         contents.policy.insert(id, (c.rule, c.bits));
-        if c.attach {
-            for hook in Hook::ALL {
-                attachments.push(Attachment {
-                    cgroup_dir: cg.path(&c.path),
-                    cgroup_id: id,
-                    hook,
-                });
-            }
+    }
+    let mut attachments = Vec::new();
+    for path in &policy.attach {
+        let inside = fence.is_none_or(|f| path == f || path.starts_with(&format!("{f}/")));
+        if !inside {
+            warnings.push(format!(
+                "BPF layer: cgroup {path:?} is outside {}; not attached",
+                fence.unwrap_or_default()
+            ));
+            continue;
+        }
+        let Ok(id) = cg.id(path) else {
+            continue; // warned above when configured; else not used here
+        };
+        for hook in Hook::ALL {
+            attachments.push(Attachment {
+                cgroup_dir: cg.path(path),
+                cgroup_id: id,
+                hook,
+            });
         }
     }
     (contents, attachments)
@@ -126,11 +165,49 @@ impl Engine {
         self
     }
 
+    /// The namespace map (`mg_netns`) for `config` now: the host's own
+    /// namespace, every namespace found and settled (see
+    /// [`namespaces::discover`]) with its workload's decision, and the
+    /// default for the rest. Empty when no namespace can be refused
+    /// anything.
+    pub fn bpf_netns(
+        &self,
+        config: &Config,
+        policy: &BpfPolicy,
+        containers: Option<&[ContainerFact]>,
+        warnings: &mut Vec<String>,
+    ) -> BTreeMap<u64, (u32, u32)> {
+        if policy.netns_default.is_none() {
+            return BTreeMap::new();
+        }
+        let found = namespaces::discover(containers, &facts::netns_paths(config));
+        warnings.extend(found.skipped.iter().map(|s| format!("BPF layer: {s}")));
+        found.map(config, policy.netns_default)
+    }
+
+    /// Rewrites the namespace map only (the daemon, after containers or
+    /// namespaces changed): returns what it now holds, or `None` when the
+    /// layer is not active or has no namespace part.
+    pub fn sync_bpf_netns(
+        &self,
+        config: &Config,
+        containers: Option<&[ContainerFact]>,
+        warnings: &mut Vec<String>,
+    ) -> anyhow::Result<Option<BTreeMap<u64, (u32, u32)>>> {
+        let policy = bpf_policy::plan(config, containers);
+        if self.bpf_inactive(config, &policy).is_some() || policy.netns_default.is_none() {
+            return Ok(None);
+        }
+        let map = self.bpf_netns(config, &policy, containers, warnings);
+        self.bpf_pins().set_netns(&map)?;
+        Ok(Some(map))
+    }
+
     /// Why the layer the config asks for (on, with something to guard)
     /// cannot be active here; `None` when it can, or when the config turns
     /// it off or gives it nothing to guard.
     pub fn bpf_not_active(&self, config: &Config) -> Option<String> {
-        let policy = bpf_policy::plan(config);
+        let policy = bpf_policy::plan(config, None);
         self.bpf_inactive(config, &policy)
             .filter(|i| i.state == "not built" || i.state == "unavailable")
             .map(|i| i.why)
@@ -151,7 +228,10 @@ impl Engine {
             return inactive("not built", sys::BpfError::NoObject.to_string());
         }
         if !guards_anything(policy) {
-            return inactive("idle", "no workload denies anything by cgroup".into());
+            return inactive(
+                "idle",
+                "no workload denies anything that the layer guards".into(),
+            );
         }
         if self.cgroup2.is_none() {
             return inactive(
@@ -174,14 +254,111 @@ impl Engine {
     pub fn bpf_desired(
         &self,
         config: &Config,
+        containers: Option<&[ContainerFact]>,
         warnings: &mut Vec<String>,
     ) -> Option<(MapContents, Vec<Attachment>)> {
-        let policy = bpf_policy::plan(config);
+        let policy = bpf_policy::plan(config, containers);
         if self.bpf_inactive(config, &policy).is_some() {
             return None;
         }
         let cg = self.cgroup2.as_ref()?;
-        Some(desired(cg, &policy, warnings))
+        Some(desired(cg, &policy, self.bpf_fence.as_deref(), warnings))
+    }
+
+    /// What `apply` would give the BPF layer, as `#` comment lines for
+    /// `apply --dry-run`: whether it would run, where the programs would be
+    /// attached, the cgroup decisions and the namespace map. Reads the
+    /// host (cgroup ids, namespaces) and changes nothing.
+    pub fn bpf_dry_run(&self, config: &Config, containers: Option<&[ContainerFact]>) -> String {
+        use std::fmt::Write as _;
+        let policy = bpf_policy::plan(config, containers);
+        let mut out = format!(
+            "\n# BPF layer (cgroup programs; pins in {}):",
+            self.bpf_pin_dir.display()
+        );
+        if let Some(Inactive { state, why }) = self.bpf_inactive(config, &policy) {
+            let _ = writeln!(out, " {state}: {why}");
+            return out;
+        }
+        out.push_str(" would be active\n");
+        let Some(cg) = &self.cgroup2 else {
+            return out;
+        };
+        let mut warnings = Vec::new();
+        let (_, attachments) = desired(cg, &policy, self.bpf_fence.as_deref(), &mut warnings);
+        let classes = |bits: u32| {
+            let mut v = Vec::new();
+            if bits & bpf_policy::CLASS_IMDS != 0 {
+                v.push("imds");
+            }
+            if bits & bpf_policy::CLASS_TASK_METADATA != 0 {
+                v.push("task_metadata");
+            }
+            if bits & bpf_policy::DENY_RAW != 0 {
+                v.push("raw sockets");
+            }
+            if v.is_empty() {
+                "nothing refused".to_string()
+            } else {
+                format!("refuses {}", v.join(", "))
+            }
+        };
+        for path in &policy.attach {
+            let at = attachments
+                .iter()
+                .find(|a| a.cgroup_dir == cg.path(path))
+                .map_or("absent here or fenced off; not attached".to_string(), |a| {
+                    format!("cgroup id {}", a.cgroup_id)
+                });
+            let _ = writeln!(
+                out,
+                "#   attach connect4/6, sendmsg4/6, sock_create at {path} ({at})"
+            );
+        }
+        for c in &policy.cgroups {
+            let _ = writeln!(
+                out,
+                "#   cgroup {} (workload {:?}, rule {}): {}",
+                c.path,
+                c.workload,
+                c.rule,
+                classes(c.bits)
+            );
+        }
+        if let Some((rule, bits)) = policy.netns_default {
+            let found = namespaces::discover(containers, &facts::netns_paths(config));
+            let _ = writeln!(
+                out,
+                "#   namespace: host's own (cookie {}): nothing refused",
+                found.host_cookie
+            );
+            let _ = writeln!(
+                out,
+                "#   namespace: any other not classified yet (rule {rule}): {}",
+                classes(bits)
+            );
+            for ns in &found.namespaces {
+                let what = match ns.decision(config) {
+                    Some((rule, bits)) if rule != bpf_policy::NO_RULE => {
+                        format!("rule {rule}: {}", classes(bits))
+                    }
+                    Some(_) => "no workload selects it: nothing refused".to_string(),
+                    None => "not settled (no port, no container): the default".to_string(),
+                };
+                let _ = writeln!(
+                    out,
+                    "#   namespace: {} (cookie {}; bridges {:?}; containers {:?}): {what}",
+                    ns.path,
+                    ns.cookie,
+                    ns.bridges,
+                    ns.containers.iter().map(|c| &c.name).collect::<Vec<_>>()
+                );
+            }
+        }
+        for w in warnings {
+            let _ = writeln!(out, "#   warning: {w}");
+        }
+        out
     }
 
     /// Makes the BPF layer match `config` (or removes it when the config
@@ -189,13 +366,18 @@ impl Engine {
     /// problems become warnings — and the programs already attached stay
     /// (a binary or host that cannot run the layer does not take away the
     /// one in force).
-    pub fn apply_bpf(&self, config: &Config, warnings: &mut Vec<String>) -> BpfReport {
+    pub fn apply_bpf(
+        &self,
+        config: &Config,
+        containers: Option<&[ContainerFact]>,
+        warnings: &mut Vec<String>,
+    ) -> BpfReport {
         let pins = self.bpf_pins();
         let mut report = BpfReport {
             pin_dir: self.bpf_pin_dir.display().to_string(),
             ..BpfReport::default()
         };
-        let policy = bpf_policy::plan(config);
+        let policy = bpf_policy::plan(config, containers);
         if let Some(Inactive { state, why }) = self.bpf_inactive(config, &policy) {
             report.state = state.into();
             if asked(config, &policy) {
@@ -217,7 +399,9 @@ impl Engine {
         let Some(cg) = &self.cgroup2 else {
             return report; // bpf_inactive said it is mounted
         };
-        let (contents, attachments) = desired(cg, &policy, warnings);
+        let (mut contents, attachments) = desired(cg, &policy, self.bpf_fence.as_deref(), warnings);
+        contents.netns = self.bpf_netns(config, &policy, containers, warnings);
+        report.namespaces = contents.netns.len();
         match pins.apply(sys::OBJECT, &contents, &attachments) {
             Ok(o) => {
                 report.state = "active".into();
@@ -245,6 +429,7 @@ impl Engine {
     pub fn verify_bpf(
         &self,
         config: &Config,
+        containers: Option<&[ContainerFact]>,
         warnings: &mut Vec<String>,
     ) -> Option<NamespaceReport> {
         let pins = self.bpf_pins();
@@ -254,11 +439,11 @@ impl Engine {
             ok: differences.is_empty(),
             differences,
         };
-        let policy = bpf_policy::plan(config);
+        let policy = bpf_policy::plan(config, containers);
         if let Some(Inactive { why, .. }) = self.bpf_inactive(config, &policy) {
             if asked(config, &policy) {
                 return Some(report(vec![format!(
-                    "the config asks for the BPF layer (a workload denies by cgroup), but it is not active: {why}"
+                    "the config asks for the BPF layer (a workload denies by cgroup, or by bridge or namespace), but it is not active: {why}"
                 )]));
             }
             if pins.exists() {
@@ -269,7 +454,8 @@ impl Engine {
             return None;
         }
         let cg = self.cgroup2.as_ref()?;
-        let (contents, attachments) = desired(cg, &policy, warnings);
+        let (mut contents, attachments) = desired(cg, &policy, self.bpf_fence.as_deref(), warnings);
+        contents.netns = self.bpf_netns(config, &policy, containers, warnings);
         let mut differences = Vec::new();
         if !pins.exists() {
             differences.push("the BPF layer is missing (no pinned maps)".into());
@@ -290,6 +476,7 @@ impl Engine {
                         contents.policy, actual.policy
                     ));
                 }
+                differences.extend(netns_differences(&contents.netns, &actual.netns));
             }
             Err(e) => differences.push(format!("cannot read the maps: {e}")),
         }
@@ -343,6 +530,39 @@ impl Engine {
         let removed = pins.remove()?;
         Ok((!removed.is_empty()).then(|| format!("bpf {}", self.bpf_pin_dir.display())))
     }
+}
+
+/// How the namespace map differs from what it should hold: the default
+/// (key 0) and the host's entry by name, the rest counted.
+fn netns_differences(
+    want: &BTreeMap<u64, (u32, u32)>,
+    have: &BTreeMap<u64, (u32, u32)>,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    if want.get(&0) != have.get(&0) {
+        out.push(format!(
+            "the default for namespaces nobody has classified is {:?}, not {:?} (rule, bits)",
+            have.get(&0),
+            want.get(&0)
+        ));
+    }
+    // A namespace not (yet) listed takes the default: a difference only
+    // when its own decision refuses other classes.
+    let default_bits = have.get(&0).map(|d| d.1);
+    let differ = want
+        .iter()
+        .filter(|(k, v)| match have.get(k) {
+            Some(h) => h != *v,
+            None => **k != 0 && Some(v.1) != default_bits,
+        })
+        .count();
+    let extra = have.keys().filter(|k| !want.contains_key(k)).count();
+    if differ > 0 || extra > 0 {
+        out.push(format!(
+            "namespace decisions differ: {differ} namespace(s) refused other classes than their workloads say, {extra} entries no longer wanted (the daemon keeps them current; `metaguard apply` rewrites them)"
+        ));
+    }
+    out
 }
 
 /// What is pinned under a pin directory, for `doctor`.
@@ -405,6 +625,15 @@ pub fn state(pin_dir: &Path) -> BpfState {
                 out.live_links.len(),
                 out.defunct_links.len()
             );
+            if let Ok(maps) = pins.read_maps() {
+                out.detail.push_str(&match maps.netns.get(&0) {
+                    Some(_) => format!(
+                        "; namespaces: {} classified, any other refused by default",
+                        maps.netns.len().saturating_sub(2)
+                    ),
+                    None => "; no namespace default (cgroups only)".to_string(),
+                });
+            }
         }
         Err(e) => out.detail = format!("cannot read the pinned links: {e}"),
     }
@@ -417,7 +646,7 @@ mod tests {
 
     fn asks(text: &str) -> bool {
         let config = Config::parse(text, "test.toml").expect("valid config");
-        asked(&config, &bpf_policy::plan(&config))
+        asked(&config, &bpf_policy::plan(&config, None))
     }
 
     #[test]
@@ -428,18 +657,21 @@ mod tests {
         assert!(!asks(&format!("[layers]\nbpf = false\n{deny}")));
         let raw = "[[workload]]\nname = \"c\"\ncgroups = [\"docker\"]\nraw_sockets = \"deny\"\n";
         assert!(asks(raw));
-        // Allow-only cgroups need no program; bridges and namespaces are
-        // the nft layer's.
+        // Allow-only workloads need no program; denying bridges and
+        // namespaces are guarded at the container cgroups.
         assert!(!asks(
             "[[workload]]\nname = \"agent\"\ncgroups = [\"docker/ecs-agent\"]\nimds = \"allow\"\n"
         ));
-        assert!(!asks(
+        assert!(asks(
             "[[workload]]\nname = \"b\"\nbridges = [\"docker0\"]\nimds = \"deny\"\n"
+        ));
+        assert!(!asks(
+            "[[workload]]\nname = \"b\"\nbridges = [\"docker0\"]\nimds = \"allow\"\n"
         ));
         let default = Config::builtin_default();
         assert!(
-            !asked(&default, &bpf_policy::plan(&default)),
-            "the built-in default has nothing for the layer: verify passes without it"
+            asked(&default, &bpf_policy::plan(&default, None)),
+            "the built-in default guards bridges and task namespaces by namespace"
         );
     }
 
@@ -454,7 +686,7 @@ mod tests {
         };
         assert_eq!(
             active.summary(),
-            "bpf layer: active (/sys/fs/bpf/metaguard; attached 0, kept 2, updated 1, detached 0)"
+            "bpf layer: active (/sys/fs/bpf/metaguard; attached 0, kept 2, updated 1, detached 0; namespace entries 0)"
         );
         let not_built = BpfReport {
             state: "not built".into(),

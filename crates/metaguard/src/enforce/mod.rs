@@ -23,6 +23,7 @@
 pub mod bpf;
 pub mod canonical;
 mod facts;
+pub mod namespaces;
 pub mod redirect;
 #[cfg(test)]
 mod tests;
@@ -73,6 +74,8 @@ pub struct Engine {
     state_dir: PathBuf,
     docker_socket: PathBuf,
     bpf_pin_dir: PathBuf,
+    /// The only cgroup subtree the BPF layer may attach in (the lab's).
+    bpf_fence: Option<String>,
 }
 
 /// A namespace and the table planned for it.
@@ -123,6 +126,7 @@ impl Engine {
             state_dir: state_dir.to_path_buf(),
             docker_socket: docker_socket.to_path_buf(),
             bpf_pin_dir: PathBuf::from(metaguard_sys::bpf::DEFAULT_PIN_DIR),
+            bpf_fence: bpf::fence(),
         }
     }
 
@@ -438,7 +442,7 @@ impl Engine {
             }
         }
         // The BPF layer after the nft tables: it never fails the apply.
-        report.bpf = Some(self.apply_bpf(config, &mut report.warnings));
+        report.bpf = Some(self.apply_bpf(config, plan.containers.as_deref(), &mut report.warnings));
         Ok(report)
     }
 

@@ -115,6 +115,7 @@ fn plan(netns: &[&str], proxy: bool) -> Plan {
             })
             .collect(),
         warnings: Vec::new(),
+        containers: None,
         proxy: proxy.then(|| ProxyPlan {
             relay: Vec::new(),
             imds: Vec::new(),

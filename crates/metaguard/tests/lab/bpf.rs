@@ -459,16 +459,29 @@ fn layer_asked_for_but_not_active_verify_exits_1_with_the_reason_nft_still_guard
             && stdout.contains("is not on a bpf filesystem"),
         "verify: {stdout}"
     );
-    // Not asked for: turned off, or nothing for it to guard (the shape of
-    // the built-in default, bridges and namespaces only).
+    // A bridge that denies asks for it too (the container cgroups guard
+    // namespaces nobody has classified yet).
+    let bridges = "[[workload]]\nname = \"bridges\"\nbridges = [\"docker0\"]\nimds = \"deny\"\n";
+    let path = lab
+        .write_file("policy.toml", bridges)?
+        .display()
+        .to_string();
+    apply(&lab, bridges)?;
+    let out = lab.metaguard(&["verify", "--config", &path])?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    ensure!(
+        out.status.code() == Some(1) && stdout.contains("asks for the BPF layer"),
+        "verify (bridges deny): {stdout}"
+    );
+    // Not asked for: turned off, or nothing for it to guard.
     for (what, text) in [
         (
             "bpf = false",
             format!("[layers]\nbpf = false\n{}", policy(&lab, "")),
         ),
         (
-            "bridges only",
-            "[[workload]]\nname = \"bridges\"\nbridges = [\"docker0\"]\nimds = \"deny\"\n".into(),
+            "bridges allowed",
+            "[[workload]]\nname = \"bridges\"\nbridges = [\"docker0\"]\nimds = \"allow\"\n".into(),
         ),
     ] {
         let path = lab.write_file("policy.toml", &text)?.display().to_string();

@@ -431,7 +431,8 @@ fn demo_prints_before_and_after_and_cleans_up() -> Result<(), Failed> {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     ensure!(out.status.success(), "demo failed: {stderr}");
-    // Row: label │ before (3 cells) │ after (3 cells).
+    // Row: label │ before (3 cells) │ after (3 cells) │ the BPF layer
+    // alone, metaguard's nft tables deleted (3 cells).
     let expected_after = [
         ("bridge container", [false, false, true]),
         ("awsvpc task", [false, false, true]),
@@ -445,29 +446,34 @@ fn demo_prints_before_and_after_and_cleans_up() -> Result<(), Failed> {
             .ok_or(format!("no row {row}:\n{stdout}"))?;
         let parts: Vec<&str> = line.split('│').collect();
         ensure!(
-            parts.len() == 3,
-            "row {row} has no before/after columns: {line}"
+            parts.len() == 4,
+            "row {row} has no before/after/BPF-alone columns: {line}"
         );
         ensure!(
             parts[1].matches("reached 200").count() == 3,
             "before: row {row} not reached everywhere: {line}"
         );
-        let cells: Vec<&str> = parts[2]
-            .split("  ")
-            .map(str::trim)
-            .filter(|c| !c.is_empty())
-            .collect();
-        ensure!(cells.len() == 3, "after: row {row}: {cells:?}");
-        for (cell, reach) in cells.iter().zip(after) {
-            ensure!(
-                cell.starts_with("reached 200") == reach,
-                "after: row {row}: {cell:?} (expected reached={reach}): {line}"
-            );
-            if !reach {
+        for (table, part, fast) in [
+            ("after", parts[2], &["refused", "unreachable", "denied"][..]),
+            ("BPF alone", parts[3], &["denied"][..]),
+        ] {
+            let cells: Vec<&str> = part
+                .split("  ")
+                .map(str::trim)
+                .filter(|c| !c.is_empty())
+                .collect();
+            ensure!(cells.len() == 3, "{table}: row {row}: {cells:?}");
+            for (cell, reach) in cells.iter().zip(after) {
                 ensure!(
-                    cell.starts_with("refused") || cell.starts_with("unreachable"),
-                    "after: row {row}: {cell:?} not rejected fast"
+                    cell.starts_with("reached 200") == reach,
+                    "{table}: row {row}: {cell:?} (expected reached={reach}): {line}"
                 );
+                if !reach {
+                    ensure!(
+                        fast.iter().any(|f| cell.starts_with(f)),
+                        "{table}: row {row}: {cell:?} not refused fast ({fast:?})"
+                    );
+                }
             }
         }
     }
@@ -478,5 +484,10 @@ fn demo_prints_before_and_after_and_cleans_up() -> Result<(), Failed> {
         .and_then(|s| s.split_whitespace().next())
         .ok_or(format!("no lab id in {stderr}"))?;
     ensure!(netns_of(id).is_empty(), "demo left {:?}", netns_of(id));
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo")?;
+    ensure!(
+        !mounts.contains(&format!("metaguard-lab/{id}")),
+        "demo left a mount: {mounts}"
+    );
     Ok(())
 }

@@ -10,6 +10,7 @@ use metaguard_lab::testing::{self, TestFn};
 mod support;
 
 mod bpf;
+mod bpf_default;
 mod bpf_lifecycle;
 mod cli;
 mod daemon;
@@ -37,6 +38,7 @@ fn main() {
         .chain(discovery::TESTS)
         .chain(cli::TESTS)
         .chain(bpf::TESTS)
+        .chain(bpf_default::TESTS)
         .chain(bpf_lifecycle::TESTS)
         .chain(proxy::TESTS)
         .chain(proxy_identity::TESTS)

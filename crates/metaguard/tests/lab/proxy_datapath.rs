@@ -56,7 +56,9 @@ fn proxy_config(lab: &Lab) -> Result<(String, std::path::PathBuf), Failed> {
     let text = format!(
         "[proxy]\naudit_log = \"{}\"\n\n\
          [[workload]]\nname = \"containers\"\nbridges = [\"docker0\", \"ecs-bridge\"]\n\
-         imds = \"proxy\"\ntask_metadata = \"proxy\"\n",
+         imds = \"proxy\"\ntask_metadata = \"proxy\"\n\n\
+         # The nft layer's datapath; the BPF layer is the bpf tests'.\n\
+         [layers]\nbpf = false\n",
         audit.display()
     );
     let path = lab.write_file("datapath.toml", &text)?;

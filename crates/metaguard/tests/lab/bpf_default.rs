@@ -1,0 +1,315 @@
+//! The BPF layer under the default policy (bridges and task namespaces, no
+//! `cgroups` workload): programs on the lab's container cgroups refuse the
+//! metadata endpoints to every network namespace nobody has classified —
+//! so a container or task created after `apply` is refused from its first
+//! attempt, with metaguard's nft tables deleted and no daemon running.
+//!
+//! The policy is the built-in default's text with one addition: `[layers]
+//! container_cgroups` names the lab's own `docker` and `system.slice`
+//! subtrees instead of the host's (and the lab's metaguard is fenced into
+//! the lab's cgroups by `--bpf-attach-within` besides).
+
+use std::time::{Duration, Instant};
+
+use libtest_mimic::Failed;
+use metaguard_core::config::BUILTIN_DEFAULT_TOML;
+use metaguard_lab::probe::{Outcome, ProbeKind, ProbeResult, ProbeSpec};
+use metaguard_lab::topology::{addr, Role};
+use metaguard_lab::{Lab, Workload};
+use metaguard_sys::bpf as sys;
+
+use crate::bpf::{apply, http, BpfFs};
+use crate::daemon::Daemon;
+use crate::enforce::{arrived, expect_reached};
+use crate::ensure;
+use crate::support::lab;
+
+pub const TESTS: &[(&str, bool, crate::TestFn)] = &[
+    (
+        "bpf_default::new_bridge_container_and_task_refused_from_first_attempt_with_nft_gone",
+        true,
+        new_bridge_container_and_task_refused_from_first_attempt_with_nft_gone,
+    ),
+    (
+        "bpf_default::allowing_workload_is_refused_until_classified_then_reaches",
+        true,
+        allowing_workload_is_refused_until_classified_then_reaches,
+    ),
+];
+
+/// The built-in default policy, with the container cgroups moved into the
+/// lab's subtree; `before` is put ahead of its workloads.
+fn default_policy(lab: &Lab, before: &str) -> String {
+    let root = lab.cgroup_root();
+    format!(
+        "{before}\n{BUILTIN_DEFAULT_TOML}\n[layers]\ncontainer_cgroups = [\"{root}/docker\", \"{root}/system.slice\"]\n"
+    )
+}
+
+/// A namespace made by the test: its lab name and the cgroup its
+/// processes run in.
+struct Made {
+    netns: String,
+    cgroup: String,
+}
+
+/// A bridge container as Docker makes one: a namespace, a veth on docker0,
+/// addresses and default routes, and a cgroup under the lab's `docker`.
+fn bridge_container(lab: &mut Lab, suffix: &str, n: u8) -> Result<Made, Failed> {
+    let ns = lab.add_netns(suffix)?;
+    let host = lab.netns_name(Role::Host);
+    lab.ip_in(
+        &host,
+        &format!(
+            "link add veth{suffix} type veth peer name eth0 netns {ns}\nlink set veth{suffix} master docker0 up\n"
+        ),
+    )?;
+    lab.ip_in(
+        &ns,
+        &format!(
+            "link set eth0 up\naddr add 172.17.0.{n}/16 dev eth0\naddr add fd00:17::{n}/64 dev eth0 nodad\nroute add default via 172.17.0.1\nroute add default via fd00:17::1\n"
+        ),
+    )?;
+    cgroup(lab, suffix, ns)
+}
+
+/// An awsvpc task as the ECS CNI plugins make one: an ENI into the VPC
+/// carrying the default routes, and `ecs-eth0` on ecs-bridge for the
+/// credentials endpoint.
+fn awsvpc_task(lab: &mut Lab, suffix: &str, n: u8) -> Result<Made, Failed> {
+    let ns = lab.add_netns(suffix)?;
+    let (host, vpc) = (lab.netns_name(Role::Host), lab.netns_name(Role::Vpc));
+    lab.ip_in(
+        &vpc,
+        &format!(
+            "link add vpc-{suffix} type veth peer name eth0 netns {ns}\nlink set vpc-{suffix} master vpcbr up\n"
+        ),
+    )?;
+    lab.ip_in(
+        &host,
+        &format!(
+            "link add veth{suffix} type veth peer name ecs-eth0 netns {ns}\nlink set veth{suffix} master ecs-bridge up\n"
+        ),
+    )?;
+    lab.ip_in(
+        &ns,
+        &format!(
+            "link set eth0 up\naddr add 10.0.0.{n}/24 dev eth0\naddr add fd00:10::{n}/64 dev eth0 nodad\nroute add default via 10.0.0.1\nroute add default via fd00:10::1\nlink set ecs-eth0 up\naddr add 169.254.172.{n}/22 dev ecs-eth0\nroute add 169.254.170.2/32 via 169.254.172.1 dev ecs-eth0\n"
+        ),
+    )?;
+    cgroup(lab, suffix, ns)
+}
+
+fn cgroup(lab: &Lab, suffix: &str, netns: String) -> Result<Made, Failed> {
+    let cgroup = format!("{}/docker/{suffix}", lab.cgroup_root());
+    lab.cgroup2().create(&cgroup).map_err(|e| e.to_string())?;
+    Ok(Made { netns, cgroup })
+}
+
+fn udp(lab: &Lab, host: &str) -> ProbeSpec {
+    ProbeSpec {
+        id: lab.probe_id("udp-sendto"),
+        kind: ProbeKind::UdpSendTo {
+            host: host.into(),
+            port: addr::ECHO_UDP_PORT,
+        },
+        timeout_ms: 2000,
+    }
+}
+
+/// Every way to IMDS the issue names: TCP (HTTP) and UDP, over IPv4, IPv6
+/// and IPv4-mapped IPv6.
+fn imds_probes(lab: &Lab) -> Vec<ProbeSpec> {
+    vec![
+        http(lab, "169.254.169.254"),
+        http(lab, "[fd00:ec2::254]"),
+        http(lab, "[::ffff:169.254.169.254]"),
+        udp(lab, "169.254.169.254"),
+        udp(lab, "fd00:ec2::254"),
+        udp(lab, "::ffff:169.254.169.254"),
+    ]
+}
+
+fn run(lab: &Lab, m: &Made, spec: &ProbeSpec) -> Result<ProbeResult, Failed> {
+    Ok(lab.probe_as(&m.netns, &m.cgroup, spec)?)
+}
+
+fn reached(lab: &Lab, m: &Made, spec: &ProbeSpec) -> Result<(), Failed> {
+    let r = run(lab, m, spec)?;
+    ensure!(
+        r.ok() && arrived(lab, spec),
+        "{} → {:?}: expected to reach, got {r:?}",
+        m.netns,
+        spec.kind
+    );
+    Ok(())
+}
+
+fn refused(lab: &Lab, m: &Made, spec: &ProbeSpec) -> Result<(), Failed> {
+    let r = run(lab, m, spec)?;
+    ensure!(
+        r.outcome == Outcome::Denied,
+        "{} → {:?}: expected EPERM, got {r:?}",
+        m.netns,
+        spec.kind
+    );
+    ensure!(
+        !arrived(lab, spec),
+        "{} → {:?}: refused, yet a server logged it",
+        m.netns,
+        spec.kind
+    );
+    Ok(())
+}
+
+/// Deletes every table metaguard made in `roles`' namespaces: its whole
+/// nft layer. Docker's and ecs-init's rules stay (the credentials DNAT).
+fn delete_metaguard_tables(lab: &Lab, roles: &[Role]) -> Result<(), Failed> {
+    for &role in roles {
+        let tables = lab.run_in(role, "nft", &["list", "tables"])?;
+        for line in tables.lines() {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            if let ["table", family, "metaguard"] = words.as_slice() {
+                lab.run_in(role, "nft", &["delete", "table", family, "metaguard"])?;
+            }
+        }
+        let left = lab.run_in(role, "nft", &["list", "tables"])?;
+        ensure!(
+            !left.contains("metaguard"),
+            "metaguard tables left in {role:?}: {left}"
+        );
+    }
+    Ok(())
+}
+
+fn credentials(lab: &Lab) -> ProbeSpec {
+    let mut s = lab.http_get(&Lab::credentials_url(Workload::BridgeC1));
+    s.timeout_ms = 2000;
+    s
+}
+
+fn new_bridge_container_and_task_refused_from_first_attempt_with_nft_gone() -> Result<(), Failed> {
+    let mut lab = lab()?;
+    let fs = BpfFs::mount(&lab)?;
+    // Without metaguard, containers and tasks like those made below reach
+    // IMDS every way, and their task credentials.
+    let open_c = bridge_container(&mut lab, "c3", 13)?;
+    let open_t = awsvpc_task(&mut lab, "task2", 22)?;
+    for m in [&open_c, &open_t] {
+        for spec in imds_probes(&lab) {
+            reached(&lab, m, &spec)?;
+        }
+        reached(&lab, m, &credentials(&lab))?;
+    }
+
+    let out = apply(&lab, &default_policy(&lab, ""))?;
+    ensure!(out.contains("bpf layer: active"), "apply: {out}");
+    // metaguard's nft layer goes; no metaguard process runs.
+    delete_metaguard_tables(&lab, &[Role::Host, Role::Task1])?;
+
+    // Created now: nobody has classified their namespaces.
+    let new_c = bridge_container(&mut lab, "c4", 14)?;
+    let new_t = awsvpc_task(&mut lab, "task3", 23)?;
+    for m in [&new_c, &new_t] {
+        for spec in imds_probes(&lab) {
+            refused(&lab, m, &spec)?;
+        }
+        // The default keeps task credentials (task_metadata = "allow").
+        reached(&lab, m, &credentials(&lab))?;
+    }
+    // Those that existed at apply were classified by their bridges
+    // (docker0, ecs-bridge: IMDS denied): refused too.
+    for m in [&open_c, &open_t] {
+        refused(&lab, m, &http(&lab, "169.254.169.254"))?;
+        reached(&lab, m, &credentials(&lab))?;
+    }
+    // The agent and an unrelated host process, in the guarded cgroups but
+    // on the host's network, still reach IMDS.
+    for w in [Workload::Agent, Workload::HostOther] {
+        expect_reached(&lab, w, &http(&lab, "169.254.169.254"))?;
+        expect_reached(&lab, w, &http(&lab, "[fd00:ec2::254]"))?;
+    }
+    // Each refusal was an event with the caller's cgroup.
+    let events = sys::PinDir::new(fs.pin_dir())
+        .drain_events()
+        .map_err(|e| e.to_string())?;
+    let c4 = lab.cgroup2().id(&new_c.cgroup).map_err(|e| e.to_string())?;
+    ensure!(
+        events
+            .iter()
+            .any(|e| e.cgroup_id == c4 && e.syscall == "connect" && e.port == 80),
+        "no connect event for c4: {events:?}"
+    );
+    // verify sees both layers: the nft tables are gone (drift), the BPF
+    // layer is in place.
+    let path = lab.work_dir().join("policy.toml").display().to_string();
+    let v = lab.metaguard(&["verify", "--config", &path])?;
+    let text = String::from_utf8_lossy(&v.stdout).into_owned();
+    ensure!(v.status.code() == Some(1), "verify: {v:?}");
+    ensure!(
+        text.contains("DRIFT  host") && text.contains("ok     bpf "),
+        "verify: {text}"
+    );
+    let out = lab.metaguard(&["remove"])?;
+    ensure!(out.status.success(), "remove: {out:?}");
+    Ok(())
+}
+
+fn allowing_workload_is_refused_until_classified_then_reaches() -> Result<(), Failed> {
+    let mut lab = lab()?;
+    let _fs = BpfFs::mount(&lab)?;
+    let glob = format!(
+        "/run/netns/{}",
+        lab.netns_name(Role::Host).replace("host", "ok*")
+    );
+    // Tasks (IMDS through their own ENI, not a host bridge, so the nft
+    // layer's bridge rules do not see it) in namespaces this glob selects.
+    let allowing =
+        format!("[[workload]]\nname = \"allowed\"\nnetns = [\"{glob}\"]\nimds = \"allow\"\n");
+    let text = default_policy(&lab, &allowing);
+    // Without a daemon: a namespace made after apply is unknown — refused,
+    // although its workload allows IMDS.
+    apply(&lab, &text)?;
+    let early = awsvpc_task(&mut lab, "ok1", 31)?;
+    refused(&lab, &early, &http(&lab, "169.254.169.254"))?;
+    // Applying again classifies it.
+    apply(&lab, &text)?;
+    reached(&lab, &early, &http(&lab, "169.254.169.254"))?;
+
+    // With the daemon: it classifies new namespaces as they appear.
+    let path = lab.work_dir().join("policy.toml").display().to_string();
+    let d = Daemon::start(&lab, &path, &[])?;
+    let started = Instant::now();
+    let late = awsvpc_task(&mut lab, "ok2", 32)?;
+    let made = started.elapsed();
+    // Every attempt is refused (nothing arrives) until the namespace is
+    // classified, then it reaches; never anything else.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let mut refusals = 0;
+    loop {
+        let spec = http(&lab, "169.254.169.254");
+        let r = run(&lab, &late, &spec)?;
+        if r.ok() && arrived(&lab, &spec) {
+            break;
+        }
+        ensure!(
+            r.outcome == Outcome::Denied && !arrived(&lab, &spec),
+            "before classification: expected EPERM, got {r:?}"
+        );
+        refusals += 1;
+        ensure!(
+            Instant::now() < deadline,
+            "not classified within 2 s; daemon log: {}",
+            d.log_text()
+        );
+    }
+    eprintln!(
+        "allowing workload: namespace made in {made:?}, reached {:?} after it was made, {refusals} refused attempt(s) before",
+        started.elapsed()
+    );
+    d.wait_log("bpf namespace map updated", Duration::from_secs(1))?;
+    // A neighbour on the same bridge in the default workload stays refused.
+    let other = bridge_container(&mut lab, "c5", 33)?;
+    refused(&lab, &other, &http(&lab, "169.254.169.254"))?;
+    Ok(())
+}
