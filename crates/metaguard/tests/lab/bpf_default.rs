@@ -22,6 +22,8 @@ use crate::bpf::{apply, http, BpfFs};
 use crate::daemon::Daemon;
 use crate::enforce::{arrived, expect_reached};
 use crate::ensure;
+use crate::proxy::audit_lines;
+use crate::proxy_reload::imdsv2_instance_id;
 use crate::support::lab;
 
 pub const TESTS: &[(&str, bool, crate::TestFn)] = &[
@@ -34,6 +36,11 @@ pub const TESTS: &[(&str, bool, crate::TestFn)] = &[
         "bpf_default::allowing_workload_is_refused_until_classified_then_reaches",
         true,
         allowing_workload_is_refused_until_classified_then_reaches,
+    ),
+    (
+        "bpf_default::proxied_namespaces_pass_the_hooks_to_the_proxy_unclassified_ones_are_refused",
+        true,
+        proxied_namespaces_pass_the_hooks_to_the_proxy_unclassified_ones_are_refused,
     ),
 ];
 
@@ -311,5 +318,130 @@ fn allowing_workload_is_refused_until_classified_then_reaches() -> Result<(), Fa
     // A neighbour on the same bridge in the default workload stays refused.
     let other = bridge_container(&mut lab, "c5", 33)?;
     refused(&lab, &other, &http(&lab, "169.254.169.254"))?;
+    Ok(())
+}
+
+/// IMDSv2 (a token PUT, then a GET with it) from a made namespace: the
+/// status of the GET, or the PUT's outcome when it got no token.
+fn imdsv2(lab: &Lab, m: &Made) -> Result<Result<u16, ProbeResult>, Failed> {
+    let mut put = lab.http_get(&Lab::imds_url_v4("/latest/api/token"));
+    if let ProbeKind::Http {
+        method, headers, ..
+    } = &mut put.kind
+    {
+        *method = "PUT".into();
+        headers.push(("X-aws-ec2-metadata-token-ttl-seconds".into(), "60".into()));
+    }
+    let r = run(lab, m, &put)?;
+    let token = match (&r.status, &r.body) {
+        (Some(200), Some(t)) if !t.is_empty() => t.clone(),
+        _ => return Ok(Err(r)),
+    };
+    let mut get = lab.http_get(&Lab::imds_url_v4("/latest/meta-data/instance-id"));
+    if let ProbeKind::Http { headers, .. } = &mut get.kind {
+        headers.push(("X-aws-ec2-metadata-token".into(), token));
+    }
+    Ok(Ok(run(lab, m, &get)?.status.unwrap_or(0)))
+}
+
+fn proxied_namespaces_pass_the_hooks_to_the_proxy_unclassified_ones_are_refused(
+) -> Result<(), Failed> {
+    use metaguard_core::bpf_policy::{CLASS_IMDS, CLASS_TASK_METADATA};
+    let mut lab = lab()?;
+    let fs = BpfFs::mount(&lab)?;
+    let docker = lab.start_docker_api()?;
+    let audit = lab.work_dir().join("audit.jsonl");
+    let root = lab.cgroup_root();
+    let text = format!(
+        "[proxy]\naudit_log = \"{}\"\n\n[[workload]]\nname = \"containers\"\nbridges = [\"docker0\", \"ecs-bridge\"]\nimds = \"proxy\"\ntask_metadata = \"proxy\"\n\n[layers]\ncontainer_cgroups = [\"{root}/docker\", \"{root}/system.slice\"]\n",
+        audit.display()
+    );
+    let path = lab
+        .write_file("proxy-bpf.toml", &text)?
+        .display()
+        .to_string();
+    let d = Daemon::start(&lab, &path, &[])?;
+    // Unclassified namespaces must not reach what is proxied: the default
+    // refuses both classes.
+    let maps = sys::PinDir::new(fs.pin_dir())
+        .read_maps()
+        .map_err(|e| e.to_string())?;
+    ensure!(
+        maps.netns.get(&0).map(|d| d.1) == Some(CLASS_IMDS | CLASS_TASK_METADATA),
+        "namespace default: {:?}",
+        maps.netns.get(&0)
+    );
+    // c1 is classified (docker0, proxied: no bits): its connect passes the
+    // hook and the nft redirect takes it to the proxy.
+    let got = imdsv2_instance_id(&lab, Workload::BridgeC1)?;
+    if got != Some(("200".to_string(), lab.instance_id().to_string())) {
+        let cookie = lab.netns(Role::C1).cookie().map_err(|e| e.to_string())?;
+        let r = lab.probe(Workload::BridgeC1, &http(&lab, "169.254.169.254"))?;
+        return Err(format!(
+            "c1: IMDSv2 through the proxy: {got:?}; c1 cookie {cookie}, map {:?}; a GET: {r:?}\n{}",
+            maps.netns,
+            d.log_text()
+        )
+        .into());
+    }
+    let proxied = |lines: &[serde_json::Value]| {
+        lines
+            .iter()
+            .filter(|l| l["service"] == "imds" && l["status"] == 200)
+            .count()
+    };
+    let before = proxied(&audit_lines(&audit));
+    ensure!(
+        before >= 1,
+        "no proxy audit line for c1: {:?}",
+        audit_lines(&audit)
+    );
+
+    // A new bridge container: refused while unclassified — unless the
+    // daemon, re-planning on some other event, has already found it on
+    // docker0; then the proxy served it (an audit line). Never direct.
+    let m = bridge_container(&mut lab, "c6", 16)?;
+    let spec = http(&lab, "169.254.169.254");
+    let r = run(&lab, &m, &spec)?;
+    let served = proxied(&audit_lines(&audit)) > before;
+    ensure!(
+        (r.outcome == Outcome::Denied && !arrived(&lab, &spec)) || (r.ok() && served),
+        "c6's first attempt, unclassified: {r:?} (proxy audit line: {served})"
+    );
+    let before = proxied(&audit_lines(&audit));
+    // Docker reports it (an event): the daemon classifies it, and its
+    // IMDSv2 goes through the proxy (an audit line), never direct.
+    docker.start(metaguard_lab::docker::FakeContainer {
+        id: metaguard_lab::docker::FakeContainer::id_for(&format!("{}-c6", lab.id())),
+        name: "c6".into(),
+        image: "lab/app".into(),
+        labels: Default::default(),
+        env: Vec::new(),
+        network_mode: "bridge".into(),
+        pid: 0,
+        sandbox_key: format!("/run/netns/{}", m.netns),
+        user: String::new(),
+        cgroup_parent: String::new(),
+        running: true,
+    });
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        match imdsv2(&lab, &m)? {
+            Ok(200) => break,
+            Ok(other) => return Err(format!("c6: IMDSv2 GET answered {other}").into()),
+            Err(r) => {
+                ensure!(
+                    r.outcome == Outcome::Denied && Instant::now() < deadline,
+                    "c6 before classification: {r:?}\n{}",
+                    d.log_text()
+                );
+            }
+        }
+    }
+    ensure!(
+        proxied(&audit_lines(&audit)) > before,
+        "c6's IMDSv2 reached without the proxy: {:?}",
+        audit_lines(&audit)
+    );
     Ok(())
 }
