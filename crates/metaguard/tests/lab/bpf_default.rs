@@ -38,6 +38,11 @@ pub const TESTS: &[(&str, bool, crate::TestFn)] = &[
         allowing_workload_is_refused_until_classified_then_reaches,
     ),
     (
+        "bpf_default::containers_selectors_resolve_to_cgroups_and_namespaces",
+        true,
+        containers_selectors_resolve_to_cgroups_and_namespaces,
+    ),
+    (
         "bpf_default::proxied_namespaces_pass_the_hooks_to_the_proxy_unclassified_ones_are_refused",
         true,
         proxied_namespaces_pass_the_hooks_to_the_proxy_unclassified_ones_are_refused,
@@ -442,6 +447,68 @@ fn proxied_namespaces_pass_the_hooks_to_the_proxy_unclassified_ones_are_refused(
         proxied(&audit_lines(&audit)) > before,
         "c6's IMDSv2 reached without the proxy: {:?}",
         audit_lines(&audit)
+    );
+    Ok(())
+}
+
+fn containers_selectors_resolve_to_cgroups_and_namespaces() -> Result<(), Failed> {
+    let mut lab = lab()?;
+    let _fs = BpfFs::mount(&lab)?;
+    lab.start_docker_api()?;
+    let all = [
+        Workload::BridgeC1,
+        Workload::BridgeC2,
+        Workload::HostNetwork,
+        Workload::Agent,
+        Workload::HostOther,
+    ];
+    for w in all {
+        expect_reached(&lab, w, &http(&lab, "169.254.169.254"))?;
+    }
+    // By name and by label, through the lab's Docker API: a host-network
+    // container (decided by its cgroup) and a bridge container (by its
+    // namespace); the agent, also by name, allowed.
+    let root = lab.cgroup_root();
+    let text = format!(
+        r#"[[workload]]
+name = "agent"
+containers = ["ecs-agent"]
+imds = "allow"
+
+[[workload]]
+name = "worker"
+containers = ["label:com.amazonaws.ecs.container-name=worker"]
+imds = "deny"
+
+[[workload]]
+name = "web"
+containers = ["ecs-lab-web-1-app-c1"]
+imds = "deny"
+
+[layers]
+container_cgroups = ["{root}/docker", "{root}/system.slice"]
+"#
+    );
+    let out = apply(&lab, &text)?;
+    ensure!(out.contains("bpf layer: active"), "apply: {out}");
+    delete_metaguard_tables(&lab, &[Role::Host, Role::C1])?;
+    denied_by_bpf(&lab, Workload::HostNetwork)?;
+    denied_by_bpf(&lab, Workload::BridgeC1)?;
+    // c2 is a known container no workload selects: untouched, as in the
+    // nft layer; the agent and host processes reach.
+    for w in [Workload::BridgeC2, Workload::Agent, Workload::HostOther] {
+        expect_reached(&lab, w, &http(&lab, "169.254.169.254"))?;
+    }
+    Ok(())
+}
+
+fn denied_by_bpf(lab: &Lab, w: Workload) -> Result<(), Failed> {
+    let spec = http(lab, "169.254.169.254");
+    let r = lab.probe(w, &spec)?;
+    ensure!(
+        r.outcome == Outcome::Denied && !arrived(lab, &spec),
+        "{}: expected EPERM with nothing arrived, got {r:?}",
+        w.label()
     );
     Ok(())
 }
