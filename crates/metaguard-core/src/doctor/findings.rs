@@ -18,7 +18,9 @@
 //!   apart: F6 (awsvpc), F7 (host network), F9 (hop limit), F15 (IP-keyed
 //!   proxy);
 //! * `localnet` — the route_localnet reach-around: F17, and the guard
-//!   F1's fix puts in first so that it never opens F17.
+//!   F1's fix puts in first so that it never opens F17;
+//! * `latency` — blocks that fail slowly: F14 (silent DROP, a TCP reset
+//!   br_netfilter loses).
 
 use serde::Serialize;
 
@@ -29,6 +31,7 @@ mod credentials;
 mod evidence;
 mod fix;
 mod guard;
+mod latency;
 mod localnet;
 #[cfg(test)]
 mod tests;
@@ -36,6 +39,7 @@ mod workloads;
 
 use credentials::{f1, f10, f2, f3};
 use guard::{f11, f4, f5, f8};
+use latency::f14;
 use localnet::f17;
 use workloads::{f15, f6, f7, f9};
 
@@ -73,7 +77,7 @@ const DURABLE: &str = "`metaguard apply` (or the daemon) keeps the guard in a ta
 pub fn check(snap: &Snapshot, flows: &[Flow]) -> Vec<Finding> {
     let ep = Endpoints::of(snap);
     let mut out = Vec::new();
-    let checks: [&dyn Fn() -> Option<Finding>; 13] = [
+    let checks: [&dyn Fn() -> Option<Finding>; 14] = [
         &|| f1(snap, flows),
         &|| f2(snap, flows, &ep),
         &|| f3(snap, flows, &ep),
@@ -85,6 +89,7 @@ pub fn check(snap: &Snapshot, flows: &[Flow]) -> Vec<Finding> {
         &|| f9(snap, flows),
         &|| f10(snap, &ep),
         &|| f11(flows, &ep),
+        &|| f14(snap, flows),
         &|| f15(flows),
         &|| f17(snap, flows),
     ];

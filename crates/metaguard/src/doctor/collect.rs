@@ -67,6 +67,9 @@ fn net_state(
     let mut keys = vec![
         "net.ipv4.ip_forward".to_string(),
         "net.ipv6.conf.all.forwarding".to_string(),
+        // br_netfilter (F14: a TCP reset of bridged traffic); absent
+        // without the module.
+        "net.bridge.bridge-nf-call-iptables".to_string(),
     ];
     if let Some(out) = run(ns, "sysctl", &["-a", "-r", "route_localnet"])? {
         for l in out.lines() {

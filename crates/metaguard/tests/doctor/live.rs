@@ -51,6 +51,11 @@ pub const TESTS: &[(&str, bool, crate::TestFn)] = &[
         true,
         f17_route_localnet_reach_around,
     ),
+    (
+        "live::f14_silent_drop_makes_sdks_wait",
+        true,
+        f14_silent_drop_makes_sdks_wait,
+    ),
 ];
 
 /// The F17 guard a careful operator adds on a host ecs-init set up: drop
@@ -510,6 +515,83 @@ fn f17_route_localnet_reach_around() -> Result<(), Failed> {
     Ok(())
 }
 
+/// Replaces the DOCKER-USER reject `guarded` added by a silent DROP (in
+/// `backend`'s iptables): the AWS knowledge-center recipe as often copied.
+fn drop_instead_of_reject(g: &Guarded, legacy: bool) -> Result<(), Failed> {
+    let v4 = if legacy {
+        "iptables-legacy"
+    } else {
+        "iptables"
+    };
+    sh(
+        &g.lab,
+        Role::Host,
+        v4,
+        "-w -R DOCKER-USER 1 -d 169.254.169.254/32 -j DROP",
+    )
+}
+
+/// How a bridge container's IMDS request fails, and how long it takes.
+fn imds_failure(g: &Guarded) -> Result<(metaguard_lab::probe::Outcome, u64), Failed> {
+    let mut spec = g.lab.http_get(&Lab::imds_url_v4("/latest/meta-data/"));
+    spec.timeout_ms = 1500;
+    let r = g
+        .lab
+        .probe(Workload::BridgeC1, &spec)
+        .map_err(|e| e.to_string())?;
+    Ok((r.outcome, r.elapsed_us / 1000))
+}
+
+/// F14: the IMDS guard drops instead of rejecting; a bridge container's
+/// request waits its whole timeout. Doctor names F14; `--fix` puts an ICMP
+/// reject before the drop: the request fails at once, still blocked, and
+/// doctor names nothing new.
+fn f14_silent_drop_makes_sdks_wait() -> Result<(), Failed> {
+    use metaguard_lab::probe::Outcome;
+    let before = root_state()?;
+    let g = guarded(false)?;
+    drop_instead_of_reject(&g, false)?;
+    let (outcome, ms) = imds_failure(&g)?;
+    ensure!(
+        outcome == Outcome::Timeout,
+        "after the break IMDS should time out, got {outcome:?} in {ms} ms"
+    );
+    let (code, found, out) = doctor(&g, &[])?;
+    ensure!(
+        code == Some(1) && found == ["F14"],
+        "DROP lab: expected [F14], got {found:?} (exit {code:?})\n{out}"
+    );
+    let (code, after, out) = doctor(&g, &["--fix"])?;
+    ensure!(
+        code == Some(0) && after.is_empty(),
+        "--fix left {after:?} (exit {code:?})\n{out}"
+    );
+    let v: serde_json::Value = serde_json::from_str(&out).map_err(|e| e.to_string())?;
+    ensure!(
+        v["new_after_fix"].as_array().is_some_and(Vec::is_empty),
+        "--fix opened new findings: {}",
+        v["new_after_fix"]
+    );
+    // Rejected: an ICMP answer, well before the 1.5 s timeout (the bound is
+    // loose so that a loaded machine does not fail it).
+    let (outcome, ms) = imds_failure(&g)?;
+    ensure!(
+        outcome == Outcome::Unreachable && ms < 1000,
+        "after --fix IMDS should be refused at once, got {outcome:?} in {ms} ms"
+    );
+    let (code, again, out) = doctor(&g, &[])?;
+    ensure!(
+        code == Some(0) && again.is_empty(),
+        "doctor after --fix: {again:?}\n{out}"
+    );
+    drop(g);
+    ensure!(
+        root_state()? == before,
+        "the root network namespace changed during a doctor test"
+    );
+    Ok(())
+}
+
 /// Writes the lab-made fixtures (run on purpose, see main.rs). With
 /// `METAGUARD_FIXTURES=name,name` only those are written.
 pub fn generate_fixtures() -> Result<(), Failed> {
@@ -593,6 +675,12 @@ pub fn generate_fixtures() -> Result<(), Failed> {
         }),
         ("f17-route-localnet-reach-around-legacy", true, "F17", |g| {
             unguard_f17(g, true)
+        }),
+        ("f14-drop-instead-of-reject-nft", false, "F14", |g| {
+            drop_instead_of_reject(g, false)
+        }),
+        ("f14-drop-instead-of-reject-legacy", true, "F14", |g| {
+            drop_instead_of_reject(g, true)
         }),
     ];
     let only = std::env::var("METAGUARD_FIXTURES").ok();
