@@ -19,6 +19,10 @@
 //!   proxy);
 //! * `localnet` — the route_localnet reach-around: F17, and the guard
 //!   F1's fix puts in first so that it never opens F17;
+//! * `containers` — what containers carry (Docker API): F12 (credential
+//!   variables where task metadata is denied), F13 (other tasks'
+//!   credentials within reach), F18 (proxy settings without NO_PROXY for
+//!   the link-local endpoints; also ecs.config and dockerd);
 //! * `latency` — blocks that fail slowly: F14 (silent DROP, a TCP reset
 //!   br_netfilter loses).
 
@@ -27,6 +31,7 @@ use serde::Serialize;
 use super::path::{Endpoints, Flow};
 use super::snapshot::Snapshot;
 
+mod containers;
 mod credentials;
 mod evidence;
 mod fix;
@@ -37,6 +42,7 @@ mod localnet;
 mod tests;
 mod workloads;
 
+use containers::{f12, f13, f18};
 use credentials::{f1, f10, f2, f3};
 use guard::{f11, f4, f5, f8};
 use latency::f14;
@@ -77,7 +83,7 @@ const DURABLE: &str = "`metaguard apply` (or the daemon) keeps the guard in a ta
 pub fn check(snap: &Snapshot, flows: &[Flow]) -> Vec<Finding> {
     let ep = Endpoints::of(snap);
     let mut out = Vec::new();
-    let checks: [&dyn Fn() -> Option<Finding>; 14] = [
+    let checks: [&dyn Fn() -> Option<Finding>; 17] = [
         &|| f1(snap, flows),
         &|| f2(snap, flows, &ep),
         &|| f3(snap, flows, &ep),
@@ -89,9 +95,12 @@ pub fn check(snap: &Snapshot, flows: &[Flow]) -> Vec<Finding> {
         &|| f9(snap, flows),
         &|| f10(snap, &ep),
         &|| f11(flows, &ep),
+        &|| f12(snap),
+        &|| f13(snap, flows),
         &|| f14(snap, flows),
         &|| f15(flows),
         &|| f17(snap, flows),
+        &|| f18(snap, &ep),
     ];
     for c in checks {
         if let Some(f) = c() {

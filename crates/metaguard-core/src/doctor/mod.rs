@@ -1,6 +1,7 @@
 //! `metaguard doctor`, the pure part: parse a host snapshot, evaluate the
 //! packet paths that matter, and turn failure-modes.md into findings.
 //!
+//! * [`env`] — credential and proxy variables, and what a snapshot keeps of an environment;
 //! * [`iptables_save`] — a parser of the iptables-save grammar (file:line errors);
 //! * [`nft`] — the nft JSON model;
 //! * [`snapshot`] — the snapshot's typed form (files → [`snapshot::Snapshot`]);
@@ -10,6 +11,7 @@
 //!
 //! No I/O: the binary collects the snapshot, applies fixes and probes.
 
+pub mod env;
 pub mod findings;
 pub mod iptables_save;
 pub mod nft;

@@ -16,7 +16,7 @@
 //! | `iptables-nft-save.txt`, `ip6tables-nft-save.txt` | `iptables-nft-save`, `ip6tables-nft-save` | no |
 //! | `nft-ruleset.json` | `nft -j list ruleset` | no |
 //! | `ecs.config` | `/etc/ecs/ecs.config` | no |
-//! | `docker.json` | `{"host_network_containers": [{"name", "cgroup"}], "agent_cgroup", "published": [{"host_ip", "host_port", "container_port", "container"}]}` | no |
+//! | `docker.json` | `{"host_network_containers": [{"name", "cgroup"}], "agent_cgroup", "published": [{"host_ip", "host_port", "container_port", "container"}], "containers": [{"name", "network_mode", "labels", "cgroup", "netns", "env": {NAME: null \| proxy value}}], "daemon": {"running", "iptables", "ip6tables", "bridge", "env", "env_source"}}` | no |
 //! | `cgroup.txt` | the cgroup layout (`cgroup2 <mount>` / `v1`) | no |
 //! | `boot.json` | `{"units": {"docker.service": {"before": [], "after": []}, …}, "boothooks_with_imds_rule": []}` | no (F5 is then not judged) |
 //! | `imds-options.json` | the instance's `MetadataOptions` (from `aws ec2 describe-instances`) | no (F9 is then not judged) |
@@ -115,12 +115,55 @@ pub struct HostNetContainer {
     pub cgroup: String,
 }
 
+/// A running container, as the Docker API inspects it (`docker.json`
+/// `containers`). Only the environment's *names* are kept, except the
+/// proxy settings (`HTTP_PROXY`, `NO_PROXY`, …), whose values are kept
+/// with any `user:password@` removed: a snapshot carries no secret.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(default)]
+pub struct DockerContainer {
+    pub name: String,
+    /// `bridge`, `host`, `none`, `container:<id>`, or a network's name.
+    pub network_mode: String,
+    pub labels: BTreeMap<String, String>,
+    /// cgroup v2 path relative to the root.
+    pub cgroup: Option<String>,
+    /// Its network namespace file, when it has its own stack.
+    pub netns: Option<String>,
+    /// Variable name → value (proxy settings) or `null` (any other).
+    pub env: BTreeMap<String, Option<String>>,
+}
+
+/// The Docker daemon: whether it runs, its own firewall settings
+/// (`/etc/docker/daemon.json`) and the proxy settings of its environment.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(default)]
+pub struct DockerDaemon {
+    /// A dockerd process was found.
+    pub running: bool,
+    /// `"iptables"` in daemon.json (absent: Docker's default, true).
+    pub iptables: Option<bool>,
+    /// `"ip6tables"` in daemon.json.
+    pub ip6tables: Option<bool>,
+    /// `"bridge"` in daemon.json (`none`: no docker0).
+    pub bridge: Option<String>,
+    /// Proxy settings of dockerd's environment (`/proc/<pid>/environ`, or
+    /// its systemd unit's `Environment=`), with `user:password@` removed.
+    pub env: BTreeMap<String, String>,
+    /// Where `env` was read.
+    pub env_source: Option<String>,
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
 #[serde(default)]
 pub struct Docker {
     pub host_network_containers: Vec<HostNetContainer>,
     pub agent_cgroup: Option<String>,
     pub published: Vec<Published>,
+    /// Running containers (Docker API); empty without the API.
+    pub containers: Vec<DockerContainer>,
+    /// The daemon; `None`: not looked at (older snapshots).
+    pub daemon: Option<DockerDaemon>,
 }
 
 /// Ordering of one systemd unit.

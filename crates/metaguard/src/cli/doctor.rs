@@ -27,6 +27,8 @@ pub struct Args<'a> {
     pub config: &'a ConfigArg,
     /// The BPF layer's pin directory (its state is shown for this host).
     pub bpf_pin_dir: &'a Path,
+    /// The Docker API socket (containers' environment, F12/F13/F18).
+    pub docker_socket: &'a Path,
 }
 
 fn config_text(arg: &ConfigArg) -> Option<String> {
@@ -37,10 +39,13 @@ fn config_text(arg: &ConfigArg) -> Option<String> {
     std::fs::read_to_string(p).ok()
 }
 
-fn live(arg: &ConfigArg) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
+fn live(
+    arg: &ConfigArg,
+    docker_socket: &Path,
+) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
     let cfg = config::load(arg)?;
     config::require_root("doctor")?;
-    collect::collect(&cfg, config_text(arg).as_deref())
+    collect::collect(&cfg, config_text(arg).as_deref(), docker_socket)
 }
 
 fn parse(
@@ -61,7 +66,7 @@ pub fn run(a: &Args<'_>) -> anyhow::Result<ExitCode> {
         bail!("--dry-run shows what --fix would do; give --fix too");
     }
     if let Some(dir) = a.collect {
-        let files = live(a.config)?;
+        let files = live(a.config, a.docker_socket)?;
         // Parse what was collected, so a snapshot that cannot be read back is never written silently.
         parse(&files, None)?;
         collect::write(dir, &files)?;
@@ -74,7 +79,7 @@ pub fn run(a: &Args<'_>) -> anyhow::Result<ExitCode> {
     }
     let (files, source) = match a.from {
         Some(dir) => (collect::read(dir)?, format!("snapshot {}", dir.display())),
-        None => (live(a.config)?, "this host".to_string()),
+        None => (live(a.config, a.docker_socket)?, "this host".to_string()),
     };
     let snap = parse(&files, a.from)?;
     let report = analyze(&snap, &source);
@@ -131,7 +136,7 @@ pub fn run(a: &Args<'_>) -> anyhow::Result<ExitCode> {
         })?;
         done.push(act.shell());
     }
-    let after_files = live(a.config)?;
+    let after_files = live(a.config, a.docker_socket)?;
     let after = analyze(&parse(&after_files, None)?, &source);
     // A fix must never open another failure mode: the ids that appeared.
     let opened = new_findings(&report, &after);

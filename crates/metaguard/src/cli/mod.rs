@@ -250,6 +250,7 @@ pub fn main() -> ExitCode {
             collect: collect.as_deref(),
             config: &config,
             bpf_pin_dir: &cli.bpf_pin_dir,
+            docker_socket: &cli.docker_socket,
         }),
         Command::Render {
             kind,

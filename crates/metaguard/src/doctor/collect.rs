@@ -96,6 +96,7 @@ fn net_state(
 pub fn collect(
     config: &Config,
     config_text: Option<&str>,
+    docker_socket: &Path,
 ) -> anyhow::Result<BTreeMap<String, String>> {
     let mut files = BTreeMap::new();
     net_state(None, "", &mut files)?;
@@ -115,6 +116,8 @@ pub fn collect(
     );
     let docker = serde_json::json!({
         "host_network_containers": cg.as_ref().map(host_network_containers).unwrap_or_default(),
+        "containers": super::docker::containers(docker_socket),
+        "daemon": super::docker::daemon(),
     });
     files.insert(
         "docker.json".into(),

@@ -56,6 +56,21 @@ pub const TESTS: &[(&str, bool, crate::TestFn)] = &[
         true,
         f14_silent_drop_makes_sdks_wait,
     ),
+    (
+        "live::f13_container_reads_another_tasks_credentials",
+        true,
+        f13_container_reads_another_tasks_credentials,
+    ),
+    (
+        "live::f12_credential_variables_where_task_metadata_is_denied",
+        true,
+        f12_credential_variables_where_task_metadata_is_denied,
+    ),
+    (
+        "live::f18_proxy_without_no_proxy",
+        true,
+        f18_proxy_without_no_proxy,
+    ),
 ];
 
 /// The F17 guard a careful operator adds on a host ecs-init set up: drop
@@ -592,10 +607,124 @@ fn f14_silent_drop_makes_sdks_wait() -> Result<(), Failed> {
     Ok(())
 }
 
+/// Serves the lab's Docker API: its containers carry the credential
+/// variables of four tasks (F13 on the guarded lab's config).
+fn with_docker(g: &mut Guarded) -> Result<(), Failed> {
+    g.lab.start_docker_api().map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// The bridge containers and the awsvpc task denied task metadata (their
+/// credentials flows are then not F13's), with the Docker API: the
+/// credential variables the agent injected are F12.
+fn deny_task_metadata(g: &mut Guarded) -> Result<(), Failed> {
+    let task = format!("/run/netns/{}", g.lab.netns_name(Role::Task1));
+    let toml = format!(
+        "[[workload]]\nname = \"bridge-containers\"\nbridges = [\"docker0\", \"br-*\", \"ecs-bridge\"]\nimds = \"deny\"\ntask_metadata = \"deny\"\n\n[[workload]]\nname = \"awsvpc-tasks\"\nnetns = [\"{task}\"]\nimds = \"deny\"\ntask_metadata = \"deny\"\n"
+    );
+    g.lab
+        .write_file("doctor.toml", &toml)
+        .map_err(|e| e.to_string())?;
+    with_docker(g)
+}
+
+/// A container started with a proxy and no NO_PROXY (added to the lab's
+/// Docker API after its own containers; backed by this test's process).
+fn proxied_container(g: &mut Guarded) -> Result<(), Failed> {
+    use metaguard_lab::docker::FakeContainer;
+    let docker = g.lab.start_docker_api().map_err(|e| e.to_string())?;
+    docker.start(FakeContainer {
+        id: FakeContainer::id_for("doctor-proxied"),
+        name: "proxied-app".into(),
+        image: "public.ecr.aws/lab/app:latest".into(),
+        labels: Default::default(),
+        env: vec![
+            "HTTPS_PROXY=http://user:secret@proxy.internal:3128".into(),
+            "NO_PROXY=localhost,169.254.169.254".into(),
+        ],
+        network_mode: "bridge".into(),
+        pid: std::process::id(),
+        sandbox_key: String::new(),
+        user: String::new(),
+        cgroup_parent: String::new(),
+        running: true,
+    });
+    Ok(())
+}
+
+/// F13: with four tasks' credentials on the host and task metadata
+/// allowed, doctor names F13, and a bridge container indeed reads the
+/// awsvpc task's credentials with that task's id. (The fix is a config
+/// change — the relay of proxy mode — so `--fix` has nothing to apply.)
+fn f13_container_reads_another_tasks_credentials() -> Result<(), Failed> {
+    let mut g = guarded(false)?;
+    with_docker(&mut g)?;
+    let (code, found, out) = doctor(&g, &[])?;
+    ensure!(
+        code == Some(1) && found == ["F13"],
+        "expected [F13], got {found:?} (exit {code:?})\n{out}"
+    );
+    ensure!(
+        out.contains("tasks hold credentials on this host"),
+        "no task evidence:\n{out}"
+    );
+    let other = Lab::credentials_url(Workload::AwsvpcTask);
+    ensure!(
+        answers(&g, Workload::BridgeC1, &other)?,
+        "a bridge container should read the awsvpc task's credentials ({other})"
+    );
+    let (code, _, out) = doctor(&g, &["--fix", "--dry-run"])?;
+    ensure!(
+        code == Some(1) && out.contains("task_metadata = \\\"proxy\\\""),
+        "the dry run should show the manual fix:\n{out}"
+    );
+    Ok(())
+}
+
+/// F12: the agent's credential variables in containers whose workload is
+/// denied task metadata, named per container.
+fn f12_credential_variables_where_task_metadata_is_denied() -> Result<(), Failed> {
+    let mut g = guarded(false)?;
+    deny_task_metadata(&mut g)?;
+    let (code, found, out) = doctor(&g, &[])?;
+    ensure!(
+        code == Some(1) && found == ["F12"],
+        "expected [F12], got {found:?} (exit {code:?})\n{out}"
+    );
+    ensure!(
+        out.contains("container ecs-lab-web-1-app-c1")
+            && out.contains("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI"),
+        "F12 evidence does not name the container and variable:\n{out}"
+    );
+    ensure!(
+        !out.contains("/v2/credentials/"),
+        "a credentials id leaked into the report:\n{out}"
+    );
+    Ok(())
+}
+
+/// F18: a container with HTTPS_PROXY and a NO_PROXY that misses
+/// 169.254.170.2; the proxy's password never reaches the report.
+fn f18_proxy_without_no_proxy() -> Result<(), Failed> {
+    let mut g = guarded(false)?;
+    proxied_container(&mut g)?;
+    let (code, found, out) = doctor(&g, &[])?;
+    ensure!(
+        code == Some(1) && found == ["F13", "F18"],
+        "expected [F13, F18], got {found:?} (exit {code:?})\n{out}"
+    );
+    ensure!(
+        out.contains("container proxied-app") && out.contains("169.254.170.2 not exempted"),
+        "F18 evidence:\n{out}"
+    );
+    ensure!(!out.contains("secret"), "the proxy password leaked:\n{out}");
+    Ok(())
+}
+
 /// Writes the lab-made fixtures (run on purpose, see main.rs). With
 /// `METAGUARD_FIXTURES=name,name` only those are written.
 pub fn generate_fixtures() -> Result<(), Failed> {
-    type Break = fn(&Guarded) -> Result<(), Failed>;
+    type Break = fn(&mut Guarded) -> Result<(), Failed>;
     let scenarios: &[(&str, bool, &str, Break)] = &[
         ("clean", false, "", |_| Ok(())),
         ("f1-route-localnet-off", false, "F1", |g| {
@@ -615,13 +744,10 @@ pub fn generate_fixtures() -> Result<(), Failed> {
                 "-w -I INPUT -d 127.0.0.0/8 ! -i lo -j DROP",
             )
         }),
-        ("f2-cis-hardened-legacy", true, "F2", cis_legacy),
-        (
-            "f3-accept-in-wrong-backend",
-            false,
-            "F2 F3",
-            accept_in_wrong_backend,
-        ),
+        ("f2-cis-hardened-legacy", true, "F2", |g| cis_legacy(g)),
+        ("f3-accept-in-wrong-backend", false, "F2 F3", |g| {
+            accept_in_wrong_backend(g)
+        }),
         ("f4-docker-user-flushed-nft", false, "F4", |g| {
             sh(&g.lab, Role::Host, "iptables-nft", "-w -F DOCKER-USER")
         }),
@@ -682,6 +808,37 @@ pub fn generate_fixtures() -> Result<(), Failed> {
         ("f14-drop-instead-of-reject-legacy", true, "F14", |g| {
             drop_instead_of_reject(g, true)
         }),
+        ("f13-other-tasks-credentials-nft", false, "F13", with_docker),
+        (
+            "f13-other-tasks-credentials-legacy",
+            true,
+            "F13",
+            with_docker,
+        ),
+        (
+            "f12-credential-variables-denied-nft",
+            false,
+            "F12",
+            deny_task_metadata,
+        ),
+        (
+            "f12-credential-variables-denied-legacy",
+            true,
+            "F12",
+            deny_task_metadata,
+        ),
+        (
+            "f18-proxy-without-no-proxy-nft",
+            false,
+            "F13 F18",
+            proxied_container,
+        ),
+        (
+            "f18-proxy-without-no-proxy-legacy",
+            true,
+            "F13 F18",
+            proxied_container,
+        ),
     ];
     let only = std::env::var("METAGUARD_FIXTURES").ok();
     for (name, legacy, expected, brk) in scenarios {
@@ -691,8 +848,8 @@ pub fn generate_fixtures() -> Result<(), Failed> {
         {
             continue;
         }
-        let g = guarded(*legacy)?;
-        brk(&g)?;
+        let mut g = guarded(*legacy)?;
+        brk(&mut g)?;
         let dir = fixtures_dir().join(name);
         let _ = std::fs::remove_dir_all(&dir);
         let out = g
