@@ -23,6 +23,10 @@
 //!   variables where task metadata is denied), F13 (other tasks'
 //!   credentials within reach), F18 (proxy settings without NO_PROXY for
 //!   the link-local endpoints; also ecs.config and dockerd);
+//! * `imds` — IMDS as `--probe` saw it over HTTP, and the instance's
+//!   metadata options: F16 (a proxy that adds X-Forwarded-For or drops
+//!   the TTL header), F19 (hop limit 1 measured from a bridge), F20
+//!   (IMDSv1 enabled);
 //! * `latency` — blocks that fail slowly: F14 (silent DROP, a TCP reset
 //!   br_netfilter loses).
 
@@ -36,6 +40,7 @@ mod credentials;
 mod evidence;
 mod fix;
 mod guard;
+mod imds;
 mod latency;
 mod localnet;
 #[cfg(test)]
@@ -45,6 +50,7 @@ mod workloads;
 use containers::{f12, f13, f18};
 use credentials::{f1, f10, f2, f3};
 use guard::{f11, f4, f5, f8};
+use imds::{f16, f19, f20};
 use latency::f14;
 use localnet::f17;
 use workloads::{f15, f6, f7, f9};
@@ -83,7 +89,7 @@ const DURABLE: &str = "`metaguard apply` (or the daemon) keeps the guard in a ta
 pub fn check(snap: &Snapshot, flows: &[Flow]) -> Vec<Finding> {
     let ep = Endpoints::of(snap);
     let mut out = Vec::new();
-    let checks: [&dyn Fn() -> Option<Finding>; 17] = [
+    let checks: [&dyn Fn() -> Option<Finding>; 20] = [
         &|| f1(snap, flows),
         &|| f2(snap, flows, &ep),
         &|| f3(snap, flows, &ep),
@@ -99,8 +105,11 @@ pub fn check(snap: &Snapshot, flows: &[Flow]) -> Vec<Finding> {
         &|| f13(snap, flows),
         &|| f14(snap, flows),
         &|| f15(flows),
+        &|| f16(snap, flows),
         &|| f17(snap, flows),
         &|| f18(snap, &ep),
+        &|| f19(snap),
+        &|| f20(snap),
     ];
     for c in checks {
         if let Some(f) = c() {

@@ -20,6 +20,7 @@
 //! | `cgroup.txt` | the cgroup layout (`cgroup2 <mount>` / `v1`) | no |
 //! | `boot.json` | `{"units": {"docker.service": {"before": [], "after": []}, …}, "boothooks_with_imds_rule": []}` | no (F5 is then not judged) |
 //! | `imds-options.json` | the instance's `MetadataOptions` (from `aws ec2 describe-instances`) | no (F9 is then not judged) |
+//! | `probes.json` | `--probe`'s HTTP requests to IMDS from the host's and a bridge's namespace: `{"imds": [{"from", "token_put", "tokenless_get", "connect"}]}` | no (F16, F19, F20's probe part are then not judged) |
 //! | `metaguard.toml` | the metaguard config (intent); absent: the built-in default | no |
 //! | `tasks/<name>/…` | `netns` (the namespace path), `ip-addr.json`, `ip-route.json`, `ip6-route.json`, rulesets as above, of an awsvpc task namespace | no |
 //!
@@ -196,6 +197,43 @@ pub struct ImdsOptions {
     pub ipv6: Option<String>,
 }
 
+/// One HTTP request a probe made (`probes.json`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(default)]
+pub struct HttpProbe {
+    /// `answered`, `timeout`, `refused`, `unreachable` or `error`.
+    pub outcome: String,
+    /// The HTTP status, when answered.
+    pub status: Option<u16>,
+    /// The answer carried `X-aws-ec2-metadata-token-ttl-seconds`.
+    pub ttl_header: bool,
+    /// The start of the answer's body (at most 200 characters; never a
+    /// token: token answers are not kept).
+    pub body: Option<String>,
+}
+
+/// IMDS as seen from one namespace with `--probe` (`probes.json`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(default)]
+pub struct ImdsProbe {
+    /// `host` (doctor's own namespace) or `bridge <name>` (a short-lived
+    /// namespace plugged into the bridge like a container).
+    pub from: String,
+    /// `PUT /latest/api/token` with a TTL header (IMDSv2's first step).
+    pub token_put: Option<HttpProbe>,
+    /// `GET /latest/meta-data/` without a token (IMDSv1).
+    pub tokenless_get: Option<HttpProbe>,
+    /// A plain TCP connect to IMDS port 80: `answered` when it connects.
+    pub connect: Option<String>,
+}
+
+/// What `--probe` observed over HTTP (`probes.json`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(default)]
+pub struct Probes {
+    pub imds: Vec<ImdsProbe>,
+}
+
 /// The whole snapshot.
 #[derive(Debug, Clone)]
 pub struct Snapshot {
@@ -205,6 +243,8 @@ pub struct Snapshot {
     pub cgroup: Option<String>,
     pub boot: Option<Boot>,
     pub imds_options: Option<ImdsOptions>,
+    /// What `--probe` observed over HTTP; `None`: no probe ran.
+    pub probes: Option<Probes>,
     /// The intent: metaguard.toml, or the built-in default.
     pub config: Config,
     pub tasks: Vec<Task>,
@@ -227,6 +267,7 @@ pub const FILES: &[&str] = &[
     "cgroup.txt",
     "boot.json",
     "imds-options.json",
+    "probes.json",
     "metaguard.toml",
 ];
 
@@ -499,6 +540,10 @@ impl Snapshot {
             Some(t) => Some(typed("imds-options.json", t)?),
             None => None,
         };
+        let probes = match files.get("probes.json") {
+            Some(t) => Some(typed("probes.json", t)?),
+            None => None,
+        };
         let config = match files.get("metaguard.toml") {
             Some(t) => Config::parse(t, "metaguard.toml")
                 .map_err(|e| shape("metaguard.toml", e.line, e.message.clone()))?,
@@ -528,6 +573,7 @@ impl Snapshot {
             cgroup: files.get("cgroup.txt").map(|t| t.trim().to_string()),
             boot,
             imds_options,
+            probes,
             config,
             tasks,
         })

@@ -66,9 +66,13 @@ pub fn run(a: &Args<'_>) -> anyhow::Result<ExitCode> {
         bail!("--dry-run shows what --fix would do; give --fix too");
     }
     if let Some(dir) = a.collect {
-        let files = live(a.config, a.docker_socket)?;
+        let mut files = live(a.config, a.docker_socket)?;
         // Parse what was collected, so a snapshot that cannot be read back is never written silently.
-        parse(&files, None)?;
+        let snap = parse(&files, None)?;
+        if a.probe {
+            files.insert("probes.json".into(), probe::http(&snap)?);
+            parse(&files, None)?;
+        }
         collect::write(dir, &files)?;
         eprintln!(
             "metaguard doctor: wrote {} files to {}",
@@ -81,7 +85,13 @@ pub fn run(a: &Args<'_>) -> anyhow::Result<ExitCode> {
         Some(dir) => (collect::read(dir)?, format!("snapshot {}", dir.display())),
         None => (live(a.config, a.docker_socket)?, "this host".to_string()),
     };
-    let snap = parse(&files, a.from)?;
+    let mut snap = parse(&files, a.from)?;
+    if a.probe && !a.fix {
+        // IMDS over HTTP from this namespace and a bridge's (F16, F19, F20).
+        let mut files = files;
+        files.insert("probes.json".into(), probe::http(&snap)?);
+        snap = parse(&files, None)?;
+    }
     let report = analyze(&snap, &source);
     let color =
         !a.json && std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();

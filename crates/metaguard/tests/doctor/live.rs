@@ -3,6 +3,7 @@
 //! touches the root network namespace.
 
 use libtest_mimic::Failed;
+use metaguard_lab::imds::TokenMode;
 use metaguard_lab::matrix::{Matrix, Target, Verdict};
 use metaguard_lab::topology::Role;
 use metaguard_lab::{Lab, LabOptions, Workload};
@@ -70,6 +71,17 @@ pub const TESTS: &[(&str, bool, crate::TestFn)] = &[
         "live::f18_proxy_without_no_proxy",
         true,
         f18_proxy_without_no_proxy,
+    ),
+    ("live::f20_imdsv1_enabled", true, f20_imdsv1_enabled),
+    (
+        "live::f19_hop_limit_1_measured_from_a_bridge",
+        true,
+        f19_hop_limit_1_measured_from_a_bridge,
+    ),
+    (
+        "live::f16_proxy_adds_x_forwarded_for",
+        true,
+        f16_proxy_adds_x_forwarded_for,
     ),
 ];
 
@@ -272,6 +284,8 @@ fn cycle_in_lab(
 
 fn clean_lab_reports_clean() -> Result<(), Failed> {
     let g = guarded(false)?;
+    // IMDSv2 only (the lab's IMDS answers v1 too by default: F20).
+    g.lab.imds().set_token_mode(TokenMode::Required);
     let (code, found, out) = doctor(&g, &[])?;
     ensure!(code == Some(0) && found.is_empty(), "{found:?}\n{out}");
     // --probe from a short-lived namespace on docker0 agrees with the static verdicts.
@@ -721,6 +735,180 @@ fn f18_proxy_without_no_proxy() -> Result<(), Failed> {
     Ok(())
 }
 
+/// F20: the lab's IMDS answers tokenless requests; `--probe` sees a
+/// tokenless GET answered 200 from the host's namespace. Requiring tokens
+/// (what `aws ec2 modify-instance-metadata-options --http-tokens required`
+/// does) clears it. Without `--probe` nothing is sent and nothing is named.
+fn f20_imdsv1_enabled() -> Result<(), Failed> {
+    let g = guarded(false)?;
+    let (code, found, out) = doctor(&g, &[])?;
+    ensure!(code == Some(0) && found.is_empty(), "{found:?}\n{out}");
+    let (code, found, out) = doctor(&g, &["--probe"])?;
+    ensure!(
+        code == Some(1) && found == ["F20"],
+        "expected [F20], got {found:?} (exit {code:?})\n{out}"
+    );
+    ensure!(
+        out.contains("from host: GET /latest/meta-data/ without a token answered 200"),
+        "F20 evidence:\n{out}"
+    );
+    g.lab.imds().set_token_mode(TokenMode::Required);
+    let (code, found, out) = doctor(&g, &["--probe"])?;
+    ensure!(
+        code == Some(0) && found.is_empty(),
+        "after requiring tokens: {found:?}\n{out}"
+    );
+    Ok(())
+}
+
+/// Bridge containers allowed IMDS (no DOCKER-USER rule, a config that
+/// allows it), tokens required.
+fn bridge_allowed_imds(g: &Guarded, legacy: bool) -> Result<(), Failed> {
+    let (v4, v6) = if legacy {
+        ("iptables-legacy", "ip6tables-legacy")
+    } else {
+        ("iptables", "ip6tables")
+    };
+    let toml = "[[workload]]\nname = \"bridge-containers\"\nbridges = [\"docker0\", \"br-*\", \"ecs-bridge\"]\nimds = \"allow\"\ntask_metadata = \"allow\"\n";
+    g.lab
+        .write_file("doctor.toml", toml)
+        .map_err(|e| e.to_string())?;
+    sh(&g.lab, Role::Host, v4, "-w -F DOCKER-USER")?;
+    sh(&g.lab, Role::Host, v6, "-w -F DOCKER-USER")?;
+    g.lab.imds().set_token_mode(TokenMode::Required);
+    Ok(())
+}
+
+/// F19: hop limit 1 with bridge containers allowed IMDS: from the host the
+/// token PUT is answered; from a namespace on docker0 it gets nothing
+/// while a connection to IMDS works. A hop limit of 2 clears it.
+fn f19_hop_limit_1_measured_from_a_bridge() -> Result<(), Failed> {
+    let g = guarded(false)?;
+    bridge_allowed_imds(&g, false)?;
+    let (code, found, out) = doctor(&g, &["--probe"])?;
+    ensure!(
+        found.is_empty(),
+        "hop limit 2: expected nothing, got {found:?} (exit {code:?})\n{out}"
+    );
+    g.lab.imds().set_put_response_hop_limit(1);
+    let (code, found, out) = doctor(&g, &["--probe"])?;
+    ensure!(
+        code == Some(1) && found == ["F19"],
+        "hop limit 1: expected [F19], got {found:?} (exit {code:?})\n{out}"
+    );
+    g.lab.imds().set_put_response_hop_limit(2);
+    let (_, found, out) = doctor(&g, &["--probe"])?;
+    ensure!(found.is_empty(), "hop limit 2 again: {found:?}\n{out}");
+    Ok(())
+}
+
+/// A proxy on the lab host (172.17.0.1:8181, in the lab's host namespace)
+/// that adds `X-Forwarded-For` to every request it passes to IMDS — the
+/// F16 breakage. Runs until the lab's namespace goes away (bounded: one
+/// thread per connection, the test makes a handful).
+fn start_xff_proxy(g: &Guarded) -> Result<(), Failed> {
+    use std::io::{Read as _, Write as _};
+    let listener = g
+        .lab
+        .netns(Role::Host)
+        .spawn_thread("xff-proxy-bind", || {
+            std::net::TcpListener::bind("172.17.0.1:8181")
+        })
+        .map_err(|e| e.to_string())?
+        .join()
+        .map_err(|_| "bind thread panicked")??;
+    // Threads started by a thread inside the lab's host namespace are in
+    // it too: the upstream connections leave from there.
+    g.lab
+        .netns(Role::Host)
+        .spawn_thread("xff-proxy", move || {
+            for conn in listener.incoming().take(16) {
+                let Ok(mut client) = conn else { continue };
+                let peer = client
+                    .peer_addr()
+                    .map(|a| a.ip().to_string())
+                    .unwrap_or_default();
+                std::thread::spawn(move || {
+                    let mut head = Vec::new();
+                    let mut b = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") && head.len() < 16384 {
+                        match client.read(&mut b) {
+                            Ok(1) => head.push(b[0]),
+                            _ => return,
+                        }
+                    }
+                    let text = String::from_utf8_lossy(&head).into_owned();
+                    let Some((first, rest)) = text.split_once("\r\n") else {
+                        return;
+                    };
+                    let req = format!(
+                        "{first}\r\nX-Forwarded-For: {peer}\r\nConnection: close\r\n{rest}"
+                    );
+                    let Ok(mut up) = std::net::TcpStream::connect("169.254.169.254:80") else {
+                        return;
+                    };
+                    if up.write_all(req.as_bytes()).is_err() {
+                        return;
+                    }
+                    let mut answer = Vec::new();
+                    let _ = up.read_to_end(&mut answer);
+                    let _ = client.write_all(&answer);
+                });
+            }
+        })
+        .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// The DNAT of bridge containers' IMDS requests to the XFF proxy.
+const XFF_DNAT: &str = "-t nat -I PREROUTING 1 -i docker0 -d 169.254.169.254/32 -p tcp -m tcp --dport 80 -j DNAT --to-destination 172.17.0.1:8181";
+
+/// Tokens required, the XFF proxy started and bridge containers' IMDS
+/// requests DNATed to it (in `legacy`'s iptables).
+fn behind_xff_proxy(g: &Guarded, legacy: bool) -> Result<(), Failed> {
+    g.lab.imds().set_token_mode(TokenMode::Required);
+    start_xff_proxy(g)?;
+    let v4 = if legacy {
+        "iptables-legacy"
+    } else {
+        "iptables"
+    };
+    sh(&g.lab, Role::Host, v4, &format!("-w {XFF_DNAT}"))
+}
+
+/// F16: bridge containers' IMDS requests DNATed to a proxy that adds
+/// X-Forwarded-For: from a namespace on docker0 the token PUT is refused
+/// (403). Doctor names F16 (and F15, the IP-keyed proxy); without the
+/// proxy (DNAT removed) nothing is named.
+fn f16_proxy_adds_x_forwarded_for() -> Result<(), Failed> {
+    let g = guarded(false)?;
+    behind_xff_proxy(&g, false)?;
+    let (code, found, out) = doctor(&g, &["--probe"])?;
+    ensure!(
+        code == Some(1) && found == ["F15", "F16"],
+        "expected [F15, F16], got {found:?} (exit {code:?})\n{out}"
+    );
+    ensure!(
+        out.contains("from bridge docker0: PUT /latest/api/token answered 403"),
+        "F16 evidence:\n{out}"
+    );
+    sh(
+        &g.lab,
+        Role::Host,
+        "iptables",
+        &format!(
+            "-w {}",
+            XFF_DNAT.replace("-I PREROUTING 1", "-D PREROUTING")
+        ),
+    )?;
+    let (code, found, out) = doctor(&g, &["--probe"])?;
+    ensure!(
+        code == Some(0) && found.is_empty(),
+        "without the proxy: {found:?}\n{out}"
+    );
+    Ok(())
+}
+
 /// Writes the lab-made fixtures (run on purpose, see main.rs). With
 /// `METAGUARD_FIXTURES=name,name` only those are written.
 pub fn generate_fixtures() -> Result<(), Failed> {
@@ -839,6 +1027,24 @@ pub fn generate_fixtures() -> Result<(), Failed> {
             "F13 F18",
             proxied_container,
         ),
+        ("f20-imdsv1-enabled-probed-nft", false, "F20", |_| Ok(())),
+        ("f20-imdsv1-enabled-probed-legacy", true, "F20", |_| Ok(())),
+        ("f19-hop-limit-1-probed-nft", false, "F19", |g| {
+            bridge_allowed_imds(g, false)?;
+            g.lab.imds().set_put_response_hop_limit(1);
+            Ok(())
+        }),
+        ("f19-hop-limit-1-probed-legacy", true, "F19", |g| {
+            bridge_allowed_imds(g, true)?;
+            g.lab.imds().set_put_response_hop_limit(1);
+            Ok(())
+        }),
+        ("f16-proxy-adds-xff-probed-nft", false, "F15 F16", |g| {
+            behind_xff_proxy(g, false)
+        }),
+        ("f16-proxy-adds-xff-probed-legacy", true, "F15 F16", |g| {
+            behind_xff_proxy(g, true)
+        }),
     ];
     let only = std::env::var("METAGUARD_FIXTURES").ok();
     for (name, legacy, expected, brk) in scenarios {
@@ -852,16 +1058,13 @@ pub fn generate_fixtures() -> Result<(), Failed> {
         brk(&mut g)?;
         let dir = fixtures_dir().join(name);
         let _ = std::fs::remove_dir_all(&dir);
-        let out = g
-            .lab
-            .metaguard(&[
-                "doctor",
-                "--collect",
-                &dir.display().to_string(),
-                "--config",
-                &g.config,
-            ])
-            .map_err(|e| e.to_string())?;
+        let dir_arg = dir.display().to_string();
+        let mut args = vec!["doctor", "--collect", &dir_arg, "--config", &g.config];
+        // `*-probed-*` fixtures hold what --probe saw (probes.json).
+        if name.contains("-probed-") {
+            args.push("--probe");
+        }
+        let out = g.lab.metaguard(&args).map_err(|e| e.to_string())?;
         ensure!(
             out.status.success(),
             "collect {name}: {}",

@@ -27,6 +27,7 @@ fn snapshot(host: NetState) -> Snapshot {
         cgroup: None,
         boot: None,
         imds_options: None,
+        probes: None,
         config: Config::builtin_default(),
         tasks: Vec::new(),
     }

@@ -28,6 +28,7 @@ fn snapshot(mut host: NetState, route_localnet: &str) -> Snapshot {
         cgroup: None,
         boot: None,
         imds_options: None,
+        probes: None,
         config: Config::builtin_default(),
         tasks: Vec::new(),
     }
