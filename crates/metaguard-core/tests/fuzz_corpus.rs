@@ -109,6 +109,7 @@ fn seeds(target: &str) -> Vec<(String, Vec<u8>)> {
                 }
             }
         }
+        "ethtool" => from_cases(&|f| f == "ethtool-stats.txt"),
         "iptables_save" => from_cases(&|f| f.ends_with("save.txt")),
         "nft_json" => from_cases(&|f| f == "nft-ruleset.json"),
         "snapshot" => {
@@ -165,6 +166,11 @@ fn every_target_has_a_test() {
 #[test]
 fn seeds_config() {
     run("config");
+}
+
+#[test]
+fn seeds_ethtool() {
+    run("ethtool");
 }
 
 #[test]

@@ -2,6 +2,7 @@
 //! packet paths that matter, and turn failure-modes.md into findings.
 //!
 //! * [`env`] — credential and proxy variables, and what a snapshot keeps of an environment;
+//! * [`ethtool`] — `ethtool -S` of ENA interfaces (the link-local allowance);
 //! * [`iptables_save`] — a parser of the iptables-save grammar (file:line errors);
 //! * [`nft`] — the nft JSON model;
 //! * [`snapshot`] — the snapshot's typed form (files → [`snapshot::Snapshot`]);
@@ -12,6 +13,7 @@
 //! No I/O: the binary collects the snapshot, applies fixes and probes.
 
 pub mod env;
+pub mod ethtool;
 pub mod findings;
 pub mod iptables_save;
 pub mod nft;

@@ -21,6 +21,7 @@
 //! | `boot.json` | `{"units": {"docker.service": {"before": [], "after": []}, …}, "boothooks_with_imds_rule": []}` | no (F5 is then not judged) |
 //! | `imds-options.json` | the instance's `MetadataOptions` (from `aws ec2 describe-instances`) | no (F9 is then not judged) |
 //! | `probes.json` | `--probe`'s HTTP requests to IMDS from the host's and a bridge's namespace: `{"imds": [{"from", "token_put", "tokenless_get", "connect"}]}` | no (F16, F19, F20's probe part are then not judged) |
+//! | `ethtool-stats.txt` | `ethtool -S` of each ENA interface, after a `# ethtool -S IFACE (driver ena)` line ([`super::ethtool`]) | no (F21 is then not judged) |
 //! | `metaguard.toml` | the metaguard config (intent); absent: the built-in default | no |
 //! | `tasks/<name>/…` | `netns` (the namespace path), `ip-addr.json`, `ip-route.json`, `ip6-route.json`, rulesets as above, of an awsvpc task namespace | no |
 //!
@@ -245,6 +246,8 @@ pub struct Snapshot {
     pub imds_options: Option<ImdsOptions>,
     /// What `--probe` observed over HTTP; `None`: no probe ran.
     pub probes: Option<Probes>,
+    /// `ethtool -S` of the ENA interfaces (`ethtool-stats.txt`).
+    pub ethtool: BTreeMap<String, super::ethtool::Stats>,
     /// The intent: metaguard.toml, or the built-in default.
     pub config: Config,
     pub tasks: Vec<Task>,
@@ -268,6 +271,7 @@ pub const FILES: &[&str] = &[
     "boot.json",
     "imds-options.json",
     "probes.json",
+    "ethtool-stats.txt",
     "metaguard.toml",
 ];
 
@@ -544,6 +548,11 @@ impl Snapshot {
             Some(t) => Some(typed("probes.json", t)?),
             None => None,
         };
+        let ethtool = match files.get("ethtool-stats.txt") {
+            Some(t) => super::ethtool::parse(t)
+                .map_err(|e| shape("ethtool-stats.txt", e.line, e.message))?,
+            None => BTreeMap::new(),
+        };
         let config = match files.get("metaguard.toml") {
             Some(t) => Config::parse(t, "metaguard.toml")
                 .map_err(|e| shape("metaguard.toml", e.line, e.message.clone()))?,
@@ -574,6 +583,7 @@ impl Snapshot {
             boot,
             imds_options,
             probes,
+            ethtool,
             config,
             tasks,
         })

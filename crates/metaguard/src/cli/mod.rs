@@ -122,7 +122,7 @@ enum Command {
     },
     /// Exit 0 when containers may start: metaguard's daemon is ready, or its unit is not enabled.
     Gate,
-    /// Diagnose this host for the known failure modes (F1–F11, F15, F17 so far).
+    /// Diagnose this host for the known failure modes (F1–F23, docs/doctor.md).
     Doctor {
         /// Print the findings as JSON.
         #[arg(long)]

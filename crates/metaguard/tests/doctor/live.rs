@@ -83,6 +83,11 @@ pub const TESTS: &[(&str, bool, crate::TestFn)] = &[
         true,
         f16_proxy_adds_x_forwarded_for,
     ),
+    (
+        "live::f23_table_from_another_version",
+        true,
+        f23_table_from_another_version,
+    ),
 ];
 
 /// The F17 guard a careful operator adds on a host ecs-init set up: drop
@@ -909,6 +914,97 @@ fn f16_proxy_adds_x_forwarded_for() -> Result<(), Failed> {
     Ok(())
 }
 
+/// `metaguard apply` with the lab's doctor config (in the lab's host
+/// namespace, as every lab command).
+fn apply(g: &Guarded) -> Result<(), Failed> {
+    let out = g
+        .lab
+        .metaguard(&["apply", "--config", &g.config])
+        .map_err(|e| e.to_string())?;
+    ensure!(
+        out.status.success(),
+        "metaguard apply: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// An `inet metaguard` table as an older metaguard left it: applied, then
+/// a chain this version does not render added (a stand-in for a renamed
+/// chain).
+fn table_from_another_version(g: &mut Guarded) -> Result<(), Failed> {
+    apply(g)?;
+    sh(
+        &g.lab,
+        Role::Host,
+        "nft",
+        "add chain inet metaguard imds_guard_v0",
+    )
+}
+
+/// F23: doctor is silent on the table this version applied, names F23
+/// once the table holds a chain this version does not render, and is
+/// silent again after `metaguard apply` replaced it.
+fn f23_table_from_another_version() -> Result<(), Failed> {
+    let mut g = guarded(false)?;
+    apply(&g)?;
+    let (code, found, out) = doctor(&g, &[])?;
+    ensure!(
+        code == Some(0) && found.is_empty(),
+        "after apply: {found:?}\n{out}"
+    );
+    table_from_another_version(&mut g)?;
+    let (code, found, out) = doctor(&g, &[])?;
+    ensure!(
+        code == Some(1) && found == ["F23"],
+        "expected [F23], got {found:?} (exit {code:?})\n{out}"
+    );
+    ensure!(out.contains("imds_guard_v0"), "F23 evidence:\n{out}");
+    apply(&g)?;
+    let (code, found, out) = doctor(&g, &[])?;
+    ensure!(
+        code == Some(0) && found.is_empty(),
+        "after apply again: {found:?}\n{out}"
+    );
+    Ok(())
+}
+
+/// `ethtool -S` of an ENA interface (c6i) whose link-local allowance was
+/// exceeded — the lab has no ENA device, so F21's fixtures carry this text.
+const ENA_STATS: &str = "# ethtool -S ens5 (driver ena)
+NIC statistics:
+     tx_timeout: 0
+     suspend: 0
+     resume: 0
+     wd_expired: 0
+     interface_up: 1
+     interface_down: 0
+     admin_q_pause: 0
+     bw_in_allowance_exceeded: 0
+     bw_out_allowance_exceeded: 0
+     pps_allowance_exceeded: 0
+     conntrack_allowance_exceeded: 0
+     linklocal_allowance_exceeded: 1873
+     queue_0_tx_cnt: 918273
+     queue_0_rx_cnt: 1203948
+";
+
+/// Edits a fixture after collection: what the lab cannot produce.
+fn post_collect(name: &str, dir: &std::path::Path) -> Result<(), Failed> {
+    if name.starts_with("f21-") {
+        std::fs::write(dir.join("ethtool-stats.txt"), ENA_STATS)?;
+    }
+    if name.starts_with("f22-") {
+        // dockerd running with "iptables": false in daemon.json (there is
+        // no dockerd in the lab).
+        let p = dir.join("docker.json");
+        let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p)?)?;
+        v["daemon"] = serde_json::json!({"running": true, "iptables": false, "ip6tables": null, "bridge": null, "env": {}, "env_source": "/proc/812/environ"});
+        std::fs::write(&p, serde_json::to_string_pretty(&v)? + "\n")?;
+    }
+    Ok(())
+}
+
 /// Writes the lab-made fixtures (run on purpose, see main.rs). With
 /// `METAGUARD_FIXTURES=name,name` only those are written.
 pub fn generate_fixtures() -> Result<(), Failed> {
@@ -1027,6 +1123,22 @@ pub fn generate_fixtures() -> Result<(), Failed> {
             "F13 F18",
             proxied_container,
         ),
+        ("f21-linklocal-allowance-nft", false, "F21", |_| Ok(())),
+        ("f21-linklocal-allowance-legacy", true, "F21", |_| Ok(())),
+        ("f22-docker-firewall-off-nft", false, "F22", |_| Ok(())),
+        ("f22-docker-firewall-off-legacy", true, "F22", |_| Ok(())),
+        (
+            "f23-table-from-another-version-nft",
+            false,
+            "F23",
+            table_from_another_version,
+        ),
+        (
+            "f23-table-from-another-version-legacy",
+            true,
+            "F23",
+            table_from_another_version,
+        ),
         ("f20-imdsv1-enabled-probed-nft", false, "F20", |_| Ok(())),
         ("f20-imdsv1-enabled-probed-legacy", true, "F20", |_| Ok(())),
         ("f19-hop-limit-1-probed-nft", false, "F19", |g| {
@@ -1070,6 +1182,7 @@ pub fn generate_fixtures() -> Result<(), Failed> {
             "collect {name}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        post_collect(name, &dir)?;
         std::fs::write(dir.join("expected"), format!("{expected}\n"))?;
         eprintln!("wrote {}", dir.display());
     }

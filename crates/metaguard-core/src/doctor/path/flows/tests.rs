@@ -28,6 +28,7 @@ fn snapshot(host: NetState) -> Snapshot {
         boot: None,
         imds_options: None,
         probes: None,
+        ethtool: Default::default(),
         config: Config::builtin_default(),
         tasks: Vec::new(),
     }

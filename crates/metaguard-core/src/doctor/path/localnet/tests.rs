@@ -29,6 +29,7 @@ fn snapshot(mut host: NetState, route_localnet: &str) -> Snapshot {
         boot: None,
         imds_options: None,
         probes: None,
+        ethtool: Default::default(),
         config: Config::builtin_default(),
         tasks: Vec::new(),
     }
