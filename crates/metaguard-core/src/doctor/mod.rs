@@ -8,7 +8,8 @@
 //! * [`snapshot`] — the snapshot's typed form (files → [`snapshot::Snapshot`]);
 //! * [`path`] — packet-path evaluation of every (workload, endpoint) flow;
 //! * [`findings`] — one check per failure mode, with evidence and fix;
-//! * [`report`] — the report, its JSON schema and the human rendering.
+//! * [`report`] — the report, its JSON schema and the human rendering;
+//! * [`merge`] — many hosts' JSON reports into one host × finding table (`--merge`).
 //!
 //! No I/O: the binary collects the snapshot, applies fixes and probes.
 
@@ -16,6 +17,7 @@ pub mod env;
 pub mod ethtool;
 pub mod findings;
 pub mod iptables_save;
+pub mod merge;
 pub mod nft;
 pub mod path;
 pub mod report;

@@ -28,6 +28,7 @@ pub const TARGETS: &[(&str, Property)] = &[
     ("config", config),
     ("ethtool", ethtool),
     ("iptables_save", iptables_save),
+    ("merge", merge),
     ("nft_json", nft_json),
     ("proxy_target", proxy_target),
     ("snapshot", snapshot),
@@ -138,6 +139,42 @@ pub fn ethtool(data: &[u8]) {
             let again = metaguard_core::doctor::ethtool::parse(&printed)
                 .unwrap_or_else(|e| panic!("printed stats do not parse: {e}\n{printed}"));
             assert_eq!(again, stats, "parse → print → parse changed\n{printed}");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// doctor --merge input: a host's `doctor --json` report.
+
+pub fn merge(data: &[u8]) {
+    use metaguard_core::doctor::merge as m;
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    match m::parse_report("fuzz.json", text) {
+        Err(e) => {
+            assert!(
+                e.line >= 1 && e.line <= line_count(text) + 1 && e.column >= 1,
+                "error position {}:{} outside the text's {} lines",
+                e.line,
+                e.column,
+                line_count(text)
+            );
+            assert!(e.to_string().starts_with("fuzz.json:"), "{e}");
+        }
+        Ok(r) => {
+            assert_eq!(r.ok, r.findings.is_empty());
+            // Parsing is a function of the text; merging one host twice
+            // keeps every finding once per host.
+            assert_eq!(m::parse_report("fuzz.json", text).ok(), Some(r.clone()));
+            let merged = m::merge(vec![r.clone(), r.clone()]);
+            assert_eq!(merged.ok, r.ok);
+            for f in &merged.findings {
+                assert_eq!(f.hosts.len(), 1, "{f:?}");
+            }
+            let _ = merged.human();
+            let json = serde_json::to_string(&merged).unwrap();
+            let _: Value = serde_json::from_str(&json).unwrap();
         }
     }
 }

@@ -1,5 +1,6 @@
 //! `metaguard doctor [--json] [--fix [--dry-run]] [--probe] [--from DIR | --collect DIR]`:
-//! diagnose this host (or a snapshot) for the known failure modes.
+//! diagnose this host (or a snapshot) for the known failure modes;
+//! `metaguard doctor --merge FILE… [--json]`: many hosts' reports as one table.
 //!
 //! Exit codes: 0 no findings · 1 findings (after `--fix`: findings left, or a new
 //! id appeared) · 2 bad input (a snapshot file names its line), usage or permission error.
@@ -24,6 +25,8 @@ pub struct Args<'a> {
     pub probe: bool,
     pub from: Option<&'a Path>,
     pub collect: Option<&'a Path>,
+    /// `doctor --json` outputs to merge (empty: no merge).
+    pub merge: &'a [PathBuf],
     pub config: &'a ConfigArg,
     /// The BPF layer's pin directory (its state is shown for this host).
     pub bpf_pin_dir: &'a Path,
@@ -58,7 +61,41 @@ fn parse(
     })
 }
 
+/// This host's name (the UTS namespace's), for `--merge`.
+fn hostname() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+}
+
+/// `--merge FILE…`: one host × finding table; exit 1 when a host has
+/// findings, 2 when a file is not a doctor report (`FILE:LINE:COLUMN`).
+fn merge(files: &[PathBuf], json: bool) -> anyhow::Result<ExitCode> {
+    use metaguard_core::doctor::merge;
+    let mut hosts = Vec::new();
+    for f in files {
+        let name = f.display().to_string();
+        let text = std::fs::read_to_string(f).with_context(|| format!("cannot read {name}"))?;
+        hosts.push(merge::parse_report(&name, &text)?);
+    }
+    let m = merge::merge(hosts);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&m)?);
+    } else {
+        print!("{}", m.human());
+    }
+    Ok(if m.ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_PROBLEMS)
+    })
+}
+
 pub fn run(a: &Args<'_>) -> anyhow::Result<ExitCode> {
+    if !a.merge.is_empty() {
+        return merge(a.merge, a.json);
+    }
     if a.from.is_some() && (a.fix || a.probe || a.collect.is_some()) {
         bail!("--from analyses a snapshot; --fix, --probe and --collect act on this host and cannot be combined with it");
     }
@@ -92,7 +129,10 @@ pub fn run(a: &Args<'_>) -> anyhow::Result<ExitCode> {
         files.insert("probes.json".into(), probe::http(&snap)?);
         snap = parse(&files, None)?;
     }
-    let report = analyze(&snap, &source);
+    let mut report = analyze(&snap, &source);
+    if a.from.is_none() {
+        report.host = hostname();
+    }
     let color =
         !a.json && std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     if !a.fix {
@@ -147,7 +187,8 @@ pub fn run(a: &Args<'_>) -> anyhow::Result<ExitCode> {
         done.push(act.shell());
     }
     let after_files = live(a.config, a.docker_socket)?;
-    let after = analyze(&parse(&after_files, None)?, &source);
+    let mut after = analyze(&parse(&after_files, None)?, &source);
+    after.host = report.host.clone();
     // A fix must never open another failure mode: the ids that appeared.
     let opened = new_findings(&report, &after);
     if a.json {

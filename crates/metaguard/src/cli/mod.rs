@@ -142,6 +142,9 @@ enum Command {
         /// Write this host's snapshot to DIR and exit.
         #[arg(long, value_name = "DIR", conflicts_with = "from")]
         collect: Option<PathBuf>,
+        /// Merge several hosts' `doctor --json` outputs into one host × finding table.
+        #[arg(long, value_name = "FILE", num_args = 1.., conflicts_with_all = ["from", "collect", "fix", "probe"])]
+        merge: Vec<PathBuf>,
         #[command(flatten)]
         config: ConfigArg,
     },
@@ -240,6 +243,7 @@ pub fn main() -> ExitCode {
             probe,
             from,
             collect,
+            merge,
             config,
         } => doctor::run(&doctor::Args {
             json,
@@ -248,6 +252,7 @@ pub fn main() -> ExitCode {
             probe,
             from: from.as_deref(),
             collect: collect.as_deref(),
+            merge: &merge,
             config: &config,
             bpf_pin_dir: &cli.bpf_pin_dir,
             docker_socket: &cli.docker_socket,
