@@ -109,8 +109,19 @@ fn seeds(target: &str) -> Vec<(String, Vec<u8>)> {
                 }
             }
         }
+        "ethtool" => from_cases(&|f| f == "ethtool-stats.txt"),
         "iptables_save" => from_cases(&|f| f.ends_with("save.txt")),
         "nft_json" => from_cases(&|f| f == "nft-ruleset.json"),
+        "merge" => {
+            // Each fixture's report, as `doctor --from DIR --json` writes it.
+            let snaps = repo().join("crates/metaguard/tests/doctor/snapshots");
+            for (rel, text) in tree(&snaps) {
+                if rel.ends_with(".json.snap") {
+                    let body = text.splitn(3, "---\n").nth(2).unwrap_or("").to_string();
+                    out.push((rel.replace(".json.snap", ".json"), body.into_bytes()));
+                }
+            }
+        }
         "snapshot" => {
             for case in &cases {
                 let packed = props::pack(&tree(case));
@@ -168,8 +179,18 @@ fn seeds_config() {
 }
 
 #[test]
+fn seeds_ethtool() {
+    run("ethtool");
+}
+
+#[test]
 fn seeds_iptables_save() {
     run("iptables_save");
+}
+
+#[test]
+fn seeds_merge() {
+    run("merge");
 }
 
 #[test]

@@ -21,6 +21,7 @@ pub const SEARCH_DIRS: [&str; 4] = ["/usr/sbin", "/sbin", "/usr/bin", "/bin"];
 const PACKAGES: &[(&str, &str)] = &[
     ("nft", "nftables"),
     ("conntrack", "conntrack"),
+    ("ethtool", "ethtool"),
     ("ip", "iproute2"),
     ("iptables", "iptables"),
     ("iptables-save", "iptables"),

@@ -18,24 +18,45 @@
 //!   apart: F6 (awsvpc), F7 (host network), F9 (hop limit), F15 (IP-keyed
 //!   proxy);
 //! * `localnet` — the route_localnet reach-around: F17, and the guard
-//!   F1's fix puts in first so that it never opens F17.
+//!   F1's fix puts in first so that it never opens F17;
+//! * `containers` — what containers carry (Docker API): F12 (credential
+//!   variables where task metadata is denied), F13 (other tasks'
+//!   credentials within reach), F18 (proxy settings without NO_PROXY for
+//!   the link-local endpoints; also ecs.config and dockerd);
+//! * `host` — the host around the rules: F21 (ENA link-local allowance
+//!   exceeded), F22 (Docker's firewall off), F23 (metaguard's table from
+//!   another version);
+//! * `imds` — IMDS as `--probe` saw it over HTTP, and the instance's
+//!   metadata options: F16 (a proxy that adds X-Forwarded-For or drops
+//!   the TTL header), F19 (hop limit 1 measured from a bridge), F20
+//!   (IMDSv1 enabled);
+//! * `latency` — blocks that fail slowly: F14 (silent DROP, a TCP reset
+//!   br_netfilter loses).
 
 use serde::Serialize;
 
 use super::path::{Endpoints, Flow};
 use super::snapshot::Snapshot;
 
+mod containers;
 mod credentials;
 mod evidence;
 mod fix;
 mod guard;
+mod host;
+mod imds;
+mod latency;
 mod localnet;
 #[cfg(test)]
 mod tests;
 mod workloads;
 
+use containers::{f12, f13, f18};
 use credentials::{f1, f10, f2, f3};
 use guard::{f11, f4, f5, f8};
+use host::{f21, f22, f23};
+use imds::{f16, f19, f20};
+use latency::f14;
 use localnet::f17;
 use workloads::{f15, f6, f7, f9};
 
@@ -73,7 +94,7 @@ const DURABLE: &str = "`metaguard apply` (or the daemon) keeps the guard in a ta
 pub fn check(snap: &Snapshot, flows: &[Flow]) -> Vec<Finding> {
     let ep = Endpoints::of(snap);
     let mut out = Vec::new();
-    let checks: [&dyn Fn() -> Option<Finding>; 13] = [
+    let checks: [&dyn Fn() -> Option<Finding>; 23] = [
         &|| f1(snap, flows),
         &|| f2(snap, flows, &ep),
         &|| f3(snap, flows, &ep),
@@ -85,8 +106,18 @@ pub fn check(snap: &Snapshot, flows: &[Flow]) -> Vec<Finding> {
         &|| f9(snap, flows),
         &|| f10(snap, &ep),
         &|| f11(flows, &ep),
+        &|| f12(snap),
+        &|| f13(snap, flows),
+        &|| f14(snap, flows),
         &|| f15(flows),
+        &|| f16(snap, flows),
         &|| f17(snap, flows),
+        &|| f18(snap, &ep),
+        &|| f19(snap),
+        &|| f20(snap),
+        &|| f21(snap),
+        &|| f22(snap),
+        &|| f23(snap),
     ];
     for c in checks {
         if let Some(f) = c() {

@@ -28,6 +28,9 @@ pub struct Report {
     pub schema: &'static str,
     /// What was analysed (`this host` or the snapshot directory).
     pub source: String,
+    /// The host's name, on a live run (`--merge` keys hosts by it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
     /// No findings.
     pub ok: bool,
     pub findings: Vec<Finding>,
@@ -84,6 +87,7 @@ pub fn analyze(snap: &Snapshot, source: &str) -> Report {
     Report {
         schema: SCHEMA,
         source: source.to_string(),
+        host: None,
         ok: findings.is_empty(),
         findings,
         flows,

@@ -16,10 +16,12 @@
 //! | `iptables-nft-save.txt`, `ip6tables-nft-save.txt` | `iptables-nft-save`, `ip6tables-nft-save` | no |
 //! | `nft-ruleset.json` | `nft -j list ruleset` | no |
 //! | `ecs.config` | `/etc/ecs/ecs.config` | no |
-//! | `docker.json` | `{"host_network_containers": [{"name", "cgroup"}], "agent_cgroup", "published": [{"host_ip", "host_port", "container_port", "container"}]}` | no |
+//! | `docker.json` | `{"host_network_containers": [{"name", "cgroup"}], "agent_cgroup", "published": [{"host_ip", "host_port", "container_port", "container"}], "containers": [{"name", "network_mode", "labels", "cgroup", "netns", "env": {NAME: null \| proxy value}}], "daemon": {"running", "iptables", "ip6tables", "bridge", "env", "env_source"}}` | no |
 //! | `cgroup.txt` | the cgroup layout (`cgroup2 <mount>` / `v1`) | no |
 //! | `boot.json` | `{"units": {"docker.service": {"before": [], "after": []}, …}, "boothooks_with_imds_rule": []}` | no (F5 is then not judged) |
 //! | `imds-options.json` | the instance's `MetadataOptions` (from `aws ec2 describe-instances`) | no (F9 is then not judged) |
+//! | `probes.json` | `--probe`'s HTTP requests to IMDS from the host's and a bridge's namespace: `{"imds": [{"from", "token_put", "tokenless_get", "connect"}]}` | no (F16, F19, F20's probe part are then not judged) |
+//! | `ethtool-stats.txt` | `ethtool -S` of each ENA interface, after a `# ethtool -S IFACE (driver ena)` line ([`super::ethtool`]) | no (F21 is then not judged) |
 //! | `metaguard.toml` | the metaguard config (intent); absent: the built-in default | no |
 //! | `tasks/<name>/…` | `netns` (the namespace path), `ip-addr.json`, `ip-route.json`, `ip6-route.json`, rulesets as above, of an awsvpc task namespace | no |
 //!
@@ -115,12 +117,55 @@ pub struct HostNetContainer {
     pub cgroup: String,
 }
 
+/// A running container, as the Docker API inspects it (`docker.json`
+/// `containers`). Only the environment's *names* are kept, except the
+/// proxy settings (`HTTP_PROXY`, `NO_PROXY`, …), whose values are kept
+/// with any `user:password@` removed: a snapshot carries no secret.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(default)]
+pub struct DockerContainer {
+    pub name: String,
+    /// `bridge`, `host`, `none`, `container:<id>`, or a network's name.
+    pub network_mode: String,
+    pub labels: BTreeMap<String, String>,
+    /// cgroup v2 path relative to the root.
+    pub cgroup: Option<String>,
+    /// Its network namespace file, when it has its own stack.
+    pub netns: Option<String>,
+    /// Variable name → value (proxy settings) or `null` (any other).
+    pub env: BTreeMap<String, Option<String>>,
+}
+
+/// The Docker daemon: whether it runs, its own firewall settings
+/// (`/etc/docker/daemon.json`) and the proxy settings of its environment.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(default)]
+pub struct DockerDaemon {
+    /// A dockerd process was found.
+    pub running: bool,
+    /// `"iptables"` in daemon.json (absent: Docker's default, true).
+    pub iptables: Option<bool>,
+    /// `"ip6tables"` in daemon.json.
+    pub ip6tables: Option<bool>,
+    /// `"bridge"` in daemon.json (`none`: no docker0).
+    pub bridge: Option<String>,
+    /// Proxy settings of dockerd's environment (`/proc/<pid>/environ`, or
+    /// its systemd unit's `Environment=`), with `user:password@` removed.
+    pub env: BTreeMap<String, String>,
+    /// Where `env` was read.
+    pub env_source: Option<String>,
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
 #[serde(default)]
 pub struct Docker {
     pub host_network_containers: Vec<HostNetContainer>,
     pub agent_cgroup: Option<String>,
     pub published: Vec<Published>,
+    /// Running containers (Docker API); empty without the API.
+    pub containers: Vec<DockerContainer>,
+    /// The daemon; `None`: not looked at (older snapshots).
+    pub daemon: Option<DockerDaemon>,
 }
 
 /// Ordering of one systemd unit.
@@ -153,6 +198,43 @@ pub struct ImdsOptions {
     pub ipv6: Option<String>,
 }
 
+/// One HTTP request a probe made (`probes.json`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(default)]
+pub struct HttpProbe {
+    /// `answered`, `timeout`, `refused`, `unreachable` or `error`.
+    pub outcome: String,
+    /// The HTTP status, when answered.
+    pub status: Option<u16>,
+    /// The answer carried `X-aws-ec2-metadata-token-ttl-seconds`.
+    pub ttl_header: bool,
+    /// The start of the answer's body (at most 200 characters; never a
+    /// token: token answers are not kept).
+    pub body: Option<String>,
+}
+
+/// IMDS as seen from one namespace with `--probe` (`probes.json`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(default)]
+pub struct ImdsProbe {
+    /// `host` (doctor's own namespace) or `bridge <name>` (a short-lived
+    /// namespace plugged into the bridge like a container).
+    pub from: String,
+    /// `PUT /latest/api/token` with a TTL header (IMDSv2's first step).
+    pub token_put: Option<HttpProbe>,
+    /// `GET /latest/meta-data/` without a token (IMDSv1).
+    pub tokenless_get: Option<HttpProbe>,
+    /// A plain TCP connect to IMDS port 80: `answered` when it connects.
+    pub connect: Option<String>,
+}
+
+/// What `--probe` observed over HTTP (`probes.json`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(default)]
+pub struct Probes {
+    pub imds: Vec<ImdsProbe>,
+}
+
 /// The whole snapshot.
 #[derive(Debug, Clone)]
 pub struct Snapshot {
@@ -162,6 +244,10 @@ pub struct Snapshot {
     pub cgroup: Option<String>,
     pub boot: Option<Boot>,
     pub imds_options: Option<ImdsOptions>,
+    /// What `--probe` observed over HTTP; `None`: no probe ran.
+    pub probes: Option<Probes>,
+    /// `ethtool -S` of the ENA interfaces (`ethtool-stats.txt`).
+    pub ethtool: BTreeMap<String, super::ethtool::Stats>,
     /// The intent: metaguard.toml, or the built-in default.
     pub config: Config,
     pub tasks: Vec<Task>,
@@ -184,6 +270,8 @@ pub const FILES: &[&str] = &[
     "cgroup.txt",
     "boot.json",
     "imds-options.json",
+    "probes.json",
+    "ethtool-stats.txt",
     "metaguard.toml",
 ];
 
@@ -456,6 +544,15 @@ impl Snapshot {
             Some(t) => Some(typed("imds-options.json", t)?),
             None => None,
         };
+        let probes = match files.get("probes.json") {
+            Some(t) => Some(typed("probes.json", t)?),
+            None => None,
+        };
+        let ethtool = match files.get("ethtool-stats.txt") {
+            Some(t) => super::ethtool::parse(t)
+                .map_err(|e| shape("ethtool-stats.txt", e.line, e.message))?,
+            None => BTreeMap::new(),
+        };
         let config = match files.get("metaguard.toml") {
             Some(t) => Config::parse(t, "metaguard.toml")
                 .map_err(|e| shape("metaguard.toml", e.line, e.message.clone()))?,
@@ -485,6 +582,8 @@ impl Snapshot {
             cgroup: files.get("cgroup.txt").map(|t| t.trim().to_string()),
             boot,
             imds_options,
+            probes,
+            ethtool,
             config,
             tasks,
         })

@@ -26,7 +26,9 @@ pub type Property = fn(&[u8]);
 /// The fuzz targets, by name (as in `fuzz/Cargo.toml` and `fuzz/seeds/`).
 pub const TARGETS: &[(&str, Property)] = &[
     ("config", config),
+    ("ethtool", ethtool),
     ("iptables_save", iptables_save),
+    ("merge", merge),
     ("nft_json", nft_json),
     ("proxy_target", proxy_target),
     ("snapshot", snapshot),
@@ -84,6 +86,95 @@ pub fn config(data: &[u8]) {
             }
             let _ = c.proxies();
             let _ = metaguard_core::ruleset::plan(&c, &Default::default());
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// ethtool-stats.txt: `ethtool -S` sections of ENA interfaces.
+
+/// A name the printer writes back unchanged (no space, `:`, `(` or `#`).
+fn plain(s: &str) -> bool {
+    !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
+}
+
+pub fn ethtool(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    match metaguard_core::doctor::ethtool::parse(text) {
+        Err(e) => {
+            assert!(
+                e.line >= 1 && e.line <= line_count(text),
+                "error line {} outside 1..={}",
+                e.line,
+                line_count(text)
+            );
+            let _ = e.to_string();
+        }
+        Ok(stats) => {
+            // parse → print → parse gives the same statistics, where every
+            // name is one the printer writes back as it is.
+            let all_plain = stats.iter().all(|(i, s)| {
+                plain(i)
+                    && s.driver.as_deref().is_none_or(plain)
+                    && s.counters.keys().all(|k| plain(k))
+            });
+            if !all_plain {
+                return;
+            }
+            let mut printed = String::new();
+            for (iface, s) in &stats {
+                match &s.driver {
+                    Some(d) => printed.push_str(&metaguard_core::doctor::ethtool::header(iface, d)),
+                    None => printed.push_str(&format!("# ethtool -S {iface}")),
+                }
+                printed.push_str("\nNIC statistics:\n");
+                for (k, v) in &s.counters {
+                    printed.push_str(&format!("     {k}: {v}\n"));
+                }
+            }
+            let again = metaguard_core::doctor::ethtool::parse(&printed)
+                .unwrap_or_else(|e| panic!("printed stats do not parse: {e}\n{printed}"));
+            assert_eq!(again, stats, "parse → print → parse changed\n{printed}");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// doctor --merge input: a host's `doctor --json` report.
+
+pub fn merge(data: &[u8]) {
+    use metaguard_core::doctor::merge as m;
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    match m::parse_report("fuzz.json", text) {
+        Err(e) => {
+            assert!(
+                e.line >= 1 && e.line <= line_count(text) + 1 && e.column >= 1,
+                "error position {}:{} outside the text's {} lines",
+                e.line,
+                e.column,
+                line_count(text)
+            );
+            assert!(e.to_string().starts_with("fuzz.json:"), "{e}");
+        }
+        Ok(r) => {
+            assert_eq!(r.ok, r.findings.is_empty());
+            // Parsing is a function of the text; merging one host twice
+            // keeps every finding once per host.
+            assert_eq!(m::parse_report("fuzz.json", text).ok(), Some(r.clone()));
+            let merged = m::merge(vec![r.clone(), r.clone()]);
+            assert_eq!(merged.ok, r.ok);
+            for f in &merged.findings {
+                assert_eq!(f.hosts.len(), 1, "{f:?}");
+            }
+            let _ = merged.human();
+            let json = serde_json::to_string(&merged).unwrap();
+            let _: Value = serde_json::from_str(&json).unwrap();
         }
     }
 }

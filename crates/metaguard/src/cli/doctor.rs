@@ -1,5 +1,6 @@
 //! `metaguard doctor [--json] [--fix [--dry-run]] [--probe] [--from DIR | --collect DIR]`:
-//! diagnose this host (or a snapshot) for the known failure modes.
+//! diagnose this host (or a snapshot) for the known failure modes;
+//! `metaguard doctor --merge FILE… [--json]`: many hosts' reports as one table.
 //!
 //! Exit codes: 0 no findings · 1 findings (after `--fix`: findings left, or a new
 //! id appeared) · 2 bad input (a snapshot file names its line), usage or permission error.
@@ -24,9 +25,13 @@ pub struct Args<'a> {
     pub probe: bool,
     pub from: Option<&'a Path>,
     pub collect: Option<&'a Path>,
+    /// `doctor --json` outputs to merge (empty: no merge).
+    pub merge: &'a [PathBuf],
     pub config: &'a ConfigArg,
     /// The BPF layer's pin directory (its state is shown for this host).
     pub bpf_pin_dir: &'a Path,
+    /// The Docker API socket (containers' environment, F12/F13/F18).
+    pub docker_socket: &'a Path,
 }
 
 fn config_text(arg: &ConfigArg) -> Option<String> {
@@ -37,10 +42,13 @@ fn config_text(arg: &ConfigArg) -> Option<String> {
     std::fs::read_to_string(p).ok()
 }
 
-fn live(arg: &ConfigArg) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
+fn live(
+    arg: &ConfigArg,
+    docker_socket: &Path,
+) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
     let cfg = config::load(arg)?;
     config::require_root("doctor")?;
-    collect::collect(&cfg, config_text(arg).as_deref())
+    collect::collect(&cfg, config_text(arg).as_deref(), docker_socket)
 }
 
 fn parse(
@@ -53,7 +61,41 @@ fn parse(
     })
 }
 
+/// This host's name (the UTS namespace's), for `--merge`.
+fn hostname() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+}
+
+/// `--merge FILE…`: one host × finding table; exit 1 when a host has
+/// findings, 2 when a file is not a doctor report (`FILE:LINE:COLUMN`).
+fn merge(files: &[PathBuf], json: bool) -> anyhow::Result<ExitCode> {
+    use metaguard_core::doctor::merge;
+    let mut hosts = Vec::new();
+    for f in files {
+        let name = f.display().to_string();
+        let text = std::fs::read_to_string(f).with_context(|| format!("cannot read {name}"))?;
+        hosts.push(merge::parse_report(&name, &text)?);
+    }
+    let m = merge::merge(hosts);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&m)?);
+    } else {
+        print!("{}", m.human());
+    }
+    Ok(if m.ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_PROBLEMS)
+    })
+}
+
 pub fn run(a: &Args<'_>) -> anyhow::Result<ExitCode> {
+    if !a.merge.is_empty() {
+        return merge(a.merge, a.json);
+    }
     if a.from.is_some() && (a.fix || a.probe || a.collect.is_some()) {
         bail!("--from analyses a snapshot; --fix, --probe and --collect act on this host and cannot be combined with it");
     }
@@ -61,9 +103,13 @@ pub fn run(a: &Args<'_>) -> anyhow::Result<ExitCode> {
         bail!("--dry-run shows what --fix would do; give --fix too");
     }
     if let Some(dir) = a.collect {
-        let files = live(a.config)?;
+        let mut files = live(a.config, a.docker_socket)?;
         // Parse what was collected, so a snapshot that cannot be read back is never written silently.
-        parse(&files, None)?;
+        let snap = parse(&files, None)?;
+        if a.probe {
+            files.insert("probes.json".into(), probe::http(&snap)?);
+            parse(&files, None)?;
+        }
         collect::write(dir, &files)?;
         eprintln!(
             "metaguard doctor: wrote {} files to {}",
@@ -74,10 +120,19 @@ pub fn run(a: &Args<'_>) -> anyhow::Result<ExitCode> {
     }
     let (files, source) = match a.from {
         Some(dir) => (collect::read(dir)?, format!("snapshot {}", dir.display())),
-        None => (live(a.config)?, "this host".to_string()),
+        None => (live(a.config, a.docker_socket)?, "this host".to_string()),
     };
-    let snap = parse(&files, a.from)?;
-    let report = analyze(&snap, &source);
+    let mut snap = parse(&files, a.from)?;
+    if a.probe && !a.fix {
+        // IMDS over HTTP from this namespace and a bridge's (F16, F19, F20).
+        let mut files = files;
+        files.insert("probes.json".into(), probe::http(&snap)?);
+        snap = parse(&files, None)?;
+    }
+    let mut report = analyze(&snap, &source);
+    if a.from.is_none() {
+        report.host = hostname();
+    }
     let color =
         !a.json && std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     if !a.fix {
@@ -131,8 +186,9 @@ pub fn run(a: &Args<'_>) -> anyhow::Result<ExitCode> {
         })?;
         done.push(act.shell());
     }
-    let after_files = live(a.config)?;
-    let after = analyze(&parse(&after_files, None)?, &source);
+    let after_files = live(a.config, a.docker_socket)?;
+    let mut after = analyze(&parse(&after_files, None)?, &source);
+    after.host = report.host.clone();
     // A fix must never open another failure mode: the ids that appeared.
     let opened = new_findings(&report, &after);
     if a.json {

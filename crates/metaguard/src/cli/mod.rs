@@ -126,7 +126,7 @@ enum Command {
     },
     /// Exit 0 when containers may start: metaguard's daemon is ready, or its unit is not enabled.
     Gate,
-    /// Diagnose this host for the known failure modes (F1–F11, F15, F17 so far).
+    /// Diagnose this host for the known failure modes (F1–F23, docs/doctor.md).
     Doctor {
         /// Print the findings as JSON.
         #[arg(long)]
@@ -146,6 +146,9 @@ enum Command {
         /// Write this host's snapshot to DIR and exit.
         #[arg(long, value_name = "DIR", conflicts_with = "from")]
         collect: Option<PathBuf>,
+        /// Merge several hosts' `doctor --json` outputs into one host × finding table.
+        #[arg(long, value_name = "FILE", num_args = 1.., conflicts_with_all = ["from", "collect", "fix", "probe"])]
+        merge: Vec<PathBuf>,
         #[command(flatten)]
         config: ConfigArg,
     },
@@ -245,6 +248,7 @@ pub fn main() -> ExitCode {
             probe,
             from,
             collect,
+            merge,
             config,
         } => doctor::run(&doctor::Args {
             json,
@@ -253,8 +257,10 @@ pub fn main() -> ExitCode {
             probe,
             from: from.as_deref(),
             collect: collect.as_deref(),
+            merge: &merge,
             config: &config,
             bpf_pin_dir: &cli.bpf_pin_dir,
+            docker_socket: &cli.docker_socket,
         }),
         Command::Render {
             kind,

@@ -67,6 +67,9 @@ fn net_state(
     let mut keys = vec![
         "net.ipv4.ip_forward".to_string(),
         "net.ipv6.conf.all.forwarding".to_string(),
+        // br_netfilter (F14: a TCP reset of bridged traffic); absent
+        // without the module.
+        "net.bridge.bridge-nf-call-iptables".to_string(),
     ];
     if let Some(out) = run(ns, "sysctl", &["-a", "-r", "route_localnet"])? {
         for l in out.lines() {
@@ -93,6 +96,7 @@ fn net_state(
 pub fn collect(
     config: &Config,
     config_text: Option<&str>,
+    docker_socket: &Path,
 ) -> anyhow::Result<BTreeMap<String, String>> {
     let mut files = BTreeMap::new();
     net_state(None, "", &mut files)?;
@@ -112,11 +116,16 @@ pub fn collect(
     );
     let docker = serde_json::json!({
         "host_network_containers": cg.as_ref().map(host_network_containers).unwrap_or_default(),
+        "containers": super::docker::containers(docker_socket),
+        "daemon": super::docker::daemon(),
     });
     files.insert(
         "docker.json".into(),
         serde_json::to_string_pretty(&docker)? + "\n",
     );
+    if let Some(stats) = ethtool_stats(files.get("ip-link.json").map(String::as_str))? {
+        files.insert("ethtool-stats.txt".into(), stats);
+    }
     if let Some(boot) = boot()? {
         files.insert("boot.json".into(), boot);
     }
@@ -220,6 +229,44 @@ fn host_network_containers(cg: &metaguard_sys::cgroup::Cgroup2) -> Vec<serde_jso
         }
     }
     out
+}
+
+/// `ethtool -S` of each ENA interface of this namespace (the link-local
+/// allowance counter, F21): physical links (no `linkinfo` kind) whose
+/// `ethtool -i` says `driver: ena`. `None` without ethtool or ENA.
+fn ethtool_stats(links: Option<&str>) -> anyhow::Result<Option<String>> {
+    let names: Vec<String> = links
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(t).ok())
+        .and_then(|v| v.as_array().cloned())
+        .unwrap_or_default()
+        .iter()
+        .filter(|l| l.get("linkinfo").is_none())
+        .filter_map(|l| l.get("ifname").and_then(|n| n.as_str()).map(str::to_string))
+        .filter(|n| n != "lo")
+        .collect();
+    let mut out = String::new();
+    for name in names {
+        let Some(info) = run(None, "ethtool", &["-i", &name])? else {
+            continue;
+        };
+        let driver = info
+            .lines()
+            .find_map(|l| l.strip_prefix("driver:"))
+            .map(str::trim)
+            .unwrap_or("");
+        if driver != "ena" {
+            continue;
+        }
+        if let Some(stats) = run(None, "ethtool", &["-S", &name])? {
+            out.push_str(&metaguard_core::doctor::ethtool::header(&name, driver));
+            out.push('\n');
+            out.push_str(&stats);
+            if !stats.ends_with('\n') {
+                out.push('\n');
+            }
+        }
+    }
+    Ok((!out.is_empty()).then_some(out))
 }
 
 /// Unit ordering and boothooks, on systemd hosts.

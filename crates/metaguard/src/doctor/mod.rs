@@ -1,5 +1,5 @@
 //! `metaguard doctor`'s I/O: collect this host's state into the snapshot
-//! form ([`collect`]), apply the fixes core proposes in the backend and
+//! form ([`collect`]; the Docker API and daemon in [`docker`]), apply the fixes core proposes in the backend and
 //! namespace where each problem lives ([`fix`]), and confirm verdicts with
 //! real connections from a short-lived namespace ([`probe`]).
 //!
@@ -7,5 +7,6 @@
 //! pure and lives in `metaguard_core::doctor`.
 
 pub mod collect;
+pub mod docker;
 pub mod fix;
 pub mod probe;

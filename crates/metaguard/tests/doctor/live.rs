@@ -3,6 +3,7 @@
 //! touches the root network namespace.
 
 use libtest_mimic::Failed;
+use metaguard_lab::imds::TokenMode;
 use metaguard_lab::matrix::{Matrix, Target, Verdict};
 use metaguard_lab::topology::Role;
 use metaguard_lab::{Lab, LabOptions, Workload};
@@ -50,6 +51,42 @@ pub const TESTS: &[(&str, bool, crate::TestFn)] = &[
         "live::f17_route_localnet_reach_around",
         true,
         f17_route_localnet_reach_around,
+    ),
+    (
+        "live::f14_silent_drop_makes_sdks_wait",
+        true,
+        f14_silent_drop_makes_sdks_wait,
+    ),
+    (
+        "live::f13_container_reads_another_tasks_credentials",
+        true,
+        f13_container_reads_another_tasks_credentials,
+    ),
+    (
+        "live::f12_credential_variables_where_task_metadata_is_denied",
+        true,
+        f12_credential_variables_where_task_metadata_is_denied,
+    ),
+    (
+        "live::f18_proxy_without_no_proxy",
+        true,
+        f18_proxy_without_no_proxy,
+    ),
+    ("live::f20_imdsv1_enabled", true, f20_imdsv1_enabled),
+    (
+        "live::f19_hop_limit_1_measured_from_a_bridge",
+        true,
+        f19_hop_limit_1_measured_from_a_bridge,
+    ),
+    (
+        "live::f16_proxy_adds_x_forwarded_for",
+        true,
+        f16_proxy_adds_x_forwarded_for,
+    ),
+    (
+        "live::f23_table_from_another_version",
+        true,
+        f23_table_from_another_version,
     ),
 ];
 
@@ -252,6 +289,8 @@ fn cycle_in_lab(
 
 fn clean_lab_reports_clean() -> Result<(), Failed> {
     let g = guarded(false)?;
+    // IMDSv2 only (the lab's IMDS answers v1 too by default: F20).
+    g.lab.imds().set_token_mode(TokenMode::Required);
     let (code, found, out) = doctor(&g, &[])?;
     ensure!(code == Some(0) && found.is_empty(), "{found:?}\n{out}");
     // --probe from a short-lived namespace on docker0 agrees with the static verdicts.
@@ -510,10 +549,466 @@ fn f17_route_localnet_reach_around() -> Result<(), Failed> {
     Ok(())
 }
 
+/// Replaces the DOCKER-USER reject `guarded` added by a silent DROP (in
+/// `backend`'s iptables): the AWS knowledge-center recipe as often copied.
+fn drop_instead_of_reject(g: &Guarded, legacy: bool) -> Result<(), Failed> {
+    let v4 = if legacy {
+        "iptables-legacy"
+    } else {
+        "iptables"
+    };
+    sh(
+        &g.lab,
+        Role::Host,
+        v4,
+        "-w -R DOCKER-USER 1 -d 169.254.169.254/32 -j DROP",
+    )
+}
+
+/// How a bridge container's IMDS request fails, and how long it takes.
+fn imds_failure(g: &Guarded) -> Result<(metaguard_lab::probe::Outcome, u64), Failed> {
+    let mut spec = g.lab.http_get(&Lab::imds_url_v4("/latest/meta-data/"));
+    spec.timeout_ms = 1500;
+    let r = g
+        .lab
+        .probe(Workload::BridgeC1, &spec)
+        .map_err(|e| e.to_string())?;
+    Ok((r.outcome, r.elapsed_us / 1000))
+}
+
+/// F14: the IMDS guard drops instead of rejecting; a bridge container's
+/// request waits its whole timeout. Doctor names F14; `--fix` puts an ICMP
+/// reject before the drop: the request fails at once, still blocked, and
+/// doctor names nothing new.
+fn f14_silent_drop_makes_sdks_wait() -> Result<(), Failed> {
+    use metaguard_lab::probe::Outcome;
+    let before = root_state()?;
+    let g = guarded(false)?;
+    drop_instead_of_reject(&g, false)?;
+    let (outcome, ms) = imds_failure(&g)?;
+    ensure!(
+        outcome == Outcome::Timeout,
+        "after the break IMDS should time out, got {outcome:?} in {ms} ms"
+    );
+    let (code, found, out) = doctor(&g, &[])?;
+    ensure!(
+        code == Some(1) && found == ["F14"],
+        "DROP lab: expected [F14], got {found:?} (exit {code:?})\n{out}"
+    );
+    let (code, after, out) = doctor(&g, &["--fix"])?;
+    ensure!(
+        code == Some(0) && after.is_empty(),
+        "--fix left {after:?} (exit {code:?})\n{out}"
+    );
+    let v: serde_json::Value = serde_json::from_str(&out).map_err(|e| e.to_string())?;
+    ensure!(
+        v["new_after_fix"].as_array().is_some_and(Vec::is_empty),
+        "--fix opened new findings: {}",
+        v["new_after_fix"]
+    );
+    // Rejected: an ICMP answer, well before the 1.5 s timeout (the bound is
+    // loose so that a loaded machine does not fail it).
+    let (outcome, ms) = imds_failure(&g)?;
+    ensure!(
+        outcome == Outcome::Unreachable && ms < 1000,
+        "after --fix IMDS should be refused at once, got {outcome:?} in {ms} ms"
+    );
+    let (code, again, out) = doctor(&g, &[])?;
+    ensure!(
+        code == Some(0) && again.is_empty(),
+        "doctor after --fix: {again:?}\n{out}"
+    );
+    drop(g);
+    ensure!(
+        root_state()? == before,
+        "the root network namespace changed during a doctor test"
+    );
+    Ok(())
+}
+
+/// Serves the lab's Docker API: its containers carry the credential
+/// variables of four tasks (F13 on the guarded lab's config).
+fn with_docker(g: &mut Guarded) -> Result<(), Failed> {
+    g.lab.start_docker_api().map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// The bridge containers and the awsvpc task denied task metadata (their
+/// credentials flows are then not F13's), with the Docker API: the
+/// credential variables the agent injected are F12.
+fn deny_task_metadata(g: &mut Guarded) -> Result<(), Failed> {
+    let task = format!("/run/netns/{}", g.lab.netns_name(Role::Task1));
+    let toml = format!(
+        "[[workload]]\nname = \"bridge-containers\"\nbridges = [\"docker0\", \"br-*\", \"ecs-bridge\"]\nimds = \"deny\"\ntask_metadata = \"deny\"\n\n[[workload]]\nname = \"awsvpc-tasks\"\nnetns = [\"{task}\"]\nimds = \"deny\"\ntask_metadata = \"deny\"\n"
+    );
+    g.lab
+        .write_file("doctor.toml", &toml)
+        .map_err(|e| e.to_string())?;
+    with_docker(g)
+}
+
+/// A container started with a proxy and no NO_PROXY (added to the lab's
+/// Docker API after its own containers; backed by this test's process).
+fn proxied_container(g: &mut Guarded) -> Result<(), Failed> {
+    use metaguard_lab::docker::FakeContainer;
+    let docker = g.lab.start_docker_api().map_err(|e| e.to_string())?;
+    docker.start(FakeContainer {
+        id: FakeContainer::id_for("doctor-proxied"),
+        name: "proxied-app".into(),
+        image: "public.ecr.aws/lab/app:latest".into(),
+        labels: Default::default(),
+        env: vec![
+            "HTTPS_PROXY=http://user:secret@proxy.internal:3128".into(),
+            "NO_PROXY=localhost,169.254.169.254".into(),
+        ],
+        network_mode: "bridge".into(),
+        pid: std::process::id(),
+        sandbox_key: String::new(),
+        user: String::new(),
+        cgroup_parent: String::new(),
+        running: true,
+    });
+    Ok(())
+}
+
+/// F13: with four tasks' credentials on the host and task metadata
+/// allowed, doctor names F13, and a bridge container indeed reads the
+/// awsvpc task's credentials with that task's id. (The fix is a config
+/// change — the relay of proxy mode — so `--fix` has nothing to apply.)
+fn f13_container_reads_another_tasks_credentials() -> Result<(), Failed> {
+    let mut g = guarded(false)?;
+    with_docker(&mut g)?;
+    let (code, found, out) = doctor(&g, &[])?;
+    ensure!(
+        code == Some(1) && found == ["F13"],
+        "expected [F13], got {found:?} (exit {code:?})\n{out}"
+    );
+    ensure!(
+        out.contains("tasks hold credentials on this host"),
+        "no task evidence:\n{out}"
+    );
+    let other = Lab::credentials_url(Workload::AwsvpcTask);
+    ensure!(
+        answers(&g, Workload::BridgeC1, &other)?,
+        "a bridge container should read the awsvpc task's credentials ({other})"
+    );
+    let (code, _, out) = doctor(&g, &["--fix", "--dry-run"])?;
+    ensure!(
+        code == Some(1) && out.contains("task_metadata = \\\"proxy\\\""),
+        "the dry run should show the manual fix:\n{out}"
+    );
+    Ok(())
+}
+
+/// F12: the agent's credential variables in containers whose workload is
+/// denied task metadata, named per container.
+fn f12_credential_variables_where_task_metadata_is_denied() -> Result<(), Failed> {
+    let mut g = guarded(false)?;
+    deny_task_metadata(&mut g)?;
+    let (code, found, out) = doctor(&g, &[])?;
+    ensure!(
+        code == Some(1) && found == ["F12"],
+        "expected [F12], got {found:?} (exit {code:?})\n{out}"
+    );
+    ensure!(
+        out.contains("container ecs-lab-web-1-app-c1")
+            && out.contains("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI"),
+        "F12 evidence does not name the container and variable:\n{out}"
+    );
+    ensure!(
+        !out.contains("/v2/credentials/"),
+        "a credentials id leaked into the report:\n{out}"
+    );
+    Ok(())
+}
+
+/// F18: a container with HTTPS_PROXY and a NO_PROXY that misses
+/// 169.254.170.2; the proxy's password never reaches the report.
+fn f18_proxy_without_no_proxy() -> Result<(), Failed> {
+    let mut g = guarded(false)?;
+    proxied_container(&mut g)?;
+    let (code, found, out) = doctor(&g, &[])?;
+    ensure!(
+        code == Some(1) && found == ["F13", "F18"],
+        "expected [F13, F18], got {found:?} (exit {code:?})\n{out}"
+    );
+    ensure!(
+        out.contains("container proxied-app") && out.contains("169.254.170.2 not exempted"),
+        "F18 evidence:\n{out}"
+    );
+    ensure!(!out.contains("secret"), "the proxy password leaked:\n{out}");
+    Ok(())
+}
+
+/// F20: the lab's IMDS answers tokenless requests; `--probe` sees a
+/// tokenless GET answered 200 from the host's namespace. Requiring tokens
+/// (what `aws ec2 modify-instance-metadata-options --http-tokens required`
+/// does) clears it. Without `--probe` nothing is sent and nothing is named.
+fn f20_imdsv1_enabled() -> Result<(), Failed> {
+    let g = guarded(false)?;
+    let (code, found, out) = doctor(&g, &[])?;
+    ensure!(code == Some(0) && found.is_empty(), "{found:?}\n{out}");
+    let (code, found, out) = doctor(&g, &["--probe"])?;
+    ensure!(
+        code == Some(1) && found == ["F20"],
+        "expected [F20], got {found:?} (exit {code:?})\n{out}"
+    );
+    ensure!(
+        out.contains("from host: GET /latest/meta-data/ without a token answered 200"),
+        "F20 evidence:\n{out}"
+    );
+    g.lab.imds().set_token_mode(TokenMode::Required);
+    let (code, found, out) = doctor(&g, &["--probe"])?;
+    ensure!(
+        code == Some(0) && found.is_empty(),
+        "after requiring tokens: {found:?}\n{out}"
+    );
+    Ok(())
+}
+
+/// Bridge containers allowed IMDS (no DOCKER-USER rule, a config that
+/// allows it), tokens required.
+fn bridge_allowed_imds(g: &Guarded, legacy: bool) -> Result<(), Failed> {
+    let (v4, v6) = if legacy {
+        ("iptables-legacy", "ip6tables-legacy")
+    } else {
+        ("iptables", "ip6tables")
+    };
+    let toml = "[[workload]]\nname = \"bridge-containers\"\nbridges = [\"docker0\", \"br-*\", \"ecs-bridge\"]\nimds = \"allow\"\ntask_metadata = \"allow\"\n";
+    g.lab
+        .write_file("doctor.toml", toml)
+        .map_err(|e| e.to_string())?;
+    sh(&g.lab, Role::Host, v4, "-w -F DOCKER-USER")?;
+    sh(&g.lab, Role::Host, v6, "-w -F DOCKER-USER")?;
+    g.lab.imds().set_token_mode(TokenMode::Required);
+    Ok(())
+}
+
+/// F19: hop limit 1 with bridge containers allowed IMDS: from the host the
+/// token PUT is answered; from a namespace on docker0 it gets nothing
+/// while a connection to IMDS works. A hop limit of 2 clears it.
+fn f19_hop_limit_1_measured_from_a_bridge() -> Result<(), Failed> {
+    let g = guarded(false)?;
+    bridge_allowed_imds(&g, false)?;
+    let (code, found, out) = doctor(&g, &["--probe"])?;
+    ensure!(
+        found.is_empty(),
+        "hop limit 2: expected nothing, got {found:?} (exit {code:?})\n{out}"
+    );
+    g.lab.imds().set_put_response_hop_limit(1);
+    let (code, found, out) = doctor(&g, &["--probe"])?;
+    ensure!(
+        code == Some(1) && found == ["F19"],
+        "hop limit 1: expected [F19], got {found:?} (exit {code:?})\n{out}"
+    );
+    g.lab.imds().set_put_response_hop_limit(2);
+    let (_, found, out) = doctor(&g, &["--probe"])?;
+    ensure!(found.is_empty(), "hop limit 2 again: {found:?}\n{out}");
+    Ok(())
+}
+
+/// A proxy on the lab host (172.17.0.1:8181, in the lab's host namespace)
+/// that adds `X-Forwarded-For` to every request it passes to IMDS — the
+/// F16 breakage. Runs until the lab's namespace goes away (bounded: one
+/// thread per connection, the test makes a handful).
+fn start_xff_proxy(g: &Guarded) -> Result<(), Failed> {
+    use std::io::{Read as _, Write as _};
+    let listener = g
+        .lab
+        .netns(Role::Host)
+        .spawn_thread("xff-proxy-bind", || {
+            std::net::TcpListener::bind("172.17.0.1:8181")
+        })
+        .map_err(|e| e.to_string())?
+        .join()
+        .map_err(|_| "bind thread panicked")??;
+    // Threads started by a thread inside the lab's host namespace are in
+    // it too: the upstream connections leave from there.
+    g.lab
+        .netns(Role::Host)
+        .spawn_thread("xff-proxy", move || {
+            for conn in listener.incoming().take(16) {
+                let Ok(mut client) = conn else { continue };
+                let peer = client
+                    .peer_addr()
+                    .map(|a| a.ip().to_string())
+                    .unwrap_or_default();
+                std::thread::spawn(move || {
+                    let mut head = Vec::new();
+                    let mut b = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") && head.len() < 16384 {
+                        match client.read(&mut b) {
+                            Ok(1) => head.push(b[0]),
+                            _ => return,
+                        }
+                    }
+                    let text = String::from_utf8_lossy(&head).into_owned();
+                    let Some((first, rest)) = text.split_once("\r\n") else {
+                        return;
+                    };
+                    let req = format!(
+                        "{first}\r\nX-Forwarded-For: {peer}\r\nConnection: close\r\n{rest}"
+                    );
+                    let Ok(mut up) = std::net::TcpStream::connect("169.254.169.254:80") else {
+                        return;
+                    };
+                    if up.write_all(req.as_bytes()).is_err() {
+                        return;
+                    }
+                    let mut answer = Vec::new();
+                    let _ = up.read_to_end(&mut answer);
+                    let _ = client.write_all(&answer);
+                });
+            }
+        })
+        .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// The DNAT of bridge containers' IMDS requests to the XFF proxy.
+const XFF_DNAT: &str = "-t nat -I PREROUTING 1 -i docker0 -d 169.254.169.254/32 -p tcp -m tcp --dport 80 -j DNAT --to-destination 172.17.0.1:8181";
+
+/// Tokens required, the XFF proxy started and bridge containers' IMDS
+/// requests DNATed to it (in `legacy`'s iptables).
+fn behind_xff_proxy(g: &Guarded, legacy: bool) -> Result<(), Failed> {
+    g.lab.imds().set_token_mode(TokenMode::Required);
+    start_xff_proxy(g)?;
+    let v4 = if legacy {
+        "iptables-legacy"
+    } else {
+        "iptables"
+    };
+    sh(&g.lab, Role::Host, v4, &format!("-w {XFF_DNAT}"))
+}
+
+/// F16: bridge containers' IMDS requests DNATed to a proxy that adds
+/// X-Forwarded-For: from a namespace on docker0 the token PUT is refused
+/// (403). Doctor names F16 (and F15, the IP-keyed proxy); without the
+/// proxy (DNAT removed) nothing is named.
+fn f16_proxy_adds_x_forwarded_for() -> Result<(), Failed> {
+    let g = guarded(false)?;
+    behind_xff_proxy(&g, false)?;
+    let (code, found, out) = doctor(&g, &["--probe"])?;
+    ensure!(
+        code == Some(1) && found == ["F15", "F16"],
+        "expected [F15, F16], got {found:?} (exit {code:?})\n{out}"
+    );
+    ensure!(
+        out.contains("from bridge docker0: PUT /latest/api/token answered 403"),
+        "F16 evidence:\n{out}"
+    );
+    sh(
+        &g.lab,
+        Role::Host,
+        "iptables",
+        &format!(
+            "-w {}",
+            XFF_DNAT.replace("-I PREROUTING 1", "-D PREROUTING")
+        ),
+    )?;
+    let (code, found, out) = doctor(&g, &["--probe"])?;
+    ensure!(
+        code == Some(0) && found.is_empty(),
+        "without the proxy: {found:?}\n{out}"
+    );
+    Ok(())
+}
+
+/// `metaguard apply` with the lab's doctor config (in the lab's host
+/// namespace, as every lab command).
+fn apply(g: &Guarded) -> Result<(), Failed> {
+    let out = g
+        .lab
+        .metaguard(&["apply", "--config", &g.config])
+        .map_err(|e| e.to_string())?;
+    ensure!(
+        out.status.success(),
+        "metaguard apply: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// An `inet metaguard` table as an older metaguard left it: applied, then
+/// a chain this version does not render added (a stand-in for a renamed
+/// chain).
+fn table_from_another_version(g: &mut Guarded) -> Result<(), Failed> {
+    apply(g)?;
+    sh(
+        &g.lab,
+        Role::Host,
+        "nft",
+        "add chain inet metaguard imds_guard_v0",
+    )
+}
+
+/// F23: doctor is silent on the table this version applied, names F23
+/// once the table holds a chain this version does not render, and is
+/// silent again after `metaguard apply` replaced it.
+fn f23_table_from_another_version() -> Result<(), Failed> {
+    let mut g = guarded(false)?;
+    apply(&g)?;
+    let (code, found, out) = doctor(&g, &[])?;
+    ensure!(
+        code == Some(0) && found.is_empty(),
+        "after apply: {found:?}\n{out}"
+    );
+    table_from_another_version(&mut g)?;
+    let (code, found, out) = doctor(&g, &[])?;
+    ensure!(
+        code == Some(1) && found == ["F23"],
+        "expected [F23], got {found:?} (exit {code:?})\n{out}"
+    );
+    ensure!(out.contains("imds_guard_v0"), "F23 evidence:\n{out}");
+    apply(&g)?;
+    let (code, found, out) = doctor(&g, &[])?;
+    ensure!(
+        code == Some(0) && found.is_empty(),
+        "after apply again: {found:?}\n{out}"
+    );
+    Ok(())
+}
+
+/// `ethtool -S` of an ENA interface (c6i) whose link-local allowance was
+/// exceeded — the lab has no ENA device, so F21's fixtures carry this text.
+const ENA_STATS: &str = "# ethtool -S ens5 (driver ena)
+NIC statistics:
+     tx_timeout: 0
+     suspend: 0
+     resume: 0
+     wd_expired: 0
+     interface_up: 1
+     interface_down: 0
+     admin_q_pause: 0
+     bw_in_allowance_exceeded: 0
+     bw_out_allowance_exceeded: 0
+     pps_allowance_exceeded: 0
+     conntrack_allowance_exceeded: 0
+     linklocal_allowance_exceeded: 1873
+     queue_0_tx_cnt: 918273
+     queue_0_rx_cnt: 1203948
+";
+
+/// Edits a fixture after collection: what the lab cannot produce.
+fn post_collect(name: &str, dir: &std::path::Path) -> Result<(), Failed> {
+    if name.starts_with("f21-") {
+        std::fs::write(dir.join("ethtool-stats.txt"), ENA_STATS)?;
+    }
+    if name.starts_with("f22-") {
+        // dockerd running with "iptables": false in daemon.json (there is
+        // no dockerd in the lab).
+        let p = dir.join("docker.json");
+        let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p)?)?;
+        v["daemon"] = serde_json::json!({"running": true, "iptables": false, "ip6tables": null, "bridge": null, "env": {}, "env_source": "/proc/812/environ"});
+        std::fs::write(&p, serde_json::to_string_pretty(&v)? + "\n")?;
+    }
+    Ok(())
+}
+
 /// Writes the lab-made fixtures (run on purpose, see main.rs). With
 /// `METAGUARD_FIXTURES=name,name` only those are written.
 pub fn generate_fixtures() -> Result<(), Failed> {
-    type Break = fn(&Guarded) -> Result<(), Failed>;
+    type Break = fn(&mut Guarded) -> Result<(), Failed>;
     let scenarios: &[(&str, bool, &str, Break)] = &[
         ("clean", false, "", |_| Ok(())),
         ("f1-route-localnet-off", false, "F1", |g| {
@@ -533,13 +1028,10 @@ pub fn generate_fixtures() -> Result<(), Failed> {
                 "-w -I INPUT -d 127.0.0.0/8 ! -i lo -j DROP",
             )
         }),
-        ("f2-cis-hardened-legacy", true, "F2", cis_legacy),
-        (
-            "f3-accept-in-wrong-backend",
-            false,
-            "F2 F3",
-            accept_in_wrong_backend,
-        ),
+        ("f2-cis-hardened-legacy", true, "F2", |g| cis_legacy(g)),
+        ("f3-accept-in-wrong-backend", false, "F2 F3", |g| {
+            accept_in_wrong_backend(g)
+        }),
         ("f4-docker-user-flushed-nft", false, "F4", |g| {
             sh(&g.lab, Role::Host, "iptables-nft", "-w -F DOCKER-USER")
         }),
@@ -594,6 +1086,77 @@ pub fn generate_fixtures() -> Result<(), Failed> {
         ("f17-route-localnet-reach-around-legacy", true, "F17", |g| {
             unguard_f17(g, true)
         }),
+        ("f14-drop-instead-of-reject-nft", false, "F14", |g| {
+            drop_instead_of_reject(g, false)
+        }),
+        ("f14-drop-instead-of-reject-legacy", true, "F14", |g| {
+            drop_instead_of_reject(g, true)
+        }),
+        ("f13-other-tasks-credentials-nft", false, "F13", with_docker),
+        (
+            "f13-other-tasks-credentials-legacy",
+            true,
+            "F13",
+            with_docker,
+        ),
+        (
+            "f12-credential-variables-denied-nft",
+            false,
+            "F12",
+            deny_task_metadata,
+        ),
+        (
+            "f12-credential-variables-denied-legacy",
+            true,
+            "F12",
+            deny_task_metadata,
+        ),
+        (
+            "f18-proxy-without-no-proxy-nft",
+            false,
+            "F13 F18",
+            proxied_container,
+        ),
+        (
+            "f18-proxy-without-no-proxy-legacy",
+            true,
+            "F13 F18",
+            proxied_container,
+        ),
+        ("f21-linklocal-allowance-nft", false, "F21", |_| Ok(())),
+        ("f21-linklocal-allowance-legacy", true, "F21", |_| Ok(())),
+        ("f22-docker-firewall-off-nft", false, "F22", |_| Ok(())),
+        ("f22-docker-firewall-off-legacy", true, "F22", |_| Ok(())),
+        (
+            "f23-table-from-another-version-nft",
+            false,
+            "F23",
+            table_from_another_version,
+        ),
+        (
+            "f23-table-from-another-version-legacy",
+            true,
+            "F23",
+            table_from_another_version,
+        ),
+        ("f20-imdsv1-enabled-probed-nft", false, "F20", |_| Ok(())),
+        ("f20-imdsv1-enabled-probed-legacy", true, "F20", |_| Ok(())),
+        ("f19-hop-limit-1-probed-nft", false, "F19", |g| {
+            bridge_allowed_imds(g, false)?;
+            g.lab.imds().set_put_response_hop_limit(1);
+            Ok(())
+        }),
+        ("f19-hop-limit-1-probed-legacy", true, "F19", |g| {
+            bridge_allowed_imds(g, true)?;
+            g.lab.imds().set_put_response_hop_limit(1);
+            Ok(())
+        }),
+        ("f16-proxy-adds-xff-probed-nft", false, "F15 F16", |g| {
+            behind_xff_proxy(g, false)
+        }),
+        ("f16-proxy-adds-xff-probed-legacy", true, "F15 F16", |g| {
+            behind_xff_proxy(g, true)
+        }),
     ];
     let only = std::env::var("METAGUARD_FIXTURES").ok();
     for (name, legacy, expected, brk) in scenarios {
@@ -603,25 +1166,23 @@ pub fn generate_fixtures() -> Result<(), Failed> {
         {
             continue;
         }
-        let g = guarded(*legacy)?;
-        brk(&g)?;
+        let mut g = guarded(*legacy)?;
+        brk(&mut g)?;
         let dir = fixtures_dir().join(name);
         let _ = std::fs::remove_dir_all(&dir);
-        let out = g
-            .lab
-            .metaguard(&[
-                "doctor",
-                "--collect",
-                &dir.display().to_string(),
-                "--config",
-                &g.config,
-            ])
-            .map_err(|e| e.to_string())?;
+        let dir_arg = dir.display().to_string();
+        let mut args = vec!["doctor", "--collect", &dir_arg, "--config", &g.config];
+        // `*-probed-*` fixtures hold what --probe saw (probes.json).
+        if name.contains("-probed-") {
+            args.push("--probe");
+        }
+        let out = g.lab.metaguard(&args).map_err(|e| e.to_string())?;
         ensure!(
             out.status.success(),
             "collect {name}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        post_collect(name, &dir)?;
         std::fs::write(dir.join("expected"), format!("{expected}\n"))?;
         eprintln!("wrote {}", dir.display());
     }

@@ -5,6 +5,7 @@
 //!   output (no root needed).
 //! * `bad_input::*` — truncated or garbage snapshot files exit 2 naming the
 //!   file and line.
+//! * `merge::*` — `--merge` of several reports: the fleet table, bad inputs.
 //! * `live::*` — on a lab (root): break the lab host in one failure mode's
 //!   way, doctor finds exactly it, `--fix` repairs it, the lab's probes
 //!   confirm, doctor is clean again. Root tests fail instead of being
@@ -16,6 +17,7 @@ use metaguard_lab::testing::{self, TestFn};
 mod bad_input;
 mod fixtures;
 mod live;
+mod merge;
 
 /// The metaguard binary under test.
 pub fn exe() -> std::path::PathBuf {
@@ -43,7 +45,11 @@ fn main() {
         eprintln!("note: not root: live doctor tests (network namespaces) are ignored (run ./scripts/test as root)");
     }
     let mut trials = fixtures::trials();
-    for (name, needs_root, f) in bad_input::TESTS.iter().chain(live::TESTS) {
+    for (name, needs_root, f) in bad_input::TESTS
+        .iter()
+        .chain(merge::TESTS)
+        .chain(live::TESTS)
+    {
         let missing = if *needs_root {
             testing::root_missing()
         } else {

@@ -126,7 +126,7 @@ fn accept_before(
     }
 }
 
-fn chain_len(snap: &Snapshot, r: &RuleRef) -> Option<usize> {
+pub(super) fn chain_len(snap: &Snapshot, r: &RuleRef) -> Option<usize> {
     let save = match (r.backend, r.family.as_str()) {
         (Backend::Legacy, "ip") => snap.host.legacy4.as_ref(),
         (Backend::Legacy, "ip6") => snap.host.legacy6.as_ref(),

@@ -27,6 +27,8 @@ fn snapshot(host: NetState) -> Snapshot {
         cgroup: None,
         boot: None,
         imds_options: None,
+        probes: None,
+        ethtool: Default::default(),
         config: Config::builtin_default(),
         tasks: Vec::new(),
     }

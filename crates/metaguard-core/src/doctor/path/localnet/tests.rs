@@ -28,6 +28,8 @@ fn snapshot(mut host: NetState, route_localnet: &str) -> Snapshot {
         cgroup: None,
         boot: None,
         imds_options: None,
+        probes: None,
+        ethtool: Default::default(),
         config: Config::builtin_default(),
         tasks: Vec::new(),
     }

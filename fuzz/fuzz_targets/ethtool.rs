@@ -1,0 +1,8 @@
+//! Fuzz target `ethtool`: see docs/fuzzing.md and the property function
+//! `props::ethtool` (shared with metaguard-core's corpus test).
+#![no_main]
+
+#[path = "../../crates/metaguard-core/tests/fuzz/props.rs"]
+mod props;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| props::ethtool(data));
