@@ -180,7 +180,7 @@ impl Engine {
         if policy.netns_default.is_none() {
             return BTreeMap::new();
         }
-        let found = namespaces::discover(containers, &facts::netns_paths(config));
+        let found = namespaces::discover(config, containers, &facts::netns_paths(config));
         warnings.extend(found.skipped.iter().map(|s| format!("BPF layer: {s}")));
         found.map(config, policy.netns_default)
     }
@@ -326,7 +326,7 @@ impl Engine {
             );
         }
         if let Some((rule, bits)) = policy.netns_default {
-            let found = namespaces::discover(containers, &facts::netns_paths(config));
+            let found = namespaces::discover(config, containers, &facts::netns_paths(config));
             let _ = writeln!(
                 out,
                 "#   namespace: host's own (cookie {}): nothing refused",
@@ -345,11 +345,14 @@ impl Engine {
                     Some(_) => "no workload selects it: nothing refused".to_string(),
                     None => "not settled (no port, no container): the default".to_string(),
                 };
+                let cookie = match ns.cookie {
+                    0 => "cookie not read".to_string(),
+                    c => format!("cookie {c}"),
+                };
                 let _ = writeln!(
                     out,
-                    "#   namespace: {} (cookie {}; bridges {:?}; containers {:?}): {what}",
+                    "#   namespace: {} ({cookie}; bridges {:?}; containers {:?}): {what}",
                     ns.path,
-                    ns.cookie,
                     ns.bridges,
                     ns.containers.iter().map(|c| &c.name).collect::<Vec<_>>()
                 );

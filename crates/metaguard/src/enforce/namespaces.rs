@@ -25,6 +25,8 @@ use metaguard_sys::netns::{Netns, NsId, NETNS_RUN_DIR};
 pub struct Namespace {
     /// The file it was found by (the first, when several name it).
     pub path: String,
+    /// The kernel's cookie for it; read only for a settled namespace (one
+    /// the map will list: a thread enters it), 0 for the others.
     pub cookie: u64,
     /// The bridges its host-side ports are plugged into.
     pub bridges: Vec<String>,
@@ -88,7 +90,7 @@ impl Found {
         };
         out.insert(0, default);
         for ns in &self.namespaces {
-            if let Some(d) = ns.decision(config) {
+            if let (Some(d), true) = (ns.decision(config), ns.cookie != 0) {
                 out.insert(ns.cookie, d);
             }
         }
@@ -99,8 +101,13 @@ impl Found {
 }
 
 /// Finds the namespaces of `containers` (those with a stack of their own)
-/// and of the files in `/run/netns` and in `netns_paths`.
-pub fn discover(containers: Option<&[ContainerFact]>, netns_paths: &[String]) -> Found {
+/// and of the files in `/run/netns` and in `netns_paths`; the cookies of
+/// those `config` settles.
+pub fn discover(
+    config: &Config,
+    containers: Option<&[ContainerFact]>,
+    netns_paths: &[String],
+) -> Found {
     let mut found = Found::default();
     match metaguard_sys::netns::current_cookie() {
         Ok(c) => found.host_cookie = c,
@@ -137,6 +144,8 @@ pub fn discover(containers: Option<&[ContainerFact]>, netns_paths: &[String]) ->
     candidates.extend(files.into_iter().map(|p| (p, None)));
 
     let mut by_id: HashMap<NsId, usize> = HashMap::new();
+    let mut opened: Vec<Netns> = Vec::new();
+    let mut skipped = Vec::new();
     for (path, container) in candidates {
         let Ok(ns) = Netns::open(Path::new(&path)) else {
             continue; // gone, or not a namespace file
@@ -150,13 +159,6 @@ pub fn discover(containers: Option<&[ContainerFact]>, netns_paths: &[String]) ->
             }
             continue;
         }
-        let cookie = match ns.cookie() {
-            Ok(c) => c,
-            Err(e) => {
-                found.skipped.push(e.to_string());
-                continue;
-            }
-        };
         let nsid = metaguard_sys::rtnl::netns_id(std::os::fd::AsFd::as_fd(&ns))
             .ok()
             .flatten();
@@ -170,11 +172,24 @@ pub fn discover(containers: Option<&[ContainerFact]>, netns_paths: &[String]) ->
         by_id.insert(ns.id(), found.namespaces.len());
         found.namespaces.push(Namespace {
             path,
-            cookie,
+            cookie: 0,
             bridges,
             containers: container.into_iter().cloned().collect(),
         });
+        opened.push(ns);
     }
+    // Cookies last (a thread per namespace), and only for those the map
+    // lists: containers joining a namespace are all known by now.
+    for (entry, ns) in found.namespaces.iter_mut().zip(&opened) {
+        if entry.decision(config).is_none() {
+            continue;
+        }
+        match ns.cookie() {
+            Ok(c) => entry.cookie = c,
+            Err(e) => skipped.push(e.to_string()),
+        }
+    }
+    found.skipped.extend(skipped);
     found
 }
 

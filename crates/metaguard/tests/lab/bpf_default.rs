@@ -18,7 +18,7 @@ use metaguard_lab::topology::{addr, Role};
 use metaguard_lab::{Lab, Workload};
 use metaguard_sys::bpf as sys;
 
-use crate::bpf::{apply, http, BpfFs};
+use crate::bpf::{apply, BpfFs};
 use crate::daemon::Daemon;
 use crate::enforce::{arrived, expect_reached};
 use crate::ensure;
@@ -56,6 +56,14 @@ fn default_policy(lab: &Lab, before: &str) -> String {
     format!(
         "{before}\n{BUILTIN_DEFAULT_TOML}\n[layers]\ncontainer_cgroups = [\"{root}/docker\", \"{root}/system.slice\"]\n"
     )
+}
+
+/// `GET /latest/meta-data/` at `host`, with a 5 s timeout: what must reach
+/// does so on a machine loaded with builds (a refusal is EPERM at once).
+fn http(lab: &Lab, host: &str) -> ProbeSpec {
+    let mut s = lab.http_get(&format!("http://{host}/latest/meta-data/"));
+    s.timeout_ms = 5000;
+    s
 }
 
 /// A namespace made by the test: its lab name and the cgroup its
@@ -125,7 +133,7 @@ fn udp(lab: &Lab, host: &str) -> ProbeSpec {
             host: host.into(),
             port: addr::ECHO_UDP_PORT,
         },
-        timeout_ms: 2000,
+        timeout_ms: 5000,
     }
 }
 
@@ -196,7 +204,7 @@ fn delete_metaguard_tables(lab: &Lab, roles: &[Role]) -> Result<(), Failed> {
 
 fn credentials(lab: &Lab) -> ProbeSpec {
     let mut s = lab.http_get(&Lab::credentials_url(Workload::BridgeC1));
-    s.timeout_ms = 2000;
+    s.timeout_ms = 5000;
     s
 }
 
@@ -296,7 +304,7 @@ fn allowing_workload_is_refused_until_classified_then_reaches() -> Result<(), Fa
     let made = started.elapsed();
     // Every attempt is refused (nothing arrives) until the namespace is
     // classified, then it reaches; never anything else.
-    let deadline = Instant::now() + Duration::from_secs(2);
+    let deadline = Instant::now() + Duration::from_secs(3);
     let mut refusals = 0;
     loop {
         let spec = http(&lab, "169.254.169.254");
@@ -311,7 +319,7 @@ fn allowing_workload_is_refused_until_classified_then_reaches() -> Result<(), Fa
         refusals += 1;
         ensure!(
             Instant::now() < deadline,
-            "not classified within 2 s; daemon log: {}",
+            "not classified within 3 s; daemon log: {}",
             d.log_text()
         );
     }
@@ -320,6 +328,13 @@ fn allowing_workload_is_refused_until_classified_then_reaches() -> Result<(), Fa
         started.elapsed()
     );
     d.wait_log("bpf namespace map updated", Duration::from_secs(1))?;
+    for line in d
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("bpf namespace map updated"))
+    {
+        eprintln!("daemon: {line}");
+    }
     // A neighbour on the same bridge in the default workload stays refused.
     let other = bridge_container(&mut lab, "c5", 33)?;
     refused(&lab, &other, &http(&lab, "169.254.169.254"))?;
@@ -429,7 +444,7 @@ fn proxied_namespaces_pass_the_hooks_to_the_proxy_unclassified_ones_are_refused(
         cgroup_parent: String::new(),
         running: true,
     });
-    let deadline = Instant::now() + Duration::from_secs(2);
+    let deadline = Instant::now() + Duration::from_secs(3);
     loop {
         match imdsv2(&lab, &m)? {
             Ok(200) => break,
