@@ -92,8 +92,49 @@ fn nft_json(n: usize) -> String {
             ));
         }
     }
+    // metaguard's own table, as another version left it: F23 renders this
+    // version's table to compare.
+    items.push(r#"{"table": {"family": "inet", "name": "metaguard", "handle": 90}}"#.to_string());
+    items.push(r#"{"chain": {"family": "inet", "table": "metaguard", "name": "imds_guard_v0", "handle": 91}}"#.to_string());
     format!("{{\"nftables\": [{}]}}", items.join(", "))
 }
+
+/// `docker.json` with `n` running containers (four tasks' credential
+/// variables, a proxy setting without NO_PROXY on every tenth) and a
+/// dockerd: the inputs of F12, F13, F18 and F22.
+fn docker_json(n: usize) -> String {
+    let containers: Vec<serde_json::Value> = (0..n)
+        .map(|i| {
+            let mut env = serde_json::json!({
+                "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI": null,
+                "ECS_CONTAINER_METADATA_URI_V4": null,
+                "PATH": null,
+            });
+            if i % 10 == 0 {
+                env["HTTPS_PROXY"] = serde_json::json!("http://proxy.internal:3128");
+            }
+            serde_json::json!({
+                "name": format!("ecs-app-{i}"),
+                "network_mode": "bridge",
+                "labels": {"com.amazonaws.ecs.task-arn": format!("arn:aws:ecs:us-east-1:111122223333:task/c/{:032x}", i % 4)},
+                "cgroup": format!("docker/{i:064x}"),
+                "netns": format!("/var/run/docker/netns/{i:012x}"),
+                "env": env,
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "containers": containers,
+        "daemon": {"running": true, "iptables": null, "bridge": null, "env": {"HTTP_PROXY": "http://proxy.internal:3128", "NO_PROXY": "169.254.169.254,169.254.170.2"}},
+    })
+    .to_string()
+}
+
+/// `ethtool -S` of two ENA interfaces (F21).
+const ETHTOOL: &str = "# ethtool -S ens5 (driver ena)\nNIC statistics:\n     tx_timeout: 0\n     linklocal_allowance_exceeded: 1873\n     queue_0_tx_cnt: 918273\n# ethtool -S ens6 (driver ena)\nNIC statistics:\n     linklocal_allowance_exceeded: 0\n";
+
+/// What `--probe` saw (F16, F19, F20).
+const PROBES: &str = r#"{"imds": [{"from": "host", "token_put": {"outcome": "answered", "status": 200, "ttl_header": true}, "tokenless_get": {"outcome": "answered", "status": 200}}, {"from": "bridge docker0", "token_put": {"outcome": "answered", "status": 403, "body": ""}, "tokenless_get": {"outcome": "answered", "status": 200}, "connect": "answered"}]}"#;
 
 fn files(n: usize) -> Result<BTreeMap<String, String>, String> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/doctor/fixtures/clean");
@@ -110,6 +151,9 @@ fn files(n: usize) -> Result<BTreeMap<String, String>, String> {
     m.remove("ip6tables-legacy-save.txt");
     m.insert("iptables-nft-save.txt".into(), iptables_save(n));
     m.insert("nft-ruleset.json".into(), nft_json(n));
+    m.insert("docker.json".into(), docker_json(n / 25));
+    m.insert("ethtool-stats.txt".into(), ETHTOOL.into());
+    m.insert("probes.json".into(), PROBES.into());
     Ok(m)
 }
 
@@ -125,6 +169,7 @@ fn main() {
     };
     let mut times = Vec::new();
     let mut sizes = (0, 0, 0);
+    let mut findings = String::new();
     for _ in 0..rounds {
         let t = Instant::now();
         let snap = match Snapshot::parse(&m) {
@@ -137,12 +182,18 @@ fn main() {
         let r = analyze(&snap, "bench");
         times.push(t.elapsed().as_secs_f64() * 1000.0);
         sizes = (r.stats.iptables_rules, r.stats.nft_rules, r.flows.len());
+        findings = r
+            .findings
+            .iter()
+            .map(|f| f.id)
+            .collect::<Vec<_>>()
+            .join(" ");
     }
     times.sort_by(f64::total_cmp);
     let (min, med, max) = (times[0], times[times.len() / 2], times[times.len() - 1]);
     let line = format!(
-        "| {} iptables rules + {} nft rules, {} flows | {min:.1} ms | {med:.1} ms | {max:.1} ms |",
-        sizes.0, sizes.1, sizes.2
+        "| {} iptables rules + {} nft rules, {} flows, {} containers; findings {findings} | {min:.1} ms | {med:.1} ms | {max:.1} ms |",
+        sizes.0, sizes.1, sizes.2, n / 25
     );
     println!("doctor analysis (parse + evaluate + findings), {rounds} rounds: min {min:.1} ms, median {med:.1} ms, max {max:.1} ms ({} iptables + {} nft rules)", sizes.0, sizes.1);
     if full {
@@ -164,8 +215,10 @@ fn write_section(line: &str, rounds: usize) -> Result<(), String> {
             "## Doctor analysis — `cargo bench -p metaguard --bench doctor`\n\n\
              Parse + packet-path evaluation + findings for a snapshot with a generated 5,000-rule iptables-save \
              (iptables-nft: Docker-like chains, DNATs, multiport/comment matches) and a 5,000-rule nft ruleset \
-             (an inet table with base chains at every hook jumping into 50 user chains), over the `clean` \
-             fixture's addresses and routes; {rounds} rounds, release build. Budget: < 1 s. Machine: {}.\n\n\
+             (an inet table with base chains at every hook jumping into 50 user chains, and an `inet metaguard` \
+             table another version left, which F23 compares with this version's rendering), 200 Docker containers \
+             (credential and proxy variables), ENA statistics and `--probe` results, over the `clean` \
+             fixture's addresses and routes: every check F1–F23 runs; {rounds} rounds, release build. Budget: < 1 s. Machine: {}.\n\n\
              | input | min | median | max |\n|---|---|---|---|\n{line}",
             common::machine()
         ),
