@@ -650,6 +650,11 @@ fn deny_task_metadata(g: &mut Guarded) -> Result<(), Failed> {
 /// A container started with a proxy and no NO_PROXY (added to the lab's
 /// Docker API after its own containers; backed by this test's process).
 fn proxied_container(g: &mut Guarded) -> Result<(), Failed> {
+    start_proxied(g, "localhost,169.254.169.254")
+}
+
+/// (Re)starts the proxied container with `no_proxy`.
+fn start_proxied(g: &mut Guarded, no_proxy: &str) -> Result<(), Failed> {
     use metaguard_lab::docker::FakeContainer;
     let docker = g.lab.start_docker_api().map_err(|e| e.to_string())?;
     docker.start(FakeContainer {
@@ -659,7 +664,7 @@ fn proxied_container(g: &mut Guarded) -> Result<(), Failed> {
         labels: Default::default(),
         env: vec![
             "HTTPS_PROXY=http://user:secret@proxy.internal:3128".into(),
-            "NO_PROXY=localhost,169.254.169.254".into(),
+            format!("NO_PROXY={no_proxy}"),
         ],
         network_mode: "bridge".into(),
         pid: std::process::id(),
@@ -737,6 +742,11 @@ fn f18_proxy_without_no_proxy() -> Result<(), Failed> {
         "F18 evidence:\n{out}"
     );
     ensure!(!out.contains("secret"), "the proxy password leaked:\n{out}");
+    // The operator's fix: the container restarted with both addresses
+    // exempted. F18 goes; F13 (several tasks' credentials) stays.
+    start_proxied(&mut g, "localhost,169.254.169.254,169.254.170.2")?;
+    let (_, found, out) = doctor(&g, &[])?;
+    ensure!(found == ["F13"], "after NO_PROXY: {found:?}\n{out}");
     Ok(())
 }
 
