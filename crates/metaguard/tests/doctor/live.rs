@@ -58,6 +58,11 @@ pub const TESTS: &[(&str, bool, crate::TestFn)] = &[
         f14_silent_drop_makes_sdks_wait,
     ),
     (
+        "live::f14_nft_table_drop_makes_sdks_wait",
+        true,
+        f14_nft_table_drop_makes_sdks_wait,
+    ),
+    (
         "live::f13_container_reads_another_tasks_credentials",
         true,
         f13_container_reads_another_tasks_credentials,
@@ -581,10 +586,36 @@ fn imds_failure(g: &Guarded) -> Result<(metaguard_lab::probe::Outcome, u64), Fai
 /// reject before the drop: the request fails at once, still blocked, and
 /// doctor names nothing new.
 fn f14_silent_drop_makes_sdks_wait() -> Result<(), Failed> {
+    f14_cycle(|g| drop_instead_of_reject(g, false))
+}
+
+/// F14 with the drop in an nft table of its own (the DOCKER-USER reject
+/// removed): `--fix` inserts the rule's matches with an icmpx reject
+/// before its handle, and nft takes the rule text doctor renders.
+fn f14_nft_table_drop_makes_sdks_wait() -> Result<(), Failed> {
+    f14_cycle(|g| {
+        sh(
+            &g.lab,
+            Role::Host,
+            "iptables",
+            "-w -D DOCKER-USER -d 169.254.169.254/32 -j REJECT --reject-with icmp-admin-prohibited",
+        )?;
+        g.lab
+            .run_in(
+                Role::Host,
+                "nft",
+                &["add table inet guard; add chain inet guard filter_fw { type filter hook forward priority 0; policy accept; }; add rule inet guard filter_fw ip daddr 169.254.169.254 counter drop"],
+            )
+            .map(drop)
+            .map_err(|e| format!("nft: {e}").into())
+    })
+}
+
+fn f14_cycle(brk: impl FnOnce(&Guarded) -> Result<(), Failed>) -> Result<(), Failed> {
     use metaguard_lab::probe::Outcome;
     let before = root_state()?;
     let g = guarded(false)?;
-    drop_instead_of_reject(&g, false)?;
+    brk(&g)?;
     let (outcome, ms) = imds_failure(&g)?;
     ensure!(
         outcome == Outcome::Timeout,
