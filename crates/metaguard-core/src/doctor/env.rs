@@ -45,6 +45,42 @@ pub fn redact(value: &str) -> String {
     }
 }
 
+/// What a snapshot keeps of `/etc/ecs/ecs.config`: every line, but the
+/// value of a setting that may hold a secret (`ECS_ENGINE_AUTH_DATA`, or
+/// any key naming an auth, secret, password, token or private key) is
+/// replaced by `***`, and proxy settings lose their `user:password@`.
+/// Doctor reads only `ECS_AWSVPC_BLOCK_IMDS`-like switches and the proxy
+/// settings from it.
+pub fn snapshot_ecs_config(text: &str) -> String {
+    const SECRET: [&str; 6] = [
+        "AUTH",
+        "SECRET",
+        "PASSWORD",
+        "TOKEN",
+        "PRIVATE",
+        "CREDENTIAL",
+    ];
+    let mut out = String::with_capacity(text.len());
+    for line in text.lines() {
+        let kept = match line.split_once('=') {
+            Some((k, v)) if !k.trim_start().starts_with('#') => {
+                let key = k.trim().to_ascii_uppercase();
+                if is_proxy_var(&key) {
+                    format!("{k}={}", redact(v))
+                } else if SECRET.iter().any(|s| key.contains(s)) && !v.trim().is_empty() {
+                    format!("{k}=***")
+                } else {
+                    line.to_string()
+                }
+            }
+            _ => line.to_string(),
+        };
+        out.push_str(&kept);
+        out.push('\n');
+    }
+    out
+}
+
 /// What a snapshot keeps of an environment (`KEY=VALUE` strings): every
 /// name, with the value of proxy settings only (redacted).
 pub fn snapshot_env<'a>(
@@ -120,6 +156,17 @@ pub fn proxy_gap<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ecs_config_keeps_switches_and_hides_secrets() {
+        let text = "# comment\nECS_CLUSTER=prod\nECS_AWSVPC_BLOCK_IMDS=true\nECS_ENGINE_AUTH_TYPE=dockercfg\nECS_ENGINE_AUTH_DATA={\"https://index.docker.io/v1/\":{\"auth\":\"c2VjcmV0\"}}\nHTTP_PROXY=http://u:p@proxy:3128\nNO_PROXY=169.254.169.254,169.254.170.2\n";
+        let got = snapshot_ecs_config(text);
+        assert_eq!(
+            got,
+            "# comment\nECS_CLUSTER=prod\nECS_AWSVPC_BLOCK_IMDS=true\nECS_ENGINE_AUTH_TYPE=***\nECS_ENGINE_AUTH_DATA=***\nHTTP_PROXY=http://***@proxy:3128\nNO_PROXY=169.254.169.254,169.254.170.2\n"
+        );
+        assert!(!got.contains("c2VjcmV0") && !got.contains("u:p@"));
+    }
 
     #[test]
     fn redact_removes_userinfo_only() {

@@ -15,7 +15,7 @@
 //! | `iptables-legacy-save.txt`, `ip6tables-legacy-save.txt` | `iptables-legacy-save`, `ip6tables-legacy-save` | no |
 //! | `iptables-nft-save.txt`, `ip6tables-nft-save.txt` | `iptables-nft-save`, `ip6tables-nft-save` | no |
 //! | `nft-ruleset.json` | `nft -j list ruleset` | no |
-//! | `ecs.config` | `/etc/ecs/ecs.config` | no |
+//! | `ecs.config` | `/etc/ecs/ecs.config`, secrets replaced by `***` (`env::snapshot_ecs_config`) | no |
 //! | `docker.json` | `{"host_network_containers": [{"name", "cgroup"}], "agent_cgroup", "published": [{"host_ip", "host_port", "container_port", "container"}], "containers": [{"name", "network_mode", "labels", "cgroup", "netns", "env": {NAME: null \| proxy value}}], "daemon": {"running", "iptables", "ip6tables", "bridge", "env", "env_source"}}` | no |
 //! | `cgroup.txt` | the cgroup layout (`cgroup2 <mount>` / `v1`) | no |
 //! | `boot.json` | `{"units": {"docker.service": {"before": [], "after": []}, …}, "boothooks_with_imds_rule": []}` | no (F5 is then not judged) |

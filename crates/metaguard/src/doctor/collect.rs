@@ -101,7 +101,12 @@ pub fn collect(
     let mut files = BTreeMap::new();
     net_state(None, "", &mut files)?;
     if let Ok(t) = std::fs::read_to_string("/etc/ecs/ecs.config") {
-        files.insert("ecs.config".into(), t);
+        // Registry credentials (ECS_ENGINE_AUTH_DATA) never enter a
+        // snapshot, which users attach to bug reports.
+        files.insert(
+            "ecs.config".into(),
+            metaguard_core::doctor::env::snapshot_ecs_config(&t),
+        );
     }
     if let Some(t) = config_text {
         files.insert("metaguard.toml".into(), t.to_string());
