@@ -13,7 +13,8 @@
 //! 2. the caller: an unidentified caller is refused (403, fail closed);
 //! 3. its workload's rate limit (429) — asked only of identified callers
 //!    with a well-formed request;
-//! 4. the workload's action for the service: `deny` (403);
+//! 4. the workload's action for the service: `deny` (403); `observe` is
+//!    decided as `allow` (the proxy records what passes);
 //! 5. the canonical target (400 when it has none, whatever the action);
 //! 6. per service: IMDS methods, the token `PUT` with `X-Forwarded-For`
 //!    (F16) and the path policy under `proxy`; credentials ids (F13) and
@@ -365,7 +366,8 @@ fn deny(status: u16, rule: impl Into<String>, path: String) -> Verdict {
 }
 
 fn imds(w: &Workload, action: Action, req: &Request<'_>, c: &Canonical, path: String) -> Verdict {
-    let mut rule = "imds = \"allow\"".to_string();
+    // allow and observe: forwarded as asked (observe only records).
+    let mut rule = format!("imds = \"{action}\"");
     if action == Action::Proxy {
         let token = c.segments == ["latest", "api", "token"];
         let m = req.method;
