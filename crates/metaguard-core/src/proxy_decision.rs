@@ -143,6 +143,12 @@ pub trait Directory: Send + Sync + 'static {
     }
     /// Who owns credentials or task-metadata id `id`.
     fn owner(&self, config: &Config, kind: IdKind, id: &str) -> Ownership;
+    /// Container `id`'s name and ECS labels, from memory without blocking
+    /// (observe records); none when not known at once. The default knows
+    /// nothing.
+    fn container_info(&self, _id: &str) -> Option<crate::observe::ContainerInfo> {
+        None
+    }
 }
 
 /// What the decision needs of a request, as received.

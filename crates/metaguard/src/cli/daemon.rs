@@ -27,6 +27,9 @@ pub struct Paths<'a> {
     pub state_dir: &'a Path,
     pub docker_socket: &'a Path,
     pub bpf_pin_dir: &'a Path,
+    pub observe_dir: &'a Path,
+    /// `--observe-max-bytes`.
+    pub observe_max_bytes: u64,
 }
 
 fn metrics_addr(metrics: &str) -> anyhow::Result<SocketAddr> {
@@ -54,6 +57,8 @@ pub fn run(
         bpf_pin_dir: paths.bpf_pin_dir.to_path_buf(),
         remove_on_exit,
         metrics_addr,
+        observe_dir: paths.observe_dir.to_path_buf(),
+        observe_caps: metaguard_proxy::observe::Caps::total(paths.observe_max_bytes),
     };
     daemon::run(opts, |path: Option<&Path>| {
         config::load(&ConfigArg {

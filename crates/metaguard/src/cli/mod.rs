@@ -65,6 +65,9 @@ pub struct Cli {
     /// layer may attach programs; the lab passes its own.
     #[arg(long, global = true, hide = true, value_name = "CGROUP")]
     bpf_attach_within: Option<String>,
+    /// Where observe mode records requests (`daemon` writes, `report` reads).
+    #[arg(long, global = true, value_name = "DIR", default_value = metaguard_proxy::observe::DEFAULT_DIR)]
+    observe_dir: PathBuf,
     #[command(subcommand)]
     command: Command,
 }
@@ -115,6 +118,9 @@ enum Command {
         /// change nothing (the unit's ExecStartPre).
         #[arg(long)]
         check: bool,
+        /// How many bytes of observe records to keep (in 8 rotated files).
+        #[arg(long, hide = true, value_name = "BYTES", default_value_t = metaguard_proxy::observe::Caps::DEFAULT_TOTAL)]
+        observe_max_bytes: u64,
     },
     /// Have the running daemon apply its config again (SIGHUP) and wait for the outcome.
     Reload {
@@ -223,11 +229,14 @@ pub fn main() -> ExitCode {
             metrics,
             json,
             check,
+            observe_max_bytes,
         } => {
             let paths = daemon::Paths {
                 state_dir: &cli.state_dir,
                 docker_socket: &cli.docker_socket,
                 bpf_pin_dir: &cli.bpf_pin_dir,
+                observe_dir: &cli.observe_dir,
+                observe_max_bytes,
             };
             if check {
                 daemon::check(&config, &metrics, &paths)
