@@ -300,15 +300,15 @@ pub struct Report {
 /// (skipped lines, truncation, `--since`); its counts and bounds are
 /// filled in here.
 pub fn report(config: &Config, records: &[Record], mut window: Window) -> Report {
-    type CallerKey = (Option<ContainerInfo>, String);
+    // A container (by id) is one caller whatever port it came through; a
+    // caller without one is told apart by how it was identified.
+    type CallerKey = (Option<String>, String);
     type AccessKey = (String, String, String);
     type ByCaller<'r> = BTreeMap<CallerKey, BTreeMap<AccessKey, Vec<&'r Record>>>;
     let mut by: BTreeMap<String, ByCaller<'_>> = BTreeMap::new();
     for r in records {
-        // A container is one caller whatever port it came through; a
-        // caller without one is told apart by how it was identified.
         let ck = match &r.container {
-            Some(c) => (Some(c.clone()), String::new()),
+            Some(c) => (Some(c.id.clone()), String::new()),
             None => (None, r.caller.clone()),
         };
         by.entry(r.workload.clone())
@@ -330,7 +330,22 @@ pub fn report(config: &Config, records: &[Record], mut window: Window) -> Report
     for (name, callers) in by {
         let w = config.workloads.iter().find(|w| w.name == name);
         let mut out = Vec::new();
-        for ((container, how), accesses) in callers {
+        for ((_, how), accesses) in callers {
+            // The fullest description any of its records has (a record
+            // taken while the daemon's container listing was busy has
+            // only the id).
+            let container = accesses
+                .values()
+                .flatten()
+                .filter_map(|r| r.container.as_ref())
+                .max_by_key(|c| {
+                    (
+                        !c.name.is_empty(),
+                        c.task_arn.is_some(),
+                        c.task_family.is_some(),
+                    )
+                })
+                .cloned();
             let mut list = Vec::new();
             let mut caller = how;
             for ((service, method, path), recs) in accesses {

@@ -302,3 +302,33 @@ fn a_record_is_one_json_line_and_reads_back() {
 fn suggestion_golden() {
     insta::assert_snapshot!("suggestion", suggest(&enforced(), &records()));
 }
+
+/// The report's JSON schema (docs/observe.md), pinned.
+#[test]
+fn report_json_golden() {
+    let mut recs = records();
+    // The same container seen once without its name (a busy listing):
+    // still one caller, described fully.
+    let mut bare = recs[0].clone();
+    bare.container = Some(ContainerInfo {
+        id: "v1app-0123456789abcdef".into(),
+        ..ContainerInfo::default()
+    });
+    bare.time = 1006.0;
+    recs.push(bare);
+    let window = Window {
+        since: Some("24h".into()),
+        skipped_lines: 1,
+        truncated: true,
+        ..Window::default()
+    };
+    let r = report(&enforced(), &recs, window);
+    let bridge = r
+        .workloads
+        .iter()
+        .find(|w| w.workload == "bridge-containers")
+        .expect("bridge");
+    assert_eq!(bridge.callers.len(), 2);
+    let json = serde_json::to_string_pretty(&r).expect("json");
+    insta::assert_snapshot!("report_json", json);
+}

@@ -22,6 +22,7 @@ mod lab_probe;
 mod reload;
 mod remove;
 mod render;
+mod report;
 mod verify;
 
 /// Exit code for drift or problems found.
@@ -175,6 +176,20 @@ enum Command {
         #[arg(long, value_name = "PATH", default_value = metaguard_core::config::DEFAULT_PATH)]
         installed_config: String,
     },
+    /// What observe mode recorded, and what --config would break if enforced.
+    Report {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Only records of the last DURATION (e.g. 30m, 24h, 7d, 1h30m).
+        #[arg(long, value_name = "DURATION", value_parser = report::parse_since)]
+        since: Option<(String, u64)>,
+        /// Print the report as JSON (schema: docs/observe.md).
+        #[arg(long)]
+        json: bool,
+        /// Print a config that allows exactly what was observed and denies the rest.
+        #[arg(long, conflicts_with = "json")]
+        suggest: bool,
+    },
     /// Run CMD unable to reach metadata endpoints (no root needed).
     Exec {
         #[command(flatten)]
@@ -283,6 +298,18 @@ pub fn main() -> ExitCode {
             cluster,
             binary,
             installed_config,
+        }),
+        Command::Report {
+            config,
+            since,
+            json,
+            suggest,
+        } => report::run(&report::Args {
+            config: &config,
+            since,
+            json,
+            suggest,
+            observe_dir: &cli.observe_dir,
         }),
         Command::Exec { args } => exec::run(args),
         Command::Demo { json, color } => demo::run(json, &color),
