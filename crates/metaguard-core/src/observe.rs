@@ -396,6 +396,19 @@ pub fn report(config: &Config, records: &[Record], mut window: Window) -> Report
                 accesses: list,
             });
         }
+        // By container name (what an operator reads), then id and caller.
+        out.sort_by(|a, b| {
+            let key = |c: &CallerReport| {
+                let (name, id) = c
+                    .container
+                    .as_ref()
+                    .map_or((String::new(), String::new()), |c| {
+                        (c.name.clone(), c.id.clone())
+                    });
+                (c.container.is_none(), name, id, c.caller.clone())
+            };
+            key(a).cmp(&key(b))
+        });
         workloads.push(WorkloadReport {
             workload: name,
             imds: w.map(|w| w.imds.as_str()),
