@@ -12,7 +12,7 @@
 //!    metadata endpoint, no body or `Transfer-Encoding` (400);
 //! 2. the caller: an unidentified caller is refused (403, fail closed);
 //! 3. its workload's rate limit (429) — asked only of identified callers
-//!    with a well-formed request;
+//!    with a well-formed request, and not under `observe`;
 //! 4. the workload's action for the service: `deny` (403); `observe` is
 //!    decided as `allow` (the proxy records what passes);
 //! 5. the canonical target (400 when it has none, whatever the action);
@@ -307,7 +307,12 @@ pub fn decide(
             raw_log,
         );
     };
-    if !admit(caller.workload) {
+    let (action, allowed_query): (Action, &[&str]) = match kind {
+        Kind::Imds => (w.imds, &[]),
+        Kind::Relay => (w.task_metadata, &["id"]),
+    };
+    // Observe flows as allow does: no rate limit of metaguard's own.
+    if action != Action::Observe && !admit(caller.workload) {
         return refuse(
             429,
             "throttle",
@@ -318,10 +323,6 @@ pub fn decide(
             raw_log,
         );
     }
-    let (action, allowed_query): (Action, &[&str]) = match kind {
-        Kind::Imds => (w.imds, &[]),
-        Kind::Relay => (w.task_metadata, &["id"]),
-    };
     if action == Action::Deny {
         return refuse(
             403,

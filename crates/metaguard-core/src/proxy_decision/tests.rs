@@ -704,6 +704,16 @@ fn observe_is_decided_as_allow_whatever_the_path_policy_would_say() {
         };
         assert_eq!(f.rule, "imds = \"observe\"");
     }
+    // No rate limit of metaguard's own: the limiter is not even asked.
+    let v = decide_with(
+        &FakeDirectory::default(),
+        &c,
+        Kind::Imds,
+        &caller(0),
+        &get("/latest/meta-data/instance-id"),
+        |_| panic!("observe asked the rate limiter"),
+    );
+    assert!(matches!(v, Verdict::Forward(_)), "{v:?}");
     let step = decide(
         &c,
         Kind::Relay,

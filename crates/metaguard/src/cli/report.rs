@@ -94,6 +94,16 @@ fn when(t: f64) -> String {
     httpdate::fmt_http_date(UNIX_EPOCH + Duration::from_secs_f64(t.max(0.0)))
 }
 
+/// "first – last", or one time when they are the same second.
+fn span(first: f64, last: f64) -> String {
+    let (a, b) = (when(first), when(last));
+    if a == b {
+        a
+    } else {
+        format!("{a} – {b}")
+    }
+}
+
 /// The report as a table: one line per access, grouped per workload and
 /// caller.
 pub fn table(r: &Report) -> String {
@@ -164,14 +174,13 @@ pub fn table(r: &Report) -> String {
                 };
                 let _ = writeln!(
                     out,
-                    "    {:<5} {:<13} {:<4} {:<46} ×{:<5} {versions}  {} – {}{}",
+                    "    {:<5} {:<13} {:<4} {:<46} ×{:<5} {versions}  {}{}",
                     if a.would == "deny" { "DENY" } else { "allow" },
                     a.service,
                     a.method,
                     a.path,
                     a.count,
-                    when(a.first_seen),
-                    when(a.last_seen),
+                    span(a.first_seen, a.last_seen),
                     if a.would == "deny" {
                         format!("  ({})", a.rule)
                     } else {

@@ -381,6 +381,15 @@ fn mixed_lab_report_attributes_every_access_and_blocks_nothing() -> Result<(), F
     // The table names the same, and marks what would break.
     let out = report(&lab, &observe, &[])?;
     let table = String::from_utf8_lossy(&out.stdout);
+    if std::env::var_os("METAGUARD_OBSERVE_SHOW").is_some() {
+        // For docs/observe.md's walkthrough: the real output.
+        let suggested = report(&lab, &observe, &["--suggest"])?;
+        eprintln!(
+            "--- observe.toml\n{}\n--- report\n{table}\n--- report --suggest\n{}",
+            std::fs::read_to_string(&observe)?,
+            String::from_utf8_lossy(&suggested.stdout)
+        );
+    }
     ensure!(
         table.contains("DENY  imds") && table.contains("would deny 4"),
         "the table: {table}"
