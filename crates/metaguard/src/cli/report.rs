@@ -112,13 +112,7 @@ pub fn table(r: &Report) -> String {
     let _ = writeln!(out, "config: {}", r.config);
     match (w.from, w.to) {
         (Some(from), Some(to)) => {
-            let _ = write!(
-                out,
-                "window: {} – {}, {} request(s)",
-                when(from),
-                when(to),
-                w.records
-            );
+            let _ = write!(out, "window: {}, {} request(s)", span(from, to), w.records);
         }
         _ => {
             let _ = write!(out, "window: no records");

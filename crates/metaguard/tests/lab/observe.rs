@@ -503,6 +503,9 @@ fn a_daemon_killed_mid_traffic_loses_no_answered_record() -> Result<(), Failed> 
         d.log_text()
     );
     ensure!(v["window"]["skipped_lines"].as_u64() == Some(0), "{v}");
+    if std::env::var_os("METAGUARD_OBSERVE_SHOW").is_some() {
+        eprintln!("restart: sent {sent}, answered {answered}, recorded {recorded}");
+    }
     Ok(())
 }
 
