@@ -15,7 +15,8 @@
 //! close`. Per connect: TCP connects/s from c1 to the VPC echo service
 //! (10.0.0.1; every packet crosses the workload's chain, which under
 //! observe holds the port-80 probe rules; no cgroup BPF program runs under
-//! either: observe never denies). Variants rotate each round; figures are
+//! either: observe never denies), with `net.ipv4.tcp_tw_reuse=1` in c1
+//! (without it the rate collapses after some 10 000 connects in one lab). Variants rotate each round; figures are
 //! the medians over rounds. `sudo cargo bench -p metaguard --bench
 //! observe` runs 5 rounds × 3 s (`METAGUARD_OBSERVE_BENCH_ROUNDS`,
 //! `…_SECS`) and rewrites the `observe` section of BENCHMARKS.md; under
@@ -90,6 +91,11 @@ fn run(full: bool) -> Result<(), String> {
     let exe = std::path::PathBuf::from(env!("CARGO_BIN_EXE_metaguard"));
     let mut lab = Lab::start(LabOptions::new(exe)).map_err(|e| format!("lab: {e}"))?;
     lab.start_docker_api().map_err(|e| e.to_string())?;
+    // c1 reuses its TIME_WAIT ports: without it, some 10 000 connects in
+    // the connect rate slows to ~70/s for every variant alike, and
+    // whichever runs later measures the exhaustion, not the rules.
+    lab.run_in(Role::C1, "sysctl", &["-qw", "net.ipv4.tcp_tw_reuse=1"])
+        .map_err(|e| e.to_string())?;
     let from = lab.netns_name(Role::C1);
     let mut figs: Vec<Figures> = (0..VARIANTS.len()).map(|_| Figures::default()).collect();
     let mut records = 0u64;
