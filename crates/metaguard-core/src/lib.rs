@@ -14,6 +14,7 @@ pub mod doctor;
 pub mod exec_policy;
 pub mod identify;
 pub mod location;
+pub mod observe;
 pub mod proxy_decision;
 pub mod proxy_path;
 pub mod render;

@@ -12,8 +12,9 @@
 //!    metadata endpoint, no body or `Transfer-Encoding` (400);
 //! 2. the caller: an unidentified caller is refused (403, fail closed);
 //! 3. its workload's rate limit (429) — asked only of identified callers
-//!    with a well-formed request;
-//! 4. the workload's action for the service: `deny` (403);
+//!    with a well-formed request, and not under `observe`;
+//! 4. the workload's action for the service: `deny` (403); `observe` is
+//!    decided as `allow` (the proxy records what passes);
 //! 5. the canonical target (400 when it has none, whatever the action);
 //! 6. per service: IMDS methods, the token `PUT` with `X-Forwarded-For`
 //!    (F16) and the path policy under `proxy`; credentials ids (F13) and
@@ -142,6 +143,12 @@ pub trait Directory: Send + Sync + 'static {
     }
     /// Who owns credentials or task-metadata id `id`.
     fn owner(&self, config: &Config, kind: IdKind, id: &str) -> Ownership;
+    /// Container `id`'s name and ECS labels, from memory without blocking
+    /// (observe records); none when not known at once. The default knows
+    /// nothing.
+    fn container_info(&self, _id: &str) -> Option<crate::observe::ContainerInfo> {
+        None
+    }
 }
 
 /// What the decision needs of a request, as received.
@@ -300,7 +307,12 @@ pub fn decide(
             raw_log,
         );
     };
-    if !admit(caller.workload) {
+    let (action, allowed_query): (Action, &[&str]) = match kind {
+        Kind::Imds => (w.imds, &[]),
+        Kind::Relay => (w.task_metadata, &["id"]),
+    };
+    // Observe flows as allow does: no rate limit of metaguard's own.
+    if action != Action::Observe && !admit(caller.workload) {
         return refuse(
             429,
             "throttle",
@@ -311,10 +323,6 @@ pub fn decide(
             raw_log,
         );
     }
-    let (action, allowed_query): (Action, &[&str]) = match kind {
-        Kind::Imds => (w.imds, &[]),
-        Kind::Relay => (w.task_metadata, &["id"]),
-    };
     if action == Action::Deny {
         return refuse(
             403,
@@ -365,7 +373,8 @@ fn deny(status: u16, rule: impl Into<String>, path: String) -> Verdict {
 }
 
 fn imds(w: &Workload, action: Action, req: &Request<'_>, c: &Canonical, path: String) -> Verdict {
-    let mut rule = "imds = \"allow\"".to_string();
+    // allow and observe: forwarded as asked (observe only records).
+    let mut rule = format!("imds = \"{action}\"");
     if action == Action::Proxy {
         let token = c.segments == ["latest", "api", "token"];
         let m = req.method;

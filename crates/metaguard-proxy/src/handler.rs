@@ -38,6 +38,8 @@ struct Outcome {
     /// The path as logged (canonical; credentials ids shortened).
     path: String,
     upstream: Option<Duration>,
+    /// The `AccessKeyId` of a credentials answer (observed requests only).
+    access_key_id: Option<String>,
 }
 
 /// The answer to a request the decision refused.
@@ -70,6 +72,7 @@ fn refuse(
         rule,
         path,
         upstream: None,
+        access_key_id: None,
     }
 }
 
@@ -135,6 +138,19 @@ impl Proxy {
         };
         let wname = workload_name(&s.config, caller);
         let method = req.method().as_str().to_string();
+        // Observe: what the record needs of the request itself.
+        let observed = s
+            .observe
+            .as_ref()
+            .filter(|_| crate::observe::observed(&s.config, caller, kind))
+            .map(|log| {
+                let target = req
+                    .uri()
+                    .path_and_query()
+                    .map_or_else(|| "/".to_string(), |p| p.as_str().to_string());
+                let token = req.headers().contains_key("x-aws-ec2-metadata-token");
+                (log.clone(), target, token)
+            });
         let out = self.route(kind, caller, &s, &wname, req).await;
         let status = out.resp.status().as_u16();
         self.metrics
@@ -152,7 +168,56 @@ impl Proxy {
             status,
             upstream: out.upstream,
         });
+        if let Some((log, target, token)) = observed {
+            self.observe(
+                &s, &log, kind, caller, conn, &wname, &method, &target, token, &out,
+            );
+        }
         out.resp
+    }
+
+    /// Records an observed request and counts it.
+    #[allow(clippy::too_many_arguments)]
+    fn observe(
+        &self,
+        s: &Settings,
+        log: &crate::ObserveLog,
+        kind: Kind,
+        caller: &Caller,
+        conn: &Connection,
+        wname: &str,
+        method: &str,
+        target: &str,
+        token: bool,
+        out: &Outcome,
+    ) {
+        let seen = crate::observe::Seen {
+            kind,
+            caller,
+            workload: wname,
+            ipv6: conn.origin.peer.is_ipv6(),
+            method,
+            target,
+            path: &out.path,
+            token,
+            status: out.resp.status().as_u16(),
+            decision: out.decision,
+            access_key_id: out.access_key_id.clone(),
+        };
+        let rec = crate::observe::record_of(&s.config, self.directory.as_ref(), &seen);
+        self.metrics
+            .observed
+            .with_label_values(&[
+                wname,
+                kind.as_str(),
+                rec.imds_version.as_deref().unwrap_or("none"),
+                out.decision,
+            ])
+            .inc();
+        if let Err(e) = log.record(&rec) {
+            self.metrics.observe_errors.inc();
+            tracing::warn!(error = %e, "cannot record an observed request");
+        }
     }
 
     async fn route(
@@ -278,6 +343,9 @@ impl Proxy {
                 }
             }
         }
+        let access_key_id = (s.observe.is_some() && parts.status.is_success())
+            .then(|| crate::observe::access_key_id(&bytes))
+            .flatten();
         let mut resp = Response::new(Full::new(bytes));
         *resp.status_mut() = parts.status;
         copy_headers(&parts.headers, resp.headers_mut(), &RESPONSE_HEADERS);
@@ -287,6 +355,7 @@ impl Proxy {
             rule,
             path,
             upstream: Some(elapsed),
+            access_key_id,
         }
     }
 

@@ -46,6 +46,7 @@ mod handler;
 mod io;
 mod limits;
 mod metrics;
+pub mod observe;
 pub mod redact;
 pub mod server;
 pub mod settings;
@@ -62,6 +63,7 @@ use tracing::{debug, warn};
 
 pub use audit::AuditSink;
 pub use metrics::ProxyMetrics;
+pub use observe::ObserveLog;
 pub use server::{Listener, Server};
 pub use settings::{Settings, SettingsError, Upstreams};
 

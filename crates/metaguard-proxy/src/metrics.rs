@@ -1,6 +1,6 @@
 //! The proxy's Prometheus metrics, registered on the daemon's registry.
 
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
+use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry};
 
 #[derive(Debug, Clone)]
 pub struct ProxyMetrics {
@@ -12,6 +12,13 @@ pub struct ProxyMetrics {
     pub upstream_errors: IntCounterVec,
     /// Connections closed at once, by workload and reason.
     pub refused_connections: IntCounterVec,
+    /// Requests of observed workloads, by workload, service, IMDS version
+    /// and decision. Bounded: workloads are the config's (plus none), two
+    /// services, three versions (`v1`, `v2`, `none` for task metadata),
+    /// five decisions — at most 30 series per observed workload.
+    pub observed: IntCounterVec,
+    /// Observed requests that could not be recorded (write errors).
+    pub observe_errors: IntCounter,
 }
 
 impl ProxyMetrics {
@@ -48,6 +55,19 @@ impl ProxyMetrics {
             ),
             &["workload", "reason"],
         )?;
+        let observed = IntCounterVec::new(
+            Opts::new(
+                "metaguard_observed_requests_total",
+                "Requests of observed workloads, by workload, service, IMDS version (v1, v2; none for task metadata) and decision.",
+            ),
+            &["workload", "service", "version", "decision"],
+        )?;
+        let observe_errors = IntCounter::new(
+            "metaguard_observe_write_errors_total",
+            "Observed requests that could not be written to the observe log.",
+        )?;
+        registry.register(Box::new(observed.clone()))?;
+        registry.register(Box::new(observe_errors.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(upstream_seconds.clone()))?;
         registry.register(Box::new(upstream_errors.clone()))?;
@@ -60,6 +80,8 @@ impl ProxyMetrics {
             upstream_seconds,
             upstream_errors,
             refused_connections,
+            observed,
+            observe_errors,
         })
     }
 }

@@ -477,4 +477,131 @@ mod tests {
         drop(server);
         let _ = std::fs::remove_dir_all(&dir);
     }
+
+    /// Every caller is the config's first workload, in container `c1`,
+    /// owning credentials id `own-id`; `c1` is the task `web`.
+    #[derive(Debug)]
+    struct Observed;
+
+    impl Directory for Observed {
+        fn identify(&self, _: &Arc<Config>, _: Origin) -> Caller {
+            Caller {
+                workload: Some(0),
+                container: Some("c1".into()),
+                credentials_ids: vec!["own-id".into()],
+                origin: "test".into(),
+                ..Caller::default()
+            }
+        }
+        fn owner(&self, _: &Config, _: IdKind, _: &str) -> Ownership {
+            Ownership::Unknown
+        }
+        fn container_info(&self, id: &str) -> Option<metaguard_core::observe::ContainerInfo> {
+            let labels = [(
+                metaguard_core::observe::LABEL_TASK_FAMILY.to_string(),
+                "web".to_string(),
+            )];
+            Some(metaguard_core::observe::ContainerInfo::new(
+                id,
+                "/app",
+                &labels.into_iter().collect(),
+            ))
+        }
+    }
+
+    /// A fake ECS agent: answers every request with credentials.
+    fn fake_agent() -> SocketAddr {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        std::thread::spawn(move || {
+            for s in l.incoming().take(8) {
+                let Ok(mut s) = s else { continue };
+                let mut buf = [0u8; 4096];
+                let _ = std::io::Read::read(&mut s, &mut buf);
+                let body =
+                    r#"{"AccessKeyId":"ASIAFAKE","SecretAccessKey":"secret","Token":"token"}"#;
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        addr
+    }
+
+    fn request(addr: SocketAddr, head: &str) -> Option<u16> {
+        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(7))).ok()?;
+        s.write_all(head.as_bytes()).ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        out.get(9..12)?.parse().ok()
+    }
+
+    #[test]
+    fn observed_requests_pass_and_are_recorded_without_their_secrets() {
+        let dir = std::env::temp_dir().join(format!("mg-proxy-observe-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let agent = fake_agent();
+        let text = format!(
+            "mode = \"observe\"\n[agent]\ncredentials = \"{agent}\"\n\n\
+             [[workload]]\nname = \"w\"\nbridges = [\"docker0\"]\nimds = \"deny\"\ntask_metadata = \"proxy\"\n"
+        );
+        let c = Config::parse(&text, "test.toml").expect("valid config");
+        let log = Arc::new(
+            crate::ObserveLog::open(&dir, crate::observe::Caps::default()).expect("observe log"),
+        );
+        let settings = Settings::new(Arc::new(c))
+            .expect("settings")
+            .with_observe(Some(log));
+        let registry = prometheus::Registry::new();
+        let metrics = ProxyMetrics::new(&registry).expect("metrics");
+        let mut server = Server::new(Proxy::new(Arc::new(Observed), metrics, settings));
+        let relay = l(&format!("127.0.0.1:{}", free_port()), Kind::Relay);
+        let p = match server.prepare(&BTreeSet::from([relay]), None) {
+            Ok(p) => p,
+            Err(e) if format!("{:?}", std::error::Error::source(&e)).contains("CAP_NET_ADMIN") => {
+                eprintln!("skipped: {e}: needs CAP_NET_ADMIN");
+                return;
+            }
+            Err(e) => panic!("bind: {e}"),
+        };
+        server.commit(p);
+        let get = |path: &str| {
+            request(
+                relay.addr,
+                &format!("GET {path} HTTP/1.1\r\nHost: 169.254.170.2\r\nConnection: close\r\n\r\n"),
+            )
+        };
+        // Own and foreign ids alike pass (observe decides as allow).
+        assert_eq!(get("/v2/credentials/own-id"), Some(200));
+        assert_eq!(get("/v2/credentials/other-id"), Some(200));
+        let r = crate::observe::read(&dir, None).expect("read");
+        assert_eq!(r.records.len(), 2, "{r:?}");
+        let (own, other) = (&r.records[0], &r.records[1]);
+        assert_eq!((own.own_id, other.own_id), (Some(true), Some(false)));
+        assert_eq!(own.path, "/v2/credentials/own-…");
+        assert_eq!(own.access_key_id.as_deref(), Some("ASIAFAKE"));
+        assert_eq!(
+            (own.service.as_str(), own.decision.as_str(), own.status),
+            ("task_metadata", "allow", 200)
+        );
+        let c = own.container.as_ref().expect("container");
+        assert_eq!(
+            (c.name.as_str(), c.task_family.as_deref()),
+            ("app", Some("web"))
+        );
+        let all = std::fs::read_to_string(dir.join(crate::observe::CURRENT)).expect("log");
+        assert!(!all.contains("secret") && !all.contains("own-id"), "{all}");
+        let m = prometheus::TextEncoder::new()
+            .encode_to_string(&registry.gather())
+            .expect("metrics");
+        assert!(
+            m.contains("metaguard_observed_requests_total{decision=\"allow\",service=\"task_metadata\",version=\"none\",workload=\"w\"} 2"),
+            "{m}"
+        );
+        drop(server);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

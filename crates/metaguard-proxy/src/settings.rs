@@ -16,6 +16,7 @@ use metaguard_core::Config;
 
 use crate::audit::AuditSink;
 use crate::limits::Limits;
+use crate::observe::ObserveLog;
 
 /// Where the proxy forwards to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,6 +67,8 @@ pub struct Settings {
     pub(crate) upstream_hosts: [HeaderValue; 2],
     pub(crate) limits: Limits,
     pub(crate) audit: AuditSink,
+    /// Where observed requests are recorded (none: nothing is).
+    pub(crate) observe: Option<Arc<ObserveLog>>,
 }
 
 impl Settings {
@@ -85,8 +88,16 @@ impl Settings {
             upstream_hosts: [upstreams.imds, upstreams.agent].map(crate::handler::host_header),
             upstreams,
             audit,
+            observe: None,
             config,
         })
+    }
+
+    /// These settings, recording observed workloads' requests in `log`
+    /// (one log for every generation: it rotates by its own size).
+    pub fn with_observe(mut self, log: Option<Arc<ObserveLog>>) -> Settings {
+        self.observe = log;
+        self
     }
 
     /// Takes over the limits' state of the settings they replace, each

@@ -64,6 +64,10 @@ pub enum Action {
     Allow,
     /// Served by metaguard's proxy with the workload's path policy.
     Proxy,
+    /// Flows as with `allow`; HTTP on port 80 passes through the proxy in
+    /// pass-through mode, which attributes and records every request for
+    /// `metaguard report` (docs/observe.md).
+    Observe,
 }
 
 impl Action {
@@ -72,6 +76,34 @@ impl Action {
             Action::Deny => "deny",
             Action::Allow => "allow",
             Action::Proxy => "proxy",
+            Action::Observe => "observe",
+        }
+    }
+
+    /// Whether port-80 HTTP of this action goes through metaguard's proxy
+    /// (`proxy` enforces a policy there, `observe` only records).
+    pub fn via_proxy(self) -> bool {
+        matches!(self, Action::Proxy | Action::Observe)
+    }
+}
+
+/// The top-level `mode` key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Mode {
+    /// Every action as written.
+    #[default]
+    Enforce,
+    /// `mode = "observe"`: every `deny` and `proxy` of `imds` and
+    /// `task_metadata` becomes `observe`, and `raw_sockets = "deny"`
+    /// becomes `allow`: nothing is blocked, everything is recorded.
+    Observe,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Enforce => "enforce",
+            Mode::Observe => "observe",
         }
     }
 }
@@ -266,6 +298,10 @@ impl fmt::Display for Origin {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
     pub origin: Origin,
+    /// `mode`: with [`Mode::Observe`] the workloads' actions below are
+    /// already the observed ones ([`Config::parse_enforced`] reads the
+    /// same text as written).
+    pub mode: Mode,
     pub endpoints: Endpoints,
     pub agent_credentials: SocketAddr,
     /// In file order: first match wins.
@@ -275,14 +311,19 @@ pub struct Config {
 }
 
 impl Config {
-    /// Whether any workload has `action` for `imds` / `task_metadata`.
+    /// Whether any workload's `imds` / `task_metadata` goes through the
+    /// proxy (`proxy` or `observe`): the proxy then serves that service.
     pub fn proxies(&self) -> (bool, bool) {
-        let imds = self.workloads.iter().any(|w| w.imds == Action::Proxy);
-        let tmd = self
-            .workloads
-            .iter()
-            .any(|w| w.task_metadata == Action::Proxy);
+        let imds = self.workloads.iter().any(|w| w.imds.via_proxy());
+        let tmd = self.workloads.iter().any(|w| w.task_metadata.via_proxy());
         (imds, tmd)
+    }
+
+    /// Whether any workload observes something (the daemon then records).
+    pub fn observes(&self) -> bool {
+        self.workloads
+            .iter()
+            .any(|w| w.imds == Action::Observe || w.task_metadata == Action::Observe)
     }
 }
 

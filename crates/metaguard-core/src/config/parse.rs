@@ -13,7 +13,7 @@ use crate::proxy_path::PathGlob;
 
 use super::validate::{check_cgroup, validate_workload};
 use super::{
-    Action, Config, ConfigError, Endpoints, Layers, Origin, ProxySettings,
+    Action, Config, ConfigError, Endpoints, Layers, Mode, Origin, ProxySettings,
     DEFAULT_AGENT_CREDENTIALS, DEFAULT_IMDS, DEFAULT_TASK_METADATA,
 };
 
@@ -23,6 +23,7 @@ use super::{
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawConfig {
+    pub(super) mode: Option<Spanned<String>>,
     pub(super) endpoints: Option<RawEndpoints>,
     pub(super) agent: Option<RawAgent>,
     pub(super) layers: Option<RawLayers>,
@@ -116,9 +117,36 @@ impl Ctx<'_> {
 
 impl Config {
     /// Parses and validates `text`; `origin` names it in errors (a path).
+    /// With `mode = "observe"` the workloads' actions are the observed
+    /// ones ([`Mode::Observe`]).
     pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        Self::parse_mode(text, origin, true)
+    }
+
+    /// [`Config::parse`], with every action as written even under
+    /// `mode = "observe"`: what the file would do if enforced (what
+    /// `metaguard report` asks). `mode` is still validated and reported.
+    pub fn parse_enforced(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        Self::parse_mode(text, origin, false)
+    }
+
+    fn parse_mode(text: &str, origin: &str, honour_mode: bool) -> Result<Config, ConfigError> {
         let cx = Ctx { text, origin };
         let raw: RawConfig = toml::from_str(text).map_err(|e| toml_error(&cx, &e))?;
+        let mode = match raw.mode {
+            None => Mode::Enforce,
+            Some(m) => match m.get_ref().as_str() {
+                "enforce" => Mode::Enforce,
+                "observe" => Mode::Observe,
+                other => {
+                    return Err(cx.err(
+                        m.span(),
+                        format!("mode: unknown mode {other:?}"),
+                        Some(r#"use "enforce" (the default) or "observe"; mode is a top-level key, before any [table]"#),
+                    ))
+                }
+            },
+        };
 
         let endpoints = match raw.endpoints {
             None => Endpoints {
@@ -179,9 +207,20 @@ impl Config {
             }
             workloads.push(workload);
         }
+        if mode == Mode::Observe && honour_mode {
+            for w in &mut workloads {
+                for a in [&mut w.imds, &mut w.task_metadata] {
+                    if matches!(*a, Action::Deny | Action::Proxy) {
+                        *a = Action::Observe;
+                    }
+                }
+                w.raw_sockets = Action::Allow;
+            }
+        }
 
         Ok(Config {
             origin: Origin::File(origin.to_string()),
+            mode,
             endpoints,
             agent_credentials,
             workloads,
@@ -355,10 +394,11 @@ pub(super) fn parse_action(
         "deny" => Ok(Action::Deny),
         "allow" => Ok(Action::Allow),
         "proxy" => Ok(Action::Proxy),
+        "observe" => Ok(Action::Observe),
         other => Err(cx.err(
             v.span(),
             format!("{key}: unknown action {other:?}"),
-            Some(r#"use one of "deny", "allow", "proxy""#),
+            Some(r#"use one of "deny", "allow", "proxy", "observe""#),
         )),
     }
 }

@@ -165,6 +165,9 @@ const BAD: &[(&str, &str, usize, usize, &str)] = &[
     ("imds_policy without proxy", "[[workload]]\nname = \"a\"\nbridges = [\"x\"]\nimds = \"deny\"\n\n[workload.imds_policy]\nallow = [\"/latest/meta-data/instance-id\"]\n", 6, 1, "imds_policy is only used with imds = \"proxy\""),
     ("unknown imds_policy key", "[[workload]]\nname = \"a\"\nbridges = [\"x\"]\nimds = \"proxy\"\n\n[workload.imds_policy]\nalow = [\"/latest/meta-data/instance-id\"]\n", 7, 1, "unknown field `alow`"),
     ("imds_policy not a list", "[[workload]]\nname = \"a\"\nbridges = [\"x\"]\nimds = \"proxy\"\n\n[workload.imds_policy]\nallow = \"/latest/meta-data/instance-id\"\n", 7, 9, "invalid type"),
+    ("bad mode", "mode = \"watch\"\n[[workload]]\nname = \"a\"\nbridges = [\"x\"]\n", 1, 8, "unknown mode \"watch\""),
+    ("mode not a string", "mode = true\n", 1, 8, "invalid type"),
+    ("mode inside a table", "[agent]\nmode = \"observe\"\n", 2, 1, "unknown field `mode`"),
     ("bad credentials id", "[[workload]]\nname = \"a\"\nbridges = [\"x\"]\ncredentials_ids = [\"../x\"]\n", 4, 20, "not a valid id"),
 ];
 
@@ -289,4 +292,62 @@ imds = "proxy"
         [decide(0, id), decide(1, id), decide(2, id)],
         [true, true, true]
     );
+}
+
+#[test]
+fn observe_is_an_action_for_both_endpoint_classes() {
+    let c = Config::parse(
+        "[[workload]]\nname = \"a\"\nbridges = [\"x\"]\nimds = \"observe\"\ntask_metadata = \"observe\"\n",
+        "test.toml",
+    )
+    .expect("valid");
+    assert_eq!(c.mode, Mode::Enforce);
+    assert_eq!(
+        (c.workloads[0].imds, c.workloads[0].task_metadata),
+        (Action::Observe, Action::Observe)
+    );
+    assert!(c.observes());
+    assert_eq!(
+        c.proxies(),
+        (true, true),
+        "observed HTTP goes through the proxy"
+    );
+    assert!(!Config::builtin_default().observes());
+}
+
+#[test]
+fn mode_observe_turns_every_deny_and_proxy_into_observe_and_keeps_the_text_enforceable() {
+    let text = "mode = \"observe\"\n\n[[workload]]\nname = \"agent\"\ncgroups = [\"docker/ecs-agent\"]\nimds = \"allow\"\n\n\
+                [[workload]]\nname = \"host\"\ncgroups = [\"docker\"]\nimds = \"deny\"\nraw_sockets = \"deny\"\n\n\
+                [[workload]]\nname = \"b\"\nbridges = [\"x\"]\nimds = \"proxy\"\ntask_metadata = \"proxy\"\n\n\
+                [workload.imds_policy]\nallow = [\"/latest/meta-data/instance-id\"]\n";
+    let c = Config::parse(text, "test.toml").expect("valid");
+    assert_eq!(c.mode, Mode::Observe);
+    let acts: Vec<(Action, Action, Action)> = c
+        .workloads
+        .iter()
+        .map(|w| (w.imds, w.task_metadata, w.raw_sockets))
+        .collect();
+    assert_eq!(
+        acts,
+        [
+            (Action::Allow, Action::Allow, Action::Allow),
+            (Action::Observe, Action::Allow, Action::Allow),
+            (Action::Observe, Action::Observe, Action::Allow),
+        ]
+    );
+    // The policy the file would enforce is kept for the report.
+    let e = Config::parse_enforced(text, "test.toml").expect("valid");
+    assert_eq!(e.mode, Mode::Observe);
+    assert_eq!(
+        (
+            e.workloads[1].imds,
+            e.workloads[1].raw_sockets,
+            e.workloads[2].imds
+        ),
+        (Action::Deny, Action::Deny, Action::Proxy)
+    );
+    assert_eq!(c.workloads[2].imds_policy, e.workloads[2].imds_policy);
+    let explicit = Config::parse("mode = \"enforce\"\n", "test.toml").expect("valid");
+    assert_eq!(explicit.mode, Mode::Enforce);
 }

@@ -681,3 +681,56 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn observe_is_decided_as_allow_whatever_the_path_policy_would_say() {
+    // Under mode = "observe" the proxied and denying workloads observe:
+    // every well-formed request is forwarded, the rule names observe, and
+    // a foreign id is still asked about as under allow (F13 holds).
+    let c = Arc::new(
+        Config::parse(&format!("mode = \"observe\"\n{CONFIG}"), "test.toml").expect("valid"),
+    );
+    for w in [0, 2] {
+        let v = decide_with(
+            &FakeDirectory::default(),
+            &c,
+            Kind::Imds,
+            &caller(w),
+            &get("/latest/meta-data/iam/security-credentials/role"),
+            |_| true,
+        );
+        let Verdict::Forward(f) = v else {
+            panic!("workload {w}: {v:?}")
+        };
+        assert_eq!(f.rule, "imds = \"observe\"");
+    }
+    // No rate limit of metaguard's own: the limiter is not even asked.
+    let v = decide_with(
+        &FakeDirectory::default(),
+        &c,
+        Kind::Imds,
+        &caller(0),
+        &get("/latest/meta-data/instance-id"),
+        |_| panic!("observe asked the rate limiter"),
+    );
+    assert!(matches!(v, Verdict::Forward(_)), "{v:?}");
+    let step = decide(
+        &c,
+        Kind::Relay,
+        &caller(0),
+        &get("/v2/credentials/foreign"),
+        |_| true,
+    );
+    assert!(matches!(step, Step::AskOwner(_)), "{step:?}");
+    // A malformed target is still refused: observe forwards only what
+    // allow would.
+    let v = decide_with(
+        &FakeDirectory::default(),
+        &c,
+        Kind::Imds,
+        &caller(0),
+        &get("/latest/%2e%2e/x%2f"),
+        |_| true,
+    );
+    assert!(matches!(v, Verdict::Refuse(_)), "{v:?}");
+}

@@ -97,6 +97,10 @@ RuntimeDirectoryPreserve=yes
 # Where [proxy] audit_log may point (e.g. /var/log/metaguard/audit.log).
 LogsDirectory=metaguard
 LogsDirectoryMode=0750
+# Observe mode's records (/var/lib/metaguard/observe, docs/observe.md):
+# they outlive restarts and reboots.
+StateDirectory=metaguard
+StateDirectoryMode=0700
 # Instead of ProtectKernelTunables=yes, which would also make the BPF
 # layer's pin directory read-only whatever ReadWritePaths= says (systemd
 # 252): the same paths read-only, except the pins and the one sysctl the

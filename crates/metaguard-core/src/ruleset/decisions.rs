@@ -37,10 +37,13 @@ pub(super) fn write_decisions(
         } else {
             Service::Relay
         };
-        if action == Action::Proxy {
+        if action.via_proxy() {
             // Only HTTP on port 80 goes on (to the proxy); any other port
             // or protocol is refused as with deny. The task-metadata
-            // addresses also carry the IMDS proxy's port.
+            // addresses also carry the IMDS proxy's port. Observe: port
+            // 80 goes to the proxy (which forwards everything and records
+            // it), everything else is untouched.
+            let observe = action == Action::Observe;
             let ports = if set == "tmd" && imds_proxied {
                 format!("{{ 80, {imds_port} }}")
             } else {
@@ -55,6 +58,9 @@ pub(super) fn write_decisions(
                     _ => listener(config, service, v6),
                 };
                 let Some(to) = to else {
+                    if observe {
+                        continue; // untouched, as with allow
+                    }
                     // No proxy listener in this family: fail closed.
                     let _ = writeln!(
                         out,
@@ -66,15 +72,22 @@ pub(super) fn write_decisions(
                     );
                     continue;
                 };
-                let _ = writeln!(
-                    out,
-                    "{indent}{fam} daddr @{set}{sfx} tcp dport != {ports} reject with tcp reset"
-                );
-                let _ = writeln!(
-                    out,
-                    "{indent}{fam} daddr @{set}{sfx} meta l4proto != tcp reject with icmpx admin-prohibited"
-                );
+                if !observe {
+                    let _ = writeln!(
+                        out,
+                        "{indent}{fam} daddr @{set}{sfx} tcp dport != {ports} reject with tcp reset"
+                    );
+                    let _ = writeln!(
+                        out,
+                        "{indent}{fam} daddr @{set}{sfx} meta l4proto != tcp reject with icmpx admin-prohibited"
+                    );
+                }
                 match hook {
+                    // Observe: to the proxy if it listens, straight on
+                    // (as with allow) if not.
+                    Hook::Bridge if observe => {
+                        out.push_str(&probe_rule(indent, "", set, v6, "80", to));
+                    }
                     // To the proxy if it listens; refused at once if not.
                     Hook::Bridge => {
                         out.push_str(&probe_rule(indent, "", set, v6, "80", to));
@@ -120,7 +133,8 @@ pub(super) fn write_decisions(
             );
         }
     }
-    if bridge && (imds != Action::Allow || tmd != Action::Allow) {
+    let guards = |a: Action| matches!(a, Action::Deny | Action::Proxy);
+    if bridge && (guards(imds) || guards(tmd)) {
         // F17: nothing entering from a container bridge is addressed to the
         // host's loopback legitimately (DNATed credentials traffic still
         // carries 169.254.170.2 here, before NAT). With route_localnet=1 it

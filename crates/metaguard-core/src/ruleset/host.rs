@@ -11,7 +11,7 @@ use super::proxy::{
 };
 use super::sets::{depth, group, write_sets, CgroupIndex, IfnameIndex};
 use super::{family, matched, quote, replace_prefix, HostFacts, FAMILY, TABLE};
-use crate::config::{Action, Config, Selector};
+use crate::config::{Config, Selector};
 
 /// The host table's script; warnings about shadowed entries and selectors
 /// that match nothing are added to `warnings`.
@@ -92,7 +92,7 @@ pub(super) fn host_script(
         && host_workloads.iter().any(|&i| {
             let w = &config.workloads[i];
             !matches!(w.selector, Selector::Bridges(_))
-                && (w.imds == Action::Proxy || w.task_metadata == Action::Proxy)
+                && (w.imds.via_proxy() || w.task_metadata.via_proxy())
         });
 
     let mut host = String::new();

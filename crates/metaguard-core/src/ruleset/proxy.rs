@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
 
 use super::{family, Config, PlanError, TABLE};
-use crate::config::{Action, Selector};
+use crate::config::Selector;
 
 /// Where the proxy listens and how the packets the rules send to it are
 /// delivered there.
@@ -131,7 +131,7 @@ pub(super) fn proxy_plan(config: &Config) -> Result<Option<ProxyPlan>, PlanError
         let w = config
             .workloads
             .iter()
-            .find(|w| w.imds == Action::Proxy || w.task_metadata == Action::Proxy)
+            .find(|w| w.imds.via_proxy() || w.task_metadata.via_proxy())
             .map(|w| w.name.clone())
             .unwrap_or_default();
         return Err(PlanError::ProxyWithoutAddress { workload: w });
@@ -353,7 +353,7 @@ pub(super) fn imds_proxy_bridges(config: &Config) -> Vec<&String> {
     config
         .workloads
         .iter()
-        .filter(|w| w.imds == Action::Proxy)
+        .filter(|w| w.imds.via_proxy())
         .filter_map(|w| match &w.selector {
             Selector::Bridges(g) => Some(g.iter()),
             _ => None,

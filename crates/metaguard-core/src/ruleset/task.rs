@@ -8,7 +8,7 @@ use super::decisions::{write_decisions, Hook};
 use super::proxy::{dnat_target, imds_proxy_addr, task_path, PROXY_NAT_PRIORITY};
 use super::sets::write_sets;
 use super::{family, matched, quote, replace_prefix, HostFacts, NetnsPlan, FAMILY, TABLE};
-use crate::config::{Action, Config, NetnsSelector, Selector};
+use crate::config::{Config, NetnsSelector, Selector};
 
 pub(super) fn plan_netns(
     config: &Config,
@@ -111,7 +111,7 @@ pub(super) fn task_script(config: &Config, i: usize) -> String {
     );
     write_decisions(&mut s, "\t\t", config, i, Hook::Task);
     let _ = writeln!(s, "\t}}");
-    if w.imds == Action::Proxy {
+    if w.imds.via_proxy() {
         // To the host through ecs-bridge (the task's route to
         // 169.254.170.2), never via 127/8; the host DNATs it on to the
         // IMDS proxy.

@@ -540,3 +540,50 @@ fn identity_marks_and_the_route_mark_do_not_overlap() {
     assert_eq!(HOST_MARK_TAG & BRIDGE_MARK_BASE, 0);
     assert!(is_host_mark(HOST_MARK_TAG | 3));
 }
+
+#[test]
+fn observe_routes_http_through_the_proxy_and_blocks_nothing() {
+    let facts = HostFacts {
+        netns_paths: vec!["/run/netns/task-1".into()],
+        containers: None,
+    };
+    let enforced = plan(&cfg(PROXY), &facts).expect("plan");
+    let observed = plan(&cfg(&format!("mode = \"observe\"\n{PROXY}")), &facts).expect("plan");
+    // The same listeners and routes: observed HTTP goes through the proxy.
+    assert_eq!(observed.proxy, enforced.proxy);
+    // No workload's rules refuse anything: no port, protocol or the host's
+    // loopback (F17 guards deny/proxy only). What stays is the proxy's own
+    // fail-closed guard for SYNs already DNATed to its port (host
+    // processes, task namespaces) while nothing listens: docs/observe.md.
+    for w in ["agent", "bridges", "hostnet"] {
+        let rules = chain(&observed.host, w);
+        assert!(
+            rules.iter().all(|r| !r.contains("reject")),
+            "{w}: {rules:?}"
+        );
+    }
+    let task = &observed.netns[0].script;
+    assert!(!task.contains("reject"), "{task}");
+    assert!(
+        enforced.netns[0].script.contains("reject"),
+        "the enforced file rejects"
+    );
+    // Bridges: to the proxy when it listens, straight on when it does not.
+    let bridges = chain(&observed.host, "bridges");
+    assert!(
+        bridges
+            .iter()
+            .any(|r| r.contains("tproxy ip to 169.254.169.254:9470")),
+        "{bridges:?}"
+    );
+    // Host processes are marked for the proxy's output route.
+    assert!(
+        chain(&observed.host, "hostnet")
+            .iter()
+            .any(|r| r.contains("meta mark set")),
+        "{}",
+        observed.host
+    );
+    // A task's IMDS requests go to the host's proxy.
+    assert!(observed.netns[0].script.contains("chain proxy_output"));
+}

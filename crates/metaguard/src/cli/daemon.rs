@@ -3,7 +3,7 @@
 //!
 //! `--check` is the unit's `ExecStartPre=`: what the daemon needs before
 //! its first change — the config, privileges, nft, the plan, the audit
-//! log's path (opened as the daemon opens it, so the unit's sandbox
+//! log's path and the observe log's (opened as the daemon opens it, so the unit's sandbox
 //! decides), the metrics address — checked without changing anything, so
 //! a config the unit cannot run is refused with the file, line and what to
 //! change before the kernel is touched.
@@ -27,6 +27,9 @@ pub struct Paths<'a> {
     pub state_dir: &'a Path,
     pub docker_socket: &'a Path,
     pub bpf_pin_dir: &'a Path,
+    pub observe_dir: &'a Path,
+    /// `--observe-max-bytes`.
+    pub observe_max_bytes: u64,
 }
 
 fn metrics_addr(metrics: &str) -> anyhow::Result<SocketAddr> {
@@ -54,6 +57,8 @@ pub fn run(
         bpf_pin_dir: paths.bpf_pin_dir.to_path_buf(),
         remove_on_exit,
         metrics_addr,
+        observe_dir: paths.observe_dir.to_path_buf(),
+        observe_caps: metaguard_proxy::observe::Caps::total(paths.observe_max_bytes),
     };
     daemon::run(opts, |path: Option<&Path>| {
         config::load(&ConfigArg {
@@ -76,6 +81,15 @@ pub fn check(arg: &ConfigArg, metrics: &str, paths: &Paths<'_>) -> anyhow::Resul
     let engine =
         Engine::new(paths.state_dir, paths.docker_socket)?.with_bpf_pin_dir(paths.bpf_pin_dir);
     check_audit_log(&config, &text)?;
+    if config.observes() {
+        // Opened as the daemon opens it (creating the directory), so the
+        // unit's sandbox decides.
+        metaguard_proxy::ObserveLog::open(
+            paths.observe_dir,
+            metaguard_proxy::observe::Caps::total(paths.observe_max_bytes),
+        )
+        .context("the config observes, but the observe log cannot be opened (--observe-dir; under metaguard.service it is /var/lib/metaguard/observe, the unit's StateDirectory=)")?;
+    }
     // What the daemon plans first (without the Docker API, as it does).
     // Whether the kernel takes it is the daemon's first transaction, which
     // changes nothing when it fails: not loaded twice at every boot.

@@ -22,6 +22,7 @@ mod lab_probe;
 mod reload;
 mod remove;
 mod render;
+mod report;
 mod verify;
 
 /// Exit code for drift or problems found.
@@ -65,6 +66,9 @@ pub struct Cli {
     /// layer may attach programs; the lab passes its own.
     #[arg(long, global = true, hide = true, value_name = "CGROUP")]
     bpf_attach_within: Option<String>,
+    /// Where observe mode records requests (`daemon` writes, `report` reads).
+    #[arg(long, global = true, value_name = "DIR", default_value = metaguard_proxy::observe::DEFAULT_DIR)]
+    observe_dir: PathBuf,
     #[command(subcommand)]
     command: Command,
 }
@@ -115,6 +119,9 @@ enum Command {
         /// change nothing (the unit's ExecStartPre).
         #[arg(long)]
         check: bool,
+        /// How many bytes of observe records to keep (in 8 rotated files).
+        #[arg(long, hide = true, value_name = "BYTES", default_value_t = metaguard_proxy::observe::Caps::DEFAULT_TOTAL)]
+        observe_max_bytes: u64,
     },
     /// Have the running daemon apply its config again (SIGHUP) and wait for the outcome.
     Reload {
@@ -168,6 +175,20 @@ enum Command {
         /// Where the boothook installs the config and the unit reads it.
         #[arg(long, value_name = "PATH", default_value = metaguard_core::config::DEFAULT_PATH)]
         installed_config: String,
+    },
+    /// What observe mode recorded, and what --config would break if enforced.
+    Report {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Only records of the last DURATION (e.g. 30m, 24h, 7d, 1h30m).
+        #[arg(long, value_name = "DURATION", value_parser = report::parse_since)]
+        since: Option<(String, u64)>,
+        /// Print the report as JSON (schema: docs/observe.md).
+        #[arg(long)]
+        json: bool,
+        /// Print a config that allows exactly what was observed and denies the rest.
+        #[arg(long, conflicts_with = "json")]
+        suggest: bool,
     },
     /// Run CMD unable to reach metadata endpoints (no root needed).
     Exec {
@@ -223,11 +244,14 @@ pub fn main() -> ExitCode {
             metrics,
             json,
             check,
+            observe_max_bytes,
         } => {
             let paths = daemon::Paths {
                 state_dir: &cli.state_dir,
                 docker_socket: &cli.docker_socket,
                 bpf_pin_dir: &cli.bpf_pin_dir,
+                observe_dir: &cli.observe_dir,
+                observe_max_bytes,
             };
             if check {
                 daemon::check(&config, &metrics, &paths)
@@ -274,6 +298,18 @@ pub fn main() -> ExitCode {
             cluster,
             binary,
             installed_config,
+        }),
+        Command::Report {
+            config,
+            since,
+            json,
+            suggest,
+        } => report::run(&report::Args {
+            config: &config,
+            since,
+            json,
+            suggest,
+            observe_dir: &cli.observe_dir,
         }),
         Command::Exec { args } => exec::run(args),
         Command::Demo { json, color } => demo::run(json, &color),

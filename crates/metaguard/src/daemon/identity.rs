@@ -466,6 +466,15 @@ impl metaguard_proxy::Directory for Directory {
         self.identify_with(config, origin, false)
     }
 
+    fn container_info(&self, id: &str) -> Option<metaguard_core::observe::ContainerInfo> {
+        // From the last listing, without waiting for one in progress.
+        let c = self.cache(false)?;
+        let f = c.containers.iter().find(|f| f.id == id)?;
+        Some(metaguard_core::observe::ContainerInfo::new(
+            &f.id, &f.name, &f.labels,
+        ))
+    }
+
     fn owner(&self, config: &Config, kind: IdKind, id: &str) -> Ownership {
         if let Some(i) = identify::listed_owner(config, kind, id) {
             return Ownership::Owned(Owner {

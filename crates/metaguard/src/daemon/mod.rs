@@ -84,6 +84,10 @@ pub struct Options {
     pub bpf_pin_dir: PathBuf,
     pub remove_on_exit: bool,
     pub metrics_addr: SocketAddr,
+    /// Where observed requests are recorded (docs/observe.md).
+    pub observe_dir: PathBuf,
+    /// How much of them is kept.
+    pub observe_caps: metaguard_proxy::observe::Caps,
 }
 
 /// What wakes the daemon up.
@@ -160,6 +164,9 @@ struct Daemon {
     /// The proxy's metrics, registered once (a refused first start and a
     /// later one share them).
     proxy_metrics: Option<metaguard_proxy::ProxyMetrics>,
+    /// The observe log, opened when a config first observes something and
+    /// kept for the daemon's life (it rotates by its own size).
+    observe_log: Option<Arc<metaguard_proxy::ObserveLog>>,
     /// The containers the Docker API last listed: the facts of plans made
     /// while it does not answer (dockerd restarting), so that its task
     /// namespaces stay in the plan. `None` until it first answered.
@@ -245,6 +252,7 @@ pub fn run(
             expected_cache: HashMap::new(),
             proxy: None,
             proxy_metrics: None,
+            observe_log: None,
             containers: None,
             docker_up: Arc::new(AtomicBool::new(false)),
             docker_watched: false,
@@ -406,7 +414,10 @@ impl Daemon {
         use metaguard_proxy::{server, Proxy, ProxyMetrics, Server, Settings};
         let wanted = server::listeners(plan.proxy.as_ref());
         let settings = match plan.proxy {
-            Some(_) => Some(Settings::new(Arc::new(config.clone()))?),
+            Some(_) => {
+                let observe = self.observe_log(config)?;
+                Some(Settings::new(Arc::new(config.clone()))?.with_observe(observe))
+            }
             None => None,
         };
         let settings = match (&mut self.proxy, settings) {
@@ -433,6 +444,25 @@ impl Daemon {
             ProxyService { server, directory },
             prepared,
         ))
+    }
+
+    /// The observe log when `config` observes something: opened the first
+    /// time (an unwritable directory refuses the config, as an unwritable
+    /// audit log does).
+    fn observe_log(
+        &mut self,
+        config: &Config,
+    ) -> anyhow::Result<Option<Arc<metaguard_proxy::ObserveLog>>> {
+        if !config.observes() {
+            return Ok(None);
+        }
+        if let Some(log) = &self.observe_log {
+            return Ok(Some(log.clone()));
+        }
+        let log =
+            metaguard_proxy::ObserveLog::open(&self.opts.observe_dir, self.opts.observe_caps)?;
+        info!(dir = %self.opts.observe_dir.display(), "recording observed requests");
+        Ok(Some(self.observe_log.insert(Arc::new(log)).clone()))
     }
 
     /// Puts a prepared proxy step in force, once the rules are: its

@@ -17,6 +17,7 @@ mod daemon;
 mod discovery;
 mod enforce;
 mod foundation;
+mod observe;
 mod proxy;
 mod proxy_datapath;
 mod proxy_endpoints;
@@ -47,6 +48,7 @@ fn main() {
         .chain(proxy_policy::TESTS)
         .chain(proxy_metrics::TESTS)
         .chain(proxy_datapath::TESTS)
+        .chain(observe::TESTS)
     {
         let missing = if *needs_root {
             testing::root_missing()

@@ -194,7 +194,8 @@ pub fn evaluate(snap: &Snapshot) -> Vec<Flow> {
                 }
             });
             let expect = match act {
-                Some(Action::Allow) => Some(Expect::Reach),
+                // Observe flows as allow does (through the proxy for HTTP).
+                Some(Action::Allow | Action::Observe) => Some(Expect::Reach),
                 Some(Action::Deny | Action::Proxy) => Some(Expect::Block),
                 None => None,
             };

@@ -1,0 +1,586 @@
+//! Observe mode in the lab (docs/observe.md): under `mode = "observe"` the
+//! mixed lab's traffic — a bridge container on IMDSv1, one on IMDSv2 with
+//! the instance role and its task credentials, an awsvpc task using only
+//! its task credentials, a host-network container, the ECS agent — all
+//! passes, and `metaguard report` lists exactly those accesses, each
+//! attributed to its workload and container; enforcing `--suggest`'s config
+//! serves the same traffic and refuses a new path or workload; a daemon
+//! killed mid-traffic loses no record of a request it answered; the size
+//! cap rotates and the report says its window is truncated.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use libtest_mimic::Failed;
+use metaguard_lab::daemon::Signal;
+use metaguard_lab::probe::{ProbeKind, ProbeResult};
+use metaguard_lab::topology::Role;
+use metaguard_lab::{Lab, Workload};
+use serde_json::Value;
+
+use crate::daemon::Daemon;
+use crate::ensure;
+use crate::proxy::{get, json_body};
+use crate::support::lab;
+
+pub const TESTS: &[(&str, bool, crate::TestFn)] = &[
+    (
+        "observe::mixed_lab_report_attributes_every_access_and_blocks_nothing",
+        true,
+        mixed_lab_report_attributes_every_access_and_blocks_nothing,
+    ),
+    (
+        "observe::enforcing_the_suggestion_denies_nothing_observed_and_the_rest",
+        true,
+        enforcing_the_suggestion_denies_nothing_observed_and_the_rest,
+    ),
+    (
+        "observe::a_daemon_killed_mid_traffic_loses_no_answered_record",
+        true,
+        a_daemon_killed_mid_traffic_loses_no_answered_record,
+    ),
+    (
+        "observe::the_cap_rotates_keeps_the_newest_and_the_report_says_truncated",
+        true,
+        the_cap_rotates_keeps_the_newest_and_the_report_says_truncated,
+    ),
+];
+
+const IMDS: &str = "http://169.254.169.254";
+const ROLE_PATH: &str = "/latest/meta-data/iam/security-credentials/lab-instance-role";
+
+/// The lab's policy as it would be enforced (the agent keeps IMDS; every
+/// container is denied IMDS and gets only its own task credentials), under
+/// `mode = "observe"` (or not). The task namespaces' workload comes before
+/// the bridges its traffic crosses (ecs-bridge): a caller is its first
+/// workload's for the proxy and the report, while both workloads' rules
+/// apply to it (docs/observe.md, "Limits").
+fn policy(lab: &Lab, observe: bool) -> Result<String, Failed> {
+    let text = format!(
+        r#"{mode}
+[[workload]]
+name          = "ecs-agent"
+cgroups       = ["{agent}"]
+imds          = "allow"
+
+[[workload]]
+name          = "tasks"
+netns         = ["ecs-tasks"]
+imds          = "deny"
+task_metadata = "proxy"
+
+[[workload]]
+name          = "containers"
+bridges       = ["docker0", "ecs-bridge"]
+imds          = "deny"
+task_metadata = "proxy"
+
+[[workload]]
+name          = "host-network"
+cgroups       = ["{root}/docker"]
+imds          = "deny"
+task_metadata = "proxy"
+"#,
+        mode = if observe { "mode = \"observe\"\n" } else { "" },
+        agent = lab.cgroup_of(Workload::Agent),
+        root = lab.cgroup_root(),
+    );
+    let name = if observe {
+        "observe.toml"
+    } else {
+        "enforce.toml"
+    };
+    Ok(lab.write_file(name, &text)?.display().to_string())
+}
+
+fn observe_dir(lab: &Lab) -> PathBuf {
+    lab.work_dir().join("observe")
+}
+
+fn daemon(lab: &Lab, config: &str, extra: &[&str]) -> Result<Daemon, Failed> {
+    let dir = observe_dir(lab).display().to_string();
+    let mut args = vec!["--observe-dir", dir.as_str()];
+    args.extend_from_slice(extra);
+    Ok(Daemon::start(lab, config, &args)?)
+}
+
+fn http(
+    lab: &Lab,
+    w: Workload,
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+) -> Result<ProbeResult, Failed> {
+    let mut spec = lab.http_get(url);
+    if let ProbeKind::Http {
+        method: m,
+        headers: h,
+        ..
+    } = &mut spec.kind
+    {
+        *m = method.to_string();
+        h.extend(headers.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    }
+    Ok(lab.probe(w, &spec)?)
+}
+
+/// The mixed traffic; every request must succeed. Returns what was sent,
+/// as (workload label, service, method, path) — the accesses the report
+/// must list.
+fn traffic(lab: &Lab) -> Result<(), Failed> {
+    let ok = |what: &str, r: &ProbeResult| -> Result<(), Failed> {
+        ensure!(r.ok(), "{what}: blocked or failed under observe: {r:?}");
+        Ok(())
+    };
+    // c1: IMDSv1, instance-id, twice.
+    for _ in 0..2 {
+        let r = get(
+            lab,
+            Workload::BridgeC1,
+            &format!("{IMDS}/latest/meta-data/instance-id"),
+        )?;
+        ok("c1 IMDSv1 instance-id", &r)?;
+    }
+    // c2: IMDSv2 (token, then the instance role's credentials) and its
+    // own task credentials.
+    let t = http(
+        lab,
+        Workload::BridgeC2,
+        "PUT",
+        &format!("{IMDS}/latest/api/token"),
+        &[("X-aws-ec2-metadata-token-ttl-seconds", "60")],
+    )?;
+    ok("c2 token PUT", &t)?;
+    let token = t.body.clone().unwrap_or_default();
+    let r = http(
+        lab,
+        Workload::BridgeC2,
+        "GET",
+        &format!("{IMDS}{ROLE_PATH}"),
+        &[("X-aws-ec2-metadata-token", token.trim())],
+    )?;
+    ok("c2 IMDSv2 role credentials", &r)?;
+    ok(
+        "c2 task credentials",
+        &get(
+            lab,
+            Workload::BridgeC2,
+            &Lab::credentials_url(Workload::BridgeC2),
+        )?,
+    )?;
+    // The awsvpc task: its task credentials only.
+    ok(
+        "task credentials",
+        &get(
+            lab,
+            Workload::AwsvpcTask,
+            &Lab::credentials_url(Workload::AwsvpcTask),
+        )?,
+    )?;
+    // The host-network container: IMDSv1.
+    ok(
+        "host-network IMDSv1",
+        &get(
+            lab,
+            Workload::HostNetwork,
+            &format!("{IMDS}/latest/meta-data/instance-id"),
+        )?,
+    )?;
+    // The agent: IMDS (allow: not observed).
+    ok(
+        "agent IMDS",
+        &get(
+            lab,
+            Workload::Agent,
+            &format!("{IMDS}/latest/meta-data/instance-id"),
+        )?,
+    )?;
+    Ok(())
+}
+
+fn report(lab: &Lab, config: &str, extra: &[&str]) -> Result<std::process::Output, Failed> {
+    let dir = observe_dir(lab).display().to_string();
+    let mut args = vec!["report", "--config", config, "--observe-dir", dir.as_str()];
+    args.extend_from_slice(extra);
+    Ok(lab.metaguard(&args)?)
+}
+
+fn report_json(lab: &Lab, config: &str) -> Result<Value, Failed> {
+    let out = report(lab, config, &["--json"])?;
+    ensure!(
+        out.status.success(),
+        "report --json: {:?}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+/// The report with what differs per run (times, ids, the lab's prefix,
+/// keys) replaced, for the snapshot.
+fn normalized(mut v: Value, lab: &Lab) -> Value {
+    fn walk(v: &mut Value, prefix: &str) {
+        match v {
+            Value::Object(m) => {
+                for (k, x) in m.iter_mut() {
+                    match k.as_str() {
+                        "from" | "to" | "first_seen" | "last_seen" if x.is_number() => {
+                            *x = Value::from(0)
+                        }
+                        "id" => *x = Value::from("<id>"),
+                        "caller" => *x = Value::from("<caller>"),
+                        "config" => *x = Value::from("<config>"),
+                        "access_key_ids" => {
+                            if let Value::Array(a) = x {
+                                a.iter_mut().for_each(|k| *k = Value::from("<key>"));
+                            }
+                        }
+                        "path" => {
+                            if let Some(s) = x.as_str() {
+                                if let Some(rest) = s.strip_prefix("/v2/credentials/") {
+                                    let _ = rest;
+                                    *x = Value::from("/v2/credentials/<id>…");
+                                }
+                            }
+                        }
+                        _ => walk(x, prefix),
+                    }
+                }
+            }
+            Value::Array(a) => a.iter_mut().for_each(|x| walk(x, prefix)),
+            // Which of the awsvpc task's two containers (the pause one,
+            // the application, sharing one namespace) answers for it is
+            // the directory's choice; the test checks it is one of them.
+            Value::String(s) if s.starts_with("ecs-lab-api-1-") => {
+                *s = "<a container of the awsvpc task>".into();
+            }
+            Value::String(s) => *s = s.replace(prefix, "<lab>"),
+            _ => {}
+        }
+    }
+    walk(&mut v, lab.id());
+    v
+}
+
+fn accesses(report: &Value) -> Vec<(String, String, String, String, String, u64)> {
+    let mut out = Vec::new();
+    for w in report["workloads"].as_array().into_iter().flatten() {
+        for c in w["callers"].as_array().into_iter().flatten() {
+            let name = c["container"]["name"].as_str().unwrap_or("-").to_string();
+            for a in c["accesses"].as_array().into_iter().flatten() {
+                out.push((
+                    w["workload"].as_str().unwrap_or_default().to_string(),
+                    name.clone(),
+                    a["service"].as_str().unwrap_or_default().to_string(),
+                    a["method"].as_str().unwrap_or_default().to_string(),
+                    a["path"].as_str().unwrap_or_default().to_string(),
+                    a["count"].as_u64().unwrap_or(0),
+                ));
+            }
+        }
+    }
+    out
+}
+
+fn mixed_lab_report_attributes_every_access_and_blocks_nothing() -> Result<(), Failed> {
+    let mut lab = lab()?;
+    lab.start_docker_api()?;
+    let observe = policy(&lab, true)?;
+    let d = daemon(&lab, &observe, &[])?;
+    traffic(&lab)?;
+    let v = report_json(&lab, &observe)?;
+    let got = accesses(&v);
+    let cred = |w: Workload| format!("/v2/credentials/{}…", &w.credentials_id()[..4]);
+    let want = vec![
+        (
+            "containers".to_string(),
+            "ecs-lab-web-1-app-c1".to_string(),
+            "imds".to_string(),
+            "GET".to_string(),
+            "/latest/meta-data/instance-id".to_string(),
+            2,
+        ),
+        (
+            "containers".into(),
+            "ecs-lab-web-1-sidecar-c2".to_string(),
+            "imds".into(),
+            "GET".into(),
+            ROLE_PATH.into(),
+            1,
+        ),
+        (
+            "containers".into(),
+            "ecs-lab-web-1-sidecar-c2".to_string(),
+            "imds".into(),
+            "PUT".into(),
+            "/latest/api/token".into(),
+            1,
+        ),
+        (
+            "containers".into(),
+            "ecs-lab-web-1-sidecar-c2".to_string(),
+            "task_metadata".into(),
+            "GET".into(),
+            cred(Workload::BridgeC2),
+            1,
+        ),
+        (
+            "host-network".into(),
+            "ecs-lab-batch-1-worker-h1".to_string(),
+            "imds".into(),
+            "GET".into(),
+            "/latest/meta-data/instance-id".into(),
+            1,
+        ),
+    ];
+    // The awsvpc task's credentials come over ecs-bridge (the first
+    // workload that selects it) from one of its task's containers.
+    let task: Vec<_> = got
+        .iter()
+        .filter(|a| a.4 == cred(Workload::AwsvpcTask))
+        .collect();
+    ensure!(
+        task.len() == 1 && task[0].1.contains("ecs-lab-api-1-") && task[0].2 == "task_metadata",
+        "the awsvpc task's credentials: {task:?} in {got:?}\n{}",
+        d.log_text()
+    );
+    let mut rest: Vec<_> = got
+        .iter()
+        .filter(|a| a.4 != cred(Workload::AwsvpcTask))
+        .cloned()
+        .collect();
+    rest.sort();
+    ensure!(
+        rest == want,
+        "the report's accesses:\n got {rest:?}\nwant {want:?}\n{}",
+        serde_json::to_string_pretty(&v)?
+    );
+    // v1/v2, the instance role's AccessKeyId, and what enforcing would break.
+    let text = serde_json::to_string(&v)?;
+    ensure!(
+        v["summary"]["would_deny"] == 4 && v["window"]["truncated"] == false,
+        "the enforced config would deny every IMDS access of the containers: {}",
+        serde_json::to_string_pretty(&v)?
+    );
+    ensure!(
+        text.contains("\"access_key_ids\":[\"ASIA"),
+        "no AccessKeyId: {text}"
+    );
+    let records = std::fs::read_to_string(observe_dir(&lab).join("observe.jsonl"))?;
+    ensure!(
+        !records.contains("SecretAccessKey")
+            && !records.contains(Workload::BridgeC2.credentials_id()),
+        "a secret or a whole credentials id in the records: {records}"
+    );
+    insta::assert_snapshot!(
+        "observe_mixed_lab_report",
+        serde_json::to_string_pretty(&normalized(v, &lab))?
+    );
+    // The table names the same, and marks what would break.
+    let out = report(&lab, &observe, &[])?;
+    let table = String::from_utf8_lossy(&out.stdout);
+    if std::env::var_os("METAGUARD_OBSERVE_SHOW").is_some() {
+        // For docs/observe.md's walkthrough: the real output.
+        let suggested = report(&lab, &observe, &["--suggest"])?;
+        eprintln!(
+            "--- observe.toml\n{}\n--- report\n{table}\n--- report --suggest\n{}",
+            std::fs::read_to_string(&observe)?,
+            String::from_utf8_lossy(&suggested.stdout)
+        );
+    }
+    ensure!(
+        table.contains("DENY  imds") && table.contains("would deny 4"),
+        "the table: {table}"
+    );
+    Ok(())
+}
+
+fn enforcing_the_suggestion_denies_nothing_observed_and_the_rest() -> Result<(), Failed> {
+    let mut lab = lab()?;
+    lab.start_docker_api()?;
+    let observe = policy(&lab, true)?;
+    let mut d = daemon(&lab, &observe, &[])?;
+    traffic(&lab)?;
+    let out = report(&lab, &observe, &["--suggest"])?;
+    ensure!(
+        out.status.success(),
+        "--suggest: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let suggested = String::from_utf8_lossy(&out.stdout).to_string();
+    let path = lab
+        .write_file("suggested.toml", &suggested)?
+        .display()
+        .to_string();
+    d.kill();
+    let d = daemon(&lab, &path, &[])?;
+    // The same traffic passes under the suggestion, enforced.
+    traffic(&lab).map_err(|e| format!("{e:?}\nsuggested:\n{suggested}\n{}", d.log_text()))?;
+    // A new path, and a workload's service nobody observed, are refused.
+    let r = get(
+        &lab,
+        Workload::BridgeC1,
+        &format!("{IMDS}/latest/meta-data/ami-id"),
+    )?;
+    ensure!(r.status == Some(403), "a new IMDS path: {r:?}\n{suggested}");
+    let r = get(
+        &lab,
+        Workload::AwsvpcTask,
+        &format!("{IMDS}/latest/meta-data/instance-id"),
+    )?;
+    ensure!(
+        !r.ok(),
+        "the task's IMDS (never observed): {r:?}\n{suggested}"
+    );
+    let r = get(
+        &lab,
+        Workload::HostNetwork,
+        &Lab::credentials_url(Workload::HostNetwork),
+    )?;
+    ensure!(
+        !r.ok(),
+        "the host-network container's credentials (never observed): {r:?}\n{suggested}"
+    );
+    let r = get(
+        &lab,
+        Workload::BridgeC1,
+        &Lab::credentials_url(Workload::BridgeC2),
+    )?;
+    ensure!(
+        r.status == Some(403),
+        "c1 asking for c2's credentials: {r:?}\n{suggested}"
+    );
+    let body = json_body(&r);
+    ensure!(
+        body["rule"].as_str().is_some_and(|s| s.contains("F13")),
+        "{body}"
+    );
+    Ok(())
+}
+
+fn a_daemon_killed_mid_traffic_loses_no_answered_record() -> Result<(), Failed> {
+    let mut lab = lab()?;
+    lab.start_docker_api()?;
+    let observe = policy(&lab, true)?;
+    let mut d = daemon(&lab, &observe, &[])?;
+    // The host-network container's port-80 connections go to the proxy
+    // or are refused (no daemon): every answer it gets is the proxy's, so
+    // each must have its record.
+    let lab = Arc::new(lab);
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = {
+        let (lab, stop) = (lab.clone(), stop.clone());
+        std::thread::spawn(move || -> (u64, u64) {
+            let (mut sent, mut answered) = (0, 0);
+            while !stop.load(Ordering::Relaxed) && sent < 2000 {
+                sent += 1;
+                let url = format!("{IMDS}/latest/meta-data/instance-id");
+                if get(&lab, Workload::HostNetwork, &url).is_ok_and(|r| r.ok()) {
+                    answered += 1;
+                }
+            }
+            (sent, answered)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(1500));
+    d.signal(Signal::KILL)?;
+    let _ = d.wait_exit(Duration::from_secs(5))?;
+    let d = daemon(&lab, &observe, &[])?;
+    std::thread::sleep(Duration::from_millis(1500));
+    stop.store(true, Ordering::Relaxed);
+    let (sent, answered) = load.join().map_err(|_| "the load thread panicked")?;
+    let v = report_json(&lab, &observe)?;
+    let recorded: u64 = accesses(&v)
+        .iter()
+        .filter(|a| a.0 == "host-network")
+        .map(|a| a.5)
+        .sum();
+    ensure!(
+        answered >= 10 && recorded >= answered && recorded <= sent,
+        "sent {sent}, answered {answered}, recorded {recorded}\n{}",
+        d.log_text()
+    );
+    ensure!(v["window"]["skipped_lines"].as_u64() == Some(0), "{v}");
+    if std::env::var_os("METAGUARD_OBSERVE_SHOW").is_some() {
+        eprintln!("restart: sent {sent}, answered {answered}, recorded {recorded}");
+    }
+    Ok(())
+}
+
+fn the_cap_rotates_keeps_the_newest_and_the_report_says_truncated() -> Result<(), Failed> {
+    let mut lab = lab()?;
+    lab.start_docker_api()?;
+    let observe = policy(&lab, true)?;
+    // 8 files of 4 KiB: some 90 records.
+    let _d = daemon(&lab, &observe, &["--observe-max-bytes", "32768"])?;
+    // 300 requests on one connection (curl's URL globbing), then a last,
+    // different one.
+    lab.run_in(
+        Role::C1,
+        "curl",
+        &[
+            "-s",
+            "-m",
+            "60",
+            "-o",
+            "/dev/null",
+            &format!("{IMDS}/latest/meta-data/n[1-300]"),
+        ],
+    )?;
+    let last = get(
+        &lab,
+        Workload::BridgeC1,
+        &format!("{IMDS}/latest/meta-data/instance-id"),
+    )?;
+    ensure!(last.ok(), "{last:?}");
+    let dir = observe_dir(&lab);
+    let files: Vec<(String, u64)> = std::fs::read_dir(&dir)?
+        .filter_map(Result::ok)
+        .map(|e| {
+            (
+                e.file_name().to_string_lossy().to_string(),
+                e.metadata().map_or(0, |m| m.len()),
+            )
+        })
+        .collect();
+    let total: u64 = files.iter().map(|f| f.1).sum();
+    let logs = files
+        .iter()
+        .filter(|f| f.0.starts_with("observe.jsonl"))
+        .count();
+    ensure!(logs == 8 && total <= 32768 + 4096, "files: {files:?}");
+    let v = report_json(&lab, &observe)?;
+    let got = accesses(&v);
+    let records: u64 = got.iter().map(|a| a.5).sum();
+    ensure!(
+        v["window"]["truncated"] == true && records < 301 && records > 50,
+        "records {records}, window {}",
+        v["window"]
+    );
+    // The newest are kept: the last request and the last of the 300.
+    ensure!(
+        got.iter().any(|a| a.4 == "/latest/meta-data/instance-id")
+            && got.iter().any(|a| a.4 == "/latest/meta-data/n300")
+            && !got.iter().any(|a| a.4 == "/latest/meta-data/n1"),
+        "{got:?}"
+    );
+    let table = String::from_utf8_lossy(&report(&lab, &observe, &[])?.stdout).to_string();
+    ensure!(table.contains("TRUNCATED"), "{table}");
+    // A window inside what is kept is whole.
+    let out = report(&lab, &observe, &["--json", "--since", "1d"])?;
+    let v: Value = serde_json::from_slice(&out.stdout)?;
+    ensure!(
+        v["window"]["truncated"] == true,
+        "a day back reaches past the dropped records: {}",
+        v["window"]
+    );
+    let bad = report(&lab, &observe, &["--since", "yesterday"])?;
+    ensure!(
+        bad.status.code() == Some(2),
+        "a bad --since: {:?}",
+        bad.status
+    );
+    Ok(())
+}
