@@ -139,6 +139,46 @@ struct State {
     pending: HashSet<String>,
     /// TMDS v4 endpoint id → (its container's document, its task's).
     tmds: HashMap<String, (serde_json::Value, serde_json::Value)>,
+    /// Short-lived credentials: their lifetime
+    /// ([`AgentEmulator::set_credentials_lifetime`]).
+    lifetime: Option<Duration>,
+    /// Per credentials id: when the served credentials expire (whole
+    /// seconds) and how many times they were re-minted.
+    minted: HashMap<String, (SystemTime, u64)>,
+}
+
+/// Task credentials for `id`, expiring at `expires` (cut to whole
+/// seconds); keys differ per `generation`.
+fn mint(
+    id: &str,
+    role_arn: &str,
+    expires: SystemTime,
+    generation: u64,
+) -> (TaskCredentials, SystemTime) {
+    let secs = expires
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    let expires = SystemTime::UNIX_EPOCH + Duration::from_secs(secs);
+    let seed = if generation == 0 {
+        id.to_string()
+    } else {
+        format!("{id}/{generation}")
+    };
+    let creds = TaskCredentials {
+        role_arn: role_arn.to_string(),
+        access_key_id: format!(
+            "ASIA{}",
+            http::fake_chars(&format!("{seed}/akid"), http::KEY_ID_ALPHABET, 16)
+        ),
+        secret_access_key: http::fake_chars(&format!("{seed}/secret"), http::SECRET_ALPHABET, 40),
+        token: format!(
+            "IQoJb3JpZ2luX2VjE{}",
+            http::fake_chars(&format!("{seed}/token"), http::SECRET_ALPHABET, 300)
+        ),
+        expiration: http::rfc3339(expires),
+    };
+    (creds, expires)
 }
 
 impl AgentEmulator {
@@ -151,23 +191,27 @@ impl AgentEmulator {
     /// would: fake keys derived from `id`, expiring in six hours. Returns
     /// what the endpoint will serve.
     pub fn add_credentials(&self, id: &str, role_arn: &str) -> TaskCredentials {
-        let creds = TaskCredentials {
-            role_arn: role_arn.to_string(),
-            access_key_id: format!(
-                "ASIA{}",
-                http::fake_chars(&format!("{id}/akid"), http::KEY_ID_ALPHABET, 16)
-            ),
-            secret_access_key: http::fake_chars(&format!("{id}/secret"), http::SECRET_ALPHABET, 40),
-            token: format!(
-                "IQoJb3JpZ2luX2VjE{}",
-                http::fake_chars(&format!("{id}/token"), http::SECRET_ALPHABET, 300)
-            ),
-            expiration: http::rfc3339(SystemTime::now() + Duration::from_secs(6 * 3600)),
-        };
         let mut state = self.state();
+        let lifetime = state.lifetime.unwrap_or(Duration::from_secs(6 * 3600));
+        let (creds, expires) = mint(id, role_arn, SystemTime::now() + lifetime, 0);
         state.pending.remove(id);
+        state.minted.insert(id.to_string(), (expires, 0));
         state.credentials.insert(id.to_string(), creds.clone());
         creds
+    }
+
+    /// Makes task credentials short-lived, from their next delivery or
+    /// renewal on: they expire `lifetime` after they are minted, and new
+    /// ones are served once half of that is left (the agent receives new
+    /// credentials from ACS well before the old ones expire).
+    pub fn set_credentials_lifetime(&self, lifetime: Duration) {
+        let mut state = self.state();
+        state.lifetime = Some(lifetime);
+        let now = SystemTime::now();
+        let ids: Vec<String> = state.credentials.keys().cloned().collect();
+        for id in ids {
+            renew(&mut state, &id, now, true);
+        }
     }
 
     /// Marks `id` as known but not yet delivered: requests for it get
@@ -314,7 +358,8 @@ impl AgentEmulator {
                 format!("{prefix}No Credential ID in the request"),
             );
         }
-        let state = self.state();
+        let mut state = self.state();
+        renew(&mut state, id, SystemTime::now(), false);
         if state.pending.contains(id) {
             return error(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -334,6 +379,24 @@ impl AgentEmulator {
             // The agent answers a marshalling failure with `500 {}`.
             Err(_) => http::json(StatusCode::INTERNAL_SERVER_ERROR, "{}"),
         }
+    }
+}
+
+/// Re-mints `id`'s credentials when they are short-lived and half their
+/// lifetime is gone (or at once with `now_anyway`).
+fn renew(state: &mut State, id: &str, now: SystemTime, now_anyway: bool) {
+    let Some(l) = state.lifetime else { return };
+    let Some(old) = state.credentials.get(id) else {
+        return;
+    };
+    let (expires, generation) = state.minted.get(id).copied().unwrap_or((now, 0));
+    let due = expires.checked_sub(l / 2).unwrap_or(expires);
+    if now_anyway || now >= due {
+        let (creds, expires) = mint(id, &old.role_arn, now + l, generation + 1);
+        state
+            .minted
+            .insert(id.to_string(), (expires, generation + 1));
+        state.credentials.insert(id.to_string(), creds);
     }
 }
 

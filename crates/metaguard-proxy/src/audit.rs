@@ -28,6 +28,9 @@ pub struct Entry<'a> {
     pub rule: &'a str,
     pub status: u16,
     pub upstream: Option<Duration>,
+    /// For a request the answer cache was asked for: `hit`, `miss`,
+    /// `stale` (served after an upstream failure) or `bypass`.
+    pub cache: Option<&'a str>,
 }
 
 impl AuditSink {
@@ -88,6 +91,7 @@ impl AuditSink {
             upstream_ms: e
                 .upstream
                 .map(|d| (d.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0),
+            cache: e.cache,
         });
     }
 
@@ -105,6 +109,7 @@ impl AuditSink {
             rule: reason,
             status: None,
             upstream_ms: None,
+            cache: None,
         });
     }
 }
@@ -127,6 +132,8 @@ struct Line<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     status: Option<u16>,
     upstream_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cache: Option<&'a str>,
 }
 
 fn now() -> String {

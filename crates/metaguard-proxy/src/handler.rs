@@ -11,13 +11,16 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{HeaderMap, HeaderName, HeaderValue};
+use hyper::http::request::Parts;
 use hyper::{Request, Response, StatusCode};
 use metaguard_core::proxy_decision::{self, Forward, Refusal, Step, Verdict};
 use metaguard_core::Config;
 use serde_json::json;
 
 use crate::audit::Entry;
+use crate::cache::{self, Answer, Fetched, Key, Rule, Source};
 use crate::settings::Settings;
+use crate::tokens;
 use crate::{Caller, Connection, Kind, Ownership, Proxy, UPSTREAM_TIMEOUT};
 
 type Resp = Response<Full<Bytes>>;
@@ -40,6 +43,8 @@ struct Outcome {
     upstream: Option<Duration>,
     /// The `AccessKeyId` of a credentials answer (observed requests only).
     access_key_id: Option<String>,
+    /// Where the answer came from, for an answer the cache was asked for.
+    cache: Option<Source>,
 }
 
 /// The answer to a request the decision refused.
@@ -73,6 +78,7 @@ fn refuse(
         path,
         upstream: None,
         access_key_id: None,
+        cache: None,
     }
 }
 
@@ -84,19 +90,24 @@ static IMDS_REQUEST_HEADERS: [HeaderName; 4] = [
     hyper::header::USER_AGENT,
     hyper::header::ACCEPT,
 ];
+/// Request headers forwarded with the proxy's own token: the caller's
+/// token and TTL header stay here.
+static IMDS_V2_REQUEST_HEADERS: [HeaderName; 2] =
+    [hyper::header::USER_AGENT, hyper::header::ACCEPT];
 static RELAY_REQUEST_HEADERS: [HeaderName; 3] = [
     hyper::header::AUTHORIZATION,
     hyper::header::USER_AGENT,
     hyper::header::ACCEPT,
 ];
-/// Response headers passed back.
+/// Response headers passed back; the last, the TTL header, not for a
+/// request sent with the proxy's own token.
 static RESPONSE_HEADERS: [HeaderName; 6] = [
     hyper::header::CONTENT_TYPE,
-    HeaderName::from_static("x-aws-ec2-metadata-token-ttl-seconds"),
     hyper::header::LAST_MODIFIED,
     hyper::header::ETAG,
     hyper::header::SERVER,
     hyper::header::DATE,
+    HeaderName::from_static("x-aws-ec2-metadata-token-ttl-seconds"),
 ];
 
 fn copy_headers(from: &HeaderMap, to: &mut HeaderMap, names: &[HeaderName]) {
@@ -136,41 +147,66 @@ impl Proxy {
             reidentified = self.identify(&s.config, conn.origin).await;
             &reidentified
         };
+        // Requests with a body are refused (the decision): only the head
+        // matters.
+        let (head, _body) = req.into_parts();
+        let ipv6 = conn.origin.peer.is_ipv6();
+        self.respond(kind, caller, &s, &head, ipv6).await
+    }
+
+    /// The answer to request `head` of `caller` (connected over IPv6 when
+    /// `ipv6`) under settings `s`, counted, audited and, for an observed
+    /// workload, recorded.
+    pub(crate) async fn respond(
+        &self,
+        kind: Kind,
+        caller: &Caller,
+        s: &Settings,
+        head: &Parts,
+        ipv6: bool,
+    ) -> Resp {
         let wname = workload_name(&s.config, caller);
-        let method = req.method().as_str().to_string();
+        let method = head.method.as_str().to_string();
         // Observe: what the record needs of the request itself.
         let observed = s
             .observe
             .as_ref()
             .filter(|_| crate::observe::observed(&s.config, caller, kind))
             .map(|log| {
-                let target = req
-                    .uri()
+                let target = head
+                    .uri
                     .path_and_query()
                     .map_or_else(|| "/".to_string(), |p| p.as_str().to_string());
-                let token = req.headers().contains_key("x-aws-ec2-metadata-token");
+                let token = head.headers.contains_key("x-aws-ec2-metadata-token");
                 (log.clone(), target, token)
             });
-        let out = self.route(kind, caller, &s, &wname, req).await;
+        let out = self.route(kind, caller, s, &wname, head).await;
         let status = out.resp.status().as_u16();
         self.metrics
             .requests
             .with_label_values(&[kind.as_str(), &wname, out.decision, &status.to_string()])
             .inc();
+        if let Some(c) = out.cache {
+            self.metrics
+                .cache
+                .with_label_values(&[kind.as_str(), c.as_str()])
+                .inc();
+        }
         s.audit.request(&Entry {
             kind,
             caller,
             workload: &wname,
-            method: &method,
+            method: head.method.as_str(),
             path: &out.path,
             decision: out.decision,
             rule: &out.rule,
             status,
             upstream: out.upstream,
+            cache: out.cache.map(Source::as_str),
         });
         if let Some((log, target, token)) = observed {
             self.observe(
-                &s, &log, kind, caller, conn, &wname, &method, &target, token, &out,
+                s, &log, kind, caller, ipv6, &wname, &method, &target, token, &out,
             );
         }
         out.resp
@@ -184,7 +220,7 @@ impl Proxy {
         log: &crate::ObserveLog,
         kind: Kind,
         caller: &Caller,
-        conn: &Connection,
+        ipv6: bool,
         wname: &str,
         method: &str,
         target: &str,
@@ -195,7 +231,7 @@ impl Proxy {
             kind,
             caller,
             workload: wname,
-            ipv6: conn.origin.peer.is_ipv6(),
+            ipv6,
             method,
             target,
             path: &out.path,
@@ -226,23 +262,23 @@ impl Proxy {
         caller: &Caller,
         s: &Settings,
         wname: &str,
-        req: Request<Incoming>,
+        req: &Parts,
     ) -> Outcome {
         let config = &s.config;
         let target = req
-            .uri()
+            .uri
             .path_and_query()
             .map_or_else(|| "/".to_string(), |p| p.as_str().to_string());
-        let h = req.headers();
+        let h = &req.headers;
         let content_lengths: Vec<&[u8]> = h
             .get_all(hyper::header::CONTENT_LENGTH)
             .iter()
             .map(HeaderValue::as_bytes)
             .collect();
         let head = proxy_decision::Request {
-            method: req.method().as_str(),
+            method: req.method.as_str(),
             target: &target,
-            absolute: req.uri().scheme().is_some() || req.uri().authority().is_some(),
+            absolute: req.uri.scheme().is_some() || req.uri.authority().is_some(),
             host: h.get(hyper::header::HOST).and_then(|v| v.to_str().ok()),
             transfer_encoding: h.contains_key(hyper::header::TRANSFER_ENCODING),
             content_lengths: &content_lengths,
@@ -262,18 +298,109 @@ impl Proxy {
                 pending.resolve(config, &ownership)
             }
         };
+        // Everything below runs only for a request the decision allowed
+        // for this caller: the tokens and the cache never widen access.
         match verdict {
             Verdict::Refuse(r) => refused(r, wname),
-            Verdict::Forward(f) => self.forward(s, wname, req, f).await,
+            Verdict::Forward(f) if f.kind == Kind::Imds => {
+                self.imds(s, caller, wname, req, f).await
+            }
+            Verdict::Forward(f) => self.forward(s, wname, req, f, None).await,
         }
     }
 
+    /// An allowed IMDS request: a token `PUT` is answered here, a request
+    /// with a token is checked against the caller and sent with the
+    /// proxy's own token; one without (IMDSv1) goes as it came, so the
+    /// instance's `HttpTokens` setting still decides it.
+    async fn imds(
+        &self,
+        s: &Settings,
+        caller: &Caller,
+        wname: &str,
+        req: &Parts,
+        f: Forward,
+    ) -> Outcome {
+        if f.target == tokens::TOKEN_PATH && req.method == hyper::Method::PUT {
+            return self.issue_token(caller, wname, req, f);
+        }
+        let Some(token) = req.headers.get(tokens::TOKEN_HEADER) else {
+            return self.forward(s, wname, req, f, None).await;
+        };
+        let binding = tokens::binding(wname, caller);
+        match self.tokens.check(&binding, token.as_bytes()) {
+            Some(left) => self.forward(s, wname, req, f, Some(left)).await,
+            None => imds_error(
+                StatusCode::UNAUTHORIZED,
+                "deny",
+                "IMDSv2 token not issued to this caller, or expired",
+                f.path,
+            ),
+        }
+    }
+
+    /// `PUT /latest/api/token`, answered as IMDS answers it, with a token
+    /// valid for this caller only.
+    fn issue_token(&self, caller: &Caller, wname: &str, req: &Parts, f: Forward) -> Outcome {
+        if req.headers.contains_key("x-forwarded-for") {
+            // IMDS's own answer (F16); the decision refuses these for
+            // proxied workloads already.
+            let mut o = imds_error(
+                StatusCode::FORBIDDEN,
+                "deny",
+                "token PUT with X-Forwarded-For (IMDS refuses these too)",
+                f.path,
+            );
+            *o.resp.body_mut() = Full::new(Bytes::new());
+            return o;
+        }
+        let Some(ttl) = tokens::parse_ttl(req.headers.get(tokens::TTL_HEADER)) else {
+            return imds_error(
+                StatusCode::BAD_REQUEST,
+                "invalid",
+                "token TTL missing or not 1-21600 seconds",
+                f.path,
+            );
+        };
+        let binding = tokens::binding(wname, caller);
+        match self.tokens.issue(&binding, ttl) {
+            Ok(token) => {
+                let mut resp = Response::new(Full::new(Bytes::from(token)));
+                let h = resp.headers_mut();
+                h.insert(
+                    hyper::header::CONTENT_TYPE,
+                    HeaderValue::from_static("text/plain"),
+                );
+                h.insert(tokens::TTL_HEADER, HeaderValue::from(ttl));
+                Outcome {
+                    resp,
+                    decision: "allow",
+                    rule: format!("{}; token issued by metaguard for this caller", f.rule),
+                    path: f.path,
+                    upstream: None,
+                    access_key_id: None,
+                    cache: None,
+                }
+            }
+            Err(e) => imds_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "error",
+                &e.to_string(),
+                f.path,
+            ),
+        }
+    }
+
+    /// Forwards an allowed request (from the cache when its rule allows):
+    /// `v2` holds the seconds left on the caller's IMDSv2 token, for a
+    /// request sent with the proxy's own token.
     async fn forward(
         &self,
         s: &Settings,
         wname: &str,
-        req: Request<Incoming>,
+        req: &Parts,
         f: Forward,
+        v2: Option<u64>,
     ) -> Outcome {
         let Forward {
             kind,
@@ -282,49 +409,51 @@ impl Proxy {
             path,
             redact_for,
         } = f;
-        let headers: &[HeaderName] = match kind {
-            Kind::Imds => &IMDS_REQUEST_HEADERS,
-            Kind::Relay => &RELAY_REQUEST_HEADERS,
+        let key_rule = match kind {
+            _ if !s.config.proxy.cache || req.method != hyper::Method::GET => Rule::Never,
+            // IMDSv1 answers are not kept: a v1 request must reach IMDS,
+            // whose HttpTokens setting decides it.
+            Kind::Imds if v2.is_none() => Rule::Never,
+            Kind::Imds => cache::imds_rule(&target),
+            Kind::Relay if redact_for.is_some() => Rule::Never,
+            Kind::Relay => cache::relay_rule(&target),
         };
-        // Origin-form target and our own Host: the upstream sees a request
-        // for itself, whatever the client wrote.
-        let (upstream, host) = match kind {
-            Kind::Imds => (s.upstreams.imds, &s.upstream_hosts[0]),
-            Kind::Relay => (s.upstreams.agent, &s.upstream_hosts[1]),
-        };
-        let mut up = Request::builder()
-            .method(req.method().clone())
-            .uri(target)
-            .header(hyper::header::HOST, host);
-        if let Some(h) = up.headers_mut() {
-            copy_headers(req.headers(), h, headers);
-        }
-        let Ok(up) = up.body(Full::new(Bytes::new())) else {
-            return refuse(
-                StatusCode::BAD_REQUEST,
-                "invalid",
-                "cannot build the upstream request",
-                wname,
-                path,
-            );
+        let key = Key {
+            kind,
+            target: target.clone(),
+            authorization: match kind {
+                Kind::Relay => req
+                    .headers
+                    .get(hyper::header::AUTHORIZATION)
+                    .map(|v| Bytes::copy_from_slice(v.as_bytes())),
+                Kind::Imds => None,
+            },
         };
         let started = Instant::now();
-        let deadline = tokio::time::Instant::from_std(started + UPSTREAM_TIMEOUT);
-        let result = crate::upstream::exchange(upstream, up, deadline).await;
+        let fetched = self
+            .cache
+            .get(key, key_rule, || {
+                self.fetch(s, kind, req, &target, v2.is_some())
+            })
+            .await;
         let elapsed = started.elapsed();
-        let (parts, mut bytes) = match result {
-            Ok(x) => x,
-            Err(e) => {
+        let (answer, source) = match fetched {
+            Fetched::Answer(a, src) => (a, src),
+            Fetched::Failed(e) => {
                 return self.upstream_failed(kind, wname, format!("upstream error: {e}"), path)
             }
         };
-        self.metrics
-            .upstream_seconds
-            .with_label_values(&[kind.as_str()])
-            .observe(elapsed.as_secs_f64());
+        let upstream = matches!(source, Source::Miss | Source::Bypass).then_some(elapsed);
+        if source == Source::Stale {
+            self.metrics
+                .stale_answers
+                .with_label_values(&[kind.as_str()])
+                .inc();
+        }
+        let mut bytes = answer.body.clone();
         let mut decision = "allow";
         if let Some(own) = redact_for {
-            if parts.status.is_success() {
+            if answer.status.is_success() {
                 match serde_json::from_slice::<serde_json::Value>(&bytes) {
                     Ok(mut v) => {
                         crate::redact::redact(&mut v, own.as_deref());
@@ -343,20 +472,103 @@ impl Proxy {
                 }
             }
         }
-        let access_key_id = (s.observe.is_some() && parts.status.is_success())
+        let access_key_id = (s.observe.is_some() && answer.status.is_success())
             .then(|| crate::observe::access_key_id(&bytes))
             .flatten();
         let mut resp = Response::new(Full::new(bytes));
-        *resp.status_mut() = parts.status;
-        copy_headers(&parts.headers, resp.headers_mut(), &RESPONSE_HEADERS);
+        *resp.status_mut() = answer.status;
+        *resp.headers_mut() = answer.headers.clone();
+        if let Some(left) = v2 {
+            // The caller's token's time left, as IMDS echoes it (the
+            // upstream's header named the proxy's own token).
+            resp.headers_mut()
+                .insert(tokens::TTL_HEADER, HeaderValue::from(left));
+        }
+        let rule = match source {
+            Source::Stale => {
+                format!("{rule}; served stale: the upstream failed, credentials still valid")
+            }
+            _ => rule,
+        };
         Outcome {
             resp,
             decision,
             rule,
             path,
-            upstream: Some(elapsed),
+            upstream,
             access_key_id,
+            cache: (key_rule != Rule::Never).then_some(source),
         }
+    }
+
+    /// One upstream exchange for `target`: with the proxy's own IMDS token
+    /// when `own_token` (asked for again once if IMDS refuses it).
+    async fn fetch(
+        &self,
+        s: &Settings,
+        kind: Kind,
+        req: &Parts,
+        target: &str,
+        own_token: bool,
+    ) -> Result<Answer, String> {
+        let headers: &[HeaderName] = match kind {
+            Kind::Imds if own_token => &IMDS_V2_REQUEST_HEADERS,
+            Kind::Imds => &IMDS_REQUEST_HEADERS,
+            Kind::Relay => &RELAY_REQUEST_HEADERS,
+        };
+        // Origin-form target and our own Host: the upstream sees a request
+        // for itself, whatever the client wrote.
+        let (upstream, host) = match kind {
+            Kind::Imds => (s.upstreams.imds, &s.upstream_hosts[0]),
+            Kind::Relay => (s.upstreams.agent, &s.upstream_hosts[1]),
+        };
+        let started = Instant::now();
+        let deadline = tokio::time::Instant::from_std(started + UPSTREAM_TIMEOUT);
+        for attempt in 0..2 {
+            let token = if own_token {
+                self.upstream_token
+                    .get(upstream, || tokens::put_request(upstream, host, deadline))
+                    .await?
+            } else {
+                None
+            };
+            let mut up = Request::builder()
+                .method(req.method.clone())
+                .uri(target)
+                .header(hyper::header::HOST, host);
+            if let Some(h) = up.headers_mut() {
+                copy_headers(&req.headers, h, headers);
+                if let Some(t) = token {
+                    h.insert(tokens::TOKEN_HEADER, t);
+                }
+            }
+            let up = up
+                .body(Full::new(Bytes::new()))
+                .map_err(|e| format!("cannot build the upstream request: {e}"))?;
+            let (parts, body) = crate::upstream::exchange(upstream, up, deadline).await?;
+            self.metrics
+                .upstream_seconds
+                .with_label_values(&[kind.as_str()])
+                .observe(started.elapsed().as_secs_f64());
+            if own_token && parts.status == StatusCode::UNAUTHORIZED && attempt == 0 {
+                // IMDS no longer knows the proxy's token (it restarted).
+                self.upstream_token.forget();
+                continue;
+            }
+            let mut out = HeaderMap::new();
+            let passed: &[HeaderName] = if own_token {
+                &RESPONSE_HEADERS[..RESPONSE_HEADERS.len() - 1]
+            } else {
+                &RESPONSE_HEADERS
+            };
+            copy_headers(&parts.headers, &mut out, passed);
+            return Ok(Answer {
+                status: parts.status,
+                headers: out,
+                body,
+            });
+        }
+        Err("IMDS refused the proxy's token twice".into())
     }
 
     fn upstream_failed(&self, kind: Kind, wname: &str, why: String, path: String) -> Outcome {
@@ -367,6 +579,42 @@ impl Proxy {
         let mut o = refuse(StatusCode::BAD_GATEWAY, "error", why, wname, path);
         o.decision = "error";
         o
+    }
+}
+
+/// IMDS's own error answer (its XHTML page) for `status`.
+fn imds_error(status: StatusCode, decision: &'static str, rule: &str, path: String) -> Outcome {
+    let title = format!(
+        "{} - {}",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or("Error")
+    );
+    let body = format!(
+        "<?xml version=\"1.0\" encoding=\"iso-8859-1\"?>\n\
+         <!DOCTYPE html PUBLIC \"-//W3C//DTD XHTML 1.0 Transitional//EN\"\n\
+         \x20        \"http://www.w3.org/TR/xhtml1/DTD/xhtml1-transitional.dtd\">\n\
+         <html xmlns=\"http://www.w3.org/1999/xhtml\" xml:lang=\"en\" lang=\"en\">\n\
+         \x20<head>\n\
+         \x20 <title>{title}</title>\n\
+         \x20</head>\n\
+         \x20<body>\n\
+         \x20 <h1>{title}</h1>\n\
+         \x20</body>\n\
+         </html>\n"
+    );
+    let resp = Response::builder()
+        .status(status)
+        .header("content-type", "text/html")
+        .body(Full::new(Bytes::from(body)))
+        .unwrap_or_default();
+    Outcome {
+        resp,
+        decision,
+        rule: rule.to_string(),
+        path,
+        upstream: None,
+        access_key_id: None,
+        cache: None,
     }
 }
 

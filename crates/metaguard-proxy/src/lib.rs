@@ -42,6 +42,9 @@
 #![forbid(unsafe_code)]
 
 mod audit;
+pub mod cache;
+#[cfg(test)]
+mod flow_tests;
 mod handler;
 mod io;
 mod limits;
@@ -50,6 +53,7 @@ pub mod observe;
 pub mod redact;
 pub mod server;
 pub mod settings;
+pub mod tokens;
 mod upstream;
 
 use std::net::SocketAddr;
@@ -85,6 +89,13 @@ pub struct Proxy {
     /// written only by a reload ([`settings`]).
     settings: RwLock<Arc<Settings>>,
     metrics: ProxyMetrics,
+    /// IMDSv2 tokens issued to callers ([`tokens`]).
+    tokens: tokens::Tokens,
+    /// The proxy's own IMDS token.
+    upstream_token: tokens::UpstreamToken,
+    /// Answers kept ([`cache`]); cleared by a reload that changes the
+    /// config.
+    cache: cache::Cache,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -114,6 +125,9 @@ impl Proxy {
             directory,
             settings: RwLock::new(Arc::new(settings)),
             metrics,
+            tokens: tokens::Tokens::default(),
+            upstream_token: tokens::UpstreamToken::default(),
+            cache: cache::Cache::default(),
         })
     }
 
@@ -127,10 +141,20 @@ impl Proxy {
 
     /// Puts `new` in force for the next connection and request; the limits
     /// keep their state (tokens, open connections) workload by workload.
+    /// A new config (policies, workloads, upstreams) empties the cache:
+    /// what was kept under the old one is fetched again under the new.
     pub fn reconfigure(&self, new: Settings) {
         let mut slot = self.settings.write().unwrap_or_else(|p| p.into_inner());
         new.follow(&slot);
+        if new.config != slot.config || new.upstreams != slot.upstreams {
+            self.cache.clear();
+        }
         *slot = Arc::new(new);
+    }
+
+    /// The answer cache (its counters, for tests and benchmarks).
+    pub fn cache(&self) -> &cache::Cache {
+        &self.cache
     }
 
     /// Who `origin` is under `config`: from memory when the directory can

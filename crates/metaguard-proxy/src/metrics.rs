@@ -19,6 +19,10 @@ pub struct ProxyMetrics {
     pub observed: IntCounterVec,
     /// Observed requests that could not be recorded (write errors).
     pub observe_errors: IntCounter,
+    /// Cacheable requests by service and result (hit, miss, stale, bypass).
+    pub cache: IntCounterVec,
+    /// Answers served from memory after the upstream failed, by service.
+    pub stale_answers: IntCounterVec,
 }
 
 impl ProxyMetrics {
@@ -68,12 +72,32 @@ impl ProxyMetrics {
         )?;
         registry.register(Box::new(observed.clone()))?;
         registry.register(Box::new(observe_errors.clone()))?;
+        let cache = IntCounterVec::new(
+            Opts::new(
+                "metaguard_proxy_cache_total",
+                "Requests the answer cache was asked for, by service and result (hit, miss, stale, bypass).",
+            ),
+            &["service", "result"],
+        )?;
+        let stale_answers = IntCounterVec::new(
+            Opts::new(
+                "metaguard_proxy_stale_answers_total",
+                "Credentials served from memory because the upstream failed (never past their Expiration), by service.",
+            ),
+            &["service"],
+        )?;
+        registry.register(Box::new(cache.clone()))?;
+        registry.register(Box::new(stale_answers.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(upstream_seconds.clone()))?;
         registry.register(Box::new(upstream_errors.clone()))?;
         registry.register(Box::new(refused_connections.clone()))?;
         for s in ["imds", "task_metadata"] {
             upstream_errors.with_label_values(&[s]);
+            stale_answers.with_label_values(&[s]);
+            for r in ["hit", "miss", "stale", "bypass"] {
+                cache.with_label_values(&[s, r]);
+            }
         }
         Ok(ProxyMetrics {
             requests,
@@ -82,6 +106,8 @@ impl ProxyMetrics {
             refused_connections,
             observed,
             observe_errors,
+            cache,
+            stale_answers,
         })
     }
 }

@@ -219,6 +219,9 @@ pub struct ProxySettings {
     /// Where audit lines go (JSON, one per request); `None`: the daemon's
     /// log (stderr).
     pub audit_log: Option<String>,
+    /// Whether the proxy answers from memory what may be kept (docs/proxy.md,
+    /// "Cache"; on by default). Off, every allowed request goes upstream.
+    pub cache: bool,
 }
 
 /// Default port of the proxy's listeners (on the endpoint addresses, never
@@ -235,6 +238,7 @@ impl Default for ProxySettings {
             burst: 60,
             max_connections: 64,
             audit_log: None,
+            cache: true,
         }
     }
 }

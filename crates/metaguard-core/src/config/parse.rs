@@ -40,6 +40,7 @@ pub(super) struct RawProxy {
     pub(super) burst: Option<Spanned<i64>>,
     pub(super) max_connections: Option<Spanned<i64>>,
     pub(super) audit_log: Option<Spanned<String>>,
+    pub(super) cache: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -292,6 +293,9 @@ pub(super) fn parse_proxy(
             ));
         }
         p.audit_log = Some(v.into_inner());
+    }
+    if let Some(v) = raw.cache {
+        p.cache = v;
     }
     Ok(p)
 }

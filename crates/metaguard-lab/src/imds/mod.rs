@@ -201,16 +201,55 @@ struct Inner {
     /// When the emulated instance "launched": `pendingTime`, `LastUpdated`,
     /// `Last-Modified`.
     started: SystemTime,
-    credentials: Option<RoleCredentials>,
+    /// The role's credentials now (re-minted when short-lived ones are
+    /// due; see [`ImdsEmulator::set_credentials_lifetime`]).
+    credentials: Mutex<Option<RoleCredentials>>,
+    /// `None`: the credentials minted at start expire in six hours.
+    lifetime: Mutex<Option<Duration>>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct RoleCredentials {
     role: String,
     access_key_id: String,
     secret_access_key: String,
     token: String,
     expiration: String,
+    /// `expiration`, as a time (whole seconds).
+    expires: SystemTime,
+    /// How many times they were re-minted.
+    generation: u64,
+}
+
+/// Credentials for `role` of the instance `seed` names, expiring at
+/// `expires` (cut to whole seconds, as `Expiration` shows it); keys
+/// differ per `generation`.
+fn mint(seed: &str, role: &str, expires: SystemTime, generation: u64) -> RoleCredentials {
+    let secs = expires
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    let expires = SystemTime::UNIX_EPOCH + Duration::from_secs(secs);
+    let seed = if generation == 0 {
+        format!("{seed}/{role}")
+    } else {
+        format!("{seed}/{role}/{generation}")
+    };
+    RoleCredentials {
+        role: role.to_string(),
+        access_key_id: format!(
+            "ASIA{}",
+            http::fake_chars(&format!("{seed}/akid"), http::KEY_ID_ALPHABET, 16)
+        ),
+        secret_access_key: http::fake_chars(&format!("{seed}/secret"), http::SECRET_ALPHABET, 40),
+        token: format!(
+            "IQoJb3JpZ2luX2VjE{}",
+            http::fake_chars(&format!("{seed}/token"), http::SECRET_ALPHABET, 300)
+        ),
+        expiration: http::rfc3339(expires),
+        expires,
+        generation,
+    }
 }
 
 /// How a metadata request authenticated.
@@ -240,24 +279,12 @@ impl ImdsEmulator {
     pub fn new(settings: ImdsSettings) -> Self {
         let started = SystemTime::now();
         let credentials = settings.role.as_ref().map(|role| {
-            let seed = format!("{}/{role}", settings.instance_id);
-            RoleCredentials {
-                role: role.clone(),
-                access_key_id: format!(
-                    "ASIA{}",
-                    http::fake_chars(&format!("{seed}/akid"), http::KEY_ID_ALPHABET, 16)
-                ),
-                secret_access_key: http::fake_chars(
-                    &format!("{seed}/secret"),
-                    http::SECRET_ALPHABET,
-                    40,
-                ),
-                token: format!(
-                    "IQoJb3JpZ2luX2VjE{}",
-                    http::fake_chars(&format!("{seed}/token"), http::SECRET_ALPHABET, 300)
-                ),
-                expiration: http::rfc3339(started + Duration::from_secs(6 * 3600)),
-            }
+            mint(
+                &settings.instance_id,
+                role,
+                started + Duration::from_secs(6 * 3600),
+                0,
+            )
         });
         ImdsEmulator {
             inner: Arc::new(Inner {
@@ -268,7 +295,8 @@ impl ImdsEmulator {
                 token_counter: AtomicU64::new(0),
                 log: RequestLog::default(),
                 started,
-                credentials,
+                credentials: Mutex::new(credentials),
+                lifetime: Mutex::new(None),
             }),
         }
     }
@@ -314,10 +342,65 @@ impl ImdsEmulator {
     /// The JSON document `/latest/meta-data/iam/security-credentials/<role>`
     /// serves, or none when the instance has no role.
     pub fn role_credentials(&self) -> Option<Value> {
-        self.inner
-            .credentials
+        self.current_credentials()
             .as_ref()
             .map(|c| Value::Object(self.credentials_fields(c).into_iter().collect()))
+    }
+
+    /// Makes the role's credentials short-lived: from now on they expire
+    /// `lifetime` after they are minted, and new ones are minted once half
+    /// of that is left (EC2 publishes new role credentials ahead of the
+    /// old ones' expiry, at least 5 minutes ahead; here half the lifetime,
+    /// so a test sees several generations in seconds).
+    pub fn set_credentials_lifetime(&self, lifetime: Duration) {
+        *self
+            .inner
+            .lifetime
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(lifetime);
+        let mut c = self
+            .inner
+            .credentials
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(old) = c.as_ref() {
+            let next = mint(
+                &self.inner.settings.instance_id,
+                &old.role,
+                SystemTime::now() + lifetime,
+                old.generation + 1,
+            );
+            *c = Some(next);
+        }
+    }
+
+    /// The role's credentials now, minted anew when short-lived ones are
+    /// due.
+    fn current_credentials(&self) -> Option<RoleCredentials> {
+        let lifetime = *self
+            .inner
+            .lifetime
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let mut c = self
+            .inner
+            .credentials
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let now = SystemTime::now();
+        if let (Some(l), Some(old)) = (lifetime, c.as_ref()) {
+            let due = old.expires.checked_sub(l / 2).unwrap_or(old.expires);
+            if now >= due {
+                let next = mint(
+                    &self.inner.settings.instance_id,
+                    &old.role,
+                    now + l,
+                    old.generation + 1,
+                );
+                *c = Some(next);
+            }
+        }
+        c.clone()
     }
 
     /// Serves IMDS on `listener` until the future is dropped, logging

@@ -61,7 +61,7 @@ impl ImdsEmulator {
             leaf("ami-launch-index", "0"),
             leaf("hostname", &hostname),
         ];
-        if let Some(c) = &self.inner.credentials {
+        if let Some(c) = &self.current_credentials() {
             meta.push((
                 "iam".to_string(),
                 Node::Dir(vec![

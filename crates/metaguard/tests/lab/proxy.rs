@@ -500,8 +500,10 @@ fn imds_path_policy_and_imdsv2_fidelity() -> Result<(), Failed> {
         "a refused request reached IMDS: {:?}",
         lab.imds().log().entries()
     );
-    // IMDSv2 token PUT: the TTL header goes both ways; no X-Forwarded-For
-    // is added; a PUT carrying one is refused as IMDS refuses it.
+    // IMDSv2 token PUT: answered by the proxy itself, as IMDS answers it
+    // (the TTL header echoed), with a token that works only for the
+    // container it was issued to; no caller's PUT or token reaches IMDS,
+    // which sees the proxy's own token (issue 23).
     let out = lab.run_in(
         Role::C1,
         "curl",
@@ -525,12 +527,42 @@ fn imds_path_policy_and_imdsv2_fidelity() -> Result<(), Failed> {
                 .contains("x-aws-ec2-metadata-token-ttl-seconds: 120"),
         "token PUT: {out}"
     );
-    let puts = lab.imds().log().entries();
+    let token = out
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.trim().to_string())
+        .unwrap_or_default();
+    let with_token = |role: Role| -> Result<String, Failed> {
+        Ok(lab.run_in(
+            role,
+            "curl",
+            &[
+                "-s",
+                "-m",
+                "3",
+                "-w",
+                " %{http_code}",
+                "-H",
+                &format!("X-aws-ec2-metadata-token: {token}"),
+                &format!("{base}/latest/meta-data/instance-id"),
+            ],
+        )?)
+    };
+    let own = with_token(Role::C1)?;
     ensure!(
-        puts.len() == 1
-            && puts[0].header("x-forwarded-for").is_none()
-            && puts[0].header("x-aws-ec2-metadata-token-ttl-seconds") == Some("120"),
-        "what IMDS received: {puts:?}"
+        own == format!("{} 200", lab.instance_id()),
+        "c1 with its own token: {own}"
+    );
+    let stolen = with_token(Role::C2)?;
+    ensure!(
+        stolen.ends_with(" 401"),
+        "c2 with c1's token must get IMDS's 401: {stolen}"
+    );
+    let seen = lab.imds().log().entries();
+    ensure!(
+        seen.iter().all(|e| e.header("x-forwarded-for").is_none()
+            && e.header("x-aws-ec2-metadata-token-ttl-seconds") != Some("120")
+            && e.header("x-aws-ec2-metadata-token") != Some(token.as_str())),
+        "what IMDS received: {seen:?}"
     );
     let xff = lab.run_in(
         Role::C1,

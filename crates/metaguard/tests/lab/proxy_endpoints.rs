@@ -197,7 +197,7 @@ fn sdks_get_their_own_credentials_on_every_task_metadata_endpoint_in_both_famili
     );
     let (config, audit) = policy(&lab)?;
     let daemon = Daemon::start(&lab, &config, &[])?;
-    for host in task_metadata_hosts() {
+    for (i, host) in task_metadata_hosts().into_iter().enumerate() {
         let url = credentials_url(&host, w);
         let before = lab.agent().log().len();
         let (b, r) = full_uri_clients(&lab, &python, w, &url)?;
@@ -208,10 +208,12 @@ fn sdks_get_their_own_credentials_on_every_task_metadata_endpoint_in_both_famili
             "through the relay on {url}: botocore {b}, aws-config {r}\n{}",
             daemon.log_text()
         );
-        // Each SDK made one request, relayed with its token untouched.
+        // The first SDK's request was relayed with its token untouched;
+        // every later one, with the same id and token on any endpoint,
+        // is answered from memory (docs/proxy.md, "Cache").
         let relayed = lab.agent().log().entries().split_off(before);
         ensure!(
-            relayed.len() == 2
+            relayed.len() == usize::from(i == 0)
                 && relayed.iter().all(|e| {
                     e.header("authorization") == Some(AUTH_TOKEN)
                         && e.target == format!("/v2/credentials/{}", w.credentials_id())
@@ -308,14 +310,21 @@ fn sdks_get_imdsv2_over_ipv4_and_ipv6_through_the_proxy() -> Result<(), Failed> 
             "through the proxy, {what}: botocore {b}, aws-config {r}\n{}",
             daemon.log_text()
         );
-        // Everything IMDS saw came from the proxy on the host, none from c1.
+        // Everything IMDS saw came from the proxy on the host, none from
+        // c1: the tokens are the proxy's (a caller's PUT never reaches
+        // IMDS; the proxy asks for its own six-hour token once), and the
+        // instance id is asked for once, then answered from memory.
         let entries = lab.imds().log().entries();
         ensure!(
-            entries.len() == 4
+            entries.len() <= 2
                 && entries
                     .iter()
                     .all(|e| e.peer.ip() == std::net::IpAddr::V4(addr::HOST_V4))
-                && entries.iter().filter(|e| e.method == "PUT").count() == 2,
+                && entries
+                    .iter()
+                    .filter(|e| e.method == "PUT")
+                    .all(|e| e.header("x-aws-ec2-metadata-token-ttl-seconds") == Some("21600"))
+                && entries.iter().filter(|e| e.method == "GET").count() <= 1,
             "{what}: IMDS saw {entries:?}"
         );
         let lines = audit_lines(&audit).split_off(lines_before);
@@ -410,9 +419,14 @@ fn a_denied_workload_is_refused_at_once_on_every_endpoint() -> Result<(), Failed
         let r = lab.probe(control, &lab.http_get(&url))?;
         ensure!(r.ok(), "c1 (proxied) asking for {url}: {r:?}");
     }
+    // IMDSv1 requests always reach IMDS; the three credentials requests
+    // (one id, three endpoints, one agent) reach the agent once and are
+    // then answered from memory (docs/proxy.md, "Cache").
     ensure!(
-        logs(&lab) == (quiet.0 + 2, quiet.1 + 3),
-        "the control requests should each have reached their emulator once"
+        logs(&lab) == (quiet.0 + 2, quiet.1 + 1),
+        "the control requests should have reached IMDS twice and the agent once: IMDS {:?}, agent {:?}",
+        lab.imds().log().entries(),
+        lab.agent().log().entries()
     );
     Ok(())
 }

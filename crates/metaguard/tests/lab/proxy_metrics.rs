@@ -25,15 +25,19 @@ pub const TESTS: &[(&str, bool, crate::TestFn)] = &[(
 )];
 
 /// The metric families the proxy registers.
-const FAMILIES: [(&str, &str); 4] = [
+const FAMILIES: [(&str, &str); 6] = [
     ("metaguard_proxy_requests_total", "counter"),
     ("metaguard_proxy_upstream_seconds", "histogram"),
     ("metaguard_proxy_upstream_errors_total", "counter"),
     ("metaguard_proxy_refused_connections_total", "counter"),
+    ("metaguard_proxy_cache_total", "counter"),
+    ("metaguard_proxy_stale_answers_total", "counter"),
 ];
 
 /// c1 ("one", by its namespace) and every other docker0 container ("two")
-/// proxied for both services; a small bucket and two connections each.
+/// proxied for both services; a small bucket and two connections each;
+/// no answer cache, so that every allowed request is one upstream
+/// observation (the cache's own counts are checked in `proxy_cache`).
 fn config(lab: &Lab, audit: &Path, agent: &str) -> String {
     format!(
         r#"
@@ -45,6 +49,7 @@ audit_log = "{}"
 rate = 2
 burst = 20
 max_connections = 2
+cache = false
 
 [[workload]]
 name = "one"
