@@ -18,10 +18,11 @@
 //!   until a margin before their `Expiration`: 5 minutes (EC2 publishes
 //!   new role credentials at least 5 minutes before expiry), or half the
 //!   time left when that is shorter.
+//! * [`Rule::RoleListing`]: the role listing, for a minute (an instance
+//!   profile can be replaced while the instance runs); served stale
+//!   through an outage, as SDKs read it before the credentials.
 //! * [`Rule::Never`]: everything else — network interfaces, spot and
-//!   events, tags, public addresses, IAM info and role listings (an
-//!   instance profile can be replaced while the instance runs), task
-//!   metadata.
+//!   events, tags, public addresses, IAM info, task metadata.
 //!
 //! Concurrent misses for one key make one upstream request (the others
 //! wait for it: single flight). Memory is bounded ([`MAX_KEYS`],
@@ -31,7 +32,8 @@
 //!
 //! **Serve-stale.** When the upstream times out, refuses the connection
 //! or answers 5xx, kept credentials are served while their `Expiration`
-//! is at least [`STALE_GUARD`] away — never after it. For
+//! is at least [`STALE_GUARD`] away — never after it (and the role
+//! listing for [`ROLE_LISTING_STALE`]). For
 //! [`RETRY_AFTER`] after a failure, requests for that key are served the
 //! stale answer at once instead of each waiting on the upstream again.
 
@@ -69,9 +71,21 @@ pub enum Rule {
     Instance,
     /// Until a margin before the document's `Expiration`.
     Credentials,
+    /// The role listing (`iam/security-credentials/`): fresh for
+    /// [`ROLE_LISTING_TTL`], servable stale for [`ROLE_LISTING_STALE`].
+    RoleListing,
     /// Not kept.
     Never,
 }
+
+/// How long the role listing is answered from memory: an instance
+/// profile can be replaced while the instance runs, and the listing then
+/// names the new role; SDKs read it before every credentials refresh.
+pub const ROLE_LISTING_TTL: Duration = Duration::from_secs(60);
+/// How long the role listing is served stale while IMDS is down: a role
+/// name is no credential (the credentials themselves stop at their
+/// `Expiration`), and without it no SDK gets to the credentials.
+pub const ROLE_LISTING_STALE: Duration = Duration::from_secs(6 * 3600);
 
 /// Meta-data leaves that never change while the instance runs.
 const IMMUTABLE: &[&str] = &[
@@ -100,6 +114,10 @@ pub fn imds_rule(target: &str) -> Rule {
         ["meta-data", "services", "domain" | "partition"] => Rule::Instance,
         ["dynamic", "instance-identity", "document" | "pkcs7" | "signature" | "rsa2048"] => {
             Rule::Instance
+        }
+        ["meta-data", "iam", "security-credentials", ""]
+        | ["meta-data", "identity-credentials", "ec2", "security-credentials", ""] => {
+            Rule::RoleListing
         }
         ["meta-data", "iam", "security-credentials", role] if !role.is_empty() => Rule::Credentials,
         ["meta-data", "identity-credentials", "ec2", "security-credentials", name]
@@ -398,6 +416,10 @@ fn freshness(
     match rule {
         Rule::Never => None,
         Rule::Instance => Some((None, None)),
+        Rule::RoleListing => Some((
+            Some(now + ROLE_LISTING_TTL),
+            Some(wall + ROLE_LISTING_STALE),
+        )),
         Rule::Credentials => {
             let expires = expiration(body)?;
             let left = expires.duration_since(wall).ok()?;

@@ -61,6 +61,11 @@ fn rules_name_what_cannot_change_and_credentials() {
     }
     for p in [
         "/latest/meta-data/iam/security-credentials/",
+        "/latest/meta-data/identity-credentials/ec2/security-credentials/",
+    ] {
+        assert_eq!(imds_rule(p), Rule::RoleListing, "{p}");
+    }
+    for p in [
         "/latest/meta-data/iam/info",
         "/latest/meta-data/network/interfaces/macs/",
         "/latest/meta-data/spot/instance-action",
@@ -223,14 +228,16 @@ async fn concurrent_misses_make_one_upstream_request() {
 async fn credentials_are_served_stale_on_failure_but_never_past_expiration() {
     let c = Cache::default();
     let k = key("/latest/meta-data/iam/security-credentials/r");
-    // Four seconds left: fresh for two, servable stale until one before
-    // expiry.
-    let doc = creds(4, "A");
+    // Five to six seconds left (Expiration has whole seconds): fresh for
+    // half of that (at most 3 s), servable stale until one second before
+    // expiry (at least 4 s from now).
+    let doc = creds(6, "A");
+    let expires = expiration(doc.as_bytes()).expect("Expiration");
     c.get(k.clone(), Rule::Credentials, || async {
         Ok(answer(200, &doc))
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(2100)).await;
+    tokio::time::sleep(Duration::from_millis(3100)).await;
     for failure in [
         Err("connection refused".to_string()),
         Ok(answer(503, "busy")),
@@ -250,7 +257,10 @@ async fn credentials_are_served_stale_on_failure_but_never_past_expiration() {
     assert_eq!(body(&f).1, Source::Stale);
     assert_eq!(c.fetches(), before);
     // Past Expiration minus the guard: the failure is passed on.
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let guard_at = expires - STALE_GUARD + Duration::from_millis(50);
+    if let Ok(left) = guard_at.duration_since(SystemTime::now()) {
+        tokio::time::sleep(left).await;
+    }
     match c
         .get(k.clone(), Rule::Credentials, || async {
             Err("refused".to_string())
