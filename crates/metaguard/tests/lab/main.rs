@@ -19,6 +19,7 @@ mod enforce;
 mod foundation;
 mod observe;
 mod proxy;
+mod proxy_cache;
 mod proxy_datapath;
 mod proxy_endpoints;
 mod proxy_identity;
@@ -47,6 +48,7 @@ fn main() {
         .chain(proxy_endpoints::TESTS)
         .chain(proxy_policy::TESTS)
         .chain(proxy_metrics::TESTS)
+        .chain(proxy_cache::TESTS)
         .chain(proxy_datapath::TESTS)
         .chain(observe::TESTS)
     {

@@ -71,13 +71,13 @@ task_metadata = "proxy"
 }
 
 /// One sample of a scrape.
-struct Sample {
-    name: String,
-    labels: BTreeMap<String, String>,
-    value: f64,
+pub struct Sample {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub value: f64,
 }
 
-fn parse(body: &str) -> Vec<Sample> {
+pub fn parse(body: &str) -> Vec<Sample> {
     body.lines()
         .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
         .filter_map(|l| {
@@ -101,7 +101,7 @@ fn parse(body: &str) -> Vec<Sample> {
 }
 
 /// The sum of `name`'s samples whose labels include every pair of `with`.
-fn value(samples: &[Sample], name: &str, with: &[(&str, &str)]) -> f64 {
+pub fn value(samples: &[Sample], name: &str, with: &[(&str, &str)]) -> f64 {
     samples
         .iter()
         .filter(|s| s.name == name)
@@ -113,7 +113,7 @@ fn value(samples: &[Sample], name: &str, with: &[(&str, &str)]) -> f64 {
         .sum()
 }
 
-fn scrape(lab: &Lab) -> Result<String, Failed> {
+pub fn scrape(lab: &Lab) -> Result<String, Failed> {
     let r = lab.probe(
         Workload::HostOther,
         &lab.http_get("http://127.0.0.1:9469/metrics"),
