@@ -11,16 +11,21 @@
 //!   request (docker0 → the lab host, MASQUERADE → the vpc namespace, where
 //!   the emulator listens on the metadata address); no metaguard rules are
 //!   loaded;
-//! * (b) metaguard's proxy: `metaguard daemon` in the lab host, c1 proxied
-//!   (see [`metaguard_variant`]); c1 → 169.254.169.254:80 → DNAT in c1 →
-//!   169.254.170.2:9470 → DNAT in the host to the IMDS proxy's listener on
-//!   169.254.169.254:9470 (policy route) → the emulator;
-//! * (c) nginx (Debian's binary, extracted by `scripts/common.sh`
+//! * (b) metaguard's proxy, cache hit: `metaguard daemon` in the lab host,
+//!   c1 proxied (see [`metaguard_variants`]); c1 → 169.254.169.254:80 →
+//!   DNAT in c1 → 169.254.170.2:9470 → DNAT in the host to the IMDS proxy's
+//!   listener on 169.254.169.254:9470 (policy route), with the IMDSv2 token
+//!   the proxy issued to c1: answered from memory;
+//! * (c) the same proxy, miss: no token (IMDSv1), so forwarded to the
+//!   emulator every time;
+//! * (d) nginx (Debian's binary, extracted by `scripts/common.sh`
 //!   `ensure_nginx`) in the lab host namespace on 172.17.0.1:8081 (docker0's
 //!   address, which c1 reaches on its own subnet), `proxy_pass` to
 //!   169.254.169.254:80 with 32 keep-alive upstream connections and one
 //!   JSON access-log line per request (metaguard writes an audit line);
-//! * (d) the floor ([`floor`]): a minimal tokio relay in the proxy's shape
+//! * (e) the same nginx with `proxy_cache` (every `200` for an hour) on
+//!   172.17.0.1:8083;
+//! * (f) the floor ([`floor`]): a minimal tokio relay in the proxy's shape
 //!   on 172.17.0.1:8082 that does only the network work of a proxy —
 //!   what any tokio proxy pays, whatever else it does.
 //!
@@ -58,8 +63,10 @@ use common::stats;
 const PATH: &str = "/latest/meta-data/instance-id";
 /// Where nginx listens: docker0's address in the lab host.
 const NGINX_PORT: u16 = 8081;
-/// Where the floor relay (d) listens, on the same address.
+/// Where the floor relay (f) listens, on the same address.
 const FLOOR_PORT: u16 = 8082;
+/// Where nginx with `proxy_cache` (e) listens.
+const NGINX_CACHE_PORT: u16 = 8083;
 /// How long the floor relay gets to accept connections once started.
 const FLOOR_READY: Duration = Duration::from_secs(5);
 
@@ -126,6 +133,8 @@ struct Variant {
     /// also catch the other variants' requests.
     before: Option<Hook>,
     after: Option<Hook>,
+    /// Answers from memory: its requests do not reach the emulator.
+    cached: bool,
 }
 
 type Hook = Box<dyn Fn(&Lab) -> Result<(), String>>;
@@ -142,24 +151,70 @@ impl Proxy for Nginx {
     }
 }
 
-/// (b) metaguard's IMDS proxy: `metaguard daemon` in the lab host with
-/// c1's namespace as a proxied workload (`netns = [c1]`, `imds = "proxy"`,
-/// rate limits lifted so the load is not throttled), so c1's request to
-/// 169.254.169.254:80 is DNATed in c1's namespace to 169.254.170.2:9470
-/// and in the host to the IMDS proxy's listener on 169.254.169.254:9470,
-/// identified by its bridge port, checked against the default path policy
-/// and forwarded. (a) runs from c2, which no workload
-/// selects: the same path to the emulator, untouched.
-fn metaguard_variant(lab: &Lab) -> Option<Result<Variant, String>> {
-    Some(start_daemon(lab).map(|d| Variant {
-        label: "(b) metaguard proxy (169.254.169.254:9470)".to_string(),
-        from: lab.netns_name(Role::C1),
-        url: Lab::imds_url_v4(PATH),
-        headers: Vec::new(),
-        proxy: Some(Box::new(d)),
-        before: None,
-        after: None,
+/// (b) and (c) metaguard's IMDS proxy: `metaguard daemon` in the lab host
+/// with c1's namespace as a proxied workload (`netns = [c1]`, `imds =
+/// "proxy"`, rate limits lifted so the load is not throttled), so c1's
+/// request to 169.254.169.254:80 is DNATed in c1's namespace to
+/// 169.254.170.2:9470 and in the host to the IMDS proxy's listener on
+/// 169.254.169.254:9470, identified by its bridge port and checked
+/// against the default path policy. (b) sends the IMDSv2 token c1 got from
+/// the proxy: the instance id is answered from memory (docs/proxy.md);
+/// (c) sends none (IMDSv1): forwarded to the emulator every time, as every
+/// cache miss is. One daemon serves both. (a) runs from c2, which no
+/// workload selects: the same path to the emulator, untouched.
+fn metaguard_variants(lab: &Lab) -> Option<Result<(Variant, Variant), String>> {
+    Some(start_daemon(lab).and_then(|d| {
+        let token = lab
+            .run_in(
+                Role::C1,
+                "curl",
+                &[
+                    "-sf",
+                    "-m",
+                    "3",
+                    "-X",
+                    "PUT",
+                    "-H",
+                    "X-aws-ec2-metadata-token-ttl-seconds: 21600",
+                    &Lab::imds_url_v4("/latest/api/token"),
+                ],
+            )
+            .map_err(|e| format!("an IMDSv2 token from the proxy: {e}"))?;
+        let pid = d.pid();
+        let hit = Variant {
+            label: "(b) metaguard, cache hit (169.254.169.254:9470)".to_string(),
+            from: lab.netns_name(Role::C1),
+            url: Lab::imds_url_v4(PATH),
+            headers: vec![(
+                "X-aws-ec2-metadata-token".to_string(),
+                token.trim().to_string(),
+            )],
+            proxy: Some(Box::new(d)),
+            before: None,
+            after: None,
+            cached: true,
+        };
+        let miss = Variant {
+            label: "(c) metaguard, miss: forwarded (169.254.169.254:9470)".to_string(),
+            from: lab.netns_name(Role::C1),
+            url: Lab::imds_url_v4(PATH),
+            headers: Vec::new(),
+            proxy: Some(Box::new(SamePid(u32::try_from(pid).unwrap_or(0)))),
+            before: None,
+            after: None,
+            cached: false,
+        };
+        Ok((hit, miss))
     }))
+}
+
+/// A proxy some other variant runs: its pid, for the CPU figures.
+struct SamePid(u32);
+
+impl Proxy for SamePid {
+    fn pids(&self) -> Vec<u32> {
+        vec![self.0]
+    }
 }
 
 impl Proxy for Daemon {
@@ -193,10 +248,11 @@ fn direct_variant(lab: &Lab) -> Variant {
         proxy: None,
         before: None,
         after: None,
+        cached: false,
     }
 }
 
-/// (d) the floor relay ([`floor`]): this binary again, in the lab host's
+/// (f) the floor relay ([`floor`]): this binary again, in the lab host's
 /// namespace on docker0's address, relaying to the emulator; killed and
 /// reaped on drop.
 struct FloorRelay(loadgen::Reaped);
@@ -233,34 +289,47 @@ fn floor_variant(lab: &Lab) -> Result<Variant, String> {
         },
     )?;
     Ok(Variant {
-        label: format!("(d) floor: minimal tokio relay ({listen})"),
+        label: format!("(f) floor: minimal tokio relay ({listen})"),
         from: lab.netns_name(Role::C1),
         url: format!("http://{listen}{PATH}"),
         headers: Vec::new(),
         proxy: Some(Box::new(relay)),
         before: None,
         after: None,
+        cached: false,
     })
 }
 
-/// (c) nginx in the lab host, proxying to the emulator.
-fn nginx_variant(lab: &Lab) -> Result<Variant, String> {
-    let listen = SocketAddr::new(addr::DOCKER0_V4.into(), NGINX_PORT);
-    let nginx = Nginx::start(
+/// (d) nginx in the lab host, proxying to the emulator; (e) the same with
+/// `proxy_cache` (every `200` kept for an hour) on another port.
+fn nginx_variant(lab: &Lab, cache: bool) -> Result<Variant, String> {
+    let (port, dir) = if cache {
+        (NGINX_CACHE_PORT, "nginx-cache")
+    } else {
+        (NGINX_PORT, "nginx")
+    };
+    let listen = SocketAddr::new(addr::DOCKER0_V4.into(), port);
+    let nginx = Nginx::start_with(
         &lab.netns_name(Role::Host),
         listen,
         &format!("{}:80", addr::IMDS_V4),
-        &lab.work_dir().join("nginx"),
+        &lab.work_dir().join(dir),
+        cache,
     )
     .map_err(|e| e.to_string())?;
     Ok(Variant {
-        label: format!("(c) nginx `proxy_pass` ({listen})"),
+        label: if cache {
+            format!("(e) nginx `proxy_cache` ({listen})")
+        } else {
+            format!("(d) nginx `proxy_pass` ({listen})")
+        },
         from: lab.netns_name(Role::C1),
         url: format!("http://{listen}{PATH}"),
         headers: Vec::new(),
         proxy: Some(Box::new(nginx)),
         before: None,
         after: None,
+        cached: cache,
     })
 }
 
@@ -314,7 +383,10 @@ struct Series {
     /// like [`METRICS`], added p50 and p99 (ms), requests/s over nginx's.
     ratios: [Vec<f64>; 3],
     added_ms: [Vec<f64>; 2],
-    over_c: Vec<f64>,
+    /// requests/s over (d)'s (nginx `proxy_pass`) and over (e)'s
+    /// (`proxy_cache`), per round.
+    over_d: Vec<f64>,
+    over_e: Vec<f64>,
     requests: u64,
     non_2xx: u64,
     socket_errors: u64,
@@ -361,7 +433,7 @@ fn measure(lab: &Lab, v: &Variant, secs: u32, load: Load) -> Result<(WrkResult, 
         eprintln!("--- {} ---\n{}", v.label, r.raw);
     }
     let seen = log.len() as u64;
-    if r.requests == 0 || seen < r.requests {
+    if r.requests == 0 || (!v.cached && seen < r.requests) {
         return Err(format!(
             "{}: wrk completed {} requests, the emulator answered {seen}:\n{}",
             v.label, r.requests, r.raw
@@ -440,15 +512,19 @@ fn run(full: bool) -> Result<(), String> {
     )
     .map_err(|e| e.to_string())?;
     let mut variants = vec![direct_variant(&lab)];
-    let with_metaguard = match metaguard_variant(&lab) {
+    let with_metaguard = match metaguard_variants(&lab) {
         Some(v) => {
-            variants.push(v?);
+            let (hit, miss) = v?;
+            variants.push(hit);
+            variants.push(miss);
             true
         }
         None => false,
     };
-    variants.push(nginx_variant(&lab)?);
+    variants.push(nginx_variant(&lab, false)?);
     let nginx = variants.len() - 1;
+    variants.push(nginx_variant(&lab, true)?);
+    let nginx_cache = variants.len() - 1;
     variants.push(floor_variant(&lab)?);
 
     if full {
@@ -499,8 +575,11 @@ fn run(full: bool) -> Result<(), String> {
                 }
                 s.added_ms[0].push(ms(r.p50) - ms(direct.p50));
                 s.added_ms[1].push(ms(r.p99) - ms(direct.p99));
-                if let (true, Some(c)) = (i != nginx, &results[nginx]) {
-                    s.over_c.push(r.requests_per_sec / c.requests_per_sec);
+                if let (true, Some(d)) = (i != nginx, &results[nginx]) {
+                    s.over_d.push(r.requests_per_sec / d.requests_per_sec);
+                }
+                if let (true, Some(e)) = (i != nginx_cache, &results[nginx_cache]) {
+                    s.over_e.push(r.requests_per_sec / e.requests_per_sec);
                 }
             }
         }
@@ -518,6 +597,52 @@ fn run(full: bool) -> Result<(), String> {
     }
 
     let mut report = String::new();
+    if with_metaguard {
+        // The goals of issue 23, from the tables below: (b) is variant 1,
+        // (c) variant 2.
+        let median = |v: &[f64]| stats(v.to_vec()).median;
+        let rss: u64 = variants[1]
+            .proxy
+            .as_ref()
+            .map_or(Vec::new(), |p| p.pids())
+            .into_iter()
+            .filter_map(loadgen::rss_kib)
+            .sum();
+        report += "| goal (issue 23) | target | measured: median of the per-round values |\n|---|---|---|\n";
+        for (l, load) in loads.iter().enumerate() {
+            report += &format!(
+                "| (b) requests/s over (e)'s, wrk -c{}{} | ≥ 1.0 | {:.3} |\n",
+                load.conns,
+                if load.close {
+                    " (Connection: close)"
+                } else {
+                    ""
+                },
+                median(&series[l][1].over_e)
+            );
+        }
+        for (l, load) in loads.iter().enumerate() {
+            report += &format!(
+                "| (b) p50 over (a)'s, wrk -c{}{} | < 1.0 | {:.3} |\n",
+                load.conns,
+                if load.close {
+                    " (Connection: close)"
+                } else {
+                    ""
+                },
+                median(&series[l][1].ratios[1])
+            );
+        }
+        report += &format!(
+            "| (c) requests/s over (d)'s at saturation (wrk -c{}) | ≥ 1.0 | {:.3} |\n",
+            loads[2].conns,
+            median(&series[2][2].over_d)
+        );
+        report += &format!(
+            "| metaguard's RSS after the runs | < 20 MB | {:.1} MB |\n\n",
+            rss as f64 / 1024.0
+        );
+    }
     for (l, load) in loads.iter().enumerate() {
         report += &format!(
             "### wrk -t{} -c{}{}: {}\n",
@@ -545,10 +670,20 @@ fn run(full: bool) -> Result<(), String> {
             }
             if t == 0 {
                 for (v, s) in variants.iter().zip(&series[l]).skip(1) {
-                    if !s.over_c.is_empty() {
+                    if !s.over_d.is_empty() {
                         report += &row(
-                            &format!("ratio {} / (c) (per round)", short(v)),
-                            &s.over_c,
+                            &format!("ratio {} / (d) (per round)", short(v)),
+                            &s.over_d,
+                            3,
+                            "",
+                        );
+                    }
+                }
+                for (v, s) in variants.iter().zip(&series[l]).skip(1) {
+                    if v.cached && !s.over_e.is_empty() {
+                        report += &row(
+                            &format!("ratio {} / (e) (per round)", short(v)),
+                            &s.over_e,
                             3,
                             "",
                         );
@@ -575,10 +710,15 @@ fn run(full: bool) -> Result<(), String> {
         report += "\n";
     }
     report += "| proxy memory after the runs | VmRSS | VmHWM (peak) |\n|---|---:|---:|\n";
+    let mut listed: Vec<Vec<u32>> = Vec::new();
     for v in &variants {
         let Some(pids) = v.proxy.as_ref().map(|p| p.pids()) else {
             continue;
         };
+        if listed.contains(&pids) {
+            continue; // (c): the same process as (b)
+        }
+        listed.push(pids.clone());
         let rss: u64 = pids.iter().filter_map(|&p| loadgen::rss_kib(p)).sum();
         let hwm: u64 = pids.iter().filter_map(|&p| loadgen::hwm_kib(p)).sum();
         report += &format!(
@@ -618,9 +758,10 @@ fn run(full: bool) -> Result<(), String> {
         "## Metadata proxy — `sudo cargo bench -p metaguard --bench proxy`\n\n\
          Lab: `GET {PATH}` from a bridge container's namespace (c2 for (a), c1 for the proxies; identical paths) \
          with wrk (Debian 4.1.0, `--latency`) to the IMDS emulator in the vpc namespace: (a) directly \
-         (docker0 → lab host → vpc, no metaguard rules), {b}(c) through nginx {nginx} (Debian's build, \
+         (docker0 → lab host → vpc, no metaguard rules), {b}(d) through nginx {nginx} (Debian's build, \
          `worker_processes auto`, upstream `keepalive 32`, one JSON access-log line per request as metaguard \
-         writes one audit line) in the lab host on docker0's address, (d) through the floor: a minimal tokio \
+         writes one audit line) in the lab host on docker0's address, (e) the same nginx with `proxy_cache` \
+         (every `200` kept for an hour) on another port, (f) through the floor: a minimal tokio \
          relay in metaguard's proxy's shape (a single-threaded runtime per CPU over `SO_REUSEPORT` \
          listeners) that does only the network work — request head in, new upstream connection, head out, \
          answer back — and nothing of a proxy's job (no HTTP library, identification, policy, audit or \
@@ -629,14 +770,17 @@ fn run(full: bool) -> Result<(), String> {
          connection, and {conns} connections on {threads} threads (saturation). {rounds} rounds of {secs} s per variant and load{warm}, the order \
          rotated every round; ratios and differences are taken per round. The emulator answers every request \
          with `Connection: close`, as IMDS does, so every request is a new upstream connection for a proxy \
-         too, and a new connection from c1 for (a), while wrk keeps its connections to a proxy alive; the \
+         that forwards it, and a new connection from c1 for (a), while wrk keeps its connections to a proxy alive; the \
          emulator's namespace keeps no TIME_WAIT sockets (`tcp_max_tw_buckets=0`, see the bench's source). \
          Proxy CPU is user + system time from `/proc/<pid>/stat` over each run (10 ms ticks), which \
-         includes the kernel's network path run in the proxy's context. \
+         includes the kernel's network path run in the proxy's context; (b) and (c) are one process, measured \
+         over their own runs. \
          Machine: {}.\n\n{report}",
         common::machine(),
         b = if with_metaguard {
-            "(b) through metaguard's proxy (the daemon, one thread per CPU, audit log on), "
+            "through metaguard's proxy (the daemon, one thread per CPU, audit log on, answer cache on) \
+             (b) with the IMDSv2 token c1 got from it, answered from memory (a cache hit), (c) without a token \
+             (IMDSv1), forwarded every time as a cache miss is, "
         } else {
             ""
         },
@@ -648,7 +792,7 @@ fn run(full: bool) -> Result<(), String> {
         common::write_section("proxy", &section)?;
     } else if full {
         println!(
-            "(BENCHMARKS.md not written: no metaguard proxy variant yet, see metaguard_variant)"
+            "(BENCHMARKS.md not written: no metaguard proxy variant yet, see metaguard_variants)"
         );
     }
     Ok(())

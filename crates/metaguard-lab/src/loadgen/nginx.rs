@@ -37,7 +37,22 @@ pub fn nginx_binary() -> Result<PathBuf, LabError> {
 /// both pay for a log), every path nginx writes is in `work_dir`, and no
 /// `X-Forwarded-For` is added (nginx adds none unless told to).
 pub fn nginx_conf(listen: SocketAddr, upstream: &str, work_dir: &Path) -> String {
+    nginx_conf_with(listen, upstream, work_dir, false)
+}
+
+/// [`nginx_conf`], with `cache`: `proxy_cache` on every `200` answer for
+/// an hour (a memory zone and the cache directory in `work_dir`), the
+/// reference for answering from memory.
+pub fn nginx_conf_with(listen: SocketAddr, upstream: &str, work_dir: &Path, cache: bool) -> String {
     let w = work_dir.display();
+    let (zone, cache) = if cache {
+        (
+            format!("proxy_cache_path {w}/cache keys_zone=imds:1m;\n    "),
+            "proxy_cache imds;\n            proxy_cache_valid 200 1h;\n            ",
+        )
+    } else {
+        (String::new(), "")
+    };
     format!(
         "# Written by metaguard_lab::loadgen::Nginx (reference proxy of benches/proxy.rs).
 daemon off;
@@ -59,7 +74,7 @@ http {{
     fastcgi_temp_path {w}/fastcgi;
     uwsgi_temp_path {w}/uwsgi;
     scgi_temp_path {w}/scgi;
-
+    {zone}
     upstream imds {{
         server {upstream};
         keepalive 32;
@@ -68,7 +83,7 @@ http {{
     server {{
         listen {listen};
         location / {{
-            proxy_pass http://imds;
+            {cache}proxy_pass http://imds;
             proxy_http_version 1.1;
             proxy_set_header Connection \"\";
         }}
@@ -97,6 +112,17 @@ impl Nginx {
         upstream: &str,
         work_dir: &Path,
     ) -> Result<Nginx, LabError> {
+        Self::start_with(netns, listen, upstream, work_dir, false)
+    }
+
+    /// [`Nginx::start`] with [`nginx_conf_with`]'s `cache`.
+    pub fn start_with(
+        netns: &str,
+        listen: SocketAddr,
+        upstream: &str,
+        work_dir: &Path,
+        cache: bool,
+    ) -> Result<Nginx, LabError> {
         let ns = lab_netns(netns)?;
         if upstream.is_empty()
             || upstream
@@ -114,7 +140,7 @@ impl Nginx {
         };
         std::fs::create_dir_all(work_dir).map_err(io("create", work_dir))?;
         let conf = work_dir.join("nginx.conf");
-        std::fs::write(&conf, nginx_conf(listen, upstream, work_dir))
+        std::fs::write(&conf, nginx_conf_with(listen, upstream, work_dir, cache))
             .map_err(io("write", &conf))?;
         let out_path = work_dir.join("nginx.out");
         let out = File::create(&out_path).map_err(io("create", &out_path))?;

@@ -264,3 +264,19 @@ fn config_is_a_plain_keepalive_proxy() {
     );
     assert!(v6.contains("listen [fd00:17::1]:8081;"));
 }
+
+#[test]
+fn the_cached_config_keeps_200s_for_an_hour_and_only_then() {
+    let addr = "172.17.0.1:8083".parse().expect("addr");
+    let cached = nginx_conf_with(addr, "169.254.169.254:80", Path::new("/w"), true);
+    for want in [
+        "proxy_cache_path /w/cache keys_zone=imds:1m;",
+        "proxy_cache imds;",
+        "proxy_cache_valid 200 1h;",
+        "proxy_pass http://imds;",
+    ] {
+        assert!(cached.contains(want), "{want} missing from\n{cached}");
+    }
+    let plain = nginx_conf(addr, "169.254.169.254:80", Path::new("/w"));
+    assert!(!plain.contains("proxy_cache"), "{plain}");
+}
