@@ -573,3 +573,41 @@ proptest! {
         let _ = std::fs::remove_file(&audit);
     }
 }
+
+/// The handler's own cost per cache hit, in process (no sockets between
+/// client and proxy): `cargo test --release -p metaguard-proxy --
+/// --ignored per_request_cost --nocapture`. Prints ns per request.
+#[test]
+#[ignore = "a measurement, run by hand"]
+fn per_request_cost_of_a_cache_hit() {
+    let u = upstreams();
+    // MG_COST_AUDIT=/dev/null: the same without the file system's append.
+    let own = temp("cost");
+    let audit = std::env::var_os("MG_COST_AUDIT").map_or(own.clone(), std::path::PathBuf::from);
+    let p = proxy(settings(&u, POLICY, true, &audit));
+    let c1 = caller(0, Some("c1"));
+    run(async {
+        let t = token(&p, &c1).await;
+        let h = head(
+            "GET",
+            "169.254.169.254",
+            "/latest/meta-data/instance-id",
+            &[("x-aws-ec2-metadata-token", t.as_str())],
+        );
+        let s = p.settings();
+        let n = 200_000u32;
+        for round in 0..3 {
+            let started = std::time::Instant::now();
+            for _ in 0..n {
+                let r = p.respond(Kind::Imds, &c1, &s, &h, false).await;
+                assert_eq!(r.status(), 200);
+            }
+            let ns = started.elapsed().as_nanos() / u128::from(n);
+            eprintln!(
+                "round {round}: {ns} ns per cache hit (audit to {})",
+                audit.display()
+            );
+        }
+    });
+    let _ = std::fs::remove_file(&own);
+}
