@@ -288,14 +288,40 @@ impl Proxy {
         };
         // Origin-form target and our own Host: the upstream sees a request
         // for itself, whatever the client wrote.
-        let (upstream, host) = match kind {
-            Kind::Imds => (s.upstreams.imds, &s.upstream_hosts[0]),
-            Kind::Relay => (s.upstreams.agent, &s.upstream_hosts[1]),
+        let (mut upstream, mut host) = match kind {
+            Kind::Imds => (s.upstreams.imds, s.upstream_hosts[0].clone()),
+            Kind::Relay => (s.upstreams.agent, s.upstream_hosts[1].clone()),
         };
+        // The agent in a container: its address now, by its identity (the
+        // directory asks Docker), and a marked connection (the only one
+        // the host's rules let through to its port).
+        let mut mark = None;
+        if kind == Kind::Relay && s.config.agent_container.is_some() {
+            let dir = self.directory.clone();
+            let config = s.config.clone();
+            let found = tokio::task::spawn_blocking(move || dir.agent_upstream(&config))
+                .await
+                .unwrap_or_else(|e| Err(e.to_string()));
+            match found {
+                Ok(addr) => {
+                    upstream = addr;
+                    host = host_header(addr);
+                    mark = Some(metaguard_core::ruleset::RELAY_UPSTREAM_MARK);
+                }
+                Err(why) => {
+                    return self.upstream_failed(
+                        kind,
+                        wname,
+                        format!("upstream error: {why}"),
+                        path,
+                    )
+                }
+            }
+        }
         let mut up = Request::builder()
             .method(req.method().clone())
             .uri(target)
-            .header(hyper::header::HOST, host);
+            .header(hyper::header::HOST, &host);
         if let Some(h) = up.headers_mut() {
             copy_headers(req.headers(), h, headers);
         }
@@ -310,7 +336,10 @@ impl Proxy {
         };
         let started = Instant::now();
         let deadline = tokio::time::Instant::from_std(started + UPSTREAM_TIMEOUT);
-        let result = crate::upstream::exchange(upstream, up, deadline).await;
+        let result = match mark {
+            None => crate::upstream::exchange(upstream, up, deadline).await,
+            Some(_) => crate::upstream::exchange_marked(upstream, mark, up, deadline).await,
+        };
         let elapsed = started.elapsed();
         let (parts, mut bytes) = match result {
             Ok(x) => x,

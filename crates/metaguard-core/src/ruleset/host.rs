@@ -5,7 +5,7 @@
 use std::fmt::Write as _;
 
 use super::decisions::{write_decisions, Hook};
-use super::ports::port_exceptions;
+use super::ports::{agent_guard, port_exceptions};
 use super::proxy::{
     probe_rule, task_path, write_bridge_table, write_host_proxy_chains, ProxyPlan,
     BRIDGE_MARK_BASE, HOST_MARK_MASK, HOST_MARK_TAG, PROXY_ROUTE_MARK, PROXY_ROUTE_PRIORITY, SYN,
@@ -291,8 +291,15 @@ pub(super) fn host_script(
         let _ = writeln!(host, "\t}}");
     }
     let _ = writeln!(host, "}}");
-    if proxy.is_some() || !exceptions.is_empty() {
-        write_bridge_table(&mut host, config, proxy.is_some(), &exceptions);
+    let agent = agent_guard(config, facts, warnings);
+    if proxy.is_some() || !exceptions.is_empty() || agent.is_some() {
+        write_bridge_table(
+            &mut host,
+            config,
+            proxy.is_some(),
+            &exceptions,
+            agent.as_ref(),
+        );
     }
 
     host

@@ -47,7 +47,7 @@ use std::fmt::Write as _;
 
 use crate::config::{Config, ContainerRef};
 
-pub use self::ports::BridgePort;
+pub use self::ports::{BridgePort, RELAY_UPSTREAM_MARK};
 pub use self::proxy::{
     bridge_mark, is_host_mark, ProxyPlan, ProxyRoute, BRIDGE_MARK_BASE, BRIDGE_MARK_MOD,
     BRIDGE_MARK_SEED, HOST_MARK_MASK, HOST_MARK_TAG, PROXY_ROUTE_MARK, PROXY_ROUTE_TABLE,
@@ -101,6 +101,10 @@ pub struct ContainerFact {
     /// Its environment (`KEY=VALUE`): the proxy learns which credentials
     /// and task-metadata ids belong to it.
     pub env: Vec<String>,
+    /// Its addresses on its networks (Docker's `NetworkSettings`): where
+    /// the relay finds an agent that runs in a container
+    /// (`[agent] credentials = "container:…"`).
+    pub addresses: Vec<std::net::IpAddr>,
 }
 
 /// Whether a `netns` path glob selects `path`.

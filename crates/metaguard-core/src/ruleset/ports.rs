@@ -124,3 +124,72 @@ fn port_workload(config: &Config, facts: &HostFacts, port: &BridgePort) -> Optio
     }
     None
 }
+
+/// The mark the relay's connections to an agent in a container carry
+/// (`SO_MARK` on its upstream socket): the only traffic the `bridge` table
+/// lets through to the agent's credentials port. Bits no identity mark or
+/// [`super::PROXY_ROUTE_MARK`] uses, and none of the low 16 (other
+/// programs' masquerade marks).
+pub const RELAY_UPSTREAM_MARK: u32 = 0x2d00_0000;
+
+/// The agent's container when `[agent] credentials` names one: its bridge
+/// ports, its addresses and the port it serves credentials on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct AgentGuard {
+    pub ports: Vec<String>,
+    pub addrs: Vec<std::net::IpAddr>,
+    pub port: u16,
+}
+
+/// Where the agent's container is plugged in, when `[agent] credentials`
+/// names a container and it runs on a bridge; a warning when it names one
+/// that is not found.
+pub(super) fn agent_guard(
+    config: &Config,
+    facts: &HostFacts,
+    warnings: &mut Vec<String>,
+) -> Option<AgentGuard> {
+    let agent = config.agent_container.as_ref()?;
+    if !config.proxies().1 {
+        warnings.push(
+            "[agent] credentials names a container, but no workload has task_metadata = \"proxy\": nothing relays credentials to it (containers cannot reach an agent that is not on the host network otherwise)".into(),
+        );
+    }
+    let containers: Vec<_> = facts
+        .containers
+        .iter()
+        .flatten()
+        .filter(|c| c.matches(&agent.container))
+        .collect();
+    if facts.containers.is_some() && containers.is_empty() {
+        warnings.push(
+            "[agent] credentials: the agent's container is not running; nothing is relayed to it until it is".into(),
+        );
+    }
+    let mut ports: Vec<String> = facts
+        .ports
+        .iter()
+        .filter(|p| {
+            containers
+                .iter()
+                .any(|c| !c.host_network && c.netns.as_ref().is_some_and(|n| p.netns.contains(n)))
+        })
+        .map(|p| p.name.clone())
+        .collect();
+    ports.sort();
+    ports.dedup();
+    if ports.is_empty() {
+        return None;
+    }
+    let mut addrs: Vec<std::net::IpAddr> = containers
+        .iter()
+        .flat_map(|c| c.addresses.iter().copied())
+        .collect();
+    addrs.sort();
+    addrs.dedup();
+    Some(AgentGuard {
+        ports,
+        addrs,
+        port: agent.port,
+    })
+}

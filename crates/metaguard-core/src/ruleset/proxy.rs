@@ -5,7 +5,7 @@
 use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
 
-use super::ports::PortException;
+use super::ports::{AgentGuard, PortException, RELAY_UPSTREAM_MARK};
 use super::{family, quote, Config, PlanError, TABLE};
 use crate::config::Selector;
 
@@ -373,6 +373,7 @@ pub(super) fn write_bridge_table(
     config: &Config,
     proxied: bool,
     exceptions: &[PortException],
+    agent: Option<&AgentGuard>,
 ) {
     let port = config.proxy.imds_port;
     let mark = format!(
@@ -467,5 +468,38 @@ pub(super) fn write_bridge_table(
         }
     }
     let _ = writeln!(out, "\t}}");
+    if let Some(a) = agent {
+        // By port: only the relay's connections (their socket mark) reach
+        // the agent's credentials port — neighbours on its bridge (bridge
+        // forward), routed callers and other host processes (bridge
+        // output) are dropped (the bridge family cannot reject on hosts
+        // without nft_reject_bridge) — and the relay's go nowhere else:
+        // not to a container that took the agent's old address (F13
+        // cannot be bypassed around the relay).
+        let ports: Vec<String> = a.ports.iter().map(|p| quote(p)).collect();
+        let ports = ports.join(", ");
+        let _ = writeln!(out, "\tchain agent_forward {{");
+        let _ = writeln!(
+            out,
+            "\t\ttype filter hook forward priority -300; policy accept;"
+        );
+        let _ = writeln!(out, "\t\toifname {{ {ports} }} tcp dport {} drop", a.port);
+        let _ = writeln!(out, "\t}}");
+        let _ = writeln!(out, "\tchain agent_output {{");
+        let _ = writeln!(
+            out,
+            "\t\ttype filter hook output priority -300; policy accept;"
+        );
+        let _ = writeln!(
+            out,
+            "\t\toifname {{ {ports} }} tcp dport {} meta mark != 0x{RELAY_UPSTREAM_MARK:08x} drop",
+            a.port
+        );
+        let _ = writeln!(
+            out,
+            "\t\tmeta mark 0x{RELAY_UPSTREAM_MARK:08x} oifname != {{ {ports} }} drop"
+        );
+        let _ = writeln!(out, "\t}}");
+    }
     let _ = writeln!(out, "}}");
 }

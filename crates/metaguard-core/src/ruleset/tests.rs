@@ -303,6 +303,7 @@ fn container(
         cgroup: cgroup.map(str::to_string),
         netns: netns.map(str::to_string),
         env: Vec::new(),
+        addresses: Vec::new(),
     }
 }
 
@@ -759,4 +760,36 @@ fn a_port_whose_mark_another_port_shares_gets_no_exception() {
     assert!(!p.host.contains("@ports"), "{}", p.host);
     assert_eq!(p.warnings.len(), 1, "{:?}", p.warnings);
     assert!(p.warnings[0].contains("vethagent"), "{:?}", p.warnings);
+}
+
+#[test]
+fn only_the_relay_reaches_an_agent_container_s_credentials_port() {
+    let text = format!(
+        "[agent]\ncredentials = \"container:ecs-agent:51679\"\n{}",
+        AGENT_ON_BRIDGE.replace("task_metadata = \"allow\"", "task_metadata = \"proxy\"")
+    );
+    let mut facts = agent_on_bridge_facts();
+    if let Some(cs) = facts.containers.as_mut() {
+        cs[0].addresses = vec!["172.17.0.3".parse().expect("ip")];
+    }
+    let p = plan(&cfg(&text), &facts).expect("plan");
+    assert!(p.warnings.is_empty(), "{:?}", p.warnings);
+    let mark = format!("0x{RELAY_UPSTREAM_MARK:08x}");
+    for rule in [
+        "oifname { \"vethagent\" } tcp dport 51679 drop".to_string(),
+        format!("oifname {{ \"vethagent\" }} tcp dport 51679 meta mark != {mark} drop"),
+        format!("meta mark {mark} oifname != {{ \"vethagent\" }} drop"),
+    ] {
+        assert!(p.host.contains(&rule), "{rule}\n{}", p.host);
+    }
+    // Never the agent's address.
+    assert!(!p.host.contains("172.17.0.3"), "{}", p.host);
+    // Without a relay: a warning.
+    let text = format!("[agent]\ncredentials = \"container:ecs-agent:51679\"\n{AGENT_ON_BRIDGE}");
+    let p = plan(&cfg(&text), &facts).expect("plan");
+    assert!(
+        p.warnings.iter().any(|w| w.contains("nothing relays")),
+        "{:?}",
+        p.warnings
+    );
 }

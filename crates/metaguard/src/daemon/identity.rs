@@ -456,6 +456,18 @@ fn cgroup_index(
 }
 
 impl metaguard_proxy::Directory for Directory {
+    fn agent_upstream(&self, config: &Config) -> Result<SocketAddr, String> {
+        let Some(agent) = &config.agent_container else {
+            return Ok(config.agent_credentials);
+        };
+        // Listed again after every Docker event (`containers_changed`), at
+        // most every 200 ms otherwise: a restarted agent's new address is
+        // used from its `start` event on, and none once it is gone.
+        let mut c = self.lock();
+        self.refresh_containers(&mut c);
+        identify::agent_address(agent, &c.containers)
+    }
+
     fn identify(&self, config: &Arc<Config>, origin: Origin) -> Caller {
         // With `may_block`, identify_with always answers.
         self.identify_with(config, origin, true)
@@ -544,6 +556,7 @@ mod tests {
             env: vec![format!(
                 "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI=/v2/credentials/{credentials_id}"
             )],
+            addresses: Vec::new(),
         }
     }
 

@@ -105,9 +105,10 @@ impl Engine {
     }
 }
 
-/// Whether `config` can make exceptions on a bridge: a `containers` or
-/// `netns` workload ahead of a `bridges` workload (first match wins), so
-/// the plan needs the host's bridge ports.
+/// Whether the plan needs the host's bridge ports: `config` can make
+/// exceptions on a bridge (a `containers` or `netns` workload ahead of a
+/// `bridges` workload; first match wins), or the agent runs in a container
+/// whose credentials port the bridge table guards.
 pub fn needs_ports(config: &Config) -> bool {
     let first_selector = config
         .workloads
@@ -117,7 +118,8 @@ pub fn needs_ports(config: &Config) -> bool {
         .workloads
         .iter()
         .rposition(|w| matches!(w.selector, Selector::Bridges(_)));
-    matches!((first_selector, last_bridges), (Some(a), Some(b)) if a < b)
+    config.agent_container.is_some()
+        || matches!((first_selector, last_bridges), (Some(a), Some(b)) if a < b)
 }
 
 /// Where a plan's container facts come from.
@@ -136,11 +138,12 @@ pub enum Containers<'a> {
 
 /// Whether a selector of `config` needs the Docker API.
 pub fn needs_docker(config: &Config) -> bool {
-    config.workloads.iter().any(|w| match &w.selector {
-        Selector::Containers(_) => true,
-        Selector::Netns(sels) => sels.contains(&NetnsSelector::EcsTasks),
-        _ => false,
-    })
+    config.agent_container.is_some()
+        || config.workloads.iter().any(|w| match &w.selector {
+            Selector::Containers(_) => true,
+            Selector::Netns(sels) => sels.contains(&NetnsSelector::EcsTasks),
+            _ => false,
+        })
 }
 
 /// The directories `netns` path globs point into (the literal part before

@@ -4,23 +4,34 @@
 //! every other container on `docker0` is refused — matched by the agent's
 //! bridge port, never its address.
 
-use std::process::{Child, Stdio};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 use libtest_mimic::Failed;
+use metaguard_lab::agent::AgentEmulator;
 use metaguard_lab::docker::{FakeContainer, FakeDocker};
 use metaguard_lab::probe::Outcome;
 use metaguard_lab::topology::Role;
 use metaguard_lab::{Lab, Workload};
 
+use crate::daemon::Daemon;
 use crate::enforce::apply;
 use crate::ensure;
 use crate::support::lab;
 
-pub const TESTS: &[(&str, bool, crate::TestFn)] = &[(
-    "agent_bridge::the_agent_on_docker0_reaches_imds_and_its_neighbours_do_not",
-    true,
-    the_agent_on_docker0_reaches_imds_and_its_neighbours_do_not,
-)];
+pub const TESTS: &[(&str, bool, crate::TestFn)] = &[
+    (
+        "agent_bridge::the_agent_on_docker0_reaches_imds_and_its_neighbours_do_not",
+        true,
+        the_agent_on_docker0_reaches_imds_and_its_neighbours_do_not,
+    ),
+    (
+        "agent_bridge::credentials_are_relayed_to_the_agents_container_and_follow_it",
+        true,
+        credentials_are_relayed_to_the_agents_container_and_follow_it,
+    ),
+];
 
 /// The agent's workload ahead of the bridges (nft only: no bpf
 /// filesystem in this lab).
@@ -66,18 +77,30 @@ impl Drop for AgentContainer {
 pub fn agent_on_docker0(lab: &Lab, docker: &FakeDocker) -> Result<AgentContainer, Failed> {
     docker.stop("ecs-agent");
     docker.stop("ecs-lab-web-1-sidecar-c2");
-    agent_container(lab, docker, "agent-1")
+    agent_container(
+        lab,
+        docker,
+        &lab.netns_name(AGENT_ROLE),
+        "agent-1",
+        &["172.17.0.3", "fd00:17::3"],
+    )
 }
 
-/// Starts a container named `ecs-agent` in c2's namespace (id from `tag`).
+/// Starts a container named `ecs-agent` in lab namespace `ns` (id from
+/// `tag`) with `addresses`.
 pub fn agent_container(
     lab: &Lab,
     docker: &FakeDocker,
+    ns: &str,
     tag: &str,
+    addresses: &[&str],
 ) -> Result<AgentContainer, Failed> {
-    let mut cmd = lab.command_in(AGENT, "sleep")?;
-    cmd.arg("3600").stdout(Stdio::null()).stderr(Stdio::null());
-    let child = cmd.spawn()?;
+    let child = Command::new("ip")
+        .args(["netns", "exec", ns, "sleep", "3600"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
     let id = FakeContainer::id_for(&format!("{}-ecs-agent-{tag}", lab.id()));
     docker.start(FakeContainer {
         id,
@@ -87,10 +110,14 @@ pub fn agent_container(
         env: vec![],
         network_mode: "bridge".into(),
         pid: child.id(),
-        sandbox_key: format!("/run/netns/{}", lab.netns_name(AGENT_ROLE)),
+        sandbox_key: format!("/run/netns/{ns}"),
         user: String::new(),
         cgroup_parent: String::new(),
         running: true,
+        addresses: addresses
+            .iter()
+            .map(|a| a.parse())
+            .collect::<Result<_, _>>()?,
     });
     Ok(AgentContainer { child })
 }
@@ -162,5 +189,228 @@ fn the_agent_on_docker0_reaches_imds_and_its_neighbours_do_not() -> Result<(), F
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    Ok(())
+}
+
+/// The agent on a bridge, behind the relay: credentials for bridge
+/// containers and awsvpc tasks through 169.254.170.2, the relay sending
+/// them to the agent's container found through the Docker API.
+pub const RELAY_POLICY: &str = r#"[layers]
+bpf = false
+
+[agent]
+credentials = "container:ecs-agent:51679"
+
+[[workload]]
+name          = "ecs-agent"
+containers    = ["ecs-agent"]
+imds          = "allow"
+
+[[workload]]
+name          = "bridge-containers"
+bridges       = ["docker0", "br-*", "ecs-bridge"]
+imds          = "deny"
+task_metadata = "proxy"
+
+[[workload]]
+name          = "awsvpc-tasks"
+netns         = ["ecs-tasks"]
+imds          = "deny"
+task_metadata = "proxy"
+"#;
+
+/// An agent emulator holding every lab workload's credentials.
+fn agent_emulator() -> AgentEmulator {
+    let a = AgentEmulator::new();
+    for w in Workload::ALL {
+        a.add_credentials(w.credentials_id(), "arn:aws:iam::111122223333:role/lab");
+    }
+    a
+}
+
+/// Requests `a` answered whose target holds `needle` (the relay does not
+/// forward the probes' own headers).
+fn hits(a: &AgentEmulator, needle: &str) -> usize {
+    a.log()
+        .entries()
+        .iter()
+        .filter(|e| e.target.contains(needle))
+        .count()
+}
+
+/// `w` fetches its own task credentials through 169.254.170.2: whether it
+/// got them, and how many requests for them each of `agents` had seen
+/// before.
+fn credentials(
+    lab: &Lab,
+    w: Workload,
+    agents: &[&AgentEmulator],
+) -> Result<(bool, Vec<usize>), Failed> {
+    let id = w.credentials_id();
+    let before = agents.iter().map(|a| hits(a, id)).collect();
+    let mut spec = lab.http_get(&Lab::credentials_url(w));
+    spec.timeout_ms = 2000;
+    let r = lab.probe(w, &spec)?;
+    Ok((r.ok(), before))
+}
+
+/// Which of `agents` served `w`'s last credentials request.
+fn served(w: Workload, agents: &[&AgentEmulator], before: &[usize]) -> Vec<bool> {
+    agents
+        .iter()
+        .zip(before)
+        .map(|(a, b)| hits(a, w.credentials_id()) > *b)
+        .collect()
+}
+
+fn credentials_are_relayed_to_the_agents_container_and_follow_it() -> Result<(), Failed> {
+    let mut lab = lab()?;
+    let docker = lab.start_docker_api()?;
+    let agent = agent_on_docker0(&lab, &docker)?;
+    let first = agent_emulator();
+    let c2 = lab.netns_name(AGENT_ROLE);
+    lab.serve_agent_in(&c2, &first, "0.0.0.0:51679".parse()?)?;
+    // A host-network service on 0.0.0.0:80 (F10: the recipe publishes no
+    // port, so the host keeps it).
+    let web = AgentEmulator::new();
+    let host = lab.netns_name(Role::Host);
+    lab.serve_agent_in(&host, &web, "0.0.0.0:80".parse()?)?;
+    // Without metaguard a neighbour reaches the agent's port directly.
+    let direct = format!(
+        "http://172.17.0.3:51679/v2/credentials/{}",
+        Workload::AwsvpcTask.credentials_id()
+    );
+    let r = lab.probe(Workload::BridgeC1, &lab.http_get(&direct))?;
+    ensure!(
+        r.ok(),
+        "the agent's port is not open before metaguard: {r:?}"
+    );
+    let path = lab
+        .write_file("relay.toml", RELAY_POLICY)?
+        .display()
+        .to_string();
+    let d = Daemon::start(&lab, &path, &[])?;
+
+    // Bridge container and awsvpc task: relayed to the agent's container.
+    for w in [Workload::BridgeC1, Workload::AwsvpcTask] {
+        let agents = [&first, lab.agent()];
+        let (ok, before) = credentials(&lab, w, &agents)?;
+        ensure!(ok, "{}: no credentials through the relay", w.label());
+        ensure!(
+            served(w, &agents, &before) == [true, false],
+            "{}: not served by the agent's container alone",
+            w.label()
+        );
+    }
+    // A neighbour asking the agent's address directly, for another
+    // task's id: nothing arrives (F13 not bypassed). Dropped, not
+    // rejected: the bridge family has no reject without nft_reject_bridge.
+    for url in [
+        format!(
+            "http://172.17.0.3:51679/v2/credentials/{}",
+            Workload::AwsvpcTask.credentials_id()
+        ),
+        format!(
+            "http://[fd00:17::3]:51679/v2/credentials/{}",
+            Workload::AwsvpcTask.credentials_id()
+        ),
+    ] {
+        let mut spec = lab.http_get(&url);
+        spec.timeout_ms = 500;
+        let r = lab.probe(Workload::BridgeC1, &spec)?;
+        ensure!(
+            r.outcome == Outcome::Timeout,
+            "direct access to the agent was not cut: {r:?}"
+        );
+        ensure!(
+            first.log().with_header("x-lab-probe", &spec.id).is_empty(),
+            "direct access arrived: {url}"
+        );
+    }
+    // A host process other than the relay: cut as well.
+    let mut spec = lab.http_get("http://172.17.0.3:51679/v1/credentials?id=x");
+    spec.timeout_ms = 500;
+    let r = lab.probe(Workload::HostOther, &spec)?;
+    ensure!(
+        r.outcome == Outcome::Timeout,
+        "a host process reached the agent: {r:?}"
+    );
+    // The host-network service on :80 serves.
+    let mut spec = lab.http_get("http://10.0.0.10:80/v2/credentials/none");
+    spec.timeout_ms = 2000;
+    let r = lab.probe(Workload::HostOther, &spec)?;
+    ensure!(
+        r.outcome == Outcome::Answered && web.log().with_header("x-lab-probe", &spec.id).len() == 1,
+        "the host's own service on port 80 did not answer: {r:?}"
+    );
+
+    // The agent moves: a new container on docker0 with a new address; c2
+    // keeps the old address and (a squatter now) still listens on :51679.
+    let ns = lab.add_netns("agent2")?;
+    lab.ip_in(
+        &host,
+        &format!("link add vagent2 type veth peer name eth0 netns {ns}\nlink set vagent2 master docker0 up\n"),
+    )?;
+    lab.ip_in(
+        &ns,
+        "link set eth0 up\naddr add 172.17.0.9/16 dev eth0\naddr add fd00:17::9/64 dev eth0 nodad\nroute add default via 172.17.0.1\nroute add default via fd00:17::1\n",
+    )?;
+    let second = agent_emulator();
+    lab.serve_agent_in(&ns, &second, "0.0.0.0:51679".parse::<SocketAddr>()?)?;
+    docker.stop("ecs-agent");
+    drop(agent);
+    let started = Instant::now();
+    let _moved = agent_container(&lab, &docker, &ns, "agent-2", &["172.17.0.9", "fd00:17::9"])?;
+    let before = first.log().entries().len();
+    let mut followed = None;
+    while started.elapsed() < Duration::from_secs(3) {
+        let agents = [&second];
+        let (ok, before) = credentials(&lab, Workload::BridgeC1, &agents)?;
+        if ok && served(Workload::BridgeC1, &agents, &before) == [true] {
+            followed = Some(started.elapsed());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let Some(took) = followed else {
+        return Err(format!(
+            "credentials did not follow the agent within 3 s:\n{}",
+            d.log_text()
+        )
+        .into());
+    };
+    eprintln!(
+        "agent moved: credentials from its new container after {} ms",
+        took.as_millis()
+    );
+    ensure!(
+        took < Duration::from_secs(1),
+        "credentials followed the agent only after {took:?}"
+    );
+    for w in [Workload::BridgeC1, Workload::AwsvpcTask] {
+        let agents = [&second, &first];
+        let (ok, before) = credentials(&lab, w, &agents)?;
+        ensure!(
+            ok && served(w, &agents, &before) == [true, false],
+            "{}: not relayed to the moved agent alone",
+            w.label()
+        );
+    }
+    // The squatter on the old address got nothing relayed, and it is no
+    // longer allowed IMDS; the moved agent is.
+    ensure!(
+        first.log().entries().len() == before,
+        "the container on the agent's old address was sent a request"
+    );
+    ensure!(
+        !imds_reaches(&lab, AGENT, false)?,
+        "the squatter on the agent's old address reaches IMDS"
+    );
+    let mut spec = lab.http_get(&Lab::imds_url_v4("/latest/meta-data/instance-id"));
+    spec.timeout_ms = 2000;
+    let r = lab
+        .spawn_probe_in(&ns, &spec)
+        .and_then(|c| lab.finish_probe(c))?;
+    ensure!(r.ok(), "the moved agent lost IMDS: {r:?}");
     Ok(())
 }
