@@ -54,17 +54,30 @@ pub async fn exchange_marked(
     }
 }
 
+/// How long one marked connection attempt waits for its SYN-ACK before a
+/// fresh attempt replaces it.
+const MARKED_ATTEMPT: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// A connection from a socket marked `mark` before it connects (the SYN
-/// carries it).
+/// carries it). The agent's container is found through the Docker API the
+/// moment it starts, while the host rules that let the relay's mark through
+/// to its new bridge port follow a re-plan later: a SYN sent in between is
+/// dropped, and TCP would resend it only after a second. So a fresh attempt
+/// goes out every 100 ms, until one connects or the caller's deadline ends
+/// the exchange.
 async fn connect_marked(addr: SocketAddr, mark: u32) -> std::io::Result<TcpStream> {
-    let socket = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
-    } else {
-        tokio::net::TcpSocket::new_v6()?
-    };
-    nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::Mark, &mark)
-        .map_err(std::io::Error::from)?;
-    socket.connect(addr).await
+    loop {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::Mark, &mark)
+            .map_err(std::io::Error::from)?;
+        if let Ok(r) = tokio::time::timeout(MARKED_ATTEMPT, socket.connect(addr)).await {
+            return r;
+        }
+    }
 }
 
 /// [`exchange`] without its deadline; sets `connected` once connected.

@@ -31,6 +31,11 @@ pub const TESTS: &[(&str, bool, crate::TestFn)] = &[
         true,
         credentials_are_relayed_to_the_agents_container_and_follow_it,
     ),
+    (
+        "agent_bridge::demo_shows_the_agent_on_a_bridge",
+        true,
+        demo_shows_the_agent_on_a_bridge,
+    ),
 ];
 
 /// The agent's workload ahead of the bridges (nft only: no bpf
@@ -412,5 +417,41 @@ fn credentials_are_relayed_to_the_agents_container_and_follow_it() -> Result<(),
         .spawn_probe_in(&ns, &spec)
         .and_then(|c| lab.finish_probe(c))?;
     ensure!(r.ok(), "the moved agent lost IMDS: {r:?}");
+    Ok(())
+}
+
+fn demo_shows_the_agent_on_a_bridge() -> Result<(), Failed> {
+    let out = Command::new(crate::support::exe())
+        .args(["demo", "--agent-on-bridge", "--color", "never"])
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(out.status.success(), "demo failed: {stderr}");
+    // After: IMDS v4, v6, task credentials.
+    for (row, after) in [
+        ("bridge container", [false, false, true]),
+        ("ECS agent (bridge)", [true, true, true]),
+        ("awsvpc task", [false, false, true]),
+    ] {
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with(row))
+            .ok_or(format!("no row {row}:\n{stdout}"))?;
+        let parts: Vec<&str> = line.split('│').collect();
+        ensure!(parts.len() == 3, "row {row}: {line}");
+        let cells: Vec<&str> = parts[2]
+            .split("  ")
+            .map(str::trim)
+            .filter(|c| !c.is_empty())
+            .collect();
+        ensure!(cells.len() == 3, "after: row {row}: {cells:?}");
+        for (cell, reach) in cells.iter().zip(after) {
+            ensure!(
+                cell.starts_with("reached 200") == reach,
+                "after: row {row}: {cell:?} (expected reached={reach}):\n{stdout}"
+            );
+        }
+    }
+    ensure!(stdout.contains("with metaguard daemon"), "{stdout}");
     Ok(())
 }
