@@ -221,3 +221,31 @@ pub(super) fn conntrack_delete(
     }
     Ok(total)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(text: &str) -> Config {
+        Config::parse(text, "t.toml").expect("valid config")
+    }
+
+    #[test]
+    fn ports_are_read_only_when_an_exception_or_an_agent_container_can_need_them() {
+        // The built-in default: the task namespaces come after the bridges.
+        assert!(!needs_ports(&Config::builtin_default()));
+        let agent_first = "[[workload]]\nname = \"a\"\ncontainers = [\"ecs-agent\"]\n\
+                           [[workload]]\nname = \"b\"\nbridges = [\"docker0\"]\nimds = \"deny\"\n";
+        assert!(needs_ports(&cfg(agent_first)));
+        let bridge_first = "[[workload]]\nname = \"b\"\nbridges = [\"docker0\"]\nimds = \"deny\"\n\
+                            [[workload]]\nname = \"a\"\ncontainers = [\"ecs-agent\"]\n";
+        assert!(!needs_ports(&cfg(bridge_first)));
+        let relayed =
+            format!("[agent]\ncredentials = \"container:ecs-agent:51679\"\n{bridge_first}");
+        assert!(needs_ports(&cfg(&relayed)));
+        // An agent in a container is found through the Docker API.
+        let only_bridges = "[agent]\ncredentials = \"container:ecs-agent:51679\"\n\
+                            [[workload]]\nname = \"b\"\nbridges = [\"docker0\"]\n";
+        assert!(needs_docker(&cfg(only_bridges)));
+    }
+}
