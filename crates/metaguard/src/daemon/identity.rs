@@ -611,6 +611,40 @@ mod tests {
     const PEER: &str = "172.17.0.2:40000";
 
     #[test]
+    fn the_agent_upstream_follows_the_agents_container_listing() {
+        let d = Directory::new(
+            PathBuf::from("/nonexistent/docker.sock"),
+            Path::new("/proc"),
+        );
+        let cfg = config("[agent]\ncredentials = \"container:ecs-agent:51679\"\n");
+        let mut agent = container_in("ecs-agent", "", "/run/netns/agent");
+        agent.addresses = vec!["172.17.0.3".parse().expect("ip")];
+        d.containers_listed(vec![agent.clone()]);
+        assert_eq!(
+            d.agent_upstream(&cfg),
+            Ok("172.17.0.3:51679".parse().expect("addr"))
+        );
+        // Restarted with a new address: the next listing's.
+        agent.addresses = vec!["172.17.0.9".parse().expect("ip")];
+        d.containers_listed(vec![agent]);
+        assert_eq!(
+            d.agent_upstream(&cfg),
+            Ok("172.17.0.9:51679".parse().expect("addr"))
+        );
+        // Gone, another container on its old address: nothing.
+        let mut squatter = container_in("squatter", "", "/run/netns/agent");
+        squatter.addresses = vec!["172.17.0.3".parse().expect("ip")];
+        d.containers_listed(vec![squatter]);
+        assert!(d.agent_upstream(&cfg).is_err());
+        // Without a container reference: the configured address.
+        let plain = config("[agent]\ncredentials = \"127.0.0.1:51680\"\n");
+        assert_eq!(
+            d.agent_upstream(&plain),
+            Ok("127.0.0.1:51680".parse().expect("addr"))
+        );
+    }
+
+    #[test]
     fn a_stopped_containers_ids_are_revoked_and_a_restarted_one_gets_them_back() {
         let d = Directory::new(
             PathBuf::from("/nonexistent/docker.sock"),
