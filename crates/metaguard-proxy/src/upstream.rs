@@ -59,10 +59,9 @@ pub async fn exchange_marked(
 const MARKED_ATTEMPT: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// A connection from a socket marked `mark` before it connects (the SYN
-/// carries it). The agent's container is found through the Docker API the
-/// moment it starts, while the host rules that let the relay's mark through
-/// to its new bridge port follow a re-plan later: a SYN sent in between is
-/// dropped, and TCP would resend it only after a second. So a fresh attempt
+/// carries it). The host rules drop the relay's marked packets on every
+/// port but the agent's; should a SYN be dropped while they are being
+/// replaced, TCP would resend it only after a second — so a fresh attempt
 /// goes out every 100 ms, until one connects or the caller's deadline ends
 /// the exchange.
 async fn connect_marked(addr: SocketAddr, mark: u32) -> std::io::Result<TcpStream> {

@@ -85,4 +85,20 @@ impl Lab {
             std::net::SocketAddr::from(([0, 0, 0, 0], super::addr::AGENT_PORT)),
         )
     }
+
+    /// Waits until `w` gets its task credentials (the daemon's relay has
+    /// the agent's container, after the Docker events it was started with),
+    /// `within` at most; whether it did.
+    pub fn wait_for_credentials(&self, w: Workload, within: std::time::Duration) -> bool {
+        let started = std::time::Instant::now();
+        while started.elapsed() < within {
+            let mut spec = self.http_get(&Lab::credentials_url(w));
+            spec.timeout_ms = 500;
+            if self.probe(w, &spec).is_ok_and(|r| r.ok()) {
+                return true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        false
+    }
 }

@@ -295,6 +295,14 @@ fn credentials_are_relayed_to_the_agents_container_and_follow_it() -> Result<(),
         .display()
         .to_string();
     let d = Daemon::start(&lab, &path, &[])?;
+    // Docker is asked once the daemon is ready; the relay has the agent
+    // once the rules guard its port.
+    wait_for_agent_guard(&lab, "vethc2")?;
+    ensure!(
+        lab.wait_for_credentials(Workload::BridgeC1, Duration::from_secs(5)),
+        "the relay served no credentials within 5 s:\n{}",
+        d.log_text()
+    );
 
     // Bridge container and awsvpc task: relayed to the agent's container.
     for w in [Workload::BridgeC1, Workload::AwsvpcTask] {
@@ -349,6 +357,31 @@ fn credentials_are_relayed_to_the_agents_container_and_follow_it() -> Result<(),
         "the host's own service on port 80 did not answer: {r:?}"
     );
 
+    // Someone deletes the bridge table (the agent's port guard): the
+    // daemon puts it back.
+    lab.run_in(
+        Role::Host,
+        "nft",
+        &["delete", "table", "bridge", "metaguard"],
+    )?;
+    let deleted = Instant::now();
+    loop {
+        let t = lab.run_in(Role::Host, "nft", &["list", "tables"])?;
+        if t.contains("table bridge metaguard") {
+            eprintln!(
+                "bridge table back after {} ms",
+                deleted.elapsed().as_millis()
+            );
+            break;
+        }
+        ensure!(
+            deleted.elapsed() < Duration::from_secs(2),
+            "the daemon did not put the bridge table back:\n{}",
+            d.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
     // The agent moves: a new container on docker0 with a new address; c2
     // keeps the old address and (a squatter now) still listens on :51679.
     let ns = lab.add_netns("agent2")?;
@@ -379,7 +412,8 @@ fn credentials_are_relayed_to_the_agents_container_and_follow_it() -> Result<(),
     }
     let Some(took) = followed else {
         return Err(format!(
-            "credentials did not follow the agent within 3 s:\n{}",
+            "credentials did not follow the agent within 3 s:\n{}\n{}",
+            lab.run_in(Role::Host, "nft", &["list", "table", "bridge", "metaguard"])?,
             d.log_text()
         )
         .into());
@@ -395,10 +429,12 @@ fn credentials_are_relayed_to_the_agents_container_and_follow_it() -> Result<(),
     for w in [Workload::BridgeC1, Workload::AwsvpcTask] {
         let agents = [&second, &first];
         let (ok, before) = credentials(&lab, w, &agents)?;
+        let got = served(w, &agents, &before);
         ensure!(
-            ok && served(w, &agents, &before) == [true, false],
-            "{}: not relayed to the moved agent alone",
-            w.label()
+            ok && got == [true, false],
+            "{}: not relayed to the moved agent alone (ok {ok}, served by [moved, old] {got:?}):\n{}",
+            w.label(),
+            d.log_text()
         );
     }
     // The squatter on the old address got nothing relayed, and it is no
@@ -454,4 +490,21 @@ fn demo_shows_the_agent_on_a_bridge() -> Result<(), Failed> {
     }
     ensure!(stdout.contains("with metaguard daemon"), "{stdout}");
     Ok(())
+}
+
+/// Waits (5 s at most) until the bridge table guards the agent's port
+/// `port`.
+fn wait_for_agent_guard(lab: &Lab, port: &str) -> Result<(), Failed> {
+    let started = Instant::now();
+    loop {
+        let t = lab.run_in(Role::Host, "nft", &["list", "table", "bridge", "metaguard"]);
+        if t.is_ok_and(|t| t.contains("chain agent_output") && t.contains(port)) {
+            return Ok(());
+        }
+        ensure!(
+            started.elapsed() < Duration::from_secs(5),
+            "the agent's port {port} is not guarded after 5 s"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
