@@ -91,6 +91,10 @@ struct Cache {
 /// until this many newer ones have been revoked.
 const MAX_REVOKED: usize = 65_536;
 
+/// How long the relay waits for the daemon to re-plan after a Docker event
+/// before it refuses a request for an agent in a container.
+const AGENT_REPLAN_WAIT: Duration = Duration::from_secs(1);
+
 impl Cache {
     /// The containers changed: forget what was derived from them.
     fn forget_derived(&mut self) {
@@ -498,15 +502,26 @@ impl metaguard_proxy::Directory for Directory {
         }
         // What the daemon published with the rules in force, never a
         // listing of its own: the rules and the relay agree on the agent.
-        let c = self.lock();
-        if self.docker_events.load(std::sync::atomic::Ordering::SeqCst) > c.agent_events {
-            return Err(
-                "a container started or stopped; the agent's address is being re-checked".into(),
-            );
+        // A Docker event not yet planned for (the agent may have stopped,
+        // its address be someone else's): wait for the daemon's re-plan,
+        // a second at most, rather than refuse at once (called on a
+        // blocking thread).
+        let deadline = Instant::now() + AGENT_REPLAN_WAIT;
+        loop {
+            let c = self.lock();
+            if self.docker_events.load(std::sync::atomic::Ordering::SeqCst) <= c.agent_events {
+                return c.agent.clone().unwrap_or_else(|| {
+                    Err("the daemon has not found the agent's container yet".into())
+                });
+            }
+            drop(c);
+            if Instant::now() > deadline {
+                return Err(
+                    "a container started or stopped and the daemon has not re-planned yet".into(),
+                );
+            }
+            std::thread::sleep(Duration::from_millis(5));
         }
-        c.agent
-            .clone()
-            .unwrap_or_else(|| Err("the daemon has not found the agent's container yet".into()))
     }
 
     fn identify(&self, config: &Arc<Config>, origin: Origin) -> Caller {

@@ -357,31 +357,6 @@ fn credentials_are_relayed_to_the_agents_container_and_follow_it() -> Result<(),
         "the host's own service on port 80 did not answer: {r:?}"
     );
 
-    // Someone deletes the bridge table (the agent's port guard): the
-    // daemon puts it back.
-    lab.run_in(
-        Role::Host,
-        "nft",
-        &["delete", "table", "bridge", "metaguard"],
-    )?;
-    let deleted = Instant::now();
-    loop {
-        let t = lab.run_in(Role::Host, "nft", &["list", "tables"])?;
-        if t.contains("table bridge metaguard") {
-            eprintln!(
-                "bridge table back after {} ms",
-                deleted.elapsed().as_millis()
-            );
-            break;
-        }
-        ensure!(
-            deleted.elapsed() < Duration::from_secs(2),
-            "the daemon did not put the bridge table back:\n{}",
-            d.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-
     // The agent moves: a new container on docker0 with a new address; c2
     // keeps the old address and (a squatter now) still listens on :51679.
     let ns = lab.add_netns("agent2")?;
@@ -401,9 +376,24 @@ fn credentials_are_relayed_to_the_agents_container_and_follow_it() -> Result<(),
     let _moved = agent_container(&lab, &docker, &ns, "agent-2", &["172.17.0.9", "fd00:17::9"])?;
     let before = first.log().entries().len();
     let mut followed = None;
+    let mut tries = Vec::new();
     while started.elapsed() < Duration::from_secs(3) {
         let agents = [&second];
-        let (ok, before) = credentials(&lab, Workload::BridgeC1, &agents)?;
+        let before: Vec<usize> = agents
+            .iter()
+            .map(|a| hits(a, Workload::BridgeC1.credentials_id()))
+            .collect();
+        let mut spec = lab.http_get(&Lab::credentials_url(Workload::BridgeC1));
+        spec.timeout_ms = 2000;
+        let r = lab.probe(Workload::BridgeC1, &spec)?;
+        tries.push(format!(
+            "{:?} {:?} {} us (at {} ms)",
+            r.outcome,
+            r.status,
+            r.elapsed_us,
+            started.elapsed().as_millis()
+        ));
+        let ok = r.ok();
         if ok && served(Workload::BridgeC1, &agents, &before) == [true] {
             followed = Some(started.elapsed());
             break;
@@ -412,7 +402,8 @@ fn credentials_are_relayed_to_the_agents_container_and_follow_it() -> Result<(),
     }
     let Some(took) = followed else {
         return Err(format!(
-            "credentials did not follow the agent within 3 s:\n{}\n{}",
+            "credentials did not follow the agent within 3 s: {tries:?}\n{}\n{}\n{}",
+            lab.run_in(Role::Host, "ss", &["-tan"])?,
             lab.run_in(Role::Host, "nft", &["list", "table", "bridge", "metaguard"])?,
             d.log_text()
         )
@@ -453,6 +444,31 @@ fn credentials_are_relayed_to_the_agents_container_and_follow_it() -> Result<(),
         .spawn_probe_in(&ns, &spec)
         .and_then(|c| lab.finish_probe(c))?;
     ensure!(r.ok(), "the moved agent lost IMDS: {r:?}");
+    // Someone deletes the bridge table (the moved agent's port guard): the
+    // daemon puts it back.
+    lab.run_in(
+        Role::Host,
+        "nft",
+        &["delete", "table", "bridge", "metaguard"],
+    )?;
+    let deleted = Instant::now();
+    loop {
+        let t = lab.run_in(Role::Host, "nft", &["list", "tables"])?;
+        if t.contains("table bridge metaguard") {
+            eprintln!(
+                "bridge table back after {} ms",
+                deleted.elapsed().as_millis()
+            );
+            break;
+        }
+        ensure!(
+            deleted.elapsed() < Duration::from_secs(2),
+            "the daemon did not put the bridge table back:\n{}",
+            d.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
     Ok(())
 }
 
