@@ -362,7 +362,12 @@ fn credentials_are_relayed_to_the_agents_container_and_follow_it() -> Result<(),
     let ns = lab.add_netns("agent2")?;
     lab.ip_in(
         &host,
-        &format!("link add vagent2 type veth peer name eth0 netns {ns}\nlink set vagent2 master docker0 up\n"),
+        // The lab's docker0 has no fixed MAC (Docker sets one): a port
+        // with a lower MAC would change the bridge's, and c1's ARP entry
+        // for its gateway would point at the old one for up to a minute
+        // (its packets dropped as not for this host). So the new port's
+        // MAC is high.
+        &format!("link add vagent2 address fe:ff:ff:00:00:09 type veth peer name eth0 netns {ns}\nlink set vagent2 master docker0 up\n"),
     )?;
     lab.ip_in(
         &ns,
