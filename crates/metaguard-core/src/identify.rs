@@ -410,5 +410,41 @@ fn full_uri_path(uri: &str) -> Option<&str> {
     known.then_some(path)
 }
 
+/// The address the relay sends credentials requests to when the ECS agent
+/// runs in a container: the one running container `agent` names (a second
+/// one is an error: never guess which gets the callers' ids), its IPv4
+/// address (else IPv6) as the Docker API reports it now, on the configured
+/// port. By the container's identity, never a remembered address: once the
+/// container is gone, nothing is relayed (a container that takes its old
+/// address gets nothing).
+pub fn agent_address(
+    agent: &crate::config::AgentContainer,
+    containers: &[ContainerFact],
+) -> Result<std::net::SocketAddr, String> {
+    let mut matching = containers.iter().filter(|c| c.matches(&agent.container));
+    let Some(c) = matching.next() else {
+        return Err("the ECS agent's container is not running".into());
+    };
+    if let Some(other) = matching.next() {
+        return Err(format!(
+            "the agent container reference matches more than one container ({} and {})",
+            c.name, other.name
+        ));
+    }
+    if c.host_network {
+        // The agent on the host network serves on the host's loopback.
+        return Ok(std::net::SocketAddr::new(
+            std::net::Ipv4Addr::LOCALHOST.into(),
+            agent.port,
+        ));
+    }
+    c.addresses
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(c.addresses.first())
+        .map(|a| std::net::SocketAddr::new(*a, agent.port))
+        .ok_or_else(|| format!("the agent's container {} has no address", c.name))
+}
+
 #[cfg(test)]
 mod tests;

@@ -149,6 +149,14 @@ pub trait Directory: Send + Sync + 'static {
     fn container_info(&self, _id: &str) -> Option<crate::observe::ContainerInfo> {
         None
     }
+    /// Where the relay sends credentials requests when the agent runs in a
+    /// container (`[agent] credentials = "container:…"`): that container's
+    /// address now, by its identity (may block: the Docker API). `Err`
+    /// says why there is none; nothing is then relayed. The default knows
+    /// no containers.
+    fn agent_upstream(&self, _config: &Config) -> Result<std::net::SocketAddr, String> {
+        Err("no Docker API to find the agent's container".into())
+    }
 }
 
 /// What the decision needs of a request, as received.

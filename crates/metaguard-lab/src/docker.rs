@@ -48,6 +48,9 @@ pub struct FakeContainer {
     pub cgroup_parent: String,
     /// Running (listed by `/containers/json`), or created/stopped.
     pub running: bool,
+    /// Its addresses on the `bridge` network
+    /// (`NetworkSettings.Networks.bridge.IPAddress`, `GlobalIPv6Address`).
+    pub addresses: Vec<std::net::IpAddr>,
 }
 
 /// What `POST /containers/create` takes (the fields `docker run` sends
@@ -114,6 +117,22 @@ impl FakeContainer {
         })
     }
 
+    /// `NetworkSettings.Networks`: one `bridge` network holding its
+    /// addresses, when it has any.
+    fn networks(&self) -> Value {
+        if self.addresses.is_empty() {
+            return json!({});
+        }
+        let v4 = self.addresses.iter().find(|a| a.is_ipv4());
+        let v6 = self.addresses.iter().find(|a| a.is_ipv6());
+        json!({ "bridge": {
+            "IPAddress": v4.map(ToString::to_string).unwrap_or_default(),
+            "IPPrefixLen": if v4.is_some() { 16 } else { 0 },
+            "GlobalIPv6Address": v6.map(ToString::to_string).unwrap_or_default(),
+            "GlobalIPv6PrefixLen": if v6.is_some() { 64 } else { 0 },
+        }})
+    }
+
     fn inspect(&self) -> Value {
         json!({
             "Id": self.id,
@@ -148,7 +167,7 @@ impl FakeContainer {
                 "Bridge": "",
                 "SandboxID": &self.id,
                 "SandboxKey": self.sandbox_key,
-                "Networks": {}
+                "Networks": self.networks()
             }
         })
     }
@@ -279,6 +298,7 @@ impl FakeDocker {
             user: req.user,
             cgroup_parent: req.host_config.cgroup_parent,
             running: false,
+            addresses: Vec::new(),
         };
         st.containers.push(c.clone());
         drop(st);

@@ -518,10 +518,25 @@ impl Proxy {
         };
         // Origin-form target and our own Host: the upstream sees a request
         // for itself, whatever the client wrote.
-        let (upstream, host) = match kind {
-            Kind::Imds => (s.upstreams.imds, &s.upstream_hosts[0]),
-            Kind::Relay => (s.upstreams.agent, &s.upstream_hosts[1]),
+        let (mut upstream, mut host) = match kind {
+            Kind::Imds => (s.upstreams.imds, s.upstream_hosts[0].clone()),
+            Kind::Relay => (s.upstreams.agent, s.upstream_hosts[1].clone()),
         };
+        // The agent in a container: its address now, by its identity (the
+        // directory asks Docker), and a marked connection (the only one
+        // the host's rules let through to its port).
+        let mut mark = None;
+        if kind == Kind::Relay && s.config.agent_container.is_some() {
+            let dir = self.directory.clone();
+            let config = s.config.clone();
+            let addr = tokio::task::spawn_blocking(move || dir.agent_upstream(&config))
+                .await
+                .unwrap_or_else(|e| Err(e.to_string()))?;
+            upstream = addr;
+            host = host_header(addr);
+            mark = Some(metaguard_core::ruleset::RELAY_UPSTREAM_MARK);
+        }
+        let host = &host;
         let started = Instant::now();
         let deadline = tokio::time::Instant::from_std(started + UPSTREAM_TIMEOUT);
         for attempt in 0..2 {
@@ -545,7 +560,10 @@ impl Proxy {
             let up = up
                 .body(Full::new(Bytes::new()))
                 .map_err(|e| format!("cannot build the upstream request: {e}"))?;
-            let (parts, body) = crate::upstream::exchange(upstream, up, deadline).await?;
+            let (parts, body) = match mark {
+                None => crate::upstream::exchange(upstream, up, deadline).await?,
+                Some(_) => crate::upstream::exchange_marked(upstream, mark, up, deadline).await?,
+            };
             self.metrics
                 .upstream_seconds
                 .with_label_values(&[kind.as_str()])

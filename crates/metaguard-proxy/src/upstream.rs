@@ -32,8 +32,21 @@ pub async fn exchange(
     req: Request<Full<Bytes>>,
     deadline: Instant,
 ) -> Result<(Parts, Bytes), String> {
+    exchange_marked(addr, None, req, deadline).await
+}
+
+/// [`exchange`] over a socket with `SO_MARK` `mark`, when given: the
+/// relay's connections to an agent in a container carry
+/// `ruleset::RELAY_UPSTREAM_MARK`, the only traffic the host's rules let
+/// through to the agent's credentials port.
+pub async fn exchange_marked(
+    addr: SocketAddr,
+    mark: Option<u32>,
+    req: Request<Full<Bytes>>,
+    deadline: Instant,
+) -> Result<(Parts, Bytes), String> {
     let mut connected = false;
-    let result = tokio::time::timeout_at(deadline, send(addr, req, &mut connected)).await;
+    let result = tokio::time::timeout_at(deadline, send(addr, mark, req, &mut connected)).await;
     match result {
         Ok(r) => r,
         Err(_) if connected => Err(format!("{addr} did not answer in time")),
@@ -41,15 +54,43 @@ pub async fn exchange(
     }
 }
 
+/// How long one marked connection attempt waits for its SYN-ACK before a
+/// fresh attempt replaces it.
+const MARKED_ATTEMPT: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// A connection from a socket marked `mark` before it connects (the SYN
+/// carries it). The host rules drop the relay's marked packets on every
+/// port but the agent's; should a SYN be dropped while they are being
+/// replaced, TCP would resend it only after a second — so a fresh attempt
+/// goes out every 100 ms, until one connects or the caller's deadline ends
+/// the exchange.
+async fn connect_marked(addr: SocketAddr, mark: u32) -> std::io::Result<TcpStream> {
+    loop {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::Mark, &mark)
+            .map_err(std::io::Error::from)?;
+        if let Ok(r) = tokio::time::timeout(MARKED_ATTEMPT, socket.connect(addr)).await {
+            return r;
+        }
+    }
+}
+
 /// [`exchange`] without its deadline; sets `connected` once connected.
 async fn send(
     addr: SocketAddr,
+    mark: Option<u32>,
     req: Request<Full<Bytes>>,
     connected: &mut bool,
 ) -> Result<(Parts, Bytes), String> {
-    let stream = TcpStream::connect(addr)
-        .await
-        .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+    let stream = match mark {
+        None => TcpStream::connect(addr).await,
+        Some(mark) => connect_marked(addr, mark).await,
+    }
+    .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
     *connected = true;
     // Requests are one small write; never wait for an ACK to send it.
     let _ = stream.set_nodelay(true);

@@ -106,6 +106,17 @@ pub trait Host: std::fmt::Debug + Send + Sync {
     /// `conntrack -D` of the flows whose original destination is `ip`;
     /// how many were deleted.
     fn conntrack_delete(&self, ns: Option<&Netns>, ip: IpAddr) -> Result<u64, HostError>;
+
+    /// This namespace's links (rtnetlink); a fake has none.
+    fn links(&self) -> Result<Vec<crate::rtnl::LinkInfo>, HostError> {
+        Ok(Vec::new())
+    }
+    /// The id this namespace gives the namespace at `path` (`RTM_GETNSID`;
+    /// `None`: unreadable, or no link here has a peer there); a fake knows
+    /// none.
+    fn netns_id(&self, _path: &Path) -> Option<i32> {
+        None
+    }
 }
 
 /// The file of sysctl `key` under `proc_root`.
@@ -226,6 +237,17 @@ impl Host for RealHost {
             path,
             source,
         })
+    }
+
+    fn links(&self) -> Result<Vec<crate::rtnl::LinkInfo>, HostError> {
+        crate::rtnl::links().map_err(netlink("list links"))
+    }
+
+    fn netns_id(&self, path: &Path) -> Option<i32> {
+        let file = std::fs::File::open(path).ok()?;
+        crate::rtnl::netns_id(std::os::fd::AsFd::as_fd(&file))
+            .ok()
+            .flatten()
     }
 
     fn conntrack_delete(&self, ns: Option<&Netns>, ip: IpAddr) -> Result<u64, HostError> {

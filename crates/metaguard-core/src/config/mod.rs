@@ -131,6 +131,17 @@ pub enum ContainerRef {
     Label { key: String, value: String },
 }
 
+/// The ECS agent's container, when it runs on a bridge: the credentials
+/// endpoint is `PORT` on that container's address, as Docker reports it now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentContainer {
+    pub container: ContainerRef,
+    pub port: u16,
+}
+
+/// The prefix of an `[agent] credentials` value naming a container.
+pub const AGENT_CONTAINER_PREFIX: &str = "container:";
+
 /// Who a workload is: exactly one kind of selector.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Selector {
@@ -308,6 +319,11 @@ pub struct Config {
     pub mode: Mode,
     pub endpoints: Endpoints,
     pub agent_credentials: SocketAddr,
+    /// `[agent] credentials = "container:REF:PORT"`: the agent runs in a
+    /// container (on a bridge); the relay forwards to that container's
+    /// current address on PORT, found through the Docker API by the
+    /// container's identity, and `agent_credentials` is not used.
+    pub agent_container: Option<AgentContainer>,
     /// In file order: first match wins.
     pub workloads: Vec<Workload>,
     pub layers: Layers,

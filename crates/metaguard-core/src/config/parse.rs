@@ -13,8 +13,8 @@ use crate::proxy_path::PathGlob;
 
 use super::validate::{check_cgroup, validate_workload};
 use super::{
-    Action, Config, ConfigError, Endpoints, Layers, Mode, Origin, ProxySettings,
-    DEFAULT_AGENT_CREDENTIALS, DEFAULT_IMDS, DEFAULT_TASK_METADATA,
+    Action, AgentContainer, Config, ConfigError, Endpoints, Layers, Mode, Origin, ProxySettings,
+    AGENT_CONTAINER_PREFIX, DEFAULT_AGENT_CREDENTIALS, DEFAULT_IMDS, DEFAULT_TASK_METADATA,
 };
 
 // ---------------------------------------------------------------------------
@@ -177,20 +177,27 @@ impl Config {
             ));
         }
 
-        let agent_credentials = match raw.agent.and_then(|a| a.credentials) {
-            None => DEFAULT_AGENT_CREDENTIALS
-                .parse()
-                .unwrap_or_else(|e| unreachable!("default agent address: {e}")),
-            Some(s) => s.get_ref().parse::<SocketAddr>().map_err(|_| {
-                cx.err(
-                    s.span(),
-                    format!(
-                        "agent.credentials: {:?} is not an IP:PORT address",
-                        s.get_ref()
-                    ),
-                    Some(r#"write it like "127.0.0.1:51679" or "[::1]:51679""#),
-                )
-            })?,
+        let default_agent: SocketAddr = DEFAULT_AGENT_CREDENTIALS
+            .parse()
+            .unwrap_or_else(|e| unreachable!("default agent address: {e}"));
+        let (agent_credentials, agent_container) = match raw.agent.and_then(|a| a.credentials) {
+            None => (default_agent, None),
+            Some(s) => match s.get_ref().strip_prefix(AGENT_CONTAINER_PREFIX) {
+                Some(rest) => (default_agent, Some(agent_container(&cx, &s, rest)?)),
+                None => {
+                    let addr = s.get_ref().parse::<SocketAddr>().map_err(|_| {
+                        cx.err(
+                            s.span(),
+                            format!(
+                                "agent.credentials: {:?} is not an IP:PORT address",
+                                s.get_ref()
+                            ),
+                            Some(r#"write it like "127.0.0.1:51679" or "[::1]:51679", or "container:ecs-agent:51679" for an agent running in a container on a bridge"#),
+                        )
+                    })?;
+                    (addr, None)
+                }
+            },
         };
 
         let mut names = BTreeSet::new();
@@ -224,6 +231,7 @@ impl Config {
             mode,
             endpoints,
             agent_credentials,
+            agent_container,
             workloads,
             layers: parse_layers(&cx, raw.layers)?,
             proxy: parse_proxy(&cx, raw.proxy)?,
@@ -405,4 +413,37 @@ pub(super) fn parse_action(
             Some(r#"use one of "deny", "allow", "proxy", "observe""#),
         )),
     }
+}
+
+/// `container:REF:PORT` (after the prefix: `rest`): a container reference
+/// as a `containers` selector takes it, and the port the agent serves
+/// credentials on inside it.
+fn agent_container(
+    cx: &Ctx<'_>,
+    s: &Spanned<String>,
+    rest: &str,
+) -> Result<AgentContainer, ConfigError> {
+    let hint = Some(
+        r#"write it like "container:ecs-agent:51679" (a container name, or "label:KEY=VALUE", then the agent's port)"#,
+    );
+    let Some((reference, port)) = rest.rsplit_once(':') else {
+        return Err(cx.err(
+            s.span(),
+            format!("agent.credentials: {:?} names no port", s.get_ref()),
+            hint,
+        ));
+    };
+    let port = match port.parse::<u16>() {
+        Ok(p) if p != 0 => p,
+        _ => {
+            return Err(cx.err(
+                s.span(),
+                format!("agent.credentials: {port:?} is not a port"),
+                hint,
+            ))
+        }
+    };
+    let container =
+        super::validate::check_container(cx, &Spanned::new(s.span(), reference.to_string()))?;
+    Ok(AgentContainer { container, port })
 }

@@ -351,3 +351,47 @@ fn mode_observe_turns_every_deny_and_proxy_into_observe_and_keeps_the_text_enfor
     let explicit = Config::parse("mode = \"enforce\"\n", "test.toml").expect("valid");
     assert_eq!(explicit.mode, Mode::Enforce);
 }
+
+#[test]
+fn agent_credentials_take_a_container_reference() {
+    let c = Config::parse(
+        "[agent]\ncredentials = \"container:ecs-agent:51679\"\n",
+        "t.toml",
+    )
+    .expect("valid");
+    assert_eq!(
+        c.agent_container,
+        Some(AgentContainer {
+            container: ContainerRef::Name("ecs-agent".into()),
+            port: 51679
+        })
+    );
+    let c = Config::parse(
+        "[agent]\ncredentials = \"container:label:role=agent:8080\"\n",
+        "t.toml",
+    )
+    .expect("valid");
+    assert_eq!(
+        c.agent_container.map(|a| a.container),
+        Some(ContainerRef::Label {
+            key: "role".into(),
+            value: "agent".into()
+        })
+    );
+    assert_eq!(
+        Config::parse("", "t.toml").expect("valid").agent_container,
+        None
+    );
+    for bad in [
+        "container:ecs-agent",
+        "container:ecs-agent:0",
+        "container:ecs-agent:http",
+        "container::51679",
+        "container:a b:51679",
+    ] {
+        let e = Config::parse(&format!("[agent]\ncredentials = \"{bad}\"\n"), "t.toml")
+            .expect_err(bad)
+            .to_string();
+        assert!(e.contains("t.toml:2:"), "{bad}: {e}");
+    }
+}

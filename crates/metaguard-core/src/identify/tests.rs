@@ -49,6 +49,7 @@ fn container(id: &str, netns: &str, creds: &str) -> ContainerFact {
         env: vec![format!(
             "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI=/v2/credentials/{creds}"
         )],
+        addresses: Vec::new(),
     }
 }
 
@@ -403,4 +404,50 @@ fn credentials_ids_come_from_relative_and_full_uris_on_task_metadata_addresses()
     ] {
         assert_eq!(full_uri_path(bad).and_then(credentials_id), None, "{bad}");
     }
+}
+
+#[test]
+fn the_agent_upstream_is_its_containers_address_now_and_nothing_once_it_is_gone() {
+    let agent = crate::config::AgentContainer {
+        container: crate::config::ContainerRef::Name("ecs-agent".into()),
+        port: 51679,
+    };
+    let mut c = container("ecs-agent", "/run/netns/agent", "");
+    c.addresses = vec![
+        "fd00:17::3".parse().expect("ip"),
+        "172.17.0.3".parse().expect("ip"),
+    ];
+    let squatter = {
+        let mut s = container("squatter", "/run/netns/s", "");
+        s.addresses = vec!["172.17.0.4".parse().expect("ip")];
+        s
+    };
+    assert_eq!(
+        agent_address(&agent, &[squatter.clone(), c.clone()]),
+        Ok("172.17.0.3:51679".parse().expect("addr"))
+    );
+    // Moved: the new address, whoever holds the old one.
+    let mut moved = c.clone();
+    moved.addresses = vec!["172.17.0.9".parse().expect("ip")];
+    let mut on_old = squatter.clone();
+    on_old.addresses = vec!["172.17.0.3".parse().expect("ip")];
+    assert_eq!(
+        agent_address(&agent, &[on_old.clone(), moved]),
+        Ok("172.17.0.9:51679".parse().expect("addr"))
+    );
+    // Gone: nothing, not the old address.
+    assert!(agent_address(&agent, &[on_old]).is_err());
+    // Two containers named by a label: refused, never a guess.
+    let by_label = crate::config::AgentContainer {
+        container: crate::config::ContainerRef::Label {
+            key: "role".into(),
+            value: "agent".into(),
+        },
+        port: 51679,
+    };
+    let mut a = c.clone();
+    a.labels.insert("role".into(), "agent".into());
+    let mut b = squatter;
+    b.labels.insert("role".into(), "agent".into());
+    assert!(agent_address(&by_label, &[a, b]).is_err());
 }

@@ -6,7 +6,7 @@
 
 use std::fmt::Write as _;
 
-use crate::config::{Action, Config, NetnsSelector, Selector, Workload};
+use crate::config::{Action, Config, ContainerRef, NetnsSelector, Selector, Workload};
 
 use super::{Kind, Options, Stamp, ECS_CONFIG_PATH};
 
@@ -169,8 +169,79 @@ pub fn render(stamp: &Stamp, config: &Config, opts: &Options) -> String {
         "# {ECS_CONFIG_PATH} settings implied by the metaguard policy.\n\
          {}\
          # The ECS agent reads this file once, when it starts.\n\
-         {}",
+         {}{}",
         stamp.lines("# ", Kind::EcsConfig),
-        body(config, opts.cluster.as_deref())
+        body(config, opts.cluster.as_deref()),
+        agent_on_bridge(config).unwrap_or_default()
     )
+}
+
+/// The agent-on-a-bridge recipe, as comments, when `[agent] credentials`
+/// names a container: how to run the agent without host networking and
+/// without a published port, and what the policy must hold for it.
+fn agent_on_bridge(config: &Config) -> Option<String> {
+    let agent = config.agent_container.as_ref()?;
+    let name = match &agent.container {
+        ContainerRef::Name(n) => n.clone(),
+        ContainerRef::Label { .. } => "ecs-agent".to_string(),
+    };
+    let label = match &agent.container {
+        ContainerRef::Label { key, value } => format!("\n#     --label {key}={value} \\"),
+        ContainerRef::Name(_) => String::new(),
+    };
+    let port = agent.port;
+    let mut out = String::new();
+    let _ = write!(
+        out,
+        "#\n\
+         # The ECS agent on a bridge ([agent] credentials = \"container:…:{port}\").\n\
+         # ecs-init runs the agent with --net host; run it as a container on docker0\n\
+         # instead (or on a bridge of its own: docker network create ecs-agent-net,\n\
+         # then --network ecs-agent-net, and list its br-* name in the bridges workload):\n\
+         #\n\
+         #   docker run --name {name} --detach --restart=on-failure:10 \\{label}\n\
+         #     --volume=/var/run/docker.sock:/var/run/docker.sock \\\n\
+         #     --volume=/var/log/ecs:/log --volume=/var/lib/ecs/data:/data \\\n\
+         #     --env-file={ECS_CONFIG_PATH} \\\n\
+         #     --env=ECS_LOGFILE=/log/ecs-agent.log --env=ECS_DATADIR=/data \\\n\
+         #     amazon/amazon-ecs-agent:latest\n\
+         #\n\
+         # No --net host and no -p 169.254.170.2:80:{port}: nothing is published, so\n\
+         # host port 80 stays free for containers (F10) and 169.254.170.2 needs no\n\
+         # address on lo. metaguard's relay serves 169.254.170.2:80 to every workload\n\
+         # with task_metadata = \"proxy\" and forwards to the agent's container, found\n\
+         # through the Docker API and followed when it restarts; only the relay reaches\n\
+         # the agent's port {port}. From a bridge the agent's IMDSv2 token needs a PUT\n\
+         # response hop limit of 2 (F9): aws ec2 modify-instance-metadata-options\n\
+         # --http-put-response-hop-limit 2.\n"
+    );
+    let bridge = bridge_workload(config);
+    let bridge_at = bridge.and_then(|b| config.workloads.iter().position(|w| std::ptr::eq(w, b)));
+    let allowed = config.workloads.iter().enumerate().any(|(i, w)| {
+        bridge_at.is_none_or(|b| i < b)
+            && w.imds != Action::Deny
+            && match &w.selector {
+                Selector::Containers(refs) => refs.contains(&agent.container),
+                _ => false,
+            }
+    });
+    if !allowed {
+        let _ = write!(
+            out,
+            "# WARNING: no workload ahead of the docker0 workload selects the agent's\n\
+             # container with imds = \"allow\"; add one before it:\n\
+             #   [[workload]]\n\
+             #   name = \"ecs-agent\"\n\
+             #   containers = [\"{name}\"]\n\
+             #   imds = \"allow\"\n"
+        );
+    }
+    if !config.proxies().1 {
+        let _ = write!(
+            out,
+            "# WARNING: no workload has task_metadata = \"proxy\": nothing relays task\n\
+             # credentials to the agent's container. Set it on the bridge and awsvpc workloads.\n"
+        );
+    }
+    Some(out)
 }

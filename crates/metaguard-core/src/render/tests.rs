@@ -344,3 +344,46 @@ fn paths_must_be_plain_and_absolute() {
         "ExecStart=/opt/metaguard-1.0/bin/metaguard daemon --config /tmp/x/metaguard.toml"
     ));
 }
+
+const AGENT_ON_BRIDGE: &str = r#"[agent]
+credentials = "container:ecs-agent:51679"
+
+[[workload]]
+name          = "ecs-agent"
+containers    = ["ecs-agent"]
+imds          = "allow"
+
+[[workload]]
+name          = "bridge-containers"
+bridges       = ["docker0", "br-*", "ecs-bridge"]
+imds          = "deny"
+task_metadata = "proxy"
+
+[[workload]]
+name          = "awsvpc-tasks"
+netns         = ["ecs-tasks"]
+imds          = "deny"
+task_metadata = "proxy"
+"#;
+
+#[test]
+fn ecs_config_gives_the_agent_on_a_bridge_recipe() {
+    let out =
+        render_text(Kind::EcsConfig, AGENT_ON_BRIDGE, &with_cluster("prod-east")).expect("render");
+    insta::assert_snapshot!("ecs_config_agent_on_bridge", out);
+    assert!(out.contains("docker run --name ecs-agent"), "{out}");
+    assert!(
+        !out.contains("--net host") || out.contains("No --net host"),
+        "{out}"
+    );
+    assert!(!out.contains("WARNING"), "{out}");
+    // Without the agent's allow ahead of docker0, or without a relay: said.
+    let bad = AGENT_ON_BRIDGE
+        .replace("imds          = \"allow\"", "imds          = \"deny\"")
+        .replace("task_metadata = \"proxy\"", "task_metadata = \"allow\"");
+    let out = render_text(Kind::EcsConfig, &bad, &opts()).expect("render");
+    assert_eq!(out.matches("WARNING").count(), 2, "{out}");
+    // The recipe only where the agent runs in a container.
+    let out = render_text(Kind::EcsConfig, CONTRACT, &opts()).expect("render");
+    assert!(!out.contains("docker run"), "{out}");
+}

@@ -5,9 +5,10 @@
 use std::fmt::Write as _;
 
 use super::decisions::{write_decisions, Hook};
+use super::ports::{agent_guard, port_exceptions};
 use super::proxy::{
     probe_rule, task_path, write_bridge_table, write_host_proxy_chains, ProxyPlan,
-    BRIDGE_MARK_BASE, HOST_MARK_MASK, HOST_MARK_TAG, SYN,
+    BRIDGE_MARK_BASE, HOST_MARK_MASK, HOST_MARK_TAG, PROXY_ROUTE_MARK, PROXY_ROUTE_PRIORITY, SYN,
 };
 use super::sets::{depth, group, write_sets, CgroupIndex, IfnameIndex};
 use super::{family, matched, quote, replace_prefix, HostFacts, FAMILY, TABLE};
@@ -60,6 +61,12 @@ pub(super) fn host_script(
         &mut CgroupIndex::default(),
         warnings,
     );
+
+    // Containers and namespaces on a bridge that a later workload selects.
+    let exceptions = port_exceptions(config, facts, warnings);
+    let mut port_workloads: Vec<usize> = exceptions.iter().map(|e| e.workload).collect();
+    port_workloads.sort_unstable();
+    port_workloads.dedup();
 
     for w in &config.workloads {
         let Selector::Containers(refs) = &w.selector else {
@@ -119,6 +126,44 @@ pub(super) fn host_script(
         };
         write_decisions(&mut host, "\t\t", config, i, hook);
         let _ = writeln!(host, "\t}}");
+    }
+    for &i in &port_workloads {
+        let _ = writeln!(host, "\tchain wl{i}_ports {{");
+        let _ = writeln!(
+            host,
+            "\t\tcomment {}",
+            quote(&format!(
+                "workload {} on bridge ports",
+                config.workloads[i].name
+            ))
+        );
+        write_decisions(&mut host, "\t\t", config, i, Hook::Bridge);
+        let _ = writeln!(host, "\t}}");
+    }
+    if !exceptions.is_empty() {
+        let elems: Vec<String> = exceptions
+            .iter()
+            .map(|e| format!("0x{:08x} : goto wl{}_ports", e.mark, e.workload))
+            .collect();
+        let _ = writeln!(host, "\tmap ports {{");
+        let _ = writeln!(host, "\t\ttype mark : verdict");
+        let _ = writeln!(host, "\t\telements = {{ {} }}", elems.join(", "));
+        let _ = writeln!(host, "\t}}");
+        if proxy.is_none() {
+            // The bridge table's marks are ours alone: off again before
+            // routing, as `proxy_route` does when the proxy runs.
+            let _ = writeln!(host, "\tchain port_marks {{");
+            let _ = writeln!(
+                host,
+                "\t\ttype filter hook prerouting priority {PROXY_ROUTE_PRIORITY}; policy accept;"
+            );
+            let _ = writeln!(
+                host,
+                "\t\tmeta mark & 0x{:08x} == 0x{BRIDGE_MARK_BASE:08x} meta mark set 0x00000000",
+                BRIDGE_MARK_BASE | PROXY_ROUTE_MARK
+            );
+            let _ = writeln!(host, "\t}}");
+        }
     }
     if let Some(p) = proxy {
         write_host_proxy_chains(&mut host, config, p, host_proxied);
@@ -213,6 +258,10 @@ pub(super) fn host_script(
             "\t\t{from_bridge}{fam} daddr @tmd{sfx} tcp dport {port} accept\n"
         ));
     }
+    if !exceptions.is_empty() {
+        // Ahead of the bridges: the port's own workload comes first.
+        prerouting.push("\t\tmeta mark vmap @ports\n".to_string());
+    }
     prerouting.extend(
         bridge_maps
             .iter()
@@ -242,8 +291,15 @@ pub(super) fn host_script(
         let _ = writeln!(host, "\t}}");
     }
     let _ = writeln!(host, "}}");
-    if proxy.is_some() {
-        write_bridge_table(&mut host, config);
+    let agent = agent_guard(config, facts, warnings);
+    if proxy.is_some() || !exceptions.is_empty() || agent.is_some() {
+        write_bridge_table(
+            &mut host,
+            config,
+            proxy.is_some(),
+            &exceptions,
+            agent.as_ref(),
+        );
     }
 
     host

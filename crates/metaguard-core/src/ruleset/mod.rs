@@ -32,10 +32,13 @@
 //! [`Plan`]) and [`plan`]; `host` writes the host table, `task` the task
 //! namespaces' tables, `decisions` the rules of one workload (shared by
 //! both), `proxy` the proxy's listeners, marks and chains, and `sets` the
-//! endpoint sets and the grouping of selector entries into lookup maps.
+//! endpoint sets and the grouping of selector entries into lookup maps;
+//! `ports` the exceptions a container or namespace gets on a bridge that a
+//! later workload selects.
 
 mod decisions;
 mod host;
+mod ports;
 mod proxy;
 mod sets;
 mod task;
@@ -44,6 +47,7 @@ use std::fmt::Write as _;
 
 use crate::config::{Config, ContainerRef};
 
+pub use self::ports::{BridgePort, RELAY_UPSTREAM_MARK};
 pub use self::proxy::{
     bridge_mark, is_host_mark, ProxyPlan, ProxyRoute, BRIDGE_MARK_BASE, BRIDGE_MARK_MOD,
     BRIDGE_MARK_SEED, HOST_MARK_MASK, HOST_MARK_TAG, PROXY_ROUTE_MARK, PROXY_ROUTE_TABLE,
@@ -70,6 +74,9 @@ pub struct HostFacts {
     /// Running containers, from the Docker API; `None` when there is no
     /// Docker API to ask.
     pub containers: Option<Vec<ContainerFact>>,
+    /// The host's bridge ports, with the namespace files behind each (for
+    /// exceptions on a bridge, `ports`); empty when no workload needs them.
+    pub ports: Vec<BridgePort>,
 }
 
 /// The label the ECS agent puts on the pause container of every awsvpc
@@ -94,6 +101,10 @@ pub struct ContainerFact {
     /// Its environment (`KEY=VALUE`): the proxy learns which credentials
     /// and task-metadata ids belong to it.
     pub env: Vec<String>,
+    /// Its addresses on its networks (Docker's `NetworkSettings`): where
+    /// the relay finds an agent that runs in a container
+    /// (`[agent] credentials = "container:…"`).
+    pub addresses: Vec<std::net::IpAddr>,
 }
 
 /// Whether a `netns` path glob selects `path`.

@@ -5,7 +5,8 @@
 use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
 
-use super::{family, Config, PlanError, TABLE};
+use super::ports::{AgentGuard, PortException, RELAY_UPSTREAM_MARK};
+use super::{family, quote, Config, PlanError, TABLE};
 use crate::config::Selector;
 
 /// Where the proxy listens and how the packets the rules send to it are
@@ -364,8 +365,16 @@ pub(super) fn imds_proxy_bridges(config: &Config) -> Vec<&String> {
 
 /// The `bridge` table: marks packets headed for the proxy with a hash of
 /// the bridge port they entered from — the caller's identity, which no
-/// source address can fake (F15).
-pub(super) fn write_bridge_table(out: &mut String, config: &Config) {
+/// source address can fake (F15) — and every packet to an endpoint from a
+/// port with an exception (`ports`), which the host table dispatches by
+/// that mark.
+pub(super) fn write_bridge_table(
+    out: &mut String,
+    config: &Config,
+    proxied: bool,
+    exceptions: &[PortException],
+    agent: Option<&AgentGuard>,
+) {
     let port = config.proxy.imds_port;
     let mark = format!(
         "meta mark set jhash meta iif mod {BRIDGE_MARK_MOD} seed 0x{BRIDGE_MARK_SEED:x} offset 0x{BRIDGE_MARK_BASE:08x}"
@@ -382,7 +391,47 @@ pub(super) fn write_bridge_table(out: &mut String, config: &Config) {
         out,
         "\t\ttype filter hook prerouting priority -300; policy accept;"
     );
-    for (fam, v6) in [("ip", false), ("ip6", true)] {
+    if !exceptions.is_empty() {
+        let ports: Vec<String> = exceptions.iter().map(|e| quote(&e.port.name)).collect();
+        for (fam, v6) in [("ip", false), ("ip6", true)] {
+            let mut addrs: Vec<String> = if v6 {
+                // The IPv6 sets also hold the IPv4-mapped forms.
+                config
+                    .endpoints
+                    .imds
+                    .iter()
+                    .chain(&config.endpoints.task_metadata)
+                    .map(|a| match a {
+                        IpAddr::V4(v4) => v4.to_ipv6_mapped().to_string(),
+                        IpAddr::V6(v6) => v6.to_string(),
+                    })
+                    .collect()
+            } else {
+                config
+                    .endpoints
+                    .imds
+                    .iter()
+                    .chain(&config.endpoints.task_metadata)
+                    .filter(|a| a.is_ipv4())
+                    .map(|a| a.to_string())
+                    .collect()
+            };
+            addrs.sort();
+            addrs.dedup();
+            if !addrs.is_empty() {
+                let _ = writeln!(
+                    out,
+                    "\t\tiifname {{ {} }} {fam} daddr {{ {} }} {mark}",
+                    ports.join(", "),
+                    addrs.join(", ")
+                );
+            }
+        }
+    }
+    for (fam, v6) in [("ip", false), ("ip6", true)]
+        .into_iter()
+        .filter(|_| proxied)
+    {
         let tmd: Vec<String> = config
             .endpoints
             .task_metadata
@@ -419,5 +468,38 @@ pub(super) fn write_bridge_table(out: &mut String, config: &Config) {
         }
     }
     let _ = writeln!(out, "\t}}");
+    if let Some(a) = agent {
+        // By port: only the relay's connections (their socket mark) reach
+        // the agent's credentials port — neighbours on its bridge (bridge
+        // forward), routed callers and other host processes (bridge
+        // output) are dropped (the bridge family cannot reject on hosts
+        // without nft_reject_bridge) — and the relay's go nowhere else:
+        // not to a container that took the agent's old address (F13
+        // cannot be bypassed around the relay).
+        let ports: Vec<String> = a.ports.iter().map(|p| quote(p)).collect();
+        let ports = ports.join(", ");
+        let _ = writeln!(out, "\tchain agent_forward {{");
+        let _ = writeln!(
+            out,
+            "\t\ttype filter hook forward priority -300; policy accept;"
+        );
+        let _ = writeln!(out, "\t\toifname {{ {ports} }} tcp dport {} drop", a.port);
+        let _ = writeln!(out, "\t}}");
+        let _ = writeln!(out, "\tchain agent_output {{");
+        let _ = writeln!(
+            out,
+            "\t\ttype filter hook output priority -300; policy accept;"
+        );
+        let _ = writeln!(
+            out,
+            "\t\toifname {{ {ports} }} tcp dport {} meta mark != 0x{RELAY_UPSTREAM_MARK:08x} drop",
+            a.port
+        );
+        let _ = writeln!(
+            out,
+            "\t\tmeta mark 0x{RELAY_UPSTREAM_MARK:08x} oifname != {{ {ports} }} drop"
+        );
+        let _ = writeln!(out, "\t}}");
+    }
     let _ = writeln!(out, "}}");
 }

@@ -46,6 +46,7 @@ fn contract_example_golden() {
             "/run/netns/task-2".into(),
         ],
         containers: None,
+        ports: Vec::new(),
     };
     let p = plan(&cfg(CONTRACT), &facts).expect("plan");
     insta::assert_snapshot!("contract_host", p.host);
@@ -153,6 +154,7 @@ imds = "deny"
     let facts = HostFacts {
         netns_paths: vec!["/run/netns/t-1".into(), "/run/netns/t-2".into()],
         containers: Some(vec![]),
+        ports: Vec::new(),
     };
     let p = plan(&c, &facts).expect("plan");
     let got: Vec<_> = p
@@ -301,6 +303,7 @@ fn container(
         cgroup: cgroup.map(str::to_string),
         netns: netns.map(str::to_string),
         env: Vec::new(),
+        addresses: Vec::new(),
     }
 }
 
@@ -343,6 +346,7 @@ imds = "deny"
                 Some("/var/run/docker/netns/ccc"),
             ),
         ]),
+        ports: Vec::new(),
     };
     let p = plan(&c, &facts).expect("plan");
     // The agent's cgroup is allowed ahead of the "docker" deny.
@@ -401,6 +405,7 @@ fn proxy_golden() {
     let facts = HostFacts {
         netns_paths: vec!["/run/netns/task-1".into()],
         containers: None,
+        ports: Vec::new(),
     };
     let p = plan(&cfg(PROXY), &facts).expect("plan");
     insta::assert_snapshot!("proxy_host", p.host);
@@ -546,6 +551,7 @@ fn observe_routes_http_through_the_proxy_and_blocks_nothing() {
     let facts = HostFacts {
         netns_paths: vec!["/run/netns/task-1".into()],
         containers: None,
+        ports: Vec::new(),
     };
     let enforced = plan(&cfg(PROXY), &facts).expect("plan");
     let observed = plan(&cfg(&format!("mode = \"observe\"\n{PROXY}")), &facts).expect("plan");
@@ -586,4 +592,204 @@ fn observe_routes_http_through_the_proxy_and_blocks_nothing() {
     );
     // A task's IMDS requests go to the host's proxy.
     assert!(observed.netns[0].script.contains("chain proxy_output"));
+}
+
+const AGENT_ON_BRIDGE: &str = r#"
+[[workload]]
+name          = "ecs-agent"
+containers    = ["ecs-agent"]
+imds          = "allow"
+
+[[workload]]
+name          = "bridge-containers"
+bridges       = ["docker0", "br-*", "ecs-bridge"]
+imds          = "deny"
+task_metadata = "allow"
+
+[[workload]]
+name          = "awsvpc-tasks"
+netns         = ["ecs-tasks"]
+imds          = "deny"
+"#;
+
+fn port(ifindex: u32, name: &str, bridge: &str, netns: &[&str]) -> BridgePort {
+    BridgePort {
+        ifindex,
+        name: name.into(),
+        bridge: bridge.into(),
+        netns: netns.iter().map(|s| s.to_string()).collect(),
+    }
+}
+
+fn agent_on_bridge_facts() -> HostFacts {
+    HostFacts {
+        netns_paths: vec![],
+        containers: Some(vec![
+            container(
+                "ecs-agent",
+                false,
+                &[],
+                Some("docker/agent"),
+                Some("/var/run/docker/netns/agent"),
+            ),
+            container(
+                "app",
+                false,
+                &[],
+                Some("docker/app"),
+                Some("/var/run/docker/netns/app"),
+            ),
+            container(
+                "pause",
+                false,
+                &[ECS_PAUSE_LABEL],
+                Some("docker/pause"),
+                Some("/var/run/docker/netns/task"),
+            ),
+        ]),
+        ports: vec![
+            port(7, "vethagent", "docker0", &["/var/run/docker/netns/agent"]),
+            port(8, "vethapp", "docker0", &["/var/run/docker/netns/app"]),
+            port(9, "vethtask", "ecs-bridge", &["/var/run/docker/netns/task"]),
+        ],
+    }
+}
+
+#[test]
+fn agent_on_bridge_golden() {
+    let p = plan(&cfg(AGENT_ON_BRIDGE), &agent_on_bridge_facts()).expect("plan");
+    insta::assert_snapshot!("agent_on_bridge_host", p.host);
+    assert!(p.warnings.is_empty(), "{:?}", p.warnings);
+}
+
+#[test]
+fn a_container_listed_before_its_bridge_gets_its_own_actions_by_port() {
+    let p = plan(&cfg(AGENT_ON_BRIDGE), &agent_on_bridge_facts()).expect("plan");
+    let agent = bridge_mark(7);
+    // Only the agent's port: by its mark, ahead of the bridges.
+    assert!(
+        p.host
+            .contains(&format!("elements = {{ 0x{agent:08x} : goto wl0_ports }}")),
+        "{}",
+        p.host
+    );
+    assert!(!p.host.contains(&format!("0x{:08x}", bridge_mark(8))));
+    let vmap = p
+        .host
+        .find("meta mark vmap @ports")
+        .expect("ports dispatch");
+    let bridges = p.host.find("iifname vmap @bridges0").expect("bridges");
+    assert!(vmap < bridges, "{}", p.host);
+    // The bridge table names the port, not an address.
+    assert!(p.host.contains("iifname { \"vethagent\" } ip daddr { 169.254.169.254, 169.254.170.2, 169.254.170.23 } meta mark set jhash meta iif"), "{}", p.host);
+    assert!(p.host.contains("iifname { \"vethagent\" } ip6 daddr {"));
+    // The awsvpc task's workload comes after ecs-bridge's: no exception.
+    assert!(!p.host.contains("vethtask"));
+    // Its own table inside its namespace as before (allow: nothing in it).
+    assert!(p
+        .netns
+        .iter()
+        .any(|n| n.path == "/var/run/docker/netns/agent" && n.workload == "ecs-agent"));
+}
+
+#[test]
+fn a_bridge_listed_first_wins_over_a_container_on_it() {
+    let c = cfg(r#"
+[[workload]]
+name          = "bridge-containers"
+bridges       = ["docker0"]
+imds          = "deny"
+[[workload]]
+name          = "ecs-agent"
+containers    = ["ecs-agent"]
+imds          = "allow"
+"#);
+    let p = plan(&c, &agent_on_bridge_facts()).expect("plan");
+    assert!(!p.host.contains("@ports"), "{}", p.host);
+    assert!(!p.host.contains("table bridge"), "{}", p.host);
+}
+
+#[test]
+fn a_netns_selector_gets_an_exception_by_its_port_too() {
+    let c = cfg(r#"
+[[workload]]
+name          = "tasks-first"
+netns         = ["ecs-tasks"]
+imds          = "allow"
+[[workload]]
+name          = "special"
+netns         = ["/run/netns/special"]
+imds          = "allow"
+[[workload]]
+name          = "bridge-containers"
+bridges       = ["docker0", "ecs-bridge"]
+imds          = "deny"
+"#);
+    let mut facts = agent_on_bridge_facts();
+    facts.netns_paths = vec!["/run/netns/special".into()];
+    facts.ports[1].netns.push("/run/netns/special".into());
+    let p = plan(&c, &facts).expect("plan");
+    assert!(
+        p.host.contains(&format!(
+            "0x{:08x} : goto wl1_ports, 0x{:08x} : goto wl0_ports",
+            bridge_mark(8),
+            bridge_mark(9)
+        )) || p.host.contains(&format!(
+            "0x{:08x} : goto wl0_ports, 0x{:08x} : goto wl1_ports",
+            bridge_mark(9),
+            bridge_mark(8)
+        )),
+        "{}",
+        p.host
+    );
+    assert!(!p.host.contains(&format!("0x{:08x}", bridge_mark(7))));
+}
+
+#[test]
+fn a_port_whose_mark_another_port_shares_gets_no_exception() {
+    // Find two ifindexes with the same mark (the hash is over 2^30 - 1
+    // values: search a range large enough to hold a collision).
+    let mut seen = std::collections::HashMap::new();
+    let (a, b) = (1u32..200_000)
+        .find_map(|i| seen.insert(bridge_mark(i), i).map(|j| (j, i)))
+        .expect("a collision below 200,000");
+    let mut facts = agent_on_bridge_facts();
+    facts.ports[0].ifindex = a;
+    facts.ports[1].ifindex = b;
+    let p = plan(&cfg(AGENT_ON_BRIDGE), &facts).expect("plan");
+    assert!(!p.host.contains("@ports"), "{}", p.host);
+    assert_eq!(p.warnings.len(), 1, "{:?}", p.warnings);
+    assert!(p.warnings[0].contains("vethagent"), "{:?}", p.warnings);
+}
+
+#[test]
+fn only_the_relay_reaches_an_agent_container_s_credentials_port() {
+    let text = format!(
+        "[agent]\ncredentials = \"container:ecs-agent:51679\"\n{}",
+        AGENT_ON_BRIDGE.replace("task_metadata = \"allow\"", "task_metadata = \"proxy\"")
+    );
+    let mut facts = agent_on_bridge_facts();
+    if let Some(cs) = facts.containers.as_mut() {
+        cs[0].addresses = vec!["172.17.0.3".parse().expect("ip")];
+    }
+    let p = plan(&cfg(&text), &facts).expect("plan");
+    assert!(p.warnings.is_empty(), "{:?}", p.warnings);
+    let mark = format!("0x{RELAY_UPSTREAM_MARK:08x}");
+    for rule in [
+        "oifname { \"vethagent\" } tcp dport 51679 drop".to_string(),
+        format!("oifname {{ \"vethagent\" }} tcp dport 51679 meta mark != {mark} drop"),
+        format!("meta mark {mark} oifname != {{ \"vethagent\" }} drop"),
+    ] {
+        assert!(p.host.contains(&rule), "{rule}\n{}", p.host);
+    }
+    // Never the agent's address.
+    assert!(!p.host.contains("172.17.0.3"), "{}", p.host);
+    // Without a relay: a warning.
+    let text = format!("[agent]\ncredentials = \"container:ecs-agent:51679\"\n{AGENT_ON_BRIDGE}");
+    let p = plan(&cfg(&text), &facts).expect("plan");
+    assert!(
+        p.warnings.iter().any(|w| w.contains("nothing relays")),
+        "{:?}",
+        p.warnings
+    );
 }

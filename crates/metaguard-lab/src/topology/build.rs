@@ -274,25 +274,44 @@ route add 169.254.170.2/32 via 169.254.172.1 dev ecs-eth0
     /// torn down: the lab's own agent, or a second one (e.g. for a config
     /// whose `[agent] credentials` moves).
     pub fn serve_agent(&mut self, agent: &AgentEmulator, at: SocketAddr) -> Result<(), LabError> {
-        let agent = agent.clone();
         let name = match at.port() {
             addr::AGENT_PORT => "lab-agent".to_string(),
             port => format!("lab-agent-{port}"),
         };
-        let s = ServerThread::start(
-            self.netns(Role::Host),
-            &name,
-            vec![Bind::Tcp(at)],
-            move |bound| async move {
-                for b in bound {
-                    if let servers::Bound::Tcp(l) = b {
-                        if let Ok(l) = tokio::net::TcpListener::from_std(l) {
-                            let _ = agent.serve(l).await;
-                        }
+        let ns = self.ns_by_name(Role::Host)?;
+        self.serve_agent_on(&ns, &name, agent, at)
+    }
+
+    /// Serves `agent` on `at` in lab namespace `netns_name` (e.g. one from
+    /// [`Lab::add_netns`], or a container's: the ECS agent on a bridge).
+    pub fn serve_agent_in(
+        &mut self,
+        netns_name: &str,
+        agent: &AgentEmulator,
+        at: SocketAddr,
+    ) -> Result<(), LabError> {
+        let ns =
+            Netns::open_not_root(Path::new(metaguard_sys::netns::NETNS_RUN_DIR).join(netns_name))?;
+        self.serve_agent_on(&ns, &format!("lab-agent-{}", at.ip()), agent, at)
+    }
+
+    fn serve_agent_on(
+        &mut self,
+        ns: &Netns,
+        name: &str,
+        agent: &AgentEmulator,
+        at: SocketAddr,
+    ) -> Result<(), LabError> {
+        let agent = agent.clone();
+        let s = ServerThread::start(ns, name, vec![Bind::Tcp(at)], move |bound| async move {
+            for b in bound {
+                if let servers::Bound::Tcp(l) = b {
+                    if let Ok(l) = tokio::net::TcpListener::from_std(l) {
+                        let _ = agent.serve(l).await;
                     }
                 }
-            },
-        )?;
+            }
+        })?;
         self.servers.push(s);
         Ok(())
     }

@@ -139,6 +139,7 @@ impl Lab {
                 user: String::new(),
                 cgroup_parent: String::new(),
                 running: true,
+                addresses: lab_addresses(w),
             });
         }
         self.serve_task_metadata(task_arn, &tmds);
@@ -197,4 +198,17 @@ impl Lab {
             );
         }
     }
+}
+
+/// A lab container's addresses on docker0, as Docker reports them.
+pub(super) fn lab_addresses(w: Workload) -> Vec<std::net::IpAddr> {
+    let last = match w {
+        Workload::BridgeC1 => 2,
+        Workload::BridgeC2 => 3,
+        _ => return Vec::new(),
+    };
+    vec![
+        std::net::Ipv4Addr::new(172, 17, 0, last).into(),
+        std::net::Ipv6Addr::new(0xfd00, 0x17, 0, 0, 0, 0, 0, u16::from(last)).into(),
+    ]
 }

@@ -22,6 +22,7 @@
 //! root namespace. The lab's cgroups live under `metaguard-lab/<id>/` in
 //! the cgroup v2 hierarchy, wherever it is mounted.
 
+mod agent_bridge;
 mod build;
 mod docker;
 mod probe;
@@ -35,6 +36,7 @@ use metaguard_sys::cgroup::Cgroup2;
 use metaguard_sys::netns::Netns;
 use metaguard_sys::process::ProcessId;
 
+pub use self::agent_bridge::{AGENT_ON_BRIDGE, AGENT_ON_BRIDGE_LABEL, AGENT_ON_BRIDGE_POLICY};
 use crate::agent::AgentEmulator;
 use crate::cmd;
 use crate::imds::{ImdsEmulator, ImdsSettings};

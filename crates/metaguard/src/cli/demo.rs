@@ -8,6 +8,9 @@ use std::time::Instant;
 
 use anyhow::Context as _;
 use metaguard_lab::matrix::{self, Matrix};
+use metaguard_lab::topology::{
+    Role, AGENT_ON_BRIDGE, AGENT_ON_BRIDGE_LABEL, AGENT_ON_BRIDGE_POLICY,
+};
 use metaguard_lab::{Lab, LabOptions, Workload};
 
 /// The rows of the demo's matrix.
@@ -18,7 +21,15 @@ pub const ROWS: [Workload; 4] = [
     Workload::Agent,
 ];
 
-pub fn run(json: bool, color: &str) -> anyhow::Result<ExitCode> {
+/// The rows with `--agent-on-bridge`: c2 is the ECS agent's container.
+pub const ROWS_AGENT_ON_BRIDGE: [Workload; 4] = [
+    Workload::BridgeC1,
+    AGENT_ON_BRIDGE,
+    Workload::AwsvpcTask,
+    Workload::HostNetwork,
+];
+
+pub fn run(json: bool, color: &str, agent_on_bridge: bool) -> anyhow::Result<ExitCode> {
     install_interrupt_handler()?;
     let color = match color {
         "always" => true,
@@ -36,6 +47,9 @@ pub fn run(json: bool, color: &str) -> anyhow::Result<ExitCode> {
         started.elapsed().as_millis(),
         lab.id()
     );
+    if agent_on_bridge {
+        return agent_on_bridge_demo(lab, json, color, started);
+    }
     let before = Matrix::measure(&lab, &ROWS)?;
     // Both layers where this kernel can run the BPF one: a bpf filesystem
     // in the lab's work dir, programs on the lab's own cgroups only.
@@ -93,6 +107,11 @@ pub fn run(json: bool, color: &str) -> anyhow::Result<ExitCode> {
         println!("refused/unreachable/denied/timeout = the client failed and the endpoint's log holds nothing.");
         println!("policy applied: {}", policy.display());
     }
+    finish(lab, started)
+}
+
+/// Tears the lab down; the exit code says whether that went cleanly.
+fn finish(mut lab: Lab, started: Instant) -> anyhow::Result<ExitCode> {
     let problems = lab.teardown();
     for p in &problems {
         eprintln!("metaguard demo: clean-up problem: {p}");
@@ -106,6 +125,90 @@ pub fn run(json: bool, color: &str) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::from(super::EXIT_PROBLEMS)
     })
+}
+
+/// `--agent-on-bridge`: the ECS agent as a container on docker0 (the
+/// recipe of docs/deploy.md), the recipe's policy under `metaguard daemon`,
+/// whose relay serves task credentials from the agent's container.
+fn agent_on_bridge_demo(
+    mut lab: Lab,
+    json: bool,
+    color: bool,
+    started: Instant,
+) -> anyhow::Result<ExitCode> {
+    lab.move_agent_to_bridge()
+        .context("cannot move the ECS agent onto docker0")?;
+    let rows = &ROWS_AGENT_ON_BRIDGE;
+    let relabel = |mut m: Matrix| {
+        m.labels.push((AGENT_ON_BRIDGE, AGENT_ON_BRIDGE_LABEL));
+        m
+    };
+    let before = relabel(Matrix::measure(&lab, rows)?);
+    let policy = lab.write_file("metaguard.toml", AGENT_ON_BRIDGE_POLICY)?;
+    eprintln!(
+        "metaguard demo: metaguard daemon --config {} (inside the lab's host namespace)…",
+        policy.display()
+    );
+    let mut daemon = start_daemon(&lab, &policy)?;
+    if !lab.wait_for_credentials(Workload::BridgeC1, std::time::Duration::from_secs(5)) {
+        eprintln!("metaguard demo: the relay served no credentials within 5 s");
+    }
+    let after = Matrix::measure(&lab, rows).map(relabel);
+    // Our own child, by its pid.
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    let after = after?;
+    if json {
+        let doc = serde_json::json!({ "lab": lab.id(), "before": before, "after": after });
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+    } else {
+        let tables = [
+            ("without metaguard", &before),
+            ("with metaguard daemon", &after),
+        ];
+        print!("{}", matrix::render(&tables, color));
+        println!();
+        println!("reached = HTTP 200 and the endpoint's request log holds the probe;");
+        println!("refused/unreachable/denied/timeout = the client failed and the endpoint's log holds nothing.");
+        println!("policy applied: {}", policy.display());
+    }
+    finish(lab, started)
+}
+
+fn start_daemon(lab: &Lab, policy: &std::path::Path) -> anyhow::Result<std::process::Child> {
+    let log = lab.work_dir().join("demo-daemon.log");
+    let file =
+        std::fs::File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
+    let mut cmd = lab.metaguard_command(&["daemon", "--config", &policy.display().to_string()])?;
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(file);
+    let mut child = cmd
+        .spawn()
+        .context("cannot start metaguard daemon in the lab")?;
+    let started = Instant::now();
+    while started.elapsed() < std::time::Duration::from_secs(10) {
+        // Ready, and past its first plan with the Docker API's containers
+        // (asked only once it is ready): the agent's port has its rules.
+        let ready = std::fs::read_to_string(&log).is_ok_and(|t| t.contains("ready: rules applied"));
+        if ready
+            && lab
+                .run_in(Role::Host, "nft", &["list", "table", "inet", "metaguard"])
+                .is_ok_and(|t| t.contains("map ports"))
+        {
+            return Ok(child);
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            anyhow::bail!(
+                "metaguard daemon exited in the lab ({status}): {}",
+                std::fs::read_to_string(&log).unwrap_or_default().trim()
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    anyhow::bail!("metaguard daemon was not ready within 10 s in the lab")
 }
 
 /// Deletes the tables metaguard loaded into the lab's host and task

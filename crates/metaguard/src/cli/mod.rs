@@ -203,6 +203,11 @@ enum Command {
         /// Colour: auto (on a terminal), always, never.
         #[arg(long, default_value = "auto", value_parser = ["auto", "always", "never"])]
         color: String,
+        /// Run the ECS agent as a container on docker0 instead of on the
+        /// host network (docs/deploy.md, "The ECS agent on a bridge"), with
+        /// the daemon relaying task credentials to it.
+        #[arg(long)]
+        agent_on_bridge: bool,
     },
     /// Internal: run one lab probe (JSON spec) and print its JSON result.
     #[command(name = "lab-probe", hide = true)]
@@ -312,7 +317,11 @@ pub fn main() -> ExitCode {
             observe_dir: &cli.observe_dir,
         }),
         Command::Exec { args } => exec::run(args),
-        Command::Demo { json, color } => demo::run(json, &color),
+        Command::Demo {
+            json,
+            color,
+            agent_on_bridge,
+        } => demo::run(json, &color, agent_on_bridge),
         Command::LabProbe { spec } => lab_probe::run(&spec),
         Command::Generate { what, dir } => generate::run(what, &dir),
     };

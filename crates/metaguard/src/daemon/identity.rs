@@ -79,11 +79,21 @@ struct Cache {
     /// Ids whose container has stopped, oldest first (bounded).
     revoked: HashSet<(IdKind, String)>,
     revoked_order: VecDeque<(IdKind, String)>,
+    /// Where the relay sends credentials when the agent runs in a
+    /// container: published by the daemon once the host rules guard that
+    /// container's port (`None`: not yet).
+    agent: Option<Result<SocketAddr, String>>,
+    /// The Docker events `agent` was planned with.
+    agent_events: u64,
 }
 
 /// The most revoked ids remembered: a stopped container's ids stay refused
 /// until this many newer ones have been revoked.
 const MAX_REVOKED: usize = 65_536;
+
+/// How long the relay waits for the daemon to re-plan after a Docker event
+/// before it refuses a request for an agent in a container.
+const AGENT_REPLAN_WAIT: Duration = Duration::from_secs(1);
 
 impl Cache {
     /// The containers changed: forget what was derived from them.
@@ -161,6 +171,8 @@ pub struct Directory {
     /// cgroup2 mount).
     proc_root: PathBuf,
     cache: Mutex<Cache>,
+    /// Docker events received by the daemon's watcher.
+    docker_events: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Directory {
@@ -169,6 +181,7 @@ impl Directory {
             docker_socket,
             proc_root: proc_root.to_path_buf(),
             cache: Mutex::new(Cache::default()),
+            docker_events: Arc::default(),
         }
     }
 
@@ -187,6 +200,33 @@ impl Directory {
     /// next request.
     pub fn containers_listed(&self, list: Vec<ContainerFact>) {
         self.lock().take_listing(list);
+    }
+
+    /// The agent container's address the host rules now guard (or why
+    /// there is none): the relay's upstream from now on. The daemon
+    /// publishes an error before it changes the rules and the new address
+    /// after, so the relay never sends to an address whose port the rules
+    /// do not let it reach — nor, after the agent moved, to its old one.
+    ///
+    /// `events`: the Docker events received (`with_docker_events`) when
+    /// the plan's containers were listed. While a later one is not planned
+    /// for, the relay sends nothing (a stopped agent's address may already
+    /// be someone else's).
+    pub fn publish_agent(&self, agent: Result<SocketAddr, String>, events: u64) {
+        let mut c = self.lock();
+        c.agent = Some(agent);
+        c.agent_events = events;
+    }
+
+    /// Counts Docker events as the daemon's watcher receives them.
+    pub fn with_docker_events(mut self, events: Arc<std::sync::atomic::AtomicU64>) -> Directory {
+        self.docker_events = events;
+        self
+    }
+
+    /// What [`Directory::publish_agent`] last published.
+    pub fn published_agent(&self) -> Option<Result<SocketAddr, String>> {
+        self.lock().agent.clone()
     }
 
     /// Namespace files appeared or went (a `netns` selector's directory
@@ -456,6 +496,34 @@ fn cgroup_index(
 }
 
 impl metaguard_proxy::Directory for Directory {
+    fn agent_upstream(&self, config: &Config) -> Result<SocketAddr, String> {
+        if config.agent_container.is_none() {
+            return Ok(config.agent_credentials);
+        }
+        // What the daemon published with the rules in force, never a
+        // listing of its own: the rules and the relay agree on the agent.
+        // A Docker event not yet planned for (the agent may have stopped,
+        // its address be someone else's): wait for the daemon's re-plan,
+        // a second at most, rather than refuse at once (called on a
+        // blocking thread).
+        let deadline = Instant::now() + AGENT_REPLAN_WAIT;
+        loop {
+            let c = self.lock();
+            if self.docker_events.load(std::sync::atomic::Ordering::SeqCst) <= c.agent_events {
+                return c.agent.clone().unwrap_or_else(|| {
+                    Err("the daemon has not found the agent's container yet".into())
+                });
+            }
+            drop(c);
+            if Instant::now() > deadline {
+                return Err(
+                    "a container started or stopped and the daemon has not re-planned yet".into(),
+                );
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     fn identify(&self, config: &Arc<Config>, origin: Origin) -> Caller {
         // With `may_block`, identify_with always answers.
         self.identify_with(config, origin, true)
@@ -544,6 +612,7 @@ mod tests {
             env: vec![format!(
                 "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI=/v2/credentials/{credentials_id}"
             )],
+            addresses: Vec::new(),
         }
     }
 
@@ -596,6 +665,38 @@ mod tests {
     }
 
     const PEER: &str = "172.17.0.2:40000";
+
+    #[test]
+    fn the_agent_upstream_is_what_the_daemon_published() {
+        let d = Directory::new(
+            PathBuf::from("/nonexistent/docker.sock"),
+            Path::new("/proc"),
+        );
+        let cfg = config("[agent]\ncredentials = \"container:ecs-agent:51679\"\n");
+        // Nothing before the daemon published (never a listing of its own).
+        let mut agent = container_in("ecs-agent", "", "/run/netns/agent");
+        agent.addresses = vec!["172.17.0.3".parse().expect("ip")];
+        d.containers_listed(vec![agent]);
+        assert!(d.agent_upstream(&cfg).is_err());
+        let addr: SocketAddr = "172.17.0.3:51679".parse().expect("addr");
+        let events = Arc::new(std::sync::atomic::AtomicU64::new(3));
+        let d = d.with_docker_events(events.clone());
+        d.publish_agent(Ok(addr), 3);
+        assert_eq!(d.agent_upstream(&cfg), Ok(addr));
+        // A Docker event not yet planned for: nothing until it is.
+        events.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        assert!(d.agent_upstream(&cfg).is_err());
+        d.publish_agent(Ok(addr), 4);
+        assert_eq!(d.agent_upstream(&cfg), Ok(addr));
+        d.publish_agent(Err("changing".into()), 4);
+        assert!(d.agent_upstream(&cfg).is_err());
+        // Without a container reference: the configured address.
+        let plain = config("[agent]\ncredentials = \"127.0.0.1:51680\"\n");
+        assert_eq!(
+            d.agent_upstream(&plain),
+            Ok("127.0.0.1:51680".parse().expect("addr"))
+        );
+    }
 
     #[test]
     fn a_stopped_containers_ids_are_revoked_and_a_restarted_one_gets_them_back() {

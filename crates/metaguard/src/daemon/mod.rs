@@ -56,7 +56,7 @@ pub mod record;
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -173,6 +173,9 @@ struct Daemon {
     containers: Option<Vec<ContainerFact>>,
     /// Whether the Docker API answers now (set by the watcher).
     docker_up: Arc<AtomicBool>,
+    /// Docker events received (by the watcher, at once): the relay holds an
+    /// agent container's address back while one is not yet planned for.
+    docker_events: Arc<AtomicU64>,
     /// Whether the Docker watcher runs.
     docker_watched: bool,
     /// When the daemon started (Unix seconds): Docker events are replayed
@@ -255,6 +258,7 @@ pub fn run(
             observe_log: None,
             containers: None,
             docker_up: Arc::new(AtomicBool::new(false)),
+            docker_events: Arc::new(AtomicU64::new(0)),
             docker_watched: false,
             started,
             record,
@@ -288,6 +292,7 @@ impl Daemon {
         self.update_gauges();
         metrics::serve(self.opts.metrics_addr, self.metrics.clone())?;
         self.commit_proxy(proxy);
+        self.publish_agent(self.agent_for(&self.config), 0);
         self.follow_routing();
         self.sync_bpf(report.bpf.as_ref().is_some_and(|b| b.state == "active"));
         self.watch_netns_dirs()?;
@@ -319,10 +324,12 @@ impl Daemon {
         }
         self.docker_watched = true;
         let tx = self.tx.clone();
+        let events = self.docker_events.clone();
         tokio::spawn(crate::discovery::docker::watch(
             self.opts.docker_socket.clone(),
             self.started,
             move |e| {
+                events.fetch_add(1, Ordering::SeqCst);
                 tx.send(match e {
                     DockerEvent::Up => Event::DockerUp,
                     DockerEvent::Changed => Event::Docker,
@@ -331,6 +338,41 @@ impl Daemon {
             },
             self.docker_up.clone(),
         ));
+    }
+
+    /// Where the relay should send credentials under `config` with the
+    /// containers last listed (the plan's facts): the agent container's
+    /// address, when `[agent] credentials` names one.
+    fn agent_for(&self, config: &Config) -> Result<SocketAddr, String> {
+        match (&config.agent_container, &self.containers) {
+            (None, _) => Ok(config.agent_credentials),
+            (Some(a), Some(cs)) => metaguard_core::identify::agent_address(a, cs),
+            (Some(_), None) => Err("the Docker API has not answered yet".into()),
+        }
+    }
+
+    /// Publishes `agent` to the relay (see `Directory::publish_agent`), as
+    /// planned with the Docker events up to `events`.
+    fn publish_agent(&self, agent: Result<SocketAddr, String>, events: u64) {
+        if let Some(p) = &self.proxy {
+            p.directory.publish_agent(agent, events);
+        }
+    }
+
+    /// The Docker events received so far (read before a plan's listing).
+    fn docker_events_seen(&self) -> u64 {
+        self.docker_events.load(Ordering::SeqCst)
+    }
+
+    /// Before the rules change: when the agent's address will change,
+    /// nothing is relayed until the new rules are in force.
+    fn hold_agent(&self, next: &Result<SocketAddr, String>) {
+        if let Some(p) = &self.proxy {
+            if p.directory.published_agent().as_ref() != Some(next) {
+                p.directory
+                    .publish_agent(Err("the agent's container is changing".into()), 0);
+            }
+        }
     }
 
     /// The plan for `config` now: with the containers the Docker API lists
@@ -434,10 +476,10 @@ impl Daemon {
                 self.proxy_metrics.insert(m).clone()
             }
         };
-        let directory = Arc::new(identity::Directory::new(
-            self.opts.docker_socket.clone(),
-            Path::new("/proc"),
-        ));
+        let directory = Arc::new(
+            identity::Directory::new(self.opts.docker_socket.clone(), Path::new("/proc"))
+                .with_docker_events(self.docker_events.clone()),
+        );
         let mut server = Server::new(Proxy::new(directory.clone(), metrics, settings));
         let prepared = server.prepare(&wanted, None)?;
         Ok(ProxyStep::Start(

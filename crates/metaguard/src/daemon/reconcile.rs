@@ -179,6 +179,7 @@ impl Daemon {
             std::thread::sleep(Duration::from_millis(2));
         }
         let config = self.config.clone();
+        let events = self.docker_events_seen();
         let (plan, stale) = match self.plan_now(&config) {
             Ok(p) => p,
             Err(e) => {
@@ -192,11 +193,15 @@ impl Daemon {
         let before: Vec<String> = self.plan.netns.iter().map(|n| n.path.clone()).collect();
         let after: Vec<String> = plan.netns.iter().map(|n| n.path.clone()).collect();
         let host_changed = plan.host != self.plan.host;
+        let agent = self.agent_for(&config);
         if before == after && !host_changed {
+            // The rules guard the same ports.
+            self.publish_agent(agent, events);
             return;
         }
         self.plan = plan;
         if host_changed {
+            self.hold_agent(&agent);
             let host = Target {
                 netns: None,
                 label: "host".into(),
@@ -206,11 +211,14 @@ impl Daemon {
                 Ok(pid) => {
                     self.remember_own(pid);
                     info!(why, "host rules updated");
+                    self.publish_agent(agent, events);
                 }
                 Err(e) => {
                     error!(error = %format!("{e:#}"), "cannot update the host rules; the previous ones stay")
                 }
             }
+        } else {
+            self.publish_agent(agent, events);
         }
         if let Err(e) = self.apply_new_namespaces(&before, stale) {
             error!(error = %format!("{e:#}"), "cannot guard new namespaces");
@@ -252,6 +260,7 @@ impl Daemon {
     /// only then is the proxy switched over.
     pub(super) fn reload(&mut self, load: &impl Fn(Option<&Path>) -> anyhow::Result<Config>) {
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Reloading]);
+        let events = self.docker_events_seen();
         let result = load(self.opts.config_path.as_deref()).and_then(|config| {
             let (plan, stale) = self.plan_now(&config)?;
             let proxy = self.prepare_proxy(&config, &plan)?;
@@ -273,6 +282,7 @@ impl Daemon {
                 self.config = config;
                 self.plan = plan;
                 self.commit_proxy(proxy);
+                self.publish_agent(self.agent_for(&self.config), events);
                 self.follow_routing();
                 self.sync_bpf(report.bpf.as_ref().is_some_and(|b| b.state == "active"));
                 if let Err(e) = self.sync_guarded() {

@@ -166,6 +166,7 @@ async fn list(socket: &Path, proc_root: &Path) -> anyhow::Result<Vec<ContainerFa
             .as_ref()
             .and_then(|c| c.env.clone())
             .unwrap_or_default();
+        let addresses = addresses(inspect.network_settings.as_ref());
         out.push(ContainerFact {
             id,
             name,
@@ -174,11 +175,27 @@ async fn list(socket: &Path, proc_root: &Path) -> anyhow::Result<Vec<ContainerFa
             cgroup,
             netns,
             env,
+            addresses,
         });
         modes.push(mode);
     }
     share_joined_namespaces(&mut out, &modes);
     Ok(out)
+}
+
+/// A container's addresses on its networks, IPv4 first, each once.
+fn addresses(settings: Option<&bollard::models::NetworkSettings>) -> Vec<std::net::IpAddr> {
+    let mut out: Vec<std::net::IpAddr> = settings
+        .and_then(|n| n.networks.as_ref())
+        .into_iter()
+        .flatten()
+        .flat_map(|(_, e)| [e.ip_address.as_deref(), e.global_ipv6_address.as_deref()])
+        .flatten()
+        .filter_map(|a| a.parse().ok())
+        .collect();
+    out.sort_by_key(|a: &std::net::IpAddr| (a.is_ipv6(), *a));
+    out.dedup();
+    out
 }
 
 /// A container in network mode `container:<id>` (an awsvpc task's

@@ -423,8 +423,11 @@ impl Engine {
             }
         }
         if plan.proxy.is_none() {
-            // No proxy any more: its bridge table, routing and sysctl go.
-            self.host.nft_delete(None, "bridge", TABLE)?;
+            // No proxy any more: its bridge table (unless exceptions on a
+            // bridge keep one), routing and sysctl go.
+            if !plan.host.contains("\ntable bridge ") {
+                self.host.nft_delete(None, "bridge", TABLE)?;
+            }
             redirect::uninstall(self.host(), &mut state)?;
         } else {
             redirect::remove_old_addresses(self.host(), &mut state, &|s| self.save_state(s))?;

@@ -703,6 +703,7 @@ fn start_proxied(g: &mut Guarded, no_proxy: &str) -> Result<(), Failed> {
         user: String::new(),
         cgroup_parent: String::new(),
         running: true,
+        addresses: Vec::new(),
     });
     Ok(())
 }

@@ -443,6 +443,7 @@ fn proxied_namespaces_pass_the_hooks_to_the_proxy_unclassified_ones_are_refused(
         user: String::new(),
         cgroup_parent: String::new(),
         running: true,
+        addresses: Vec::new(),
     });
     let deadline = Instant::now() + Duration::from_secs(3);
     loop {

@@ -160,6 +160,7 @@ fn daemon_guards_a_task_started_while_it_runs() -> Result<(), Failed> {
         user: String::new(),
         cgroup_parent: String::new(),
         running: true,
+        addresses: Vec::new(),
     });
     // Its own line: the daemon also guards task1 once Docker first answers
     // (it never asks before it is ready).

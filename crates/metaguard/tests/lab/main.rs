@@ -9,6 +9,7 @@ use metaguard_lab::testing::{self, TestFn};
 
 mod support;
 
+mod agent_bridge;
 mod bpf;
 mod bpf_default;
 mod bpf_lifecycle;
@@ -51,6 +52,7 @@ fn main() {
         .chain(proxy_cache::TESTS)
         .chain(proxy_datapath::TESTS)
         .chain(observe::TESTS)
+        .chain(agent_bridge::TESTS)
     {
         let missing = if *needs_root {
             testing::root_missing()

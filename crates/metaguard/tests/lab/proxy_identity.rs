@@ -301,6 +301,7 @@ bpf = false
         user: String::new(),
         cgroup_parent: String::new(),
         running: true,
+        addresses: Vec::new(),
     });
     refused_within(Duration::from_secs(1), "revoked", || {
         get(&lab, Workload::BridgeC1, &c1_creds)

@@ -37,6 +37,7 @@ fn workload_of<'a>(snap: &'a Snapshot, c: &DockerContainer) -> Option<&'a Worklo
         cgroup: c.cgroup.clone(),
         netns: c.netns.clone(),
         env: Vec::new(),
+        addresses: Vec::new(),
     };
     let master = (c.network_mode == "bridge").then_some("docker0");
     let netns: Vec<String> = c.netns.iter().cloned().collect();

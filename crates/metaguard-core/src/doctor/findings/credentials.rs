@@ -11,6 +11,11 @@ use super::super::snapshot::Snapshot;
 use super::evidence::{creds_should_reach, dedup, delivered_loopback, is_martian, names, Evidence};
 use super::{localnet, Finding, Fix, FixAction, Severity, DURABLE};
 
+/// F10's way out: the agent on a bridge with no published port, its
+/// credentials relayed by metaguard (docs/deploy.md, "The ECS agent on a
+/// bridge"; `metaguard render ecs-config` prints the recipe).
+const AGENT_ON_A_BRIDGE: &str = "drop the published port: run the agent on a bridge without -p and set [agent] credentials = \"container:ecs-agent:51679\" with task_metadata = \"proxy\", so metaguard's relay serves 169.254.170.2 and forwards to the agent's container (docs/deploy.md, \"The ECS agent on a bridge\"; metaguard render ecs-config); or run the agent with host networking";
+
 pub(super) fn f1(snap: &Snapshot, flows: &[Flow]) -> Option<Finding> {
     let hit: Vec<&Flow> = flows
         .iter()
@@ -300,7 +305,11 @@ pub(super) fn f10(snap: &Snapshot, ep: &Endpoints) -> Option<Finding> {
         (
             Severity::Warning,
             "the agent publishes 169.254.170.2:80: host port 80 is taken for every container",
-            Fix::new("let metaguard own the 169.254.170.2 listener", Vec::new(), "run the agent with host networking; metaguard's proxy serves 169.254.170.2 without a published port"),
+            Fix::new(
+                "let metaguard own the 169.254.170.2 listener",
+                Vec::new(),
+                AGENT_ON_A_BRIDGE,
+            ),
         )
     } else {
         evidence.line(format!("{} is not an address of this host (lo)", ep.creds));
@@ -309,8 +318,11 @@ pub(super) fn f10(snap: &Snapshot, ep: &Endpoints) -> Option<Finding> {
             "the agent publishes 169.254.170.2:80 but the address is missing from lo",
             Fix::new(
                 format!("add {}/32 to lo", ep.creds),
-                vec![FixAction::AddrAdd { addr: format!("{}/32", ep.creds), dev: "lo".into() }],
-                "run the agent with host networking; metaguard's proxy serves 169.254.170.2 without a published port",
+                vec![FixAction::AddrAdd {
+                    addr: format!("{}/32", ep.creds),
+                    dev: "lo".into(),
+                }],
+                AGENT_ON_A_BRIDGE,
             ),
         )
     };

@@ -120,11 +120,13 @@ pub(super) fn f23(snap: &Snapshot) -> Option<Finding> {
             cgroup: c.cgroup.clone(),
             netns: c.netns.clone(),
             env: Vec::new(),
+            addresses: Vec::new(),
         })
         .collect();
     let facts = HostFacts {
         netns_paths: Vec::new(),
         containers: Some(containers),
+        ports: Vec::new(),
     };
     let plan = ruleset::plan(&snap.config, &facts).ok()?;
     let want = rendered_names(&plan.host);
