@@ -55,11 +55,14 @@ impl Lab {
         let host = self.netns_name(Role::Host);
         // Each veth is created here with its peer placed straight into the
         // other lab namespace: no end ever exists in the root namespace.
+        // Bridges get a fixed MAC, as dockerd gives docker0: a bridge
+        // without one takes its lowest port's, so a port added later could
+        // change it and leave neighbours' ARP entries stale for seconds.
         let vpc = format!(
             "link set lo up
 addr add 169.254.169.254/32 dev lo
 addr add fd00:ec2::254/128 dev lo nodad
-link add vpcbr type bridge
+link add vpcbr address 02:42:0a:00:00:01 type bridge
 addr add 10.0.0.1/24 dev vpcbr
 addr add fd00:10::1/64 dev vpcbr nodad
 link set vpcbr up
@@ -92,11 +95,11 @@ link set vpc-task1 master vpcbr up
         );
         cmd::ip_batch(self.netns(Role::Vpc), &vpc)?;
         let hostscript = format!(
-            "link add docker0 type bridge
+            "link add docker0 address 02:42:ac:11:00:01 type bridge
 addr add 172.17.0.1/16 dev docker0
 addr add fd00:17::1/64 dev docker0 nodad
 link set docker0 up
-link add ecs-bridge type bridge
+link add ecs-bridge address 02:42:a9:fe:ac:01 type bridge
 addr add 169.254.172.1/22 dev ecs-bridge
 link set ecs-bridge up
 link add vethc1 type veth peer name eth0 netns {c1}
