@@ -23,6 +23,11 @@ pub const AGENT_ON_BRIDGE_LABEL: &str = "ECS agent (bridge)";
 pub const AGENT_ON_BRIDGE_POLICY: &str = r#"[layers]
 bpf = false
 
+# Every credentials request goes to the agent's container (no answer
+# cache): what is shown is where the relay sends it.
+[proxy]
+cache = false
+
 [agent]
 credentials = "container:ecs-agent:51679"
 

@@ -130,11 +130,23 @@ pub(super) fn f23(snap: &Snapshot) -> Option<Finding> {
     };
     let plan = ruleset::plan(&snap.config, &facts).ok()?;
     let want = rendered_names(&plan.host);
+    // Bridge-port exceptions (the `ports` map, `wl<N>_ports` chains and,
+    // without the proxy, `port_marks`) exist only while an excepted
+    // container's port does, which a snapshot does not record: never
+    // counted as another version's.
+    let port_dependent = |n: &str| {
+        n == "ports"
+            || n == "port_marks"
+            || n.strip_prefix("wl")
+                .and_then(|r| r.strip_suffix("_ports"))
+                .is_some_and(|i| !i.is_empty() && i.bytes().all(|b| b.is_ascii_digit()))
+    };
     let have: BTreeSet<String> = live
         .chains
         .iter()
         .map(|c| c.name.clone())
         .chain(live.sets.keys().cloned())
+        .filter(|n| want.contains(n) || !port_dependent(n))
         .collect();
     if want == have {
         return None;
