@@ -219,34 +219,7 @@ fn the_agent_on_docker0_reaches_imds_and_its_neighbours_do_not() -> Result<(), F
 /// The agent on a bridge, behind the relay: credentials for bridge
 /// containers and awsvpc tasks through 169.254.170.2, the relay sending
 /// them to the agent's container found through the Docker API.
-pub const RELAY_POLICY: &str = r#"[layers]
-bpf = false
-
-# Every credentials request goes to the agent's container (no answer
-# cache): what is shown is where the relay sends it.
-[proxy]
-cache = false
-
-[agent]
-credentials = "container:ecs-agent:51679"
-
-[[workload]]
-name          = "ecs-agent"
-containers    = ["ecs-agent"]
-imds          = "allow"
-
-[[workload]]
-name          = "bridge-containers"
-bridges       = ["docker0", "br-*", "ecs-bridge"]
-imds          = "deny"
-task_metadata = "proxy"
-
-[[workload]]
-name          = "awsvpc-tasks"
-netns         = ["ecs-tasks"]
-imds          = "deny"
-task_metadata = "proxy"
-"#;
+pub use metaguard_lab::topology::AGENT_ON_BRIDGE_POLICY as RELAY_POLICY;
 
 /// An agent emulator holding every lab workload's credentials.
 fn agent_emulator() -> AgentEmulator {

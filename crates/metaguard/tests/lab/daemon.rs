@@ -510,9 +510,14 @@ fn cgroups_that_appear_or_are_recreated_later_are_guarded() -> Result<(), Failed
     );
     let url = Lab::imds_url_v4("/latest/meta-data/");
     let cg = lab.cgroup2();
+    // Every cgroup event reloads the host rules once: wait for the one
+    // after each change before the next step (the removal's too, or it
+    // would count for the re-creation's).
+    let updates = |d: &Daemon| d.log_text().matches("host rules updated").count();
     for round in 1..=2 {
+        let before = updates(&d);
         cg.create(&late)?;
-        d.wait_log_count("host rules updated", round, Duration::from_secs(3))?;
+        d.wait_log_count("host rules updated", before + 1, Duration::from_secs(3))?;
         let mut spec = lab.http_get(&url);
         spec.timeout_ms = 500;
         let r = lab.probe_in_cgroup(&late, &spec)?;
@@ -528,7 +533,9 @@ fn cgroups_that_appear_or_are_recreated_later_are_guarded() -> Result<(), Failed
             "round {round}: arrived"
         );
         // Docker restarts: the cgroup goes away and comes back with a new id.
+        let before = updates(&d);
         cg.remove(&late, 3)?;
+        d.wait_log_count("host rules updated", before + 1, Duration::from_secs(3))?;
     }
     // Proof the probe works from a cgroup nobody guards.
     let free = format!("{}/docker/free1", lab.cgroup_root());
