@@ -271,14 +271,29 @@ impl Machine {
     pub fn exec_ok(&self, args: &[&str]) -> Result<String, LabError> {
         let out = self.exec(args)?;
         if !out.status.success() {
+            let mut stderr = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stderr).trim(),
+                String::from_utf8_lossy(&out.stdout).trim()
+            );
+            // A unit that did not start: its journal says why (the gate,
+            // the daemon, the program itself), and the test's failure
+            // should carry it.
+            if let ["systemctl", "start" | "restart" | "reload", units @ ..] = args {
+                for unit in units.iter().filter(|u| !u.starts_with('-')) {
+                    if let Ok(j) = self.exec(&["journalctl", "-u", unit, "-n", "25", "--no-pager"])
+                    {
+                        stderr.push_str(&format!(
+                            "\n--- journal of {unit} ---\n{}",
+                            String::from_utf8_lossy(&j.stdout).trim()
+                        ));
+                    }
+                }
+            }
             return Err(LabError::Command {
                 command: format!("(in {}) {}", self.name, args.join(" ")),
                 status: out.status.to_string(),
-                stderr: format!(
-                    "{}{}",
-                    String::from_utf8_lossy(&out.stderr).trim(),
-                    String::from_utf8_lossy(&out.stdout).trim()
-                ),
+                stderr,
             });
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
