@@ -102,8 +102,16 @@ impl Agent {
         }
         let n = {
             let mut st = lock(&self.state);
-            st.started += 1;
-            st.started
+            // A restarted agent counts from 1 again, while an earlier run's
+            // awsvpc task may still hold that number's links
+            // (`vethtask<n>`): skip the numbers in use.
+            loop {
+                st.started += 1;
+                let veth = format!("vethtask{}", st.started);
+                if cmd::run(None, "ip", &["link", "show", &veth], None).is_err() {
+                    break st.started;
+                }
+            }
         };
         let seed = format!("{}/{n}/{}", spec.family, crate::log::now_unix_ms());
         let task_id = hex(&seed, 32);
