@@ -397,6 +397,27 @@ mod tests {
         assert_eq!(access_key_id(br#"{"AccessKeyId": 1}"#), None);
     }
 
+    /// The recording's own cost per observed request (serialise, lock,
+    /// one append), in process: `cargo test --release -p metaguard-proxy
+    /// -- --ignored recording_cost --nocapture`. A measurement, not a
+    /// check.
+    #[test]
+    #[ignore = "a measurement; run it by name"]
+    fn recording_cost_per_request() {
+        let d = tmp("cost");
+        let log = ObserveLog::open(&d, Caps::default()).expect("open");
+        let n = 200_000u32;
+        for round in 0..3 {
+            let started = std::time::Instant::now();
+            for i in 0..n {
+                log.record(&rec(f64::from(i))).expect("record");
+            }
+            let ns = started.elapsed().as_nanos() / u128::from(n);
+            eprintln!("round {round}: {ns} ns per recorded request");
+        }
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
     #[test]
     fn records_survive_reopening_and_read_back_in_order() {
         let d = tmp("reopen");
