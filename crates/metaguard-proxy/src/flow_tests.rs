@@ -611,3 +611,44 @@ fn per_request_cost_of_a_cache_hit() {
     });
     let _ = std::fs::remove_file(&own);
 }
+
+/// What `observe` costs against `proxy` per forwarded request, in process:
+/// the same IMDSv1 `GET instance-id`, forwarded to the emulator every
+/// time (v1 is never cached), under `imds = "proxy"` and under `imds =
+/// "observe"` with a record per request, rounds alternating.
+/// `cargo test --release -p metaguard-proxy -- --ignored observe_vs_proxy
+/// --nocapture`. A measurement, not a check.
+#[test]
+#[ignore = "a measurement; run it by name"]
+fn per_request_cost_observe_vs_proxy() {
+    let u = upstreams();
+    let audit = temp("observe-cost-audit");
+    let dir = temp("observe-cost-log");
+    let log = Arc::new(
+        crate::observe::ObserveLog::open(&dir, crate::observe::Caps::default()).expect("open"),
+    );
+    let text = |action: &str| {
+        format!("[[workload]]\nname = \"a\"\nbridges = [\"docker0\"]\nimds = \"{action}\"\n")
+    };
+    let proxied = proxy(settings(&u, &text("proxy"), true, &audit));
+    let observed = proxy(settings(&u, &text("observe"), true, &audit).with_observe(Some(log)));
+    let c1 = caller(0, Some("c1"));
+    let h = head("GET", "169.254.169.254", "/latest/meta-data/instance-id", &[]);
+    run(async {
+        let n = 5_000u32;
+        for round in 0..3 {
+            for (name, p) in [("proxy", &proxied), ("observe", &observed)] {
+                let s = p.settings();
+                let started = std::time::Instant::now();
+                for _ in 0..n {
+                    let r = p.respond(Kind::Imds, &c1, &s, &h, false).await;
+                    assert_eq!(r.status(), 200, "{name}");
+                }
+                let us = started.elapsed().as_secs_f64() * 1e6 / f64::from(n);
+                eprintln!("round {round}: {name}: {us:.1} µs per forwarded request");
+            }
+        }
+    });
+    let _ = std::fs::remove_file(&audit);
+    let _ = std::fs::remove_dir_all(&dir);
+}
