@@ -633,7 +633,12 @@ fn per_request_cost_observe_vs_proxy() {
     let proxied = proxy(settings(&u, &text("proxy"), true, &audit));
     let observed = proxy(settings(&u, &text("observe"), true, &audit).with_observe(Some(log)));
     let c1 = caller(0, Some("c1"));
-    let h = head("GET", "169.254.169.254", "/latest/meta-data/instance-id", &[]);
+    let h = head(
+        "GET",
+        "169.254.169.254",
+        "/latest/meta-data/instance-id",
+        &[],
+    );
     run(async {
         let n = 5_000u32;
         for round in 0..3 {
