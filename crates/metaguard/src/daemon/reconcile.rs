@@ -187,9 +187,6 @@ impl Daemon {
                 return;
             }
         };
-        // The BPF layer's namespace map first: a new namespace is refused
-        // until it is classified, so an allowing workload's waits on this.
-        self.sync_bpf_namespaces(why);
         let before: Vec<String> = self.plan.netns.iter().map(|n| n.path.clone()).collect();
         let after: Vec<String> = plan.netns.iter().map(|n| n.path.clone()).collect();
         let host_changed = plan.host != self.plan.host;
@@ -197,6 +194,9 @@ impl Daemon {
         if before == after && !host_changed {
             // The rules guard the same ports.
             self.publish_agent(agent, events);
+            // The BPF layer's namespace map (an unclassified namespace is
+            // refused there, so this only lets allowing workloads in).
+            self.sync_bpf_namespaces(why);
             return;
         }
         self.plan = plan;
@@ -223,6 +223,9 @@ impl Daemon {
         if let Err(e) = self.apply_new_namespaces(&before, stale) {
             error!(error = %format!("{e:#}"), "cannot guard new namespaces");
         }
+        // After the nft tables, which new namespaces wait for; the BPF
+        // layer refuses them meanwhile.
+        self.sync_bpf_namespaces(why);
         self.update_gauges();
         let status = self.status();
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&status)]);

@@ -6,11 +6,12 @@
 //!
 //! The decision is `core::bpf_policy::classify`'s. What is decided here is
 //! which namespaces are *settled* enough to be written at all: one whose
-//! workload is found, or one that no workload selects although it is known
-//! — a running container, or plugged into a bridge. A namespace with no
-//! port and no container (an awsvpc task before its CNI plugs the ENI, a
-//! bridge container before Docker connects it) is left out, so it keeps
-//! the map's default: unknown means denied.
+//! workload is found, or one that no workload selects although it is
+//! plugged into a bridge (which no workload names). Any other namespace —
+//! an awsvpc task before its CNI plugs its links, its application
+//! container listed before its pause container, a bridge container before
+//! Docker connects it — is left out, so it keeps the map's default:
+//! unknown means denied.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -38,8 +39,7 @@ pub struct Namespace {
 impl Namespace {
     /// Its decision: the first workload (lowest rule) that selects it by
     /// any of its bridges, containers or its path; `None` when it is not
-    /// settled (no workload selects it, and it has no port and no
-    /// container yet).
+    /// settled (no workload selects it, and it is plugged into no bridge).
     pub fn decision(&self, config: &Config) -> Option<(u32, u32)> {
         let bridges: Vec<Option<&str>> = match self.bridges.as_slice() {
             [] => vec![None],
@@ -65,7 +65,11 @@ impl Namespace {
                 }
             }
         }
-        let settled = best.0 != NO_RULE || !self.bridges.is_empty() || !self.containers.is_empty();
+        // Unselected is settled only for a namespace plugged into a bridge
+        // no workload names. A container alone is not enough: an awsvpc
+        // task's application container can be listed before its pause
+        // container, and the CNI plugs the task's links after both exist.
+        let settled = best.0 != NO_RULE || !self.bridges.is_empty();
         settled.then_some(best)
     }
 }
@@ -228,6 +232,18 @@ mod tests {
                 Namespace {
                     cookie: 4,
                     ..ns(&["mybridge"], Vec::new())
+                },
+                // A container no workload selects, on no bridge yet (a
+                // task's app container before its pause one): the default.
+                Namespace {
+                    cookie: 5,
+                    ..ns(
+                        &[],
+                        vec![ContainerFact {
+                            name: "app".into(),
+                            ..ContainerFact::default()
+                        }],
+                    )
                 },
             ],
             skipped: Vec::new(),
