@@ -237,4 +237,21 @@ impl Lab {
     pub fn run_in(&self, role: Role, program: &str, args: &[&str]) -> Result<String, LabError> {
         cmd::run(Some(self.netns(role)), program, args, None)
     }
+
+    /// Deletes every nft table named `metaguard` (any family) in `roles`'
+    /// namespaces: metaguard's whole nft layer there, as a flush by
+    /// someone else would (F4). Docker's and ecs-init's rules stay.
+    pub fn delete_metaguard_tables(&self, roles: &[Role]) -> Result<(), LabError> {
+        for &role in roles {
+            let tables = self.run_in(role, "nft", &["list", "tables"])?;
+            for line in tables.lines() {
+                if let ["table", family, "metaguard"] =
+                    line.split_whitespace().collect::<Vec<_>>().as_slice()
+                {
+                    self.run_in(role, "nft", &["delete", "table", family, "metaguard"])?;
+                }
+            }
+        }
+        Ok(())
+    }
 }

@@ -84,7 +84,7 @@ pub fn run(json: bool, color: &str, agent_on_bridge: bool) -> anyhow::Result<Exi
     // metaguard process running (F5).
     let bpf_alone = if bpf && after.as_ref().is_some() {
         eprintln!("metaguard demo: deleting metaguard's nft tables (nft delete table inet metaguard), no daemon…");
-        delete_nft_layer(&lab)?;
+        lab.delete_metaguard_tables(&[Role::Host, Role::Task1])?;
         Some(Matrix::measure(&lab, &ROWS)?)
     } else {
         None
@@ -209,23 +209,6 @@ fn start_daemon(lab: &Lab, policy: &std::path::Path) -> anyhow::Result<std::proc
     let _ = child.kill();
     let _ = child.wait();
     anyhow::bail!("metaguard daemon was not ready within 10 s in the lab")
-}
-
-/// Deletes the tables metaguard loaded into the lab's host and task
-/// namespaces (Docker's and ecs-init's rules stay).
-fn delete_nft_layer(lab: &Lab) -> anyhow::Result<()> {
-    use metaguard_lab::topology::Role;
-    for role in [Role::Host, Role::Task1] {
-        let tables = lab.run_in(role, "nft", &["list", "tables"])?;
-        for line in tables.lines() {
-            if let ["table", family, "metaguard"] =
-                line.split_whitespace().collect::<Vec<_>>().as_slice()
-            {
-                lab.run_in(role, "nft", &["delete", "table", family, "metaguard"])?;
-            }
-        }
-    }
-    Ok(())
 }
 
 /// Ctrl-C and SIGTERM tear down every lab of this process, then exit 130.

@@ -18,7 +18,7 @@ use metaguard_lab::topology::{addr, Role};
 use metaguard_lab::{Lab, Workload};
 use metaguard_sys::bpf as sys;
 
-use crate::bpf::{apply, BpfFs};
+use crate::bpf::apply;
 use crate::daemon::Daemon;
 use crate::enforce::{arrived, expect_reached};
 use crate::ensure;
@@ -185,14 +185,8 @@ fn refused(lab: &Lab, m: &Made, spec: &ProbeSpec) -> Result<(), Failed> {
 /// Deletes every table metaguard made in `roles`' namespaces: its whole
 /// nft layer. Docker's and ecs-init's rules stay (the credentials DNAT).
 fn delete_metaguard_tables(lab: &Lab, roles: &[Role]) -> Result<(), Failed> {
+    lab.delete_metaguard_tables(roles)?;
     for &role in roles {
-        let tables = lab.run_in(role, "nft", &["list", "tables"])?;
-        for line in tables.lines() {
-            let words: Vec<&str> = line.split_whitespace().collect();
-            if let ["table", family, "metaguard"] = words.as_slice() {
-                lab.run_in(role, "nft", &["delete", "table", family, "metaguard"])?;
-            }
-        }
         let left = lab.run_in(role, "nft", &["list", "tables"])?;
         ensure!(
             !left.contains("metaguard"),
@@ -210,7 +204,7 @@ fn credentials(lab: &Lab) -> ProbeSpec {
 
 fn new_bridge_container_and_task_refused_from_first_attempt_with_nft_gone() -> Result<(), Failed> {
     let mut lab = lab()?;
-    let fs = BpfFs::mount(&lab)?;
+    let pins = lab.mount_bpffs()?;
     // Without metaguard, containers and tasks like those made below reach
     // IMDS every way, and their task credentials.
     let open_c = bridge_container(&mut lab, "c3", 13)?;
@@ -250,7 +244,7 @@ fn new_bridge_container_and_task_refused_from_first_attempt_with_nft_gone() -> R
         expect_reached(&lab, w, &http(&lab, "[fd00:ec2::254]"))?;
     }
     // Each refusal was an event with the caller's cgroup.
-    let events = sys::PinDir::new(fs.pin_dir())
+    let events = sys::PinDir::new(&pins)
         .drain_events()
         .map_err(|e| e.to_string())?;
     let c4 = lab.cgroup2().id(&new_c.cgroup).map_err(|e| e.to_string())?;
@@ -277,7 +271,7 @@ fn new_bridge_container_and_task_refused_from_first_attempt_with_nft_gone() -> R
 
 fn allowing_workload_is_refused_until_classified_then_reaches() -> Result<(), Failed> {
     let mut lab = lab()?;
-    let _fs = BpfFs::mount(&lab)?;
+    lab.mount_bpffs()?;
     let glob = format!(
         "/run/netns/{}",
         lab.netns_name(Role::Host).replace("host", "ok*")
@@ -368,7 +362,7 @@ fn proxied_namespaces_pass_the_hooks_to_the_proxy_unclassified_ones_are_refused(
 ) -> Result<(), Failed> {
     use metaguard_core::bpf_policy::{CLASS_IMDS, CLASS_TASK_METADATA};
     let mut lab = lab()?;
-    let fs = BpfFs::mount(&lab)?;
+    let pins = lab.mount_bpffs()?;
     let docker = lab.start_docker_api()?;
     let audit = lab.work_dir().join("audit.jsonl");
     let root = lab.cgroup_root();
@@ -383,7 +377,7 @@ fn proxied_namespaces_pass_the_hooks_to_the_proxy_unclassified_ones_are_refused(
     let d = Daemon::start(&lab, &path, &[])?;
     // Unclassified namespaces must not reach what is proxied: the default
     // refuses both classes.
-    let maps = sys::PinDir::new(fs.pin_dir())
+    let maps = sys::PinDir::new(&pins)
         .read_maps()
         .map_err(|e| e.to_string())?;
     ensure!(
@@ -469,7 +463,7 @@ fn proxied_namespaces_pass_the_hooks_to_the_proxy_unclassified_ones_are_refused(
 
 fn containers_selectors_resolve_to_cgroups_and_namespaces() -> Result<(), Failed> {
     let mut lab = lab()?;
-    let _fs = BpfFs::mount(&lab)?;
+    lab.mount_bpffs()?;
     lab.start_docker_api()?;
     let all = [
         Workload::BridgeC1,
