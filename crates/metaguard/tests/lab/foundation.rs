@@ -364,22 +364,14 @@ fn leftover_of_a_killed_lab_is_removed() -> Result<(), Failed> {
     // recorded last (a reap in between may take the namespace early,
     // which is what is asserted anyway), and `ip netns add` is retried
     // when a reap removes its file half-way.
-    for attempt in 1..=5 {
-        match metaguard_lab::cmd::run(None, "ip", &["netns", "add", &ns], None) {
-            Ok(_) => break,
-            Err(e) if attempt == 5 => return Err(e.into()),
-            Err(_) => {
-                let _ = metaguard_lab::cmd::run(None, "ip", &["netns", "delete", &ns], None);
-            }
-        }
-    }
+    netns_add_racing_reapers(&ns)?;
     cg.create(&format!("{cg_root}/docker/c1"))?;
     registry::record(std::path::Path::new(registry::STATE_DIR), &rec)?;
     // An orphan namespace without any record is removed too.
     // Unique per process: test runs may overlap on a shared machine.
     let orphan_id = format!("orph{:x}", std::process::id());
     let orphan = format!("mglab-{orphan_id}-host");
-    metaguard_lab::cmd::run(None, "ip", &["netns", "add", &orphan], None)?;
+    netns_add_racing_reapers(&orphan)?;
     // Forget it in this process, as a crash would.
     let lab = lab()?;
     ensure!(
@@ -390,6 +382,23 @@ fn leftover_of_a_killed_lab_is_removed() -> Result<(), Failed> {
     ensure!(netns_of(&orphan_id).is_empty(), "orphan netns still there");
     ensure!(!cg.path(&cg_root).exists(), "leftover cgroup still there");
     drop(lab);
+    Ok(())
+}
+
+/// `ip netns add NAME` while other tests start labs: each start reaps
+/// namespaces no record claims, and may unlink the file `ip` has just
+/// created before it binds the namespace onto it ("Bind /proc/self/ns/net
+/// -> /run/netns/NAME failed: No such file or directory"). Retried.
+fn netns_add_racing_reapers(name: &str) -> Result<(), Failed> {
+    for attempt in 1..=5 {
+        match metaguard_lab::cmd::run(None, "ip", &["netns", "add", name], None) {
+            Ok(_) => return Ok(()),
+            Err(e) if attempt == 5 => return Err(e.into()),
+            Err(_) => {
+                let _ = metaguard_lab::cmd::run(None, "ip", &["netns", "delete", name], None);
+            }
+        }
+    }
     Ok(())
 }
 
