@@ -1,19 +1,62 @@
-//! The audit log: one JSON line per request. Credentials are never
-//! written; a credentials id is shortened to its first 4 characters (ids
-//! are bearer capabilities).
+//! The audit log: one JSON line per request, buffered and written by a
+//! thread of its own (see [`AuditSink`]). Credentials are never written; a
+//! credentials id is shortened to its first 4 characters (ids are bearer
+//! capabilities).
 
 use std::io::Write as _;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
 use crate::{Caller, Kind};
 
+/// The longest an audit line waits in memory before it is written: lines
+/// are collected and written in one `write` per interval (or per
+/// [`FLUSH_BYTES`]), off the request path.
+pub const FLUSH_EVERY: Duration = Duration::from_millis(20);
+
+/// Collected lines are written at once when they reach this size.
+const FLUSH_BYTES: usize = 64 * 1024;
+
 /// Where audit lines go.
+///
+/// To a file, lines are buffered: a request serializes its line and
+/// appends it to a buffer in memory, and a writer thread writes the buffer
+/// with one `write` on the `O_APPEND` file at most [`FLUSH_EVERY`] after
+/// its first line (sooner at [`FLUSH_BYTES`]). Nothing is lost on an
+/// orderly end: [`AuditSink::flush`], and dropping the last clone of a
+/// sink (a reload's old settings, the daemon stopping on SIGTERM/SIGINT
+/// after its workers have ended), write everything first. SIGKILL or a
+/// crash can lose the lines of the last interval.
 #[derive(Debug, Clone)]
 pub struct AuditSink {
-    file: Option<Arc<Mutex<std::fs::File>>>,
+    file: Option<Arc<Writer>>,
+}
+
+/// The buffer, its file and the thread that writes it; the thread ends,
+/// writing what is left, when the last sink clone is dropped.
+#[derive(Debug)]
+struct Writer {
+    shared: Arc<Shared>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    pending: Mutex<Pending>,
+    /// Signalled when the buffer gets its first line, and on close.
+    wake: Condvar,
+    /// Held while a batch is written, taken before `pending` is released:
+    /// batches reach the file in the order their lines were buffered.
+    file: Mutex<std::fs::File>,
+}
+
+#[derive(Debug, Default)]
+struct Pending {
+    buf: Vec<u8>,
+    closed: bool,
 }
 
 /// One request, as audited.
@@ -33,6 +76,62 @@ pub struct Entry<'a> {
     pub cache: Option<&'a str>,
 }
 
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Shared {
+    /// Writes what `p` holds (taken out of it) and releases `p` before the
+    /// `write`, so requests keep appending meanwhile.
+    fn write_out(&self, mut p: MutexGuard<'_, Pending>) {
+        if p.buf.is_empty() {
+            return;
+        }
+        let batch = std::mem::take(&mut p.buf);
+        let mut f = lock(&self.file);
+        drop(p);
+        if let Err(e) = f.write_all(&batch) {
+            tracing::warn!(error = %e, bytes = batch.len(), "cannot write the audit log");
+        }
+    }
+
+    /// The writer thread: waits for a first line, lets lines gather for
+    /// [`FLUSH_EVERY`] (cut short by a close), writes them.
+    fn run(&self) {
+        let mut p = lock(&self.pending);
+        loop {
+            while p.buf.is_empty() && !p.closed {
+                p = self.wake.wait(p).unwrap_or_else(|e| e.into_inner());
+            }
+            if !p.closed {
+                p = self
+                    .wake
+                    .wait_timeout_while(p, FLUSH_EVERY, |p| !p.closed)
+                    .map_or_else(|e| e.into_inner().0, |(p, _)| p);
+            }
+            let closed = p.closed;
+            self.write_out(p);
+            if closed {
+                // A line appended after the close (a request racing the
+                // last drop) is written by `Writer::drop`.
+                return;
+            }
+            p = lock(&self.pending);
+        }
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        lock(&self.shared.pending).closed = true;
+        self.shared.wake.notify_all();
+        if let Some(t) = lock(&self.thread).take() {
+            let _ = t.join();
+        }
+        self.shared.write_out(lock(&self.shared.pending));
+    }
+}
+
 impl AuditSink {
     /// Appends to `path` (created, with its directory), or logs to stderr
     /// through `tracing` when `None`.
@@ -47,25 +146,49 @@ impl AuditSink {
                     .create(true)
                     .append(true)
                     .open(p)?;
-                Some(Arc::new(Mutex::new(f)))
+                let shared = Arc::new(Shared {
+                    pending: Mutex::new(Pending::default()),
+                    wake: Condvar::new(),
+                    file: Mutex::new(f),
+                });
+                let worker = shared.clone();
+                let thread = std::thread::Builder::new()
+                    .name("mg-audit".into())
+                    .spawn(move || worker.run())?;
+                Some(Arc::new(Writer {
+                    shared,
+                    thread: Mutex::new(Some(thread)),
+                }))
             }
         };
         Ok(AuditSink { file })
     }
 
-    /// Writes one line: a single `write` on an `O_APPEND` file, so lines
-    /// from concurrent workers never interleave.
+    /// Writes every line buffered so far before returning.
+    pub fn flush(&self) {
+        if let Some(w) = &self.file {
+            w.shared.write_out(lock(&w.shared.pending));
+        }
+    }
+
+    /// Buffers one line (whole lines only: a batch is one `write` on an
+    /// `O_APPEND` file, so lines never interleave, whatever the workers).
     fn write<T: Serialize>(&self, line: &T) {
         match &self.file {
-            Some(f) => {
-                let mut buf = Vec::with_capacity(512);
-                if serde_json::to_writer(&mut buf, line).is_err() {
+            Some(w) => {
+                let mut one = Vec::with_capacity(512);
+                if serde_json::to_writer(&mut one, line).is_err() {
                     return;
                 }
-                buf.push(b'\n');
-                let mut f = f.lock().unwrap_or_else(|p| p.into_inner());
-                if let Err(e) = f.write_all(&buf) {
-                    tracing::warn!(error = %e, "cannot write the audit log");
+                one.push(b'\n');
+                let mut p = lock(&w.shared.pending);
+                let first = p.buf.is_empty();
+                p.buf.extend_from_slice(&one);
+                if p.buf.len() >= FLUSH_BYTES {
+                    w.shared.write_out(p);
+                } else if first {
+                    drop(p);
+                    w.shared.wake.notify_one();
                 }
             }
             None => {
@@ -141,4 +264,116 @@ fn now() -> String {
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();
     format!("{}.{:03}", d.as_secs(), d.subsec_millis())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::*;
+
+    fn temp(name: &str) -> std::path::PathBuf {
+        std::env::temp_dir().join(format!("mg-audit-{}-{name}.jsonl", std::process::id()))
+    }
+
+    fn line(sink: &AuditSink, caller: &Caller, n: usize) {
+        let path = format!("/latest/meta-data/{n}");
+        sink.request(&Entry {
+            kind: Kind::Imds,
+            caller,
+            workload: "w",
+            method: "GET",
+            path: &path,
+            decision: "allow",
+            rule: "r",
+            status: 200,
+            upstream: None,
+            cache: Some("hit"),
+        });
+    }
+
+    fn count(p: &std::path::Path) -> usize {
+        std::fs::read_to_string(p).map_or(0, |t| t.lines().count())
+    }
+
+    #[test]
+    fn lines_are_written_within_the_interval_without_a_flush() {
+        let p = temp("interval");
+        let _ = std::fs::remove_file(&p);
+        let sink = AuditSink::open(Some(p.to_str().expect("utf-8"))).expect("open");
+        let caller = Caller::default();
+        line(&sink, &caller, 1);
+        let started = Instant::now();
+        while count(&p) < 1 {
+            assert!(
+                started.elapsed() < FLUSH_EVERY * 50,
+                "not written after {:?}",
+                started.elapsed()
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        // Idle again, then a second line: the writer wakes again.
+        line(&sink, &caller, 2);
+        let started = Instant::now();
+        while count(&p) < 2 {
+            assert!(started.elapsed() < FLUSH_EVERY * 50, "second line");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        drop(sink);
+        let _ = std::fs::remove_file(&p);
+    }
+
+    /// Concurrent writers, then the last clone dropped at once (as the
+    /// daemon's end does after its workers): every line, whole, none lost.
+    #[test]
+    fn dropping_the_last_clone_writes_every_line_whole() {
+        let p = temp("drop");
+        let _ = std::fs::remove_file(&p);
+        let sink = AuditSink::open(Some(p.to_str().expect("utf-8"))).expect("open");
+        let (threads, per) = (4, 5_000);
+        std::thread::scope(|s| {
+            for t in 0..threads {
+                let sink = sink.clone();
+                s.spawn(move || {
+                    let caller = Caller::default();
+                    for n in 0..per {
+                        line(&sink, &caller, t * per + n);
+                    }
+                });
+            }
+        });
+        drop(sink);
+        let text = std::fs::read_to_string(&p).expect("read");
+        let mut seen = std::collections::BTreeSet::new();
+        for l in text.lines() {
+            let v: serde_json::Value = serde_json::from_str(l).expect("a whole JSON line");
+            let path = v["path"].as_str().expect("path");
+            seen.insert(path.rsplit('/').next().expect("n").to_string());
+        }
+        assert_eq!(text.lines().count(), threads * per);
+        assert_eq!(seen.len(), threads * per, "a line twice or lost");
+        let _ = std::fs::remove_file(&p);
+    }
+
+    #[test]
+    fn flush_writes_before_returning_and_nothing_is_lost_past_the_batch_size() {
+        let p = temp("flush");
+        let _ = std::fs::remove_file(&p);
+        let sink = AuditSink::open(Some(p.to_str().expect("utf-8"))).expect("open");
+        let caller = Caller::default();
+        line(&sink, &caller, 0);
+        sink.flush();
+        assert_eq!(count(&p), 1);
+        // Past FLUSH_BYTES the request that crosses it writes the batch.
+        let mut n = 1;
+        while std::fs::metadata(&p).map_or(0, |m| m.len()) < FLUSH_BYTES as u64 {
+            line(&sink, &caller, n);
+            n += 1;
+            assert!(n < 100_000, "never written");
+        }
+        sink.flush();
+        assert_eq!(count(&p), n);
+        drop(sink);
+        let _ = std::fs::remove_file(&p);
+    }
 }

@@ -361,6 +361,7 @@ fn answers_that_may_be_kept_reach_the_upstream_once() {
                 kept,
                 "task credentials, cache {cache}"
             );
+            p.settings().audit.flush();
             let lines = std::fs::read_to_string(&audit).unwrap_or_default();
             if cache {
                 assert!(lines.contains("\"cache\":\"hit\""), "{lines}");
@@ -451,6 +452,7 @@ fn credentials_outlive_an_outage_until_expiration_and_never_past_it() {
             );
         }
         // Every stale answer audited and counted.
+        p.settings().audit.flush();
         let lines = std::fs::read_to_string(&audit).unwrap_or_default();
         let audited = lines.matches("\"cache\":\"stale\"").count();
         let counted: u64 = ["imds", "task_metadata"]

@@ -183,14 +183,9 @@ impl Proxy {
         let out = self.route(kind, caller, s, &wname, head).await;
         let status = out.resp.status().as_u16();
         self.metrics
-            .requests
-            .with_label_values(&[kind.as_str(), &wname, out.decision, &status.to_string()])
-            .inc();
+            .count_request(kind, &wname, out.decision, status);
         if let Some(c) = out.cache {
-            self.metrics
-                .cache
-                .with_label_values(&[kind.as_str(), c.as_str()])
-                .inc();
+            self.metrics.count_cache(kind, c);
         }
         s.audit.request(&Entry {
             kind,

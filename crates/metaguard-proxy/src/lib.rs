@@ -65,7 +65,7 @@ use metaguard_core::Config;
 use tokio::net::TcpListener;
 use tracing::{debug, warn};
 
-pub use audit::AuditSink;
+pub use audit::{AuditSink, FLUSH_EVERY as AUDIT_FLUSH_EVERY};
 pub use metrics::ProxyMetrics;
 pub use observe::ObserveLog;
 pub use server::{Listener, Server};

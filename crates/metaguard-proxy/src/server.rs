@@ -261,7 +261,9 @@ impl Server {
 }
 
 impl Drop for Server {
-    /// Ends the workers: their runtimes drop every listener and connection.
+    /// Ends the workers — their runtimes drop every listener and
+    /// connection — then writes the audit lines still buffered: every
+    /// request answered has its line in the file when this returns.
     fn drop(&mut self) {
         for w in &mut self.workers {
             w.stop.take();
@@ -271,6 +273,7 @@ impl Drop for Server {
                 let _ = t.join();
             }
         }
+        self.proxy.settings().audit.flush();
     }
 }
 
@@ -414,7 +417,10 @@ mod tests {
         out.get(9..12)?.parse().ok()
     }
 
+    /// Audit lines in `p`, once the writer threads have had time to write
+    /// what they buffered.
     fn lines(p: &std::path::Path) -> usize {
+        std::thread::sleep(crate::audit::FLUSH_EVERY * 4);
         std::fs::read_to_string(p).map_or(0, |t| t.lines().count())
     }
 

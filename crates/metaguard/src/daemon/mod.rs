@@ -611,6 +611,9 @@ impl Daemon {
         self.record.ready = false;
         self.save_record();
         self.guarded.clear(); // ends the monitors
+                              // Ends the proxy's workers, then writes its buffered audit lines:
+                              // every answered request is in the audit log before the exit.
+        self.proxy = None;
         if self.opts.remove_on_exit {
             let removed = self.engine.remove()?;
             info!(signal, removed = ?removed, "stopping: --remove-on-exit, rules removed");

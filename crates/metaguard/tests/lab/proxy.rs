@@ -50,6 +50,11 @@ pub const TESTS: &[(&str, bool, crate::TestFn)] = &[
         true,
         real_sdk_clients_through_the_proxy,
     ),
+    (
+        "proxy::sigterm_mid_traffic_loses_no_audit_line",
+        true,
+        sigterm_mid_traffic_loses_no_audit_line,
+    ),
 ];
 
 /// Proxies both classes for every container bridge (which also carries
@@ -140,9 +145,15 @@ fn refused_f13(
     Ok(())
 }
 
+/// The audit log's text, once the daemon has written what it buffered:
+/// lines reach the file at most `AUDIT_FLUSH_EVERY` after their answer.
+pub fn audit_text(path: &std::path::Path) -> String {
+    std::thread::sleep(metaguard_proxy::AUDIT_FLUSH_EVERY * 5);
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
 pub fn audit_lines(path: &std::path::Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
+    audit_text(path)
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect()
@@ -200,7 +211,7 @@ fn f1_f2_credentials_relay_works_on_a_cis_host_without_route_localnet() -> Resul
             >= 2,
         "audit log: {lines:?}"
     );
-    let text = std::fs::read_to_string(&audit).unwrap_or_default();
+    let text = audit_text(&audit);
     for w in workloads {
         ensure!(
             !text.contains(w.credentials_id()),
@@ -685,7 +696,7 @@ print(json.dumps({"token": bool(token), "instance_id": iid, "access_key": key}))
             "botocore as {}: {b}\n{}\naudit: {}\nimds log: {:?}",
             w.label(),
             daemon.log_text(),
-            std::fs::read_to_string(&audit).unwrap_or_default(),
+            audit_text(&audit),
             lab.imds().log().entries()
         );
         let imds = rust(&lab, w, &["imds", "/latest/meta-data/instance-id"])?;
@@ -711,5 +722,61 @@ print(json.dumps({"token": bool(token), "instance_id": iid, "access_key": key}))
             "aws-config read the instance role through the proxy: {role}"
         );
     }
+    Ok(())
+}
+
+/// The audit log is buffered (written by its own thread, at most
+/// `AUDIT_FLUSH_EVERY` after each answer), and SIGTERM loses none of it:
+/// c1 asks IMDS through the proxy in a loop while the daemon is stopped;
+/// every answer c1 got has its line in the audit log. Answers after the
+/// daemon is gone would be a fail-open: the loop goes on a while to show
+/// there are none.
+fn sigterm_mid_traffic_loses_no_audit_line() -> Result<(), Failed> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    let mut lab = lab()?;
+    lab.start_docker_api()?;
+    let (policy, audit) = proxy_policy(&lab)?;
+    let mut daemon = Daemon::start(&lab, &policy, &[])?;
+    let url = Lab::imds_url_v4("/latest/meta-data/instance-id");
+    let first = get(&lab, Workload::BridgeC1, &url)?;
+    ensure!(
+        first.ok(),
+        "through the proxy: {first:?}\n{}",
+        daemon.log_text()
+    );
+    let lab = Arc::new(lab);
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = {
+        let (lab, stop, url) = (lab.clone(), stop.clone(), url.clone());
+        std::thread::spawn(move || -> (u64, u64) {
+            let (mut sent, mut answered) = (0, 0);
+            while !stop.load(Ordering::Relaxed) && sent < 3000 {
+                sent += 1;
+                if get(&lab, Workload::BridgeC1, &url).is_ok_and(|r| r.ok()) {
+                    answered += 1;
+                }
+            }
+            (sent, answered)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(1500));
+    daemon.signal(metaguard_lab::daemon::Signal::TERM)?;
+    let code = daemon.wait_exit(Duration::from_secs(10))?;
+    ensure!(code == Some(0), "the daemon exited {code:?} on SIGTERM");
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    let (sent, answered) = load.join().map_err(|_| "the load thread panicked")?;
+    let audited = audit_lines(&audit)
+        .iter()
+        .filter(|l| l["status"] == 200 && l["path"] == "/latest/meta-data/instance-id")
+        .count() as u64;
+    ensure!(
+        answered >= 10 && audited == answered + 1 && answered < sent,
+        "sent {sent}, answered {answered} (and one before), audited {audited}\n{}",
+        daemon.log_text()
+    );
+    eprintln!("measured: sent {sent}, answered {answered}, audit lines {audited}");
     Ok(())
 }
