@@ -38,6 +38,11 @@ pub struct ContainerInfo {
     /// `com.amazonaws.ecs.task-definition-family`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub task_family: Option<String>,
+    /// The image reference as Docker reports it (`Config.Image`: what the
+    /// container was started from, e.g. `public.ecr.aws/nginx/nginx:1.27`);
+    /// absent when unknown (and in records written before it was kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
 }
 
 /// The Docker label holding an ECS task's ARN.
@@ -53,7 +58,14 @@ impl ContainerInfo {
             name: name.trim_start_matches('/').to_string(),
             task_arn: labels.get(LABEL_TASK_ARN).cloned(),
             task_family: labels.get(LABEL_TASK_FAMILY).cloned(),
+            image: None,
         }
+    }
+
+    /// This description with its image reference (an empty one: unknown).
+    pub fn with_image(mut self, image: &str) -> ContainerInfo {
+        self.image = (!image.is_empty()).then(|| image.to_string());
+        self
     }
 }
 
@@ -343,6 +355,7 @@ pub fn report(config: &Config, records: &[Record], mut window: Window) -> Report
                         !c.name.is_empty(),
                         c.task_arn.is_some(),
                         c.task_family.is_some(),
+                        c.image.is_some(),
                     )
                 })
                 .cloned();

@@ -507,11 +507,14 @@ mod tests {
                 metaguard_core::observe::LABEL_TASK_FAMILY.to_string(),
                 "web".to_string(),
             )];
-            Some(metaguard_core::observe::ContainerInfo::new(
-                id,
-                "/app",
-                &labels.into_iter().collect(),
-            ))
+            Some(
+                metaguard_core::observe::ContainerInfo::new(
+                    id,
+                    "/app",
+                    &labels.into_iter().collect(),
+                )
+                .with_image("public.ecr.aws/lab/web:1.0"),
+            )
         }
     }
 
@@ -595,8 +598,12 @@ mod tests {
         );
         let c = own.container.as_ref().expect("container");
         assert_eq!(
-            (c.name.as_str(), c.task_family.as_deref()),
-            ("app", Some("web"))
+            (
+                c.name.as_str(),
+                c.task_family.as_deref(),
+                c.image.as_deref()
+            ),
+            ("app", Some("web"), Some("public.ecr.aws/lab/web:1.0"))
         );
         let all = std::fs::read_to_string(dir.join(crate::observe::CURRENT)).expect("log");
         assert!(!all.contains("secret") && !all.contains("own-id"), "{all}");

@@ -42,6 +42,7 @@ fn container(id: &str, netns: &str, creds: &str) -> ContainerFact {
     ContainerFact {
         id: id.to_string(),
         name: id.to_string(),
+        image: String::new(),
         labels: Default::default(),
         host_network: false,
         cgroup: Some(format!("docker/{id}")),

@@ -77,10 +77,14 @@ impl Evidence {
             .container
             .as_ref()
             .map(|c| {
-                if c.name.is_empty() {
+                let name: String = if c.name.is_empty() {
                     c.id.chars().take(12).collect()
                 } else {
                     c.name.clone()
+                };
+                match &c.image {
+                    Some(image) => format!("{name} (image {image})"),
+                    None => name,
                 }
             })
             .unwrap_or_else(|| r.caller.clone());

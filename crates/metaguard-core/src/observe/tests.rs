@@ -34,6 +34,7 @@ fn container(name: &str) -> Option<ContainerInfo> {
         name: name.into(),
         task_arn: (name == "task").then(|| "arn:aws:ecs:eu-west-1:1:task/c/abc".into()),
         task_family: (name == "task").then(|| "web".into()),
+        image: Some(format!("registry.example/{name}:1.0")),
     })
 }
 
@@ -296,6 +297,29 @@ fn a_record_is_one_json_line_and_reads_back() {
     assert!(!line.contains('\n'));
     let back: Record = serde_json::from_str(&line).expect("reads back");
     assert_eq!(back, r);
+}
+
+#[test]
+fn a_record_written_before_images_were_kept_still_reads() {
+    let line = r#"{"v":1,"time":1.5,"service":"imds","workload":"w","container":{"id":"abc","name":"app","task_family":"web"},"caller":"port","family":"ipv4","method":"GET","path":"/latest/meta-data/instance-id","imds_version":"v1","status":200,"decision":"allow"}"#;
+    let r: Record = serde_json::from_str(line).expect("an older record");
+    let c = r.container.expect("its container");
+    assert_eq!((c.name.as_str(), c.image), ("app", None));
+}
+
+#[test]
+fn the_image_is_shown_in_the_report_and_the_suggestion() {
+    let r = report(&enforced(), &records(), Window::default());
+    let c = r.workloads[1].callers[0]
+        .container
+        .as_ref()
+        .expect("a container");
+    assert_eq!(c.image.as_deref(), Some("registry.example/v1app:1.0"));
+    let text = suggest(&enforced(), &records());
+    assert!(
+        text.contains("by v1app (image registry.example/v1app:1.0);"),
+        "{text}"
+    );
 }
 
 #[test]

@@ -90,6 +90,9 @@ pub struct ContainerFact {
     pub id: String,
     /// Without the leading `/`.
     pub name: String,
+    /// The image reference it was started from, as Docker reports it
+    /// (`Config.Image`); empty when unknown. Only observe records use it.
+    pub image: String,
     pub labels: std::collections::BTreeMap<String, String>,
     /// Shares the host's network stack (`--network host`): matched by its
     /// cgroup on the host's output path.

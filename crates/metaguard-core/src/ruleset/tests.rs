@@ -295,6 +295,7 @@ fn container(
     ContainerFact {
         id: format!("{name}-id"),
         name: name.into(),
+        image: String::new(),
         labels: labels
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))

@@ -41,8 +41,9 @@ impl Lab {
         self.servers.push(s);
         let task_arn =
             "arn:aws:ecs:us-east-1:111122223333:task/lab/0123456789abcdef0123456789abcdef";
-        // (workload, container name, network mode, labels)
-        type Row<'a> = (Workload, &'a str, &'a str, Vec<(&'a str, &'a str)>);
+        // (workload, container name, image, network mode, labels); the
+        // images are the kind an ECS host runs (observe records show them).
+        type Row<'a> = (Workload, &'a str, &'a str, &'a str, Vec<(&'a str, &'a str)>);
         let pause = "ecs-lab-api-1-internalecspause-9c8b7a";
         let pause_mode = format!(
             "container:{}",
@@ -52,18 +53,21 @@ impl Lab {
             (
                 Workload::BridgeC1,
                 "ecs-lab-web-1-app-c1",
+                "public.ecr.aws/nginx/nginx:1.27",
                 "bridge",
                 vec![("com.amazonaws.ecs.container-name", "app")],
             ),
             (
                 Workload::BridgeC2,
                 "ecs-lab-web-1-sidecar-c2",
+                "public.ecr.aws/aws-observability/aws-otel-collector:v0.41.1",
                 "bridge",
                 vec![("com.amazonaws.ecs.container-name", "sidecar")],
             ),
             (
                 Workload::AwsvpcTask,
                 pause,
+                "amazon/amazon-ecs-pause:0.1.0",
                 "none",
                 vec![
                     ("com.amazonaws.ecs.container-name", "~internal~ecs~pause"),
@@ -77,6 +81,7 @@ impl Lab {
             (
                 Workload::AwsvpcTask,
                 "ecs-lab-api-1-app-t1",
+                "111122223333.dkr.ecr.us-east-1.amazonaws.com/lab-api:2026.12.1",
                 &pause_mode,
                 vec![
                     ("com.amazonaws.ecs.container-name", "app"),
@@ -86,13 +91,20 @@ impl Lab {
             (
                 Workload::HostNetwork,
                 "ecs-lab-batch-1-worker-h1",
+                "public.ecr.aws/docker/library/python:3.12-slim",
                 "host",
                 vec![("com.amazonaws.ecs.container-name", "worker")],
             ),
-            (Workload::Agent, "ecs-agent", "host", vec![]),
+            (
+                Workload::Agent,
+                "ecs-agent",
+                "amazon/amazon-ecs-agent:latest",
+                "host",
+                vec![],
+            ),
         ];
         let mut tmds: Vec<(Workload, String, String, &str)> = Vec::new();
-        for (w, name, mode, labels) in rows {
+        for (w, name, image, mode, labels) in rows {
             let mut cmd = self.command_in(w, "sleep")?;
             cmd.arg("3600").stdout(Stdio::null()).stderr(Stdio::null());
             let child = cmd.spawn().map_err(|source| LabError::Spawn {
@@ -117,7 +129,7 @@ impl Lab {
             docker.start(FakeContainer {
                 id,
                 name: name.to_string(),
-                image: "public.ecr.aws/lab/app:latest".into(),
+                image: image.to_string(),
                 labels: labels
                     .into_iter()
                     .map(|(k, v)| (k.to_string(), v.to_string()))

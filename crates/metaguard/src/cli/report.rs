@@ -149,6 +149,9 @@ pub fn table(r: &Report) -> String {
                         if ci.name.is_empty() { "?" } else { &ci.name },
                         ci.id.chars().take(12).collect::<String>()
                     );
+                    if let Some(i) = &ci.image {
+                        let _ = write!(s, " image {i}");
+                    }
                     if let Some(f) = &ci.task_family {
                         let _ = write!(s, " task family {f}");
                     }

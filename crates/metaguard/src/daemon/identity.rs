@@ -538,9 +538,10 @@ impl metaguard_proxy::Directory for Directory {
         // From the last listing, without waiting for one in progress.
         let c = self.cache(false)?;
         let f = c.containers.iter().find(|f| f.id == id)?;
-        Some(metaguard_core::observe::ContainerInfo::new(
-            &f.id, &f.name, &f.labels,
-        ))
+        Some(
+            metaguard_core::observe::ContainerInfo::new(&f.id, &f.name, &f.labels)
+                .with_image(&f.image),
+        )
     }
 
     fn owner(&self, config: &Config, kind: IdKind, id: &str) -> Ownership {
@@ -605,6 +606,7 @@ mod tests {
         ContainerFact {
             id: id.to_string(),
             name: id.to_string(),
+            image: String::new(),
             labels: Default::default(),
             host_network: false,
             cgroup: None,

@@ -1,6 +1,6 @@
 //! Containers from the Docker Engine API (bollard, over the unix socket).
 //!
-//! For each running container: its name and labels, whether it shares the
+//! For each running container: its name, image and labels, whether it shares the
 //! host's network stack, its network namespace (`NetworkSettings.SandboxKey`;
 //! for `container:<id>` network modes the other container's; else
 //! `/proc/<pid>/ns/net`) and its cgroup v2 path (from `/proc/<pid>/cgroup`). The ECS agent's awsvpc pause containers carry
@@ -128,6 +128,15 @@ async fn list(socket: &Path, proc_root: &Path) -> anyhow::Result<Vec<ContainerFa
             .unwrap_or_default()
             .trim_start_matches('/')
             .to_string();
+        // The reference it was started from (`Config.Image`), else the
+        // listing's (both are what `docker ps` shows, not the digest).
+        let image = inspect
+            .config
+            .as_ref()
+            .and_then(|c| c.image.clone())
+            .filter(|i| !i.is_empty())
+            .or(s.image)
+            .unwrap_or_default();
         let labels = inspect
             .config
             .as_ref()
@@ -170,6 +179,7 @@ async fn list(socket: &Path, proc_root: &Path) -> anyhow::Result<Vec<ContainerFa
         out.push(ContainerFact {
             id,
             name,
+            image,
             labels,
             host_network,
             cgroup,

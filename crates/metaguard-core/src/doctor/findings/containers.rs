@@ -32,6 +32,7 @@ fn workload_of<'a>(snap: &'a Snapshot, c: &DockerContainer) -> Option<&'a Worklo
     let fact = ContainerFact {
         id: String::new(),
         name: c.name.clone(),
+        image: String::new(),
         labels: c.labels.clone(),
         host_network: c.network_mode == "host",
         cgroup: c.cgroup.clone(),

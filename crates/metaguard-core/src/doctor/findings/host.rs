@@ -115,6 +115,7 @@ pub(super) fn f23(snap: &Snapshot) -> Option<Finding> {
         .map(|c| ContainerFact {
             id: String::new(),
             name: c.name.clone(),
+            image: String::new(),
             labels: c.labels.clone(),
             host_network: c.network_mode == "host",
             cgroup: c.cgroup.clone(),
