@@ -108,6 +108,12 @@ pub struct Record {
     /// The `AccessKeyId` of a credentials answer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub access_key_id: Option<String>,
+    /// The `[proxy]` limit that `proxy` would have refused this request
+    /// for: `connections` (its connection was over `max_connections`) or
+    /// `rate` (over `rate`/`burst`). Observed traffic is served all the
+    /// same; absent when within the limits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub over_limit: Option<String>,
 }
 
 /// The id spelled in place of a shortened one when a record is decided
@@ -261,6 +267,10 @@ pub struct Access {
     /// What the config would do: `allow` or `deny`.
     pub would: &'static str,
     pub rule: String,
+    /// Requests that were over the `[proxy]` limits when observed
+    /// ([`Record::over_limit`]): `proxy` would have refused them (429, or
+    /// the connection closed) whatever its path policy says.
+    pub over_limit: u64,
 }
 
 /// The most distinct `AccessKeyId`s listed per access.
@@ -379,6 +389,7 @@ pub fn report(config: &Config, records: &[Record], mut window: Window) -> Report
                     access_key_ids: Vec::new(),
                     would: verdict.would,
                     rule: verdict.rule,
+                    over_limit: 0,
                 };
                 for r in recs {
                     match r.version() {
@@ -389,6 +400,7 @@ pub fn report(config: &Config, records: &[Record], mut window: Window) -> Report
                     a.first_seen = a.first_seen.min(r.time);
                     a.last_seen = a.last_seen.max(r.time);
                     *a.statuses.entry(r.status).or_default() += 1;
+                    a.over_limit += u64::from(r.over_limit.is_some());
                     if let Some(k) = &r.access_key_id {
                         if !a.access_key_ids.contains(k) && a.access_key_ids.len() < MAX_KEY_IDS {
                             a.access_key_ids.push(k.clone());

@@ -659,3 +659,98 @@ fn per_request_cost_observe_vs_proxy() {
     let _ = std::fs::remove_file(&audit);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Observed traffic is never refused by `[proxy]` limits (docs/observe.md,
+/// "Limits"): the same burst of requests and connections that `proxy`
+/// throttles (429) and closes is served under `observe`, and each record
+/// says which limit `proxy` would have refused it for.
+#[test]
+fn observed_traffic_over_the_limits_is_served_and_proxied_traffic_is_not() {
+    let u = upstreams();
+    let audit = temp("limits-audit");
+    let dir = temp("limits-observe");
+    let log = Arc::new(
+        crate::observe::ObserveLog::open(&dir, crate::observe::Caps::default()).expect("open"),
+    );
+    // 1 request per second, a burst of 3, 2 connections.
+    let limited = |action: &str| {
+        let policy = if action == "proxy" {
+            "\n[workload.imds_policy]\nallow = [\"/latest/meta-data/instance-id\"]\n"
+        } else {
+            ""
+        };
+        let text = format!(
+            "[proxy]\nrate = 1\nburst = 3\nmax_connections = 2\naudit_log = \"{}\"\n\n\
+             [[workload]]\nname = \"a\"\nbridges = [\"docker0\"]\nimds = \"{action}\"\n{policy}",
+            audit.display()
+        );
+        let c = Config::parse(&text, "test.toml").expect("valid config");
+        let mut s = Settings::new(Arc::new(c)).expect("settings");
+        s.upstreams.imds = u.imds_addr;
+        s.upstreams.agent = u.agent_addr;
+        s.upstream_hosts = [u.imds_addr, u.agent_addr].map(crate::handler::host_header);
+        s
+    };
+    let proxied = proxy(limited("proxy"));
+    let observed = proxy(limited("observe").with_observe(Some(log)));
+    let c1 = caller(0, Some("c1"));
+    let id = "/latest/meta-data/instance-id";
+    let n = 10;
+    run(async {
+        // Requests: proxy serves the burst (and what the rate refills
+        // meanwhile), then answers 429; observe serves all of them.
+        let started = std::time::Instant::now();
+        let mut statuses = Vec::new();
+        for _ in 0..n {
+            statuses.push(send(&proxied, Kind::Imds, &c1, "GET", id, &[]).await.0);
+        }
+        let refill = started.elapsed().as_secs() as usize + 1;
+        let served = statuses.iter().filter(|s| **s == 200).count();
+        assert!(
+            statuses.contains(&429) && served >= 3 && served <= 3 + refill,
+            "proxy: {statuses:?}"
+        );
+        let started = std::time::Instant::now();
+        for _ in 0..n {
+            let (status, _, body) = send(&observed, Kind::Imds, &c1, "GET", id, &[]).await;
+            assert_eq!(status, 200, "observe is never throttled: {body}");
+        }
+        let refill = started.elapsed().as_secs() as usize + 1;
+        let r = crate::observe::read(&dir, None).expect("read");
+        assert_eq!(r.records.len(), n);
+        assert!(r.records.iter().all(|r| r.decision == "allow"), "{r:?}");
+        let over: Vec<Option<&str>> = r.records.iter().map(|r| r.over_limit.as_deref()).collect();
+        assert_eq!(over[..3], [None, None, None], "the burst: {over:?}");
+        let flagged = over.iter().filter(|o| **o == Some("rate")).count();
+        assert!(
+            flagged >= (n - 3).saturating_sub(refill),
+            "over the rate: {over:?}"
+        );
+
+        // Connections: proxy closes the third; observe admits it, and its
+        // requests' records say proxy would have closed it.
+        for (p, observe) in [(&proxied, false), (&observed, true)] {
+            let s = p.settings();
+            let held: Vec<_> = (0..2).map(|_| p.admit(&s, Kind::Imds, &c1)).collect();
+            assert!(held.iter().all(|h| matches!(h, Some((_, false)))));
+            let third = p.admit(&s, Kind::Imds, &c1);
+            match third {
+                None => assert!(!observe, "observe refused a connection"),
+                Some((_, over)) => assert!(observe && over, "proxy: a third connection"),
+            }
+        }
+        let s = observed.settings();
+        let h = head("GET", "169.254.169.254", id, &[]);
+        let resp = observed
+            .respond_on(Kind::Imds, &c1, &s, &h, false, true)
+            .await;
+        assert_eq!(resp.status(), 200);
+        let r = crate::observe::read(&dir, None).expect("read");
+        assert_eq!(
+            r.records.last().and_then(|r| r.over_limit.as_deref()),
+            Some("connections")
+        );
+    });
+    let _ = std::fs::remove_file(&audit);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -151,12 +151,14 @@ impl Proxy {
         // matters.
         let (head, _body) = req.into_parts();
         let ipv6 = conn.origin.peer.is_ipv6();
-        self.respond(kind, caller, &s, &head, ipv6).await
+        self.respond_on(kind, caller, &s, &head, ipv6, conn.over_connections)
+            .await
     }
 
     /// The answer to request `head` of `caller` (connected over IPv6 when
-    /// `ipv6`) under settings `s`, counted, audited and, for an observed
-    /// workload, recorded.
+    /// `ipv6`) under settings `s`, on a connection within the limits: the
+    /// tests' shorthand for [`Proxy::respond_on`].
+    #[cfg(test)]
     pub(crate) async fn respond(
         &self,
         kind: Kind,
@@ -164,6 +166,22 @@ impl Proxy {
         s: &Settings,
         head: &Parts,
         ipv6: bool,
+    ) -> Resp {
+        self.respond_on(kind, caller, s, head, ipv6, false).await
+    }
+
+    /// The answer to request `head` of `caller` (connected over IPv6 when
+    /// `ipv6`) under settings `s`, counted, audited and, for an observed
+    /// workload, recorded — with `over_connections` when its connection was
+    /// over `[proxy] max_connections` (served: observe is not held to it).
+    pub(crate) async fn respond_on(
+        &self,
+        kind: Kind,
+        caller: &Caller,
+        s: &Settings,
+        head: &Parts,
+        ipv6: bool,
+        over_connections: bool,
     ) -> Resp {
         let wname = workload_name(&s.config, caller);
         let method = head.method.as_str().to_string();
@@ -178,7 +196,17 @@ impl Proxy {
                     .path_and_query()
                     .map_or_else(|| "/".to_string(), |p| p.as_str().to_string());
                 let token = head.headers.contains_key("x-aws-ec2-metadata-token");
-                (log.clone(), target, token)
+                // Never refused for the limits (the decision does not ask
+                // them under observe); what proxy would have refused is
+                // counted apart and recorded.
+                let over_limit = if over_connections {
+                    Some("connections")
+                } else if !s.limits.observed_request(caller.workload) {
+                    Some("rate")
+                } else {
+                    None
+                };
+                (log.clone(), target, token, over_limit)
             });
         let out = self.route(kind, caller, s, &wname, head).await;
         let status = out.resp.status().as_u16();
@@ -199,9 +227,9 @@ impl Proxy {
             upstream: out.upstream,
             cache: out.cache.map(Source::as_str),
         });
-        if let Some((log, target, token)) = observed {
+        if let Some((log, target, token, over_limit)) = observed {
             self.observe(
-                s, &log, kind, caller, ipv6, &wname, &method, &target, token, &out,
+                s, &log, kind, caller, ipv6, &wname, &method, &target, token, &out, over_limit,
             );
         }
         out.resp
@@ -221,6 +249,7 @@ impl Proxy {
         target: &str,
         token: bool,
         out: &Outcome,
+        over_limit: Option<&'static str>,
     ) {
         let seen = crate::observe::Seen {
             kind,
@@ -234,6 +263,7 @@ impl Proxy {
             status: out.resp.status().as_u16(),
             decision: out.decision,
             access_key_id: out.access_key_id.clone(),
+            over_limit,
         };
         let rec = crate::observe::record_of(&s.config, self.directory.as_ref(), &seen);
         self.metrics

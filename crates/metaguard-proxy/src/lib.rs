@@ -30,7 +30,8 @@
 //!   ids are served only to the workload that owns them (F13); task
 //!   metadata is allowed, denied or redacted per workload.
 //! * **Limits.** Per workload: a token bucket (40 rps, 60 burst by
-//!   default, the ECS agent's own throttle) and a connection cap; header
+//!   default, the ECS agent's own throttle) and a connection cap, neither
+//!   of which refuses observed traffic (counted apart, [`limits`]); header
 //!   read timeout and size limit (slowloris); requests with a body,
 //!   `Transfer-Encoding`, or conflicting lengths are refused (smuggling).
 //! * **Record.** One JSON audit line per request (never a credential or a
@@ -113,6 +114,9 @@ pub(crate) struct Connection {
     pub(crate) origin: Origin,
     pub(crate) config: Arc<Config>,
     pub(crate) caller: Caller,
+    /// An observed connection over `[proxy] max_connections`: served, and
+    /// its requests' records say that `proxy` would have closed it.
+    pub(crate) over_connections: bool,
 }
 
 impl Proxy {
@@ -207,21 +211,14 @@ impl Proxy {
         // A known port is answered inline; only a miss (which reads the
         // host's links and containers) goes to a blocking thread.
         let caller = self.identify(&settings.config, origin).await;
-        let wname = handler::workload_name(&settings.config, &caller);
-        let Some(_slot) = settings.limits.connection(caller.workload) else {
-            self.metrics
-                .refused_connections
-                .with_label_values(&[&wname, "connection-limit"])
-                .inc();
-            settings
-                .audit
-                .connection_refused(kind, &caller, &wname, "connection-limit");
+        let Some((_slot, over_connections)) = self.admit(&settings, kind, &caller) else {
             return; // dropping the stream closes it
         };
         let conn = Arc::new(Connection {
             origin,
             config: settings.config.clone(),
             caller,
+            over_connections,
         });
         drop(settings);
         let me = self.clone();
@@ -239,6 +236,44 @@ impl Proxy {
         if let Err(e) = result {
             debug!(error = %e, %peer, "proxy connection ended with an error");
         }
+    }
+}
+
+impl Proxy {
+    /// A place for `caller`'s new connection to `kind` under its workload's
+    /// `[proxy] max_connections`, held while the connection lives; `None`
+    /// (counted and audited): the workload holds that many already, close
+    /// it. An observed caller is not held to the cap (observe flows as
+    /// allow, whose IMDS traffic never meets it): its connections are
+    /// counted apart, the flag says one is over the cap, and only the
+    /// descriptor backstop (`Limits::observed_ceiling`) refuses one.
+    pub(crate) fn admit(
+        &self,
+        settings: &Settings,
+        kind: Kind,
+        caller: &Caller,
+    ) -> Option<(limits::ConnectionSlot, bool)> {
+        let (admitted, reason) = if observe::observed(&settings.config, caller, kind) {
+            let slot = settings.limits.observed_connection(caller.workload);
+            (
+                slot.map(|(slot, within)| (slot, !within)),
+                "observe-backstop",
+            )
+        } else {
+            let slot = settings.limits.connection(caller.workload);
+            (slot.map(|slot| (slot, false)), "connection-limit")
+        };
+        if admitted.is_none() {
+            let wname = handler::workload_name(&settings.config, caller);
+            self.metrics
+                .refused_connections
+                .with_label_values(&[&wname, reason])
+                .inc();
+            settings
+                .audit
+                .connection_refused(kind, caller, &wname, reason);
+        }
+        admitted
     }
 }
 

@@ -203,6 +203,9 @@ pub(crate) struct Seen<'a> {
     pub status: u16,
     pub decision: &'a str,
     pub access_key_id: Option<String>,
+    /// The `[proxy]` limit `proxy` would have refused it for
+    /// (`connections`, `rate`); it was served.
+    pub over_limit: Option<&'static str>,
 }
 
 /// Whether `caller`'s requests to `kind` are observed under `config`.
@@ -273,6 +276,7 @@ pub(crate) fn record_of(config: &Config, directory: &dyn Directory, seen: &Seen<
         decision: seen.decision.to_string(),
         own_id,
         access_key_id: seen.access_key_id.clone(),
+        over_limit: seen.over_limit.map(str::to_string),
     }
 }
 
@@ -379,6 +383,7 @@ mod tests {
             decision: "allow".into(),
             own_id: None,
             access_key_id: None,
+            over_limit: None,
         }
     }
 

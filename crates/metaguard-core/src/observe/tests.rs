@@ -66,6 +66,7 @@ fn rec(
         decision: "allow".into(),
         own_id: path.contains("credentials").then_some(true),
         access_key_id: path.contains("credentials").then(|| "ASIAEXAMPLE".into()),
+        over_limit: None,
     }
 }
 
@@ -339,6 +340,8 @@ fn report_json_golden() {
         ..ContainerInfo::default()
     });
     bare.time = 1006.0;
+    // ...and over the proxy's rate when it was observed.
+    bare.over_limit = Some("rate".into());
     recs.push(bare);
     let window = Window {
         since: Some("24h".into()),

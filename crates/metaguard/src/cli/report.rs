@@ -184,6 +184,13 @@ pub fn table(r: &Report) -> String {
                         String::new()
                     }
                 );
+                if a.over_limit > 0 {
+                    let _ = writeln!(
+                        out,
+                        "          over [proxy] rate or max_connections ×{} (served under observe; proxy would refuse them)",
+                        a.over_limit
+                    );
+                }
                 if !a.access_key_ids.is_empty() {
                     let _ = writeln!(out, "          AccessKeyId {}", a.access_key_ids.join(", "));
                 }
