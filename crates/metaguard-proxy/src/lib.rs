@@ -31,7 +31,7 @@
 //!   metadata is allowed, denied or redacted per workload.
 //! * **Limits.** Per workload: a token bucket (40 rps, 60 burst by
 //!   default, the ECS agent's own throttle) and a connection cap, neither
-//!   of which refuses observed traffic (counted apart, [`limits`]); header
+//!   of which refuses observed traffic (counted apart, `limits`); header
 //!   read timeout and size limit (slowloris); requests with a body,
 //!   `Transfer-Encoding`, or conflicting lengths are refused (smuggling).
 //! * **Record.** One JSON audit line per request (never a credential or a
