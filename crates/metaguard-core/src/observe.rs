@@ -108,6 +108,15 @@ pub struct Record {
     /// The `AccessKeyId` of a credentials answer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub access_key_id: Option<String>,
+    /// Credentials requests only: whether the relay knew any credentials
+    /// id of the caller itself (from its containers' environment, as
+    /// Docker shows it). `false` with `own_id` `false`: the id used may be
+    /// the caller's own, which the relay could learn only from its
+    /// workload's `credentials_ids` (a CNI namespace, a `netns` workload
+    /// without Docker containers); `true`: it was another's. Absent in
+    /// records written before it was kept (then: no container, none known).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub caller_ids_known: Option<bool>,
     /// The `[proxy]` limit that `proxy` would have refused this request
     /// for: `connections` (its connection was over `max_connections`) or
     /// `rate` (over `rate`/`burst`). Observed traffic is served all the
@@ -153,6 +162,28 @@ impl Record {
             return (self.path.clone(), Some((*eid).to_string()));
         }
         (self.path.clone(), None)
+    }
+
+    /// The shortened credentials id (`9b1d…`) of a credentials request
+    /// whose id the relay could not attribute to the caller because it
+    /// knew none of the caller's own ([`Record::caller_ids_known`]): its
+    /// workload needs `credentials_ids` to keep being served under
+    /// `proxy`. None for any other record.
+    pub fn unattributed_id(&self) -> Option<&str> {
+        if self.kind() != Kind::Relay || self.own_id != Some(false) {
+            return None;
+        }
+        if self.caller_ids_known.unwrap_or(self.container.is_some()) {
+            return None;
+        }
+        self.path
+            .strip_prefix("/v2/credentials/")
+            .or_else(|| {
+                self.path
+                    .strip_prefix("/v1/credentials?id=")
+                    .filter(|id| !id.contains('&'))
+            })
+            .filter(|id| !id.contains('/') && id.ends_with('…'))
     }
 
     /// The IMDS version as counted: `v1` or `v2` for IMDS, none for the
@@ -294,6 +325,13 @@ pub struct WorkloadReport {
     pub imds: Option<&'static str>,
     pub task_metadata: Option<&'static str>,
     pub callers: Vec<CallerReport>,
+    /// Credentials ids (shortened: `9b1d…`) its callers used that the
+    /// relay could not attribute to them, knowing none of theirs
+    /// ([`Record::unattributed_id`]): under `proxy` the workload needs them
+    /// in `credentials_ids` (`--suggest` writes the line to fill in).
+    /// Absent when none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub needs_credentials_ids: Vec<String>,
 }
 
 /// Totals.
@@ -434,11 +472,20 @@ pub fn report(config: &Config, records: &[Record], mut window: Window) -> Report
             };
             key(a).cmp(&key(b))
         });
+        let mut needs: Vec<String> = records
+            .iter()
+            .filter(|r| r.workload == name)
+            .filter_map(Record::unattributed_id)
+            .map(str::to_string)
+            .collect();
+        needs.sort();
+        needs.dedup();
         workloads.push(WorkloadReport {
             workload: name,
             imds: w.map(|w| w.imds.as_str()),
             task_metadata: w.map(|w| w.task_metadata.as_str()),
             callers: out,
+            needs_credentials_ids: needs,
         });
     }
     Report {

@@ -257,6 +257,9 @@ pub(crate) fn record_of(config: &Config, directory: &dyn Directory, seen: &Seen<
                     .any(|id| id == s)
             })
     });
+    let creds = seen.path.starts_with("/v2/credentials/") || seen.path.contains("?id=");
+    let caller_ids_known =
+        (seen.kind == Kind::Relay && creds).then_some(!c.credentials_ids.is_empty());
     let imds_version = (seen.kind == Kind::Imds).then(|| {
         let token_put = seen.method == "PUT" && seen.path == "/latest/api/token";
         if seen.token || token_put { "v2" } else { "v1" }.to_string()
@@ -276,6 +279,7 @@ pub(crate) fn record_of(config: &Config, directory: &dyn Directory, seen: &Seen<
         decision: seen.decision.to_string(),
         own_id,
         access_key_id: seen.access_key_id.clone(),
+        caller_ids_known,
         over_limit: seen.over_limit.map(str::to_string),
     }
 }
@@ -383,6 +387,7 @@ mod tests {
             decision: "allow".into(),
             own_id: None,
             access_key_id: None,
+            caller_ids_known: None,
             over_limit: None,
         }
     }

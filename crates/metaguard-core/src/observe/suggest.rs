@@ -113,6 +113,52 @@ impl Evidence {
     }
 }
 
+/// The `credentials_ids` line a workload needs under `proxy`, commented
+/// out, with its evidence: its callers used credentials ids the relay could
+/// not attribute to them (it knows none of theirs — not Docker containers,
+/// or their environment does not show one). The records keep 4 characters
+/// of an id (ids are bearer capabilities), and no source the suggestion
+/// can read knows the rest — the relay would have attributed them if
+/// Docker showed them —, so the line names each id by its first characters
+/// for the operator to fill in; the workload keeps `allow` meanwhile.
+fn write_credentials_ids(out: &mut String, w: &Workload, recs: &[&Record]) {
+    let mut ids: BTreeMap<&str, Evidence> = BTreeMap::new();
+    for r in recs {
+        if let Some(id) = r.unattributed_id() {
+            ids.entry(id).or_default().add(r);
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# credentials_ids: its callers used credentials ids the relay cannot attribute to them"
+    );
+    let _ = writeln!(
+        out,
+        "# (it knows none of theirs: no Docker container shows one). To serve it only its own"
+    );
+    let _ = writeln!(
+        out,
+        "# credentials, write the full ids (the records keep 4 characters) and set task_metadata = \"proxy\":"
+    );
+    for (id, ev) in &ids {
+        let _ = writeln!(
+            out,
+            "#   {id} {}",
+            ev.comment(Kind::Relay).trim_start_matches("# ")
+        );
+    }
+    let placeholders = w
+        .credentials_ids
+        .iter()
+        .map(|id| q(id))
+        .chain(
+            ids.keys()
+                .map(|id| q(&format!("<full credentials id {id}>"))),
+        )
+        .collect::<Vec<_>>();
+    let _ = writeln!(out, "# credentials_ids = [{}]", placeholders.join(", "));
+}
+
 /// Whether `path` can be written as an allow glob that matches exactly it
 /// (config globs refuse `%`, `?`, `*` inside a segment, `…`).
 fn expressible(path: &str) -> bool {
@@ -136,7 +182,12 @@ fn expressible(path: &str) -> bool {
 ///   when `/v3` or `/v4` was used); a foreign id or another path →
 ///   `allow` (a comment says why). Credentials ids are not written into
 ///   the file: the records hold them shortened (they are capabilities),
-///   and the relay learns each container's own ids from Docker.
+///   and the relay learns each container's own ids from Docker. A workload
+///   whose callers used ids the relay could not attribute to them (it
+///   knows none of theirs: [`Record::unattributed_id`]) gets a commented
+///   `credentials_ids` line naming each id by its first characters, with
+///   its evidence, to fill in before switching it to `proxy`; it keeps
+///   `allow` meanwhile.
 pub fn suggest(config: &Config, records: &[Record]) -> String {
     let mut out = String::new();
     let (from, to) = records
@@ -243,11 +294,27 @@ fn write_workload(out: &mut String, w: &Workload, mine: &[&Record]) {
             );
         }
         _ => {
-            let foreign = relay.iter().find(|r| r.own_id != Some(true));
+            let unattributed: Vec<&Record> = relay
+                .iter()
+                .copied()
+                .filter(|r| r.unattributed_id().is_some())
+                .collect();
+            if !unattributed.is_empty() {
+                write_credentials_ids(out, w, &unattributed);
+            }
+            let foreign = relay
+                .iter()
+                .find(|r| r.own_id != Some(true) && r.unattributed_id().is_none());
             let tmds_used = relay
                 .iter()
                 .any(|r| r.path.starts_with("/v3/") || r.path.starts_with("/v4/"));
             match foreign {
+                None if !unattributed.is_empty() => {
+                    let _ = writeln!(
+                        out,
+                        "task_metadata = \"allow\"  # ids the relay cannot attribute to this workload were used: proxy needs them in credentials_ids (above)"
+                    );
+                }
                 Some(r) => {
                     let _ = writeln!(
                         out,

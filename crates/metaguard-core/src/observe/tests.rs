@@ -66,6 +66,7 @@ fn rec(
         decision: "allow".into(),
         own_id: path.contains("credentials").then_some(true),
         access_key_id: path.contains("credentials").then(|| "ASIAEXAMPLE".into()),
+        caller_ids_known: path.contains("credentials").then_some(true),
         over_limit: None,
     }
 }
@@ -270,6 +271,138 @@ fn a_suggestion_from_nothing_denies_every_observed_workload() {
     assert_eq!(c.workloads[0].imds, Action::Allow);
 }
 
+/// A workload whose callers Docker does not show (CNI namespaces): the
+/// relay knows none of their credentials ids.
+const CNI: &str = r#"mode = "observe"
+
+[[workload]]
+name = "cni-tasks"
+netns = ["/run/netns/cni-*"]
+imds = "deny"
+task_metadata = "proxy"
+
+[[workload]]
+name = "bridge-containers"
+bridges = ["docker0"]
+imds = "deny"
+task_metadata = "proxy"
+"#;
+
+fn cni_records() -> Vec<Record> {
+    let mut own = rec(
+        1.0,
+        "cni-tasks",
+        "",
+        "task_metadata",
+        "GET",
+        "/v2/credentials/9b1d…",
+        None,
+    );
+    own.caller = "namespace /run/netns/cni-1".into();
+    own.own_id = Some(false);
+    own.caller_ids_known = Some(false);
+    // The same, written before `caller_ids_known` was kept: no container,
+    // so none known.
+    let mut old = own.clone();
+    old.caller_ids_known = None;
+    old.path = "/v2/credentials/a3f0…".into();
+    old.time = 2.0;
+    // A container using another's id: foreign, not a missing list.
+    let mut foreign = rec(
+        3.0,
+        "bridge-containers",
+        "v1app",
+        "task_metadata",
+        "GET",
+        "/v2/credentials/wxyz…",
+        None,
+    );
+    foreign.own_id = Some(false);
+    vec![own, old, foreign]
+}
+
+#[test]
+fn the_report_names_the_workloads_that_need_credentials_ids() {
+    let c = Config::parse_enforced(CNI, "cni.toml").expect("valid");
+    let r = report(&c, &cni_records(), Window::default());
+    let cni = &r.workloads[1];
+    assert_eq!(cni.workload, "cni-tasks");
+    assert_eq!(cni.needs_credentials_ids, ["9b1d…", "a3f0…"]);
+    // Enforced as written, proxy would refuse them.
+    assert!(cni.callers[0].accesses.iter().all(|a| a.would == "deny"));
+    assert!(r.workloads[0].needs_credentials_ids.is_empty());
+}
+
+#[test]
+fn the_suggestion_leaves_a_credentials_ids_line_to_fill_in_and_allows_meanwhile() {
+    let c = Config::parse_enforced(CNI, "cni.toml").expect("valid");
+    let text = suggest(&c, &cni_records());
+    let s = Config::parse(&text, "suggested.toml").unwrap_or_else(|e| panic!("{e}\n{text}"));
+    // Every observed access passes; no full id is written (none is known).
+    for r in cni_records() {
+        let v = would(&s, &r);
+        assert_eq!(v.would, "allow", "{r:?}: {v:?}\n{text}");
+    }
+    assert!(
+        text.contains(
+            "# credentials_ids = [\"<full credentials id 9b1d…>\", \"<full credentials id a3f0…>\"]"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("#   9b1d… observed: GET ×1, by namespace /run/netns/cni-1;"),
+        "{text}"
+    );
+    assert!(s.workloads.iter().all(|w| w.credentials_ids.is_empty()));
+    assert_eq!(s.workloads[0].task_metadata, Action::Allow);
+    // The rest is denied: the namespace's IMDS, never observed.
+    let imds = rec(
+        4.0,
+        "cni-tasks",
+        "",
+        "imds",
+        "GET",
+        "/latest/meta-data/instance-id",
+        Some("v1"),
+    );
+    assert_eq!(would(&s, &imds).would, "deny", "{text}");
+    // Filled in as the comment says, the workload's own ids pass under
+    // proxy and another's is refused.
+    let filled = text
+        .replace(
+            "# credentials_ids = [\"<full credentials id 9b1d…>\", \"<full credentials id a3f0…>\"]",
+            "credentials_ids = [\"9b1d0000-full\", \"a3f00000-full\"]",
+        )
+        .replace(
+            "task_metadata = \"allow\"  # ids the relay cannot",
+            "task_metadata = \"proxy\"  # ids the relay cannot",
+        );
+    let f = Config::parse(&filled, "filled.toml").unwrap_or_else(|e| panic!("{e}\n{filled}"));
+    assert_eq!(f.workloads[0].task_metadata, Action::Proxy);
+    let caller = |ids: Vec<String>| Caller {
+        workload: Some(0),
+        container: None,
+        credentials_ids: ids,
+        tmds_ids: Vec::new(),
+        origin: "namespace /run/netns/cni-1".into(),
+    };
+    for (target, want) in [
+        ("/v2/credentials/9b1d0000-full", true),
+        ("/v2/credentials/someone-elses", false),
+    ] {
+        let req = Request {
+            method: "GET",
+            target,
+            ..Request::default()
+        };
+        let forwarded = matches!(
+            proxy_decision::decide(&f, Kind::Relay, &caller(Vec::new()), &req, |_| true),
+            Step::Done(Verdict::Forward(_))
+        );
+        assert_eq!(forwarded, want, "{target}\n{filled}");
+    }
+}
+
 #[test]
 fn since_takes_units_and_refuses_the_rest() {
     assert_eq!(parse_since("30m"), Ok(1800));
@@ -343,6 +476,20 @@ fn report_json_golden() {
     // ...and over the proxy's rate when it was observed.
     bare.over_limit = Some("rate".into());
     recs.push(bare);
+    // A host process whose credentials id the relay could not attribute:
+    // its workload needs credentials_ids.
+    let mut unattributed = rec(
+        1007.0,
+        "host-network",
+        "",
+        "task_metadata",
+        "GET",
+        "/v2/credentials/9b1d…",
+        None,
+    );
+    unattributed.own_id = Some(false);
+    unattributed.caller_ids_known = Some(false);
+    recs.push(unattributed);
     let window = Window {
         since: Some("24h".into()),
         skipped_lines: 1,

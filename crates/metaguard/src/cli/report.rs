@@ -141,6 +141,13 @@ pub fn table(r: &Report) -> String {
             _ => "not in the config: untouched".to_string(),
         };
         let _ = writeln!(out, "\nworkload {} ({actions})", wl.workload);
+        if !wl.needs_credentials_ids.is_empty() {
+            let _ = writeln!(
+                out,
+                "  needs credentials_ids: {} (used by callers the relay knows no id of; proxy would refuse them — see --suggest)",
+                wl.needs_credentials_ids.join(", ")
+            );
+        }
         for c in &wl.callers {
             let who = match &c.container {
                 Some(ci) => {
