@@ -6,7 +6,9 @@
 //! attributed to its workload and container; enforcing `--suggest`'s config
 //! serves the same traffic and refuses a new path or workload; a daemon
 //! killed mid-traffic loses no record of a request it answered; the size
-//! cap rotates and the report says its window is truncated.
+//! cap rotates and the report says its window is truncated; a CNI
+//! namespace the relay knows no id of is reported as needing
+//! `credentials_ids`, and served once they are filled in.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -45,6 +47,11 @@ pub const TESTS: &[(&str, bool, crate::TestFn)] = &[
         "observe::the_cap_rotates_keeps_the_newest_and_the_report_says_truncated",
         true,
         the_cap_rotates_keeps_the_newest_and_the_report_says_truncated,
+    ),
+    (
+        "observe::a_cni_namespace_is_reported_as_needing_credentials_ids_and_served_once_they_are_filled_in",
+        true,
+        a_cni_namespace_is_reported_as_needing_credentials_ids_and_served_once_they_are_filled_in,
     ),
 ];
 
@@ -466,6 +473,148 @@ fn enforcing_the_suggestion_denies_nothing_observed_and_the_rest() -> Result<(),
     ensure!(
         body["rule"].as_str().is_some_and(|s| s.contains("F13")),
         "{body}"
+    );
+    Ok(())
+}
+
+/// A GET from lab namespace `netns` (no cgroup).
+fn get_in(lab: &Lab, netns: &str, url: &str) -> Result<ProbeResult, Failed> {
+    let child = lab.spawn_probe_in(netns, &lab.http_get(url))?;
+    Ok(lab.finish_probe(child)?)
+}
+
+/// A namespace a CNI plugin made (no Docker container shows it, so the
+/// relay knows none of its credentials ids) uses its own credentials under
+/// observe: the report says its workload needs `credentials_ids`, the
+/// suggestion leaves the line to fill in (and keeps `allow`, so enforcing
+/// it as printed serves what was observed), and once the operator writes
+/// the full id and `proxy`, the namespace gets its own credentials and
+/// nobody else's (F13).
+fn a_cni_namespace_is_reported_as_needing_credentials_ids_and_served_once_they_are_filled_in(
+) -> Result<(), Failed> {
+    let mut lab = lab()?;
+    lab.start_docker_api()?;
+    let cni = lab.add_netns("cni1")?;
+    let host = lab.netns_name(Role::Host);
+    lab.ip_in(
+        &host,
+        &format!("link add vethcni1 type veth peer name eth0 netns {cni}\nlink set vethcni1 master docker0 up\n"),
+    )?;
+    lab.ip_in(
+        &cni,
+        "link set eth0 up\naddr add 172.17.0.50/16 dev eth0\nroute add default via 172.17.0.1\n",
+    )?;
+    let cni_id = "cni1-5e2d9a41-credentials";
+    lab.agent()
+        .add_credentials(cni_id, "arn:aws:iam::111122223333:role/lab-cni1");
+    let creds = |id: &str| format!("http://169.254.170.2/v2/credentials/{id}");
+    let policy = format!(
+        r#"mode = "observe"
+
+[[workload]]
+name          = "cni"
+netns         = ["/run/netns/{prefix}-cni*"]
+imds          = "deny"
+task_metadata = "proxy"
+
+[[workload]]
+name          = "containers"
+bridges       = ["docker0", "ecs-bridge"]
+imds          = "deny"
+task_metadata = "proxy"
+"#,
+        prefix = format_args!("mglab-{}", lab.id()),
+    );
+    let observe = lab
+        .write_file("observe-cni.toml", &policy)?
+        .display()
+        .to_string();
+    let mut d = daemon(&lab, &observe, &[])?;
+    let r = get_in(&lab, &cni, &creds(cni_id))?;
+    ensure!(
+        r.ok(),
+        "the CNI namespace's own credentials under observe: {r:?}\n{}",
+        d.log_text()
+    );
+    let r = get(
+        &lab,
+        Workload::BridgeC1,
+        &Lab::credentials_url(Workload::BridgeC1),
+    )?;
+    ensure!(r.ok(), "c1's own credentials under observe: {r:?}");
+    let v = report_json(&lab, &observe)?;
+    let needs = |name: &str| {
+        v["workloads"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|w| w["workload"] == name)
+            .map(|w| w["needs_credentials_ids"].clone())
+    };
+    ensure!(
+        needs("cni") == Some(serde_json::json!(["cni1…"]))
+            && needs("containers") == Some(Value::Null),
+        "needs_credentials_ids: {}",
+        serde_json::to_string_pretty(&v)?
+    );
+    let table = String::from_utf8_lossy(&report(&lab, &observe, &[])?.stdout).to_string();
+    ensure!(table.contains("needs credentials_ids: cni1…"), "{table}");
+    let out = report(&lab, &observe, &["--suggest"])?;
+    let suggested = String::from_utf8_lossy(&out.stdout).to_string();
+    let placeholder = "# credentials_ids = [\"<full credentials id cni1…>\"]";
+    ensure!(
+        out.status.success()
+            && suggested.contains(placeholder)
+            && !suggested.contains(cni_id)
+            && !suggested.contains(Workload::BridgeC1.credentials_id()),
+        "the suggestion: {suggested}"
+    );
+    // As printed, it serves what was observed.
+    let printed = lab
+        .write_file("suggested-cni.toml", &suggested)?
+        .display()
+        .to_string();
+    d.kill();
+    let mut d = daemon(&lab, &printed, &[])?;
+    let r = get_in(&lab, &cni, &creds(cni_id))?;
+    ensure!(
+        r.ok(),
+        "the suggestion as printed: {r:?}\n{suggested}\n{}",
+        d.log_text()
+    );
+    // Filled in as its comment says: the namespace's own credentials and
+    // nobody else's, and no IMDS (never observed).
+    let filled = suggested
+        .replace(placeholder, &format!("credentials_ids = [\"{cni_id}\"]"))
+        .replace(
+            "task_metadata = \"allow\"  # ids the relay cannot",
+            "task_metadata = \"proxy\"  # ids the relay cannot",
+        );
+    ensure!(filled != suggested, "nothing to fill in: {suggested}");
+    let filled_path = lab
+        .write_file("filled-cni.toml", &filled)?
+        .display()
+        .to_string();
+    d.kill();
+    let d = daemon(&lab, &filled_path, &[])?;
+    let r = get_in(&lab, &cni, &creds(cni_id))?;
+    ensure!(
+        r.ok(),
+        "its own credentials, filled in: {r:?}\n{filled}\n{}",
+        d.log_text()
+    );
+    let r = get_in(&lab, &cni, &creds(Workload::BridgeC1.credentials_id()))?;
+    ensure!(
+        r.status == Some(403)
+            && json_body(&r)["rule"]
+                .as_str()
+                .is_some_and(|s| s.contains("F13")),
+        "c1's credentials from the CNI namespace: {r:?}\n{filled}"
+    );
+    let r = get_in(&lab, &cni, &format!("{IMDS}/latest/meta-data/instance-id"))?;
+    ensure!(
+        !r.ok(),
+        "the namespace's IMDS (never observed): {r:?}\n{filled}"
     );
     Ok(())
 }
