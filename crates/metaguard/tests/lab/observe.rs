@@ -53,6 +53,11 @@ pub const TESTS: &[(&str, bool, crate::TestFn)] = &[
         true,
         a_cni_namespace_is_reported_as_needing_credentials_ids_and_served_once_they_are_filled_in,
     ),
+    (
+        "observe::over_the_proxys_limits_observed_traffic_is_served_and_proxied_is_not",
+        true,
+        over_the_proxys_limits_observed_traffic_is_served_and_proxied_is_not,
+    ),
 ];
 
 const IMDS: &str = "http://169.254.169.254";
@@ -617,6 +622,107 @@ task_metadata = "proxy"
         "the namespace's IMDS (never observed): {r:?}\n{filled}"
     );
     Ok(())
+}
+
+/// `[proxy] rate`, `burst` and `max_connections` never refuse observed
+/// traffic (docs/observe.md): from c1, one connection held open while a
+/// second makes a request, then 8 requests at once, against `max_connections
+/// = 1`, `rate = 1`, `burst = 2`. Under `proxy` the second connection is
+/// closed unanswered and the burst ends in 429s; under `observe` every
+/// request is answered, and the records say what `proxy` would have
+/// refused (`over_limit`), with the decision the proxy took (`allow`).
+fn over_the_proxys_limits_observed_traffic_is_served_and_proxied_is_not() -> Result<(), Failed> {
+    let mut lab = lab()?;
+    lab.start_docker_api()?;
+    let url = format!("{IMDS}/latest/meta-data/instance-id");
+    // The held connection sends nothing (the proxy's header timeout is
+    // 5 s); the second connects a second later, while it is open.
+    let mut script = format!(
+        "exec 3<>/dev/tcp/169.254.169.254/80; sleep 1; \
+         curl -s -m 5 -o /dev/null -w 'held:%{{http_code}} ' {url}; exec 3>&-; sleep 0.5; curl -s -m 10"
+    );
+    for _ in 0..8 {
+        script.push_str(&format!(" -o /dev/null -w '%{{http_code}} ' {url}"));
+    }
+    script.push_str("; true");
+    let mut codes = Vec::new();
+    for action in ["proxy", "observe"] {
+        let policy = if action == "proxy" {
+            "\n[workload.imds_policy]\nallow = [\"/latest/meta-data/instance-id\"]\n"
+        } else {
+            ""
+        };
+        let text = format!(
+            "[proxy]\nrate = 1\nburst = 2\nmax_connections = 1\n\n\
+             [[workload]]\nname = \"containers\"\nbridges = [\"docker0\", \"ecs-bridge\"]\n\
+             imds = \"{action}\"\n{policy}"
+        );
+        let path = lab
+            .write_file(&format!("limits-{action}.toml"), &text)?
+            .display()
+            .to_string();
+        let mut d = daemon(&lab, &path, &[])?;
+        let started = std::time::Instant::now();
+        let out = lab.run_in(Role::C1, "bash", &["-c", &script])?;
+        let took = started.elapsed();
+        d.kill();
+        codes.push((
+            action,
+            out.split_whitespace()
+                .map(str::to_string)
+                .collect::<Vec<_>>(),
+            took,
+        ));
+    }
+    // The bucket holds at most `burst` (2) tokens when the 8 start, and
+    // refills by 1 a second while they run (at most the whole run, less
+    // its 1.5 s of sleeps): at least this many are over the rate.
+    let over_rate =
+        |took: Duration| 8usize.saturating_sub(3 + took.as_secs().saturating_sub(1) as usize);
+    let (_, proxied, took) = &codes[0];
+    ensure!(
+        proxied.first().map(String::as_str) == Some("held:000")
+            && proxied.iter().filter(|c| *c == "429").count() >= over_rate(*took),
+        "proxy: the second connection closed unanswered, the burst throttled: {proxied:?} in {took:?}"
+    );
+    let (_, observed, _) = &codes[1];
+    ensure!(
+        observed.len() == 9
+            && observed[0] == "held:200"
+            && observed[1..].iter().all(|c| c == "200"),
+        "observe: everything answered: {observed:?}"
+    );
+    let read = std::fs::read_to_string(observe_dir(&lab).join("observe.jsonl"))?;
+    let recs: Vec<Value> = read
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let over: Vec<&str> = recs
+        .iter()
+        .map(|r| r["over_limit"].as_str().unwrap_or("-"))
+        .collect();
+    ensure!(
+        recs.len() == 9
+            && recs
+                .iter()
+                .all(|r| r["decision"] == "allow" && r["status"] == 200)
+            && over[0] == "connections"
+            && over.iter().filter(|o| **o == "rate").count() >= over_rate(codes[1].2),
+        "the records' over_limit: {over:?}\n{read}"
+    );
+    if std::env::var_os("METAGUARD_OBSERVE_SHOW").is_some() {
+        eprintln!("limits: {codes:?}; observed records' over_limit: {over:?}");
+    }
+    let v = report_json(&lab, &path_of(&lab, "limits-observe.toml"))?;
+    let over_total: u64 = v["workloads"][0]["callers"][0]["accesses"][0]["over_limit"]
+        .as_u64()
+        .unwrap_or(0);
+    ensure!(over_total >= 1, "the report's over_limit: {v}");
+    Ok(())
+}
+
+fn path_of(lab: &Lab, name: &str) -> String {
+    lab.work_dir().join(name).display().to_string()
 }
 
 fn a_daemon_killed_mid_traffic_loses_no_answered_record() -> Result<(), Failed> {
