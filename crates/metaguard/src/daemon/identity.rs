@@ -669,6 +669,34 @@ mod tests {
     const PEER: &str = "172.17.0.2:40000";
 
     #[test]
+    fn observe_records_get_a_listed_containers_name_labels_and_image() {
+        let mut app = container("app-id", "app-creds");
+        app.name = "ecs-web-1-app".into();
+        app.image = "public.ecr.aws/nginx/nginx:1.27".into();
+        app.labels.insert(
+            metaguard_core::observe::LABEL_TASK_FAMILY.into(),
+            "web".into(),
+        );
+        let (d, _) = directory(vec![app, container("bare-id", "bare-creds")]);
+        let info = d.container_info("app-id").expect("listed");
+        assert_eq!(
+            (
+                info.name.as_str(),
+                info.task_family.as_deref(),
+                info.image.as_deref()
+            ),
+            (
+                "ecs-web-1-app",
+                Some("web"),
+                Some("public.ecr.aws/nginx/nginx:1.27")
+            )
+        );
+        // No image in the listing: none in the record.
+        assert_eq!(d.container_info("bare-id").and_then(|i| i.image), None);
+        assert!(d.container_info("gone").is_none());
+    }
+
+    #[test]
     fn the_agent_upstream_is_what_the_daemon_published() {
         let d = Directory::new(
             PathBuf::from("/nonexistent/docker.sock"),
