@@ -51,9 +51,33 @@ pub fn is_root() -> bool {
     rustix::process::geteuid().is_root()
 }
 
+/// Raises this process's soft limit on open files (`RLIMIT_NOFILE`) to its
+/// hard limit, as a server that holds one descriptor per client connection
+/// should (systemd starts services with soft 1024, hard 524288). Returns
+/// the limits before and after (soft); unchanged when it cannot be read or
+/// set.
+pub fn raise_open_files_limit() -> (Option<u64>, Option<u64>) {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let before = getrlimit(Resource::Nofile);
+    let mut wanted = before.clone();
+    wanted.current = before.maximum;
+    if wanted.current != before.current {
+        let _ = setrlimit(Resource::Nofile, wanted);
+    }
+    (before.current, getrlimit(Resource::Nofile).current)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_open_files_limit_is_raised_to_the_hard_one() {
+        let hard = rustix::process::getrlimit(rustix::process::Resource::Nofile).maximum;
+        let (before, after) = raise_open_files_limit();
+        assert!(after >= before, "{before:?} -> {after:?}");
+        assert_eq!(after, hard);
+    }
 
     #[test]
     fn parses_stat_with_odd_names() {

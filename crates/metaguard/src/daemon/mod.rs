@@ -67,7 +67,7 @@ use metaguard_core::Config;
 use metaguard_proxy::server::Prepared;
 use metaguard_sys::bpf::{Attachment, LinkInfo, MapContents};
 use tokio::sync::mpsc;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::discovery::docker::DockerEvent;
 use crate::enforce::{canonical, needs_docker, Containers, Engine, Guarding, Stale, Target};
@@ -228,6 +228,13 @@ pub fn run(
         .map(|d| d.as_secs())
         .unwrap_or(0);
     let config = load(opts.config_path.as_deref())?;
+    // The proxy holds a descriptor per client connection: the soft limit
+    // (1024 under systemd) up to the hard one. Observed workloads' open
+    // connections are bounded by a quarter of it (proxy::limits).
+    let (before, after) = metaguard_sys::process::raise_open_files_limit();
+    if before != after {
+        debug!(?before, ?after, "open files limit raised");
+    }
     let engine =
         Engine::new(&opts.state_dir, &opts.docker_socket)?.with_bpf_pin_dir(&opts.bpf_pin_dir);
     // No Docker before READY (see `Containers::Unknown`): the first plan
