@@ -59,7 +59,7 @@ pub fn is_root() -> bool {
 pub fn raise_open_files_limit() -> (Option<u64>, Option<u64>) {
     use rustix::process::{getrlimit, setrlimit, Resource};
     let before = getrlimit(Resource::Nofile);
-    let mut wanted = before.clone();
+    let mut wanted = before;
     wanted.current = before.maximum;
     if wanted.current != before.current {
         let _ = setrlimit(Resource::Nofile, wanted);
