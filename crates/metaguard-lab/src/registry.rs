@@ -108,6 +108,15 @@ pub fn teardown(state_dir: &Path, rec: &LabRecord) -> Vec<String> {
             problems.push(e);
         }
     }
+    // Mounts in the work dir that no record names (a test's own, left by
+    // a killed process): the dir cannot go while they are there.
+    if let Some(dir) = &rec.work_dir {
+        for m in mounts_below(Path::new("/proc/self/mountinfo"), dir) {
+            if let Err(e) = unmount(&m) {
+                problems.push(e);
+            }
+        }
+    }
     for ns in &rec.netns {
         if Path::new(metaguard_sys::netns::NETNS_RUN_DIR)
             .join(ns)
@@ -152,6 +161,46 @@ fn remove_cgroup_tree(cg: &Cgroup2, root: &str) -> Result<(), String> {
         let _ = std::fs::remove_dir(cg.path(&parent.to_string_lossy()));
     }
     Ok(())
+}
+
+/// The mount points at or below `dir` in mount table `mountinfo`
+/// (`/proc/self/mountinfo`), deepest first.
+fn mounts_below(mountinfo: &Path, dir: &Path) -> Vec<PathBuf> {
+    let text = std::fs::read_to_string(mountinfo).unwrap_or_default();
+    let mut found: Vec<PathBuf> = text
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(unescape_mount_path)
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    found.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    found.dedup();
+    found
+}
+
+/// A mount point as mountinfo spells it: space, tab, newline and backslash
+/// as octal escapes (`\040`).
+fn unescape_mount_path(field: &str) -> PathBuf {
+    let b = field.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let octal = b
+            .get(i + 1..i + 4)
+            .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        match (b[i], octal) {
+            (b'\\', Some(d)) => {
+                out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
+                i += 4;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    use std::os::unix::ffi::OsStringExt as _;
+    PathBuf::from(std::ffi::OsString::from_vec(out))
 }
 
 /// Unmounts `mount` (detached: gone from the tree at once, released when
@@ -288,6 +337,30 @@ pub fn lab_id_of(netns_name: &str) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mounts_below_a_dir_are_found_deepest_first_and_unescaped() {
+        let dir = std::env::temp_dir().join(format!("mg-mountinfo-{}", std::process::id()));
+        let info = dir.join("mountinfo");
+        std::fs::create_dir_all(&dir).expect("dir");
+        std::fs::write(
+            &info,
+            "27 1 254:0 / / rw - ext4 /dev/vda rw\n\
+             337 27 0:40 / /run/metaguard-lab/abc/bpffs rw - bpf bpf rw\n\
+             338 337 0:41 / /run/metaguard-lab/abc/bpffs/x\\040y rw - tmpfs t rw\n\
+             339 27 0:42 / /run/metaguard-lab/abcd/bpffs rw - bpf bpf rw\n",
+        )
+        .expect("write");
+        let found = mounts_below(&info, Path::new("/run/metaguard-lab/abc"));
+        assert_eq!(
+            found,
+            vec![
+                PathBuf::from("/run/metaguard-lab/abc/bpffs/x y"),
+                PathBuf::from("/run/metaguard-lab/abc/bpffs"),
+            ]
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn lab_ids_come_from_names() {

@@ -487,8 +487,10 @@ fn demo_prints_before_and_after_and_cleans_up() -> Result<(), Failed> {
         }
     }
     ensure!(elapsed.as_secs() < 30, "demo took {elapsed:?}");
+    // "metaguard demo: lab <id> ready …" (not the reaper's "removed
+    // leftover lab <id>", which may come first).
     let id = stderr
-        .split("lab ")
+        .split("metaguard demo: lab ")
         .nth(1)
         .and_then(|s| s.split_whitespace().next())
         .ok_or(format!("no lab id in {stderr}"))?;
