@@ -7,13 +7,20 @@
 //! `docker/ecs-agent` (allow, listed first) keeps IMDS while `docker`
 //! (deny) covers every other container.
 //!
-//! Programs are attached to every entry that denies something and has no
-//! denying ancestor entry: a program attached to a cgroup runs for its
+//! Programs are attached to every entry that denies or observes something
+//! and has no such ancestor entry: a program attached to a cgroup runs for its
 //! whole subtree, and its ancestor walk gives the right answer for every
 //! descendant, so attaching lower down again would only run it twice.
 //!
 //! `proxy` is not a BPF decision (the nft layer redirects those flows), so
 //! it sets no bit here.
+//!
+//! **Observe** (docs/observe.md): a class a workload observes gets its
+//! observe bit (the class bit << [`OBSERVE_SHIFT`]); the programs let such
+//! a call through and report it on `mg_events`, so the daemon records
+//! every connection of an observed workload, whatever its port or
+//! protocol. Deny wins: a class denied and observed (two workloads in the
+//! namespace default) is refused. Observe never refuses anything.
 //!
 //! **Namespaces** (groundwork for guarding what bridge and `netns`
 //! workloads select, issue 20): the programs also look up the socket's
@@ -35,6 +42,26 @@ use crate::ruleset::{ifname_glob_matches, netns_glob_matches, ContainerFact};
 pub const CLASS_IMDS: u32 = 1;
 pub const CLASS_TASK_METADATA: u32 = 2;
 pub const DENY_RAW: u32 = 4;
+/// Observe bits: a class bit shifted by [`OBSERVE_SHIFT`] (as in
+/// `guard.bpf.c`).
+pub const OBSERVE_SHIFT: u32 = 3;
+pub const OBSERVE_IMDS: u32 = CLASS_IMDS << OBSERVE_SHIFT;
+pub const OBSERVE_TASK_METADATA: u32 = CLASS_TASK_METADATA << OBSERVE_SHIFT;
+/// The bits that refuse something.
+pub const DENY_BITS: u32 = CLASS_IMDS | CLASS_TASK_METADATA | DENY_RAW;
+
+/// Drops the observe bit of every class that `bits` also denies (deny
+/// wins; the programs check deny first, this keeps the maps readable).
+pub fn deny_wins(bits: u32) -> u32 {
+    let denied = bits & (CLASS_IMDS | CLASS_TASK_METADATA);
+    bits & !(denied << OBSERVE_SHIFT)
+}
+
+/// The workload index a rule index belongs to ([`rule_index`]'s inverse;
+/// `None` for [`NO_RULE`]).
+pub fn rule_workload(rule: u32) -> Option<usize> {
+    (rule != NO_RULE).then_some((rule >> 16) as usize)
+}
 
 /// One configured cgroup.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,15 +120,17 @@ pub struct NamespaceFact<'a> {
 
 /// The classes a workload's actions keep from the programs: `deny`, and
 /// with `proxy_too` also `proxy` (for a namespace not classified yet,
-/// which must not reach an endpoint before its workload is known).
+/// which must not reach an endpoint before its workload is known); and the
+/// observe bits of the classes it observes.
 fn class_bits(w: &Workload, proxy_too: bool) -> u32 {
     let blocks = |a: Action| a == Action::Deny || (proxy_too && a == Action::Proxy);
     let mut bits = 0;
-    if blocks(w.imds) {
-        bits |= CLASS_IMDS;
-    }
-    if blocks(w.task_metadata) {
-        bits |= CLASS_TASK_METADATA;
+    for (action, class) in [(w.imds, CLASS_IMDS), (w.task_metadata, CLASS_TASK_METADATA)] {
+        if blocks(action) {
+            bits |= class;
+        } else if action == Action::Observe {
+            bits |= class << OBSERVE_SHIFT;
+        }
     }
     bits
 }
@@ -146,6 +175,25 @@ impl BpfPolicy {
             .filter(|c| is_ancestor_or_self(&c.path, path))
             .min_by_key(|c| c.rule)
             .map_or(0, |c| c.bits)
+    }
+
+    /// Whether anything is refused: a cgroup entry or the namespace
+    /// default has a deny bit. (Observe bits alone need the programs too,
+    /// but a host that cannot run them is not left unguarded by it.)
+    pub fn refuses(&self) -> bool {
+        self.cgroups.iter().any(|c| c.bits & DENY_BITS != 0)
+            || self
+                .netns_default
+                .is_some_and(|(_, bits)| bits & DENY_BITS != 0)
+    }
+
+    /// Whether anything is observed by the programs.
+    pub fn observes(&self) -> bool {
+        let observe = OBSERVE_IMDS | OBSERVE_TASK_METADATA;
+        self.cgroups.iter().any(|c| c.bits & observe != 0)
+            || self
+                .netns_default
+                .is_some_and(|(_, bits)| bits & observe != 0)
     }
 
     /// Whether any attached program would run for `path`.
@@ -200,13 +248,7 @@ pub fn plan(config: &Config, containers: Option<&[ContainerFact]>) -> BpfPolicy 
                 .collect(),
             _ => continue,
         };
-        let mut bits = 0;
-        if w.imds == Action::Deny {
-            bits |= CLASS_IMDS;
-        }
-        if w.task_metadata == Action::Deny {
-            bits |= CLASS_TASK_METADATA;
-        }
+        let mut bits = class_bits(w, false);
         if w.raw_sockets == Action::Deny {
             bits |= DENY_RAW;
         }
@@ -223,7 +265,9 @@ pub fn plan(config: &Config, containers: Option<&[ContainerFact]>) -> BpfPolicy 
             });
         }
     }
-    out.netns_default = default.filter(|(_, bits)| *bits != 0);
+    out.netns_default = default
+        .map(|(rule, bits)| (rule, deny_wins(bits)))
+        .filter(|(_, bits)| *bits != 0);
     let denying: Vec<String> = out
         .cgroups
         .iter()
@@ -491,6 +535,78 @@ task_metadata = "deny"
         assert_eq!(p.bits_for("system.slice/docker-b.scope"), 0);
         assert_eq!(p.netns_default, Some((rule_index(0, 0), CLASS_IMDS)));
         assert!(p.warnings.is_empty(), "{:?}", p.warnings);
+    }
+
+    #[test]
+    fn observed_classes_get_observe_bits_and_deny_wins_in_the_default() {
+        let c = cfg(&format!("mode = \"observe\"\n{AGENT_FIRST}"));
+        let p = plan_of(&c);
+        // mode = "observe": deny becomes observe, raw_sockets allow.
+        assert_eq!(p.bits_for("docker/ecs-agent"), 0);
+        assert_eq!(
+            p.bits_for("docker/c1"),
+            OBSERVE_IMDS | OBSERVE_TASK_METADATA
+        );
+        assert_eq!(p.attach, ["docker"]);
+        assert!(p.observes() && !p.refuses());
+        assert_eq!(p.netns_default, None, "cgroups only");
+
+        // Namespaces: observe for the classes only observed, deny kept
+        // where another workload denies (deny wins).
+        let c = cfg(r#"
+[[workload]]
+name = "obs"
+bridges = ["docker0"]
+imds = "observe"
+task_metadata = "observe"
+
+[[workload]]
+name = "tasks"
+netns = ["ecs-tasks"]
+imds = "deny"
+task_metadata = "allow"
+
+[[workload]]
+name = "host"
+cgroups = ["system.slice/x"]
+imds = "observe"
+"#);
+        let p = plan_of(&c);
+        assert_eq!(
+            p.netns_default,
+            Some((rule_index(0, 0), CLASS_IMDS | OBSERVE_TASK_METADATA))
+        );
+        assert!(p.observes() && p.refuses());
+        assert_eq!(p.bits_for("system.slice/x"), OBSERVE_IMDS);
+        assert!(p.attach.contains(&"system.slice/x".to_string()) || p.guarded("system.slice/x"));
+        let ns = NamespaceFact {
+            path: "/x",
+            bridge: Some("docker0"),
+            container: None,
+        };
+        assert_eq!(
+            classify(&c, &ns),
+            (rule_index(0, 0), OBSERVE_IMDS | OBSERVE_TASK_METADATA)
+        );
+        assert_eq!(rule_workload(rule_index(2, 1)), Some(2));
+        assert_eq!(rule_workload(NO_RULE), None);
+        assert_eq!(
+            deny_wins(CLASS_IMDS | OBSERVE_IMDS | OBSERVE_TASK_METADATA),
+            CLASS_IMDS | OBSERVE_TASK_METADATA
+        );
+
+        // Observe-only namespaces: the container cgroups are attach points.
+        let c = cfg("mode = \"observe\"\n[[workload]]\nname = \"b\"\nbridges = [\"docker0\"]\nimds = \"deny\"\n");
+        let p = plan_of(&c);
+        assert_eq!(p.netns_default, Some((rule_index(0, 0), OBSERVE_IMDS)));
+        assert_eq!(
+            p.attach,
+            ["system.slice", "docker", "ecs", "ecstasks.slice"]
+        );
+        assert!(!p.refuses());
+        // Allow is neither refused nor observed.
+        let allow = cfg("[[workload]]\nname = \"b\"\nbridges = [\"docker0\"]\nimds = \"allow\"\n");
+        assert!(!plan_of(&allow).observes());
     }
 
     #[test]

@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: (Apache-2.0 OR GPL-2.0)
 // metaguard's cgroup BPF layer: refuses connect()/sendmsg() to metadata
 // endpoints and raw/packet socket creation for processes in guarded
-// cgroups, whatever network namespace they are in.
+// cgroups, whatever network namespace they are in — and, for classes a
+// workload observes, lets them through and reports each one.
 //
 // Decisions are made in user space (metaguard-core::bpf_policy) and handed
 // over in maps:
@@ -16,7 +17,8 @@
 // lowest rule index wins (first match in file order, like the nft layer).
 // A namespace nobody has classified yet takes key 0's decision: unknown
 // means denied. A refusal returns 0 (the kernel answers EPERM) and emits an
-// event on mg_events.
+// event on mg_events. An observed class (observe bits: the class bit << 3)
+// is allowed and emits an event flagged MG_VERDICT_OBSERVED; deny wins.
 #include <linux/bpf.h>
 #include <linux/in.h>
 #include <linux/if_ether.h>
@@ -41,6 +43,16 @@
 #define MG_CLASS_IMDS 1u
 #define MG_CLASS_TASK_METADATA 2u
 #define MG_DENY_RAW 4u
+/* Observed classes: the class bit shifted by MG_OBSERVE_SHIFT. */
+#define MG_OBSERVE_SHIFT 3
+#define MG_OBSERVE_IMDS 8u
+#define MG_OBSERVE_TASK_METADATA 16u
+#define MG_CLASSES (MG_CLASS_IMDS | MG_CLASS_TASK_METADATA)
+#define MG_LOOKED_AT \
+	(MG_CLASSES | MG_OBSERVE_IMDS | MG_OBSERVE_TASK_METADATA)
+
+#define MG_VERDICT_REFUSED 0u
+#define MG_VERDICT_OBSERVED 1u
 
 #define MG_SYSCALL_CONNECT 1u
 #define MG_SYSCALL_SENDMSG 2u
@@ -76,6 +88,12 @@ struct mg_event {
 	__u8 addr[16];
 	__u32 sock_type;
 	__u32 protocol;
+	/* Added after the first layout (48 bytes); readers accept both. */
+	__u64 netns_cookie;
+	__u64 sock_cookie;
+	char comm[16];
+	__u32 verdict; /* MG_VERDICT_* */
+	__u32 rule;    /* the deciding rule index (0xffffffff: none) */
 };
 
 struct {
@@ -120,10 +138,11 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } mg_events SEC(".maps");
 
-/* The deny bits of the first match (lowest rule index) among the caller's
+/* The bits of the first match (lowest rule index) among the caller's
  * cgroup and its ancestors and, for a socket outside the host's network
- * namespace, that namespace's decision; 0 when nothing matches. */
-static __always_inline __u32 caller_bits(__u64 netns_cookie)
+ * namespace, that namespace's decision; 0 when nothing matches. `rule`
+ * gets the deciding rule index. */
+static __always_inline __u32 caller_bits(__u64 netns_cookie, __u32 *rule)
 {
 	__u32 best_rule = 0xffffffffu;
 	__u32 bits = 0;
@@ -151,12 +170,14 @@ static __always_inline __u32 caller_bits(__u64 netns_cookie)
 			bits = d->bits;
 		}
 	}
+	*rule = best_rule;
 	return bits;
 }
 
 static __always_inline void emit(__u32 syscall, __u32 family, __u32 port,
 				 const void *addr, __u32 len, __u32 type,
-				 __u32 protocol)
+				 __u32 protocol, __u32 verdict, __u32 rule,
+				 __u64 netns_cookie, __u64 sock_cookie)
 {
 	struct mg_event *e = bpf_ringbuf_reserve(&mg_events, sizeof(*e), 0);
 
@@ -174,33 +195,60 @@ static __always_inline void emit(__u32 syscall, __u32 family, __u32 port,
 		__builtin_memcpy(e->addr, addr, 16);
 	e->sock_type = type;
 	e->protocol = protocol;
+	e->netns_cookie = netns_cookie;
+	e->sock_cookie = sock_cookie;
+	bpf_get_current_comm(e->comm, sizeof(e->comm));
+	e->verdict = verdict;
+	e->rule = rule;
 	bpf_ringbuf_submit(e, 0);
+}
+
+/* The verdict for a destination of class bits `class` (none: 0): refused
+ * (0), observed (an event, then allowed: 1) or untouched (1). */
+static __always_inline int decide(struct bpf_sock_addr *ctx, __u32 syscall,
+				  __u32 family, const void *addr, __u32 len,
+				  __u32 *class, __u32 bits, __u32 rule,
+				  __u64 netns_cookie)
+{
+	__u32 verdict;
+
+	if (!class)
+		return 1;
+	if (*class & bits)
+		verdict = MG_VERDICT_REFUSED;
+	else if ((*class << MG_OBSERVE_SHIFT) & bits)
+		verdict = MG_VERDICT_OBSERVED;
+	else
+		return 1;
+	emit(syscall, family, __builtin_bswap16(ctx->user_port), addr, len,
+	     ctx->type, ctx->protocol, verdict, rule, netns_cookie,
+	     bpf_get_socket_cookie(ctx));
+	return verdict == MG_VERDICT_OBSERVED;
 }
 
 static __always_inline int check4(struct bpf_sock_addr *ctx, __u32 syscall)
 {
-	__u32 bits = caller_bits(bpf_get_netns_cookie(ctx));
-	__u32 ip, *class;
+	__u64 cookie = bpf_get_netns_cookie(ctx);
+	__u32 rule;
+	__u32 bits = caller_bits(cookie, &rule);
+	__u32 ip;
 
-	if (!(bits & (MG_CLASS_IMDS | MG_CLASS_TASK_METADATA)))
+	if (!(bits & MG_LOOKED_AT))
 		return 1;
 	ip = ctx->user_ip4;
-	class = bpf_map_lookup_elem(&mg_ep4, &ip);
-	if (class && (*class & bits)) {
-		emit(syscall, AF_INET, __builtin_bswap16(ctx->user_port), &ip, 4,
-		     ctx->type, ctx->protocol);
-		return 0;
-	}
-	return 1;
+	return decide(ctx, syscall, AF_INET, &ip, 4,
+		      bpf_map_lookup_elem(&mg_ep4, &ip), bits, rule, cookie);
 }
 
 static __always_inline int check6(struct bpf_sock_addr *ctx, __u32 syscall)
 {
-	__u32 bits = caller_bits(bpf_get_netns_cookie(ctx));
+	__u64 cookie = bpf_get_netns_cookie(ctx);
+	__u32 rule;
+	__u32 bits = caller_bits(cookie, &rule);
 	struct mg_ip6 ip;
 	__u32 *class;
 
-	if (!(bits & (MG_CLASS_IMDS | MG_CLASS_TASK_METADATA)))
+	if (!(bits & MG_LOOKED_AT))
 		return 1;
 	ip.w[0] = ctx->user_ip6[0];
 	ip.w[1] = ctx->user_ip6[1];
@@ -214,12 +262,8 @@ static __always_inline int check6(struct bpf_sock_addr *ctx, __u32 syscall)
 	} else {
 		class = bpf_map_lookup_elem(&mg_ep6, &ip);
 	}
-	if (class && (*class & bits)) {
-		emit(syscall, AF_INET6, __builtin_bswap16(ctx->user_port), &ip, 16,
-		     ctx->type, ctx->protocol);
-		return 0;
-	}
-	return 1;
+	return decide(ctx, syscall, AF_INET6, &ip, 16, class, bits, rule,
+		      cookie);
 }
 
 SEC("cgroup/connect4")
@@ -250,13 +294,15 @@ SEC("cgroup/sock_create")
 int mg_sock_create(struct bpf_sock *ctx)
 {
 	__u32 family = ctx->family, type = ctx->type, protocol = ctx->protocol;
+	__u32 rule;
 
 	if (family != AF_PACKET && type != SOCK_RAW && type != SOCK_PACKET)
 		return 1;
 	/* raw_sockets is a cgroups decision only (0: no namespace lookup). */
-	if (!(caller_bits(0) & MG_DENY_RAW))
+	if (!(caller_bits(0, &rule) & MG_DENY_RAW))
 		return 1;
-	emit(MG_SYSCALL_SOCKET, family, 0, 0, 0, type, protocol);
+	emit(MG_SYSCALL_SOCKET, family, 0, 0, 0, type, protocol,
+	     MG_VERDICT_REFUSED, rule, 0, 0);
 	return 0;
 }
 

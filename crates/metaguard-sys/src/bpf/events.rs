@@ -66,7 +66,8 @@ impl AsRawFd for EventReader {
     }
 }
 
-/// A refusal, as the programs report it (`struct mg_event`).
+/// A refusal, or an observed call, as the programs report it (`struct
+/// mg_event`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Event {
     pub cgroup_id: u64,
@@ -79,17 +80,52 @@ pub struct Event {
     pub addr: [u8; 16],
     pub sock_type: u32,
     pub protocol: u32,
+    /// The socket's network namespace cookie (0: not known — a `socket`
+    /// event, or an event of the first layout).
+    pub netns_cookie: u64,
+    /// The socket's cookie (0: not known).
+    pub sock_cookie: u64,
+    /// The calling task's `comm` (empty: not known).
+    pub comm: String,
+    /// The call was let through and reported because its class is
+    /// observed; else it was refused.
+    pub observed: bool,
+    /// The rule index that decided (`core::bpf_policy::rule_index`;
+    /// `u32::MAX`: none, or not known).
+    pub rule: u32,
 }
 
+/// The size of `struct mg_event` before the observe fields were added;
+/// programs of that layout (an older metaguard's, until an upgrade swaps
+/// them) still emit it.
+const FIRST_LAYOUT: usize = 48;
+/// The size of `struct mg_event` now.
+const LAYOUT: usize = 88;
+
 impl Event {
-    fn parse(b: &[u8]) -> Option<Event> {
+    /// Decodes one ring buffer record (either layout); `None` for a record
+    /// too short for the first one.
+    pub fn parse(b: &[u8]) -> Option<Event> {
         let u32_at = |o: usize| -> Option<u32> {
             Some(u32::from_ne_bytes(b.get(o..o + 4)?.try_into().ok()?))
         };
-        let cgroup_id = u64::from_ne_bytes(b.get(0..8)?.try_into().ok()?);
+        let u64_at = |o: usize| -> Option<u64> {
+            Some(u64::from_ne_bytes(b.get(o..o + 8)?.try_into().ok()?))
+        };
+        if b.len() < FIRST_LAYOUT {
+            return None;
+        }
         let addr: [u8; 16] = b.get(24..40)?.try_into().ok()?;
+        let full = b.len() >= LAYOUT;
+        let comm = if full {
+            let raw = b.get(64..80)?;
+            let end = raw.iter().position(|&c| c == 0).unwrap_or(raw.len());
+            String::from_utf8_lossy(&raw[..end]).into_owned()
+        } else {
+            String::new()
+        };
         Some(Event {
-            cgroup_id,
+            cgroup_id: u64_at(0)?,
             pid: u32_at(8)?,
             syscall: match u32_at(12)? {
                 1 => "connect",
@@ -101,7 +137,22 @@ impl Event {
             addr,
             sock_type: u32_at(40)?,
             protocol: u32_at(44)?,
+            netns_cookie: if full { u64_at(48)? } else { 0 },
+            sock_cookie: if full { u64_at(56)? } else { 0 },
+            comm,
+            observed: full && u32_at(80)? == 1,
+            rule: if full { u32_at(84)? } else { u32::MAX },
         })
+    }
+
+    /// `udp` for a datagram socket, else `tcp` (the programs see stream
+    /// and datagram sockets; a raw one is refused at creation).
+    pub fn transport(&self) -> &'static str {
+        if self.sock_type == libc::SOCK_DGRAM as u32 {
+            "udp"
+        } else {
+            "tcp"
+        }
     }
 
     /// The destination as an address, when there is one.
@@ -116,5 +167,67 @@ impl Event {
             }
             _ => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A record laid out as `struct mg_event` (x86-64/aarch64: natural
+    /// alignment, no padding but at the end).
+    fn record(full: bool) -> Vec<u8> {
+        let mut b = Vec::new();
+        b.extend(77u64.to_ne_bytes()); // cgroup_id
+        b.extend(4242u32.to_ne_bytes()); // pid
+        b.extend(2u32.to_ne_bytes()); // syscall: sendmsg
+        b.extend((libc::AF_INET as u32).to_ne_bytes());
+        b.extend(53u32.to_ne_bytes()); // port
+        let mut addr = [0u8; 16];
+        addr[..4].copy_from_slice(&[169, 254, 169, 254]);
+        b.extend(addr);
+        b.extend((libc::SOCK_DGRAM as u32).to_ne_bytes());
+        b.extend(17u32.to_ne_bytes()); // IPPROTO_UDP
+        if full {
+            b.extend(4096u64.to_ne_bytes()); // netns cookie
+            b.extend(99u64.to_ne_bytes()); // socket cookie
+            let mut comm = [0u8; 16];
+            comm[..5].copy_from_slice(b"probe");
+            b.extend(comm);
+            b.extend(1u32.to_ne_bytes()); // observed
+            b.extend(0x0003_0000u32.to_ne_bytes()); // rule
+        }
+        b
+    }
+
+    #[test]
+    fn both_event_layouts_decode() {
+        let full = record(true);
+        assert_eq!(full.len(), LAYOUT);
+        let e = Event::parse(&full).expect("full layout");
+        assert_eq!(
+            (e.cgroup_id, e.pid, e.syscall, e.port),
+            (77, 4242, "sendmsg", 53)
+        );
+        assert_eq!(
+            e.destination(),
+            Some("169.254.169.254".parse().expect("ip"))
+        );
+        assert_eq!((e.netns_cookie, e.sock_cookie), (4096, 99));
+        assert_eq!(e.comm, "probe");
+        assert!(e.observed);
+        assert_eq!(e.rule, 0x0003_0000);
+        assert_eq!(e.transport(), "udp");
+        // An older program's event: refused, nothing of the new fields.
+        let old = record(false);
+        assert_eq!(old.len(), FIRST_LAYOUT);
+        let e = Event::parse(&old).expect("first layout");
+        assert!(!e.observed && e.comm.is_empty() && e.netns_cookie == 0);
+        assert_eq!(e.rule, u32::MAX);
+        assert_eq!(Event::parse(&old[..40]), None);
+        // A comm of 16 bytes without its NUL is still read.
+        let mut long = record(true);
+        long[64..80].copy_from_slice(b"abcdefghijklmnop");
+        assert_eq!(Event::parse(&long).expect("full").comm, "abcdefghijklmnop");
     }
 }

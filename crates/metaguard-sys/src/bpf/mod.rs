@@ -65,10 +65,13 @@ pub const BUILT: bool = cfg!(feature = "bpf");
 /// Default pin directory.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/metaguard";
 
-/// Endpoint class bits and the raw-socket bit, as in guard.bpf.c.
+/// Endpoint class bits, the raw-socket bit and the observe bits (a class
+/// bit << 3), as in guard.bpf.c.
 pub const CLASS_IMDS: u32 = 1;
 pub const CLASS_TASK_METADATA: u32 = 2;
 pub const DENY_RAW: u32 = 4;
+pub const OBSERVE_IMDS: u32 = 8;
+pub const OBSERVE_TASK_METADATA: u32 = 16;
 
 const BPF_FS_MAGIC: u64 = 0xcafe_4a11;
 

@@ -97,10 +97,12 @@ fn guards_anything(policy: &BpfPolicy) -> bool {
 }
 
 /// Whether `config` asks for the layer: it is on (the default) and has
-/// something to guard. Then a layer that is not active is a problem
-/// `verify` reports, whatever the reason.
+/// something to refuse. Then a layer that is not active is a problem
+/// `verify` reports, whatever the reason. A config that only observes
+/// uses the layer when it can (to record connections) but is not left
+/// unguarded without it: `apply` warns instead.
 fn asked(config: &Config, policy: &BpfPolicy) -> bool {
-    config.layers.bpf && guards_anything(policy)
+    config.layers.bpf && guards_anything(policy) && policy.refuses()
 }
 
 /// What the kernel should hold for `config`, but the namespace map (see
@@ -297,10 +299,18 @@ impl Engine {
             if bits & bpf_policy::DENY_RAW != 0 {
                 v.push("raw sockets");
             }
-            if v.is_empty() {
-                "nothing refused".to_string()
-            } else {
-                format!("refuses {}", v.join(", "))
+            let mut o = Vec::new();
+            if bits & bpf_policy::OBSERVE_IMDS != 0 {
+                o.push("imds");
+            }
+            if bits & bpf_policy::OBSERVE_TASK_METADATA != 0 {
+                o.push("task_metadata");
+            }
+            match (v.is_empty(), o.is_empty()) {
+                (true, true) => "nothing refused".to_string(),
+                (false, true) => format!("refuses {}", v.join(", ")),
+                (true, false) => format!("observes {}", o.join(", ")),
+                (false, false) => format!("refuses {}; observes {}", v.join(", "), o.join(", ")),
             }
         };
         for path in &policy.attach {
@@ -386,6 +396,10 @@ impl Engine {
             if asked(config, &policy) {
                 warnings.push(format!(
                     "BPF layer not active ({why}); the nft layer guards alone"
+                ));
+            } else if config.layers.bpf && policy.observes() && state != "idle" {
+                warnings.push(format!(
+                    "BPF layer not active ({why}); observed workloads' connections are not recorded, only their HTTP requests through the proxy"
                 ));
             } else if pins.exists() && sys::check_bpffs(&self.bpf_pin_dir).is_ok() {
                 // Turned off, or nothing to guard (any more): leave no
@@ -630,6 +644,10 @@ pub fn state(pin_dir: &Path) -> BpfState {
             );
             if let Ok(maps) = pins.read_maps() {
                 out.detail.push_str(&match maps.netns.get(&0) {
+                    Some((_, bits)) if bits & bpf_policy::DENY_BITS == 0 => format!(
+                        "; namespaces: {} classified, any other observed by default",
+                        maps.netns.len().saturating_sub(2)
+                    ),
                     Some(_) => format!(
                         "; namespaces: {} classified, any other refused by default",
                         maps.netns.len().saturating_sub(2)
@@ -670,6 +688,11 @@ mod tests {
         ));
         assert!(!asks(
             "[[workload]]\nname = \"b\"\nbridges = [\"docker0\"]\nimds = \"allow\"\n"
+        ));
+        // Observing only: the layer is used when it can run, not asked.
+        assert!(!asks(&format!("mode = \"observe\"\n{deny}")));
+        assert!(!asks(
+            "[[workload]]\nname = \"b\"\nbridges = [\"docker0\"]\nimds = \"observe\"\n"
         ));
         let default = Config::builtin_default();
         assert!(
