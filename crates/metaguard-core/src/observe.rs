@@ -3,12 +3,14 @@
 //! (one JSON line), the [`report`] that groups records per workload and
 //! container and asks the real decision code (`proxy_decision::decide`)
 //! what a config would do with each access, and the [`suggest`]ed config
-//! that allows exactly what was observed.
+//! that allows exactly what was observed. [`connections`] holds the
+//! connection records the daemon writes from the BPF layer's events.
 //!
 //! The proxy (`metaguard-proxy::observe`) writes and rotates the files and
 //! reads them back; `metaguard report` prints what this module computes.
 //! docs/observe.md documents the record and the report's JSON schema.
 
+mod connections;
 mod suggest;
 
 use std::collections::BTreeMap;
@@ -18,7 +20,11 @@ use serde::{Deserialize, Serialize};
 use crate::config::{Action, Config};
 use crate::proxy_decision::{self, Caller, Kind, Ownership, Request, Step, Verdict};
 
-pub use suggest::suggest;
+pub use connections::{
+    connection_accesses, parse_line, would_connect, Coalescer, Connection, ConnectionAccess, Line,
+    Run, WouldConnect, KIND_CONNECTION, MAX_PROCESSES,
+};
+pub use suggest::{suggest, suggest_with};
 
 /// The version of the record format ([`Record::v`]).
 pub const RECORD_VERSION: u32 = 1;
@@ -269,7 +275,7 @@ pub struct Window {
     pub to: Option<f64>,
     /// `--since`, as given.
     pub since: Option<String>,
-    /// Records counted.
+    /// Records counted (request and connection records).
     pub records: u64,
     /// Lines that were not records (corrupt or of another version),
     /// skipped.
@@ -314,6 +320,9 @@ pub struct CallerReport {
     /// How it was identified (the first record's).
     pub caller: String,
     pub accesses: Vec<Access>,
+    /// Its connections to the endpoints (connection records), per
+    /// service, protocol and port.
+    pub connections: Vec<ConnectionAccess>,
 }
 
 /// One workload's callers.
@@ -342,6 +351,10 @@ pub struct Summary {
     /// Accesses (and their requests) the config would deny.
     pub would_deny: u64,
     pub would_deny_requests: u64,
+    /// Connections recorded (calls, the records' counts summed) and those
+    /// the config would refuse.
+    pub connections: u64,
+    pub would_deny_connections: u64,
 }
 
 /// `metaguard report`'s answer (JSON schema [`REPORT_SCHEMA`]).
@@ -359,13 +372,45 @@ pub struct Report {
 /// asks `config` about each access. `window` carries what the reader knew
 /// (skipped lines, truncation, `--since`); its counts and bounds are
 /// filled in here.
-pub fn report(config: &Config, records: &[Record], mut window: Window) -> Report {
+pub fn report(config: &Config, records: &[Record], window: Window) -> Report {
+    report_with(config, records, &[], window)
+}
+
+/// [`report`] with connection records too: each caller lists its
+/// connections next to its requests.
+pub fn report_with(
+    config: &Config,
+    records: &[Record],
+    conns: &[Connection],
+    mut window: Window,
+) -> Report {
     // A container (by id) is one caller whatever port it came through; a
     // caller without one is told apart by how it was identified.
     type CallerKey = (Option<String>, String);
     type AccessKey = (String, String, String);
     type ByCaller<'r> = BTreeMap<CallerKey, BTreeMap<AccessKey, Vec<&'r Record>>>;
     let mut by: BTreeMap<String, ByCaller<'_>> = BTreeMap::new();
+    let mut conn_by: BTreeMap<String, BTreeMap<CallerKey, Vec<&Connection>>> = BTreeMap::new();
+    for c in conns {
+        let ck = match &c.container {
+            Some(k) => (Some(k.id.clone()), String::new()),
+            None => (None, c.caller.clone()),
+        };
+        conn_by
+            .entry(c.workload.clone())
+            .or_default()
+            .entry(ck.clone())
+            .or_default()
+            .push(c);
+        // A caller seen only by its connections is listed too.
+        by.entry(c.workload.clone())
+            .or_default()
+            .entry(ck)
+            .or_default();
+        let first = c.first.min(c.time);
+        window.from = Some(window.from.map_or(first, |f: f64| f.min(first)));
+        window.to = Some(window.to.map_or(c.time, |t: f64| t.max(c.time)));
+    }
     for r in records {
         let ck = match &r.container {
             Some(c) => (Some(c.id.clone()), String::new()),
@@ -381,7 +426,7 @@ pub fn report(config: &Config, records: &[Record], mut window: Window) -> Report
         window.from = Some(window.from.map_or(r.time, |f: f64| f.min(r.time)));
         window.to = Some(window.to.map_or(r.time, |t: f64| t.max(r.time)));
     }
-    window.records = records.len() as u64;
+    window.records = (records.len() + conns.len()) as u64;
     let mut summary = Summary {
         requests: records.len() as u64,
         ..Summary::default()
@@ -390,7 +435,12 @@ pub fn report(config: &Config, records: &[Record], mut window: Window) -> Report
     for (name, callers) in by {
         let w = config.workloads.iter().find(|w| w.name == name);
         let mut out = Vec::new();
-        for ((_, how), accesses) in callers {
+        for (key, accesses) in callers {
+            let mine: &[&Connection] = conn_by
+                .get(&name)
+                .and_then(|c| c.get(&key))
+                .map_or(&[], Vec::as_slice);
+            let how = key.1;
             // The fullest description any of its records has (a record
             // taken while the daemon's container listing was busy has
             // only the id).
@@ -398,6 +448,7 @@ pub fn report(config: &Config, records: &[Record], mut window: Window) -> Report
                 .values()
                 .flatten()
                 .filter_map(|r| r.container.as_ref())
+                .chain(mine.iter().filter_map(|c| c.container.as_ref()))
                 .max_by_key(|c| {
                     (
                         !c.name.is_empty(),
@@ -409,6 +460,16 @@ pub fn report(config: &Config, records: &[Record], mut window: Window) -> Report
                 .cloned();
             let mut list = Vec::new();
             let mut caller = how;
+            if caller.is_empty() && accesses.is_empty() {
+                caller = mine.first().map(|c| c.caller.clone()).unwrap_or_default();
+            }
+            let connections = connection_accesses(config, mine);
+            for c in &connections {
+                summary.connections += c.count;
+                if c.would == "deny" {
+                    summary.would_deny_connections += c.count;
+                }
+            }
             for ((service, method, path), recs) in accesses {
                 if caller.is_empty() {
                     caller = recs[0].caller.clone();
@@ -457,6 +518,7 @@ pub fn report(config: &Config, records: &[Record], mut window: Window) -> Report
                 container,
                 caller,
                 accesses: list,
+                connections,
             });
         }
         // By container name (what an operator reads), then id and caller.

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-use super::Record;
+use super::{Connection, Record};
 use crate::config::{
     Action, Config, ContainerRef, NetnsSelector, Selector, TmdsMode, Workload,
     DEFAULT_AGENT_CREDENTIALS, DEFAULT_IMDS, DEFAULT_TASK_METADATA,
@@ -189,6 +189,14 @@ fn expressible(path: &str) -> bool {
 ///   its evidence, to fill in before switching it to `proxy`; it keeps
 ///   `allow` meanwhile.
 pub fn suggest(config: &Config, records: &[Record]) -> String {
+    suggest_with(config, records, &[])
+}
+
+/// [`suggest`] with connection records too: a workload that used a service
+/// other than by HTTP on TCP port 80 (UDP, another port) cannot keep it
+/// under `proxy`, which only ever sees port-80 HTTP; it gets `allow` for
+/// that service, with the connections as evidence.
+pub fn suggest_with(config: &Config, records: &[Record], conns: &[Connection]) -> String {
     let mut out = String::new();
     let (from, to) = records
         .iter()
@@ -215,7 +223,11 @@ pub fn suggest(config: &Config, records: &[Record]) -> String {
             .iter()
             .filter(|r| r.workload == w.name && r.decision == "allow")
             .collect();
-        write_workload(&mut out, w, &mine);
+        let odd: Vec<&Connection> = conns
+            .iter()
+            .filter(|c| c.workload == w.name && !c.is_http_port())
+            .collect();
+        write_workload(&mut out, w, &mine, &odd);
     }
     out
 }
@@ -257,7 +269,41 @@ fn write_globals(out: &mut String, config: &Config) {
     }
 }
 
-fn write_workload(out: &mut String, w: &Workload, mine: &[&Record]) {
+/// `service = "allow"` with the connections no proxy could serve as its
+/// evidence, when there are any of `service`.
+fn odd_allowance(service: &str, odd: &[&Connection]) -> Option<String> {
+    let mine: Vec<&&Connection> = odd.iter().filter(|c| c.service == service).collect();
+    if mine.is_empty() {
+        return None;
+    }
+    let mut kinds: BTreeMap<(String, u16), u64> = BTreeMap::new();
+    let mut callers: Vec<String> = Vec::new();
+    let (mut first, mut last) = (f64::INFINITY, f64::NEG_INFINITY);
+    for c in &mine {
+        *kinds.entry((c.protocol.clone(), c.port)).or_default() += c.count.max(1);
+        let who = match &c.container {
+            Some(k) if !k.name.is_empty() => k.name.clone(),
+            Some(k) => k.id.chars().take(12).collect(),
+            None => format!("{} (pid {})", c.comm, c.pid),
+        };
+        if !callers.contains(&who) && callers.len() < 4 {
+            callers.push(who);
+        }
+        first = first.min(c.first.min(c.time));
+        last = last.max(c.time);
+    }
+    let kinds: Vec<String> = kinds
+        .iter()
+        .map(|((p, port), n)| format!("{p}/{port} ×{n}"))
+        .collect();
+    Some(format!(
+        "# observed connections no proxy can serve: {}, by {}; first {first:.0}, last {last:.0}\n{service} = \"allow\"  # proxy only sees HTTP on TCP port 80; review, or move those callers to a workload of their own",
+        kinds.join(", "),
+        callers.join(", ")
+    ))
+}
+
+fn write_workload(out: &mut String, w: &Workload, mine: &[&Record], odd: &[&Connection]) {
     let _ = writeln!(out, "\n[[workload]]");
     let _ = writeln!(out, "name = {}", q(&w.name));
     let _ = writeln!(out, "{}", selector(&w.selector));
@@ -280,7 +326,13 @@ fn write_workload(out: &mut String, w: &Workload, mine: &[&Record]) {
         .filter(|r| r.service == Kind::Relay.as_str())
         .collect();
     let mut tmds_line = None;
+    let odd_relay = (w.task_metadata != Action::Allow)
+        .then(|| odd_allowance(Kind::Relay.as_str(), odd))
+        .flatten();
     match w.task_metadata {
+        _ if odd_relay.is_some() => {
+            let _ = writeln!(out, "{}", odd_relay.unwrap_or_default());
+        }
         Action::Allow => {
             let _ = writeln!(
                 out,
@@ -349,7 +401,13 @@ fn write_workload(out: &mut String, w: &Workload, mine: &[&Record]) {
         .copied()
         .filter(|r| r.service == Kind::Imds.as_str())
         .collect();
+    let odd_imds = (w.imds != Action::Allow)
+        .then(|| odd_allowance(Kind::Imds.as_str(), odd))
+        .flatten();
     match w.imds {
+        _ if odd_imds.is_some() => {
+            let _ = writeln!(out, "{}", odd_imds.unwrap_or_default());
+        }
         Action::Allow => {
             let _ = writeln!(
                 out,

@@ -496,7 +496,35 @@ fn report_json_golden() {
         truncated: true,
         ..Window::default()
     };
-    let r = report(&enforced(), &recs, window);
+    // Connection records (docs/observe.md): v1app's UDP to IMDS, and the
+    // host process's port-80 TCP next to its request.
+    let conn = |workload: &str, c: &str, protocol: &str, port: u16| Connection {
+        v: RECORD_VERSION,
+        kind: KIND_CONNECTION.into(),
+        time: 1007.0,
+        first: 1006.5,
+        count: 2,
+        service: "imds".into(),
+        workload: workload.into(),
+        container: if c.is_empty() { None } else { container(c) },
+        caller: if c.is_empty() {
+            "host cgroup 4242".into()
+        } else {
+            format!("process in container {c}")
+        },
+        cgroup: "docker/x".into(),
+        pid: 77,
+        comm: "probe".into(),
+        family: "ipv4".into(),
+        protocol: protocol.into(),
+        port,
+        syscall: "connect".into(),
+    };
+    let conns = [
+        conn("bridge-containers", "v1app", "udp", 53),
+        conn("host-network", "", "tcp", 80),
+    ];
+    let r = report_with(&enforced(), &recs, &conns, window);
     let bridge = r
         .workloads
         .iter()
