@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use metaguard_core::config::Action;
-use metaguard_core::observe::{ContainerInfo, Record, RECORD_VERSION};
+use metaguard_core::observe::{Connection, ContainerInfo, Line, Record, RECORD_VERSION};
 use metaguard_core::Config;
 
 use crate::{Caller, Directory, Kind};
@@ -144,6 +144,16 @@ impl ObserveLog {
     /// failure is returned (the caller counts it); the next record tries
     /// again.
     pub fn record(&self, rec: &Record) -> Result<(), ObserveError> {
+        self.append(rec)
+    }
+
+    /// Appends a connection record (the daemon's, from the BPF layer's
+    /// events), like [`ObserveLog::record`].
+    pub fn record_connection(&self, c: &Connection) -> Result<(), ObserveError> {
+        self.append(c)
+    }
+
+    fn append(&self, rec: &impl serde::Serialize) -> Result<(), ObserveError> {
         let mut line = serde_json::to_vec(rec).map_err(|e| ObserveError {
             path: self.dir.clone(),
             source: std::io::Error::other(e),
@@ -308,6 +318,8 @@ pub(crate) fn access_key_id(body: &[u8]) -> Option<String> {
 pub struct Read {
     /// Oldest first, those at or after `since` only.
     pub records: Vec<Record>,
+    /// Connection records, oldest first, those at or after `since` only.
+    pub connections: Vec<Connection>,
     /// Lines that were not records of this version.
     pub skipped: u64,
     /// Rotation dropped records older than the first one kept, and the
@@ -345,14 +357,20 @@ pub fn read(dir: &Path, since: Option<f64>) -> Result<Read, ObserveError> {
             if line.is_empty() {
                 continue;
             }
-            match serde_json::from_slice::<Record>(&line) {
-                Ok(r) if r.v == metaguard_core::observe::RECORD_VERSION => {
+            match metaguard_core::observe::parse_line(&line) {
+                Some(Line::Request(r)) => {
                     first_kept.get_or_insert(r.time);
                     if since.is_none_or(|s| r.time >= s) {
                         out.records.push(r);
                     }
                 }
-                _ => out.skipped += 1,
+                Some(Line::Connection(c)) => {
+                    first_kept.get_or_insert(c.first.min(c.time));
+                    if since.is_none_or(|s| c.time >= s) {
+                        out.connections.push(c);
+                    }
+                }
+                None => out.skipped += 1,
             }
         }
     }

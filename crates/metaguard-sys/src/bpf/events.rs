@@ -145,6 +145,15 @@ impl Event {
         })
     }
 
+    /// `ipv6` for an AF_INET6 call, else `ipv4`.
+    pub fn family_name(&self) -> &'static str {
+        if self.family == libc::AF_INET6 as u32 {
+            "ipv6"
+        } else {
+            "ipv4"
+        }
+    }
+
     /// `udp` for a datagram socket, else `tcp` (the programs see stream
     /// and datagram sockets; a raw one is refused at creation).
     pub fn transport(&self) -> &'static str {
@@ -217,7 +226,7 @@ mod tests {
         assert_eq!(e.comm, "probe");
         assert!(e.observed);
         assert_eq!(e.rule, 0x0003_0000);
-        assert_eq!(e.transport(), "udp");
+        assert_eq!((e.transport(), e.family_name()), ("udp", "ipv4"));
         // An older program's event: refused, nothing of the new fields.
         let old = record(false);
         assert_eq!(old.len(), FIRST_LAYOUT);

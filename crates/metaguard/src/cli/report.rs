@@ -72,7 +72,10 @@ pub fn run(args: &Args<'_>) -> anyhow::Result<ExitCode> {
         );
     }
     if args.suggest {
-        print!("{}", observe::suggest(&config, &read.records));
+        print!(
+            "{}",
+            observe::suggest_with(&config, &read.records, &read.connections)
+        );
         return Ok(ExitCode::SUCCESS);
     }
     let window = Window {
@@ -81,7 +84,7 @@ pub fn run(args: &Args<'_>) -> anyhow::Result<ExitCode> {
         truncated: read.truncated,
         ..Window::default()
     };
-    let report = observe::report(&config, &read.records, window);
+    let report = observe::report_with(&config, &read.records, &read.connections, window);
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -112,7 +115,16 @@ pub fn table(r: &Report) -> String {
     let _ = writeln!(out, "config: {}", r.config);
     match (w.from, w.to) {
         (Some(from), Some(to)) => {
-            let _ = write!(out, "window: {}, {} request(s)", span(from, to), w.records);
+            let _ = write!(
+                out,
+                "window: {}, {} request(s)",
+                span(from, to),
+                r.summary.requests
+            );
+            let conns = w.records.saturating_sub(r.summary.requests);
+            if conns > 0 {
+                let _ = write!(out, ", {conns} connection record(s)");
+            }
         }
         _ => {
             let _ = write!(out, "window: no records");
@@ -202,6 +214,35 @@ pub fn table(r: &Report) -> String {
                     let _ = writeln!(out, "          AccessKeyId {}", a.access_key_ids.join(", "));
                 }
             }
+            for k in &c.connections {
+                let mark = match k.would {
+                    "deny" => "DENY",
+                    "requests" => "http",
+                    _ => "allow",
+                };
+                let _ = writeln!(
+                    out,
+                    "    {mark:<5} {:<13} conn {:<46} ×{:<5} {:<14}  {}{}",
+                    k.service,
+                    format!("{}/{} ({})", k.protocol, k.port, k.families.join(", ")),
+                    k.count,
+                    "",
+                    span(k.first_seen, k.last_seen),
+                    if k.would == "deny" {
+                        format!("  ({})", k.rule)
+                    } else {
+                        String::new()
+                    }
+                );
+                let pids: Vec<String> = k.pids.iter().map(ToString::to_string).collect();
+                let _ = writeln!(
+                    out,
+                    "          comm {}; pid {}; cgroup {}",
+                    k.comms.join(", "),
+                    pids.join(", "),
+                    k.cgroups.join(", ")
+                );
+            }
         }
     }
     let s = &r.summary;
@@ -210,5 +251,12 @@ pub fn table(r: &Report) -> String {
         "\n{} access(es) in {} request(s); the config would deny {} of them ({} request(s))",
         s.accesses, s.requests, s.would_deny, s.would_deny_requests
     );
+    if s.connections > 0 {
+        let _ = writeln!(
+            out,
+            "{} connection(s) recorded; the config would refuse {} of them (http: port-80 TCP under proxy, decided by its requests)",
+            s.connections, s.would_deny_connections
+        );
+    }
     out
 }

@@ -1,6 +1,7 @@
-//! Follows the BPF layer's refusal events (ring buffer `mg_events`): one
-//! audit log line and one metric increment per refused `connect`,
-//! `sendmsg` or `socket` call. Runs on a thread of its own (a blocking
+//! Follows the BPF layer's events (ring buffer `mg_events`): one audit log
+//! line and one metric increment per refused `connect`, `sendmsg` or
+//! `socket` call; observed calls go to the connection recorder
+//! ([`super::observe_conn`]). Runs on a thread of its own (a blocking
 //! `poll` on the ring buffer), never on the runtime.
 
 use std::path::PathBuf;
@@ -9,6 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use metaguard_sys::bpf::{Event, PinDir};
+
+use super::observe_conn::Recorder;
 use prometheus::IntCounterVec;
 use tracing::{info, warn};
 
@@ -29,7 +32,11 @@ impl Drop for Follower {
 /// Starts the follower; it also stops when the ring buffer fails — the
 /// programs keep refusing either way. `None` (with a warning) when the
 /// ring buffer cannot be opened.
-pub fn spawn(pin_dir: PathBuf, refusals: IntCounterVec) -> Option<Follower> {
+pub fn spawn(
+    pin_dir: PathBuf,
+    refusals: IntCounterVec,
+    mut recorder: Recorder,
+) -> Option<Follower> {
     let mut reader = match PinDir::new(&pin_dir).events() {
         Ok(r) => r,
         Err(e) => {
@@ -44,19 +51,28 @@ pub fn spawn(pin_dir: PathBuf, refusals: IntCounterVec) -> Option<Follower> {
         .spawn(move || {
             info!(pin_dir = %pin_dir.display(), "bpf layer: following refusal events");
             while !stopped.load(Ordering::Relaxed) {
-                match reader.wait(Duration::from_secs(1)) {
+                // Woken at least every 250 ms, so a coalesced run is
+                // written soon after its window ends.
+                match reader.wait(Duration::from_millis(250)) {
                     Ok(_) => {
                         for e in reader.drain() {
-                            refusals.with_label_values(&[e.syscall]).inc();
-                            audit(&e);
+                            if e.observed {
+                                recorder.add(e);
+                            } else {
+                                refusals.with_label_values(&[e.syscall]).inc();
+                                audit(&e);
+                            }
                         }
+                        recorder.tick();
                     }
                     Err(e) => {
                         warn!(error = %e, "bpf layer: refusal events stopped");
+                        recorder.flush();
                         return;
                     }
                 }
             }
+            recorder.flush();
         });
     match started {
         Ok(_) => Some(Follower { stop }),

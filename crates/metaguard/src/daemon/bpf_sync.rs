@@ -27,13 +27,19 @@ impl Daemon {
             self.engine
                 .bpf_desired(&self.config, self.containers.as_deref(), &mut warnings);
         self.watch_bpf_pins(pins.path());
+        let netns = pins.read_maps().map(|m| m.netns).unwrap_or_default();
+        self.publish_conn_view(&netns);
         let follower = self.bpf.take().and_then(|g| g.follower).or_else(|| {
             bpf_events::spawn(
                 self.opts.bpf_pin_dir.clone(),
                 self.metrics.bpf_refusals.clone(),
+                observe_conn::Recorder::new(
+                    self.conn_view.clone(),
+                    self.metrics.observed_connections.clone(),
+                    Path::new("/proc"),
+                ),
             )
         });
-        let netns = pins.read_maps().map(|m| m.netns).unwrap_or_default();
         self.bpf = Some(BpfGuard {
             links: links.into_iter().map(|l| (l.name(), l.info)).collect(),
             planned,
@@ -76,6 +82,33 @@ impl Daemon {
                 error!(layer = "bpf", why, error = %format!("{e:#}"), "cannot update the bpf namespace map; new namespaces stay refused")
             }
         }
+        // The containers (and the map) the connection records are
+        // attributed with.
+        if let Some(g) = &self.bpf {
+            let netns = g.netns.clone();
+            self.publish_conn_view(&netns);
+        }
+    }
+
+    /// Publishes what the events follower attributes observed connections
+    /// with: the config, the observe log (when observing), the namespace
+    /// map as written and the containers.
+    pub(super) fn publish_conn_view(&self, netns: &BTreeMap<u64, (u32, u32)>) {
+        let log = if self.config.observes() {
+            self.observe_log.clone()
+        } else {
+            None
+        };
+        self.conn_view.publish(observe_conn::View {
+            config: Arc::new(self.config.clone()),
+            log,
+            netns: netns.clone(),
+            containers: Arc::new(self.containers.clone().unwrap_or_default()),
+            write_errors: self
+                .proxy_metrics
+                .as_ref()
+                .map(|m| m.observe_errors.clone()),
+        });
     }
 
     /// inotify on the pin directory; added again after every apply, since

@@ -456,7 +456,7 @@ fn socket_cgroup(local: SocketAddr, remote: SocketAddr) -> Option<u64> {
 /// Every cgroup id at or below a container's cgroup (a container's
 /// processes may sit in sub-cgroups), mapped to that container; bounded
 /// walk. Empty when there is no cgroup v2 hierarchy.
-fn cgroup_index(
+pub(super) fn cgroup_index(
     proc_root: &Path,
     containers: &[ContainerFact],
 ) -> HashMap<u64, Option<ContainerFact>> {

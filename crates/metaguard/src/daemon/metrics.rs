@@ -25,6 +25,9 @@ pub struct Metrics {
     pub reloads: IntCounterVec,
     /// Calls refused by the BPF layer, by syscall.
     pub bpf_refusals: IntCounterVec,
+    /// Connections of observed workloads the BPF layer reported, by
+    /// workload, service and protocol (docs/observe.md).
+    pub observed_connections: IntCounterVec,
 }
 
 impl Metrics {
@@ -80,6 +83,14 @@ impl Metrics {
         for syscall in ["connect", "sendmsg", "socket"] {
             bpf_refusals.with_label_values(&[syscall]);
         }
+        let observed_connections = IntCounterVec::new(
+            Opts::new(
+                "metaguard_observed_connections_total",
+                "Connections (connect, sendmsg) of observed workloads to the metadata endpoints, by workload (empty: a namespace not classified yet), service and protocol (tcp, udp).",
+            ),
+            &["workload", "service", "protocol"],
+        )?;
+        registry.register(Box::new(observed_connections.clone()))?;
         for cause in [
             "table-deleted",
             "ruleset-flushed",
@@ -104,6 +115,7 @@ impl Metrics {
             workloads,
             reloads,
             bpf_refusals,
+            observed_connections,
         })
     }
 

@@ -50,6 +50,7 @@ mod bpf_sync;
 mod identity;
 mod metrics;
 mod monitor;
+mod observe_conn;
 mod reconcile;
 pub mod record;
 
@@ -167,6 +168,8 @@ struct Daemon {
     /// The observe log, opened when a config first observes something and
     /// kept for the daemon's life (it rotates by its own size).
     observe_log: Option<Arc<metaguard_proxy::ObserveLog>>,
+    /// What the BPF events follower attributes observed connections with.
+    conn_view: observe_conn::Shared,
     /// The containers the Docker API last listed: the facts of plans made
     /// while it does not answer (dockerd restarting), so that its task
     /// namespaces stay in the plan. `None` until it first answered.
@@ -263,6 +266,7 @@ pub fn run(
             proxy: None,
             proxy_metrics: None,
             observe_log: None,
+            conn_view: observe_conn::Shared::default(),
             containers: None,
             docker_up: Arc::new(AtomicBool::new(false)),
             docker_events: Arc::new(AtomicU64::new(0)),
