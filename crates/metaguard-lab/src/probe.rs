@@ -139,6 +139,12 @@ pub struct ProbeResult {
     /// The probe's own cgroup v2 path (from /proc/self/cgroup), proving
     /// which workload it ran as.
     pub cgroup: Option<String>,
+    /// The probe's pid and `comm` (what the BPF layer reports of the
+    /// caller, for observe mode's connection records).
+    #[serde(default)]
+    pub pid: Option<u32>,
+    #[serde(default)]
+    pub comm: Option<String>,
 }
 
 impl ProbeResult {
@@ -182,6 +188,10 @@ pub fn run(spec: &ProbeSpec) -> Result<ProbeResult, metaguard_sys::netns::NetnsE
         elapsed_us,
         error: None,
         cgroup: own_cgroup(),
+        pid: Some(std::process::id()),
+        comm: std::fs::read_to_string("/proc/self/comm")
+            .ok()
+            .map(|c| c.trim_end().to_string()),
     };
     match res {
         Ok((status, body)) => {

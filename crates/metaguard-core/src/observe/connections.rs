@@ -225,6 +225,11 @@ impl<K: Ord, V> Coalescer<K, V> {
         out
     }
 
+    /// Whether a run of `key` is held (its next event only counts).
+    pub fn holds(&self, key: &K) -> bool {
+        self.held.contains_key(key)
+    }
+
     /// Runs held now.
     pub fn len(&self) -> usize {
         self.held.len()
@@ -423,7 +428,7 @@ imds = "deny"
             (1000, 10.0, "a")
         );
         assert!(runs[0].last > 10.49 && runs[0].last < 10.5);
-        assert!(c.is_empty());
+        assert!(c.is_empty() && !c.holds(&(1, 53)));
         // A third key in a full table hands out the two held runs.
         assert!(c.add((1, 80), "b", 20.0).is_empty());
         assert!(c.add((2, 80), "c", 20.1).is_empty());

@@ -18,8 +18,9 @@
 //! * **Container**: the caller's cgroup id, looked up among the
 //!   containers' cgroups and their sub-cgroups (the index the proxy uses
 //!   for host callers), rebuilt at most once a second on a miss.
-//! * **cgroup**: `/proc/<pid>/cgroup`, read when a run is written (`cgroup
-//!   id N` when the process is gone by then).
+//! * **cgroup**: `/proc/<pid>/cgroup`, read at a run's first event, while
+//!   the caller is (almost always) still there (`cgroup id N` when it is
+//!   gone already).
 //!
 //! Bounded: at most [`MAX_RUNS`] runs are held, each at most [`WINDOW`]; a
 //! loop of identical calls writes one record per window.
@@ -104,7 +105,8 @@ fn key(e: &Event) -> Key {
 /// The follower's recorder.
 pub struct Recorder {
     shared: Shared,
-    runs: Coalescer<Key, Event>,
+    /// Each run's first event and its caller's cgroup path.
+    runs: Coalescer<Key, (Event, Option<String>)>,
     /// `metaguard_observed_connections_total{workload, service, protocol}`.
     connections: IntCounterVec,
     proc_root: PathBuf,
@@ -137,7 +139,12 @@ impl Recorder {
     /// Counts one observed event; writes what must be written now.
     pub fn add(&mut self, e: Event) {
         let k = key(&e);
-        let full = self.runs.add(k, e, now());
+        let cgroup = if self.runs.holds(&k) {
+            None
+        } else {
+            own_cgroup(&self.proc_root, e.pid)
+        };
+        let full = self.runs.add(k, (e, cgroup), now());
         self.write(full);
     }
 
@@ -153,7 +160,7 @@ impl Recorder {
         self.write(all);
     }
 
-    fn write(&mut self, runs: Vec<Run<Event>>) {
+    fn write(&mut self, runs: Vec<Run<(Event, Option<String>)>>) {
         if runs.is_empty() {
             return;
         }
@@ -181,8 +188,12 @@ impl Recorder {
 
     /// The record of one run; `None` when its destination is no endpoint
     /// of the config (it changed since the event).
-    fn connection(&mut self, view: &View, run: &Run<Event>) -> Option<Connection> {
-        let e = &run.value;
+    fn connection(
+        &mut self,
+        view: &View,
+        run: &Run<(Event, Option<String>)>,
+    ) -> Option<Connection> {
+        let (e, cgroup) = &run.value;
         let service = service_of(&view.config, e.destination()?)?;
         let unclassified = e.netns_cookie != 0
             && !view.netns.contains_key(&e.netns_cookie)
@@ -197,7 +208,8 @@ impl Recorder {
             _ => String::new(),
         };
         let container = self.container_of(view, e.cgroup_id);
-        let cgroup = own_cgroup(&self.proc_root, e.pid)
+        let cgroup = cgroup
+            .clone()
             .unwrap_or_else(|| format!("cgroup id {}", e.cgroup_id));
         let caller = match (&container, unclassified) {
             (Some(k), _) => format!("container {} (cgroup id {})", k.name, e.cgroup_id),

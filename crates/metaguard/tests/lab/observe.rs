@@ -8,7 +8,9 @@
 //! killed mid-traffic loses no record of a request it answered; the size
 //! cap rotates and the report says its window is truncated; a CNI
 //! namespace the relay knows no id of is reported as needing
-//! `credentials_ids`, and served once they are filled in.
+//! `credentials_ids`, and served once they are filled in. With the BPF
+//! layer on, every connection of an observed workload (UDP, other ports)
+//! is recorded with its pid and comm, and nothing of an `allow` one.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -57,6 +59,11 @@ pub const TESTS: &[(&str, bool, crate::TestFn)] = &[
         "observe::over_the_proxys_limits_observed_traffic_is_served_and_proxied_is_not",
         true,
         over_the_proxys_limits_observed_traffic_is_served_and_proxied_is_not,
+    ),
+    (
+        "observe::bpf_records_every_connection_with_pid_and_comm_and_refuses_none",
+        true,
+        bpf_records_every_connection_with_pid_and_comm_and_refuses_none,
     ),
 ];
 
@@ -846,6 +853,269 @@ fn the_cap_rotates_keeps_the_newest_and_the_report_says_truncated() -> Result<()
         bad.status.code() == Some(2),
         "a bad --since: {:?}",
         bad.status
+    );
+    Ok(())
+}
+
+/// The connection test's policy: the bridge containers and the
+/// host-network container (by its cgroup), `imds` as given (`observe` via
+/// `mode`, or `allow`); a third workload on the lab's `system.slice`
+/// observes IMDS either way, so the log is open and programs are attached
+/// in the control too.
+fn connections_policy(lab: &Lab, observe: bool) -> Result<String, Failed> {
+    let root = lab.cgroup_root();
+    let (mode, action) = if observe {
+        ("mode = \"observe\"\n", "deny")
+    } else {
+        ("", "allow")
+    };
+    let text = format!(
+        r#"{mode}
+[[workload]]
+name          = "containers"
+bridges       = ["docker0"]
+imds          = "{action}"
+task_metadata = "allow"
+
+[[workload]]
+name          = "host-network"
+cgroups       = ["{root}/docker/hostnet1"]
+imds          = "{action}"
+task_metadata = "allow"
+
+[[workload]]
+name          = "elsewhere"
+cgroups       = ["{root}/system.slice"]
+imds          = "observe"
+
+[layers]
+container_cgroups = ["{root}/docker", "{root}/system.slice"]
+"#
+    );
+    let name = if observe {
+        "connections-observe.toml"
+    } else {
+        "connections-allow.toml"
+    };
+    Ok(lab.write_file(name, &text)?.display().to_string())
+}
+
+/// UDP (`sendto`) and TCP (`connect`) to IMDS's echo ports, IPv4 and IPv6,
+/// from c1; HTTP to IMDS from the host-network container. Every probe must
+/// be answered. Returns the probes' (pid, comm) per workload.
+fn connection_traffic(lab: &Lab) -> Result<Vec<(Workload, u32, String)>, Failed> {
+    use metaguard_lab::probe::ProbeSpec;
+    use metaguard_lab::topology::addr;
+    let mut out = Vec::new();
+    let mut run = |w: Workload, spec: ProbeSpec| -> Result<(), Failed> {
+        let r = lab.probe(w, &spec)?;
+        ensure!(
+            r.ok(),
+            "{:?} from {}: refused or failed: {r:?}",
+            spec.kind,
+            w.label()
+        );
+        out.push((w, r.pid.unwrap_or(0), r.comm.clone().unwrap_or_default()));
+        Ok(())
+    };
+    for host in ["169.254.169.254", "fd00:ec2::254"] {
+        run(
+            Workload::BridgeC1,
+            ProbeSpec {
+                id: lab.probe_id("udp-sendto"),
+                kind: ProbeKind::UdpSendTo {
+                    host: host.into(),
+                    port: addr::ECHO_UDP_PORT,
+                },
+                timeout_ms: 5000,
+            },
+        )?;
+        run(
+            Workload::BridgeC1,
+            ProbeSpec {
+                id: lab.probe_id("tcp"),
+                kind: ProbeKind::Tcp {
+                    host: host.into(),
+                    port: addr::ECHO_TCP_PORT,
+                },
+                timeout_ms: 5000,
+            },
+        )?;
+    }
+    let mut spec = lab.http_get(&format!("{IMDS}/latest/meta-data/instance-id"));
+    spec.timeout_ms = 5000;
+    run(Workload::HostNetwork, spec)?;
+    Ok(out)
+}
+
+/// (workload, container name, service, protocol, port).
+type ConnKey = (String, String, String, String, u64);
+
+/// The connections of `report`: their key and the entry.
+fn connections_of(report: &Value) -> Vec<(ConnKey, Value)> {
+    let mut out = Vec::new();
+    for w in report["workloads"].as_array().into_iter().flatten() {
+        for c in w["callers"].as_array().into_iter().flatten() {
+            let name = c["container"]["name"].as_str().unwrap_or("-").to_string();
+            for k in c["connections"].as_array().into_iter().flatten() {
+                out.push((
+                    (
+                        w["workload"].as_str().unwrap_or_default().to_string(),
+                        name.clone(),
+                        k["service"].as_str().unwrap_or_default().to_string(),
+                        k["protocol"].as_str().unwrap_or_default().to_string(),
+                        k["port"].as_u64().unwrap_or(0),
+                    ),
+                    k.clone(),
+                ));
+            }
+        }
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+fn bpf_records_every_connection_with_pid_and_comm_and_refuses_none() -> Result<(), Failed> {
+    let mut lab = lab()?;
+    lab.mount_bpffs()?;
+    lab.start_docker_api()?;
+    let observe = connections_policy(&lab, true)?;
+    let d = daemon(&lab, &observe, &[])?;
+    let sent = connection_traffic(&lab)?;
+    // Runs are written once their 1 s window has passed.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let (v, got) = loop {
+        let v = report_json(&lab, &observe)?;
+        let got = connections_of(&v);
+        if got.len() >= 3 || std::time::Instant::now() > deadline {
+            break (v, got);
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    let keys: Vec<_> = got.iter().map(|(k, _)| k.clone()).collect();
+    let c1 = "ecs-lab-web-1-app-c1".to_string();
+    let h1 = "ecs-lab-batch-1-worker-h1".to_string();
+    let key = |w: &str, c: &String, p: &str, port: u16| {
+        (
+            w.to_string(),
+            c.clone(),
+            "imds".to_string(),
+            p.to_string(),
+            u64::from(port),
+        )
+    };
+    let want = vec![
+        key(
+            "containers",
+            &c1,
+            "tcp",
+            metaguard_lab::topology::addr::ECHO_TCP_PORT,
+        ),
+        key(
+            "containers",
+            &c1,
+            "udp",
+            metaguard_lab::topology::addr::ECHO_UDP_PORT,
+        ),
+        key("host-network", &h1, "tcp", 80),
+    ];
+    ensure!(
+        keys == want,
+        "connections:\n got {keys:?}\nwant {want:?}\n{}\n{}",
+        serde_json::to_string_pretty(&v)?,
+        d.log_text()
+    );
+    for ((w, _, _, proto, _), k) in &got {
+        let label = if w == "containers" {
+            Workload::BridgeC1
+        } else {
+            Workload::HostNetwork
+        };
+        let mine: Vec<&(Workload, u32, String)> =
+            sent.iter().filter(|(sw, _, _)| *sw == label).collect();
+        let pids: Vec<u64> = k["pids"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_u64)
+            .collect();
+        let comms: Vec<&str> = k["comms"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        // Each connection kind came from probes of that workload: their
+        // pids, their comm.
+        ensure!(
+            !pids.is_empty()
+                && pids
+                    .iter()
+                    .all(|p| mine.iter().any(|(_, pid, _)| u64::from(*pid) == *p)),
+            "{w} {proto}: pids {pids:?}, the probes' {mine:?}"
+        );
+        ensure!(
+            !comms.is_empty() && comms.iter().all(|c| mine.iter().any(|(_, _, m)| m == c)),
+            "{w} {proto}: comms {comms:?}, the probes' {mine:?}"
+        );
+        let families = k["families"].to_string();
+        if w == "containers" {
+            ensure!(
+                families == r#"["ipv4","ipv6"]"#,
+                "{w} {proto}: families {families}"
+            );
+            // Enforced, `imds = "deny"` would refuse them.
+            ensure!(k["would"] == "deny", "{w} {proto}: {k}");
+        }
+        ensure!(
+            k["cgroups"].to_string().contains("docker/"),
+            "{w} {proto}: cgroups {}",
+            k["cgroups"]
+        );
+    }
+    // The host-network container's HTTP is also a request, next to it.
+    ensure!(
+        accesses(&v)
+            .iter()
+            .any(|a| a.0 == "host-network" && a.1 == h1 && a.4 == "/latest/meta-data/instance-id"),
+        "the host-network request: {}",
+        serde_json::to_string_pretty(&v)?
+    );
+    // Nothing was refused by the programs.
+    let log = d.log_text();
+    ensure!(
+        !log.contains("bpf-refusal"),
+        "a refusal under observe: {log}"
+    );
+    let table = String::from_utf8_lossy(&report(&lab, &observe, &[])?.stdout).to_string();
+    if std::env::var_os("METAGUARD_OBSERVE_SHOW").is_some() {
+        // For docs/observe.md: the real output.
+        let records = std::fs::read_to_string(observe_dir(&lab).join("observe.jsonl"))?;
+        let suggested = report(&lab, &observe, &["--suggest"])?;
+        eprintln!(
+            "--- records\n{records}\n--- report\n{table}\n--- report --suggest\n{}",
+            String::from_utf8_lossy(&suggested.stdout)
+        );
+    }
+    ensure!(
+        table.contains("conn udp/5353 (ipv4, ipv6)") && table.contains("connection(s) recorded"),
+        "the table: {table}"
+    );
+    drop(d);
+
+    // Control: the same probes, the workloads `allow` — no connection
+    // record (only `elsewhere` observes, and it sends nothing).
+    std::fs::remove_dir_all(observe_dir(&lab))?;
+    let allow = connections_policy(&lab, false)?;
+    let d = daemon(&lab, &allow, &[])?;
+    connection_traffic(&lab)?;
+    std::thread::sleep(Duration::from_millis(1500));
+    drop(d);
+    let v = report_json(&lab, &allow)?;
+    ensure!(
+        connections_of(&v).is_empty() && v["summary"]["connections"] == 0,
+        "connections recorded for allow: {}",
+        serde_json::to_string_pretty(&v)?
     );
     Ok(())
 }
