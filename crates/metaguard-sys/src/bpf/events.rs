@@ -24,6 +24,10 @@ impl EventReader {
     /// Waits until events are queued or `timeout` passes; `Ok(true)` when
     /// there is something to drain.
     pub fn wait(&self, timeout: std::time::Duration) -> io::Result<bool> {
+        self.poll(timeout)
+    }
+
+    fn poll(&self, timeout: std::time::Duration) -> io::Result<bool> {
         let mut pfd = libc::pollfd {
             fd: self.ring.as_raw_fd(),
             events: libc::POLLIN,
@@ -49,9 +53,24 @@ impl EventReader {
     }
 
     /// Every event queued now.
+    ///
+    /// Each item is taken only while the kernel says the ring holds data
+    /// (`poll` with no wait: its consumer and producer positions differ).
+    /// aya 0.13's reader caches the producer position starting from 0 and
+    /// reloads it only when the consumer position equals the cache, so a
+    /// reader opened on a ring whose consumer position is not 0 — every
+    /// ring a previous reader consumed from: a restarted daemon's, a new
+    /// follower's — never sees the producer position and reads on past it
+    /// forever, consuming stale bytes and pushing the consumer position
+    /// beyond the producer's, after which the kernel finds the ring full
+    /// and drops every event. Asking the kernel first stops at the real
+    /// end (one `poll` per event).
     pub fn drain(&mut self) -> Vec<Event> {
         let mut out = Vec::new();
-        while let Some(item) = self.ring.next() {
+        while self.poll(std::time::Duration::ZERO).unwrap_or(false) {
+            let Some(item) = self.ring.next() else {
+                break; // a record still being written
+            };
             if let Some(e) = Event::parse(&item) {
                 out.push(e);
             }

@@ -1103,6 +1103,31 @@ fn bpf_records_every_connection_with_pid_and_comm_and_refuses_none() -> Result<(
     );
     drop(d);
 
+    // A restarted daemon reads on from where the first left the pinned
+    // ring buffer (its consumer position is not 0 any more: aya's reader
+    // alone would read past the end forever and leave the ring full).
+    let d = daemon(&lab, &observe, &[])?;
+    let sent = connection_traffic(&lab)?;
+    let pid = u64::from(sent[0].1);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let v = report_json(&lab, &observe)?;
+        let seen = connections_of(&v)
+            .iter()
+            .any(|(_, k)| k["pids"].as_array().into_iter().flatten().any(|p| p == pid));
+        if seen {
+            break;
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "no connection record after a restart (pid {pid}): {}\n{}",
+            serde_json::to_string_pretty(&v)?,
+            d.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    drop(d);
+
     // Control: the same probes, the workloads `allow` — no connection
     // record (only `elsewhere` observes, and it sends nothing).
     std::fs::remove_dir_all(observe_dir(&lab))?;
