@@ -21,6 +21,19 @@ use tracing::{info, warn};
 #[derive(Debug)]
 pub struct Follower {
     stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Follower {
+    /// Stops the follower and waits for it (≤ 250 ms: its poll period),
+    /// so the connection runs it holds are written before the daemon
+    /// exits.
+    pub fn finish(mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 impl Drop for Follower {
@@ -75,7 +88,10 @@ pub fn spawn(
             recorder.flush();
         });
     match started {
-        Ok(_) => Some(Follower { stop }),
+        Ok(thread) => Some(Follower {
+            stop,
+            thread: Some(thread),
+        }),
         Err(e) => {
             warn!(error = %e, "bpf layer: refusal events are not followed");
             None

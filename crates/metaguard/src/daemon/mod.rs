@@ -625,6 +625,10 @@ impl Daemon {
                               // Ends the proxy's workers, then writes its buffered audit lines:
                               // every answered request is in the audit log before the exit.
         self.proxy = None;
+        // Writes the connection runs the BPF events follower holds.
+        if let Some(f) = self.bpf.as_mut().and_then(|g| g.follower.take()) {
+            f.finish();
+        }
         if self.opts.remove_on_exit {
             let removed = self.engine.remove()?;
             info!(signal, removed = ?removed, "stopping: --remove-on-exit, rules removed");

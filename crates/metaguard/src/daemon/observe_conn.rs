@@ -303,6 +303,99 @@ mod tests {
         assert_eq!(service_of(&c, ip("10.0.0.1")), None);
     }
 
+    fn event(cookie: u64, rule: u32, ip: [u8; 4], sock_type: u32) -> Event {
+        let mut addr = [0u8; 16];
+        addr[..4].copy_from_slice(&ip);
+        Event {
+            cgroup_id: 99,
+            pid: 4_000_000, // no such process: the cgroup is not read
+            syscall: "sendmsg",
+            family: 2,
+            port: 53,
+            addr,
+            sock_type,
+            protocol: 17,
+            netns_cookie: cookie,
+            sock_cookie: 1,
+            comm: "probe".into(),
+            observed: true,
+            rule,
+        }
+    }
+
+    #[test]
+    fn runs_are_attributed_by_rule_coalesced_and_written() {
+        use bpf_policy::{rule_index, NO_RULE, OBSERVE_IMDS};
+        let config = Config::parse(
+            "mode = \"observe\"\n[[workload]]\nname = \"b\"\nbridges = [\"docker0\"]\nimds = \"deny\"\n\n[[workload]]\nname = \"h\"\ncgroups = [\"x\"]\nimds = \"deny\"\n",
+            "t.toml",
+        )
+        .expect("config");
+        let dir = std::env::temp_dir().join(format!("mg-obsconn-log-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let log = ObserveLog::open(&dir, metaguard_proxy::observe::Caps::default()).expect("log");
+        let shared = Shared::default();
+        let default = (rule_index(0, 0), OBSERVE_IMDS);
+        shared.publish(View {
+            config: Arc::new(config),
+            log: Some(Arc::new(log)),
+            netns: [(0, default), (555, default), (1, (NO_RULE, 0))].into(),
+            containers: Arc::new(Vec::new()),
+            write_errors: None,
+        });
+        let counter = IntCounterVec::new(
+            prometheus::Opts::new("t", "t"),
+            &["workload", "service", "protocol"],
+        )
+        .expect("metric");
+        let mut r = Recorder::new(shared, counter.clone(), &dir);
+        let imds = [169, 254, 169, 254];
+        // A UDP loop in a classified namespace: one run.
+        for _ in 0..100 {
+            r.add(event(555, rule_index(0, 0), imds, 2));
+        }
+        // A namespace nobody classified (key 0 decided), a host process
+        // of the cgroups workload, and a destination that is no endpoint
+        // (any more).
+        r.add(event(777, rule_index(0, 0), imds, 1));
+        r.add(event(1, rule_index(1, 0), imds, 1));
+        r.add(event(1, rule_index(1, 0), [10, 0, 0, 1], 1));
+        r.tick();
+        assert!(
+            metaguard_proxy::observe::read(&dir, None)
+                .expect("read")
+                .connections
+                .is_empty(),
+            "nothing before the window ends"
+        );
+        r.flush();
+        let read = metaguard_proxy::observe::read(&dir, None).expect("read");
+        let got: Vec<(&str, u64, &str, &str)> = read
+            .connections
+            .iter()
+            .map(|c| {
+                (
+                    c.workload.as_str(),
+                    c.count,
+                    c.protocol.as_str(),
+                    c.cgroup.as_str(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("b", 100, "udp", "cgroup id 99"),
+                ("", 1, "tcp", "cgroup id 99"),
+                ("h", 1, "tcp", "cgroup id 99"),
+            ]
+        );
+        assert!(read.connections[1].caller.contains("not classified yet"));
+        assert_eq!(read.connections[0].comm, "probe");
+        assert_eq!(counter.with_label_values(&["b", "imds", "udp"]).get(), 100);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn a_process_cgroup_is_read_from_proc() {
         let d = std::env::temp_dir().join(format!("mg-obsconn-proc-{}", std::process::id()));
