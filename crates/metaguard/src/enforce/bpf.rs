@@ -288,31 +288,7 @@ impl Engine {
         };
         let mut warnings = Vec::new();
         let (_, attachments) = desired(cg, &policy, self.bpf_fence.as_deref(), &mut warnings);
-        let classes = |bits: u32| {
-            let mut v = Vec::new();
-            if bits & bpf_policy::CLASS_IMDS != 0 {
-                v.push("imds");
-            }
-            if bits & bpf_policy::CLASS_TASK_METADATA != 0 {
-                v.push("task_metadata");
-            }
-            if bits & bpf_policy::DENY_RAW != 0 {
-                v.push("raw sockets");
-            }
-            let mut o = Vec::new();
-            if bits & bpf_policy::OBSERVE_IMDS != 0 {
-                o.push("imds");
-            }
-            if bits & bpf_policy::OBSERVE_TASK_METADATA != 0 {
-                o.push("task_metadata");
-            }
-            match (v.is_empty(), o.is_empty()) {
-                (true, true) => "nothing refused".to_string(),
-                (false, true) => format!("refuses {}", v.join(", ")),
-                (true, false) => format!("observes {}", o.join(", ")),
-                (false, false) => format!("refuses {}; observes {}", v.join(", "), o.join(", ")),
-            }
-        };
+        let classes = bits_text;
         for path in &policy.attach {
             let at = attachments
                 .iter()
@@ -549,6 +525,34 @@ impl Engine {
     }
 }
 
+/// A decision's bits as `apply --dry-run` prints them: what is refused
+/// and what is observed.
+fn bits_text(bits: u32) -> String {
+    let mut v = Vec::new();
+    if bits & bpf_policy::CLASS_IMDS != 0 {
+        v.push("imds");
+    }
+    if bits & bpf_policy::CLASS_TASK_METADATA != 0 {
+        v.push("task_metadata");
+    }
+    if bits & bpf_policy::DENY_RAW != 0 {
+        v.push("raw sockets");
+    }
+    let mut o = Vec::new();
+    if bits & bpf_policy::OBSERVE_IMDS != 0 {
+        o.push("imds");
+    }
+    if bits & bpf_policy::OBSERVE_TASK_METADATA != 0 {
+        o.push("task_metadata");
+    }
+    match (v.is_empty(), o.is_empty()) {
+        (true, true) => "nothing refused".to_string(),
+        (false, true) => format!("refuses {}", v.join(", ")),
+        (true, false) => format!("observes {}", o.join(", ")),
+        (false, false) => format!("refuses {}; observes {}", v.join(", "), o.join(", ")),
+    }
+}
+
 /// How the namespace map differs from what it should hold: the default
 /// (key 0) and the host's entry by name, the rest counted.
 fn netns_differences(
@@ -698,6 +702,24 @@ mod tests {
         assert!(
             asked(&default, &bpf_policy::plan(&default, None)),
             "the built-in default guards bridges and task namespaces by namespace"
+        );
+    }
+
+    #[test]
+    fn dry_run_names_refused_and_observed_classes() {
+        use bpf_policy::{CLASS_IMDS, DENY_RAW, OBSERVE_IMDS, OBSERVE_TASK_METADATA};
+        assert_eq!(bits_text(0), "nothing refused");
+        assert_eq!(
+            bits_text(CLASS_IMDS | DENY_RAW),
+            "refuses imds, raw sockets"
+        );
+        assert_eq!(
+            bits_text(OBSERVE_IMDS | OBSERVE_TASK_METADATA),
+            "observes imds, task_metadata"
+        );
+        assert_eq!(
+            bits_text(CLASS_IMDS | OBSERVE_TASK_METADATA),
+            "refuses imds; observes task_metadata"
         );
     }
 
