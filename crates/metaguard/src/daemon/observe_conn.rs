@@ -256,7 +256,7 @@ impl Recorder {
             self.index_at = Some(Instant::now());
         }
         let k = self.index.get(&id)?.as_ref()?;
-        Some(ContainerInfo::new(&k.id, &k.name, &k.labels))
+        Some(ContainerInfo::new(&k.id, &k.name, &k.labels).with_image(&k.image))
     }
 }
 
