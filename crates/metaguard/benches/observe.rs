@@ -14,8 +14,9 @@
 //! /latest/meta-data/instance-id` from c1, keep-alive and `Connection:
 //! close`. Per connect: TCP connects/s from c1 to the VPC echo service
 //! (10.0.0.1; every packet crosses the workload's chain, which under
-//! observe holds the port-80 probe rules; no cgroup BPF program runs under
-//! either: observe never denies), with `net.ipv4.tcp_tw_reuse=1` in c1
+//! observe holds the port-80 probe rules; no cgroup BPF program runs: this
+//! lab mounts no bpf filesystem — the programs' cost under observe is the
+//! `bpf` bench's "observe" rows), with `net.ipv4.tcp_tw_reuse=1` in c1
 //! (without it the rate collapses after some 10 000 connects in one lab). Variants rotate each round; figures are
 //! the medians over rounds. `sudo cargo bench -p metaguard --bench
 //! observe` runs 5 rounds × 3 s (`METAGUARD_OBSERVE_BENCH_ROUNDS`,
