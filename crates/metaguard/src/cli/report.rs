@@ -152,7 +152,13 @@ pub fn table(r: &Report) -> String {
             (Some(i), Some(t)) => format!("imds = {i}, task_metadata = {t}"),
             _ => "not in the config: untouched".to_string(),
         };
-        let _ = writeln!(out, "\nworkload {} ({actions})", wl.workload);
+        if wl.workload.is_empty() {
+            // Connection records of a namespace the daemon had not
+            // classified yet (its workload was not known).
+            let _ = writeln!(out, "\nno workload (a namespace not classified yet)");
+        } else {
+            let _ = writeln!(out, "\nworkload {} ({actions})", wl.workload);
+        }
         if !wl.needs_credentials_ids.is_empty() {
             let _ = writeln!(
                 out,
@@ -259,4 +265,72 @@ pub fn table(r: &Report) -> String {
         );
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use metaguard_core::observe::{Connection, ContainerInfo, KIND_CONNECTION, RECORD_VERSION};
+
+    fn conn(workload: &str, protocol: &str, port: u16) -> Connection {
+        Connection {
+            v: RECORD_VERSION,
+            kind: KIND_CONNECTION.into(),
+            time: 1_796_623_166.0,
+            first: 1_796_623_165.0,
+            count: 2,
+            service: "imds".into(),
+            workload: workload.into(),
+            container: Some(ContainerInfo {
+                id: "0d73cbc6e4e8ffff".into(),
+                name: "c1".into(),
+                ..ContainerInfo::default()
+            }),
+            caller: "container c1".into(),
+            cgroup: "docker/c1".into(),
+            pid: 17574,
+            comm: "dig".into(),
+            family: "ipv4".into(),
+            protocol: protocol.into(),
+            port,
+            syscall: "sendmsg".into(),
+        }
+    }
+
+    #[test]
+    fn the_table_lists_connections_with_their_processes() {
+        let config = Config::parse_enforced(
+            "[[workload]]\nname = \"containers\"\nbridges = [\"docker0\"]\nimds = \"proxy\"\n",
+            "t.toml",
+        )
+        .expect("config");
+        let r = observe::report_with(
+            &config,
+            &[],
+            &[
+                conn("containers", "udp", 53),
+                conn("containers", "tcp", 80),
+                conn("", "udp", 53),
+            ],
+            Window::default(),
+        );
+        let t = table(&r);
+        assert!(t.contains(", 0 request(s), 3 connection record(s)"), "{t}");
+        assert!(
+            t.contains("no workload (a namespace not classified yet)"),
+            "{t}"
+        );
+        assert!(
+            t.lines()
+                .any(|l| l.contains("DENY  imds          conn udp/53 (ipv4)")
+                    && l.contains("only HTTP on TCP port 80")),
+            "{t}"
+        );
+        assert!(t.contains("http  imds          conn tcp/80 (ipv4)"), "{t}");
+        assert!(t.contains("comm dig; pid 17574; cgroup docker/c1"), "{t}");
+        assert!(
+            t.contains("6 connection(s) recorded; the config would refuse 2 of them"),
+            "{t}"
+        );
+    }
 }
