@@ -42,6 +42,10 @@
 //!   upstreams, limits) opened; after them both are put in force and the
 //!   listeners the new plan lacks are closed. A failure in either step
 //!   before the rules refuses the whole reload.
+//! * **BPF events.** A thread of its own follows the layer's ring buffer:
+//!   refusals become audit lines ([`bpf_events`]); calls of observed
+//!   workloads, let through, become connection records in the observe log,
+//!   coalesced per second ([`observe_conn`]). SIGTERM writes the runs held.
 //! * **Metrics and health** on a loopback address only (see [`metrics`]).
 
 mod bpf_events;
