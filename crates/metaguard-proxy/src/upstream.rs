@@ -16,6 +16,7 @@
 //! that, on every request.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full};
@@ -104,19 +105,74 @@ async fn send(
         let bytes = body.collect().await?.to_bytes();
         Ok::<_, hyper::Error>((parts, bytes))
     };
-    let mut conn = std::pin::pin!(conn);
+    // Boxed: it may outlive this call (see `close_after_upstream`).
+    let mut conn = Box::pin(conn.without_shutdown());
     let mut answer = std::pin::pin!(answer);
     tokio::select! {
         biased;
-        r = &mut answer => r.map_err(|e| e.to_string()),
-        // The upstream closed: whatever it sent is already in the answer's
-        // channel, or the answer fails.
+        r = &mut answer => {
+            let r = r.map_err(|e| e.to_string());
+            if r.as_ref().is_ok_and(|(parts, _)| says_close(parts)) {
+                tokio::spawn(close_after_upstream(async move {
+                    conn.await.ok().map(|p| p.io.0.into_inner())
+                }));
+            }
+            r
+        }
+        // hyper is done with the connection (the answer said `Connection:
+        // close`, or the upstream closed): whatever it sent is in the
+        // answer's channel, or the answer fails.
         c = &mut conn => match c {
-            Ok(()) => answer.await.map_err(|e| e.to_string()),
+            Ok(parts) => {
+                let r = answer.await.map_err(|e| e.to_string());
+                if r.as_ref().is_ok_and(|(parts, _)| says_close(parts)) {
+                    let stream = parts.io.0.into_inner();
+                    tokio::spawn(close_after_upstream(async move { Some(stream) }));
+                }
+                r
+            }
             Err(e) => Err(e.to_string()),
         },
     }
-    // Dropping `conn` closes the socket: nothing is reused.
+}
+
+/// How long a connection whose upstream said `Connection: close` is kept
+/// open, after the answer, for the upstream's own close.
+const LINGER: Duration = Duration::from_secs(1);
+
+/// Whether the answer says the upstream closes the connection (IMDS does,
+/// after every answer).
+fn says_close(parts: &Parts) -> bool {
+    parts
+        .headers
+        .get_all(hyper::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("close"))
+}
+
+/// Lets the upstream close first, off the request path: the answer has
+/// gone to the client already, and this task waits (at most [`LINGER`])
+/// for the upstream's FIN before closing the socket `stream` gives.
+/// Whoever closes first keeps the connection's TIME_WAIT for a minute;
+/// when the proxy did, on every forwarded request, thousands of them
+/// filled the host's ports towards IMDS, each new connection's port search
+/// walked them (`__inet_check_established`, half the proxy's CPU on
+/// misses in the bench), and a busy host would run out of ports. IMDS
+/// closes at once, so the wait is the FIN's way back.
+async fn close_after_upstream(stream: impl std::future::Future<Output = Option<TcpStream>>) {
+    let _ = tokio::time::timeout(LINGER, async move {
+        let Some(mut stream) = stream.await else {
+            return;
+        };
+        let mut buf = [0u8; 256];
+        while matches!(
+            tokio::io::AsyncReadExt::read(&mut stream, &mut buf).await,
+            Ok(n) if n > 0
+        ) {}
+    })
+    .await;
 }
 
 #[cfg(test)]
@@ -162,6 +218,42 @@ mod tests {
             seen.starts_with("GET /latest/meta-data/instance-id HTTP/1.1\r\n"),
             "{seen}"
         );
+    }
+
+    /// Serves one answer with `head`, then reports whether the client
+    /// closed within 300 ms (EOF), and closes.
+    async fn client_closed_first(head: &'static [u8]) -> bool {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let server = tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.expect("accept");
+            let mut buf = vec![0; 1024];
+            let _ = s.read(&mut buf).await.expect("read");
+            s.write_all(head).await.expect("write");
+            let eof = tokio::time::timeout(Duration::from_millis(300), s.read(&mut buf)).await;
+            matches!(eof, Ok(Ok(0)))
+        });
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let (parts, body) = exchange(addr, request(), deadline).await.expect("exchange");
+        assert_eq!((parts.status.as_u16(), &body[..]), (200, &b"i-0"[..]));
+        server.await.expect("server")
+    }
+
+    /// IMDS closes after every answer: the proxy leaves the close (and its
+    /// minute of TIME_WAIT) to it.
+    #[tokio::test(flavor = "current_thread")]
+    async fn an_upstream_that_says_close_closes_first() {
+        let closed = client_closed_first(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\nconnection: close\r\n\r\ni-0",
+        )
+        .await;
+        assert!(!closed, "the proxy closed before the upstream");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn an_upstream_that_keeps_the_connection_is_closed_at_once() {
+        let closed = client_closed_first(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\ni-0").await;
+        assert!(closed, "the proxy kept a connection nobody would close");
     }
 
     #[tokio::test(flavor = "current_thread")]
