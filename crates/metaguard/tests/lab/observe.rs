@@ -291,24 +291,38 @@ fn normalized(mut v: Value, lab: &Lab) -> Value {
     v
 }
 
-fn accesses(report: &Value) -> Vec<(String, String, String, String, String, u64)> {
+/// Every entry of list `field` (`accesses`, `connections`) of every caller
+/// in `report`, with its workload's name and its container's name (`-`
+/// for none).
+fn entries<'a>(report: &'a Value, field: &'a str) -> Vec<(String, String, &'a Value)> {
     let mut out = Vec::new();
     for w in report["workloads"].as_array().into_iter().flatten() {
+        let workload = w["workload"].as_str().unwrap_or_default();
         for c in w["callers"].as_array().into_iter().flatten() {
-            let name = c["container"]["name"].as_str().unwrap_or("-").to_string();
-            for a in c["accesses"].as_array().into_iter().flatten() {
-                out.push((
-                    w["workload"].as_str().unwrap_or_default().to_string(),
-                    name.clone(),
-                    a["service"].as_str().unwrap_or_default().to_string(),
-                    a["method"].as_str().unwrap_or_default().to_string(),
-                    a["path"].as_str().unwrap_or_default().to_string(),
-                    a["count"].as_u64().unwrap_or(0),
-                ));
+            let name = c["container"]["name"].as_str().unwrap_or("-");
+            for e in c[field].as_array().into_iter().flatten() {
+                out.push((workload.to_string(), name.to_string(), e));
             }
         }
     }
     out
+}
+
+fn accesses(report: &Value) -> Vec<(String, String, String, String, String, u64)> {
+    let text = |v: &Value| v.as_str().unwrap_or_default().to_string();
+    entries(report, "accesses")
+        .into_iter()
+        .map(|(w, name, a)| {
+            (
+                w,
+                name,
+                text(&a["service"]),
+                text(&a["method"]),
+                text(&a["path"]),
+                a["count"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect()
 }
 
 fn mixed_lab_report_attributes_every_access_and_blocks_nothing() -> Result<(), Failed> {
@@ -953,24 +967,20 @@ type ConnKey = (String, String, String, String, u64);
 
 /// The connections of `report`: their key and the entry.
 fn connections_of(report: &Value) -> Vec<(ConnKey, Value)> {
-    let mut out = Vec::new();
-    for w in report["workloads"].as_array().into_iter().flatten() {
-        for c in w["callers"].as_array().into_iter().flatten() {
-            let name = c["container"]["name"].as_str().unwrap_or("-").to_string();
-            for k in c["connections"].as_array().into_iter().flatten() {
-                out.push((
-                    (
-                        w["workload"].as_str().unwrap_or_default().to_string(),
-                        name.clone(),
-                        k["service"].as_str().unwrap_or_default().to_string(),
-                        k["protocol"].as_str().unwrap_or_default().to_string(),
-                        k["port"].as_u64().unwrap_or(0),
-                    ),
-                    k.clone(),
-                ));
-            }
-        }
-    }
+    let text = |v: &Value| v.as_str().unwrap_or_default().to_string();
+    let mut out: Vec<(ConnKey, Value)> = entries(report, "connections")
+        .into_iter()
+        .map(|(w, name, k)| {
+            let key = (
+                w,
+                name,
+                text(&k["service"]),
+                text(&k["protocol"]),
+                k["port"].as_u64().unwrap_or(0),
+            );
+            (key, k.clone())
+        })
+        .collect();
     out.sort_by(|a, b| a.0.cmp(&b.0));
     out
 }
