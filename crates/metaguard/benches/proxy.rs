@@ -27,7 +27,10 @@
 //!   172.17.0.1:8083;
 //! * (f) the floor ([`floor`]): a minimal tokio relay in the proxy's shape
 //!   on 172.17.0.1:8082 that does only the network work of a proxy —
-//!   what any tokio proxy pays, whatever else it does.
+//!   what any tokio proxy pays, whatever else it does;
+//! * (g) the same floor process answering every request from memory (a
+//!   fixed `200`, on 172.17.0.1:8084): what any tokio server pays per
+//!   answer, beside (b) and (e).
 //!
 //! Each round measures every variant once per load, in an order rotated
 //! every round
@@ -67,6 +70,8 @@ const NGINX_PORT: u16 = 8081;
 const FLOOR_PORT: u16 = 8082;
 /// Where nginx with `proxy_cache` (e) listens.
 const NGINX_CACHE_PORT: u16 = 8083;
+/// Where the floor answering from memory (g) listens.
+const FLOOR_MEMORY_PORT: u16 = 8084;
 /// How long the floor relay gets to accept connections once started.
 const FLOOR_READY: Duration = Duration::from_secs(5);
 
@@ -80,7 +85,11 @@ fn main() {
             a.parse().map_err(|e| format!("{a:?}: {e}"))
         };
         let result = addr(2).and_then(|listen| {
-            floor::run(listen, addr(3)?).map_err(|e| format!("floor relay on {listen}: {e}"))
+            let upstream = match args.get(3).map(String::as_str) {
+                Some("memory") => None,
+                _ => Some(addr(3)?),
+            };
+            floor::run(listen, upstream).map_err(|e| format!("floor relay on {listen}: {e}"))
         });
         if let Err(e) = result {
             eprintln!("{e}");
@@ -252,7 +261,7 @@ fn direct_variant(lab: &Lab) -> Variant {
     }
 }
 
-/// (f) the floor relay ([`floor`]): this binary again, in the lab host's
+/// (f) the floor relay ([`floor`]) and (g): this binary again, in the lab host's
 /// namespace on docker0's address, relaying to the emulator; killed and
 /// reaped on drop.
 struct FloorRelay(loadgen::Reaped);
@@ -263,15 +272,25 @@ impl Proxy for FloorRelay {
     }
 }
 
-fn floor_variant(lab: &Lab) -> Result<Variant, String> {
-    let listen = SocketAddr::new(addr::DOCKER0_V4.into(), FLOOR_PORT);
+/// (f) the floor relay, or (g) the same process answering from memory.
+fn floor_variant(lab: &Lab, memory: bool) -> Result<Variant, String> {
+    let port = if memory {
+        FLOOR_MEMORY_PORT
+    } else {
+        FLOOR_PORT
+    };
+    let listen = SocketAddr::new(addr::DOCKER0_V4.into(), port);
     let ns = lab.netns(Role::Host);
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let mut command = std::process::Command::new(exe);
     command
         .arg(floor::ARG)
         .arg(listen.to_string())
-        .arg(format!("{}:80", addr::IMDS_V4))
+        .arg(if memory {
+            "memory".to_string()
+        } else {
+            format!("{}:80", addr::IMDS_V4)
+        })
         .stdin(std::process::Stdio::null());
     ns.command(&mut command).map_err(|e| e.to_string())?;
     let mut relay = FloorRelay(loadgen::Reaped(
@@ -289,14 +308,18 @@ fn floor_variant(lab: &Lab) -> Result<Variant, String> {
         },
     )?;
     Ok(Variant {
-        label: format!("(f) floor: minimal tokio relay ({listen})"),
+        label: if memory {
+            format!("(g) floor: minimal tokio server answering from memory ({listen})")
+        } else {
+            format!("(f) floor: minimal tokio relay ({listen})")
+        },
         from: lab.netns_name(Role::C1),
         url: format!("http://{listen}{PATH}"),
         headers: Vec::new(),
         proxy: Some(Box::new(relay)),
         before: None,
         after: None,
-        cached: false,
+        cached: memory,
     })
 }
 
@@ -525,7 +548,8 @@ fn run(full: bool) -> Result<(), String> {
     let nginx = variants.len() - 1;
     variants.push(nginx_variant(&lab, true)?);
     let nginx_cache = variants.len() - 1;
-    variants.push(floor_variant(&lab)?);
+    variants.push(floor_variant(&lab, false)?);
+    variants.push(floor_variant(&lab, true)?);
 
     if full {
         // Warm-up (not counted): connections, caches, nginx's workers.
@@ -765,7 +789,9 @@ fn run(full: bool) -> Result<(), String> {
          relay in metaguard's proxy's shape (a single-threaded runtime per CPU over `SO_REUSEPORT` \
          listeners) that does only the network work — request head in, new upstream connection, head out, \
          answer back — and nothing of a proxy's job (no HTTP library, identification, policy, audit or \
-         metrics; `benches/proxy/floor.rs`): what any tokio proxy pays for the same requests. \
+         metrics; `benches/proxy/floor.rs`): what any tokio proxy pays for the same requests, (g) the same \
+         process answering every request from memory with a fixed `200` (no HTTP library, nothing checked, \
+         on docker0's address like nginx): what any tokio server pays per answer, beside (b) and (e). \
          Three loads: one connection (the latency a proxy adds, without queueing), one request per new \
          connection, and {conns} connections on {threads} threads (saturation). {rounds} rounds of {secs} s per variant and load{warm}, the order \
          rotated every round; ratios and differences are taken per round. The emulator answers every request \

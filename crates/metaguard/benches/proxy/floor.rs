@@ -14,6 +14,11 @@
 //! work, whatever it parses. Not a proxy to use: it trusts the upstream's
 //! framing and checks nothing.
 //!
+//! (g) is the same process answering every request from memory (upstream
+//! `memory`): a fixed `200` with an instance id, no upstream — the least a
+//! tokio server pays per answer, beside nginx's `proxy_cache` (e) and
+//! metaguard's cache hit (b).
+//!
 //! The bench re-executes itself (`proxy --floor-relay LISTEN UPSTREAM`)
 //! inside the lab host's namespace to run it as a process of its own, so
 //! its CPU time and memory are measured like the other proxies'.
@@ -29,9 +34,13 @@ pub const ARG: &str = "--floor-relay";
 /// Largest request or response head read.
 const MAX_HEAD: usize = 16 * 1024;
 
-/// Runs the relay until the process is killed; returns only on a set-up
-/// error.
-pub fn run(listen: SocketAddr, upstream: SocketAddr) -> std::io::Result<()> {
+/// The answer (g) gives every request.
+const FROM_MEMORY: &[u8] =
+    b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 19\r\n\r\ni-0123456789abcdef0";
+
+/// Runs the relay (to `upstream`, or answering from memory when `None`)
+/// until the process is killed; returns only on a set-up error.
+pub fn run(listen: SocketAddr, upstream: Option<SocketAddr>) -> std::io::Result<()> {
     let listeners = metaguard_proxy::bind(listen, metaguard_proxy::workers())?;
     let threads: Vec<_> = listeners
         .into_iter()
@@ -85,7 +94,7 @@ fn content_length(head: &[u8]) -> usize {
         .unwrap_or(0)
 }
 
-async fn connection(mut client: TcpStream, upstream: SocketAddr) {
+async fn connection(mut client: TcpStream, upstream: Option<SocketAddr>) {
     let _ = client.set_nodelay(true);
     let mut req = Vec::with_capacity(4096);
     let mut resp = Vec::with_capacity(4096);
@@ -99,6 +108,13 @@ async fn connection(mut client: TcpStream, upstream: SocketAddr) {
             }
         };
         let close = has_header(&req[..end], "connection", "close");
+        let Some(upstream) = upstream else {
+            req.drain(..end);
+            if client.write_all(FROM_MEMORY).await.is_err() || close {
+                return;
+            }
+            continue;
+        };
         let Ok(mut up) = TcpStream::connect(upstream).await else {
             return;
         };
