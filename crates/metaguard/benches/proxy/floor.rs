@@ -34,9 +34,14 @@ pub const ARG: &str = "--floor-relay";
 /// Largest request or response head read.
 const MAX_HEAD: usize = 16 * 1024;
 
-/// The answer (g) gives every request.
+/// The answer (g) gives every request, and the one it gives a request
+/// that asked to close (wrk counts a close the answer did not announce as
+/// a read error).
 const FROM_MEMORY: &[u8] =
     b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 19\r\n\r\ni-0123456789abcdef0";
+const FROM_MEMORY_CLOSE: &[u8] =
+    b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 19\r\n\
+connection: close\r\n\r\ni-0123456789abcdef0";
 
 /// Runs the relay (to `upstream`, or answering from memory when `None`)
 /// until the process is killed; returns only on a set-up error.
@@ -110,7 +115,12 @@ async fn connection(mut client: TcpStream, upstream: Option<SocketAddr>) {
         let close = has_header(&req[..end], "connection", "close");
         let Some(upstream) = upstream else {
             req.drain(..end);
-            if client.write_all(FROM_MEMORY).await.is_err() || close {
+            let answer = if close {
+                FROM_MEMORY_CLOSE
+            } else {
+                FROM_MEMORY
+            };
+            if client.write_all(answer).await.is_err() || close {
                 return;
             }
             continue;
