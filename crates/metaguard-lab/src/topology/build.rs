@@ -330,6 +330,33 @@ route add 169.254.170.2/32 via 169.254.172.1 dev ecs-eth0
         Ok(name)
     }
 
+    /// A namespace of the lab's own (`add_netns(suffix)`) plugged into
+    /// docker0 as a CNI plugin would plug one that no Docker API lists:
+    /// host end `veth` on docker0, `eth0` inside with `addr_v4` (a
+    /// `/16` of docker0's subnet) and the default route via docker0's
+    /// address. Returns its name.
+    pub fn add_docker0_netns(
+        &mut self,
+        suffix: &str,
+        veth: &str,
+        addr_v4: &str,
+    ) -> Result<String, LabError> {
+        let ns = self.add_netns(suffix)?;
+        let host = self.netns_name(Role::Host);
+        self.ip_in(
+            &host,
+            &format!("link add {veth} type veth peer name eth0 netns {ns}\nlink set {veth} master docker0 up\n"),
+        )?;
+        self.ip_in(
+            &ns,
+            &format!(
+                "link set eth0 up\naddr add {addr_v4}/16 dev eth0\nroute add default via {}\n",
+                addr::DOCKER0_V4
+            ),
+        )?;
+        Ok(ns)
+    }
+
     /// Mounts a bpf filesystem at `<work dir>/bpffs`, where the lab's
     /// metaguard pins the BPF layer (`bpffs/metaguard`), and returns that
     /// pin directory. Recorded, so the lab's teardown unmounts it, which

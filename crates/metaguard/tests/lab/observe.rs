@@ -520,16 +520,7 @@ fn a_cni_namespace_is_reported_as_needing_credentials_ids_and_served_once_they_a
 ) -> Result<(), Failed> {
     let mut lab = lab()?;
     lab.start_docker_api()?;
-    let cni = lab.add_netns("cni1")?;
-    let host = lab.netns_name(Role::Host);
-    lab.ip_in(
-        &host,
-        &format!("link add vethcni1 type veth peer name eth0 netns {cni}\nlink set vethcni1 master docker0 up\n"),
-    )?;
-    lab.ip_in(
-        &cni,
-        "link set eth0 up\naddr add 172.17.0.50/16 dev eth0\nroute add default via 172.17.0.1\n",
-    )?;
+    let cni = lab.add_docker0_netns("cni1", "vethcni1", "172.17.0.50")?;
     let cni_id = "cni1-5e2d9a41-credentials";
     lab.agent()
         .add_credentials(cni_id, "arn:aws:iam::111122223333:role/lab-cni1");

@@ -332,20 +332,12 @@ fn containers() -> usize {
 /// The extra containers: namespaces on docker0 (like a CNI plugin's),
 /// each with a credentials id of its own. Their names and ids.
 fn add_containers(lab: &mut Lab, n: usize) -> Result<Vec<(String, String)>, Failed> {
-    let host = lab.netns_name(Role::Host);
     let mut out = Vec::new();
     for i in 0..n {
-        let ns = lab.add_netns(&format!("b{i}"))?;
-        lab.ip_in(
-            &host,
-            &format!("link add vethb{i} type veth peer name eth0 netns {ns}\nlink set vethb{i} master docker0 up\n"),
-        )?;
-        lab.ip_in(
-            &ns,
-            &format!(
-                "link set eth0 up\naddr add 172.17.1.{}/16 dev eth0\nroute add default via 172.17.0.1\n",
-                10 + i
-            ),
+        let ns = lab.add_docker0_netns(
+            &format!("b{i}"),
+            &format!("vethb{i}"),
+            &format!("172.17.1.{}", 10 + i),
         )?;
         let id = format!("b{i}-budget-credentials");
         lab.agent()
