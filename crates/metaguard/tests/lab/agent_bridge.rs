@@ -135,27 +135,13 @@ pub fn imds_reaches(lab: &Lab, w: Workload, v6: bool) -> Result<bool, Failed> {
     } else {
         Lab::imds_url_v4("/latest/meta-data/instance-id")
     };
-    let mut spec = lab.http_get(&url);
-    spec.timeout_ms = 2000;
-    let r = lab.probe(w, &spec)?;
-    let arrived = !lab
-        .imds()
-        .log()
-        .with_header("x-lab-probe", &spec.id)
-        .is_empty();
-    ensure!(
-        r.ok() == arrived,
-        "{} (v6 {v6}): client and server disagree: {r:?}",
-        w.label()
-    );
-    if !r.ok() {
-        ensure!(
-            matches!(r.outcome, Outcome::Refused | Outcome::Unreachable),
-            "{} (v6 {v6}): not rejected fast: {r:?}",
-            w.label()
-        );
-    }
-    Ok(r.ok())
+    crate::support::imds_answers(
+        lab,
+        w,
+        &url,
+        Some(2000),
+        &format!("{} (v6 {v6})", w.label()),
+    )
 }
 
 fn the_agent_on_docker0_reaches_imds_and_its_neighbours_do_not() -> Result<(), Failed> {

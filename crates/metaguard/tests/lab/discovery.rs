@@ -67,26 +67,13 @@ imds          = "deny"
 }
 
 fn reaches(lab: &Lab, w: Workload) -> Result<bool, Failed> {
-    let spec = lab.http_get(&Lab::imds_url_v4("/latest/meta-data/instance-id"));
-    let r = lab.probe(w, &spec)?;
-    let arrived = !lab
-        .imds()
-        .log()
-        .with_header("x-lab-probe", &spec.id)
-        .is_empty();
-    ensure!(
-        r.ok() == arrived,
-        "{}: client and server disagree: {r:?}",
-        w.label()
-    );
-    if !r.ok() {
-        ensure!(
-            matches!(r.outcome, Outcome::Refused | Outcome::Unreachable),
-            "{}: not rejected fast: {r:?}",
-            w.label()
-        );
-    }
-    Ok(r.ok())
+    crate::support::imds_answers(
+        lab,
+        w,
+        &Lab::imds_url_v4("/latest/meta-data/instance-id"),
+        None,
+        w.label(),
+    )
 }
 
 fn ecs_tasks_and_the_ecs_agent_resolve_through_the_docker_api() -> Result<(), Failed> {

@@ -257,3 +257,41 @@ pub fn curl_codes(
         .map(|c| c.parse().unwrap_or(0))
         .collect())
 }
+
+/// Whether `w`'s GET of `url` (an IMDS address) is answered, with a probe
+/// timeout of `timeout_ms` (the lab's default when `None`). The client's
+/// view must agree with the emulator's log (an answer arrived there, or
+/// nothing did), and a refusal must be fast (refused or unreachable, never
+/// a timeout). `what` names the case in failures.
+pub fn imds_answers(
+    lab: &Lab,
+    w: metaguard_lab::Workload,
+    url: &str,
+    timeout_ms: Option<u64>,
+    what: &str,
+) -> Result<bool, Failed> {
+    let mut spec = lab.http_get(url);
+    if let Some(t) = timeout_ms {
+        spec.timeout_ms = t;
+    }
+    let r = lab.probe(w, &spec)?;
+    let arrived = !lab
+        .imds()
+        .log()
+        .with_header("x-lab-probe", &spec.id)
+        .is_empty();
+    ensure!(
+        r.ok() == arrived,
+        "{what}: client and server disagree: {r:?}"
+    );
+    if !r.ok() {
+        ensure!(
+            matches!(
+                r.outcome,
+                metaguard_lab::probe::Outcome::Refused | metaguard_lab::probe::Outcome::Unreachable
+            ),
+            "{what}: not rejected fast: {r:?}"
+        );
+    }
+    Ok(r.ok())
+}
