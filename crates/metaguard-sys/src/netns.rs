@@ -19,6 +19,10 @@ use rustix::thread::{move_into_link_name_space, LinkNameSpaceType};
 /// Where `ip netns add` keeps named namespaces.
 pub const NETNS_RUN_DIR: &str = "/run/netns";
 
+/// `statfs`'s type of the namespace file system (nsfs), from
+/// include/uapi/linux/magic.h.
+const NSFS_MAGIC: u64 = 0x6e73_6673;
+
 /// Identity of a namespace: device and inode of its nsfs file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct NsId {
@@ -144,17 +148,26 @@ impl AsFd for Netns {
 
 impl Netns {
     /// Opens the namespace file at `path` (`/run/netns/NAME`,
-    /// `/proc/PID/ns/net`, or a bind mount of one).
+    /// `/proc/PID/ns/net`, or a bind mount of one). Refuses a file that is
+    /// not a namespace: the empty file a bind mount leaves behind once its
+    /// namespace is unmounted (a container or task that has just stopped)
+    /// opens fine, but could never be entered.
     pub fn open(path: impl Into<PathBuf>) -> Result<Netns, NetnsError> {
         let path = path.into();
-        let file = File::open(&path).map_err(|source| NetnsError::Open {
+        let open_err = |source| NetnsError::Open {
             path: path.clone(),
             source,
-        })?;
-        let m = file.metadata().map_err(|source| NetnsError::Open {
-            path: path.clone(),
-            source,
-        })?;
+        };
+        let file = File::open(&path).map_err(open_err)?;
+        let m = file.metadata().map_err(open_err)?;
+        let fs = rustix::fs::fstatfs(&file).map_err(|e| open_err(e.into()))?;
+        if fs.f_type as u64 != NSFS_MAGIC {
+            return Err(open_err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not a namespace file (its namespace is gone: a container or task that \
+                 stopped leaves the empty file its bind mount was on)",
+            )));
+        }
         Ok(Netns {
             fd: file.into(),
             id: NsId {
@@ -276,8 +289,10 @@ impl Netns {
                 let _ = tx.send(entered);
                 if !ok {
                     // The caller gets the error from the channel; `f` must
-                    // never run outside the namespace.
-                    std::process::abort();
+                    // never run outside the namespace. Ends this thread
+                    // only (no panic message: `resume_unwind` skips the
+                    // hook); nobody joins it, as the caller gets `Err`.
+                    std::panic::resume_unwind(Box::new("did not enter the namespace"));
                 }
                 f()
             })
@@ -340,6 +355,48 @@ mod tests {
         if here.ino == INIT_NET_INO {
             assert!(is_root(here).expect("ids"));
         }
+    }
+
+    #[test]
+    fn a_file_that_is_no_namespace_is_refused_by_name() {
+        // What a stopped container's /run/docker/netns/ID is once its
+        // namespace is unmounted: an empty regular file.
+        let f = std::env::temp_dir().join(format!("metaguard-not-a-netns-{}", std::process::id()));
+        std::fs::write(&f, b"").expect("file");
+        let e = Netns::open(&f).expect_err("a plain file is not a namespace");
+        let _ = std::fs::remove_file(&f);
+        let text = e.to_string();
+        assert!(text.contains(&f.display().to_string()), "{text}");
+        assert!(text.contains("not a namespace file"), "{text}");
+    }
+
+    #[test]
+    fn a_thread_that_cannot_enter_ends_alone_and_the_caller_gets_the_error() {
+        // Before: the thread aborted the whole process (the daemon died
+        // with SIGABRT when a container stopped under its BPF map update).
+        let f = std::env::temp_dir().join(format!("metaguard-no-netns-{}", std::process::id()));
+        std::fs::write(&f, b"").expect("file");
+        let file = File::open(&f).expect("open");
+        let _ = std::fs::remove_file(&f);
+        let ns = Netns {
+            id: NsId { dev: 0, ino: 0 },
+            fd: file.into(),
+            path: f.clone(),
+        };
+        let ran = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let r = ran.clone();
+        let e = ns
+            .spawn_thread("mg-test-enter", move || {
+                r.store(true, std::sync::atomic::Ordering::SeqCst)
+            })
+            .expect_err("setns on a plain file fails");
+        assert!(matches!(e, NetnsError::Enter { .. }), "{e}");
+        assert!(ns.cookie().is_err());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert!(
+            !ran.load(std::sync::atomic::Ordering::SeqCst),
+            "f ran outside"
+        );
     }
 
     #[test]

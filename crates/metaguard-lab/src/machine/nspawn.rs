@@ -279,8 +279,17 @@ impl Machine {
             // A unit that did not start: its journal says why (the gate,
             // the daemon, the program itself), and the test's failure
             // should carry it.
+            // metaguard's own journal too: its gate holds units back.
             if let ["systemctl", "start" | "restart" | "reload", units @ ..] = args {
-                for unit in units.iter().filter(|u| !u.starts_with('-')) {
+                let mut units: Vec<&str> = units
+                    .iter()
+                    .copied()
+                    .filter(|u| !u.starts_with('-'))
+                    .collect();
+                if !units.contains(&"metaguard.service") {
+                    units.push("metaguard.service");
+                }
+                for unit in units {
                     if let Ok(j) = self.exec(&["journalctl", "-u", unit, "-n", "25", "--no-pager"])
                     {
                         stderr.push_str(&format!(
