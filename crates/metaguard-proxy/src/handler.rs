@@ -150,6 +150,9 @@ impl Proxy {
         // Requests with a body are refused (the decision): only the head
         // matters.
         let (head, _body) = req.into_parts();
+        if crate::io::asks_to_close(&head) {
+            conn.last.mark();
+        }
         let ipv6 = conn.origin.peer.is_ipv6();
         self.respond_on(kind, caller, &s, &head, ipv6, conn.over_connections)
             .await

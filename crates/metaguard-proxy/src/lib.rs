@@ -61,7 +61,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioTimer;
 use metaguard_core::Config;
 use tokio::net::TcpListener;
 use tracing::{debug, warn};
@@ -117,6 +117,9 @@ pub(crate) struct Connection {
     /// An observed connection over `[proxy] max_connections`: served, and
     /// its requests' records say that `proxy` would have closed it.
     pub(crate) over_connections: bool,
+    /// Told when the answer being made is the connection's last (see
+    /// [`io::CallerIo`]).
+    pub(crate) last: io::LastAnswer,
 }
 
 impl Proxy {
@@ -214,11 +217,13 @@ impl Proxy {
         let Some((_slot, over_connections)) = self.admit(&settings, kind, &caller) else {
             return; // dropping the stream closes it
         };
+        let last = io::LastAnswer::default();
         let conn = Arc::new(Connection {
             origin,
             config: settings.config.clone(),
             caller,
             over_connections,
+            last: last.clone(),
         });
         drop(settings);
         let me = self.clone();
@@ -231,7 +236,7 @@ impl Proxy {
             .timer(TokioTimer::new())
             .header_read_timeout(HEADER_TIMEOUT)
             .max_buf_size(MAX_HEAD)
-            .serve_connection(io::CloseWithoutShutdown(TokioIo::new(stream)), svc)
+            .serve_connection(io::CallerIo::new(stream, last), svc)
             .await;
         if let Err(e) = result {
             debug!(error = %e, %peer, "proxy connection ended with an error");

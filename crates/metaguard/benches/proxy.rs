@@ -39,7 +39,9 @@
 //! 3 s per variant and load (`METAGUARD_PROXY_BENCH_ROUNDS`, `…_SECS`,
 //! `…_CONNECTIONS`, `…_THREADS` change that, bounded) and prints the
 //! BENCHMARKS.md section (`METAGUARD_PROXY_BENCH_RAW=1` also prints every
-//! wrk output); it writes the `proxy` section only once (b) exists. Under
+//! wrk output; `METAGUARD_PROXY_BENCH_HOLD=SECS` keeps the lab up before
+//! measuring, printing each variant's wrk command and pids, for profiling
+//! by hand); it writes the `proxy` section only once (b) exists. Under
 //! `cargo test` it runs one 1 s round as a smoke test.
 //!
 //! The emulator closes every connection (`Connection: close`, like IMDS):
@@ -418,7 +420,21 @@ struct Series {
 
 /// One wrk run of `v` under `load`; checks that its requests reached the
 /// emulator. Also returns the proxy's CPU seconds over the run.
+/// Set by Ctrl-C: the bench stops before its next wrk run (or its hold)
+/// and returns, so every variant's proxy, nginx and the lab are removed by
+/// their drops — a process exit from the handler would leave the daemon
+/// and nginx running.
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn interrupted() -> Result<(), String> {
+    if INTERRUPTED.load(std::sync::atomic::Ordering::Relaxed) {
+        return Err("interrupted (Ctrl-C): lab and proxies removed".into());
+    }
+    Ok(())
+}
+
 fn measure(lab: &Lab, v: &Variant, secs: u32, load: Load) -> Result<(WrkResult, f64), String> {
+    interrupted()?;
     let log = lab.imds().log();
     log.clear();
     let mut headers: Vec<(&str, &str)> = v
@@ -474,6 +490,40 @@ fn row(label: &str, values: &[f64], prec: usize, unit: &str) -> String {
     )
 }
 
+/// `METAGUARD_PROXY_BENCH_HOLD=SECS` (at most 1800): before measuring,
+/// print each variant's namespace, URL, headers and pids, and keep the lab
+/// up that long, for profiling one variant by hand (`ip netns exec NS wrk
+/// …`, `perf record -p PID`, `strace -p PID`). Ctrl-C ends it and the lab
+/// is removed as always.
+fn hold(variants: &[Variant]) -> Result<(), String> {
+    let secs = setting("METAGUARD_PROXY_BENCH_HOLD", 0, 1800)?;
+    if secs == 0 {
+        return Ok(());
+    }
+    for v in variants {
+        let headers: Vec<String> = v
+            .headers
+            .iter()
+            .map(|(k, val)| format!("-H '{k}: {val}'"))
+            .collect();
+        eprintln!(
+            "{}\n  ip netns exec {} wrk -t1 -c1 -d3s --latency {} {}\n  pids {:?}",
+            v.label,
+            v.from,
+            headers.join(" "),
+            v.url,
+            v.proxy.as_ref().map(|p| p.pids()).unwrap_or_default()
+        );
+    }
+    eprintln!("holding the lab for {secs} s (METAGUARD_PROXY_BENCH_HOLD; Ctrl-C ends it)");
+    let end = std::time::Instant::now() + Duration::from_secs(secs as u64);
+    while std::time::Instant::now() < end {
+        interrupted()?;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
 /// The short name of a variant: "(b)".
 fn short(v: &Variant) -> &str {
     v.label.split(' ').next().unwrap_or("")
@@ -513,6 +563,7 @@ fn run(full: bool) -> Result<(), String> {
         },
     ];
 
+    let _ = ctrlc::set_handler(|| INTERRUPTED.store(true, std::sync::atomic::Ordering::Relaxed));
     let exe = PathBuf::from(env!("CARGO_BIN_EXE_metaguard"));
     // Declared first, dropped last: the variants' proxies stop before the
     // lab's namespaces go.
@@ -551,6 +602,7 @@ fn run(full: bool) -> Result<(), String> {
     variants.push(floor_variant(&lab, false)?);
     variants.push(floor_variant(&lab, true)?);
 
+    hold(&variants)?;
     if full {
         // Warm-up (not counted): connections, caches, nginx's workers.
         for v in &variants {
