@@ -154,7 +154,9 @@ pub(super) fn render_dropin(stamp: &Stamp, opts: &Options) -> String {
 # Starts the unit after metaguard.service and only when metaguard's daemon
 # is ready — or when metaguard.service is not enabled at all: `metaguard
 # gate` fails (exit 1, with the reason in `systemctl status`) while it is
-# enabled but not running, so no container starts unguarded (F5).
+# enabled but not running, so no container starts unguarded (F5). While
+# metaguard.service is starting or restarting (its 1 s after a crash), the
+# gate waits up to 30 s for the daemon instead.
 # It does not tie the unit to metaguard's lifetime: stopping or restarting
 # metaguard leaves the unit running, and the rules stay in the kernel.
 # To start the unit without metaguard on one host, mask this file:

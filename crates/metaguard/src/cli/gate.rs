@@ -7,12 +7,16 @@
 //!   `<state dir>/daemon.json`, checked by pid *and* start time;
 //! * exit 0 when `metaguard.service` is not enabled: metaguard is not in
 //!   use on this host, so nothing is held back;
-//! * exit 1 otherwise — enabled but not running (failed to start, stopped,
-//!   restarting): the unit does not start, and its status says why
-//!   (fail-closed, F5).
+//! * while the unit is on its way up (`ActiveState=activating`: starting,
+//!   or waiting to be restarted after a crash, `Restart=always`), wait for
+//!   the daemon to be ready, up to `--wait` seconds, rather than fail a
+//!   Docker restart that happens to meet metaguard's one-second restart;
+//! * exit 1 otherwise — enabled but failed, stopped, or not ready in time:
+//!   the unit does not start, and its status says why (fail-closed, F5).
 
 use std::path::Path;
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
 use super::EXIT_PROBLEMS;
 use crate::daemon::record;
@@ -20,38 +24,82 @@ use crate::daemon::record;
 /// The unit whose daemon the gate waits for.
 pub const UNIT: &str = "metaguard.service";
 
-pub fn run(state_dir: &Path) -> anyhow::Result<ExitCode> {
-    let rec = record::read(state_dir);
-    let why = match &rec {
-        Some(r) if r.ready && r.is_alive(Path::new("/proc")) => {
-            println!(
-                "metaguard: the daemon (pid {}) has its rules in the kernel and follows this host; go ahead",
-                r.pid
-            );
+/// How often the record is read again while waiting.
+const POLL: Duration = Duration::from_millis(100);
+
+pub fn run(state_dir: &Path, wait: Duration) -> anyhow::Result<ExitCode> {
+    let start = Instant::now();
+    let mut waited = false;
+    let why = loop {
+        let why = match ready(state_dir) {
+            Ok(pid) => {
+                let after = if waited {
+                    format!(" (after waiting {} ms for it)", start.elapsed().as_millis())
+                } else {
+                    String::new()
+                };
+                println!(
+                    "metaguard: the daemon (pid {pid}) has its rules in the kernel and follows this host; go ahead{after}"
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
+            Err(why) => why,
+        };
+        if !enabled(UNIT) {
+            println!("metaguard: {UNIT} is not enabled; holding nothing back ({why})");
             return Ok(ExitCode::SUCCESS);
         }
-        Some(r) if r.is_alive(Path::new("/proc")) => {
-            format!(
-                "metaguard's daemon (pid {}) has not applied its rules yet",
-                r.pid
-            )
+        if start.elapsed() >= wait || !activating(UNIT) {
+            break why;
         }
-        Some(r) => format!("metaguard's daemon (pid {}) is not running", r.pid),
-        None => format!(
-            "metaguard's daemon has not run since boot (no {})",
-            record::path(state_dir).display()
-        ),
+        if !waited {
+            println!(
+                "metaguard: {UNIT} is starting or restarting ({why}); waiting up to {} s for its daemon",
+                wait.as_secs()
+            );
+            waited = true;
+        }
+        std::thread::sleep(POLL);
     };
-    if !enabled(UNIT) {
-        println!("metaguard: {UNIT} is not enabled; holding nothing back ({why})");
-        return Ok(ExitCode::SUCCESS);
-    }
+    let why = if waited {
+        format!("{why} after {} s of waiting", wait.as_secs())
+    } else {
+        why
+    };
     eprintln!(
         "metaguard: held back (fail-closed): {UNIT} is enabled but {why}, so containers could start unguarded.\n\
          See `systemctl status {UNIT}` and `journalctl -u {UNIT}`; fix and `systemctl start {UNIT}`. \
          To start without metaguard, `systemctl disable {UNIT}` (or mask this drop-in)."
     );
     Ok(ExitCode::from(EXIT_PROBLEMS))
+}
+
+/// The ready daemon's pid, or why there is none.
+fn ready(state_dir: &Path) -> Result<u32, String> {
+    match record::read(state_dir) {
+        Some(r) if r.ready && r.is_alive(Path::new("/proc")) => Ok(r.pid),
+        Some(r) if r.is_alive(Path::new("/proc")) => Err(format!(
+            "metaguard's daemon (pid {}) has not applied its rules yet",
+            r.pid
+        )),
+        Some(r) => Err(format!("metaguard's daemon (pid {}) is not running", r.pid)),
+        None => Err(format!(
+            "metaguard's daemon has not run since boot (no {})",
+            record::path(state_dir).display()
+        )),
+    }
+}
+
+/// Whether UNIT is on its way up: `ActiveState=activating` (its start
+/// job runs, or it waits out `RestartSec=` after a crash). False without
+/// systemctl, and for failed, inactive or deactivating units.
+fn activating(unit: &str) -> bool {
+    metaguard_sys::tool::command(
+        "systemctl",
+        &["show", "--property=ActiveState", "--value", unit],
+    )
+    .and_then(|cmd| metaguard_sys::tool::run(cmd, None, None))
+    .is_ok_and(|out| out.stdout.trim() == "activating")
 }
 
 /// `systemctl is-enabled --quiet UNIT` (enabled, enabled-runtime, static,

@@ -132,7 +132,12 @@ enum Command {
         timeout: u64,
     },
     /// Exit 0 when containers may start: metaguard's daemon is ready, or its unit is not enabled.
-    Gate,
+    Gate {
+        /// While metaguard.service is starting or restarting, wait this many seconds for its
+        /// daemon to be ready before holding the unit back.
+        #[arg(long, value_name = "SECS", default_value_t = 30)]
+        wait: u64,
+    },
     /// Diagnose this host for the known failure modes (F1–F23, docs/doctor.md).
     Doctor {
         /// Print the findings as JSON.
@@ -269,7 +274,7 @@ pub fn main() -> ExitCode {
             std::time::Duration::from_secs(timeout),
             &cli.state_dir,
         ),
-        Command::Gate => gate::run(&cli.state_dir),
+        Command::Gate { wait } => gate::run(&cli.state_dir, std::time::Duration::from_secs(wait)),
         Command::Doctor {
             json,
             fix,

@@ -361,5 +361,46 @@ fn docker_started_or_restarted_after_metaguard_is_followed() -> Result<(), Faile
         ensure!(r.ok(), "{round}: task credentials: {r:?}");
         after = followed;
     }
+    // metaguard's daemon dies (kill -9) and Docker restarts within its
+    // 1 s RestartSec: the gate waits for the new daemon instead of failing
+    // Docker's start (before: "held back ... is not running").
+    let m = host.machine()?;
+    let old = main_pid(&host)?;
+    m.exec_ok(&[
+        "systemctl",
+        "kill",
+        "--kill-who=main",
+        "--signal=KILL",
+        "metaguard.service",
+    ])?;
+    m.exec_ok(&["systemctl", "restart", "docker.service"])?;
+    let new = main_pid(&host)?;
+    ensure!(
+        new != old && m.unit_state("metaguard.service")? == "active",
+        "metaguard not back (pid {old} -> {new})"
+    );
+    // The gate's own line (journald takes stdout asynchronously: polled).
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let waited = loop {
+        let text = m.journal_text("docker.service");
+        if let Some(l) = text.lines().rev().find(|l| l.contains("after waiting")) {
+            break l.to_string();
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "docker started without the gate waiting for the restarted daemon:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    eprintln!("docker restarted while metaguard restarted: {waited}");
+    let task = host.run_task(&TaskSpec::single("late-after-crash", "awsvpc"))?;
+    let lab = host.lab()?;
+    let r = host.probe(task.first(), &lab.http_get(INSTANCE_ID))?;
+    ensure!(!r.ok(), "after the crash: a new task reached IMDS: {r:?}");
+    ensure!(
+        lab.imds().log().is_empty(),
+        "after the crash: IMDS saw {:?}",
+        lab.imds().log().entries()
+    );
     Ok(())
 }
