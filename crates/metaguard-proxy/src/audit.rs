@@ -218,6 +218,34 @@ impl AuditSink {
         });
     }
 
+    /// A request whose head hyper refused before the proxy saw it
+    /// (malformed, or over `MAX_HEAD`): hyper answered `status` itself.
+    /// No method or path: they are what could not be read.
+    pub fn head_refused(
+        &self,
+        kind: Kind,
+        caller: &Caller,
+        workload: &str,
+        status: u16,
+        reason: &str,
+    ) {
+        self.write(&Line {
+            time: now(),
+            audit: "proxy",
+            service: kind.as_str(),
+            workload,
+            container: caller.container.as_deref(),
+            origin: &caller.origin,
+            method: None,
+            path: None,
+            decision: "invalid",
+            rule: reason,
+            status: Some(status),
+            upstream_ms: None,
+            cache: None,
+        });
+    }
+
     pub fn connection_refused(&self, kind: Kind, caller: &Caller, workload: &str, reason: &str) {
         self.write(&Line {
             time: now(),

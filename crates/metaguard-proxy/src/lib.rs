@@ -227,6 +227,7 @@ impl Proxy {
         });
         drop(settings);
         let me = self.clone();
+        let this = conn.clone();
         let svc = hyper::service::service_fn(move |req| {
             let me = me.clone();
             let conn = conn.clone();
@@ -239,8 +240,24 @@ impl Proxy {
             .serve_connection(io::CallerIo::new(stream, last), svc)
             .await;
         if let Err(e) = result {
+            if e.is_parse() || e.is_parse_too_large() {
+                self.head_refused(kind, &this, &e);
+            }
             debug!(error = %e, %peer, "proxy connection ended with an error");
         }
+    }
+
+    /// A request head hyper refused (and answered itself: 431 for one over
+    /// [`MAX_HEAD`], else 400) is counted and audited like the proxy's own
+    /// `invalid` answers: a caller probing with malformed requests leaves
+    /// the same trace as one probing with well-formed ones.
+    fn head_refused(&self, kind: Kind, conn: &Connection, e: &hyper::Error) {
+        let s = self.settings();
+        let wname = handler::workload_name(&s.config, &conn.caller);
+        let status = if e.is_parse_too_large() { 431 } else { 400 };
+        self.metrics.count_request(kind, &wname, "invalid", status);
+        s.audit
+            .head_refused(kind, &conn.caller, &wname, status, &format!("http: {e}"));
     }
 }
 

@@ -518,6 +518,85 @@ mod tests {
     }
 
     #[test]
+    fn heads_hyper_refuses_are_answered_counted_and_audited() {
+        let dir = std::env::temp_dir().join(format!("mg-proxy-head-{}", std::process::id()));
+        let audit = dir.join("a.jsonl");
+        let registry = prometheus::Registry::new();
+        let metrics = ProxyMetrics::new(&registry).expect("metrics");
+        let proxy = Proxy::new(
+            Arc::new(First),
+            metrics,
+            settings(&audit, 1_000_000, 1_000_000),
+        );
+        let mut server = Server::new(proxy);
+        let a = l(&format!("127.0.0.1:{}", free_port()), Kind::Imds);
+        let p = match server.prepare(&BTreeSet::from([a]), None) {
+            Ok(p) => p,
+            Err(e) if format!("{:?}", std::error::Error::source(&e)).contains("CAP_NET_ADMIN") => {
+                eprintln!("skipped: {e}: needs CAP_NET_ADMIN");
+                return;
+            }
+            Err(e) => panic!("bind: {e}"),
+        };
+        server.commit(p);
+        let send = |bytes: &[u8]| -> String {
+            let mut s = std::net::TcpStream::connect(a.addr).expect("connect");
+            s.set_read_timeout(Some(Duration::from_secs(2)))
+                .expect("timeout");
+            let _ = s.write_all(bytes);
+            let mut out = Vec::new();
+            let _ = s.read_to_end(&mut out);
+            String::from_utf8_lossy(&out).into_owned()
+        };
+        // A header line without a colon; then a head over MAX_HEAD.
+        let bad = send(
+            b"GET /latest/meta-data/ HTTP/1.1\r\nHost: 169.254.169.254\r\nno colon here\r\n\r\n",
+        );
+        assert!(bad.starts_with("HTTP/1.1 400"), "{bad}");
+        let big = format!(
+            "GET /latest/meta-data/ HTTP/1.1\r\nHost: 169.254.169.254\r\nX-Pad: {}\r\n\r\n",
+            "a".repeat(crate::MAX_HEAD + 1024)
+        );
+        let big = send(big.as_bytes());
+        assert!(big.starts_with("HTTP/1.1 431"), "{big}");
+        // Audited as the proxy's own `invalid` answers, without a method or
+        // path (what could not be read), and counted.
+        std::thread::sleep(crate::audit::FLUSH_EVERY * 4);
+        let text = std::fs::read_to_string(&audit).expect("audit log");
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("a JSON line"))
+            .collect();
+        let statuses: Vec<u64> = lines
+            .iter()
+            .filter(|l| l["decision"] == "invalid" && l["method"].is_null() && l["path"].is_null())
+            .filter_map(|l| l["status"].as_u64())
+            .collect();
+        assert_eq!(statuses, vec![400, 431], "{text}");
+        assert!(
+            lines
+                .iter()
+                .all(|l| l["rule"].as_str().is_some_and(|r| r.starts_with("http: "))),
+            "{text}"
+        );
+        let counted: f64 = registry
+            .gather()
+            .iter()
+            .filter(|f| f.name() == "metaguard_proxy_requests_total")
+            .flat_map(|f| f.get_metric().iter())
+            .filter(|m| {
+                m.get_label()
+                    .iter()
+                    .any(|l| l.name() == "decision" && l.value() == "invalid")
+            })
+            .map(|m| m.get_counter().get_value())
+            .sum();
+        assert_eq!(counted, 2.0);
+        drop(server);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn a_commit_swaps_settings_and_listeners_for_the_next_request() {
         let dir = std::env::temp_dir().join(format!("mg-proxy-server-{}", std::process::id()));
         let (audit_a, audit_b) = (dir.join("a.jsonl"), dir.join("b.jsonl"));
