@@ -30,7 +30,11 @@
 //!   what any tokio proxy pays, whatever else it does;
 //! * (g) the same floor process answering every request from memory (a
 //!   fixed `200`, on 172.17.0.1:8084): what any tokio server pays per
-//!   answer, beside (b) and (e).
+//!   answer, beside (b) and (e);
+//! * (h) the nginx of (e) reached as an IMDS proxy must be: from c3 (its
+//!   own namespace on docker0) to 169.254.169.254:80, one DNAT in the lab
+//!   host to 172.17.0.1:8083 — what interception costs nginx, beside (b)'s
+//!   DNATs.
 //!
 //! Each round measures every variant once per load, in an order rotated
 //! every round
@@ -210,7 +214,7 @@ fn metaguard_variants(lab: &Lab) -> Option<Result<(Variant, Variant), String>> {
             from: lab.netns_name(Role::C1),
             url: Lab::imds_url_v4(PATH),
             headers: Vec::new(),
-            proxy: Some(Box::new(SamePid(u32::try_from(pid).unwrap_or(0)))),
+            proxy: Some(Box::new(SamePids(vec![u32::try_from(pid).unwrap_or(0)]))),
             before: None,
             after: None,
             cached: false,
@@ -219,12 +223,12 @@ fn metaguard_variants(lab: &Lab) -> Option<Result<(Variant, Variant), String>> {
     }))
 }
 
-/// A proxy some other variant runs: its pid, for the CPU figures.
-struct SamePid(u32);
+/// A proxy some other variant runs: its pids, for the CPU figures.
+struct SamePids(Vec<u32>);
 
-impl Proxy for SamePid {
+impl Proxy for SamePids {
     fn pids(&self) -> Vec<u32> {
-        vec![self.0]
+        self.0.clone()
     }
 }
 
@@ -325,6 +329,56 @@ fn floor_variant(lab: &Lab, memory: bool) -> Result<Variant, String> {
     })
 }
 
+/// c3's address on docker0: the namespace (h) runs from.
+const C3_V4: &str = "172.17.0.60";
+
+/// (h) the nginx of (e), reached the way an IMDS proxy must be: c3 asks
+/// 169.254.169.254:80 and one DNAT in the lab host (prerouting, by c3's
+/// address, as a `DOCKER-USER`-style rule would) sends it to nginx's
+/// 172.17.0.1:8083 — where (e) is addressed directly, which no proxy of
+/// the metadata service can be. c3 is its own namespace on docker0, so its
+/// TIME_WAIT sockets towards 169.254.169.254:80 are not (a)'s (c2's) or
+/// (b)'s and (c)'s (c1's): a caller whose own port search walks them pays
+/// for them in `connect()`.
+fn nginx_intercepted_variant(lab: &mut Lab, nginx_cache: Vec<u32>) -> Result<Variant, String> {
+    let from = lab
+        .add_docker0_netns("c3", "vethc3", C3_V4)
+        .map_err(|e| e.to_string())?;
+    let dnat = format!("{}:{NGINX_CACHE_PORT}", addr::DOCKER0_V4);
+    let imds = addr::IMDS_V4.to_string();
+    for cmd in [
+        vec!["add", "table", "ip", "mgbench"],
+        vec![
+            "add",
+            "chain",
+            "ip",
+            "mgbench",
+            "pre",
+            "{ type nat hook prerouting priority dstnat ; policy accept ; }",
+        ],
+        vec![
+            "add", "rule", "ip", "mgbench", "pre", "ip", "saddr", C3_V4, "ip", "daddr", &imds,
+            "tcp", "dport", "80", "dnat", "to", &dnat,
+        ],
+    ] {
+        lab.run_in(Role::Host, "nft", &cmd)
+            .map_err(|e| format!("(h)'s DNAT: {e}"))?;
+    }
+    Ok(Variant {
+        label: format!(
+            "(h) nginx `proxy_cache` behind a DNAT ({}:80 → {dnat})",
+            addr::IMDS_V4
+        ),
+        from,
+        url: Lab::imds_url_v4(PATH),
+        headers: Vec::new(),
+        proxy: Some(Box::new(SamePids(nginx_cache))),
+        before: None,
+        after: None,
+        cached: true,
+    })
+}
+
 /// (d) nginx in the lab host, proxying to the emulator; (e) the same with
 /// `proxy_cache` (every `200` kept for an hour) on another port.
 fn nginx_variant(lab: &Lab, cache: bool) -> Result<Variant, String> {
@@ -412,14 +466,14 @@ struct Series {
     /// (`proxy_cache`), per round.
     over_d: Vec<f64>,
     over_e: Vec<f64>,
+    /// requests/s over (h)'s (the same nginx behind a DNAT), per round.
+    over_h: Vec<f64>,
     requests: u64,
     non_2xx: u64,
     socket_errors: u64,
     forwarded_for: usize,
 }
 
-/// One wrk run of `v` under `load`; checks that its requests reached the
-/// emulator. Also returns the proxy's CPU seconds over the run.
 /// Set by Ctrl-C: the bench stops before its next wrk run (or its hold)
 /// and returns, so every variant's proxy, nginx and the lab are removed by
 /// their drops — a process exit from the handler would leave the daemon
@@ -433,6 +487,8 @@ fn interrupted() -> Result<(), String> {
     Ok(())
 }
 
+/// One wrk run of `v` under `load`; checks that its requests reached the
+/// emulator. Also returns the proxy's CPU seconds over the run.
 fn measure(lab: &Lab, v: &Variant, secs: u32, load: Load) -> Result<(WrkResult, f64), String> {
     interrupted()?;
     let log = lab.imds().log();
@@ -601,6 +657,12 @@ fn run(full: bool) -> Result<(), String> {
     let nginx_cache = variants.len() - 1;
     variants.push(floor_variant(&lab, false)?);
     variants.push(floor_variant(&lab, true)?);
+    let cache_pids = variants[nginx_cache]
+        .proxy
+        .as_ref()
+        .map_or(Vec::new(), |p| p.pids());
+    variants.push(nginx_intercepted_variant(&mut lab, cache_pids)?);
+    let intercepted = variants.len() - 1;
 
     hold(&variants)?;
     if full {
@@ -657,6 +719,9 @@ fn run(full: bool) -> Result<(), String> {
                 if let (true, Some(e)) = (i != nginx_cache, &results[nginx_cache]) {
                     s.over_e.push(r.requests_per_sec / e.requests_per_sec);
                 }
+                if let (true, Some(h)) = (i != intercepted, &results[intercepted]) {
+                    s.over_h.push(r.requests_per_sec / h.requests_per_sec);
+                }
             }
         }
     }
@@ -695,6 +760,18 @@ fn run(full: bool) -> Result<(), String> {
                     ""
                 },
                 median(&series[l][1].over_e)
+            );
+        }
+        for (l, load) in loads.iter().enumerate() {
+            report += &format!(
+                "| context: (b) requests/s over (h)'s (nginx behind a DNAT, as an IMDS proxy must be), wrk -c{}{} | — | {:.3} |\n",
+                load.conns,
+                if load.close {
+                    " (Connection: close)"
+                } else {
+                    ""
+                },
+                median(&series[l][1].over_h)
             );
         }
         for (l, load) in loads.iter().enumerate() {
@@ -764,6 +841,9 @@ fn run(full: bool) -> Result<(), String> {
                             "",
                         );
                     }
+                }
+                if let Some(s) = series[l].get(1).filter(|s| !s.over_h.is_empty()) {
+                    report += &row("ratio (b) / (h) (per round)", &s.over_h, 3, "");
                 }
             }
             if t > 0 {
@@ -843,7 +923,10 @@ fn run(full: bool) -> Result<(), String> {
          answer back — and nothing of a proxy's job (no HTTP library, identification, policy, audit or \
          metrics; `benches/proxy/floor.rs`): what any tokio proxy pays for the same requests, (g) the same \
          process answering every request from memory with a fixed `200` (no HTTP library, nothing checked, \
-         on docker0's address like nginx): what any tokio server pays per answer, beside (b) and (e). \
+         on docker0's address like nginx): what any tokio server pays per answer, beside (b) and (e), \
+         (h) the nginx of (e) reached as an IMDS proxy must be: from c3, its own namespace on docker0, to \
+         169.254.169.254:80, sent to nginx by one DNAT in the lab host (what interception costs nginx; (e) is \
+         addressed directly, which no proxy of the metadata service can be). \
          Three loads: one connection (the latency a proxy adds, without queueing), one request per new \
          connection, and {conns} connections on {threads} threads (saturation). {rounds} rounds of {secs} s per variant and load{warm}, the order \
          rotated every round; ratios and differences are taken per round. The emulator answers every request \
