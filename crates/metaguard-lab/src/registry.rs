@@ -84,6 +84,11 @@ pub fn record(state_dir: &Path, rec: &LabRecord) -> std::io::Result<()> {
 /// every step is tried; the failures are returned as text.
 pub fn teardown(state_dir: &Path, rec: &LabRecord) -> Vec<String> {
     let mut problems = Vec::new();
+    // Processes inside the lab's namespaces (a daemon, nginx, a bench's
+    // relay): the lab or its tests started them, as nothing else enters
+    // them. A test or bench that ends by Ctrl-C or a crash does not stop
+    // them itself, and each would keep its namespace alive.
+    end_processes_in(&rec.netns);
     // Processes left in the lab's cgroups are lab probes: ours to end.
     if let (Some(mount), Some(root)) = (&rec.cgroup_mount, &rec.cgroup_root) {
         let cg = Cgroup2::at(mount);
@@ -214,6 +219,62 @@ fn unmount(mount: &Path) -> Result<(), String> {
     }
 }
 
+/// Ends (SIGKILL, by pid) every process whose network namespace is one of
+/// the named lab namespaces `names`, except this one, and waits (1 s at
+/// most) until none is left there. Returns how many it ended.
+pub fn end_processes_in(names: &[String]) -> usize {
+    let ids: Vec<metaguard_sys::netns::NsId> = names
+        .iter()
+        .filter_map(|n| {
+            let m =
+                std::fs::metadata(Path::new(metaguard_sys::netns::NETNS_RUN_DIR).join(n)).ok()?;
+            use std::os::unix::fs::MetadataExt;
+            Some(metaguard_sys::netns::NsId {
+                dev: m.dev(),
+                ino: m.ino(),
+            })
+        })
+        .collect();
+    if ids.is_empty() {
+        return 0;
+    }
+    let inside = || -> Vec<i32> {
+        let me = std::process::id();
+        let Ok(dir) = std::fs::read_dir("/proc") else {
+            return Vec::new();
+        };
+        dir.flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|&pid| pid != me)
+            .filter(|pid| {
+                use std::os::unix::fs::MetadataExt;
+                std::fs::metadata(format!("/proc/{pid}/ns/net")).is_ok_and(|m| {
+                    ids.contains(&metaguard_sys::netns::NsId {
+                        dev: m.dev(),
+                        ino: m.ino(),
+                    })
+                })
+            })
+            .filter_map(|pid| i32::try_from(pid).ok())
+            .collect()
+    };
+    let found = inside();
+    for &pid in &found {
+        if let Some(pid) = rustix::process::Pid::from_raw(pid) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+        }
+    }
+    // A killed process leaves its namespace a moment after SIGKILL (a
+    // zombie's namespace link no longer resolves).
+    for _ in 0..100 {
+        if inside().is_empty() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    found.len()
+}
+
 /// Ends the processes in the cgroup tree at `base` (any hierarchy), then
 /// removes its directories deepest first.
 fn remove_dir_tree(base: &Path) -> Result<(), String> {
@@ -320,6 +381,7 @@ pub fn reap_leftovers(state_dir: &Path) -> Vec<String> {
             if state_dir.join(format!("{id}.json")).exists() {
                 continue;
             }
+            end_processes_in(std::slice::from_ref(&name));
             if cmd::run(None, "ip", &["netns", "delete", &name], None).is_ok() {
                 reaped.push(name);
             }

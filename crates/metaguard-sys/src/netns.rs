@@ -148,10 +148,9 @@ impl AsFd for Netns {
 
 impl Netns {
     /// Opens the namespace file at `path` (`/run/netns/NAME`,
-    /// `/proc/PID/ns/net`, or a bind mount of one). Refuses a file that is
-    /// not a namespace: the empty file a bind mount leaves behind once its
-    /// namespace is unmounted (a container or task that has just stopped)
-    /// opens fine, but could never be entered.
+    /// `/proc/PID/ns/net`, or a bind mount of one). Any file opens (the
+    /// engine's tests stand namespaces in with plain files); entering one
+    /// that is no namespace fails, saying so ([`Netns::enter_this_thread`]).
     pub fn open(path: impl Into<PathBuf>) -> Result<Netns, NetnsError> {
         let path = path.into();
         let open_err = |source| NetnsError::Open {
@@ -160,14 +159,6 @@ impl Netns {
         };
         let file = File::open(&path).map_err(open_err)?;
         let m = file.metadata().map_err(open_err)?;
-        let fs = rustix::fs::fstatfs(&file).map_err(|e| open_err(e.into()))?;
-        if fs.f_type as u64 != NSFS_MAGIC {
-            return Err(open_err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "not a namespace file (its namespace is gone: a container or task that \
-                 stopped leaves the empty file its bind mount was on)",
-            )));
-        }
         Ok(Netns {
             fd: file.into(),
             id: NsId {
@@ -240,9 +231,21 @@ impl Netns {
     /// changes; sockets it creates afterwards live in the namespace.
     pub fn enter_this_thread(&self) -> Result<(), NetnsError> {
         move_into_link_name_space(self.fd.as_fd(), Some(LinkNameSpaceType::Network)).map_err(|e| {
+            // EINVAL for a file that is no namespace: say which it is. A
+            // bind mount whose namespace was unmounted (a container or
+            // task that just stopped) leaves an empty file that opens fine.
+            let gone = rustix::fs::fstatfs(&self.fd).is_ok_and(|fs| fs.f_type as u64 != NSFS_MAGIC);
             NetnsError::Enter {
                 path: self.path.clone(),
-                source: e.into(),
+                source: if gone {
+                    io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        "not a namespace file (its namespace is gone: a container or task that \
+                         stopped leaves the empty file its bind mount was on)",
+                    )
+                } else {
+                    e.into()
+                },
             }
         })
     }
@@ -358,31 +361,15 @@ mod tests {
     }
 
     #[test]
-    fn a_file_that_is_no_namespace_is_refused_by_name() {
-        // What a stopped container's /run/docker/netns/ID is once its
-        // namespace is unmounted: an empty regular file.
-        let f = std::env::temp_dir().join(format!("metaguard-not-a-netns-{}", std::process::id()));
-        std::fs::write(&f, b"").expect("file");
-        let e = Netns::open(&f).expect_err("a plain file is not a namespace");
-        let _ = std::fs::remove_file(&f);
-        let text = e.to_string();
-        assert!(text.contains(&f.display().to_string()), "{text}");
-        assert!(text.contains("not a namespace file"), "{text}");
-    }
-
-    #[test]
     fn a_thread_that_cannot_enter_ends_alone_and_the_caller_gets_the_error() {
         // Before: the thread aborted the whole process (the daemon died
         // with SIGABRT when a container stopped under its BPF map update).
+        // What a stopped container's /run/docker/netns/ID is once its
+        // namespace is unmounted: an empty regular file.
         let f = std::env::temp_dir().join(format!("metaguard-no-netns-{}", std::process::id()));
         std::fs::write(&f, b"").expect("file");
-        let file = File::open(&f).expect("open");
+        let ns = Netns::open(&f).expect("any file opens");
         let _ = std::fs::remove_file(&f);
-        let ns = Netns {
-            id: NsId { dev: 0, ino: 0 },
-            fd: file.into(),
-            path: f.clone(),
-        };
         let ran = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let r = ran.clone();
         let e = ns
@@ -391,6 +378,14 @@ mod tests {
             })
             .expect_err("setns on a plain file fails");
         assert!(matches!(e, NetnsError::Enter { .. }), "{e}");
+        let text = format!(
+            "{e}: {}",
+            std::error::Error::source(&e)
+                .map(ToString::to_string)
+                .unwrap_or_default()
+        );
+        assert!(text.contains(&f.display().to_string()), "{text}");
+        assert!(text.contains("not a namespace file"), "{text}");
         assert!(ns.cookie().is_err());
         std::thread::sleep(std::time::Duration::from_millis(20));
         assert!(

@@ -365,6 +365,23 @@ fn leftover_of_a_killed_lab_is_removed() -> Result<(), Failed> {
     // which is what is asserted anyway), and `ip netns add` is retried
     // when a reap removes its file half-way.
     netns_add_racing_reapers(&ns)?;
+    // A process the killed lab started in its namespace (a daemon, nginx):
+    // it would keep the namespace alive; the reap ends it by pid.
+    let mut inside = Command::new("sleep");
+    inside.arg("60");
+    let spawned = metaguard_sys::netns::Netns::named(&ns)
+        .map_err(|e| e.to_string())
+        .and_then(|n| n.command(&mut inside).map_err(|e| e.to_string()))
+        .and_then(|()| inside.spawn().map_err(|e| e.to_string()));
+    // A concurrent reap may have taken the namespace already.
+    let mut inside = match spawned {
+        Ok(child) => Some(child),
+        Err(e) if netns_of(&id).is_empty() => {
+            eprintln!("namespace reaped before the process started: {e}");
+            None
+        }
+        Err(e) => return Err(e.into()),
+    };
     cg.create(&format!("{cg_root}/docker/c1"))?;
     registry::record(std::path::Path::new(registry::STATE_DIR), &rec)?;
     // An orphan namespace without any record is removed too.
@@ -381,6 +398,25 @@ fn leftover_of_a_killed_lab_is_removed() -> Result<(), Failed> {
     );
     ensure!(netns_of(&orphan_id).is_empty(), "orphan netns still there");
     ensure!(!cg.path(&cg_root).exists(), "leftover cgroup still there");
+    if let Some(child) = inside.as_mut() {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        let status = loop {
+            if let Some(status) = child.try_wait()? {
+                break status;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err("the process in the leftover's namespace was not ended".into());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        use std::os::unix::process::ExitStatusExt;
+        ensure!(
+            status.signal() == Some(9),
+            "ended by {status:?}, not SIGKILL"
+        );
+    }
     drop(lab);
     Ok(())
 }
