@@ -458,6 +458,8 @@ struct Series {
     values: [Vec<f64>; 3],
     /// The proxy's CPU time (all its processes) per request, µs, per round.
     cpu_us: Vec<f64>,
+    /// The caller's (wrk's) CPU time per request, µs, per round.
+    client_us: Vec<f64>,
     /// Per round, against (a)'s figures of the same round: ratios indexed
     /// like [`METRICS`], added p50 and p99 (ms), requests/s over nginx's.
     ratios: [Vec<f64>; 3],
@@ -696,6 +698,10 @@ fn run(full: bool) -> Result<(), String> {
                 if variants[i].proxy.is_some() && r.requests > 0 {
                     s.cpu_us.push(cpu * 1e6 / r.requests as f64);
                 }
+                if r.requests > 0 && !r.client_cpu.is_zero() {
+                    s.client_us
+                        .push(r.client_cpu.as_secs_f64() * 1e6 / r.requests as f64);
+                }
                 s.requests += r.requests;
                 s.non_2xx += r.non_2xx_3xx;
                 s.socket_errors += r.socket_errors.total();
@@ -863,6 +869,12 @@ fn run(full: bool) -> Result<(), String> {
                 report += &row(&v.label, &s.cpu_us, 1, " µs");
             }
         }
+        report += "\n| caller (wrk) CPU time per request, with the kernel's path for what it sends (the redirect runs in its context) | min | median | max |\n|---|---:|---:|---:|\n";
+        for (v, s) in variants.iter().zip(&series[l]) {
+            if !s.client_us.is_empty() {
+                report += &row(&v.label, &s.client_us, 1, " µs");
+            }
+        }
         report += "\n";
     }
     report += "| proxy memory after the runs | VmRSS | VmHWM (peak) |\n|---|---:|---:|\n";
@@ -935,7 +947,8 @@ fn run(full: bool) -> Result<(), String> {
          emulator's namespace keeps no TIME_WAIT sockets (`tcp_max_tw_buckets=0`, see the bench's source). \
          Proxy CPU is user + system time from `/proc/<pid>/stat` over each run (10 ms ticks), which \
          includes the kernel's network path run in the proxy's context; (b) and (c) are one process, measured \
-         over their own runs. \
+         over their own runs. The caller's CPU is wrk's own, read the same way when it has exited: it \
+         includes the kernel's path for what wrk sends (rules, NAT, bridge and veth run in its context). \
          Machine: {}.\n\n{report}",
         common::machine(),
         b = if with_metaguard {

@@ -45,6 +45,11 @@ pub struct WrkResult {
     pub socket_errors: SocketErrors,
     /// wrk's standard output as printed.
     pub raw: String,
+    /// CPU time (user + system, 10 ms ticks) the wrk process used: the
+    /// caller's side of every request, including the kernel's path for
+    /// what it sends (the redirect's rules and NAT run in its context).
+    /// Zero from [`parse_wrk`] alone.
+    pub client_cpu: Duration,
 }
 
 /// Runs `wrk --latency -c connections -t threads -d duration` against `url`
@@ -100,8 +105,28 @@ pub fn wrk(
     let out = drain(child.0.stdout.take());
     let err = drain(child.0.stderr.take());
     let deadline = Instant::now() + Duration::from_secs(secs) + WRK_GRACE;
+    let pid = rustix::process::Pid::from_raw(child.0.id() as i32);
+    let mut client_cpu = Duration::ZERO;
     let status = loop {
-        match child.0.try_wait() {
+        // Exited but not reaped yet (WNOWAIT): its stat still holds its
+        // final CPU times. Where waitid fails, reaped without them.
+        let exited = pid.map(|pid| {
+            rustix::process::waitid(
+                rustix::process::WaitId::Pid(pid),
+                rustix::process::WaitIdOptions::EXITED
+                    | rustix::process::WaitIdOptions::NOWAIT
+                    | rustix::process::WaitIdOptions::NOHANG,
+            )
+        });
+        if let Some(Ok(Some(_))) = exited {
+            if let Some(ticks) = super::cpu_ticks(child.0.id()) {
+                client_cpu = Duration::from_secs_f64(
+                    ticks as f64 / rustix::param::clock_ticks_per_second() as f64,
+                );
+            }
+        }
+        let reap = !matches!(exited, Some(Ok(None)));
+        match if reap { child.0.try_wait() } else { Ok(None) } {
             Ok(Some(status)) => break status,
             Ok(None) if Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(20));
@@ -132,11 +157,13 @@ pub fn wrk(
             stderr: format!("{} {}", stderr.trim(), stdout.trim()),
         });
     }
-    parse_wrk(&stdout).map_err(|e| {
-        LabError::ProbeOutput(format!(
-            "{shown}: {e}; stdout {stdout:?}; stderr {stderr:?}"
-        ))
-    })
+    parse_wrk(&stdout)
+        .map(|r| WrkResult { client_cpu, ..r })
+        .map_err(|e| {
+            LabError::ProbeOutput(format!(
+                "{shown}: {e}; stdout {stdout:?}; stderr {stderr:?}"
+            ))
+        })
 }
 
 /// A wrk time (`451.00us`, `4.92ms`, `1.02s`, `2.00m`, `1.00h`).
@@ -234,5 +261,6 @@ pub fn parse_wrk(text: &str) -> Result<WrkResult, String> {
         non_2xx_3xx,
         socket_errors,
         raw: text.to_string(),
+        client_cpu: Duration::ZERO,
     })
 }
