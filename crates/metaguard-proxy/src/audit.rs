@@ -229,24 +229,23 @@ impl AuditSink {
         status: u16,
         reason: &str,
     ) {
-        self.write(&Line {
-            time: now(),
-            audit: "proxy",
-            service: kind.as_str(),
-            workload,
-            container: caller.container.as_deref(),
-            origin: &caller.origin,
-            method: None,
-            path: None,
-            decision: "invalid",
-            rule: reason,
-            status: Some(status),
-            upstream_ms: None,
-            cache: None,
-        });
+        self.unread(kind, caller, workload, "invalid", reason, Some(status));
     }
 
     pub fn connection_refused(&self, kind: Kind, caller: &Caller, workload: &str, reason: &str) {
+        self.unread(kind, caller, workload, "refused-connection", reason, None);
+    }
+
+    /// A line for a connection whose request was never read.
+    fn unread(
+        &self,
+        kind: Kind,
+        caller: &Caller,
+        workload: &str,
+        decision: &str,
+        rule: &str,
+        status: Option<u16>,
+    ) {
         self.write(&Line {
             time: now(),
             audit: "proxy",
@@ -256,9 +255,9 @@ impl AuditSink {
             origin: &caller.origin,
             method: None,
             path: None,
-            decision: "refused-connection",
-            rule: reason,
-            status: None,
+            decision,
+            rule,
+            status,
             upstream_ms: None,
             cache: None,
         });

@@ -402,6 +402,33 @@ mod tests {
         Settings::new(Arc::new(c)).expect("settings")
     }
 
+    /// A server on a free loopback port where every caller is the first
+    /// workload (`settings(audit, rate, burst)`), counting into `registry`;
+    /// `None` (said) without CAP_NET_ADMIN (the listeners are transparent
+    /// sockets, IP_TRANSPARENT).
+    fn serving(
+        audit: &std::path::Path,
+        rate: u32,
+        burst: u32,
+        registry: &prometheus::Registry,
+    ) -> Option<(Server, Listener)> {
+        let metrics = ProxyMetrics::new(registry).expect("metrics");
+        let proxy = Proxy::new(Arc::new(First), metrics, settings(audit, rate, burst));
+        let mut server = Server::new(proxy);
+        let a = l(&format!("127.0.0.1:{}", free_port()), Kind::Imds);
+        match server.prepare(&BTreeSet::from([a]), None) {
+            Ok(p) => {
+                server.commit(p);
+                Some((server, a))
+            }
+            Err(e) if format!("{:?}", std::error::Error::source(&e)).contains("CAP_NET_ADMIN") => {
+                eprintln!("skipped: {e}: needs CAP_NET_ADMIN");
+                None
+            }
+            Err(e) => panic!("bind: {e}"),
+        }
+    }
+
     /// One request for a path the default IMDS policy denies (so nothing
     /// is forwarded); its status code, or `None` when not connected.
     fn status(addr: SocketAddr) -> Option<u16> {
@@ -460,23 +487,11 @@ mod tests {
     #[test]
     fn the_last_answer_carries_the_fin_and_keep_alive_answers_are_not_held() {
         let dir = std::env::temp_dir().join(format!("mg-proxy-fin-{}", std::process::id()));
-        let metrics = ProxyMetrics::new(&prometheus::Registry::new()).expect("metrics");
-        let proxy = Proxy::new(
-            Arc::new(First),
-            metrics,
-            settings(&dir.join("a.jsonl"), 1_000_000, 1_000_000),
-        );
-        let mut server = Server::new(proxy);
-        let a = l(&format!("127.0.0.1:{}", free_port()), Kind::Imds);
-        let p = match server.prepare(&BTreeSet::from([a]), None) {
-            Ok(p) => p,
-            Err(e) if format!("{:?}", std::error::Error::source(&e)).contains("CAP_NET_ADMIN") => {
-                eprintln!("skipped: {e}: needs CAP_NET_ADMIN");
-                return;
-            }
-            Err(e) => panic!("bind: {e}"),
+        let registry = prometheus::Registry::new();
+        let Some((server, a)) = serving(&dir.join("a.jsonl"), 1_000_000, 1_000_000, &registry)
+        else {
+            return;
         };
-        server.commit(p);
         const REQ: &[u8] = b"GET /latest/meta-data/iam/info HTTP/1.1\r\nHost: 169.254.169.254\r\n";
         // `Connection: close`, as SDKs ask IMDS: the FIN is in the answer's
         // last segment, so the caller has the end of the stream when it has
@@ -522,23 +537,9 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("mg-proxy-head-{}", std::process::id()));
         let audit = dir.join("a.jsonl");
         let registry = prometheus::Registry::new();
-        let metrics = ProxyMetrics::new(&registry).expect("metrics");
-        let proxy = Proxy::new(
-            Arc::new(First),
-            metrics,
-            settings(&audit, 1_000_000, 1_000_000),
-        );
-        let mut server = Server::new(proxy);
-        let a = l(&format!("127.0.0.1:{}", free_port()), Kind::Imds);
-        let p = match server.prepare(&BTreeSet::from([a]), None) {
-            Ok(p) => p,
-            Err(e) if format!("{:?}", std::error::Error::source(&e)).contains("CAP_NET_ADMIN") => {
-                eprintln!("skipped: {e}: needs CAP_NET_ADMIN");
-                return;
-            }
-            Err(e) => panic!("bind: {e}"),
+        let Some((server, a)) = serving(&audit, 1_000_000, 1_000_000, &registry) else {
+            return;
         };
-        server.commit(p);
         let send = |bytes: &[u8]| -> String {
             let mut s = std::net::TcpStream::connect(a.addr).expect("connect");
             s.set_read_timeout(Some(Duration::from_secs(2)))
@@ -600,21 +601,10 @@ mod tests {
     fn a_commit_swaps_settings_and_listeners_for_the_next_request() {
         let dir = std::env::temp_dir().join(format!("mg-proxy-server-{}", std::process::id()));
         let (audit_a, audit_b) = (dir.join("a.jsonl"), dir.join("b.jsonl"));
-        let metrics = ProxyMetrics::new(&prometheus::Registry::new()).expect("metrics");
-        let proxy = Proxy::new(Arc::new(First), metrics, settings(&audit_a, 40, 60));
-        let mut server = Server::new(proxy);
-        let a = l(&format!("127.0.0.1:{}", free_port()), Kind::Imds);
-        let b = l(&format!("127.0.0.1:{}", free_port()), Kind::Imds);
-        let p = match server.prepare(&BTreeSet::from([a]), None) {
-            Ok(p) => p,
-            // The listeners are transparent sockets (IP_TRANSPARENT).
-            Err(e) if format!("{:?}", std::error::Error::source(&e)).contains("CAP_NET_ADMIN") => {
-                eprintln!("skipped: {e}: needs CAP_NET_ADMIN");
-                return;
-            }
-            Err(e) => panic!("bind a: {e}"),
+        let Some((mut server, a)) = serving(&audit_a, 40, 60, &prometheus::Registry::new()) else {
+            return;
         };
-        server.commit(p);
+        let b = l(&format!("127.0.0.1:{}", free_port()), Kind::Imds);
         for _ in 0..3 {
             assert_eq!(status(a.addr), Some(403), "denied by the path policy");
         }
