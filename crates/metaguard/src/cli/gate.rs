@@ -62,7 +62,10 @@ pub fn run(state_dir: &Path, wait: Duration) -> anyhow::Result<ExitCode> {
         std::thread::sleep(POLL);
     };
     let why = if waited {
-        format!("{why} after {} s of waiting", wait.as_secs())
+        format!(
+            "{why} after {:.1} s of waiting",
+            start.elapsed().as_secs_f64()
+        )
     } else {
         why
     };
