@@ -235,7 +235,11 @@ pub fn end_processes_in(names: &[String]) -> usize {
             })
         })
         .collect();
-    if ids.is_empty() {
+    // Never the root namespace, whatever a name points at: no process
+    // outside the lab is ever ended.
+    let roots = metaguard_sys::netns::root_ids().unwrap_or_default();
+    let ids: Vec<_> = ids.into_iter().filter(|id| !roots.contains(id)).collect();
+    if ids.is_empty() || roots.is_empty() {
         return 0;
     }
     let inside = || -> Vec<i32> {
