@@ -96,15 +96,19 @@ impl LastAnswer {
 /// hyper decides it: `Connection: close`, or HTTP/1.0 without
 /// `Connection: keep-alive`.
 pub fn asks_to_close(head: &hyper::http::request::Parts) -> bool {
-    let has = |token: &str| {
-        head.headers
-            .get_all(hyper::header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case(token))
-    };
+    let has = |token| connection_has(&head.headers, token);
     has("close") || (head.version <= hyper::Version::HTTP_10 && !has("keep-alive"))
+}
+
+/// Whether the `Connection` headers of `headers` list `token` (any case,
+/// comma-separated, any number of headers).
+pub fn connection_has(headers: &hyper::HeaderMap, token: &str) -> bool {
+    headers
+        .get_all(hyper::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
 impl CallerIo {

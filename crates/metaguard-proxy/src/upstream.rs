@@ -143,13 +143,7 @@ const LINGER: Duration = Duration::from_secs(1);
 /// Whether the answer says the upstream closes the connection (IMDS does,
 /// after every answer).
 fn says_close(parts: &Parts) -> bool {
-    parts
-        .headers
-        .get_all(hyper::header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case("close"))
+    crate::io::connection_has(&parts.headers, "close")
 }
 
 /// Lets the upstream close first, off the request path: the answer has
