@@ -223,23 +223,19 @@ fn unmount(mount: &Path) -> Result<(), String> {
 /// the named lab namespaces `names`, except this one, and waits (1 s at
 /// most) until none is left there. Returns how many it ended.
 pub fn end_processes_in(names: &[String]) -> usize {
-    let ids: Vec<metaguard_sys::netns::NsId> = names
-        .iter()
-        .filter_map(|n| {
-            let m =
-                std::fs::metadata(Path::new(metaguard_sys::netns::NETNS_RUN_DIR).join(n)).ok()?;
-            use std::os::unix::fs::MetadataExt;
-            Some(metaguard_sys::netns::NsId {
-                dev: m.dev(),
-                ino: m.ino(),
-            })
-        })
-        .collect();
+    use metaguard_sys::netns::{NsId, NETNS_RUN_DIR};
     // Never the root namespace, whatever a name points at: no process
     // outside the lab is ever ended.
     let roots = metaguard_sys::netns::root_ids().unwrap_or_default();
-    let ids: Vec<_> = ids.into_iter().filter(|id| !roots.contains(id)).collect();
-    if ids.is_empty() || roots.is_empty() {
+    if roots.is_empty() {
+        return 0;
+    }
+    let ids: Vec<NsId> = names
+        .iter()
+        .filter_map(|n| NsId::of(&Path::new(NETNS_RUN_DIR).join(n)).ok())
+        .filter(|id| !roots.contains(id))
+        .collect();
+    if ids.is_empty() {
         return 0;
     }
     let inside = || -> Vec<i32> {
@@ -251,13 +247,8 @@ pub fn end_processes_in(names: &[String]) -> usize {
             .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
             .filter(|&pid| pid != me)
             .filter(|pid| {
-                use std::os::unix::fs::MetadataExt;
-                std::fs::metadata(format!("/proc/{pid}/ns/net")).is_ok_and(|m| {
-                    ids.contains(&metaguard_sys::netns::NsId {
-                        dev: m.dev(),
-                        ino: m.ino(),
-                    })
-                })
+                NsId::of(Path::new(&format!("/proc/{pid}/ns/net")))
+                    .is_ok_and(|id| ids.contains(&id))
             })
             .filter_map(|pid| i32::try_from(pid).ok())
             .collect()

@@ -31,7 +31,9 @@ pub struct NsId {
 }
 
 impl NsId {
-    fn of(path: &Path) -> io::Result<NsId> {
+    /// The namespace a namespace file names (`/run/netns/NAME`,
+    /// `/proc/PID/ns/net`), by the file's device and inode.
+    pub fn of(path: &Path) -> io::Result<NsId> {
         let m = std::fs::metadata(path)?;
         Ok(NsId {
             dev: m.dev(),

@@ -119,10 +119,8 @@ pub fn wrk(
             )
         });
         if let Some(Ok(Some(_))) = exited {
-            if let Some(ticks) = super::cpu_ticks(child.0.id()) {
-                client_cpu = Duration::from_secs_f64(
-                    ticks as f64 / rustix::param::clock_ticks_per_second() as f64,
-                );
+            if let Some(secs) = super::cpu_seconds(child.0.id()) {
+                client_cpu = Duration::from_secs_f64(secs);
             }
         }
         let reap = !matches!(exited, Some(Ok(None)));
