@@ -15,7 +15,7 @@ use metaguard_lab::{Lab, Workload};
 pub use metaguard_lab::daemon::{Daemon, Signal};
 
 use crate::ensure;
-use crate::support::lab;
+use crate::support::{imds_logged, lab};
 
 pub const TESTS: &[(&str, bool, crate::TestFn)] = &[
     (
@@ -66,11 +66,7 @@ pub fn blocked_now(lab: &Lab, w: Workload, url: &str) -> Result<bool, Failed> {
     let mut spec = lab.http_get(url);
     spec.timeout_ms = 300;
     let r = lab.probe(w, &spec)?;
-    let arrived = !lab
-        .imds()
-        .log()
-        .with_header("x-lab-probe", &spec.id)
-        .is_empty();
+    let arrived = imds_logged(lab, &spec);
     Ok(!arrived
         && matches!(
             r.outcome,
@@ -525,13 +521,7 @@ fn cgroups_that_appear_or_are_recreated_later_are_guarded() -> Result<(), Failed
             r.outcome == Outcome::Refused,
             "round {round}: a process in the new cgroup was not refused: {r:?}"
         );
-        ensure!(
-            lab.imds()
-                .log()
-                .with_header("x-lab-probe", &spec.id)
-                .is_empty(),
-            "round {round}: arrived"
-        );
+        ensure!(!imds_logged(&lab, &spec), "round {round}: arrived");
         // Docker restarts: the cgroup goes away and comes back with a new id.
         let before = updates(&d);
         cg.remove(&late, 3)?;

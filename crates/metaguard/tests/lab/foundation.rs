@@ -13,7 +13,7 @@ use metaguard_lab::topology::{addr, Role};
 use metaguard_lab::{Lab, Workload};
 
 use crate::ensure;
-use crate::support::{exe, lab, netns_of, root_netns_state};
+use crate::support::{exe, imds_logged, lab, netns_of, root_netns_state};
 
 pub const TESTS: &[(&str, bool, crate::TestFn)] = &[
     (
@@ -264,13 +264,7 @@ fn instance_data_name_and_other_spellings_resolve() -> Result<(), Failed> {
         let spec = lab.http_get(&format!("http://{host}/latest/meta-data/instance-id"));
         let r = lab.probe(Workload::BridgeC1, &spec)?;
         ensure!(r.ok(), "{host}: {r:?}");
-        ensure!(
-            !lab.imds()
-                .log()
-                .with_header("x-lab-probe", &spec.id)
-                .is_empty(),
-            "{host}: not in the IMDS log"
-        );
+        ensure!(imds_logged(&lab, &spec), "{host}: not in the IMDS log");
     }
     Ok(())
 }

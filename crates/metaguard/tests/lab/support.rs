@@ -275,11 +275,7 @@ pub fn imds_answers(
         spec.timeout_ms = t;
     }
     let r = lab.probe(w, &spec)?;
-    let arrived = !lab
-        .imds()
-        .log()
-        .with_header("x-lab-probe", &spec.id)
-        .is_empty();
+    let arrived = imds_logged(lab, &spec);
     ensure!(
         r.ok() == arrived,
         "{what}: client and server disagree: {r:?}"
@@ -294,4 +290,13 @@ pub fn imds_answers(
         );
     }
     Ok(r.ok())
+}
+
+/// Whether the IMDS emulator logged probe `spec` (by its `x-lab-probe`
+/// header).
+pub fn imds_logged(lab: &Lab, spec: &metaguard_lab::probe::ProbeSpec) -> bool {
+    !lab.imds()
+        .log()
+        .with_header("x-lab-probe", &spec.id)
+        .is_empty()
 }
