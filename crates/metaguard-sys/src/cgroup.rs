@@ -57,6 +57,25 @@ pub fn in_initial_namespace() -> io::Result<bool> {
     Ok(std::fs::metadata("/proc/self/ns/cgroup")?.ino() == INIT_CGROUP_NS_INO)
 }
 
+/// The cgroup the host's init runs below, relative to the hierarchy's
+/// root, from `<proc>/1/cgroup`: the parent of systemd's `init.scope`
+/// (`""` when that is the root, as on a host booted normally); `""` too
+/// when init is not systemd or its cgroup cannot be read.
+pub fn init_root(proc: &Path) -> String {
+    let text = std::fs::read_to_string(proc.join("1/cgroup")).unwrap_or_default();
+    init_root_of(&text)
+}
+
+/// [`init_root`] for the text of a `/proc/<pid>/cgroup`.
+pub fn init_root_of(proc_cgroup: &str) -> String {
+    proc_cgroup
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .and_then(|p| p.trim().strip_suffix("/init.scope"))
+        .map(|root| root.trim_matches('/').to_string())
+        .unwrap_or_default()
+}
+
 /// mountinfo escapes space, tab, newline and backslash as `\ooo`.
 fn unescape_mountinfo(s: &str) -> String {
     let bytes = s.as_bytes();
@@ -196,6 +215,19 @@ pub fn enter_before_exec(cmd: &mut std::process::Command, procs: OwnedFd) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn init_root_is_the_parent_of_systemds_init_scope() {
+        use super::init_root_of;
+        assert_eq!(init_root_of("0::/init.scope\n"), "");
+        assert_eq!(
+            init_root_of("0::/metaguard-lab/disk-1/machine/payload/init.scope\n"),
+            "metaguard-lab/disk-1/machine/payload"
+        );
+        assert_eq!(init_root_of("9:name=systemd:/\n0::/\n"), "");
+        assert_eq!(init_root_of("0::/system.slice/foo.service\n"), "");
+        assert_eq!(init_root_of(""), "");
+    }
+
     use super::*;
 
     const HYBRID: &str = "\

@@ -267,6 +267,29 @@ pub struct Layers {
     /// host's network namespace whose namespace is not classified yet.
     /// Subtrees that do not exist are skipped.
     pub container_cgroups: Vec<String>,
+    /// Whether the file names `container_cgroups` (else the defaults,
+    /// which [`Layers::rebase_default_container_cgroups`] may place under
+    /// the host's root cgroup).
+    pub container_cgroups_named: bool,
+}
+
+impl Layers {
+    /// Places the default `container_cgroups` under `root`, the cgroup
+    /// the host's init runs below (`""` on a host whose init is in the
+    /// hierarchy's root, where this changes nothing): where the host's
+    /// systemd makes `system.slice` when it is itself in a cgroup of a
+    /// larger hierarchy it does not see as a namespace (a container
+    /// booted with its own systemd and no cgroup namespace). Entries the
+    /// file names stay as written.
+    pub fn rebase_default_container_cgroups(&mut self, root: &str) {
+        let root = root.trim_matches('/');
+        if self.container_cgroups_named || root.is_empty() {
+            return;
+        }
+        for c in &mut self.container_cgroups {
+            *c = format!("{root}/{c}");
+        }
+    }
 }
 
 /// Where container runtimes put containers' cgroups: Docker with the
@@ -281,6 +304,7 @@ impl Default for Layers {
         Layers {
             bpf: true,
             container_cgroups: DEFAULT_CONTAINER_CGROUPS.map(String::from).to_vec(),
+            container_cgroups_named: false,
         }
     }
 }

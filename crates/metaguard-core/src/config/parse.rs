@@ -245,6 +245,7 @@ pub(super) fn parse_layers(cx: &Ctx<'_>, raw: Option<RawLayers>) -> Result<Layer
     layers.bpf = raw.bpf.unwrap_or(true);
     if let Some(list) = raw.container_cgroups {
         layers.container_cgroups.clear();
+        layers.container_cgroups_named = true;
         for item in list.get_ref() {
             let path = check_cgroup(cx, "container_cgroups", item)?;
             if !layers.container_cgroups.contains(&path) {

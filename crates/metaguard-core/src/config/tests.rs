@@ -395,3 +395,27 @@ fn agent_credentials_take_a_container_reference() {
         assert!(e.contains("t.toml:2:"), "{bad}: {e}");
     }
 }
+
+#[test]
+fn default_container_cgroups_move_under_the_hosts_init_root_and_named_ones_stay() {
+    let mut c = Config::builtin_default();
+    c.layers.rebase_default_container_cgroups("");
+    assert_eq!(c.layers.container_cgroups, DEFAULT_CONTAINER_CGROUPS);
+    c.layers
+        .rebase_default_container_cgroups("/lab/machine/payload/");
+    assert_eq!(
+        c.layers.container_cgroups,
+        [
+            "lab/machine/payload/system.slice",
+            "lab/machine/payload/docker",
+            "lab/machine/payload/ecs",
+            "lab/machine/payload/ecstasks.slice"
+        ]
+    );
+    let mut named = Config::parse("[layers]\ncontainer_cgroups = [\"docker\"]\n", "t.toml")
+        .expect("valid config");
+    named
+        .layers
+        .rebase_default_container_cgroups("lab/machine/payload");
+    assert_eq!(named.layers.container_cgroups, ["docker"]);
+}

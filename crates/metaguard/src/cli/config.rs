@@ -32,15 +32,26 @@ pub fn load_with_text(arg: &ConfigArg) -> anyhow::Result<(Config, String)> {
             )
         })?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
-            return Ok((Config::builtin_default(), BUILTIN_DEFAULT_TOML.to_string()));
+            let mut config = Config::builtin_default();
+            on_this_host(&mut config);
+            return Ok((config, BUILTIN_DEFAULT_TOML.to_string()));
         }
         Err(e) => {
             return Err(e).with_context(|| format!("cannot read config {}", path.display()));
         }
     };
     // The error already names the file, line and column.
-    let config = Config::parse(&text, &path.display().to_string())?;
+    let mut config = Config::parse(&text, &path.display().to_string())?;
+    on_this_host(&mut config);
     Ok((config, text))
+}
+
+/// What a config means on this host: the default `container_cgroups` under
+/// the cgroup the host's init runs below (see
+/// `Layers::rebase_default_container_cgroups`).
+fn on_this_host(config: &mut Config) {
+    let root = metaguard_sys::cgroup::init_root(Path::new("/proc"));
+    config.layers.rebase_default_container_cgroups(&root);
 }
 
 /// Fails with a clear message unless running as root.

@@ -8,13 +8,14 @@ use std::time::{Duration, Instant};
 
 use libtest_mimic::Failed;
 use metaguard_lab::machine::{Host, RunningTask};
+use metaguard_lab::probe::Outcome;
 use metaguard_lab::standin::api::TaskSpec;
 
 use crate::ensure;
 use crate::proxy::PROXY_CONFIG;
 use crate::support::{
     booted, deb, expect_active, expect_imds_untouched, expect_none_passed, host_tables, http,
-    imdsv2_instance_id, install, installed, main_pid, probe_loop, Looped, DEB_VERSION,
+    imdsv2_instance_id, install, installed, main_pid, probe_loop, why_reached, Looped, DEB_VERSION,
 };
 
 pub const TESTS: &[(&str, crate::TestFn)] = &[
@@ -320,9 +321,15 @@ fn docker_started_or_restarted_after_metaguard_is_followed() -> Result<(), Faile
         ensure!(
             !r.ok(),
             "{round}: a task of the new Docker reached IMDS: {r:?}\n{}",
-            host.machine()
-                .map(|m| m.journal_text("metaguard.service"))
-                .unwrap_or_default()
+            why_reached(&host, task.first())
+        );
+        // EPERM at connect(): the BPF programs on the machine's
+        // system.slice refuse a namespace before the daemon has classified
+        // it, so this does not depend on how fast the daemon follows.
+        ensure!(
+            r.outcome == Outcome::Denied,
+            "{round}: not refused by the BPF layer: {r:?}\n{}",
+            why_reached(&host, task.first())
         );
         ensure!(
             lab.imds().log().is_empty(),

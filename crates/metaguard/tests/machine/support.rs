@@ -362,3 +362,52 @@ pub fn main_pid(host: &Host) -> Result<String, Failed> {
     ])?;
     Ok(out.trim().to_string())
 }
+
+/// What a failure of "`member` reached IMDS" needs to be understood: the
+/// member's namespace (its cookie, and whether it is the machine's own),
+/// the tables in it, what metaguard finds and verifies now (the BPF
+/// namespace map with its cookies), and metaguard.service's journal.
+pub fn why_reached(host: &Host, member: &Member) -> String {
+    use metaguard_sys::netns::{Netns, NsId, NETNS_RUN_DIR};
+    let mut out = String::new();
+    let file = Path::new(NETNS_RUN_DIR).join(&member.netns);
+    match Netns::open(&file).map(|ns| (ns.id(), ns.cookie())) {
+        Ok((id, cookie)) => out.push_str(&format!(
+            "member namespace {} ({id:?}): cookie {cookie:?}\n",
+            member.netns
+        )),
+        Err(e) => out.push_str(&format!("member namespace {}: {e}\n", member.netns)),
+    }
+    if let Ok(m) = host.machine() {
+        let host_ns = NsId::of(Path::new(&format!("/proc/{}/ns/net", m.init_pid())));
+        out.push_str(&format!("the machine's own namespace: {host_ns:?}\n"));
+        for args in [
+            &["metaguard", "verify"][..],
+            &["metaguard", "apply", "--dry-run"][..],
+        ] {
+            match m.exec(args) {
+                Ok(o) => out.push_str(&format!(
+                    "$ {}: {}\n{}{}\n",
+                    args.join(" "),
+                    o.status,
+                    String::from_utf8_lossy(&o.stdout),
+                    String::from_utf8_lossy(&o.stderr)
+                )),
+                Err(e) => out.push_str(&format!("$ {}: {e}\n", args.join(" "))),
+            }
+        }
+    }
+    match host
+        .lab()
+        .and_then(|lab| lab.run_in_named(&member.netns, "nft", &["list", "tables"]))
+    {
+        Ok(t) => out.push_str(&format!("tables in the member's namespace:\n{t}\n")),
+        Err(e) => out.push_str(&format!("tables in the member's namespace: {e}\n")),
+    }
+    // The daemon's lines about the event may still be on their way.
+    std::thread::sleep(Duration::from_millis(500));
+    if let Ok(m) = host.machine() {
+        out.push_str(&m.journal_text("metaguard.service"));
+    }
+    out
+}
