@@ -96,6 +96,13 @@ pub fn deb(version: &str) -> Result<PathBuf, Failed> {
     ));
     let _ = std::fs::remove_dir_all(&out);
     std::fs::create_dir_all(&out)?;
+    // scripts/package stages in target/<profile>/package and cargo-deb in
+    // target/: another test process packaging at the same time would
+    // truncate the binary this one packs (an empty /usr/bin/metaguard runs
+    // as an empty shell script: exit 0, no output). One at a time, across
+    // processes; the lock goes with the file's descriptor.
+    let lock = std::fs::File::create(repo().join("target/machine-deb.lock"))?;
+    rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)?;
     let status = Command::new("bash")
         .arg(repo().join("scripts/package"))
         .args([
