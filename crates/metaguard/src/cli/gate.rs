@@ -8,8 +8,7 @@
 //! * exit 0 when `metaguard.service` is not enabled: metaguard is not in
 //!   use on this host, so nothing is held back;
 //! * while the unit is on its way up (`ActiveState=activating`: starting,
-//!   or waiting to be restarted after a crash, `Restart=always`; or a start
-//!   or restart job queued for it, which passes through `inactive`), wait for
+//!   or waiting to be restarted after a crash, `Restart=always`), wait for
 //!   the daemon to be ready, up to `--wait` seconds, rather than fail a
 //!   Docker restart that happens to meet metaguard's one-second restart;
 //! * exit 1 otherwise — enabled but failed, stopped, or not ready in time:
@@ -31,26 +30,36 @@ const POLL: Duration = Duration::from_millis(100);
 pub fn run(state_dir: &Path, wait: Duration) -> anyhow::Result<ExitCode> {
     let start = Instant::now();
     let mut waited = false;
+    let go_ahead = |pid: u32, waited: bool| {
+        let after = if waited {
+            format!(" (after waiting {} ms for it)", start.elapsed().as_millis())
+        } else {
+            String::new()
+        };
+        println!(
+            "metaguard: the daemon (pid {pid}) has its rules in the kernel and follows this host; go ahead{after}"
+        );
+        Ok(ExitCode::SUCCESS)
+    };
     let why = loop {
         let why = match ready(state_dir) {
-            Ok(pid) => {
-                let after = if waited {
-                    format!(" (after waiting {} ms for it)", start.elapsed().as_millis())
-                } else {
-                    String::new()
-                };
-                println!(
-                    "metaguard: the daemon (pid {pid}) has its rules in the kernel and follows this host; go ahead{after}"
-                );
-                return Ok(ExitCode::SUCCESS);
-            }
+            Ok(pid) => return go_ahead(pid, waited),
             Err(why) => why,
         };
         if !enabled(UNIT) {
             println!("metaguard: {UNIT} is not enabled; holding nothing back ({why})");
             return Ok(ExitCode::SUCCESS);
         }
-        if start.elapsed() >= wait || !on_its_way_up(UNIT) {
+        if !activating(UNIT) {
+            // The unit may have become active since the record was read:
+            // the daemon writes its record before READY=1, so a record
+            // read after the unit's state is at least as new as that state.
+            match ready(state_dir) {
+                Ok(pid) => return go_ahead(pid, waited),
+                Err(why) => break why,
+            }
+        }
+        if start.elapsed() >= wait {
             break why;
         }
         if !waited {
@@ -95,31 +104,15 @@ fn ready(state_dir: &Path) -> Result<u32, String> {
 }
 
 /// Whether UNIT is on its way up: `ActiveState=activating` (its start
-/// job runs, or it waits out `RestartSec=` after a crash), or a job other
-/// than `stop` is queued for it — `systemctl restart` of a unit waiting
-/// to be restarted stops it first, so it is `inactive` for a moment with
-/// its restart job queued. False without systemctl, and for failed,
-/// inactive or deactivating units with no such job.
-fn on_its_way_up(unit: &str) -> bool {
-    let systemctl = |args: &[&str]| {
-        metaguard_sys::tool::command("systemctl", args)
-            .and_then(|cmd| metaguard_sys::tool::run(cmd, None, None))
-            .map(|out| out.stdout)
-    };
-    let activating = systemctl(&["show", "--property=ActiveState", "--value", unit])
-        .is_ok_and(|out| out.trim() == "activating");
-    activating
-        || systemctl(&["list-jobs", "--no-legend", "--plain", unit])
-            .is_ok_and(|out| queued_start(&out, unit))
-}
-
-/// Whether `systemctl list-jobs` output (`JOB UNIT TYPE STATE` lines) has
-/// a job for `unit` that brings it up (any type but `stop`).
-fn queued_start(list_jobs: &str, unit: &str) -> bool {
-    list_jobs.lines().any(|line| {
-        let mut cols = line.split_whitespace().skip(1);
-        cols.next() == Some(unit) && cols.next().is_some_and(|t| t != "stop")
-    })
+/// job runs, or it waits out `RestartSec=` after a crash). False without
+/// systemctl, and for failed, inactive or deactivating units.
+fn activating(unit: &str) -> bool {
+    metaguard_sys::tool::command(
+        "systemctl",
+        &["show", "--property=ActiveState", "--value", unit],
+    )
+    .and_then(|cmd| metaguard_sys::tool::run(cmd, None, None))
+    .is_ok_and(|out| out.stdout.trim() == "activating")
 }
 
 /// `systemctl is-enabled --quiet UNIT` (enabled, enabled-runtime, static,
@@ -128,28 +121,4 @@ fn enabled(unit: &str) -> bool {
     metaguard_sys::tool::command("systemctl", &["is-enabled", "--quiet", unit])
         .and_then(|cmd| metaguard_sys::tool::run(cmd, None, None))
         .is_ok_and(|out| out.status.success())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::queued_start;
-
-    #[test]
-    fn a_queued_start_or_restart_job_is_on_the_way_up_and_a_stop_is_not() {
-        let out = "1795 metaguard.service restart waiting\n1796 docker.service start waiting\n";
-        assert!(queued_start(out, "metaguard.service"));
-        assert!(queued_start(
-            "12 metaguard.service start running\n",
-            "metaguard.service"
-        ));
-        assert!(!queued_start(
-            "12 metaguard.service stop running\n",
-            "metaguard.service"
-        ));
-        assert!(!queued_start(
-            "1796 docker.service start waiting\n",
-            "metaguard.service"
-        ));
-        assert!(!queued_start("", "metaguard.service"));
-    }
 }
