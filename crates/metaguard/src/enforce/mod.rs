@@ -189,29 +189,48 @@ impl Engine {
     }
 
     /// The directories to watch for configured cgroups appearing or being
-    /// re-created: the nearest existing ancestor of each.
+    /// re-created: the nearest existing ancestor of each — of every
+    /// `cgroups` entry and, with the BPF layer on, of every
+    /// `container_cgroups` subtree (inside the attach fence), so a subtree
+    /// made after `apply` (`ecstasks.slice` at the first ECS task,
+    /// cgroupfs Docker's `docker` at its first container) gets the
+    /// programs when it appears.
     pub fn cgroup_watch_dirs(&self, config: &Config) -> Vec<PathBuf> {
         let Some(cg) = &self.cgroup2 else {
             return Vec::new();
         };
+        let mut paths: Vec<&str> = config
+            .workloads
+            .iter()
+            .filter_map(|w| match &w.selector {
+                Selector::Cgroups(paths) => Some(paths),
+                _ => None,
+            })
+            .flatten()
+            .map(String::as_str)
+            .collect();
+        if config.layers.bpf {
+            let fence = self.bpf_fence.as_deref();
+            paths.extend(
+                config
+                    .layers
+                    .container_cgroups
+                    .iter()
+                    .map(String::as_str)
+                    .filter(|p| fence.is_none_or(|f| *p == f || p.starts_with(&format!("{f}/")))),
+            );
+        }
         let mut dirs = Vec::new();
-        for w in &config.workloads {
-            let Selector::Cgroups(paths) = &w.selector else {
-                continue;
-            };
-            for p in paths {
-                let mut dir = cg.path(p);
-                while !dir.is_dir() || dir == cg.path(p) {
-                    match dir.parent() {
-                        Some(parent) if parent.starts_with(cg.mount()) => {
-                            dir = parent.to_path_buf()
-                        }
-                        _ => break,
-                    }
+        for p in paths {
+            let mut dir = cg.path(p);
+            while !dir.is_dir() || dir == cg.path(p) {
+                match dir.parent() {
+                    Some(parent) if parent.starts_with(cg.mount()) => dir = parent.to_path_buf(),
+                    _ => break,
                 }
-                if dir.is_dir() && !dirs.contains(&dir) {
-                    dirs.push(dir);
-                }
+            }
+            if dir.is_dir() && !dirs.contains(&dir) {
+                dirs.push(dir);
             }
         }
         dirs

@@ -38,6 +38,11 @@ pub const TESTS: &[(&str, bool, crate::TestFn)] = &[
         allowing_workload_is_refused_until_classified_then_reaches,
     ),
     (
+        "bpf_default::a_container_cgroup_made_after_the_daemon_started_gets_the_programs",
+        true,
+        a_container_cgroup_made_after_the_daemon_started_gets_the_programs,
+    ),
+    (
         "bpf_default::containers_selectors_resolve_to_cgroups_and_namespaces",
         true,
         containers_selectors_resolve_to_cgroups_and_namespaces,
@@ -332,6 +337,65 @@ fn allowing_workload_is_refused_until_classified_then_reaches() -> Result<(), Fa
     // A neighbour on the same bridge in the default workload stays refused.
     let other = bridge_container(&mut lab, "c5", 33)?;
     refused(&lab, &other, &http(&lab, "169.254.169.254"))?;
+    Ok(())
+}
+
+/// `ecstasks.slice` (the ECS agent's, at its first task) and cgroupfs
+/// Docker's `docker` (at its first container) appear after metaguard has
+/// started: the daemon attaches the programs when such a subtree is made.
+/// The control: a bridge container's process in a cgroup no program runs
+/// for is refused by the nft layer (a reset), not by the programs (EPERM).
+fn a_container_cgroup_made_after_the_daemon_started_gets_the_programs() -> Result<(), Failed> {
+    let mut lab = lab()?;
+    lab.mount_bpffs()?;
+    let root = lab.cgroup_root();
+    let late = format!("{root}/ecstasks.slice");
+    let text = format!("{BUILTIN_DEFAULT_TOML}\n[layers]\ncontainer_cgroups = [\"{late}\"]\n");
+    let path = lab.write_file("policy.toml", &text)?.display().to_string();
+    ensure!(
+        !lab.cgroup2().exists(&late),
+        "{late} exists before the daemon starts"
+    );
+    let d = Daemon::start(&lab, &path, &[])?;
+    let c = bridge_container(&mut lab, "c8", 38)?;
+    let spec = http(&lab, "169.254.169.254");
+    let before = run(&lab, &c, &spec)?;
+    ensure!(
+        !before.ok() && before.outcome != Outcome::Denied && !arrived(&lab, &spec),
+        "before the subtree exists: expected the nft layer's refusal, got {before:?}"
+    );
+    let made = Instant::now();
+    let task = Made {
+        netns: c.netns.clone(),
+        cgroup: format!("{late}/task-c8"),
+    };
+    lab.cgroup2()
+        .create(&task.cgroup)
+        .map_err(|e| e.to_string())?;
+    let deadline = made + Duration::from_secs(3);
+    loop {
+        let spec = http(&lab, "169.254.169.254");
+        let r = run(&lab, &task, &spec)?;
+        ensure!(
+            !r.ok() && !arrived(&lab, &spec),
+            "in {}: reached IMDS: {r:?}",
+            task.cgroup
+        );
+        if r.outcome == Outcome::Denied {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "no EPERM within 3 s of making {late}: {r:?}; daemon log: {}",
+            d.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!(
+        "container cgroup made after start: programs refuse in it {:?} after it was made",
+        made.elapsed()
+    );
+    d.wait_log("bpf layer updated", Duration::from_secs(1))?;
     Ok(())
 }
 
