@@ -159,6 +159,39 @@ pub fn desired(
     (contents, attachments)
 }
 
+/// When namespaces must be refused but none of `[layers]
+/// container_cgroups` exists (inside the attach fence: outside it,
+/// `desired` has said so), the warning that containers have the nft layer
+/// alone — until a subtree is made, which the daemon follows. A layer that
+/// covers no container must say so.
+fn no_container_cgroup(
+    config: &Config,
+    policy: &BpfPolicy,
+    cg: &Cgroup2,
+    fence: Option<&str>,
+) -> Option<String> {
+    if policy
+        .netns_default
+        .is_none_or(|(_, bits)| bits & bpf_policy::DENY_BITS == 0)
+    {
+        return None;
+    }
+    let inside: Vec<&String> = config
+        .layers
+        .container_cgroups
+        .iter()
+        .filter(|p| fence.is_none_or(|f| *p == f || p.starts_with(&format!("{f}/"))))
+        .collect();
+    if inside.is_empty() || inside.iter().any(|p| cg.exists(p)) {
+        return None;
+    }
+    let names: Vec<&str> = inside.iter().map(|p| p.as_str()).collect();
+    Some(format!(
+        "BPF layer: none of [layers] container_cgroups exists ({}): bridge containers and task namespaces are guarded by the nft layer alone until one is made (the daemon attaches to it then); name where this host's containers live",
+        names.join(", ")
+    ))
+}
+
 impl Engine {
     /// Uses `dir` as the BPF layer's pin directory (default
     /// [`sys::DEFAULT_PIN_DIR`]).
@@ -393,6 +426,9 @@ impl Engine {
             return report; // bpf_inactive said it is mounted
         };
         let (mut contents, attachments) = desired(cg, &policy, self.bpf_fence.as_deref(), warnings);
+        if let Some(w) = no_container_cgroup(config, &policy, cg, self.bpf_fence.as_deref()) {
+            warnings.push(w);
+        }
         contents.netns = self.bpf_netns(config, &policy, containers, warnings);
         report.namespaces = contents.netns.len();
         match pins.apply(sys::OBJECT, &contents, &attachments) {

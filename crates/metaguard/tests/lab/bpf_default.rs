@@ -357,6 +357,11 @@ fn a_container_cgroup_made_after_the_daemon_started_gets_the_programs() -> Resul
         "{late} exists before the daemon starts"
     );
     let d = Daemon::start(&lab, &path, &[])?;
+    // Said at start: nothing covers containers yet.
+    d.wait_log(
+        "none of [layers] container_cgroups exists",
+        Duration::from_secs(1),
+    )?;
     let c = bridge_container(&mut lab, "c8", 38)?;
     let spec = http(&lab, "169.254.169.254");
     let before = run(&lab, &c, &spec)?;
