@@ -29,7 +29,11 @@ impl Daemon {
         self.watch_bpf_pins(pins.path());
         let netns = pins.read_maps().map(|m| m.netns).unwrap_or_default();
         self.publish_conn_view(&netns);
-        let follower = self.bpf.take().and_then(|g| g.follower).or_else(|| {
+        let (follower, netns_warnings) = self
+            .bpf
+            .take()
+            .map_or((None, Vec::new()), |g| (g.follower, g.netns_warnings));
+        let follower = follower.or_else(|| {
             bpf_events::spawn(
                 self.opts.bpf_pin_dir.clone(),
                 self.metrics.bpf_refusals.clone(),
@@ -46,6 +50,7 @@ impl Daemon {
             follower,
             retry_at: None,
             netns,
+            netns_warnings,
         });
     }
 
@@ -60,8 +65,11 @@ impl Daemon {
         let result =
             self.engine
                 .sync_bpf_netns(&self.config, self.containers.as_deref(), &mut warnings);
-        for w in &warnings {
-            warn!(warning = %w, "bpf layer");
+        if let Some(g) = &mut self.bpf {
+            for w in warnings.iter().filter(|w| !g.netns_warnings.contains(w)) {
+                warn!(warning = %w, "bpf layer");
+            }
+            g.netns_warnings = warnings;
         }
         match result {
             Ok(Some(map)) => {

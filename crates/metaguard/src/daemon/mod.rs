@@ -133,6 +133,9 @@ struct BpfGuard {
     retry_at: Option<Instant>,
     /// The namespace map (`mg_netns`) as last written.
     netns: BTreeMap<u64, (u32, u32)>,
+    /// The warnings of the last namespace-map update: the next one logs
+    /// only those it does not repeat (it runs on every container event).
+    netns_warnings: Vec<String>,
 }
 
 /// How long checks rest after a failed BPF heal.

@@ -192,6 +192,37 @@ fn no_container_cgroup(
     ))
 }
 
+/// When namespaces must be refused: the warning that containers with a
+/// namespace of their own run in cgroups below none of the attach points
+/// (a custom `--cgroup-parent`, a runtime's own slice) — the programs never
+/// run for them, so they have the nft layer alone.
+fn uncovered_containers(policy: &BpfPolicy, containers: &[ContainerFact]) -> Option<String> {
+    if policy
+        .netns_default
+        .is_none_or(|(_, bits)| bits & bpf_policy::DENY_BITS == 0)
+    {
+        return None;
+    }
+    let outside: Vec<String> = containers
+        .iter()
+        .filter(|c| !c.host_network)
+        .filter_map(|c| Some((c, c.cgroup.as_deref()?)))
+        .filter(|(_, cgroup)| !policy.guarded(cgroup))
+        .map(|(c, cgroup)| format!("{} ({cgroup})", c.name))
+        .collect();
+    const SHOWN: usize = 5;
+    let more = match outside.len() {
+        0 => return None,
+        n if n > SHOWN => format!(" and {} more", n - SHOWN),
+        _ => String::new(),
+    };
+    let shown: Vec<&str> = outside.iter().take(SHOWN).map(String::as_str).collect();
+    Some(format!(
+        "BPF layer: container(s) {}{more} run in cgroups below none of its attach points, so they have the nft layer alone; add where they live to [layers] container_cgroups",
+        shown.join(", ")
+    ))
+}
+
 impl Engine {
     /// Uses `dir` as the BPF layer's pin directory (default
     /// [`sys::DEFAULT_PIN_DIR`]).
@@ -217,6 +248,7 @@ impl Engine {
         }
         let found = namespaces::discover(config, containers, &facts::netns_paths(config));
         warnings.extend(found.skipped.iter().map(|s| format!("BPF layer: {s}")));
+        warnings.extend(uncovered_containers(policy, containers.unwrap_or_default()));
         found.map(config, policy.netns_default)
     }
 

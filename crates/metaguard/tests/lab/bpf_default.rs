@@ -43,6 +43,11 @@ pub const TESTS: &[(&str, bool, crate::TestFn)] = &[
         a_container_cgroup_made_after_the_daemon_started_gets_the_programs,
     ),
     (
+        "bpf_default::containers_outside_every_attach_point_are_named",
+        true,
+        containers_outside_every_attach_point_are_named,
+    ),
+    (
         "bpf_default::containers_selectors_resolve_to_cgroups_and_namespaces",
         true,
         containers_selectors_resolve_to_cgroups_and_namespaces,
@@ -578,6 +583,49 @@ container_cgroups = ["{root}/docker", "{root}/system.slice"]
     for w in [Workload::BridgeC2, Workload::Agent, Workload::HostOther] {
         expect_reached(&lab, w, &http(&lab, "169.254.169.254"))?;
     }
+    Ok(())
+}
+
+/// A container whose cgroup is below none of the attach points (here
+/// `container_cgroups` leaves out the lab's `docker`, where c1 lives) gets
+/// no program: `apply` names it, and with the nft tables gone it reaches
+/// IMDS. With its parent listed, no warning, and EPERM.
+fn containers_outside_every_attach_point_are_named() -> Result<(), Failed> {
+    let mut lab = lab()?;
+    lab.mount_bpffs()?;
+    lab.start_docker_api()?;
+    let root = lab.cgroup_root();
+    let apply_stderr = |lab: &Lab, container_cgroups: &str| -> Result<String, Failed> {
+        let text = format!(
+            "{BUILTIN_DEFAULT_TOML}\n[layers]\ncontainer_cgroups = [{container_cgroups}]\n"
+        );
+        let path = lab.write_file("policy.toml", &text)?.display().to_string();
+        let out = lab.metaguard(&["apply", "--config", &path])?;
+        ensure!(
+            out.status.success(),
+            "apply failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let warning = "below none of its attach points";
+    let err = apply_stderr(&lab, &format!("\"{root}/system.slice\""))?;
+    let line = err
+        .lines()
+        .find(|l| l.contains(warning))
+        .unwrap_or_default();
+    ensure!(
+        line.contains("ecs-lab-web-1-app-c1") && line.contains(&format!("{root}/docker/")),
+        "apply did not name c1's container: {err}"
+    );
+    eprintln!("apply: {line}");
+    delete_metaguard_tables(&lab, &[Role::Host, Role::C1])?;
+    expect_reached(&lab, Workload::BridgeC1, &http(&lab, "169.254.169.254"))?;
+    let err = apply_stderr(&lab, &format!("\"{root}/system.slice\", \"{root}/docker\""))?;
+    ensure!(!err.contains(warning), "still warned: {err}");
+    delete_metaguard_tables(&lab, &[Role::Host, Role::C1])?;
+    denied_by_bpf(&lab, Workload::BridgeC1)?;
     Ok(())
 }
 
