@@ -119,6 +119,11 @@ pub fn policy_file(lab: &Lab) -> Result<String, Failed> {
 }
 
 pub fn apply(lab: &Lab, text: &str) -> Result<String, Failed> {
+    Ok(apply_said(lab, text)?.0)
+}
+
+/// [`apply`]'s standard output and its standard error (the warnings).
+pub fn apply_said(lab: &Lab, text: &str) -> Result<(String, String), Failed> {
     let path = lab.write_file("policy.toml", text)?.display().to_string();
     let out = lab.metaguard(&["apply", "--config", &path])?;
     ensure!(
@@ -127,7 +132,10 @@ pub fn apply(lab: &Lab, text: &str) -> Result<String, Failed> {
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    Ok((
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
 }
 
 pub fn http(lab: &Lab, host: &str) -> ProbeSpec {

@@ -18,7 +18,7 @@ use metaguard_lab::topology::{addr, Role};
 use metaguard_lab::{Lab, Workload};
 use metaguard_sys::bpf as sys;
 
-use crate::bpf::apply;
+use crate::bpf::{apply, apply_said};
 use crate::daemon::Daemon;
 use crate::enforce::{arrived, expect_reached};
 use crate::ensure;
@@ -599,15 +599,7 @@ fn containers_outside_every_attach_point_are_named() -> Result<(), Failed> {
         let text = format!(
             "{BUILTIN_DEFAULT_TOML}\n[layers]\ncontainer_cgroups = [{container_cgroups}]\n"
         );
-        let path = lab.write_file("policy.toml", &text)?.display().to_string();
-        let out = lab.metaguard(&["apply", "--config", &path])?;
-        ensure!(
-            out.status.success(),
-            "apply failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(String::from_utf8_lossy(&out.stderr).into_owned())
+        Ok(apply_said(lab, &text)?.1)
     };
     let warning = "below none of its attach points";
     let err = apply_stderr(&lab, &format!("\"{root}/system.slice\""))?;
