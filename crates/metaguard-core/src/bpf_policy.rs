@@ -181,10 +181,14 @@ impl BpfPolicy {
     /// default has a deny bit. (Observe bits alone need the programs too,
     /// but a host that cannot run them is not left unguarded by it.)
     pub fn refuses(&self) -> bool {
-        self.cgroups.iter().any(|c| c.bits & DENY_BITS != 0)
-            || self
-                .netns_default
-                .is_some_and(|(_, bits)| bits & DENY_BITS != 0)
+        self.cgroups.iter().any(|c| c.bits & DENY_BITS != 0) || self.refuses_namespaces()
+    }
+
+    /// Whether namespaces nobody has classified are refused something:
+    /// the namespace default has a deny bit.
+    pub fn refuses_namespaces(&self) -> bool {
+        self.netns_default
+            .is_some_and(|(_, bits)| bits & DENY_BITS != 0)
     }
 
     /// Whether anything is observed by the programs.

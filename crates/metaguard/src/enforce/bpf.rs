@@ -137,8 +137,7 @@ pub fn desired(
     }
     let mut attachments = Vec::new();
     for path in &policy.attach {
-        let inside = fence.is_none_or(|f| path == f || path.starts_with(&format!("{f}/")));
-        if !inside {
+        if !inside_fence(fence, path) {
             warnings.push(format!(
                 "BPF layer: cgroup {path:?} is outside {}; not attached",
                 fence.unwrap_or_default()
@@ -159,6 +158,12 @@ pub fn desired(
     (contents, attachments)
 }
 
+/// Whether `path` is inside the attach fence (`--bpf-attach-within`);
+/// everything is, without one.
+pub(super) fn inside_fence(fence: Option<&str>, path: &str) -> bool {
+    fence.is_none_or(|f| path == f || path.starts_with(&format!("{f}/")))
+}
+
 /// When namespaces must be refused but none of `[layers]
 /// container_cgroups` exists (inside the attach fence: outside it,
 /// `desired` has said so), the warning that containers have the nft layer
@@ -170,17 +175,14 @@ fn no_container_cgroup(
     cg: &Cgroup2,
     fence: Option<&str>,
 ) -> Option<String> {
-    if policy
-        .netns_default
-        .is_none_or(|(_, bits)| bits & bpf_policy::DENY_BITS == 0)
-    {
+    if !policy.refuses_namespaces() {
         return None;
     }
     let inside: Vec<&String> = config
         .layers
         .container_cgroups
         .iter()
-        .filter(|p| fence.is_none_or(|f| *p == f || p.starts_with(&format!("{f}/"))))
+        .filter(|p| inside_fence(fence, p))
         .collect();
     if inside.is_empty() || inside.iter().any(|p| cg.exists(p)) {
         return None;
@@ -197,10 +199,7 @@ fn no_container_cgroup(
 /// (a custom `--cgroup-parent`, a runtime's own slice) — the programs never
 /// run for them, so they have the nft layer alone.
 fn uncovered_containers(policy: &BpfPolicy, containers: &[ContainerFact]) -> Option<String> {
-    if policy
-        .netns_default
-        .is_none_or(|(_, bits)| bits & bpf_policy::DENY_BITS == 0)
-    {
+    if !policy.refuses_namespaces() {
         return None;
     }
     let outside: Vec<String> = containers

@@ -217,7 +217,7 @@ impl Engine {
                     .container_cgroups
                     .iter()
                     .map(String::as_str)
-                    .filter(|p| fence.is_none_or(|f| *p == f || p.starts_with(&format!("{f}/")))),
+                    .filter(|p| bpf::inside_fence(fence, p)),
             );
         }
         let mut dirs = Vec::new();
