@@ -215,9 +215,10 @@ pub fn enter_before_exec(cmd: &mut std::process::Command, procs: OwnedFd) {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn init_root_is_the_parent_of_systemds_init_scope() {
-        use super::init_root_of;
         assert_eq!(init_root_of("0::/init.scope\n"), "");
         assert_eq!(
             init_root_of("0::/metaguard-lab/disk-1/machine/payload/init.scope\n"),
@@ -227,8 +228,6 @@ mod tests {
         assert_eq!(init_root_of("0::/system.slice/foo.service\n"), "");
         assert_eq!(init_root_of(""), "");
     }
-
-    use super::*;
 
     const HYBRID: &str = "\
 31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
