@@ -61,7 +61,13 @@ fn containers_get_imdsv2_and_their_own_credentials_through_the_shipped_unit() ->
         let r = imdsv2_instance_id(&host, c)?;
         ensure!(
             r.ok() && r.body.as_deref() == Some(instance_id.as_str()),
-            "{mode}: IMDSv2 through the proxy: {r:?}"
+            "{mode}: IMDSv2 through the proxy: {r:?}\naudit log:\n{}\n{}",
+            host.disk()
+                .read("/var/log/metaguard/audit.log")
+                .unwrap_or_default(),
+            host.machine()
+                .map(|m| m.journal_text("metaguard.service"))
+                .unwrap_or_default()
         );
         let spec = http(&host, "GET", SENSITIVE, &[])?;
         let r = host.probe(c, &spec)?;
