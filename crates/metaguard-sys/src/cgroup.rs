@@ -57,23 +57,40 @@ pub fn in_initial_namespace() -> io::Result<bool> {
     Ok(std::fs::metadata("/proc/self/ns/cgroup")?.ino() == INIT_CGROUP_NS_INO)
 }
 
+/// The cgroup v2 path in the text of a `/proc/<pid>/cgroup` (its `0::`
+/// line), relative to the hierarchy's root: `""` for the root itself.
+pub fn v2_path(proc_cgroup: &str) -> Option<&str> {
+    proc_cgroup
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .map(|p| p.trim().trim_matches('/'))
+}
+
+/// [`v2_path`] of process `pid`, from `<proc_root>/<pid>/cgroup`.
+pub fn of_process(proc_root: &Path, pid: impl std::fmt::Display) -> Option<String> {
+    let text = std::fs::read_to_string(proc_root.join(pid.to_string()).join("cgroup")).ok()?;
+    v2_path(&text).map(str::to_string)
+}
+
 /// The cgroup the host's init runs below, relative to the hierarchy's
 /// root, from `<proc>/1/cgroup`: the parent of systemd's `init.scope`
 /// (`""` when that is the root, as on a host booted normally); `""` too
 /// when init is not systemd or its cgroup cannot be read.
 pub fn init_root(proc: &Path) -> String {
-    let text = std::fs::read_to_string(proc.join("1/cgroup")).unwrap_or_default();
-    init_root_of(&text)
+    of_process(proc, 1)
+        .as_deref()
+        .map(init_root_of)
+        .unwrap_or_default()
 }
 
-/// [`init_root`] for the text of a `/proc/<pid>/cgroup`.
-pub fn init_root_of(proc_cgroup: &str) -> String {
-    proc_cgroup
-        .lines()
-        .find_map(|l| l.strip_prefix("0::"))
-        .and_then(|p| p.trim().strip_suffix("/init.scope"))
-        .map(|root| root.trim_matches('/').to_string())
-        .unwrap_or_default()
+/// [`init_root`] for init's cgroup path (as [`v2_path`] gives it).
+fn init_root_of(init_cgroup: &str) -> String {
+    match init_cgroup.strip_suffix("init.scope") {
+        Some(root) if root.is_empty() || root.ends_with('/') => {
+            root.trim_end_matches('/').to_string()
+        }
+        _ => String::new(),
+    }
 }
 
 /// mountinfo escapes space, tab, newline and backslash as `\ooo`.
@@ -219,14 +236,16 @@ mod tests {
 
     #[test]
     fn init_root_is_the_parent_of_systemds_init_scope() {
-        assert_eq!(init_root_of("0::/init.scope\n"), "");
+        let root = |text: &str| v2_path(text).map(init_root_of).unwrap_or_default();
+        assert_eq!(root("0::/init.scope\n"), "");
         assert_eq!(
-            init_root_of("0::/metaguard-lab/disk-1/machine/payload/init.scope\n"),
+            root("0::/metaguard-lab/disk-1/machine/payload/init.scope\n"),
             "metaguard-lab/disk-1/machine/payload"
         );
-        assert_eq!(init_root_of("9:name=systemd:/\n0::/\n"), "");
-        assert_eq!(init_root_of("0::/system.slice/foo.service\n"), "");
-        assert_eq!(init_root_of(""), "");
+        assert_eq!(root("9:name=systemd:/\n0::/\n"), "");
+        assert_eq!(root("0::/system.slice/foo.service\n"), "");
+        assert_eq!(root("0::/system.slice/notinit.scope\n"), "");
+        assert_eq!(root(""), "");
     }
 
     const HYBRID: &str = "\

@@ -142,7 +142,7 @@ impl Recorder {
         let cgroup = if self.runs.holds(&k) {
             None
         } else {
-            own_cgroup(&self.proc_root, e.pid)
+            metaguard_sys::cgroup::of_process(&self.proc_root, e.pid)
         };
         let full = self.runs.add(k, (e, cgroup), now());
         self.write(full);
@@ -280,14 +280,6 @@ fn service_of(config: &Config, ip: IpAddr) -> Option<&'static str> {
     }
 }
 
-/// A process's cgroup v2 path, relative to the hierarchy root.
-fn own_cgroup(proc_root: &Path, pid: u32) -> Option<String> {
-    let text = std::fs::read_to_string(proc_root.join(pid.to_string()).join("cgroup")).ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix("0::"))
-        .map(|p| p.trim_start_matches('/').to_string())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -402,10 +394,10 @@ mod tests {
         std::fs::create_dir_all(d.join("42")).expect("dir");
         std::fs::write(d.join("42/cgroup"), "0::/metaguard-lab/x/docker/c1\n").expect("write");
         assert_eq!(
-            own_cgroup(&d, 42).as_deref(),
+            metaguard_sys::cgroup::of_process(&d, 42).as_deref(),
             Some("metaguard-lab/x/docker/c1")
         );
-        assert_eq!(own_cgroup(&d, 43), None);
+        assert_eq!(metaguard_sys::cgroup::of_process(&d, 43), None);
         let _ = std::fs::remove_dir_all(&d);
     }
 }

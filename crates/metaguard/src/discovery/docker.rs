@@ -169,7 +169,10 @@ async fn list(socket: &Path, proc_root: &Path) -> anyhow::Result<Vec<ContainerFa
                 })
             })
         };
-        let cgroup = (pid > 0).then(|| own_cgroup(proc_root, pid)).flatten();
+        let cgroup = (pid > 0)
+            .then(|| metaguard_sys::cgroup::of_process(proc_root, pid))
+            .flatten()
+            .filter(|p| !p.is_empty());
         let env = inspect
             .config
             .as_ref()
@@ -233,15 +236,6 @@ fn share_joined_namespaces(containers: &mut [ContainerFact], modes: &[String]) {
             containers[i].netns = Some(path);
         }
     }
-}
-
-/// A process's cgroup v2 path, relative to the hierarchy root.
-fn own_cgroup(proc_root: &Path, pid: i64) -> Option<String> {
-    let text = std::fs::read_to_string(proc_root.join(pid.to_string()).join("cgroup")).ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix("0::"))
-        .map(|p| p.trim_matches('/').to_string())
-        .filter(|p| !p.is_empty())
 }
 
 /// What [`watch`] reports.
