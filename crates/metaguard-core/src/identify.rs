@@ -154,6 +154,7 @@ pub fn host_caller(
             o.peer
         ),
         container: container.map(|k| k.id.clone()),
+        port: None,
         credentials_ids,
         tmds_ids,
     }
@@ -219,6 +220,7 @@ pub fn bridge_caller(
     Caller {
         workload,
         container: own_container,
+        port: Some(port.ifindex),
         credentials_ids,
         tmds_ids,
         origin: format!(

@@ -240,6 +240,7 @@ pub fn would(config: &Config, rec: &Record) -> Would {
     let caller = Caller {
         workload: Some(i),
         container: rec.container.as_ref().map(|c| c.id.clone()),
+        port: None,
         credentials_ids: owned.clone(),
         tmds_ids: owned,
         origin: rec.caller.clone(),

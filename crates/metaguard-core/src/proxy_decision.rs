@@ -54,6 +54,13 @@ pub struct Caller {
     pub workload: Option<usize>,
     /// The container's id, when the caller is a known container.
     pub container: Option<String>,
+    /// The ifindex of the host's bridge port a bridge caller came
+    /// through: its network namespace as the host sees it, which stays the
+    /// same while the containers listed in that namespace change (an
+    /// awsvpc task's pause container alone, then with its application
+    /// container). Kernel ifindexes are allocated cyclically, so a port's
+    /// is not handed to another link while tokens bound to it live.
+    pub port: Option<u32>,
     /// Credentials ids this caller owns (its containers' environment).
     pub credentials_ids: Vec<String>,
     /// Task-metadata endpoint ids this caller owns.

@@ -170,6 +170,7 @@ fn caller(workload: usize, container: Option<&str>) -> Caller {
         credentials_ids: ids,
         tmds_ids: Vec::new(),
         origin: format!("test port of {container:?}"),
+        ..Caller::default()
     }
 }
 

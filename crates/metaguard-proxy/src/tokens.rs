@@ -47,10 +47,22 @@ pub const PER_CALLER: usize = 64;
 /// Callers with live tokens kept.
 pub const CALLERS: usize = 4096;
 
-/// Who a token belongs to: the workload's name and the caller's
+/// Who a token belongs to: the workload's name and, for a bridge caller,
+/// the host's port its namespace is plugged into; for a host caller, its
 /// container, else its origin without the client's address and port (a
-/// bridge port and namespace, or a host workload's mark).
+/// host workload's mark).
+///
+/// A bridge caller is bound to its port, not to the container found
+/// behind it: all containers in one namespace are one caller, and which of
+/// them is found can change between a token's `PUT` and its use (an awsvpc
+/// task's application container is listed after its pause container, and
+/// a caller is found again whenever Docker reports a change). The port is
+/// the namespace's own link, which no other namespace is given while the
+/// token lives.
 pub fn binding(workload: &str, caller: &Caller) -> String {
+    if let Some(ifindex) = caller.port {
+        return format!("{workload}\0port {ifindex}");
+    }
     match &caller.container {
         Some(c) => format!("{workload}\0container {c}"),
         None => {
@@ -350,6 +362,31 @@ mod tests {
         let ns = caller(None, "port veth1 on docker0, netns /run/netns/x");
         let other = caller(None, "port veth2 on docker0, netns /run/netns/y");
         assert_ne!(binding("w", &ns), binding("w", &other));
+    }
+
+    #[test]
+    fn a_bridge_caller_is_bound_to_its_port_whichever_of_its_containers_is_found() {
+        let t = Tokens::default();
+        let now = Instant::now();
+        let on_port = |container: &str, ifindex: u32| Caller {
+            port: Some(ifindex),
+            ..caller(Some(container), "port veth7 on ecs-bridge")
+        };
+        // Issued while only the task's pause container was listed, used
+        // once its application container is.
+        let tok = t
+            .issue_at(&binding("tasks", &on_port("pause", 7)), 60, now)
+            .expect("token");
+        let app = binding("tasks", &on_port("app", 7));
+        assert_eq!(t.check_at(&app, tok.as_bytes(), now), Some(60));
+        let other_port = binding("tasks", &on_port("app", 8));
+        assert_eq!(
+            t.check_at(&other_port, tok.as_bytes(), now),
+            None,
+            "another namespace"
+        );
+        let other_workload = binding("bridges", &on_port("app", 7));
+        assert_eq!(t.check_at(&other_workload, tok.as_bytes(), now), None);
     }
 
     #[test]

@@ -140,9 +140,15 @@ fn a_bridge_container_is_its_ports_peer_namespace() {
         c.origin,
         "port veth7 on docker0, netns /var/run/docker/netns/aaa"
     );
+    assert_eq!(
+        c.port,
+        Some(7),
+        "the port's ifindex, which tokens are bound to"
+    );
     let c = h.identify(bridge_mark(8));
     assert_eq!(c.container.as_deref(), Some("db"));
     assert_eq!(c.credentials_ids, ["db-id"]);
+    assert_eq!(c.port, Some(8));
 }
 
 #[test]
@@ -168,14 +174,14 @@ fn an_awsvpc_task_is_every_container_in_the_pause_containers_namespace() {
         "not the pause container"
     );
     assert_eq!(c.credentials_ids, ["app1-id", "side1-id"]);
-    // A task whose only container is its pause container is that one.
+    // A task whose only container is its pause container is that one,
+    // behind the same port.
     let h = Host::default()
         .port(port(9, "ecs-br0", 5))
         .container(pause("pause1", sandbox), Some(5));
-    assert_eq!(
-        h.identify(bridge_mark(9)).container.as_deref(),
-        Some("pause1")
-    );
+    let alone = h.identify(bridge_mark(9));
+    assert_eq!(alone.container.as_deref(), Some("pause1"));
+    assert_eq!((alone.port, c.port), (Some(9), Some(9)));
 }
 
 #[test]

@@ -385,6 +385,7 @@ fn the_suggestion_leaves_a_credentials_ids_line_to_fill_in_and_allows_meanwhile(
         credentials_ids: ids,
         tmds_ids: Vec::new(),
         origin: "namespace /run/netns/cni-1".into(),
+        ..Caller::default()
     };
     for (target, want) in [
         ("/v2/credentials/9b1d0000-full", true),

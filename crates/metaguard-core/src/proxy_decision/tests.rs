@@ -53,6 +53,7 @@ fn caller(workload: usize) -> Caller {
         credentials_ids: vec![format!("own-{workload}")],
         tmds_ids: vec![format!("tmds-{workload}")],
         origin: format!("test caller of workload {workload}"),
+        ..Caller::default()
     }
 }
 

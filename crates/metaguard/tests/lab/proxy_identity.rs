@@ -37,6 +37,11 @@ pub const TESTS: &[(&str, bool, crate::TestFn)] = &[
         true,
         a_stopped_containers_ids_are_refused_to_everyone_within_a_second,
     ),
+    (
+        "proxy_identity::a_tasks_imdsv2_token_outlives_changes_in_its_listed_containers",
+        true,
+        a_tasks_imdsv2_token_outlives_changes_in_its_listed_containers,
+    ),
 ];
 
 /// A GET from lab namespace `netns` (no cgroup).
@@ -308,6 +313,200 @@ bpf = false
         "a revoked id reached the agent"
     );
     let _ = newcomer.0.kill();
+    Ok(())
+}
+
+/// Whether, within 2 s, a credentials request from the awsvpc task is
+/// audited as coming from container `id`.
+fn found_as(lab: &Lab, audit: &std::path::Path, id: &str) -> Result<bool, Failed> {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(2) {
+        let r = get(
+            lab,
+            Workload::AwsvpcTask,
+            &Lab::credentials_url(Workload::AwsvpcTask),
+        )?;
+        ensure!(r.ok(), "the task's own credentials: {r:?}");
+        // The audit writer flushes every 20 ms.
+        std::thread::sleep(Duration::from_millis(40));
+        if audit_lines(audit)
+            .last()
+            .is_some_and(|l| l["container"] == id)
+        {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// `curl` in lab namespace `role` for the instance id, with `token`:
+/// "<body> <status>".
+fn instance_id_with_token(lab: &Lab, role: Role, token: &str) -> Result<String, Failed> {
+    Ok(lab.run_in(
+        role,
+        "curl",
+        &[
+            "-s",
+            "-m",
+            "3",
+            "-w",
+            " %{http_code}",
+            "-H",
+            &format!("X-aws-ec2-metadata-token: {token}"),
+            "http://169.254.169.254/latest/meta-data/instance-id",
+        ],
+    )?)
+}
+
+/// An IMDSv2 token `curl` gets in lab namespace `role`.
+fn token_in(lab: &Lab, role: Role) -> Result<String, Failed> {
+    let out = lab.run_in(
+        role,
+        "curl",
+        &[
+            "-s",
+            "-m",
+            "3",
+            "-w",
+            " %{http_code}",
+            "-X",
+            "PUT",
+            "-H",
+            "X-aws-ec2-metadata-token-ttl-seconds: 300",
+            "http://169.254.169.254/latest/api/token",
+        ],
+    )?;
+    match out.rsplit_once(' ') {
+        Some((token, "200")) if token.len() == 64 => Ok(token.to_string()),
+        _ => Err(format!("token PUT in {role:?}: {out:?}").into()),
+    }
+}
+
+/// A caller is one network namespace, whichever of its containers the
+/// proxy finds behind it: an awsvpc task's token obtained while only its
+/// pause container was listed still works once its application container
+/// is (seen once in about 30 runs of the machine proxy test, as a 401 to
+/// the GET after a successful PUT, when Docker's event for the app
+/// container reached the daemon between the two). It still works only
+/// from the task: c1, with a token of its own that works, gets 401 with
+/// the task's.
+fn a_tasks_imdsv2_token_outlives_changes_in_its_listed_containers() -> Result<(), Failed> {
+    let mut lab = lab()?;
+    let docker = lab.start_docker_api()?;
+    let audit = lab.work_dir().join("audit-task-token.jsonl");
+    let policy = format!(
+        r#"[proxy]
+audit_log = "{audit}"
+
+[[workload]]
+name          = "awsvpc"
+netns         = ["/run/netns/{task}"]
+imds          = "proxy"
+task_metadata = "proxy"
+
+[[workload]]
+name          = "bridge-containers"
+bridges       = ["docker0", "ecs-bridge"]
+imds          = "proxy"
+task_metadata = "proxy"
+
+[layers]
+bpf = false
+"#,
+        audit = audit.display(),
+        task = lab.netns_name(Role::Task1),
+    );
+    let path = lab.write_file("task-token.toml", &policy)?;
+    let daemon = Daemon::start(&lab, &path.display().to_string(), &[])?;
+    let task_creds = Lab::credentials_url(Workload::AwsvpcTask);
+    let own = get(&lab, Workload::AwsvpcTask, &task_creds)?;
+    ensure!(own.ok(), "the task's own credentials: {own:?}");
+    // The application container leaves the listing (its process stays in
+    // the namespace): the task is its pause container alone, as before its
+    // application container is listed. The audit log says when the proxy
+    // finds the pause container behind the task's port.
+    let app = "ecs-lab-api-1-app-t1";
+    let app_id = FakeContainer::id_for(&format!("{}-{app}", lab.id()));
+    let pause_id = FakeContainer::id_for(&format!(
+        "{}-ecs-lab-api-1-internalecspause-9c8b7a",
+        lab.id()
+    ));
+    ensure!(
+        found_as(&lab, &audit, &app_id)?,
+        "the task's caller is not its application container\n{}",
+        daemon.log_text()
+    );
+    docker.stop(app);
+    ensure!(
+        found_as(&lab, &audit, &pause_id)?,
+        "the task's caller is not its pause container once the application container left\n{}",
+        daemon.log_text()
+    );
+    let token = token_in(&lab, Role::Task1)?;
+    let before = instance_id_with_token(&lab, Role::Task1, &token)?;
+    ensure!(
+        before == format!("{} 200", lab.instance_id()),
+        "the task's token at once: {before:?}"
+    );
+    // Listed again (Docker's `start`): a new caller is found behind the
+    // same port, with the application container as its own.
+    let mut sleep = lab.command_in(Workload::AwsvpcTask, "sleep")?;
+    sleep.arg("60");
+    let newcomer = Killed(sleep.spawn()?);
+    docker.start(FakeContainer {
+        id: app_id.clone(),
+        name: app.into(),
+        image: "111122223333.dkr.ecr.us-east-1.amazonaws.com/lab-api:2026.12.1".into(),
+        labels: [(
+            "com.amazonaws.ecs.container-name".to_string(),
+            "app".to_string(),
+        )]
+        .into_iter()
+        .collect(),
+        env: vec![format!(
+            "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI=/v2/credentials/{}",
+            Workload::AwsvpcTask.credentials_id()
+        )],
+        network_mode: format!("container:{pause_id}"),
+        pid: newcomer.0.id(),
+        sandbox_key: String::new(),
+        user: String::new(),
+        cgroup_parent: String::new(),
+        running: true,
+        addresses: Vec::new(),
+    });
+    ensure!(
+        found_as(&lab, &audit, &app_id)?,
+        "the task's caller is not its application container once listed again\n{}",
+        daemon.log_text()
+    );
+    lab.imds().log().clear();
+    let after = instance_id_with_token(&lab, Role::Task1, &token)?;
+    ensure!(
+        after == format!("{} 200", lab.instance_id()),
+        "the task's token once its application container is listed: {after:?}\n{}",
+        daemon.log_text()
+    );
+    // Still the task's alone.
+    let c1_token = token_in(&lab, Role::C1)?;
+    let c1_own = instance_id_with_token(&lab, Role::C1, &c1_token)?;
+    ensure!(
+        c1_own == format!("{} 200", lab.instance_id()),
+        "c1 with its own token: {c1_own:?}"
+    );
+    let stolen = instance_id_with_token(&lab, Role::C1, &token)?;
+    ensure!(
+        stolen.ends_with(" 401"),
+        "c1 with the task's token must get IMDS's 401: {stolen:?}"
+    );
+    ensure!(
+        lab.imds()
+            .log()
+            .entries()
+            .iter()
+            .all(|e| e.header("x-aws-ec2-metadata-token") != Some(token.as_str())),
+        "a caller's token reached IMDS"
+    );
     Ok(())
 }
 
