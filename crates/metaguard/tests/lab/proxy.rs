@@ -542,22 +542,7 @@ fn imds_path_policy_and_imdsv2_fidelity() -> Result<(), Failed> {
         .split_once("\r\n\r\n")
         .map(|(_, body)| body.trim().to_string())
         .unwrap_or_default();
-    let with_token = |role: Role| -> Result<String, Failed> {
-        Ok(lab.run_in(
-            role,
-            "curl",
-            &[
-                "-s",
-                "-m",
-                "3",
-                "-w",
-                " %{http_code}",
-                "-H",
-                &format!("X-aws-ec2-metadata-token: {token}"),
-                &format!("{base}/latest/meta-data/instance-id"),
-            ],
-        )?)
-    };
+    let with_token = |role: Role| instance_id_with_token(&lab, role, &token);
     let own = with_token(Role::C1)?;
     ensure!(
         own == format!("{} 200", lab.instance_id()),
@@ -621,6 +606,25 @@ fn imds_path_policy_and_imdsv2_fidelity() -> Result<(), Failed> {
 /// Runs an SDK client in workload `w` with only its own task's
 /// `AWS_CONTAINER_CREDENTIALS_RELATIVE_URI` in the environment and reads
 /// the JSON object it prints last.
+/// `curl` in lab namespace `role` for the instance id through
+/// 169.254.169.254, with IMDSv2 token `token`: "<body> <status>".
+pub fn instance_id_with_token(lab: &Lab, role: Role, token: &str) -> Result<String, Failed> {
+    Ok(lab.run_in(
+        role,
+        "curl",
+        &[
+            "-s",
+            "-m",
+            "3",
+            "-w",
+            " %{http_code}",
+            "-H",
+            &format!("X-aws-ec2-metadata-token: {token}"),
+            "http://169.254.169.254/latest/meta-data/instance-id",
+        ],
+    )?)
+}
+
 fn client_json(
     lab: &Lab,
     w: Workload,

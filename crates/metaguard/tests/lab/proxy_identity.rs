@@ -18,7 +18,7 @@ use metaguard_lab::{Lab, Workload};
 
 use crate::daemon::Daemon;
 use crate::ensure;
-use crate::proxy::{agent_hits, audit_lines, get, json_body};
+use crate::proxy::{agent_hits, audit_lines, get, instance_id_with_token, json_body};
 use crate::support::lab;
 
 pub const TESTS: &[(&str, bool, crate::TestFn)] = &[
@@ -337,25 +337,6 @@ fn found_as(lab: &Lab, audit: &std::path::Path, id: &str) -> Result<bool, Failed
         }
     }
     Ok(false)
-}
-
-/// `curl` in lab namespace `role` for the instance id, with `token`:
-/// "<body> <status>".
-fn instance_id_with_token(lab: &Lab, role: Role, token: &str) -> Result<String, Failed> {
-    Ok(lab.run_in(
-        role,
-        "curl",
-        &[
-            "-s",
-            "-m",
-            "3",
-            "-w",
-            " %{http_code}",
-            "-H",
-            &format!("X-aws-ec2-metadata-token: {token}"),
-            "http://169.254.169.254/latest/meta-data/instance-id",
-        ],
-    )?)
 }
 
 /// An IMDSv2 token `curl` gets in lab namespace `role`.
