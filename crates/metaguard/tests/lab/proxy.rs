@@ -608,9 +608,6 @@ fn imds_path_policy_and_imdsv2_fidelity() -> Result<(), Failed> {
     Ok(())
 }
 
-/// Runs an SDK client in workload `w` with only its own task's
-/// `AWS_CONTAINER_CREDENTIALS_RELATIVE_URI` in the environment and reads
-/// the JSON object it prints last.
 /// The lab host's `TcpOutRsts`.
 fn resets_sent(lab: &Lab) -> Result<u64, Failed> {
     let out = lab.run_in(Role::Host, "nstat", &["-asz", "TcpOutRsts"])?;
@@ -695,25 +692,31 @@ fn forwarded_requests_end_with_a_reset_and_leave_no_time_wait() -> Result<(), Fa
     Ok(())
 }
 
+/// `curl -s -m 3` in lab namespace `role` with `args`, the status
+/// appended: "<body> <status>".
+pub fn curl_with_status(lab: &Lab, role: Role, args: &[&str]) -> Result<String, Failed> {
+    let mut all = vec!["-s", "-m", "3", "-w", " %{http_code}"];
+    all.extend_from_slice(args);
+    Ok(lab.run_in(role, "curl", &all)?)
+}
+
 /// `curl` in lab namespace `role` for the instance id through
 /// 169.254.169.254, with IMDSv2 token `token`: "<body> <status>".
 pub fn instance_id_with_token(lab: &Lab, role: Role, token: &str) -> Result<String, Failed> {
-    Ok(lab.run_in(
+    curl_with_status(
+        lab,
         role,
-        "curl",
         &[
-            "-s",
-            "-m",
-            "3",
-            "-w",
-            " %{http_code}",
             "-H",
             &format!("X-aws-ec2-metadata-token: {token}"),
             "http://169.254.169.254/latest/meta-data/instance-id",
         ],
-    )?)
+    )
 }
 
+/// Runs an SDK client in workload `w` with only its own task's
+/// `AWS_CONTAINER_CREDENTIALS_RELATIVE_URI` in the environment and reads
+/// the JSON object it prints last.
 fn client_json(
     lab: &Lab,
     w: Workload,

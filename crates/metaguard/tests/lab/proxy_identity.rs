@@ -18,7 +18,9 @@ use metaguard_lab::{Lab, Workload};
 
 use crate::daemon::Daemon;
 use crate::ensure;
-use crate::proxy::{agent_hits, audit_lines, get, instance_id_with_token, json_body};
+use crate::proxy::{
+    agent_hits, audit_lines, curl_with_status, get, instance_id_with_token, json_body,
+};
 use crate::support::lab;
 
 pub const TESTS: &[(&str, bool, crate::TestFn)] = &[
@@ -341,15 +343,10 @@ fn found_as(lab: &Lab, audit: &std::path::Path, id: &str) -> Result<bool, Failed
 
 /// An IMDSv2 token `curl` gets in lab namespace `role`.
 fn token_in(lab: &Lab, role: Role) -> Result<String, Failed> {
-    let out = lab.run_in(
+    let out = curl_with_status(
+        lab,
         role,
-        "curl",
         &[
-            "-s",
-            "-m",
-            "3",
-            "-w",
-            " %{http_code}",
             "-X",
             "PUT",
             "-H",
