@@ -22,12 +22,15 @@
 //!   `ensure_nginx`) in the lab host namespace on 172.17.0.1:8081 (docker0's
 //!   address, which c1 reaches on its own subnet), `proxy_pass` to
 //!   169.254.169.254:80 with 32 keep-alive upstream connections and one
-//!   JSON access-log line per request (metaguard writes an audit line);
+//!   JSON access-log line per request (metaguard writes an audit line),
+//!   its upstream connections from 10.0.0.11 (`proxy_bind`; see
+//!   [`NGINX_SOURCE`]);
 //! * (e) the same nginx with `proxy_cache` (every `200` for an hour) on
 //!   172.17.0.1:8083;
 //! * (f) the floor ([`floor`]): a minimal tokio relay in the proxy's shape
-//!   on 172.17.0.1:8082 that does only the network work of a proxy —
-//!   what any tokio proxy pays, whatever else it does;
+//!   on 172.17.0.1:8082 that does only the network work of a proxy
+//!   (upstream connections from 10.0.0.12, ended with a reset as
+//!   metaguard's are) — what any tokio proxy pays, whatever else it does;
 //! * (g) the same floor process answering every request from memory (a
 //!   fixed `200`, on 172.17.0.1:8084): what any tokio server pays per
 //!   answer, beside (b) and (e);
@@ -53,7 +56,7 @@
 //! while wrk keeps its connections to a proxy alive and the proxy makes the
 //! new connection from the host — so a proxy can beat (a).
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -78,6 +81,20 @@ const FLOOR_PORT: u16 = 8082;
 const NGINX_CACHE_PORT: u16 = 8083;
 /// Where the floor answering from memory (g) listens.
 const FLOOR_MEMORY_PORT: u16 = 8084;
+/// The lab host addresses nginx's and the floor relay's upstream
+/// connections come from (`proxy_bind`; the floor binds likewise), beside
+/// metaguard's, which come from the host's own 10.0.0.10. A client that
+/// closes first keeps a TIME_WAIT socket for 60 s, and `connect()` walks
+/// every one with the same source and destination when it picks a port: in
+/// one address the proxies paid for each other's. nginx leaves thousands
+/// per run (it often closes before the emulator's FIN is in); with 14,000
+/// of them, 63 % of metaguard's proxy's samples were that search (`perf`:
+/// `__inet_hash_connect`, `__inet_check_established`, `tcp_twsk_unique`),
+/// and once they filled the even ports nginx's own throughput fell to a
+/// sixth.
+/// Each proxy now pays for its own, as the only IMDS client of a host does.
+const NGINX_SOURCE: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 11);
+const FLOOR_SOURCE: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 12);
 /// How long the floor relay gets to accept connections once started.
 const FLOOR_READY: Duration = Duration::from_secs(5);
 
@@ -87,7 +104,7 @@ fn main() {
         let addr = |i: usize| -> Result<SocketAddr, String> {
             let a = args
                 .get(i)
-                .ok_or(format!("{} LISTEN UPSTREAM", floor::ARG))?;
+                .ok_or(format!("{} LISTEN UPSTREAM|memory SOURCE", floor::ARG))?;
             a.parse().map_err(|e| format!("{a:?}: {e}"))
         };
         let result = addr(2).and_then(|listen| {
@@ -95,7 +112,12 @@ fn main() {
                 Some("memory") => None,
                 _ => Some(addr(3)?),
             };
-            floor::run(listen, upstream).map_err(|e| format!("floor relay on {listen}: {e}"))
+            let source = match args.get(4) {
+                Some(a) => a.parse().map_err(|e| format!("source {a:?}: {e}"))?,
+                None => return Err(format!("{} LISTEN UPSTREAM|memory SOURCE", floor::ARG)),
+            };
+            floor::run(listen, upstream, source)
+                .map_err(|e| format!("floor relay on {listen}: {e}"))
         });
         if let Err(e) = result {
             eprintln!("{e}");
@@ -150,6 +172,9 @@ struct Variant {
     after: Option<Hook>,
     /// Answers from memory: its requests do not reach the emulator.
     cached: bool,
+    /// The lab host address its upstream connections come from, when it
+    /// forwards: its TIME_WAIT sockets towards IMDS are counted there.
+    source: Option<Ipv4Addr>,
 }
 
 type Hook = Box<dyn Fn(&Lab) -> Result<(), String>>;
@@ -208,6 +233,7 @@ fn metaguard_variants(lab: &Lab) -> Option<Result<(Variant, Variant), String>> {
             before: None,
             after: None,
             cached: true,
+            source: None,
         };
         let miss = Variant {
             label: "(c) metaguard, miss: forwarded (169.254.169.254:9470)".to_string(),
@@ -218,6 +244,7 @@ fn metaguard_variants(lab: &Lab) -> Option<Result<(Variant, Variant), String>> {
             before: None,
             after: None,
             cached: false,
+            source: Some(addr::HOST_V4),
         };
         Ok((hit, miss))
     }))
@@ -264,6 +291,7 @@ fn direct_variant(lab: &Lab) -> Variant {
         before: None,
         after: None,
         cached: false,
+        source: None,
     }
 }
 
@@ -297,6 +325,7 @@ fn floor_variant(lab: &Lab, memory: bool) -> Result<Variant, String> {
         } else {
             format!("{}:80", addr::IMDS_V4)
         })
+        .arg(FLOOR_SOURCE.to_string())
         .stdin(std::process::Stdio::null());
     ns.command(&mut command).map_err(|e| e.to_string())?;
     let mut relay = FloorRelay(loadgen::Reaped(
@@ -326,6 +355,7 @@ fn floor_variant(lab: &Lab, memory: bool) -> Result<Variant, String> {
         before: None,
         after: None,
         cached: memory,
+        source: (!memory).then_some(FLOOR_SOURCE),
     })
 }
 
@@ -376,6 +406,7 @@ fn nginx_intercepted_variant(lab: &mut Lab, nginx_cache: Vec<u32>) -> Result<Var
         before: None,
         after: None,
         cached: true,
+        source: None,
     })
 }
 
@@ -394,6 +425,7 @@ fn nginx_variant(lab: &Lab, cache: bool) -> Result<Variant, String> {
         &format!("{}:80", addr::IMDS_V4),
         &lab.work_dir().join(dir),
         cache,
+        Some(NGINX_SOURCE.into()),
     )
     .map_err(|e| e.to_string())?;
     Ok(Variant {
@@ -409,6 +441,7 @@ fn nginx_variant(lab: &Lab, cache: bool) -> Result<Variant, String> {
         before: None,
         after: None,
         cached: cache,
+        source: (!cache).then_some(NGINX_SOURCE),
     })
 }
 
@@ -460,6 +493,9 @@ struct Series {
     cpu_us: Vec<f64>,
     /// The caller's (wrk's) CPU time per request, µs, per round.
     client_us: Vec<f64>,
+    /// TIME_WAIT sockets towards IMDS from the variant's source address
+    /// after each of its runs (forwarding variants only).
+    time_wait: Vec<f64>,
     /// Per round, against (a)'s figures of the same round: ratios indexed
     /// like [`METRICS`], added p50 and p99 (ms), requests/s over nginx's.
     ratios: [Vec<f64>; 3],
@@ -491,7 +527,15 @@ fn interrupted() -> Result<(), String> {
 
 /// One wrk run of `v` under `load`; checks that its requests reached the
 /// emulator. Also returns the proxy's CPU seconds over the run.
-fn measure(lab: &Lab, v: &Variant, secs: u32, load: Load) -> Result<(WrkResult, f64), String> {
+/// One wrk run of `v`: its result, the proxy's CPU seconds over it, and
+/// the TIME_WAIT sockets towards IMDS from the variant's source address
+/// after it (when it forwards).
+fn measure(
+    lab: &Lab,
+    v: &Variant,
+    secs: u32,
+    load: Load,
+) -> Result<(WrkResult, f64, Option<usize>), String> {
     interrupted()?;
     let log = lab.imds().log();
     log.clear();
@@ -526,6 +570,10 @@ fn measure(lab: &Lab, v: &Variant, secs: u32, load: Load) -> Result<(WrkResult, 
         after(lab).map_err(|e| format!("{}: after the run: {e}", v.label))?;
     }
     let r = r?;
+    let time_wait = match v.source {
+        Some(source) => Some(time_wait(lab, source)?),
+        None => None,
+    };
     if std::env::var_os("METAGUARD_PROXY_BENCH_RAW").is_some() {
         eprintln!("--- {} ---\n{}", v.label, r.raw);
     }
@@ -536,7 +584,27 @@ fn measure(lab: &Lab, v: &Variant, secs: u32, load: Load) -> Result<(WrkResult, 
             v.label, r.requests, r.raw
         ));
     }
-    Ok((r, cpu_used))
+    Ok((r, cpu_used, time_wait))
+}
+
+/// TIME_WAIT sockets in the lab host from `source` to IMDS's port 80.
+fn time_wait(lab: &Lab, source: Ipv4Addr) -> Result<usize, String> {
+    let out = lab
+        .run_in(
+            Role::Host,
+            "ss",
+            &[
+                "-Htan",
+                "state",
+                "time-wait",
+                "src",
+                &source.to_string(),
+                "dst",
+                &format!("{}:80", addr::IMDS_V4),
+            ],
+        )
+        .map_err(|e| format!("counting TIME_WAIT from {source}: {e}"))?;
+    Ok(out.lines().filter(|l| !l.trim().is_empty()).count())
 }
 
 /// A table row of min / median / max.
@@ -643,6 +711,15 @@ fn run(full: bool) -> Result<(), String> {
         &["-q", "-w", "net.ipv4.tcp_max_tw_buckets=0"],
     )
     .map_err(|e| e.to_string())?;
+    // nginx's and the floor's upstream source addresses (see NGINX_SOURCE).
+    for source in [NGINX_SOURCE, FLOOR_SOURCE] {
+        lab.run_in(
+            Role::Host,
+            "ip",
+            &["addr", "add", &format!("{source}/24"), "dev", "eth0"],
+        )
+        .map_err(|e| e.to_string())?;
+    }
     let mut variants = vec![direct_variant(&lab)];
     let with_metaguard = match metaguard_variants(&lab) {
         Some(v) => {
@@ -683,7 +760,7 @@ fn run(full: bool) -> Result<(), String> {
             let mut results: Vec<Option<WrkResult>> = variants.iter().map(|_| None).collect();
             for k in 0..variants.len() {
                 let i = (round + k) % variants.len();
-                let (r, cpu) = measure(&lab, &variants[i], secs, *load)?;
+                let (r, cpu, tw) = measure(&lab, &variants[i], secs, *load)?;
                 let s = &mut series[l][i];
                 s.forwarded_for += lab
                     .imds()
@@ -697,6 +774,9 @@ fn run(full: bool) -> Result<(), String> {
                 }
                 if variants[i].proxy.is_some() && r.requests > 0 {
                     s.cpu_us.push(cpu * 1e6 / r.requests as f64);
+                }
+                if let Some(tw) = tw {
+                    s.time_wait.push(tw as f64);
                 }
                 if r.requests > 0 && !r.client_cpu.is_zero() {
                     s.client_us
@@ -869,6 +949,12 @@ fn run(full: bool) -> Result<(), String> {
                 report += &row(&v.label, &s.cpu_us, 1, " µs");
             }
         }
+        report += "\n| TIME_WAIT sockets towards IMDS from the proxy's own source address, after each run (they last 60 s) | min | median | max |\n|---|---:|---:|---:|\n";
+        for (v, s) in variants.iter().zip(&series[l]) {
+            if let (Some(source), false) = (v.source, s.time_wait.is_empty()) {
+                report += &row(&format!("{} from {source}", v.label), &s.time_wait, 0, "");
+            }
+        }
         report += "\n| caller (wrk) CPU time per request, with the kernel's path for what it sends (the redirect runs in its context) | min | median | max |\n|---|---:|---:|---:|\n";
         for (v, s) in variants.iter().zip(&series[l]) {
             if !s.client_us.is_empty() {
@@ -932,7 +1018,7 @@ fn run(full: bool) -> Result<(), String> {
          (every `200` kept for an hour) on another port, (f) through the floor: a minimal tokio \
          relay in metaguard's proxy's shape (a single-threaded runtime per CPU over `SO_REUSEPORT` \
          listeners) that does only the network work — request head in, new upstream connection, head out, \
-         answer back — and nothing of a proxy's job (no HTTP library, identification, policy, audit or \
+         answer back, closed with a reset as metaguard's are — and nothing of a proxy's job (no HTTP library, identification, policy, audit or \
          metrics; `benches/proxy/floor.rs`): what any tokio proxy pays for the same requests, (g) the same \
          process answering every request from memory with a fixed `200` (no HTTP library, nothing checked, \
          on docker0's address like nginx): what any tokio server pays per answer, beside (b) and (e), \
@@ -945,6 +1031,11 @@ fn run(full: bool) -> Result<(), String> {
          with `Connection: close`, as IMDS does, so every request is a new upstream connection for a proxy \
          that forwards it, and a new connection from c1 for (a), while wrk keeps its connections to a proxy alive; the \
          emulator's namespace keeps no TIME_WAIT sockets (`tcp_max_tw_buckets=0`, see the bench's source). \
+         Each forwarding proxy connects to IMDS from a lab host address of its own (metaguard from the host's \
+         10.0.0.10, nginx from {NGINX_SOURCE} by `proxy_bind`, the floor from {FLOOR_SOURCE}), as the only IMDS \
+         client of a host would: a client that closes first keeps a TIME_WAIT socket for 60 s, and `connect()` \
+         walks every one with the same source and destination when it picks a port, so in one address the \
+         proxies paid for each other's (see the TIME_WAIT rows). \
          Proxy CPU is user + system time from `/proc/<pid>/stat` over each run (10 ms ticks), which \
          includes the kernel's network path run in the proxy's context; (b) and (c) are one process, measured \
          over their own runs. The caller's CPU is wrk's own, read the same way when it has exited: it \

@@ -2,7 +2,7 @@
 //! workers killed by pid when its guard is dropped.
 
 use std::fs::File;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -37,14 +37,24 @@ pub fn nginx_binary() -> Result<PathBuf, LabError> {
 /// both pay for a log), every path nginx writes is in `work_dir`, and no
 /// `X-Forwarded-For` is added (nginx adds none unless told to).
 pub fn nginx_conf(listen: SocketAddr, upstream: &str, work_dir: &Path) -> String {
-    nginx_conf_with(listen, upstream, work_dir, false)
+    nginx_conf_with(listen, upstream, work_dir, false, None)
 }
 
 /// [`nginx_conf`], with `cache`: `proxy_cache` on every `200` answer for
 /// an hour (a memory zone and the cache directory in `work_dir`), the
-/// reference for answering from memory.
-pub fn nginx_conf_with(listen: SocketAddr, upstream: &str, work_dir: &Path, cache: bool) -> String {
+/// reference for answering from memory; with `bind`, upstream connections
+/// come from that local address (`proxy_bind`, the port chosen at
+/// `connect()`, as nginx does with `IP_BIND_ADDRESS_NO_PORT`).
+pub fn nginx_conf_with(
+    listen: SocketAddr,
+    upstream: &str,
+    work_dir: &Path,
+    cache: bool,
+    bind: Option<IpAddr>,
+) -> String {
     let w = work_dir.display();
+    // An IPv6 address without brackets: nginx rejects `[fd00::1]` here.
+    let bind = bind.map_or(String::new(), |a| format!("\n            proxy_bind {a};"));
     let (zone, cache) = if cache {
         (
             format!("proxy_cache_path {w}/cache keys_zone=imds:1m;\n    "),
@@ -84,7 +94,7 @@ http {{
         listen {listen};
         location / {{
             {cache}proxy_pass http://imds;
-            proxy_http_version 1.1;
+            proxy_http_version 1.1;{bind}
             proxy_set_header Connection \"\";
         }}
     }}
@@ -112,16 +122,17 @@ impl Nginx {
         upstream: &str,
         work_dir: &Path,
     ) -> Result<Nginx, LabError> {
-        Self::start_with(netns, listen, upstream, work_dir, false)
+        Self::start_with(netns, listen, upstream, work_dir, false, None)
     }
 
-    /// [`Nginx::start`] with [`nginx_conf_with`]'s `cache`.
+    /// [`Nginx::start`] with [`nginx_conf_with`]'s `cache` and `bind`.
     pub fn start_with(
         netns: &str,
         listen: SocketAddr,
         upstream: &str,
         work_dir: &Path,
         cache: bool,
+        bind: Option<IpAddr>,
     ) -> Result<Nginx, LabError> {
         let ns = lab_netns(netns)?;
         if upstream.is_empty()
@@ -140,8 +151,11 @@ impl Nginx {
         };
         std::fs::create_dir_all(work_dir).map_err(io("create", work_dir))?;
         let conf = work_dir.join("nginx.conf");
-        std::fs::write(&conf, nginx_conf_with(listen, upstream, work_dir, cache))
-            .map_err(io("write", &conf))?;
+        std::fs::write(
+            &conf,
+            nginx_conf_with(listen, upstream, work_dir, cache, bind),
+        )
+        .map_err(io("write", &conf))?;
         let out_path = work_dir.join("nginx.out");
         let out = File::create(&out_path).map_err(io("create", &out_path))?;
         let err = out.try_clone().map_err(io("reopen", &out_path))?;

@@ -268,7 +268,7 @@ fn config_is_a_plain_keepalive_proxy() {
 #[test]
 fn the_cached_config_keeps_200s_for_an_hour_and_only_then() {
     let addr = "172.17.0.1:8083".parse().expect("addr");
-    let cached = nginx_conf_with(addr, "169.254.169.254:80", Path::new("/w"), true);
+    let cached = nginx_conf_with(addr, "169.254.169.254:80", Path::new("/w"), true, None);
     for want in [
         "proxy_cache_path /w/cache keys_zone=imds:1m;",
         "proxy_cache imds;",
@@ -279,4 +279,27 @@ fn the_cached_config_keeps_200s_for_an_hour_and_only_then() {
     }
     let plain = nginx_conf(addr, "169.254.169.254:80", Path::new("/w"));
     assert!(!plain.contains("proxy_cache"), "{plain}");
+    assert!(!plain.contains("proxy_bind"), "{plain}");
+}
+
+#[test]
+fn a_bound_config_sends_upstream_connections_from_its_address() {
+    let addr = "172.17.0.1:8081".parse().expect("addr");
+    let w = Path::new("/w");
+    let v4 = nginx_conf_with(
+        addr,
+        "169.254.169.254:80",
+        w,
+        false,
+        Some("10.0.0.11".parse().expect("ip")),
+    );
+    assert!(v4.contains("proxy_bind 10.0.0.11;"), "{v4}");
+    let v6 = nginx_conf_with(
+        addr,
+        "[fd00:ec2::254]:80",
+        w,
+        false,
+        Some("fd00:10::11".parse().expect("ip")),
+    );
+    assert!(v6.contains("proxy_bind fd00:10::11;"), "{v6}");
 }

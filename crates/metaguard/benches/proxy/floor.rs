@@ -1,7 +1,9 @@
-//! (d) the floor: the least an HTTP proxy on tokio must do per request, in
+//! (f) the floor: the least an HTTP proxy on tokio must do per request, in
 //! the shape of metaguard's proxy (one single-threaded runtime per worker
 //! thread over its own `SO_REUSEPORT` listener, one task per client
-//! connection, `TCP_NODELAY`), and nothing else: no HTTP library, no
+//! connection, `TCP_NODELAY` towards the client; upstream connections
+//! from their own source address, without `TCP_NODELAY`, closed with a
+//! reset once the answer is in), and nothing else: no HTTP library, no
 //! caller identification, no policy, no audit line, no metrics. Per
 //! request it reads the client's request head, opens a new connection to
 //! the upstream, writes the head there unchanged, reads the answer as far
@@ -19,14 +21,14 @@
 //! tokio server pays per answer, beside nginx's `proxy_cache` (e) and
 //! metaguard's cache hit (b).
 //!
-//! The bench re-executes itself (`proxy --floor-relay LISTEN UPSTREAM`)
+//! The bench re-executes itself (`proxy --floor-relay LISTEN UPSTREAM SOURCE`)
 //! inside the lab host's namespace to run it as a process of its own, so
 //! its CPU time and memory are measured like the other proxies'.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 
 /// The argument that makes the bench binary run the relay.
 pub const ARG: &str = "--floor-relay";
@@ -43,9 +45,14 @@ const FROM_MEMORY_CLOSE: &[u8] =
     b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 19\r\n\
 connection: close\r\n\r\ni-0123456789abcdef0";
 
-/// Runs the relay (to `upstream`, or answering from memory when `None`)
-/// until the process is killed; returns only on a set-up error.
-pub fn run(listen: SocketAddr, upstream: Option<SocketAddr>) -> std::io::Result<()> {
+/// Runs the relay (to `upstream`, connecting from `source`, or answering
+/// from memory when `None`) until the process is killed; returns only on a
+/// set-up error.
+pub fn run(
+    listen: SocketAddr,
+    upstream: Option<SocketAddr>,
+    source: IpAddr,
+) -> std::io::Result<()> {
     let listeners = metaguard_proxy::bind(listen, metaguard_proxy::workers())?;
     let threads: Vec<_> = listeners
         .into_iter()
@@ -58,7 +65,7 @@ pub fn run(listen: SocketAddr, upstream: Option<SocketAddr>) -> std::io::Result<
                     let l = tokio::net::TcpListener::from_std(l)?;
                     loop {
                         let (s, _) = l.accept().await?;
-                        tokio::spawn(connection(s, upstream));
+                        tokio::spawn(connection(s, upstream, source));
                     }
                 })
             })
@@ -99,7 +106,28 @@ fn content_length(head: &[u8]) -> usize {
         .unwrap_or(0)
 }
 
-async fn connection(mut client: TcpStream, upstream: Option<SocketAddr>) {
+/// A new upstream connection from `source` (the port chosen at `connect()`,
+/// `IP_BIND_ADDRESS_NO_PORT`, as nginx's `proxy_bind` does), closed with a
+/// reset when dropped (`SO_LINGER` zero), as metaguard's proxy closes its
+/// own: no TIME_WAIT whoever closes first.
+async fn connect(upstream: SocketAddr, source: IpAddr) -> std::io::Result<TcpStream> {
+    let socket = if upstream.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    nix::sys::socket::setsockopt(
+        &socket,
+        nix::sys::socket::sockopt::IpBindAddressNoPort,
+        &true,
+    )?;
+    socket.bind(SocketAddr::new(source, 0))?;
+    let stream = socket.connect(upstream).await?;
+    stream.set_zero_linger()?;
+    Ok(stream)
+}
+
+async fn connection(mut client: TcpStream, upstream: Option<SocketAddr>, source: IpAddr) {
     let _ = client.set_nodelay(true);
     let mut req = Vec::with_capacity(4096);
     let mut resp = Vec::with_capacity(4096);
@@ -125,10 +153,9 @@ async fn connection(mut client: TcpStream, upstream: Option<SocketAddr>) {
             }
             continue;
         };
-        let Ok(mut up) = TcpStream::connect(upstream).await else {
+        let Ok(mut up) = connect(upstream, source).await else {
             return;
         };
-        let _ = up.set_nodelay(true);
         if up.write_all(&req[..end]).await.is_err() {
             return;
         }
