@@ -711,6 +711,20 @@ fn run(full: bool) -> Result<(), String> {
         &["-q", "-w", "net.ipv4.tcp_max_tw_buckets=0"],
     )
     .map_err(|e| e.to_string())?;
+    // (a)'s caller keeps no TIME_WAIT either. wrk reads an answer and
+    // closes, often before the emulator's FIN is in, so c2 kept a minute
+    // of TIME_WAIT for up to half of (a)'s requests (6,600 in one 3-s run
+    // on one connection); once ~14,100 of them filled the half of the
+    // ephemeral ports `connect()` tries first, (a) fell from ~11,400 to
+    // ~550 requests/s, in some rounds and not others (its 32-connection
+    // medians were 536 to 11,120 across runs). The baseline measured
+    // port exhaustion, not going direct; the goals compare against it.
+    lab.run_in(
+        Role::C2,
+        "sysctl",
+        &["-q", "-w", "net.ipv4.tcp_max_tw_buckets=0"],
+    )
+    .map_err(|e| e.to_string())?;
     // nginx's and the floor's upstream source addresses (see NGINX_SOURCE).
     for source in [NGINX_SOURCE, FLOOR_SOURCE] {
         lab.run_in(
@@ -1030,7 +1044,9 @@ fn run(full: bool) -> Result<(), String> {
          rotated every round; ratios and differences are taken per round. The emulator answers every request \
          with `Connection: close`, as IMDS does, so every request is a new upstream connection for a proxy \
          that forwards it, and a new connection from c1 for (a), while wrk keeps its connections to a proxy alive; the \
-         emulator's namespace keeps no TIME_WAIT sockets (`tcp_max_tw_buckets=0`, see the bench's source). \
+         emulator's namespace keeps no TIME_WAIT sockets (`tcp_max_tw_buckets=0`, see the bench's source), nor does \
+         c2, (a)'s (wrk often closes before the emulator's FIN is in, and its own TIME_WAIT filled the ports \
+         it connects from within a minute). \
          Each forwarding proxy connects to IMDS from a lab host address of its own (metaguard from the host's \
          10.0.0.10, nginx from {NGINX_SOURCE} by `proxy_bind`, the floor from {FLOOR_SOURCE}), as the only IMDS \
          client of a host would: a client that closes first keeps a TIME_WAIT socket for 60 s, and `connect()` \
