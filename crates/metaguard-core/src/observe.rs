@@ -3,7 +3,7 @@
 //! (one JSON line), the [`report`] that groups records per workload and
 //! container and asks the real decision code (`proxy_decision::decide`)
 //! what a config would do with each access, and the [`suggest`]ed config
-//! that allows exactly what was observed. [`connections`] holds the
+//! that allows exactly what was observed. `connections` holds the
 //! connection records the daemon writes from the BPF layer's events.
 //!
 //! The proxy (`metaguard-proxy::observe`) writes and rotates the files and

@@ -14,7 +14,7 @@ use crate::{Caller, Kind};
 
 /// The longest an audit line waits in memory before it is written: lines
 /// are collected and written in one `write` per interval (or per
-/// [`FLUSH_BYTES`]), off the request path.
+/// `FLUSH_BYTES`, 64 KiB), off the request path.
 pub const FLUSH_EVERY: Duration = Duration::from_millis(20);
 
 /// Collected lines are written at once when they reach this size.
@@ -25,7 +25,7 @@ const FLUSH_BYTES: usize = 64 * 1024;
 /// To a file, lines are buffered: a request serializes its line and
 /// appends it to a buffer in memory, and a writer thread writes the buffer
 /// with one `write` on the `O_APPEND` file at most [`FLUSH_EVERY`] after
-/// its first line (sooner at [`FLUSH_BYTES`]). Nothing is lost on an
+/// its first line (sooner at 64 KiB, `FLUSH_BYTES`). Nothing is lost on an
 /// orderly end: [`AuditSink::flush`], and dropping the last clone of a
 /// sink (a reload's old settings, the daemon stopping on SIGTERM/SIGINT
 /// after its workers have ended), write everything first. SIGKILL or a

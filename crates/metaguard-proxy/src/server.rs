@@ -195,7 +195,7 @@ impl Server {
 
     /// Puts `p` in force: first its settings, then its new listeners are
     /// served and the vanished ones closed. Returns once their sockets are
-    /// closed (a few milliseconds; at most [`CLOSE_WAIT`], with a warning).
+    /// closed (a few milliseconds; at most `CLOSE_WAIT`, 2 s, with a warning).
     pub fn commit(&mut self, p: Prepared) -> Change {
         let change = p.change();
         if let Some(s) = p.settings {

@@ -2,7 +2,7 @@
 //! reconcile loop ask of the kernel, behind one small trait.
 //!
 //! [`RealHost`] does it (nft, rtnetlink, `/proc/sys`, `conntrack`);
-//! [`fake::FakeHost`] (feature `fake`, or this crate's tests) records every
+//! `fake::FakeHost` (feature `fake`, or this crate's tests) records every
 //! call in order, keeps tables, routing, addresses and sysctls in memory and
 //! fails the calls a test names — so the engine's order of operations is
 //! unit-tested without root, and the real kernel is tested in the lab.

@@ -8,7 +8,7 @@
 //! child's `connect`/`sendto`/`sendmsg`/`sendmmsg` ([`notify`]), reading
 //! and writing the child's memory ([`mem`]), decoding socket addresses and
 //! control messages ([`sockaddr`]), hiding the supervisor's own
-//! environment ([`env`]) and the signal/exit loop ([`signals`]).
+//! environment ([`env`](mod@env)) and the signal/exit loop ([`signals`]).
 //!
 //! Must not: decide policy. Each inspected destination is handed to a
 //! [`Policy`] (the binary asks `metaguard_core::exec_policy`).

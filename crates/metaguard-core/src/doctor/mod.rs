@@ -1,7 +1,7 @@
 //! `metaguard doctor`, the pure part: parse a host snapshot, evaluate the
 //! packet paths that matter, and turn failure-modes.md into findings.
 //!
-//! * [`env`] — credential and proxy variables, and what a snapshot keeps of an environment;
+//! * [`env`](mod@env) — credential and proxy variables, and what a snapshot keeps of an environment;
 //! * [`ethtool`] — `ethtool -S` of ENA interfaces (the link-local allowance);
 //! * [`iptables_save`] — a parser of the iptables-save grammar (file:line errors);
 //! * [`nft`] — the nft JSON model;

@@ -19,6 +19,8 @@ use anyhow::Context;
 use metaguard_core::exec_policy::{Decision, EnvScrub, ExecPolicy, ExecPolicyArgs};
 use metaguard_sys::seccomp::{self, Attempt, ExecSpec, Policy, Refusal, Verdict};
 
+// The field docs are `--help` text: `[ADDR]:PORT` is syntax, not a link.
+#[allow(rustdoc::broken_intra_doc_links)]
 #[derive(Debug, clap::Args)]
 pub struct ExecArgs {
     /// Allow this destination although a deny rule matches it

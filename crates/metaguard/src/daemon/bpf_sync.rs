@@ -1,6 +1,6 @@
 //! The daemon's side of the cgroup BPF layer: remember what the last apply
 //! left, watch its pin directory, read it back, heal and re-plan it (the
-//! comparison itself is [`bpf_heal`](super::bpf_heal)).
+//! comparison itself is [`bpf_heal`]).
 
 use super::*;
 

@@ -12,7 +12,7 @@
 //! `pidfd_getfd` duplicate, with the bytes that were checked.
 //!
 //! Layout: this module holds the workers, the ioctls and the context of
-//! one call ([`Call`]); `calls` the emulated syscalls themselves
+//! one call (`Call`); `calls` the emulated syscalls themselves
 //! (`connect`, `sendto`, `sendmsg`, `sendmmsg`).
 
 mod calls;
