@@ -285,21 +285,17 @@ fn the_cached_config_keeps_200s_for_an_hour_and_only_then() {
 #[test]
 fn a_bound_config_sends_upstream_connections_from_its_address() {
     let addr = "172.17.0.1:8081".parse().expect("addr");
-    let w = Path::new("/w");
-    let v4 = nginx_conf_with(
-        addr,
-        "169.254.169.254:80",
-        w,
-        false,
-        Some("10.0.0.11".parse().expect("ip")),
-    );
-    assert!(v4.contains("proxy_bind 10.0.0.11;"), "{v4}");
-    let v6 = nginx_conf_with(
-        addr,
-        "[fd00:ec2::254]:80",
-        w,
-        false,
-        Some("fd00:10::11".parse().expect("ip")),
-    );
-    assert!(v6.contains("proxy_bind fd00:10::11;"), "{v6}");
+    // nginx wants an IPv6 `proxy_bind` address without brackets.
+    for (upstream, bind, want) in [
+        ("169.254.169.254:80", "10.0.0.11", "proxy_bind 10.0.0.11;"),
+        (
+            "[fd00:ec2::254]:80",
+            "fd00:10::11",
+            "proxy_bind fd00:10::11;",
+        ),
+    ] {
+        let bind = Some(bind.parse().expect("ip"));
+        let conf = nginx_conf_with(addr, upstream, Path::new("/w"), false, bind);
+        assert!(conf.contains(want), "{want} missing from\n{conf}");
+    }
 }
