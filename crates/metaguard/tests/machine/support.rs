@@ -97,20 +97,22 @@ pub fn deb(version: &str) -> Result<PathBuf, Failed> {
     // processes; the lock goes with the file's descriptor.
     let lock = std::fs::File::create(repo().join("target/machine-deb.lock"))?;
     rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)?;
-    const PREFIX: &str = "metaguard-machine-deb-";
-    // The packages of test processes that have ended: nobody removes them
-    // at exit.
-    for e in std::fs::read_dir(std::env::temp_dir())?.flatten() {
+    // Under target/, not the system's temporary directory: a test process
+    // that ends leaves its packages (nobody removes them at exit), and the
+    // next run removes those of processes that have ended.
+    let dir = repo().join("target/machine-deb");
+    std::fs::create_dir_all(&dir)?;
+    for e in std::fs::read_dir(&dir)?.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
         let pid = name
-            .strip_prefix(PREFIX)
-            .and_then(|rest| rest.split('-').next())
+            .split('-')
+            .next()
             .and_then(|pid| pid.parse::<u32>().ok());
         if pid.is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists()) {
             let _ = std::fs::remove_dir_all(e.path());
         }
     }
-    let out = std::env::temp_dir().join(format!("{PREFIX}{}-{version}", std::process::id()));
+    let out = dir.join(format!("{}-{version}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
     std::fs::create_dir_all(&out)?;
     let status = Command::new("bash")
