@@ -238,6 +238,23 @@ impl Lab {
         cmd::run(Some(self.netns(role)), program, args, None)
     }
 
+    /// The kernel's network counter `counter` (`TcpOutRsts`,
+    /// `TcpExtTCPSynRetrans`, …) in lab namespace `role`, since the
+    /// namespace was created (`nstat -asz`).
+    pub fn nstat(&self, role: Role, counter: &str) -> Result<u64, LabError> {
+        let out = self.run_in(role, "nstat", &["-asz", counter])?;
+        out.lines()
+            .find_map(|l| {
+                let mut f = l.split_whitespace();
+                (f.next() == Some(counter))
+                    .then(|| f.next().and_then(|n| n.parse().ok()))
+                    .flatten()
+            })
+            .ok_or_else(|| {
+                LabError::ProbeOutput(format!("no {counter} in nstat's output: {out:?}"))
+            })
+    }
+
     /// Deletes every nft table named `metaguard` (any family) in `roles`'
     /// namespaces: metaguard's whole nft layer there, as a flush by
     /// someone else would (F4). Docker's and ecs-init's rules stay.

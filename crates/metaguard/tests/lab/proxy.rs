@@ -608,19 +608,6 @@ fn imds_path_policy_and_imdsv2_fidelity() -> Result<(), Failed> {
     Ok(())
 }
 
-/// The lab host's `TcpOutRsts`.
-fn resets_sent(lab: &Lab) -> Result<u64, Failed> {
-    let out = lab.run_in(Role::Host, "nstat", &["-asz", "TcpOutRsts"])?;
-    out.lines()
-        .find_map(|l| {
-            let mut f = l.split_whitespace();
-            (f.next() == Some("TcpOutRsts"))
-                .then(|| f.next().and_then(|n| n.parse().ok()))
-                .flatten()
-        })
-        .ok_or_else(|| format!("no TcpOutRsts in nstat's output: {out:?}").into())
-}
-
 /// The proxy's connections to IMDS end with a reset once the answer is
 /// read (`upstream::send`, `SO_LINGER` zero): one reset from the lab host
 /// per forwarded request, no TIME_WAIT socket towards IMDS, and none of
@@ -639,7 +626,7 @@ fn forwarded_requests_end_with_a_reset_and_leave_no_time_wait() -> Result<(), Fa
     let first = get(&lab, Workload::BridgeC1, url)?;
     ensure!(first.ok(), "through the proxy: {first:?}");
     lab.imds().log().clear();
-    let before = resets_sent(&lab)?;
+    let before = lab.nstat(Role::Host, "TcpOutRsts")?;
     // IMDSv1: never answered from memory, each one forwarded.
     for _ in 0..N {
         let r = get(&lab, Workload::BridgeC1, url)?;
@@ -650,7 +637,7 @@ fn forwarded_requests_end_with_a_reset_and_leave_no_time_wait() -> Result<(), Fa
     }
     let forwarded = lab.imds().log().entries().len() as u64;
     ensure!(forwarded == N, "{forwarded} of {N} requests reached IMDS");
-    let resets = resets_sent(&lab)? - before;
+    let resets = lab.nstat(Role::Host, "TcpOutRsts")? - before;
     ensure!(
         resets >= N,
         "{resets} resets from the lab host for {N} forwarded requests"
