@@ -286,13 +286,13 @@ pub fn decide(
     req: &Request<'_>,
     admit: impl FnOnce(Option<usize>) -> bool,
 ) -> Step {
-    let raw_log: String = req.target.chars().take(200).collect();
-    let refuse = |status, decision, rule: String, path: String| {
+    // A refusal logs the target as received (its first 200 characters).
+    let refuse = |status, decision, rule: String| {
         Step::Done(Verdict::Refuse(Refusal {
             status,
             decision,
             rule,
-            path,
+            path: req.target.chars().take(200).collect(),
         }))
     };
     if req.absolute {
@@ -300,7 +300,6 @@ pub fn decide(
             400,
             "invalid",
             "only origin-form request targets (/path) are accepted".into(),
-            raw_log,
         );
     }
     if !host_ok(config, req.host) {
@@ -308,18 +307,16 @@ pub fn decide(
             400,
             "invalid",
             "the Host header does not name a metadata endpoint".into(),
-            raw_log,
         );
     }
     if let Some(why) = framing_problem(req) {
-        return refuse(400, "invalid", why.into(), raw_log);
+        return refuse(400, "invalid", why.into());
     }
     let Some(w) = caller.workload.and_then(|i| config.workloads.get(i)) else {
         return refuse(
             403,
             "deny",
             format!("unidentified caller ({})", caller.origin),
-            raw_log,
         );
     };
     let (action, allowed_query): (Action, &[&str]) = match kind {
@@ -335,22 +332,16 @@ pub fn decide(
                 "rate limit ({} rps, burst {})",
                 config.proxy.rate, config.proxy.burst
             ),
-            raw_log,
         );
     }
     if action == Action::Deny {
-        return refuse(
-            403,
-            "deny",
-            format!("{} = \"deny\"", kind.as_str()),
-            raw_log,
-        );
+        return refuse(403, "deny", format!("{} = \"deny\"", kind.as_str()));
     }
     let c = match canonical(req.target, allowed_query) {
         Ok(c) => c,
         // allow and proxy alike: a target without a canonical form is
         // never forwarded.
-        Err(e) => return refuse(400, "invalid", format!("canonical path: {e}"), raw_log),
+        Err(e) => return refuse(400, "invalid", format!("canonical path: {e}")),
     };
     let path = log_path(&c, kind);
     match kind {
@@ -389,8 +380,7 @@ fn deny(status: u16, rule: impl Into<String>, path: String) -> Verdict {
 
 fn imds(w: &Workload, action: Action, req: &Request<'_>, c: &Canonical, path: String) -> Verdict {
     // allow and observe: forwarded as asked (observe only records).
-    let mut rule = format!("imds = \"{action}\"");
-    if action == Action::Proxy {
+    let rule = if action == Action::Proxy {
         let token = c.segments == ["latest", "api", "token"];
         let m = req.method;
         if !(m == "GET" || m == "HEAD" || (m == "PUT" && token)) {
@@ -407,12 +397,15 @@ fn imds(w: &Workload, action: Action, req: &Request<'_>, c: &Canonical, path: St
         }
         match w.imds_policy.decide(c) {
             Decision::Deny { rule } => return deny(403, rule, path),
-            Decision::Allow { rule: r } => rule = r,
+            Decision::Allow { rule } => rule,
         }
-    }
+    } else {
+        format!("imds = \"{action}\"")
+    };
     Verdict::Forward(Forward {
         kind: Kind::Imds,
-        target: c.target(),
+        // What `log_path` made of an IMDS target is the target itself.
+        target: path.clone(),
         rule,
         path,
         redact_for: None,
@@ -544,15 +537,15 @@ pub fn host_ok(config: &Config, host: Option<&str>) -> bool {
     let Some(h) = host else {
         return true; // HTTP/1.0 without Host: nothing to mislead
     };
-    let h = h.trim().to_ascii_lowercase();
+    let h = h.trim();
     let name = match h.rsplit_once(':') {
-        Some((n, port)) if !n.ends_with(':') && port.bytes().all(|b| b.is_ascii_digit()) => {
-            n.to_string()
-        }
-        _ => h.clone(),
+        Some((n, port)) if !n.ends_with(':') && port.bytes().all(|b| b.is_ascii_digit()) => n,
+        _ => h,
     };
     let bare = name.trim_start_matches('[').trim_end_matches(']');
-    if matches!(bare, "instance-data" | "instance-data.ec2.internal") {
+    if bare.eq_ignore_ascii_case("instance-data")
+        || bare.eq_ignore_ascii_case("instance-data.ec2.internal")
+    {
         return true;
     }
     match bare.parse::<std::net::IpAddr>() {

@@ -64,34 +64,41 @@ pub struct Canonical {
 impl Canonical {
     /// The path as forwarded upstream: segments re-encoded, `/`-joined.
     pub fn path(&self) -> String {
-        let mut s = String::from("/");
-        s.push_str(
-            &self
-                .segments
-                .iter()
-                .map(|seg| encode(seg, b""))
-                .collect::<Vec<_>>()
-                .join("/"),
-        );
-        if self.dir && !self.segments.is_empty() {
-            s.push('/');
-        }
+        let mut s = String::with_capacity(self.len_hint());
+        self.push_path(&mut s);
         s
     }
 
     /// The full target as forwarded upstream (path and query).
     pub fn target(&self) -> String {
-        let mut t = self.path();
-        if !self.query.is_empty() {
-            t.push('?');
-            let q: Vec<String> = self
-                .query
-                .iter()
-                .map(|(k, v)| format!("{}={}", encode(k, b"/?"), encode(v, b"/?=")))
-                .collect();
-            t.push_str(&q.join("&"));
+        let mut t = String::with_capacity(self.len_hint());
+        self.push_path(&mut t);
+        for (i, (k, v)) in self.query.iter().enumerate() {
+            t.push(if i == 0 { '?' } else { '&' });
+            encode_into(&mut t, k, b"/?");
+            t.push('=');
+            encode_into(&mut t, v, b"/?=");
         }
         t
+    }
+
+    /// Appends [`Canonical::path`] to `s`.
+    fn push_path(&self, s: &mut String) {
+        for seg in &self.segments {
+            s.push('/');
+            encode_into(s, seg, b"");
+        }
+        if self.segments.is_empty() || self.dir {
+            s.push('/');
+        }
+    }
+
+    /// The target's length when nothing needs encoding: one allocation
+    /// of the right size in the common case.
+    fn len_hint(&self) -> usize {
+        let path: usize = self.segments.iter().map(|s| s.len() + 1).sum();
+        let query: usize = self.query.iter().map(|(k, v)| k.len() + v.len() + 2).sum();
+        path + query + 1
     }
 }
 
@@ -108,17 +115,18 @@ impl fmt::Display for Canonical {
 /// refuses them encoded (they are structure there), so encoding them would
 /// make the forwarded target one that canonicalisation refuses, not the
 /// fixed point it must be (`?id=a/b` became `?id=a%2Fb`).
-fn encode(s: &str, keep: &[u8]) -> String {
-    let mut out = String::with_capacity(s.len());
+fn encode_into(out: &mut String, s: &str, keep: &[u8]) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') || keep.contains(&b)
         {
             out.push(b as char);
         } else {
-            out.push_str(&format!("%{b:02X}"));
+            out.push('%');
+            out.push(HEX[usize::from(b >> 4)] as char);
+            out.push(HEX[usize::from(b & 0xf)] as char);
         }
     }
-    out
 }
 
 fn hex(b: u8) -> Option<u8> {
@@ -179,11 +187,12 @@ pub fn canonical(target: &str, allowed_query: &[&str]) -> Result<Canonical, Path
         Some((p, q)) => (p, Some(q)),
         None => (target, None),
     };
-    let mut segments: Vec<String> = Vec::new();
-    let raw_segments: Vec<&str> = raw_path.split('/').collect();
+    let mut segments: Vec<String> =
+        Vec::with_capacity(raw_path.bytes().filter(|&b| b == b'/').count());
     let mut dir = false;
-    for (i, raw) in raw_segments.iter().enumerate() {
-        let last = i + 1 == raw_segments.len();
+    let mut raw_segments = raw_path.split('/').peekable();
+    while let Some(raw) = raw_segments.next() {
+        let last = raw_segments.peek().is_none();
         let seg = decode(raw, b"/.")?;
         match seg.as_str() {
             "" | "." => {
@@ -254,6 +263,14 @@ impl PathGlob {
         &self.text
     }
 
+    /// `verb` and the glob: the rule a decision names.
+    fn rule(&self, verb: &str) -> String {
+        let mut r = String::with_capacity(verb.len() + self.text.len());
+        r.push_str(verb);
+        r.push_str(&self.text);
+        r
+    }
+
     pub fn matches(&self, c: &Canonical) -> bool {
         if self.dir && !c.dir {
             return false;
@@ -263,8 +280,16 @@ impl PathGlob {
         // O(glob × path) segments; trying every split of every `**`
         // recursively was exponential in the number of `**` (a policy glob
         // like `/**/**/**/…/x` took seconds on a 30-segment request).
+        // On the stack for any path a client sends; on the heap past that.
         let segs = &c.segments;
-        let mut reach = vec![false; segs.len() + 1];
+        let mut stack = [false; 32];
+        let mut heap;
+        let reach: &mut [bool] = if segs.len() < stack.len() {
+            &mut stack[..=segs.len()]
+        } else {
+            heap = vec![false; segs.len() + 1];
+            &mut heap
+        };
         reach[0] = true;
         for p in &self.segments {
             if p == "**" {
@@ -360,13 +385,13 @@ impl PathPolicy {
     pub fn decide(&self, c: &Canonical) -> Decision {
         if let Some(g) = self.deny.iter().find(|g| g.matches(c)) {
             return Decision::Deny {
-                rule: format!("deny {}", g.as_str()),
+                rule: g.rule("deny "),
             };
         }
         if let Some(cat) = sensitive(c) {
             return match self.allow.iter().find(|g| g.matches(c) && g.names(cat)) {
                 Some(g) => Decision::Allow {
-                    rule: format!("allow {}", g.as_str()),
+                    rule: g.rule("allow "),
                 },
                 None => Decision::Deny {
                     rule: format!(
@@ -378,7 +403,7 @@ impl PathPolicy {
         }
         if let Some(g) = self.allow.iter().find(|g| g.matches(c)) {
             return Decision::Allow {
-                rule: format!("allow {}", g.as_str()),
+                rule: g.rule("allow "),
             };
         }
         Decision::Deny {

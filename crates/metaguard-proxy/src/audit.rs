@@ -174,23 +174,29 @@ impl AuditSink {
     /// Buffers one line (whole lines only: a batch is one `write` on an
     /// `O_APPEND` file, so lines never interleave, whatever the workers).
     fn write<T: Serialize>(&self, line: &T) {
+        thread_local! {
+            /// Where a line is serialized before it joins the batch: one
+            /// buffer per worker thread, kept between requests.
+            static LINE: std::cell::RefCell<Vec<u8>> =
+                std::cell::RefCell::new(Vec::with_capacity(512));
+        }
         match &self.file {
-            Some(w) => {
-                let mut one = Vec::with_capacity(512);
-                if serde_json::to_writer(&mut one, line).is_err() {
+            Some(w) => LINE.with_borrow_mut(|one| {
+                one.clear();
+                if serde_json::to_writer(&mut *one, line).is_err() {
                     return;
                 }
                 one.push(b'\n');
                 let mut p = lock(&w.shared.pending);
                 let first = p.buf.is_empty();
-                p.buf.extend_from_slice(&one);
+                p.buf.extend_from_slice(one);
                 if p.buf.len() >= FLUSH_BYTES {
                     w.shared.write_out(p);
                 } else if first {
                     drop(p);
                     w.shared.wake.notify_one();
                 }
-            }
+            }),
             None => {
                 let v = serde_json::to_string(line).unwrap_or_default();
                 tracing::info!(target: "metaguard::audit", audit = %v, "proxy");
@@ -267,7 +273,7 @@ impl AuditSink {
 /// One audit line, serialized as is (no intermediate JSON value).
 #[derive(Serialize)]
 struct Line<'a> {
-    time: String,
+    time: Now,
     audit: &'static str,
     service: &'a str,
     workload: &'a str,
@@ -286,11 +292,25 @@ struct Line<'a> {
     cache: Option<&'a str>,
 }
 
-fn now() -> String {
-    let d = SystemTime::now()
+/// The time of a line: seconds since the epoch, to the millisecond.
+struct Now(Duration);
+
+fn now() -> Now {
+    Now(SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    format!("{}.{:03}", d.as_secs(), d.subsec_millis())
+        .unwrap_or_default())
+}
+
+impl Serialize for Now {
+    /// Written straight into the line (`collect_str`), not formatted into
+    /// a `String` of its own first.
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&format_args!(
+            "{}.{:03}",
+            self.0.as_secs(),
+            self.0.subsec_millis()
+        ))
+    }
 }
 
 #[cfg(test)]

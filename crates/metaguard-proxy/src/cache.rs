@@ -106,7 +106,23 @@ const IMMUTABLE: &[&str] = &[
 
 /// The rule for IMDS target `target` (canonical, origin-form).
 pub fn imds_rule(target: &str) -> Rule {
-    let segs: Vec<&str> = target.trim_start_matches('/').split('/').collect();
+    // The segments on the stack: no rule names more than six, so a longer
+    // target is only ever one of `placement`'s (collected on the heap).
+    let mut stack = [""; 8];
+    let mut n = 0;
+    let mut heap = Vec::new();
+    for seg in target.trim_start_matches('/').split('/') {
+        if n < stack.len() {
+            stack[n] = seg;
+        } else {
+            if heap.is_empty() {
+                heap.extend_from_slice(&stack);
+            }
+            heap.push(seg);
+        }
+        n += 1;
+    }
+    let segs: &[&str] = if heap.is_empty() { &stack[..n] } else { &heap };
     // segs[0] is the version (latest, a date, 1.0).
     match segs.get(1..).unwrap_or_default() {
         ["meta-data", leaf] if IMMUTABLE.contains(leaf) => Rule::Instance,
@@ -356,7 +372,9 @@ impl Cache {
         }
     }
 
-    async fn bypass<F, Fut>(&self, fetch: F) -> Fetched
+    /// One upstream exchange, not kept and not looked for: the answer to
+    /// a request whose rule is [`Rule::Never`] (counted as a fetch).
+    pub(crate) async fn bypass<F, Fut>(&self, fetch: F) -> Fetched
     where
         F: FnOnce() -> Fut,
         Fut: std::future::Future<Output = Result<Answer, String>>,

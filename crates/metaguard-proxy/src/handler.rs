@@ -26,11 +26,11 @@ use crate::{Caller, Connection, Kind, Ownership, Proxy, UPSTREAM_TIMEOUT};
 type Resp = Response<Full<Bytes>>;
 
 /// The workload's name for logs and labels.
-pub fn workload_name(config: &Config, caller: &Caller) -> String {
+pub fn workload_name<'a>(config: &'a Config, caller: &Caller) -> &'a str {
     caller
         .workload
         .and_then(|i| config.workloads.get(i))
-        .map_or_else(|| "unidentified".to_string(), |w| w.name.clone())
+        .map_or("unidentified", |w| w.name.as_str())
 }
 
 /// What happened to a request.
@@ -82,11 +82,16 @@ fn refuse(
     }
 }
 
+/// The IMDSv2 headers as names made once: inserting by a `&str` name
+/// copies a name that is not a standard header into a new allocation.
+static TTL_NAME: HeaderName = HeaderName::from_static(tokens::TTL_HEADER);
+static TOKEN_NAME: HeaderName = HeaderName::from_static(tokens::TOKEN_HEADER);
+
 /// Request headers forwarded, per service; everything else (notably
 /// `X-Forwarded-For`, hop-by-hop headers, cookies) is dropped.
 static IMDS_REQUEST_HEADERS: [HeaderName; 4] = [
-    HeaderName::from_static("x-aws-ec2-metadata-token"),
-    HeaderName::from_static("x-aws-ec2-metadata-token-ttl-seconds"),
+    HeaderName::from_static(tokens::TOKEN_HEADER),
+    HeaderName::from_static(tokens::TTL_HEADER),
     hyper::header::USER_AGENT,
     hyper::header::ACCEPT,
 ];
@@ -107,7 +112,7 @@ static RESPONSE_HEADERS: [HeaderName; 6] = [
     hyper::header::ETAG,
     hyper::header::SERVER,
     hyper::header::DATE,
-    HeaderName::from_static("x-aws-ec2-metadata-token-ttl-seconds"),
+    HeaderName::from_static(tokens::TTL_HEADER),
 ];
 
 fn copy_headers(from: &HeaderMap, to: &mut HeaderMap, names: &[HeaderName]) {
@@ -187,7 +192,6 @@ impl Proxy {
         over_connections: bool,
     ) -> Resp {
         let wname = workload_name(&s.config, caller);
-        let method = head.method.as_str().to_string();
         // Observe: what the record needs of the request itself.
         let observed = s
             .observe
@@ -211,17 +215,17 @@ impl Proxy {
                 };
                 (log.clone(), target, token, over_limit)
             });
-        let out = self.route(kind, caller, s, &wname, head).await;
+        let out = self.route(kind, caller, s, wname, head).await;
         let status = out.resp.status().as_u16();
         self.metrics
-            .count_request(kind, &wname, out.decision, status);
+            .count_request(kind, wname, out.decision, status);
         if let Some(c) = out.cache {
             self.metrics.count_cache(kind, c);
         }
         s.audit.request(&Entry {
             kind,
             caller,
-            workload: &wname,
+            workload: wname,
             method: head.method.as_str(),
             path: &out.path,
             decision: out.decision,
@@ -232,7 +236,17 @@ impl Proxy {
         });
         if let Some((log, target, token, over_limit)) = observed {
             self.observe(
-                s, &log, kind, caller, ipv6, &wname, &method, &target, token, &out, over_limit,
+                s,
+                &log,
+                kind,
+                caller,
+                ipv6,
+                wname,
+                head.method.as_str(),
+                &target,
+                token,
+                &out,
+                over_limit,
             );
         }
         out.resp
@@ -293,10 +307,7 @@ impl Proxy {
         req: &Parts,
     ) -> Outcome {
         let config = &s.config;
-        let target = req
-            .uri
-            .path_and_query()
-            .map_or_else(|| "/".to_string(), |p| p.as_str().to_string());
+        let target = req.uri.path_and_query().map_or("/", |p| p.as_str());
         let h = &req.headers;
         let content_lengths: Vec<&[u8]> = h
             .get_all(hyper::header::CONTENT_LENGTH)
@@ -305,7 +316,7 @@ impl Proxy {
             .collect();
         let head = proxy_decision::Request {
             method: req.method.as_str(),
-            target: &target,
+            target,
             absolute: req.uri.scheme().is_some() || req.uri.authority().is_some(),
             host: h.get(hyper::header::HOST).and_then(|v| v.to_str().ok()),
             transfer_encoding: h.contains_key(hyper::header::TRANSFER_ENCODING),
@@ -399,7 +410,7 @@ impl Proxy {
                     hyper::header::CONTENT_TYPE,
                     HeaderValue::from_static("text/plain"),
                 );
-                h.insert(tokens::TTL_HEADER, HeaderValue::from(ttl));
+                h.insert(TTL_NAME.clone(), HeaderValue::from(ttl));
                 Outcome {
                     resp,
                     decision: "allow",
@@ -446,24 +457,24 @@ impl Proxy {
             Kind::Relay if redact_for.is_some() => Rule::Never,
             Kind::Relay => cache::relay_rule(&target),
         };
-        let key = Key {
-            kind,
-            target: target.clone(),
-            authorization: match kind {
-                Kind::Relay => req
-                    .headers
-                    .get(hyper::header::AUTHORIZATION)
-                    .map(|v| Bytes::copy_from_slice(v.as_bytes())),
-                Kind::Imds => None,
-            },
-        };
         let started = Instant::now();
-        let fetched = self
-            .cache
-            .get(key, key_rule, || {
-                self.fetch(s, kind, req, &target, v2.is_some())
-            })
-            .await;
+        let fetch = || self.fetch(s, kind, req, &target, v2.is_some());
+        let fetched = if key_rule == Rule::Never {
+            self.cache.bypass(fetch).await
+        } else {
+            let key = Key {
+                kind,
+                target: target.clone(),
+                authorization: match kind {
+                    Kind::Relay => req
+                        .headers
+                        .get(hyper::header::AUTHORIZATION)
+                        .map(|v| Bytes::copy_from_slice(v.as_bytes())),
+                    Kind::Imds => None,
+                },
+            };
+            self.cache.get(key, key_rule, fetch).await
+        };
         let elapsed = started.elapsed();
         let (answer, source) = match fetched {
             Fetched::Answer(a, src) => (a, src),
@@ -478,10 +489,15 @@ impl Proxy {
                 .with_label_values(&[kind.as_str()])
                 .inc();
         }
-        let mut bytes = answer.body.clone();
+        // An answer nobody else holds (not kept: a miss of a `Never` rule)
+        // is taken apart; a kept one is copied (its body is shared).
+        let (status, headers, mut bytes) = match Arc::try_unwrap(answer) {
+            Ok(a) => (a.status, a.headers, a.body),
+            Err(kept) => (kept.status, kept.headers.clone(), kept.body.clone()),
+        };
         let mut decision = "allow";
         if let Some(own) = redact_for {
-            if answer.status.is_success() {
+            if status.is_success() {
                 match serde_json::from_slice::<serde_json::Value>(&bytes) {
                     Ok(mut v) => {
                         crate::redact::redact(&mut v, own.as_deref());
@@ -500,17 +516,17 @@ impl Proxy {
                 }
             }
         }
-        let access_key_id = (s.observe.is_some() && answer.status.is_success())
+        let access_key_id = (s.observe.is_some() && status.is_success())
             .then(|| crate::observe::access_key_id(&bytes))
             .flatten();
         let mut resp = Response::new(Full::new(bytes));
-        *resp.status_mut() = answer.status;
-        *resp.headers_mut() = answer.headers.clone();
+        *resp.status_mut() = status;
+        *resp.headers_mut() = headers;
         if let Some(left) = v2 {
             // The caller's token's time left, as IMDS echoes it (the
             // upstream's header named the proxy's own token).
             resp.headers_mut()
-                .insert(tokens::TTL_HEADER, HeaderValue::from(left));
+                .insert(TTL_NAME.clone(), HeaderValue::from(left));
         }
         let rule = match source {
             Source::Stale => {
@@ -582,7 +598,7 @@ impl Proxy {
             if let Some(h) = up.headers_mut() {
                 copy_headers(&req.headers, h, headers);
                 if let Some(t) = token {
-                    h.insert(tokens::TOKEN_HEADER, t);
+                    h.insert(TOKEN_NAME.clone(), t);
                 }
             }
             let up = up
@@ -592,10 +608,7 @@ impl Proxy {
                 None => crate::upstream::exchange(upstream, up, deadline).await?,
                 Some(_) => crate::upstream::exchange_marked(upstream, mark, up, deadline).await?,
             };
-            self.metrics
-                .upstream_seconds
-                .with_label_values(&[kind.as_str()])
-                .observe(started.elapsed().as_secs_f64());
+            self.metrics.observe_upstream(kind, started.elapsed());
             if own_token && parts.status == StatusCode::UNAUTHORIZED && attempt == 0 {
                 // IMDS no longer knows the proxy's token (it restarted).
                 self.upstream_token.forget();

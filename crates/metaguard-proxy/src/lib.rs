@@ -255,9 +255,9 @@ impl Proxy {
         let s = self.settings();
         let wname = handler::workload_name(&s.config, &conn.caller);
         let status = if e.is_parse_too_large() { 431 } else { 400 };
-        self.metrics.count_request(kind, &wname, "invalid", status);
+        self.metrics.count_request(kind, wname, "invalid", status);
         s.audit
-            .head_refused(kind, &conn.caller, &wname, status, &format!("http: {e}"));
+            .head_refused(kind, &conn.caller, wname, status, &format!("http: {e}"));
     }
 }
 
@@ -289,11 +289,11 @@ impl Proxy {
             let wname = handler::workload_name(&settings.config, caller);
             self.metrics
                 .refused_connections
-                .with_label_values(&[&wname, reason])
+                .with_label_values(&[wname, reason])
                 .inc();
             settings
                 .audit
-                .connection_refused(kind, caller, &wname, reason);
+                .connection_refused(kind, caller, wname, reason);
         }
         admitted
     }

@@ -3,7 +3,9 @@
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry};
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry,
+};
 
 use crate::Kind;
 
@@ -39,6 +41,8 @@ pub struct ProxyMetrics {
     id: u64,
     /// `cache` by service and result, looked up once.
     cache_counters: [[IntCounter; 4]; 2],
+    /// `upstream_seconds` by service, looked up once.
+    upstream_histograms: [Histogram; 2],
     /// Requests by service, workload, decision and status.
     pub requests: IntCounterVec,
     /// Upstream latency by service.
@@ -136,9 +140,12 @@ impl ProxyMetrics {
         }
         let cache_counters = ["imds", "task_metadata"]
             .map(|s| ["hit", "miss", "stale", "bypass"].map(|r| cache.with_label_values(&[s, r])));
+        let upstream_histograms =
+            ["imds", "task_metadata"].map(|s| upstream_seconds.with_label_values(&[s]));
         Ok(ProxyMetrics {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             cache_counters,
+            upstream_histograms,
             requests,
             upstream_seconds,
             upstream_errors,
@@ -190,6 +197,11 @@ impl ProxyMetrics {
                 counter,
             });
         });
+    }
+
+    /// Records how long one upstream exchange of `kind` took.
+    pub(crate) fn observe_upstream(&self, kind: Kind, took: std::time::Duration) {
+        self.upstream_histograms[usize::from(kind != Kind::Imds)].observe(took.as_secs_f64());
     }
 
     /// Counts one request the answer cache was asked for.

@@ -49,6 +49,8 @@ fn rules_name_what_cannot_change_and_credentials() {
         "/2021-03-23/meta-data/instance-type",
         "/latest/meta-data/placement/availability-zone",
         "/latest/meta-data/placement/",
+        // Longer than the segments `imds_rule` keeps on the stack.
+        "/latest/meta-data/placement/a/b/c/d/e/f/g/h",
         "/latest/dynamic/instance-identity/document",
     ] {
         assert_eq!(imds_rule(p), Rule::Instance, "{p}");
@@ -76,6 +78,7 @@ fn rules_name_what_cannot_change_and_credentials() {
         "/latest/meta-data/",
         "/latest/api/token",
         "/latest/user-data",
+        "/latest/meta-data/iam/security-credentials/role/a/b/c/d",
     ] {
         assert_eq!(imds_rule(p), Rule::Never, "{p}");
     }
