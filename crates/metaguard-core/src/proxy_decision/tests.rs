@@ -640,8 +640,11 @@ fn host_header_must_name_an_endpoint() {
         "169.254.170.2:9470",
         "[fd00:ec2::254]",
         "[fd00:ec2::254]:80",
+        "[FD00:EC2::254]:80",
+        " 169.254.169.254 ",
         "instance-data",
         "INSTANCE-DATA:80",
+        "Instance-Data.EC2.Internal",
     ] {
         assert!(host_ok(&c, Some(good)), "{good}");
     }
