@@ -12,8 +12,9 @@
 //!   the emulator listens on the metadata address); no metaguard rules are
 //!   loaded;
 //! * (b) metaguard's proxy, cache hit: `metaguard daemon` in the lab host,
-//!   c1 proxied (see [`metaguard_variants`]); c1 → 169.254.169.254:80 →
-//!   DNAT in c1 → 169.254.170.2:9470 → DNAT in the host to the IMDS proxy's
+//!   c1 proxied, selected by its namespace (see [`metaguard_variants`]);
+//!   c1 → 169.254.169.254:80 → DNAT in c1 → 169.254.170.2:9470 → DNAT in
+//!   the host to the IMDS proxy's
 //!   listener on 169.254.169.254:9470 (policy route), with the IMDSv2 token
 //!   the proxy issued to c1: answered from memory;
 //! * (c) the same proxy, miss: no token (IMDSv1), so forwarded to the
@@ -37,7 +38,15 @@
 //! * (h) the nginx of (e) reached as an IMDS proxy must be: from c3 (its
 //!   own namespace on docker0) to 169.254.169.254:80, one DNAT in the lab
 //!   host to 172.17.0.1:8083 — what interception costs nginx, beside (b)'s
-//!   DNATs.
+//!   DNATs;
+//! * (i) and (j) (b) and (c) again while the daemon selects c1 by its
+//!   bridge (`bridges = ["docker0"]`), as a Docker container is: c1 →
+//!   169.254.169.254:80 → the bridge's mark → one DNAT in the host to the
+//!   listener. (b) and (c) select c1 by its namespace (`netns = [c1]`, the
+//!   path of an awsvpc task: a DNAT in c1 and another in the host). The
+//!   bridge selection also takes c2 and c3, so it is in force only during
+//!   (i)'s and (j)'s runs (`metaguard reload` before and after each, see
+//!   [`select`]).
 //!
 //! Each round measures every variant once per load, in an order rotated
 //! every round
@@ -203,7 +212,7 @@ impl Proxy for Nginx {
 /// (c) sends none (IMDSv1): forwarded to the emulator every time, as every
 /// cache miss is. One daemon serves both. (a) runs from c2, which no
 /// workload selects: the same path to the emulator, untouched.
-fn metaguard_variants(lab: &Lab) -> Option<Result<(Variant, Variant), String>> {
+fn metaguard_variants(lab: &Lab) -> Option<Result<[Variant; 4], String>> {
     Some(start_daemon(lab).and_then(|d| {
         let token = lab
             .run_in(
@@ -247,7 +256,30 @@ fn metaguard_variants(lab: &Lab) -> Option<Result<(Variant, Variant), String>> {
             cached: false,
             source: Some(addr::HOST_V4),
         };
-        Ok((hit, miss))
+        // (i) and (j): the same requests while c1 is selected by its
+        // bridge, as a Docker container on docker0 is: one DNAT, in the
+        // host. Only for their runs (hooks), since that selects c2 and c3
+        // too, whose (a) and (h) must stay untouched.
+        let by_bridge = |label: &str, v: &Variant| Variant {
+            label: label.to_string(),
+            from: v.from.clone(),
+            url: v.url.clone(),
+            headers: v.headers.clone(),
+            proxy: Some(Box::new(SamePids(vec![u32::try_from(pid).unwrap_or(0)]))),
+            before: Some(Box::new(|lab: &Lab| select(lab, Selection::Bridge))),
+            after: Some(Box::new(|lab: &Lab| select(lab, Selection::Namespace))),
+            cached: v.cached,
+            source: v.source,
+        };
+        let bridge_hit = by_bridge(
+            "(i) metaguard, cache hit, c1 selected by its bridge (169.254.169.254:9470)",
+            &hit,
+        );
+        let bridge_miss = by_bridge(
+            "(j) metaguard, miss, c1 selected by its bridge (169.254.169.254:9470)",
+            &miss,
+        );
+        Ok([hit, miss, bridge_hit, bridge_miss])
     }))
 }
 
@@ -266,19 +298,58 @@ impl Proxy for Daemon {
     }
 }
 
-fn start_daemon(lab: &Lab) -> Result<Daemon, String> {
+/// How the bench's workload selects c1.
+#[derive(Debug, Clone, Copy)]
+enum Selection {
+    /// `netns = [c1]`: the path of a task namespace — a DNAT in c1's own
+    /// namespace to 169.254.170.2:9470, then the host's DNAT. (b), (c),
+    /// and every other variant's runs (c2 and c3 untouched).
+    Namespace,
+    /// `bridges = ["docker0"]`: a Docker container's — one DNAT, in the
+    /// host. (i) and (j); it selects c2 and c3 as well.
+    Bridge,
+}
+
+/// The daemon's config for `selection` (rate limits lifted, so that the
+/// load is not throttled), written to the lab's `bench-proxy.toml`.
+fn write_policy(lab: &Lab, selection: Selection) -> Result<PathBuf, String> {
     let c1 =
         std::path::Path::new(metaguard_sys::netns::NETNS_RUN_DIR).join(lab.netns_name(Role::C1));
+    let selector = match selection {
+        Selection::Namespace => format!("netns = [\"{}\"]", c1.display()),
+        Selection::Bridge => "bridges = [\"docker0\"]".to_string(),
+    };
     let policy = format!(
         "[proxy]\nrate = 1000000\nburst = 1000000\nmax_connections = 100000\naudit_log = \"{}\"\n\n\
-         [[workload]]\nname = \"bench\"\nnetns = [\"{}\"]\nimds = \"proxy\"\n",
+         [[workload]]\nname = \"bench\"\n{selector}\nimds = \"proxy\"\n",
         lab.work_dir().join("audit.jsonl").display(),
-        c1.display()
     );
-    let path = lab
-        .write_file("bench-proxy.toml", &policy)
-        .map_err(|e| e.to_string())?;
+    lab.write_file("bench-proxy.toml", &policy)
+        .map_err(|e| e.to_string())
+}
+
+fn start_daemon(lab: &Lab) -> Result<Daemon, String> {
+    let path = write_policy(lab, Selection::Namespace)?;
     Daemon::start(lab, &path.display().to_string(), &[]).map_err(|e| e.to_string())
+}
+
+/// Has the running daemon select c1 as `selection` says (`metaguard
+/// reload`, which returns once the new rules are in). The same workload
+/// name either way, so c1's IMDSv2 token stays valid (bound to the
+/// workload and c1's bridge port, docs/proxy.md).
+fn select(lab: &Lab, selection: Selection) -> Result<(), String> {
+    let path = write_policy(lab, selection)?.display().to_string();
+    let out = lab
+        .metaguard(&["reload", "--config", &path, "--timeout", "30"])
+        .map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "metaguard reload ({selection:?}): {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
 }
 
 /// (a) straight to the emulator from c2 (which no workload selects).
@@ -736,11 +807,13 @@ fn run(full: bool) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     }
     let mut variants = vec![direct_variant(&lab)];
+    let mut by_bridge = Vec::new();
     let with_metaguard = match metaguard_variants(&lab) {
         Some(v) => {
-            let (hit, miss) = v?;
+            let [hit, miss, bridge_hit, bridge_miss] = v?;
             variants.push(hit);
             variants.push(miss);
+            by_bridge = vec![bridge_hit, bridge_miss];
             true
         }
         None => false,
@@ -757,6 +830,9 @@ fn run(full: bool) -> Result<(), String> {
         .map_or(Vec::new(), |p| p.pids());
     variants.push(nginx_intercepted_variant(&mut lab, cache_pids)?);
     let intercepted = variants.len() - 1;
+    // (i) and (j), last: their rows follow the others'.
+    let bridge_hit = variants.len();
+    variants.extend(by_bridge);
 
     hold(&variants)?;
     if full {
@@ -891,6 +967,35 @@ fn run(full: bool) -> Result<(), String> {
             "| (c) requests/s over (d)'s at saturation (wrk -c{}) | ≥ 1.0 | {:.3} |\n",
             loads[2].conns,
             median(&series[2][2].over_d)
+        );
+        // The same goals for c1 selected by its bridge, (i) and (j).
+        let close = |load: &Load| {
+            if load.close {
+                " (Connection: close)"
+            } else {
+                ""
+            }
+        };
+        for (l, load) in loads.iter().enumerate() {
+            report += &format!(
+                "| (i) requests/s over (e)'s, wrk -c{}{} (c1 selected by its bridge) | ≥ 1.0 | {:.3} |\n",
+                load.conns,
+                close(load),
+                median(&series[l][bridge_hit].over_e)
+            );
+        }
+        for (l, load) in loads.iter().enumerate() {
+            report += &format!(
+                "| (i) p50 over (a)'s, wrk -c{}{} (c1 selected by its bridge) | < 1.0 | {:.3} |\n",
+                load.conns,
+                close(load),
+                median(&series[l][bridge_hit].ratios[1])
+            );
+        }
+        report += &format!(
+            "| (j) requests/s over (d)'s at saturation (wrk -c{}, c1 selected by its bridge) | ≥ 1.0 | {:.3} |\n",
+            loads[2].conns,
+            median(&series[2][bridge_hit + 1].over_d)
         );
         report += &format!(
             "| metaguard's RSS after the runs | < 20 MB | {:.1} MB |\n\n",
@@ -1039,7 +1144,7 @@ fn run(full: bool) -> Result<(), String> {
          on docker0's address like nginx): what any tokio server pays per answer, beside (b) and (e), \
          (h) the nginx of (e) reached as an IMDS proxy must be: from c3, its own namespace on docker0, to \
          169.254.169.254:80, sent to nginx by one DNAT in the lab host (what interception costs nginx; (e) is \
-         addressed directly, which no proxy of the metadata service can be). \
+         addressed directly, which no proxy of the metadata service can be){ij}. \
          Three loads: one connection (the latency a proxy adds, without queueing), one request per new \
          connection, and {conns} connections on {threads} threads (saturation). {rounds} rounds of {secs} s per variant and load{warm}, the order \
          rotated every round; ratios and differences are taken per round. The emulator answers every request \
@@ -1054,15 +1159,24 @@ fn run(full: bool) -> Result<(), String> {
          walks every one with the same source and destination when it picks a port, so in one address the \
          proxies paid for each other's (see the TIME_WAIT rows). \
          Proxy CPU is user + system time from `/proc/<pid>/stat` over each run (10 ms ticks), which \
-         includes the kernel's network path run in the proxy's context; (b) and (c) are one process, measured \
-         over their own runs. The caller's CPU is wrk's own, read the same way when it has exited: it \
+         includes the kernel's network path run in the proxy's context; (b), (c), (i) and (j) are one process, \
+         measured over their own runs. The caller's CPU is wrk's own, read the same way when it has exited: it \
          includes the kernel's path for what wrk sends (rules, NAT, bridge and veth run in its context). \
          Machine: {}.\n\n{report}",
         common::machine(),
         b = if with_metaguard {
-            "through metaguard's proxy (the daemon, one thread per CPU, audit log on, answer cache on) \
-             (b) with the IMDSv2 token c1 got from it, answered from memory (a cache hit), (c) without a token \
-             (IMDSv1), forwarded every time as a cache miss is, "
+            "through metaguard's proxy (the daemon, one thread per CPU, audit log on, answer cache on, \
+             c1 selected by its namespace as an awsvpc task is: a DNAT in c1 to 169.254.170.2:9470 and \
+             another in the host) (b) with the IMDSv2 token c1 got from it, answered from memory (a cache \
+             hit), (c) without a token (IMDSv1), forwarded every time as a cache miss is, "
+        } else {
+            ""
+        },
+        ij = if with_metaguard {
+            ", (i) and (j) as (b) and (c) while the daemon selects c1 by its bridge (`bridges = \
+             [\"docker0\"]`), as a Docker container is: one DNAT, in the host (that selects c2 and c3 \
+             too, so it is in force only for (i)'s and (j)'s runs: `metaguard reload` before and after \
+             each)"
         } else {
             ""
         },
