@@ -266,7 +266,14 @@ fn metaguard_variants(lab: &Lab) -> Option<Result<[Variant; 4], String>> {
             url: v.url.clone(),
             headers: v.headers.clone(),
             proxy: Some(Box::new(SamePids(vec![u32::try_from(pid).unwrap_or(0)]))),
-            before: Some(Box::new(|lab: &Lab| select(lab, Selection::Bridge))),
+            // The daemon's own work after a reload (re-identifying
+            // callers, following containers) is left a moment to end
+            // before wrk starts.
+            before: Some(Box::new(|lab: &Lab| {
+                select(lab, Selection::Bridge)?;
+                std::thread::sleep(Duration::from_millis(500));
+                Ok(())
+            })),
             after: Some(Box::new(|lab: &Lab| select(lab, Selection::Namespace))),
             cached: v.cached,
             source: v.source,
