@@ -31,16 +31,34 @@ pub const TESTS: &[(&str, bool, crate::TestFn)] = &[
     ("cli::usage_errors_exit_2", false, usage_errors_exit_2),
 ];
 
-fn write_tmp(name: &str, text: &str) -> Result<std::path::PathBuf, Failed> {
-    let dir = std::env::temp_dir().join(format!("metaguard-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let p = dir.join(name);
-    std::fs::write(&p, text)?;
-    Ok(p)
+/// A directory of the test's own under the system's temporary directory,
+/// removed with what it holds when the test ends, failed or not (each run
+/// used to leave one behind).
+struct TmpDir(std::path::PathBuf);
+
+impl TmpDir {
+    fn new() -> Result<TmpDir, Failed> {
+        let dir = std::env::temp_dir().join(format!("metaguard-cli-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        Ok(TmpDir(dir))
+    }
+
+    fn write(&self, name: &str, text: &str) -> Result<std::path::PathBuf, Failed> {
+        let p = self.0.join(name);
+        std::fs::write(&p, text)?;
+        Ok(p)
+    }
+}
+
+impl Drop for TmpDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 fn bad_config_exits_2_with_line_and_column() -> Result<(), Failed> {
-    let p = write_tmp(
+    let tmp = TmpDir::new()?;
+    let p = tmp.write(
         "bad.toml",
         "[[workload]]\nname = \"a\"\nbridges = [\"docker0\"]\nimds = \"block\"\n",
     )?;
@@ -73,7 +91,7 @@ fn bad_config_exits_2_with_line_and_column() -> Result<(), Failed> {
             "{cmd:?}: no hint: {stderr}"
         );
     }
-    let p = write_tmp("garbage.toml", "\u{0}\u{1}not toml at all [[[")?;
+    let p = tmp.write("garbage.toml", "\u{0}\u{1}not toml at all [[[")?;
     let out = Command::new(exe())
         .args(["apply", "--dry-run", "--config"])
         .arg(&p)
