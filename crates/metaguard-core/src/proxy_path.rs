@@ -282,14 +282,7 @@ impl PathGlob {
         // like `/**/**/**/…/x` took seconds on a 30-segment request).
         // On the stack for any path a client sends; on the heap past that.
         let segs = &c.segments;
-        let mut stack = [false; 32];
-        let mut heap;
-        let reach: &mut [bool] = if segs.len() < stack.len() {
-            &mut stack[..=segs.len()]
-        } else {
-            heap = vec![false; segs.len() + 1];
-            &mut heap
-        };
+        let mut reach: smallvec::SmallVec<[bool; 32]> = smallvec::smallvec![false; segs.len() + 1];
         reach[0] = true;
         for p in &self.segments {
             if p == "**" {

@@ -106,23 +106,8 @@ const IMMUTABLE: &[&str] = &[
 
 /// The rule for IMDS target `target` (canonical, origin-form).
 pub fn imds_rule(target: &str) -> Rule {
-    // The segments on the stack: no rule names more than six, so a longer
-    // target is only ever one of `placement`'s (collected on the heap).
-    let mut stack = [""; 8];
-    let mut n = 0;
-    let mut heap = Vec::new();
-    for seg in target.trim_start_matches('/').split('/') {
-        if n < stack.len() {
-            stack[n] = seg;
-        } else {
-            if heap.is_empty() {
-                heap.extend_from_slice(&stack);
-            }
-            heap.push(seg);
-        }
-        n += 1;
-    }
-    let segs: &[&str] = if heap.is_empty() { &stack[..n] } else { &heap };
+    // On the stack: no rule names more than six segments.
+    let segs: smallvec::SmallVec<[&str; 8]> = target.trim_start_matches('/').split('/').collect();
     // segs[0] is the version (latest, a date, 1.0).
     match segs.get(1..).unwrap_or_default() {
         ["meta-data", leaf] if IMMUTABLE.contains(leaf) => Rule::Instance,
