@@ -934,15 +934,18 @@ fn run(full: bool) -> Result<(), String> {
             .filter_map(loadgen::rss_kib)
             .sum();
         report += "| goal (issue 23) | target | measured: median of the per-round values |\n|---|---|---|\n";
+        let close = |load: &Load| {
+            if load.close {
+                " (Connection: close)"
+            } else {
+                ""
+            }
+        };
         for (l, load) in loads.iter().enumerate() {
             report += &format!(
                 "| (b) requests/s over (e)'s, wrk -c{}{} | ≥ 1.0 | {:.3} |\n",
                 load.conns,
-                if load.close {
-                    " (Connection: close)"
-                } else {
-                    ""
-                },
+                close(load),
                 median(&series[l][1].over_e)
             );
         }
@@ -950,11 +953,7 @@ fn run(full: bool) -> Result<(), String> {
             report += &format!(
                 "| context: (b) requests/s over (h)'s (nginx behind a DNAT, as an IMDS proxy must be), wrk -c{}{} | — | {:.3} |\n",
                 load.conns,
-                if load.close {
-                    " (Connection: close)"
-                } else {
-                    ""
-                },
+                close(load),
                 median(&series[l][1].over_h)
             );
         }
@@ -962,11 +961,7 @@ fn run(full: bool) -> Result<(), String> {
             report += &format!(
                 "| (b) p50 over (a)'s, wrk -c{}{} | < 1.0 | {:.3} |\n",
                 load.conns,
-                if load.close {
-                    " (Connection: close)"
-                } else {
-                    ""
-                },
+                close(load),
                 median(&series[l][1].ratios[1])
             );
         }
@@ -976,13 +971,6 @@ fn run(full: bool) -> Result<(), String> {
             median(&series[2][2].over_d)
         );
         // The same goals for c1 selected by its bridge, (i) and (j).
-        let close = |load: &Load| {
-            if load.close {
-                " (Connection: close)"
-            } else {
-                ""
-            }
-        };
         for (l, load) in loads.iter().enumerate() {
             report += &format!(
                 "| (i) requests/s over (e)'s, wrk -c{}{} (c1 selected by its bridge) | ≥ 1.0 | {:.3} |\n",
