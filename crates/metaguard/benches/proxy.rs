@@ -46,7 +46,9 @@
 //!   path of an awsvpc task: a DNAT in c1 and another in the host). The
 //!   bridge selection also takes c2 and c3, so it is in force only during
 //!   (i)'s and (j)'s runs (`metaguard reload` before and after each, see
-//!   [`select`]).
+//!   [`select`]), and after each switch what c1's connections left in the
+//!   kernel is forgotten ([`forget_c1_connections`]: one way's TIME_WAIT
+//!   and conntrack state stalled the other way's new connections).
 //!
 //! Each round measures every variant once per load, in an order rotated
 //! every round
@@ -72,7 +74,7 @@ use std::time::Duration;
 use metaguard_lab::daemon::Daemon;
 use metaguard_lab::loadgen::{self, Nginx, WrkResult};
 use metaguard_lab::topology::{addr, Role};
-use metaguard_lab::{Lab, LabOptions};
+use metaguard_lab::{Lab, LabError, LabOptions};
 
 mod common;
 #[path = "proxy/floor.rs"]
@@ -271,10 +273,14 @@ fn metaguard_variants(lab: &Lab) -> Option<Result<[Variant; 4], String>> {
             // before wrk starts.
             before: Some(Box::new(|lab: &Lab| {
                 select(lab, Selection::Bridge)?;
+                forget_c1_connections(lab)?;
                 std::thread::sleep(Duration::from_millis(500));
                 Ok(())
             })),
-            after: Some(Box::new(|lab: &Lab| select(lab, Selection::Namespace))),
+            after: Some(Box::new(|lab: &Lab| {
+                select(lab, Selection::Namespace)?;
+                forget_c1_connections(lab)
+            })),
             cached: v.cached,
             source: v.source,
         };
@@ -357,6 +363,42 @@ fn select(lab: &Lab, selection: Selection) -> Result<(), String> {
             String::from_utf8_lossy(&out.stderr).trim()
         ))
     }
+}
+
+/// Forgets what c1's earlier connections left in the kernel — the
+/// conntrack entries in c1 and, for c1's flows, in the lab host, and the
+/// lab host's TIME_WAIT sockets towards c1 — after each change of c1's
+/// selection, as on a host where c1 had always been selected this way.
+///
+/// Left in place, the state of one way in met the connections of the
+/// other for two minutes: with `Connection: close` (c1 opening a
+/// connection per request and the proxy closing first) c1's ports came
+/// round within seconds, and SYNs met the host's TIME_WAIT sockets of the
+/// other way's connections, where PAWS dropped them (`TcpExtPAWSTimewait`
+/// in the lab host, one per `TcpExtTCPSynRetrans` in c1): a 1-s stall
+/// each. Measured in a held lab, 2-s runs from c1 after switching ways:
+/// 5 to 5,125 requests, with 1 to 69 SYN retransmits each, against
+/// 6,583–11,027 with this step, whose runs retransmitted none; in a 3-round run of the bench before it, (i)'s
+/// and (j)'s `Connection: close` rows read 12–4,209 requests/s beside
+/// (b)'s 5,840–16,670, with 45 SYN retransmits from c1. Either way on
+/// its own, runs after runs, retransmitted none. Neither conntrack flush
+/// nor the TIME_WAIT sockets' removal alone was enough.
+fn forget_c1_connections(lab: &Lab) -> Result<(), String> {
+    let c1 = addr::C1_V4.to_string();
+    for (role, args) in [
+        (Role::C1, vec!["-D", "-p", "tcp"]),
+        (Role::Host, vec!["-D", "-p", "tcp", "-s", c1.as_str()]),
+    ] {
+        match lab.run_in(role, "conntrack", &args) {
+            // It exits 1 when nothing matched.
+            Err(LabError::Command { stderr, .. }) if stderr.contains(" 0 flow entries") => {}
+            Err(e) => return Err(format!("forgetting c1's connections: {e}")),
+            Ok(_) => {}
+        }
+    }
+    lab.run_in(Role::Host, "ss", &["-K", "state", "time-wait", "dst", &c1])
+        .map(drop)
+        .map_err(|e| format!("forgetting c1's connections: {e}"))
 }
 
 /// (a) straight to the emulator from c2 (which no workload selects).
@@ -589,6 +631,8 @@ struct Series {
     non_2xx: u64,
     socket_errors: u64,
     forwarded_for: usize,
+    /// SYN retransmits in the caller's namespace during the runs.
+    syn_retransmits: u64,
 }
 
 /// Set by Ctrl-C: the bench stops before its next wrk run (or its hold)
@@ -858,8 +902,13 @@ fn run(full: bool) -> Result<(), String> {
             let mut results: Vec<Option<WrkResult>> = variants.iter().map(|_| None).collect();
             for k in 0..variants.len() {
                 let i = (round + k) % variants.len();
+                let syn_before = caller_syn_retransmits(&lab, &variants[i].from);
                 let (r, cpu, tw) = measure(&lab, &variants[i], secs, *load)?;
+                let syn_after = caller_syn_retransmits(&lab, &variants[i].from);
                 let s = &mut series[l][i];
+                if let (Some(a), Some(b)) = (syn_before, syn_after) {
+                    s.syn_retransmits += b.saturating_sub(a);
+                }
                 s.forwarded_for += lab
                     .imds()
                     .log()
@@ -1096,20 +1145,21 @@ fn run(full: bool) -> Result<(), String> {
             pids.len()
         );
     }
-    report += "\nRequests (all rounds and loads), socket errors, requests carrying `X-Forwarded-For` at the emulator: ";
+    report += "\nRequests (all rounds and loads), socket errors, requests carrying `X-Forwarded-For` at the emulator, SYN retransmits in the caller's namespace during the runs (each a connection that waited 1 s): ";
     report += &variants
         .iter()
         .enumerate()
         .map(|(i, v)| {
-            let (req, err, xff) = series.iter().fold((0, 0, 0), |acc, per_load| {
+            let (req, err, xff, syn) = series.iter().fold((0, 0, 0, 0), |acc, per_load| {
                 let s = &per_load[i];
                 (
                     acc.0 + s.requests,
                     acc.1 + s.socket_errors,
                     acc.2 + s.forwarded_for,
+                    acc.3 + s.syn_retransmits,
                 )
             });
-            format!("{} {req} / {err} / {xff}", short(v))
+            format!("{} {req} / {err} / {xff} / {syn}", short(v))
         })
         .collect::<Vec<_>>()
         .join("; ");
@@ -1171,7 +1221,9 @@ fn run(full: bool) -> Result<(), String> {
             ", (i) and (j) as (b) and (c) while the daemon selects c1 by its bridge (`bridges = \
              [\"docker0\"]`), as a Docker container is: one DNAT, in the host (that selects c2 and c3 \
              too, so it is in force only for (i)'s and (j)'s runs: `metaguard reload` before and after \
-             each)"
+             each, then c1's conntrack entries in c1 and the host and the host's TIME_WAIT sockets \
+             towards c1 are removed, as on a host where c1 was always selected that way: one way's \
+             left-overs made the other way's new connections wait 1 s, see the bench's source)"
         } else {
             ""
         },
@@ -1201,6 +1253,21 @@ fn nginx_version() -> String {
                 .to_string()
         })
         .unwrap_or_default()
+}
+
+/// `TcpExtTCPSynRetrans` of the lab namespace named `netns` (a variant's
+/// caller) since it was created.
+fn caller_syn_retransmits(lab: &Lab, netns: &str) -> Option<u64> {
+    lab.run_in_named(netns, "nstat", &["-asz", "TcpExtTCPSynRetrans"])
+        .ok()
+        .and_then(|out| {
+            out.lines().find_map(|l| {
+                let mut f = l.split_whitespace();
+                (f.next() == Some("TcpExtTCPSynRetrans"))
+                    .then(|| f.next().and_then(|n| n.parse().ok()))
+                    .flatten()
+            })
+        })
 }
 
 /// `TcpExtTCPSynRetrans` of a lab namespace since it was created: each one

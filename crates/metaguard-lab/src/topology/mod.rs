@@ -65,6 +65,8 @@ pub mod addr {
     pub const TASK_ENI_V4: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 20);
     pub const TASK_ENI_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0, 0, 0, 0, 0, 0x20);
     pub const DOCKER0_V4: Ipv4Addr = Ipv4Addr::new(172, 17, 0, 1);
+    /// c1, the bridge container, on docker0.
+    pub const C1_V4: Ipv4Addr = Ipv4Addr::new(172, 17, 0, 2);
     pub const DOCKER0_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x17, 0, 0, 0, 0, 0, 1);
     pub const ECS_BRIDGE_V4: Ipv4Addr = Ipv4Addr::new(169, 254, 172, 1);
     pub const TASK_ECS_ETH0_V4: Ipv4Addr = Ipv4Addr::new(169, 254, 172, 2);
