@@ -484,6 +484,26 @@ mod tests {
         (text, eof)
     }
 
+    /// The listeners `bind` makes pass TCP_NODELAY on to every accepted
+    /// socket (the proxy no longer sets it per connection).
+    #[test]
+    fn accepted_sockets_inherit_the_listeners_nodelay() {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let listeners = match crate::bind(addr, 1) {
+            Ok(l) => l,
+            Err(e) if e.to_string().contains("CAP_NET_ADMIN") => {
+                eprintln!("skipped: {e}");
+                return;
+            }
+            Err(e) => panic!("bind: {e}"),
+        };
+        let listener = &listeners[0];
+        listener.set_nonblocking(false).expect("blocking");
+        let _client = std::net::TcpStream::connect(addr).expect("connect");
+        let (accepted, _) = listener.accept().expect("accept");
+        assert!(accepted.nodelay().expect("TCP_NODELAY"));
+    }
+
     #[test]
     fn the_last_answer_carries_the_fin_and_keep_alive_answers_are_not_held() {
         let dir = std::env::temp_dir().join(format!("mg-proxy-fin-{}", std::process::id()));
