@@ -378,11 +378,12 @@ fn select(lab: &Lab, selection: Selection) -> Result<(), String> {
 /// in the lab host, one per `TcpExtTCPSynRetrans` in c1): a 1-s stall
 /// each. Measured in a held lab, 2-s runs from c1 after switching ways:
 /// 5 to 5,125 requests, with 1 to 69 SYN retransmits each, against
-/// 6,583–11,027 with this step, whose runs retransmitted none; in a 3-round run of the bench before it, (i)'s
-/// and (j)'s `Connection: close` rows read 12–4,209 requests/s beside
-/// (b)'s 5,840–16,670, with 45 SYN retransmits from c1. Either way on
-/// its own, runs after runs, retransmitted none. Neither conntrack flush
-/// nor the TIME_WAIT sockets' removal alone was enough.
+/// 6,583–11,027 with this step, whose runs retransmitted none; in a
+/// 3-round run of the bench before it, (i)'s and (j)'s `Connection:
+/// close` rows read 12–4,209 requests/s beside (b)'s 5,840–16,670, with
+/// 45 SYN retransmits from c1. Either way on its own, runs after runs,
+/// retransmitted none. Neither conntrack flush nor the TIME_WAIT sockets'
+/// removal alone was enough.
 fn forget_c1_connections(lab: &Lab) -> Result<(), String> {
     let c1 = addr::C1_V4.to_string();
     for (role, args) in [
@@ -902,11 +903,11 @@ fn run(full: bool) -> Result<(), String> {
             let mut results: Vec<Option<WrkResult>> = variants.iter().map(|_| None).collect();
             for k in 0..variants.len() {
                 let i = (round + k) % variants.len();
-                let syn_before = caller_syn_retransmits(&lab, &variants[i].from);
+                let syn_before = lab.nstat_named(&variants[i].from, "TcpExtTCPSynRetrans");
                 let (r, cpu, tw) = measure(&lab, &variants[i], secs, *load)?;
-                let syn_after = caller_syn_retransmits(&lab, &variants[i].from);
+                let syn_after = lab.nstat_named(&variants[i].from, "TcpExtTCPSynRetrans");
                 let s = &mut series[l][i];
-                if let (Some(a), Some(b)) = (syn_before, syn_after) {
+                if let (Ok(a), Ok(b)) = (syn_before, syn_after) {
                     s.syn_retransmits += b.saturating_sub(a);
                 }
                 s.forwarded_for += lab
@@ -1253,21 +1254,6 @@ fn nginx_version() -> String {
                 .to_string()
         })
         .unwrap_or_default()
-}
-
-/// `TcpExtTCPSynRetrans` of the lab namespace named `netns` (a variant's
-/// caller) since it was created.
-fn caller_syn_retransmits(lab: &Lab, netns: &str) -> Option<u64> {
-    lab.run_in_named(netns, "nstat", &["-asz", "TcpExtTCPSynRetrans"])
-        .ok()
-        .and_then(|out| {
-            out.lines().find_map(|l| {
-                let mut f = l.split_whitespace();
-                (f.next() == Some("TcpExtTCPSynRetrans"))
-                    .then(|| f.next().and_then(|n| n.parse().ok()))
-                    .flatten()
-            })
-        })
 }
 
 /// `TcpExtTCPSynRetrans` of a lab namespace since it was created: each one

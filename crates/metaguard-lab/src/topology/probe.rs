@@ -242,7 +242,12 @@ impl Lab {
     /// `TcpExtTCPSynRetrans`, …) in lab namespace `role`, since the
     /// namespace was created (`nstat -asz`).
     pub fn nstat(&self, role: Role, counter: &str) -> Result<u64, LabError> {
-        let out = self.run_in(role, "nstat", &["-asz", counter])?;
+        self.nstat_named(&self.netns_name(role), counter)
+    }
+
+    /// [`Lab::nstat`] in the lab namespace named `netns_name`.
+    pub fn nstat_named(&self, netns_name: &str, counter: &str) -> Result<u64, LabError> {
+        let out = self.run_in_named(netns_name, "nstat", &["-asz", counter])?;
         out.lines()
             .find_map(|l| {
                 let mut f = l.split_whitespace();

@@ -74,7 +74,6 @@ while True:
                        "t_end": time.time()}
     except Exception as e:
         rec["task"] = {"ok": False, "error": repr(e)[:200]}
-    rec["t_end"] = time.time()
     out.append(rec)
     if time.time() >= end:
         break
