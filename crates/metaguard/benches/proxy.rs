@@ -273,14 +273,10 @@ fn metaguard_variants(lab: &Lab) -> Option<Result<[Variant; 4], String>> {
             // before wrk starts.
             before: Some(Box::new(|lab: &Lab| {
                 select(lab, Selection::Bridge)?;
-                forget_c1_connections(lab)?;
                 std::thread::sleep(Duration::from_millis(500));
                 Ok(())
             })),
-            after: Some(Box::new(|lab: &Lab| {
-                select(lab, Selection::Namespace)?;
-                forget_c1_connections(lab)
-            })),
+            after: Some(Box::new(|lab: &Lab| select(lab, Selection::Namespace))),
             cached: v.cached,
             source: v.source,
         };
@@ -347,22 +343,22 @@ fn start_daemon(lab: &Lab) -> Result<Daemon, String> {
 }
 
 /// Has the running daemon select c1 as `selection` says (`metaguard
-/// reload`, which returns once the new rules are in). The same workload
-/// name either way, so c1's IMDSv2 token stays valid (bound to the
-/// workload and c1's bridge port, docs/proxy.md).
+/// reload`, which returns once the new rules are in), then forgets what
+/// c1's connections the other way left ([`forget_c1_connections`]). The
+/// same workload name either way, so c1's IMDSv2 token stays valid (bound
+/// to the workload and c1's bridge port, docs/proxy.md).
 fn select(lab: &Lab, selection: Selection) -> Result<(), String> {
     let path = write_policy(lab, selection)?.display().to_string();
     let out = lab
         .metaguard(&["reload", "--config", &path, "--timeout", "30"])
         .map_err(|e| e.to_string())?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
+    if !out.status.success() {
+        return Err(format!(
             "metaguard reload ({selection:?}): {}",
             String::from_utf8_lossy(&out.stderr).trim()
-        ))
+        ));
     }
+    forget_c1_connections(lab)
 }
 
 /// Forgets what c1's earlier connections left in the kernel — the
