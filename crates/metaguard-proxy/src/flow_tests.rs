@@ -615,6 +615,55 @@ fn per_request_cost_of_a_cache_hit() {
     let _ = std::fs::remove_file(&own);
 }
 
+/// An IMDSv1 `GET instance-id`: forwarded every time (v1 answers are
+/// never kept).
+fn v1_instance_id() -> Parts {
+    head(
+        "GET",
+        "169.254.169.254",
+        "/latest/meta-data/instance-id",
+        &[],
+    )
+}
+
+/// The proxy's own cost per forwarded request (a miss: IMDSv1, never
+/// kept), in process: `Proxy::respond` up to and including the upstream
+/// exchange with the in-process IMDS emulator over loopback (no socket
+/// between client and proxy). `cargo test --release -p metaguard-proxy --
+/// --ignored per_request_cost_of_a_miss --nocapture` prints µs per miss;
+/// `MG_COST_N` sets the requests per round (20,000). Under `valgrind
+/// --tool=callgrind` (`MG_COST_N=2000`) the inclusive instruction count
+/// of `respond_on` over its calls is the user-space work per miss, exact
+/// and repeatable however noisy the machine (BENCHMARKS.md, "Metadata
+/// proxy").
+#[test]
+#[ignore = "a measurement, run by hand"]
+fn per_request_cost_of_a_miss() {
+    let u = upstreams();
+    let audit = temp("miss-cost");
+    let p = proxy(settings(&u, POLICY, true, &audit));
+    let c1 = caller(0, Some("c1"));
+    let h = v1_instance_id();
+    let n: u32 = std::env::var("MG_COST_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20_000);
+    run(async {
+        let s = p.settings();
+        for round in 0..3 {
+            let started = std::time::Instant::now();
+            for _ in 0..n {
+                let r = p.respond(Kind::Imds, &c1, &s, &h, false).await;
+                assert_eq!(r.status(), 200);
+            }
+            let us = started.elapsed().as_secs_f64() * 1e6 / f64::from(n);
+            eprintln!("round {round}: {us:.1} µs per miss");
+        }
+    });
+    assert!(imds_gets(&u, "/latest/meta-data/instance-id") >= 3 * n as usize);
+    let _ = std::fs::remove_file(&audit);
+}
+
 /// What `observe` costs against `proxy` per forwarded request, in process:
 /// the same IMDSv1 `GET instance-id`, forwarded to the emulator every
 /// time (v1 is never cached), under `imds = "proxy"` and under `imds =
@@ -636,12 +685,7 @@ fn per_request_cost_observe_vs_proxy() {
     let proxied = proxy(settings(&u, &text("proxy"), true, &audit));
     let observed = proxy(settings(&u, &text("observe"), true, &audit).with_observe(Some(log)));
     let c1 = caller(0, Some("c1"));
-    let h = head(
-        "GET",
-        "169.254.169.254",
-        "/latest/meta-data/instance-id",
-        &[],
-    );
+    let h = v1_instance_id();
     run(async {
         let n = 5_000u32;
         for round in 0..3 {
