@@ -1180,7 +1180,8 @@ fn run(full: bool) -> Result<(), String> {
          (every `200` kept for an hour) on another port, (f) through the floor: a minimal tokio \
          relay in metaguard's proxy's shape (a single-threaded runtime per CPU over `SO_REUSEPORT` \
          listeners) that does only the network work — request head in, new upstream connection, head out, \
-         answer back, closed with a reset as metaguard's are — and nothing of a proxy's job (no HTTP library, identification, policy, audit or \
+         answer back, the handshake's last ACK on the request and the connection closed with a reset as \
+         metaguard's are — and nothing of a proxy's job (no HTTP library, identification, policy, audit or \
          metrics; `benches/proxy/floor.rs`): what any tokio proxy pays for the same requests, (g) the same \
          process answering every request from memory with a fixed `200` (no HTTP library, nothing checked, \
          on docker0's address like nginx): what any tokio server pays per answer, beside (b) and (e), \

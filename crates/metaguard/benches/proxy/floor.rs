@@ -109,7 +109,9 @@ fn content_length(head: &[u8]) -> usize {
 /// A new upstream connection from `source` (the port chosen at `connect()`,
 /// `IP_BIND_ADDRESS_NO_PORT`, as nginx's `proxy_bind` does), closed with a
 /// reset when dropped (`SO_LINGER` zero), as metaguard's proxy closes its
-/// own: no TIME_WAIT whoever closes first.
+/// own: no TIME_WAIT whoever closes first. `TCP_QUICKACK` is off before
+/// `connect()`, as metaguard's upstream sockets have it: the handshake's
+/// last ACK rides on the request (`metaguard_proxy::upstream`).
 async fn connect(upstream: SocketAddr, source: IpAddr) -> std::io::Result<TcpStream> {
     let socket = if upstream.is_ipv4() {
         TcpSocket::new_v4()?
@@ -122,6 +124,7 @@ async fn connect(upstream: SocketAddr, source: IpAddr) -> std::io::Result<TcpStr
         &true,
     )?;
     socket.bind(SocketAddr::new(source, 0))?;
+    rustix::net::sockopt::set_tcp_quickack(&socket, false)?;
     let stream = socket.connect(upstream).await?;
     stream.set_zero_linger()?;
     Ok(stream)

@@ -614,7 +614,11 @@ fn imds_path_policy_and_imdsv2_fidelity() -> Result<(), Failed> {
 /// those connections' conntrack entries in TIME_WAIT — which a FIN
 /// exchange leaves for two minutes on every forwarded request, also when
 /// the proxy closes second. With `SO_LINGER` zero taken out the test
-/// fails: 0 resets for 40 forwarded requests.
+/// fails: 0 resets for 40 forwarded requests. And IMDS receives 3
+/// segments per forwarded request, not 5: the proxy's upstream sockets
+/// hold the handshake's last ACK for the request and send no ACK of an
+/// answer they reset (`upstream::socket`, `TCP_QUICKACK` off; with the
+/// option taken out: 200 segments for 40 forwarded requests).
 fn forwarded_requests_end_with_a_reset_and_leave_no_time_wait() -> Result<(), Failed> {
     const N: u64 = 40;
     let mut lab = lab()?;
@@ -627,6 +631,7 @@ fn forwarded_requests_end_with_a_reset_and_leave_no_time_wait() -> Result<(), Fa
     ensure!(first.ok(), "through the proxy: {first:?}");
     lab.imds().log().clear();
     let before = lab.nstat(Role::Host, "TcpOutRsts")?;
+    let segments_before = lab.nstat(Role::Vpc, "TcpInSegs")?;
     // IMDSv1: never answered from memory, each one forwarded.
     for _ in 0..N {
         let r = get(&lab, Workload::BridgeC1, url)?;
@@ -641,6 +646,15 @@ fn forwarded_requests_end_with_a_reset_and_leave_no_time_wait() -> Result<(), Fa
     ensure!(
         resets >= N,
         "{resets} resets from the lab host for {N} forwarded requests"
+    );
+    // What IMDS receives per forwarded request: the SYN, the request
+    // (carrying the handshake's last ACK) and the reset; no ACK of its
+    // answer (upstream::socket). A plain client sends 5: the handshake's
+    // ACK and one for the answer besides.
+    let segments = lab.nstat(Role::Vpc, "TcpInSegs")? - segments_before;
+    ensure!(
+        segments < 4 * N,
+        "IMDS received {segments} segments for {N} forwarded requests (3 each expected)"
     );
     let host = metaguard_lab::topology::addr::HOST_V4.to_string();
     let waiting = lab.run_in(
@@ -667,7 +681,8 @@ fn forwarded_requests_end_with_a_reset_and_leave_no_time_wait() -> Result<(), Fa
         "conntrack entries of the proxy's connections to IMDS: {states:?}\n{entries}"
     );
     eprintln!(
-        "measured: {N} forwarded requests, {resets} resets, conntrack states {:?}",
+        "measured: {N} forwarded requests, {resets} resets, {segments} segments to IMDS, \
+         conntrack states {:?}",
         states.iter().fold(
             std::collections::BTreeMap::<&str, usize>::new(),
             |mut m, s| {
