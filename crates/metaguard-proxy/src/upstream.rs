@@ -386,7 +386,6 @@ mod tests {
                 .expect("exchange");
             assert_eq!((parts.status.as_u16(), &body[..]), (200, &b"i-0"[..]));
             let took = started.elapsed();
-            eprintln!("took {took:?}");
             assert!(
                 took < Duration::from_millis(30),
                 "the body waited for an ACK: {took:?}"

@@ -112,8 +112,8 @@ link set vethtask1 master ecs-bridge up
         );
         cmd::ip_batch(self.netns(Role::Host), &hostscript)?;
         for (role, v4, v6) in [
-            (Role::C1, "172.17.0.2", "fd00:17::2"),
-            (Role::C2, "172.17.0.3", "fd00:17::3"),
+            (Role::C1, addr::C1_V4.to_string(), "fd00:17::2"),
+            (Role::C2, "172.17.0.3".to_string(), "fd00:17::3"),
         ] {
             let script = format!(
                 "link set lo up

@@ -173,7 +173,7 @@ impl Lab {
     ) {
         let doc = |w: Workload, id: &str, name: &str, mode: &str, task_arn: &str| {
             let ip = match w {
-                Workload::BridgeC1 => "172.17.0.2".to_string(),
+                Workload::BridgeC1 => addr::C1_V4.to_string(),
                 Workload::BridgeC2 => "172.17.0.3".to_string(),
                 Workload::AwsvpcTask => addr::TASK_ENI_V4.to_string(),
                 _ => addr::HOST_V4.to_string(),
