@@ -117,9 +117,16 @@ impl fmt::Display for Canonical {
 /// fixed point it must be (`?id=a/b` became `?id=a%2Fb`).
 fn encode_into(out: &mut String, s: &str, keep: &[u8]) {
     const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    let passes = |b: u8| {
+        b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') || keep.contains(&b)
+    };
+    // The common case, nothing to encode: one copy.
+    if s.bytes().all(passes) {
+        out.push_str(s);
+        return;
+    }
     for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') || keep.contains(&b)
-        {
+        if passes(b) {
             out.push(b as char);
         } else {
             out.push('%');
@@ -142,6 +149,13 @@ fn hex(b: u8) -> Option<u8> {
 /// refused.
 fn decode(component: &str, structural: &[u8]) -> Result<String, PathError> {
     let b = component.as_bytes();
+    // The common case, nothing encoded and no byte refused: one copy (the
+    // loop below would copy every byte as it is).
+    if b.iter()
+        .all(|&c| c >= 0x20 && c != 0x7f && c != b'%' && c != b'\\')
+    {
+        return Ok(component.to_owned());
+    }
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {

@@ -577,9 +577,21 @@ proptest! {
     }
 }
 
+/// Requests per round of a cost measurement: `MG_COST_N`, else `default`
+/// (under callgrind a few thousand are enough for an exact count).
+fn cost_rounds(default: u32) -> u32 {
+    std::env::var("MG_COST_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 /// The handler's own cost per cache hit, in process (no sockets between
 /// client and proxy): `cargo test --release -p metaguard-proxy --
-/// --ignored per_request_cost --nocapture`. Prints ns per request.
+/// --ignored per_request_cost --nocapture`. Prints ns per request;
+/// `MG_COST_N` sets the requests per round (200,000), and under `valgrind
+/// --tool=callgrind` (`MG_COST_N=2000`) the inclusive instruction count of
+/// `respond_on` over its calls is the user-space work per hit.
 #[test]
 #[ignore = "a measurement, run by hand"]
 fn per_request_cost_of_a_cache_hit() {
@@ -598,7 +610,7 @@ fn per_request_cost_of_a_cache_hit() {
             &[("x-aws-ec2-metadata-token", t.as_str())],
         );
         let s = p.settings();
-        let n = 200_000u32;
+        let n = cost_rounds(200_000);
         for round in 0..3 {
             let started = std::time::Instant::now();
             for _ in 0..n {
@@ -644,10 +656,7 @@ fn per_request_cost_of_a_miss() {
     let p = proxy(settings(&u, POLICY, true, &audit));
     let c1 = caller(0, Some("c1"));
     let h = v1_instance_id();
-    let n: u32 = std::env::var("MG_COST_N")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20_000);
+    let n = cost_rounds(20_000);
     run(async {
         let s = p.settings();
         for round in 0..3 {
