@@ -273,10 +273,10 @@ impl AuditSink {
 /// Written by [`Line::write_json`]: the same bytes as `serde_json` writes
 /// for this struct (the test `a_line_is_the_json_serde_writes` holds them
 /// equal over arbitrary values), with its keys written as the constants
-/// they are and a string that needs no escaping copied as it is — the
-/// derived serializer escaped every key and every value character by
-/// character, and formatted the time through `core::fmt`: 5.5 k of the
-/// 19.7 k instructions of a cache hit's handling (callgrind, BENCHMARKS.md).
+/// they are and a string that needs no escaping copied as it is. The
+/// derived serializer ran every key and every value through serde_json's
+/// escaper and formatted the time through `core::fmt`: 5.5 k of the 19.7 k
+/// instructions of a cache hit's handling (callgrind, BENCHMARKS.md).
 #[cfg_attr(test, derive(serde::Serialize, Clone, Debug))]
 struct Line<'a> {
     time: Now,
