@@ -59,20 +59,28 @@ pub const CALLERS: usize = 4096;
 /// a caller is found again whenever Docker reports a change). The port is
 /// the namespace's own link, which no other namespace is given while the
 /// token lives.
+///
+/// Built by appending (no `core::fmt`): it is made for every IMDSv2
+/// request.
 pub fn binding(workload: &str, caller: &Caller) -> String {
-    if let Some(ifindex) = caller.port {
-        return format!("{workload}\0port {ifindex}");
-    }
-    match &caller.container {
-        Some(c) => format!("{workload}\0container {c}"),
-        None => {
-            let origin = caller
+    let mut itoa = itoa::Buffer::new();
+    let (kind, what) = match (caller.port, &caller.container) {
+        (Some(ifindex), _) => ("port ", itoa.format(ifindex)),
+        (None, Some(c)) => ("container ", c.as_str()),
+        (None, None) => (
+            "",
+            caller
                 .origin
                 .rsplit_once(" from ")
-                .map_or(caller.origin.as_str(), |(o, _)| o);
-            format!("{workload}\0{origin}")
-        }
-    }
+                .map_or(caller.origin.as_str(), |(o, _)| o),
+        ),
+    };
+    let mut b = String::with_capacity(workload.len() + 1 + kind.len() + what.len());
+    b.push_str(workload);
+    b.push('\0');
+    b.push_str(kind);
+    b.push_str(what);
+    b
 }
 
 /// A TTL as IMDS accepts it: 1 – 21,600 in decimal digits; anything else
@@ -319,6 +327,26 @@ mod tests {
             origin: origin.into(),
             ..Caller::default()
         }
+    }
+
+    /// The three forms of a binding, exactly: a bridge caller's port, a
+    /// host caller's container, else its origin without the client.
+    #[test]
+    fn a_binding_names_the_port_else_the_container_else_the_origin() {
+        let port = Caller {
+            port: Some(4321),
+            ..caller(Some("c1"), "port veth1 on docker0")
+        };
+        assert_eq!(binding("w", &port), "w\0port 4321");
+        assert_eq!(
+            binding("w", &caller(Some("c1"), "cgroup /x from 10.0.0.1:5")),
+            "w\0container c1"
+        );
+        assert_eq!(
+            binding("h", &caller(None, "mark 0x2 from 10.0.0.1:5")),
+            "h\0mark 0x2"
+        );
+        assert_eq!(binding("h", &caller(None, "mark 0x2")), "h\0mark 0x2");
     }
 
     #[test]
