@@ -340,7 +340,15 @@ fn daemon_restores(
     );
 
     let start = Instant::now();
-    disturb(&before.pin)?;
+    disturb(&before.pin).map_err(|e| {
+        format!(
+            "disturbing {}: {e:?}; pins now: {:?}; daemon log:\n{}",
+            before.pin.display(),
+            pins.links()
+                .map(|l| l.iter().map(|l| l.name()).collect::<Vec<_>>()),
+            d.log_text()
+        )
+    })?;
     let healed = loop {
         if let Some(l) = link(&pins)? {
             if l.is_live() && l.info.link_id != before.info.link_id {
