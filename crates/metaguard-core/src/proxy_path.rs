@@ -145,15 +145,19 @@ fn hex(b: u8) -> Option<u8> {
     }
 }
 
+/// A byte refused wherever it arrives unencoded: control characters,
+/// DEL and `\`.
+fn refused(c: u8) -> bool {
+    c < 0x20 || c == 0x7f || c == b'\\'
+}
+
 /// Decodes one component once; structural characters arriving encoded are
 /// refused.
 fn decode(component: &str, structural: &[u8]) -> Result<String, PathError> {
     let b = component.as_bytes();
     // The common case, nothing encoded and no byte refused: one copy (the
     // loop below would copy every byte as it is).
-    if b.iter()
-        .all(|&c| c >= 0x20 && c != 0x7f && c != b'%' && c != b'\\')
-    {
+    if b.iter().all(|&c| c != b'%' && !refused(c)) {
         return Ok(component.to_owned());
     }
     let mut out = Vec::with_capacity(b.len());
@@ -178,7 +182,7 @@ fn decode(component: &str, structural: &[u8]) -> Result<String, PathError> {
             out.push(v);
             i += 3;
         } else {
-            if c < 0x20 || c == 0x7f || c == b'\\' {
+            if refused(c) {
                 return Err(PathError::BadByte);
             }
             out.push(c);
