@@ -277,7 +277,7 @@ impl AuditSink {
 /// derived serializer ran every key and every value through serde_json's
 /// escaper and formatted the time through `core::fmt`: 5.5 k of the 19.7 k
 /// instructions of a cache hit's handling (callgrind, BENCHMARKS.md).
-#[cfg_attr(test, derive(serde::Serialize, Clone, Debug))]
+#[cfg_attr(test, derive(serde::Serialize))]
 struct Line<'a> {
     time: Now,
     audit: &'static str,
@@ -364,7 +364,6 @@ fn json_str(out: &mut Vec<u8>, s: &str) {
 }
 
 /// The time of a line: seconds since the epoch, to the millisecond.
-#[cfg_attr(test, derive(Clone, Debug))]
 struct Now(Duration);
 
 fn now() -> Now {
